@@ -1,0 +1,129 @@
+// The Python binding: raw addresses, sizes, strides and dtype codes in,
+// status codes out. Validation, allocation and error messages live in Python
+// (pgest/_native.py); nothing here knows about torch.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <initializer_list>
+#include <string>
+
+#include <pgest/philox.h>
+#include <pgest/reinforce_grad.h>
+
+#include "cpu/dispatch.h"
+
+namespace py = pybind11;
+using namespace pgest;
+
+namespace {
+
+template <class P>
+P* as_ptr(uintptr_t address) { return reinterpret_cast<P*>(address); }
+
+py::tuple error_tuple(Status st, const ErrorInfo& e) {
+  return py::make_tuple(int(st), e.row, e.col, e.index, e.value);
+}
+
+void philox_uniform_fill(uint64_t seed, uint64_t offset, int64_t rows, int64_t samples, uintptr_t out) {
+  double* o = as_ptr<double>(out);
+  py::gil_scoped_release release;
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t s = 0; s < samples; ++s) o[i * samples + s] = philox_uniform(seed, offset, i, s);
+}
+
+py::tuple philox_block(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  const Philox4 r = philox4x32_10(Philox4{{c0, c1, c2, c3}}, k0, k1);
+  return py::make_tuple(r.x[0], r.x[1], r.x[2], r.x[3]);
+}
+
+py::dict build_info() {
+  py::dict d;
+#ifdef _OPENMP
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
+  d["compiler"] = PGEST_CXX_COMPILER;
+  py::list compiled;
+  for (auto isa : {cpu::Isa::kGeneric, cpu::Isa::kAvx2, cpu::Isa::kAvx512})
+    if (cpu::isa_compiled(isa)) compiled.append(cpu::isa_name(isa));
+  d["cpu_isas_compiled"] = compiled;
+  d["cpu_isa"] = cpu::isa_name(cpu::get_isa());
+#ifdef PGEST_WITH_CUDA
+  d["cuda_compiled"] = true;
+  d["cuda_archs"] = PGEST_CUDA_ARCHS_STR;
+  d["cuda_version"] = PGEST_CUDA_VERSION;
+#else
+  d["cuda_compiled"] = false;
+  d["cuda_archs"] = "";
+  d["cuda_version"] = "";
+#endif
+  return d;
+}
+
+}  // namespace
+
+#define PTR_PROPERTY(cls, field, type)                                                   \
+  def_property(                                                                          \
+      #field, [](const cls& a) { return reinterpret_cast<uintptr_t>(a.field); },         \
+      [](cls& a, uintptr_t v) { a.field = reinterpret_cast<type>(v); })
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pgest native kernels (torch-free; called through pgest's Python API)";
+
+  py::class_<ReinforceGradArgs>(m, "ReinforceGradArgs")
+      .def(py::init<>())
+      .PTR_PROPERTY(ReinforceGradArgs, log_probs, const void*)
+      .def_readwrite("dtype", &ReinforceGradArgs::dtype)
+      .def_readwrite("rows", &ReinforceGradArgs::rows)
+      .def_readwrite("cols", &ReinforceGradArgs::cols)
+      .def_readwrite("row_stride", &ReinforceGradArgs::row_stride)
+      .def_readwrite("col_stride", &ReinforceGradArgs::col_stride)
+      .PTR_PROPERTY(ReinforceGradArgs, labels, const int64_t*)
+      .def_readwrite("label_stride", &ReinforceGradArgs::label_stride)
+      .PTR_PROPERTY(ReinforceGradArgs, reward_table, const void*)
+      .def_readwrite("reward_dtype", &ReinforceGradArgs::reward_dtype)
+      .def_readwrite("reward_row_stride", &ReinforceGradArgs::reward_row_stride)
+      .def_readwrite("reward_col_stride", &ReinforceGradArgs::reward_col_stride)
+      .def_readwrite("baseline_kind", &ReinforceGradArgs::baseline_kind)
+      .def_readwrite("baseline_value", &ReinforceGradArgs::baseline_value)
+      .PTR_PROPERTY(ReinforceGradArgs, baseline, const void*)
+      .def_readwrite("baseline_dtype", &ReinforceGradArgs::baseline_dtype)
+      .def_readwrite("baseline_stride", &ReinforceGradArgs::baseline_stride)
+      .def_readwrite("num_samples", &ReinforceGradArgs::num_samples)
+      .def_readwrite("seed", &ReinforceGradArgs::seed)
+      .def_readwrite("offset", &ReinforceGradArgs::offset)
+      .PTR_PROPERTY(ReinforceGradArgs, actions, int64_t*)
+      .PTR_PROPERTY(ReinforceGradArgs, rewards, float*)
+      .PTR_PROPERTY(ReinforceGradArgs, grad, void*)
+      .def_readwrite("num_threads", &ReinforceGradArgs::num_threads);
+
+  m.def(
+      "reinforce_grad_cpu",
+      [](const ReinforceGradArgs& args) {
+        ErrorInfo err;
+        Status st;
+        {
+          py::gil_scoped_release release;
+          st = cpu::reinforce_grad(args, &err);
+        }
+        return error_tuple(st, err);
+      },
+      "Runs the CPU kernel; returns (status, row, col, index, value).");
+
+  m.def("philox_uniform", &philox_uniform_fill,
+        "Fills a contiguous (rows, samples) float64 buffer with the uniforms the kernels draw.");
+  m.def("philox4x32_10", &philox_block, "One Philox4x32-10 block: counter c0..c3, key k0, k1.");
+  m.def("philox_offsets_per_call", [](int64_t s) { return philox_offsets_per_call(s); });
+  m.def("build_info", &build_info);
+  m.def("cpu_isa", [] { return std::string(cpu::isa_name(cpu::get_isa())); });
+  m.def("set_cpu_isa", [](const std::string& name) {
+    cpu::Isa isa;
+    if (!cpu::parse_isa(name.c_str(), &isa) || !cpu::set_isa(isa)) return false;
+    return true;
+  });
+  m.def("cpu_isa_usable", [](const std::string& name) {
+    cpu::Isa isa;
+    return cpu::parse_isa(name.c_str(), &isa) && cpu::isa_usable(isa);
+  });
+}

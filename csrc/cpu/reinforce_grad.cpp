@@ -1,0 +1,149 @@
+// CPU schedule of reinforce_grad: OpenMP threads over rows (static split, so a
+// row's draw never depends on the thread count), the 16-lane row passes of
+// sampler.h vectorised by the compiler inside a row. Compiled once per
+// instruction set; PGEST_KERNEL_NS names the copy.
+#include <pgest/reinforce_grad.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+
+#include "parallel.h"
+#include "row_stats.h"
+#include "zero_fill.h"
+
+PGEST_NS_BEGIN
+namespace {
+
+constexpr int64_t kStreamingBytes = int64_t(16) << 20;
+
+// Per-thread scratch, O(K + S): the only allocation besides the outputs.
+template <class Acc>
+struct RowScratch {
+  Acc* gathered = nullptr;  // a strided row, converted, so the passes see unit stride
+  Acc* weights = nullptr;   // per chunk: mass (and entropy term)
+  Acc* chunk_max = nullptr;
+  Acc* e = nullptr;         // one chunk of exponentials for the walk
+  Threshold* thresholds = nullptr;
+  bool ok = false;
+
+  RowScratch(int64_t cols, int64_t samples, bool need_gather) {
+    const size_t nc = size_t(num_chunks(cols));
+    if (need_gather) gathered = static_cast<Acc*>(std::malloc(sizeof(Acc) * size_t(cols)));
+    weights = static_cast<Acc*>(std::malloc(sizeof(Acc) * 2 * nc));
+    chunk_max = static_cast<Acc*>(std::malloc(sizeof(Acc) * nc));
+    e = static_cast<Acc*>(std::malloc(sizeof(Acc) * kChunk));  // also the tail chunk's padding
+    thresholds = static_cast<Threshold*>(std::malloc(sizeof(Threshold) * size_t(samples)));
+    ok = weights && chunk_max && e && thresholds && (gathered || !need_gather);
+  }
+  ~RowScratch() {
+    std::free(gathered); std::free(weights); std::free(chunk_max); std::free(e); std::free(thresholds);
+  }
+  RowScratch(const RowScratch&) = delete;
+  RowScratch& operator=(const RowScratch&) = delete;
+};
+
+// Sample, reward and zero the gradient of one row. Returns kOk or the reason
+// the row is unusable (err gets the details).
+template <class T, class Acc>
+Status process_row(const ReinforceGradArgs& a, int64_t i, const T* x, RowScratch<Acc>& sc,
+                   ErrorInfo& err) {
+  const int64_t K = a.cols, S = a.num_samples;
+  if (a.labels) {
+    const int64_t label = a.labels[i * a.label_stride];
+    if (label < 0 || label >= K) { err.row = i; err.index = label; return kLabelOutOfRange; }
+  }
+  if (a.baseline_kind == kBaselineTensor) {
+    const double b = load_any(a.baseline, a.baseline_dtype, i * a.baseline_stride);
+    if (!std::isfinite(b)) { err.row = i; err.value = b; return kNonFiniteBaseline; }
+  }
+
+  const RowStats<Acc> st = row_stats<false>(x, K, sc.weights, sc.chunk_max, sc.e);
+  if (st.bad_col >= 0) {
+    err.row = i; err.col = st.bad_col; err.value = double(load<Acc>(x[st.bad_col]));
+    return kNonFiniteInput;
+  }
+  if (st.max == -Acc(INFINITY)) { err.row = i; return kAllNegInf; }
+
+  for (int64_t s = 0; s < S; ++s) {
+    sc.thresholds[s] = Threshold{philox_uniform(a.seed, a.offset, i, s) * double(st.z), s};
+  }
+  if (S > 1) {
+    std::sort(sc.thresholds, sc.thresholds + S,
+              [](const Threshold& l, const Threshold& r) { return l.t < r.t; });
+  }
+  int64_t* actions = a.actions + i * S;
+  row_inverse_cdf(x, K, st.max, sc.weights, sc.thresholds, S, actions, sc.e);
+
+  float* rewards = a.rewards + i * S;
+  for (int64_t s = 0; s < S; ++s) {
+    const double r = reward_of(a, i, actions[s]);
+    if (!std::isfinite(r)) { err.row = i; err.col = actions[s]; err.value = r; return kNonFiniteReward; }
+    rewards[s] = float(r);
+  }
+  return kOk;
+}
+
+template <class T>
+Status run(const ReinforceGradArgs& a, ErrorInfo* out_err) {
+  using Acc = typename AccOf<T>::type;
+  const int64_t B = a.rows, K = a.cols, S = a.num_samples;
+  const T* base = static_cast<const T*>(a.log_probs);
+  T* grad = static_cast<T*>(a.grad);
+  const bool gather = a.col_stride != 1;
+  // Past the size of a large last-level cache the gradient cannot stay cached
+  // until the caller reads it, so it is written around the cache.
+  const bool streaming = double(B) * double(K) * sizeof(T) > double(kStreamingBytes);
+  // Below ~64k elements a second thread costs more than it saves.
+  const int threads = B * K < (int64_t(1) << 16) ? 1 : a.num_threads;
+  const ErrorInfo first = parallel_rows(B, threads, [&](int64_t begin, int64_t end,
+                                                       const std::atomic<int64_t>& lowest_failed) {
+    ErrorInfo err;
+    RowScratch<Acc> sc(K, S, gather);
+    if (!sc.ok) { err.status = kOutOfMemory; err.row = begin; return err; }
+    for (int64_t i = begin; i < end; ++i) {
+      if (lowest_failed.load(std::memory_order_relaxed) < i) break;  // an earlier row failed
+      const T* row = base + i * a.row_stride;
+      Status st;
+      if (gather) {
+        for (int64_t k = 0; k < K; ++k) sc.gathered[k] = load<Acc>(row[k * a.col_stride]);
+        st = process_row<Acc, Acc>(a, i, sc.gathered, sc, err);
+      } else {
+        st = process_row<T, Acc>(a, i, row, sc, err);
+      }
+      if (st != kOk) { err.status = st; err.row = i; return err; }
+      zero_fill(grad + i * K, sizeof(T) * size_t(K), streaming);
+    }
+    zero_fill_fence();
+    return err;
+  });
+  if (first.status != kOk) { *out_err = first; return Status(first.status); }
+
+  double batch_mean = 0.0;
+  if (a.baseline_kind == kBaselineMean) {
+    // Serial and in row order: the same mean for any thread count.
+    for (int64_t j = 0; j < B * S; ++j) batch_mean += a.rewards[j];
+    batch_mean /= double(B * S);
+  }
+  parallel_rows(B, B * S < 4096 ? 1 : a.num_threads,
+                [&](int64_t begin, int64_t end, const std::atomic<int64_t>&) {
+                  for (int64_t i = begin; i < end; ++i) write_row_grad(a, i, batch_mean, grad + i * K);
+                  return ErrorInfo{};
+                });
+  return kOk;
+}
+
+}  // namespace
+
+Status reinforce_grad_cpu(const ReinforceGradArgs& a, ErrorInfo* err) {
+  if (a.rows == 0) return kOk;
+  switch (a.dtype) {
+    case kFloat32: return run<float>(a, err);
+    case kFloat64: return run<double>(a, err);
+    case kFloat16: return run<half_t>(a, err);
+    case kBFloat16: return run<bf16_t>(a, err);
+    default: return kUnsupportedDtype;
+  }
+}
+
+PGEST_NS_END

@@ -1,0 +1,102 @@
+// The CPU chunk pass of sampler.h: one read of a row, native vectors inside a
+// chunk (vec.h). A chunk is visited twice while it sits in L1: its max first,
+// then exp(x - running max) summed into 16 lane
+// accumulators. Lane l holds entries l, l + 16, ... added in order, and the
+// lanes meet in tree_sum, so the sum is the same for every instruction set.
+#pragma once
+
+#include <pgest/sampler.h>
+
+#include "vec.h"
+
+#include <cmath>
+
+PGEST_NS_BEGIN
+
+// One full chunk of kChunk entries.
+template <bool kWithEntropy, class T, class Acc>
+PGEST_HD ChunkStats<Acc> chunk_stats(const T* x, Acc running_max) {
+  using V = typename Vec<Acc>::type;
+  constexpr int W = Vec<Acc>::width, Q = kLanes / W;
+  const Acc kInf = Acc(INFINITY);
+  V m[Q];
+  for (int q = 0; q < Q; ++q) m[q] = splat<V>(running_max);
+  for (int j = 0; j < kChunk; j += kLanes) {
+    for (int q = 0; q < Q; ++q) {
+      const V v = loadv(x + j + q * W);
+      m[q] = select(v > m[q], v, m[q]);  // NaN never wins: caught by the sum below
+    }
+  }
+  ChunkStats<Acc> st{running_max, Acc(0), Acc(0), false};
+  for (int q = 0; q < Q; ++q)
+    for (int i = 0; i < W; ++i) st.max = m[q][i] > st.max ? Acc(m[q][i]) : st.max;
+  if (st.max == -kInf) {
+    // Nothing but -inf and NaN so far: rare, so look for NaN directly.
+    for (int j = 0; j < kChunk; ++j) st.bad = st.bad || load<Acc>(x[j]) != load<Acc>(x[j]);
+    return st;
+  }
+
+  const V mx = splat<V>(st.max);
+  V acc[Q], dot[Q];
+  for (int q = 0; q < Q; ++q) { acc[q] = V{}; dot[q] = V{}; }
+  for (int j = 0; j < kChunk; j += kLanes) {
+    for (int q = 0; q < Q; ++q) {
+      const V d = loadv(x + j + q * W) - mx;
+      const V e = exp_nonpos(d);
+      acc[q] += e;
+      // e = 0 where x = -inf: the product's limit is 0, not 0 * -inf = NaN.
+      if (kWithEntropy) dot[q] += select(e > Acc(0), e * d, V{});
+    }
+  }
+  Acc lanes[kLanes];
+  for (int q = 0; q < Q; ++q)
+    for (int i = 0; i < W; ++i) lanes[q * W + i] = acc[q][i];
+  st.sum = tree_sum(lanes);
+  if (kWithEntropy) {
+    for (int q = 0; q < Q; ++q)
+      for (int i = 0; i < W; ++i) lanes[q * W + i] = dot[q][i];
+    st.ex_dot = tree_sum(lanes);
+  }
+  // Each e <= 1, so a finite chunk sums to at most kChunk: a NaN (which makes
+  // its e NaN) or a +inf (which makes the max +inf and inf - inf NaN) shows up
+  // here without a test per entry.
+  st.bad = !(st.sum <= Acc(kChunk));
+  return st;
+}
+
+// The single pass over a row of `cols` entries. `weights` needs
+// 2 * num_chunks(cols) entries and `chunk_max` num_chunks(cols); `pad` is
+// scratch for one chunk. A short last chunk is padded with -inf, which adds
+// exactly nothing.
+template <bool kWithEntropy, class T, class Acc>
+inline RowStats<Acc> row_stats(const T* x, int64_t cols, Acc* weights, Acc* chunk_max, Acc* pad) {
+  const Acc kInf = Acc(INFINITY);
+  const int64_t nc = num_chunks(cols);
+  RowStats<Acc> r{-kInf, Acc(0), Acc(0), -1};
+  for (int64_t c = 0; c < nc; ++c) {
+    const int64_t k = c * kChunk;
+    ChunkStats<Acc> st;
+    if (cols - k >= kChunk) {
+      st = chunk_stats<kWithEntropy>(x + k, r.max);
+    } else {
+      const int n = int(cols - k);
+      for (int j = 0; j < n; ++j) pad[j] = load<Acc>(x[k + j]);
+      for (int j = n; j < kChunk; ++j) pad[j] = -kInf;
+      st = chunk_stats<kWithEntropy>(pad, r.max);
+    }
+    if (st.bad) {  // error path only: find the culprit for the message
+      for (int64_t j = k; j < cols; ++j) {
+        if (!(load<Acc>(x[j]) < kInf)) { r.bad_col = j; break; }
+      }
+      return r;
+    }
+    r.max = st.max;
+    chunk_max[c] = st.max;
+    weights[c] = st.sum;
+    if (kWithEntropy) weights[nc + c] = st.ex_dot;
+  }
+  if (r.max != -kInf) finish_row_stats<kWithEntropy>(nc, weights, chunk_max, r);
+  return r;
+}
+
+PGEST_NS_END

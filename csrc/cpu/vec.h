@@ -1,0 +1,88 @@
+// Native-width vectors for the CPU row passes (GCC/Clang vector extensions):
+// 16 floats on AVX-512, 8 on AVX2, 4 on plain x86-64. The passes keep 16
+// logical lanes as kLanes / width native vectors, so the reduction order, and
+// with it every bit of the result, is the same for every instruction set.
+#pragma once
+
+#include <pgest/dtype.h>
+#include <pgest/math.h>
+
+#include <cstring>
+
+#if defined(__AVX512F__)
+#define PGEST_VEC_BYTES 64
+#elif defined(__AVX2__)
+#define PGEST_VEC_BYTES 32
+#else
+#define PGEST_VEC_BYTES 16
+#endif
+
+PGEST_NS_BEGIN
+
+typedef float vf32 __attribute__((vector_size(PGEST_VEC_BYTES)));
+typedef int32_t vi32 __attribute__((vector_size(PGEST_VEC_BYTES)));
+typedef uint32_t vu32 __attribute__((vector_size(PGEST_VEC_BYTES)));
+typedef uint16_t vu16 __attribute__((vector_size(PGEST_VEC_BYTES / 2)));
+typedef double vf64 __attribute__((vector_size(PGEST_VEC_BYTES)));
+typedef int64_t vi64 __attribute__((vector_size(PGEST_VEC_BYTES)));
+
+template <class Acc> struct Vec;
+template <> struct Vec<float> {
+  using type = vf32;
+  using mask = vi32;
+  static constexpr int width = PGEST_VEC_BYTES / 4;
+};
+template <> struct Vec<double> {
+  using type = vf64;
+  using mask = vi64;
+  static constexpr int width = PGEST_VEC_BYTES / 8;
+};
+
+template <class V, class S> PGEST_HD V splat(S s) { return V{} + s; }
+
+// mask ? a : b lane-wise (a blend, or a masked move on AVX-512).
+template <class M, class V> PGEST_HD V select(M mask, V a, V b) { return mask ? a : b; }
+
+template <> struct ExpOps<vf32> {
+  static PGEST_HD vf32 splat(float v) { return vf32{} + v; }
+  static PGEST_HD vf32 sel(vi32 c, vf32 a, vf32 b) { return select(c, a, b); }
+  static PGEST_HD vf32 pow2(vf32 n) {
+    const vi32 e = __builtin_convertvector(n, vi32) + 127;
+    return reinterpret_cast<vf32>(e << 23);
+  }
+};
+
+PGEST_HD vf32 exp_nonpos(vf32 x) { return exp_nonpos_poly(x); }
+
+PGEST_HD vf64 exp_nonpos(vf64 x) {
+  vf64 r;
+  for (int l = 0; l < Vec<double>::width; ++l) r[l] = exp_nonpos(double(x[l]));
+  return r;
+}
+
+PGEST_HD vf32 loadv(const float* p) { vf32 v; std::memcpy(&v, p, sizeof v); return v; }
+PGEST_HD vf64 loadv(const double* p) { vf64 v; std::memcpy(&v, p, sizeof v); return v; }
+
+PGEST_HD vf32 loadv(const bf16_t* p) {
+  vu16 h;
+  std::memcpy(&h, p, sizeof h);
+  return reinterpret_cast<vf32>(__builtin_convertvector(h, vu32) << 16);
+}
+
+// Lane-wise copy of to_float(half_t) in dtype.h.
+PGEST_HD vf32 loadv(const half_t* p) {
+  vu16 h;
+  std::memcpy(&h, p, sizeof h);
+  const vu32 w = __builtin_convertvector(h, vu32);
+  const vu32 sign = (w & 0x8000u) << 16;
+  const vu32 exp = (w >> 10) & 0x1fu;
+  const vu32 mant = w & 0x3ffu;
+  const vu32 normal = sign | ((exp + 112u) << 23) | (mant << 13);
+  const vu32 special = sign | 0x7f800000u | (mant << 13);
+  const vf32 sub_abs = __builtin_convertvector(mant, vf32) * 5.9604644775390625e-8f;
+  const vu32 sub = reinterpret_cast<vu32>(sub_abs) | sign;
+  const vu32 big = select(reinterpret_cast<vu32>(exp == 31u), special, normal);
+  return reinterpret_cast<vf32>(select(reinterpret_cast<vu32>(exp == 0u), sub, big));
+}
+
+PGEST_NS_END

@@ -1,0 +1,118 @@
+// Exact categorical sampling from one row of unnormalised log-probabilities,
+// in a single read of the row.
+//
+// The row is cut into chunks of kChunk = 256 entries. Each chunk is visited
+// once: its max (and any NaN/+inf) first, while it sits in L1, then
+// e = exp(x - m_c) relative to the running max m_c, summed into kLanes lane
+// accumulators (lane l takes entries l, l + 16, l + 32, ...) and reduced by one
+// fixed tree. The chunk keeps (m_c, sum_c). Afterwards the chunk weights
+// w_c = sum_c * exp(m_c - max) and their running total Z are formed in order.
+//
+// A sample is the inverse CDF at t = u * Z. Its chunk is the one where the
+// running total of the w_c first exceeds t (the very additions that formed Z,
+// so t < Z always lands in a chunk); only that chunk's exponentials are
+// recomputed and walked. Cost per row: one exp per entry, plus one per chunk.
+//
+// Every reduction has a fixed order and the build disables FMA contraction,
+// so the draw is the same for every instruction set. An entry with e = 0
+// (score -inf) is never chosen: the walk picks an entry only where the running
+// sum strictly grows past t.
+#pragma once
+
+#include "dtype.h"
+#include "math.h"
+
+PGEST_NS_BEGIN
+
+constexpr int kLanes = 16;
+constexpr int kChunk = 256;
+
+PGEST_HD int64_t num_chunks(int64_t cols) { return (cols + kChunk - 1) / kChunk; }
+
+// The one reduction order used for 16 lanes, everywhere.
+template <class Acc>
+PGEST_HD Acc tree_sum(const Acc* v) {
+  Acc s[kLanes / 2];
+  for (int l = 0; l < 8; ++l) s[l] = v[l] + v[l + 8];
+  for (int l = 0; l < 4; ++l) s[l] = s[l] + s[l + 4];
+  for (int l = 0; l < 2; ++l) s[l] = s[l] + s[l + 2];
+  return s[0] + s[1];
+}
+
+template <class Acc>
+struct ChunkStats {
+  Acc max;     // running max of the row up to and including this chunk
+  Acc sum;     // sum of exp(x - max) over the chunk
+  Acc ex_dot;  // sum of exp(x - max) * (x - max) over the chunk (entropy only)
+  bool bad;    // the chunk holds a NaN or +inf
+};
+
+template <class Acc>
+struct RowStats {
+  Acc max;          // row max
+  Acc z;            // sum of exp(x - max)
+  Acc ex_dot;       // sum of exp(x - max) * (x - max) (entropy only)
+  int64_t bad_col;  // first NaN/+inf column, or -1
+};
+
+// After the chunk pass: rescale each chunk's mass from its running max m_c to
+// the row max, in chunk order. On entry weights[c] = sum_c (and, with the
+// entropy, weights[nc + c] = dot_c); on exit weights[c] = w_c.
+template <bool kWithEntropy, class Acc>
+PGEST_HD void finish_row_stats(int64_t nc, Acc* weights, const Acc* chunk_max, RowStats<Acc>& r) {
+  r.z = Acc(0);
+  r.ex_dot = Acc(0);
+  for (int64_t c = 0; c < nc; ++c) {
+    const Acc d = chunk_max[c] - r.max;
+    // A chunk that was all -inf so far has m_c = -inf and sum 0.
+    const Acc scale = chunk_max[c] == -Acc(INFINITY) ? Acc(0) : exp_nonpos(d);
+    const Acc w = weights[c] * scale;
+    weights[c] = w;
+    r.z += w;
+    // sum e'(x - m) = scale * (dot_c + sum_c * (m_c - m)) for e' = e * scale.
+    if (kWithEntropy && scale > Acc(0)) r.ex_dot += scale * weights[nc + c] + w * d;
+  }
+}
+
+// A threshold to place: t = u * Z, and the sample it belongs to.
+struct Threshold {
+  double t;
+  int64_t sample;
+};
+
+// `th` holds n thresholds sorted ascending, each < Z. Writes the column each
+// one falls on to actions[th[i].sample]. `e` is scratch for kChunk values.
+template <class T, class Acc>
+inline void row_inverse_cdf(const T* x, int64_t cols, Acc max, const Acc* weights,
+                            const Threshold* th, int64_t n, int64_t* actions, Acc* e) {
+  Acc cum = 0;
+  int64_t i = 0;
+  const int64_t nc = num_chunks(cols);
+  for (int64_t c = 0; c < nc && i < n; ++c) {
+    const Acc next = cum + weights[c];  // the very additions that formed Z
+    if (!(th[i].t < double(next))) { cum = next; continue; }
+    const int64_t k = c * kChunk;
+    const int m = cols - k < kChunk ? int(cols - k) : kChunk;
+    for (int j = 0; j < m; ++j) e[j] = exp_nonpos(load<Acc>(x[k + j]) - max);
+    double w = double(cum);
+    int last_positive = -1;
+    for (int j = 0; j < m; ++j) {
+      if (e[j] > Acc(0)) last_positive = j;
+      w += double(e[j]);
+      while (i < n && th[i].t < w) actions[th[i++].sample] = k + j;
+    }
+    // The walk's sum and the chunk weight may differ in the last bits; a
+    // threshold caught between them belongs to the chunk's last live entry.
+    if (i < n && th[i].t < double(next) && last_positive < 0) {
+      // Every e underflowed relative to the row max while the chunk weight
+      // did not (a mass near 1e-38 of the row): take the chunk's largest.
+      last_positive = 0;
+      for (int j = 1; j < m; ++j)
+        if (load<Acc>(x[k + j]) > load<Acc>(x[k + last_positive])) last_positive = j;
+    }
+    while (i < n && th[i].t < double(next)) actions[th[i++].sample] = k + last_positive;
+    cum = next;
+  }
+}
+
+PGEST_NS_END

@@ -1,0 +1,22 @@
+"""pgest: fused score-function (REINFORCE) gradient estimators for
+categorical policies, in native CPU kernels exposed to PyTorch."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import torch as _torch
+
+from . import _C, philox, reference
+from .reinforce_grad import ReinforceGrad, reinforce_grad
+
+
+def build_info() -> dict:
+    """What this build of pgest contains and what it runs on."""
+    info = {"version": __version__, "torch": _torch.__version__}
+    info.update(_C.build_info())
+    info["cuda_archs"] = [a for a in info["cuda_archs"].split(",") if a]
+    info["threads"] = _torch.get_num_threads()
+    return info
+
+
+__all__ = ["ReinforceGrad", "build_info", "philox", "reference", "reinforce_grad", "__version__"]

@@ -1,0 +1,80 @@
+"""Loading the native module, dtype codes, and turning kernel status codes
+into exceptions that name the argument at fault."""
+from __future__ import annotations
+
+import torch  # noqa: F401  (loads torch's OpenMP runtime first, so _C shares it)
+
+from . import _C
+
+DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float64: 1,
+    torch.float16: 2,
+    torch.bfloat16: 3,
+}
+FLOAT_DTYPES = tuple(DTYPE_CODES)
+
+# Mirrors csrc/include/pgest/status.h.
+OK = 0
+NONFINITE_INPUT = 1
+ALL_NEG_INF = 2
+LABEL_OUT_OF_RANGE = 3
+NONFINITE_REWARD = 4
+NONFINITE_BASELINE = 5
+UNSUPPORTED_DTYPE = 6
+BAD_ARGUMENT = 7
+OUT_OF_MEMORY = 8
+CUDA_ERROR = 9
+NOT_COMPILED = 10
+
+
+def raise_for_status(result, *, input_name: str, num_actions: int, table_is_vector: bool = False) -> None:
+    """Raise the exception for a kernel's (status, row, col, index, value)."""
+    status, row, col, index, value = result
+    if status == OK:
+        return
+    if status == NONFINITE_INPUT:
+        raise ValueError(
+            f"{input_name}[{row}, {col}] is {value}: scores must be finite or -inf "
+            "(NaN and +inf rows cannot be sampled from)"
+        )
+    if status == ALL_NEG_INF:
+        raise ValueError(f"{input_name}[{row}] is all -inf: no action has positive probability")
+    if status == LABEL_OUT_OF_RANGE:
+        raise IndexError(f"labels[{row}] = {index} is out of range for {num_actions} actions")
+    if status == NONFINITE_REWARD:
+        where = f"reward_table[{col}]" if table_is_vector else f"reward_table[{row}, {col}]"
+        raise ValueError(f"{where} is {value} (sampled in row {row}): rewards must be finite")
+    if status == NONFINITE_BASELINE:
+        raise ValueError(f"baseline[{row}] is {value}: baselines must be finite")
+    if status == OUT_OF_MEMORY:
+        raise MemoryError("pgest: could not allocate per-thread scratch")
+    if status == UNSUPPORTED_DTYPE:
+        raise TypeError(f"{input_name}: dtype not supported by the native kernel")
+    raise RuntimeError(f"pgest kernel failed with status {status} (row {row}, col {col}, index {index})")
+
+
+def check_float_tensor(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in DTYPE_CODES:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
+
+
+def check_device(x: torch.Tensor, name: str, device: torch.device, ref_name: str) -> None:
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {device}")
+
+
+def check_cpu(x: torch.Tensor, name: str) -> None:
+    if x.device.type != "cpu":
+        if x.device.type == "cuda" and not _C.build_info()["cuda_compiled"]:
+            raise RuntimeError(
+                f"{name} is on {x.device}, but this pgest build has no CUDA kernels "
+                "(rebuild where nvcc is found, or with PGEST_CUDA=ON)"
+            )
+        raise NotImplementedError(f"{name} is on {x.device}: pgest runs this op on the CPU only so far")
+
+
+def num_threads() -> int:
+    return max(1, torch.get_num_threads())

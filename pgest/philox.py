@@ -1,0 +1,50 @@
+"""Where the kernels' randomness comes from, and how to reproduce it.
+
+Every draw is Philox4x32-10 keyed by (seed, offset, row, sample): sample ``s``
+of row ``i`` is the 53-bit uniform from counter ``(i, offset + s // 2)`` and key
+``seed``. A call takes one (seed, offset) from the generator, so
+``torch.manual_seed`` reproduces it and the next call draws afresh; the draw of
+a row depends on nothing else (thread count, batch split, instruction set).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import _C
+
+
+def next_seed_offset(generator: Optional[torch.Generator], device: torch.device,
+                     num_samples: int) -> Tuple[int, int]:
+    """Take the (seed, offset) for one call from ``generator`` and advance it.
+
+    On the CPU, torch's generator is a Mersenne Twister with no offset: one
+    64-bit draw from it becomes the Philox seed (offset 0), which advances it
+    exactly as any other random op would.
+    """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the input is on {device}")
+    if device.type != "cpu":
+        raise NotImplementedError(f"no Philox seeding for {device} yet")
+    g = generator if generator is not None else torch.default_generator
+    seed = int(torch.empty((), dtype=torch.int64).random_(generator=g))
+    return seed, 0
+
+
+def uniforms(rows: int, num_samples: int, seed: int, offset: int = 0) -> torch.Tensor:
+    """The (rows, num_samples) float64 uniforms in [0, 1) that a kernel keyed by
+    (seed, offset) draws: sample s of row i is the inverse-CDF point u[i, s] of
+    that row (its action is the first column whose running probability mass
+    exceeds u[i, s])."""
+    out = torch.empty((rows, num_samples), dtype=torch.float64)
+    if out.numel():
+        _C.philox_uniform(seed, offset, rows, num_samples, out.data_ptr())
+    return out
+
+
+def philox4x32_10(counter, key) -> Tuple[int, int, int, int]:
+    """One raw Philox4x32-10 block (for known-answer tests)."""
+    return _C.philox4x32_10(*counter, *key)
