@@ -94,8 +94,8 @@ Status run(const ReinforceGradArgs& a, ErrorInfo* out_err) {
   // Past the size of a large last-level cache the gradient cannot stay cached
   // until the caller reads it, so it is written around the cache.
   const bool streaming = double(B) * double(K) * sizeof(T) > double(kStreamingBytes);
-  // Below ~64k elements a second thread costs more than it saves.
-  const int threads = B * K < (int64_t(1) << 16) ? 1 : a.num_threads;
+  // Below ~16k elements waking a second thread costs more than it saves.
+  const int threads = B * (K + 16) < (int64_t(1) << 14) ? 1 : a.num_threads;
   const ErrorInfo first = parallel_rows(B, threads, [&](int64_t begin, int64_t end,
                                                        const std::atomic<int64_t>& lowest_failed) {
     ErrorInfo err;

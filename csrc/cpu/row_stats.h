@@ -13,15 +13,17 @@
 
 PGEST_NS_BEGIN
 
-// One full chunk of kChunk entries.
+// One chunk of `len` entries, a multiple of kLanes (a short chunk is padded
+// with -inf to the next multiple, and the groups past it would add exactly
+// zero to every lane, so they are skipped).
 template <bool kWithEntropy, class T, class Acc>
-PGEST_HD ChunkStats<Acc> chunk_stats(const T* x, Acc running_max) {
+PGEST_HD ChunkStats<Acc> chunk_stats(const T* x, int len, Acc running_max) {
   using V = typename Vec<Acc>::type;
   constexpr int W = Vec<Acc>::width, Q = kLanes / W;
   const Acc kInf = Acc(INFINITY);
   V m[Q];
   for (int q = 0; q < Q; ++q) m[q] = splat<V>(running_max);
-  for (int j = 0; j < kChunk; j += kLanes) {
+  for (int j = 0; j < len; j += kLanes) {
     for (int q = 0; q < Q; ++q) {
       const V v = loadv(x + j + q * W);
       m[q] = select(v > m[q], v, m[q]);  // NaN never wins: caught by the sum below
@@ -32,14 +34,14 @@ PGEST_HD ChunkStats<Acc> chunk_stats(const T* x, Acc running_max) {
     for (int i = 0; i < W; ++i) st.max = m[q][i] > st.max ? Acc(m[q][i]) : st.max;
   if (st.max == -kInf) {
     // Nothing but -inf and NaN so far: rare, so look for NaN directly.
-    for (int j = 0; j < kChunk; ++j) st.bad = st.bad || load<Acc>(x[j]) != load<Acc>(x[j]);
+    for (int j = 0; j < len; ++j) st.bad = st.bad || load<Acc>(x[j]) != load<Acc>(x[j]);
     return st;
   }
 
   const V mx = splat<V>(st.max);
   V acc[Q], dot[Q];
   for (int q = 0; q < Q; ++q) { acc[q] = V{}; dot[q] = V{}; }
-  for (int j = 0; j < kChunk; j += kLanes) {
+  for (int j = 0; j < len; j += kLanes) {
     for (int q = 0; q < Q; ++q) {
       const V d = loadv(x + j + q * W) - mx;
       const V e = exp_nonpos(d);
@@ -60,14 +62,13 @@ PGEST_HD ChunkStats<Acc> chunk_stats(const T* x, Acc running_max) {
   // Each e <= 1, so a finite chunk sums to at most kChunk: a NaN (which makes
   // its e NaN) or a +inf (which makes the max +inf and inf - inf NaN) shows up
   // here without a test per entry.
-  st.bad = !(st.sum <= Acc(kChunk));
+  st.bad = !(st.sum <= Acc(len));
   return st;
 }
 
 // The single pass over a row of `cols` entries. `weights` needs
 // 2 * num_chunks(cols) entries and `chunk_max` num_chunks(cols); `pad` is
-// scratch for one chunk. A short last chunk is padded with -inf, which adds
-// exactly nothing.
+// scratch for one chunk.
 template <bool kWithEntropy, class T, class Acc>
 inline RowStats<Acc> row_stats(const T* x, int64_t cols, Acc* weights, Acc* chunk_max, Acc* pad) {
   const Acc kInf = Acc(INFINITY);
@@ -77,12 +78,13 @@ inline RowStats<Acc> row_stats(const T* x, int64_t cols, Acc* weights, Acc* chun
     const int64_t k = c * kChunk;
     ChunkStats<Acc> st;
     if (cols - k >= kChunk) {
-      st = chunk_stats<kWithEntropy>(x + k, r.max);
+      st = chunk_stats<kWithEntropy>(x + k, kChunk, r.max);
     } else {
       const int n = int(cols - k);
+      const int len = (n + kLanes - 1) / kLanes * kLanes;
       for (int j = 0; j < n; ++j) pad[j] = load<Acc>(x[k + j]);
-      for (int j = n; j < kChunk; ++j) pad[j] = -kInf;
-      st = chunk_stats<kWithEntropy>(pad, r.max);
+      for (int j = n; j < len; ++j) pad[j] = -kInf;
+      st = chunk_stats<kWithEntropy>(pad, len, r.max);
     }
     if (st.bad) {  // error path only: find the culprit for the message
       for (int64_t j = k; j < cols; ++j) {

@@ -94,12 +94,26 @@ inline void row_inverse_cdf(const T* x, int64_t cols, Acc max, const Acc* weight
     const int64_t k = c * kChunk;
     const int m = cols - k < kChunk ? int(cols - k) : kChunk;
     for (int j = 0; j < m; ++j) e[j] = exp_nonpos(load<Acc>(x[k + j]) - max);
+    // Two levels keep the dependent chain of additions short: whole groups of
+    // kLanes entries first, then the entries of the group a threshold is in.
     double w = double(cum);
     int last_positive = -1;
-    for (int j = 0; j < m; ++j) {
-      if (e[j] > Acc(0)) last_positive = j;
-      w += double(e[j]);
-      while (i < n && th[i].t < w) actions[th[i++].sample] = k + j;
+    for (int g = 0; g < m && i < n; g += kLanes) {
+      const int end = g + kLanes < m ? g + kLanes : m;
+      double gs = 0.0;
+      for (int j = g; j < end; ++j) gs += double(e[j]);
+      if (gs > 0.0) last_positive = g;  // refined below if the walk enters
+      if (!(th[i].t < w + gs)) { w += gs; continue; }
+      for (int j = g; j < end; ++j) {
+        if (e[j] > Acc(0)) last_positive = j;
+        w += double(e[j]);
+        while (i < n && th[i].t < w) actions[th[i++].sample] = k + j;
+      }
+    }
+    if (last_positive >= 0 && !(e[last_positive] > Acc(0))) {
+      // A skipped group with mass: find its last live entry.
+      for (int j = last_positive; j < m && j < last_positive + kLanes; ++j)
+        if (e[j] > Acc(0)) last_positive = j;
     }
     // The walk's sum and the chunk weight may differ in the last bits; a
     // threshold caught between them belongs to the chunk's last live entry.
