@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 import torch as _torch
 
+from . import _native  # noqa: F401  (first: a clear error if _C is missing)
 from . import _C, philox, reference
 from .reinforce_grad import ReinforceGrad, reinforce_grad
 

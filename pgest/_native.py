@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (loads torch's OpenMP runtime first, so _C shares it)
 
-from . import _C
+try:
+    from . import _C
+except ImportError as e:  # pragma: no cover - depends on how pgest was installed
+    raise ImportError(
+        "pgest's native module pgest._C is not built here. Install the package with "
+        "`pip install .` and import it from outside the source tree (a checkout's "
+        "pgest/ directory on sys.path shadows the installed one)."
+    ) from e
 
 DTYPE_CODES = {
     torch.float32: 0,
