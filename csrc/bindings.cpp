@@ -8,7 +8,9 @@
 #include <string>
 
 #include <pgest/philox.h>
+#include <pgest/policy_loss.h>
 #include <pgest/reinforce_grad.h>
+#include <pgest/sample.h>
 
 #include "cpu/dispatch.h"
 
@@ -22,6 +24,18 @@ P* as_ptr(uintptr_t address) { return reinterpret_cast<P*>(address); }
 
 py::tuple error_tuple(Status st, const ErrorInfo& e) {
   return py::make_tuple(int(st), e.row, e.col, e.index, e.value);
+}
+
+// Every kernel call: release the GIL, run, return (status, row, col, index, value).
+template <class Args>
+py::tuple run_kernel(Status (*kernel)(const Args&, ErrorInfo*), const Args& args) {
+  ErrorInfo err;
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = kernel(args, &err);
+  }
+  return error_tuple(st, err);
 }
 
 void philox_uniform_fill(uint64_t seed, uint64_t offset, int64_t rows, int64_t samples, uintptr_t out) {
@@ -98,18 +112,52 @@ PYBIND11_MODULE(_C, m) {
       .PTR_PROPERTY(ReinforceGradArgs, grad, void*)
       .def_readwrite("num_threads", &ReinforceGradArgs::num_threads);
 
-  m.def(
-      "reinforce_grad_cpu",
-      [](const ReinforceGradArgs& args) {
-        ErrorInfo err;
-        Status st;
-        {
-          py::gil_scoped_release release;
-          st = cpu::reinforce_grad(args, &err);
-        }
-        return error_tuple(st, err);
-      },
-      "Runs the CPU kernel; returns (status, row, col, index, value).");
+  py::class_<SampleArgs>(m, "SampleArgs")
+      .def(py::init<>())
+      .PTR_PROPERTY(SampleArgs, logits, const void*)
+      .def_readwrite("dtype", &SampleArgs::dtype)
+      .def_readwrite("rows", &SampleArgs::rows)
+      .def_readwrite("cols", &SampleArgs::cols)
+      .def_readwrite("row_stride", &SampleArgs::row_stride)
+      .def_readwrite("col_stride", &SampleArgs::col_stride)
+      .def_readwrite("num_samples", &SampleArgs::num_samples)
+      .def_readwrite("seed", &SampleArgs::seed)
+      .def_readwrite("offset", &SampleArgs::offset)
+      .PTR_PROPERTY(SampleArgs, actions, int64_t*)
+      .PTR_PROPERTY(SampleArgs, log_prob, void*)
+      .PTR_PROPERTY(SampleArgs, entropy, void*)
+      .PTR_PROPERTY(SampleArgs, lse, void*)
+      .def_readwrite("num_threads", &SampleArgs::num_threads);
+
+  py::class_<PolicyLossArgs>(m, "PolicyLossArgs")
+      .def(py::init<>())
+      .PTR_PROPERTY(PolicyLossArgs, logits, const void*)
+      .def_readwrite("dtype", &PolicyLossArgs::dtype)
+      .def_readwrite("rows", &PolicyLossArgs::rows)
+      .def_readwrite("cols", &PolicyLossArgs::cols)
+      .def_readwrite("row_stride", &PolicyLossArgs::row_stride)
+      .def_readwrite("col_stride", &PolicyLossArgs::col_stride)
+      .PTR_PROPERTY(PolicyLossArgs, actions, const int64_t*)
+      .def_readwrite("num_samples", &PolicyLossArgs::num_samples)
+      .def_readwrite("ignore_index", &PolicyLossArgs::ignore_index)
+      .PTR_PROPERTY(PolicyLossArgs, weights, const void*)
+      .def_readwrite("entropy_weight", &PolicyLossArgs::entropy_weight)
+      .PTR_PROPERTY(PolicyLossArgs, loss, void*)
+      .PTR_PROPERTY(PolicyLossArgs, lse, void*)
+      .PTR_PROPERTY(PolicyLossArgs, entropy, void*)
+      .def_readwrite("stats_given", &PolicyLossArgs::stats_given)
+      .PTR_PROPERTY(PolicyLossArgs, grad_loss, const void*)
+      .PTR_PROPERTY(PolicyLossArgs, grad, void*)
+      .def_readwrite("num_threads", &PolicyLossArgs::num_threads);
+
+  m.def("sample_cpu", [](const SampleArgs& args) { return run_kernel(cpu::sample, args); });
+  m.def("policy_loss_forward_cpu",
+        [](const PolicyLossArgs& args) { return run_kernel(cpu::policy_loss_forward, args); });
+  m.def("policy_loss_backward_cpu",
+        [](const PolicyLossArgs& args) { return run_kernel(cpu::policy_loss_backward, args); });
+
+  m.def("reinforce_grad_cpu", [](const ReinforceGradArgs& args) { return run_kernel(cpu::reinforce_grad, args); },
+        "Runs the CPU kernel; returns (status, row, col, index, value).");
 
   m.def("philox_uniform", &philox_uniform_fill,
         "Fills a contiguous (rows, samples) float64 buffer with the uniforms the kernels draw.");

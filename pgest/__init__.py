@@ -7,8 +7,11 @@ __version__ = "0.1.0"
 import torch as _torch
 
 from . import _native  # noqa: F401  (first: a clear error if _C is missing)
-from . import _C, philox, reference
+from . import _C, baselines, philox, reference
+from .policy_loss import policy_loss
+from .reinforce import Reinforce, reinforce
 from .reinforce_grad import ReinforceGrad, reinforce_grad
+from .sample import Sample, sample
 
 
 def build_info() -> dict:
@@ -20,4 +23,7 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["ReinforceGrad", "build_info", "philox", "reference", "reinforce_grad", "__version__"]
+__all__ = [
+    "Reinforce", "ReinforceGrad", "Sample", "baselines", "build_info", "philox", "policy_loss",
+    "reference", "reinforce", "reinforce_grad", "sample", "__version__",
+]

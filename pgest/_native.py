@@ -33,20 +33,44 @@ BAD_ARGUMENT = 7
 OUT_OF_MEMORY = 8
 CUDA_ERROR = 9
 NOT_COMPILED = 10
+ACTION_OUT_OF_RANGE = 11
 
 
-def raise_for_status(result, *, input_name: str, num_actions: int, table_is_vector: bool = False) -> None:
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Per-row statistics (log-sum-exp, entropy, log-probabilities, losses) are
+    kept in the accumulation type: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_index(row: int, lead_shape) -> str:
+    """A flattened row number as the index of the caller's leading dimensions."""
+    if len(lead_shape) <= 1:
+        return str(row)
+    idx = []
+    for size in reversed(lead_shape):
+        idx.append(row % size)
+        row //= size
+    return ", ".join(str(i) for i in reversed(idx))
+
+
+def raise_for_status(result, *, input_name: str, num_actions: int, table_is_vector: bool = False,
+                     lead_shape=None, samples_per_row: int = 1, ignore_index=None) -> None:
     """Raise the exception for a kernel's (status, row, col, index, value)."""
     status, row, col, index, value = result
     if status == OK:
         return
+    where = row_index(row, lead_shape) if lead_shape is not None else str(row)
     if status == NONFINITE_INPUT:
         raise ValueError(
-            f"{input_name}[{row}, {col}] is {value}: scores must be finite or -inf "
+            f"{input_name}[{where}, {col}] is {value}: scores must be finite or -inf "
             "(NaN and +inf rows cannot be sampled from)"
         )
     if status == ALL_NEG_INF:
-        raise ValueError(f"{input_name}[{row}] is all -inf: no action has positive probability")
+        raise ValueError(f"{input_name}[{where}] is all -inf: no action has positive probability")
+    if status == ACTION_OUT_OF_RANGE:
+        at = f"{where}, {col}" if samples_per_row > 1 else where
+        also = f" and is not ignore_index ({ignore_index})" if ignore_index is not None else ""
+        raise IndexError(f"actions[{at}] = {index} is out of range for {num_actions} actions{also}")
     if status == LABEL_OUT_OF_RANGE:
         raise IndexError(f"labels[{row}] = {index} is out of range for {num_actions} actions")
     if status == NONFINITE_REWARD:

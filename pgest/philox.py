@@ -34,6 +34,19 @@ def next_seed_offset(generator: Optional[torch.Generator], device: torch.device,
     return seed, 0
 
 
+def seed_tensor(generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """The (seed, offset) of one call as a (2,) int64 tensor, the form the
+    registered torch ops take (a tensor traces under torch.compile; a Python
+    int drawn from a generator would not). Draws exactly what
+    :func:`next_seed_offset` draws."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the input is on {device}")
+    seed = torch.empty((), dtype=torch.int64).random_(generator=generator)
+    return torch.stack([seed, torch.zeros((), dtype=torch.int64)])
+
+
 def uniforms(rows: int, num_samples: int, seed: int, offset: int = 0) -> torch.Tensor:
     """The (rows, num_samples) float64 uniforms in [0, 1) that a kernel keyed by
     (seed, offset) draws: sample s of row i is the inverse-CDF point u[i, s] of

@@ -4,7 +4,9 @@
 // avx2|avx512 in the environment, or set_isa(), forces a narrower one.
 #include "dispatch.h"
 
+#include <pgest/policy_loss.h>
 #include <pgest/reinforce_grad.h>
+#include <pgest/sample.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -14,6 +16,9 @@
   namespace pgest {                                                              \
   inline namespace ns {                                                          \
   Status reinforce_grad_cpu(const ReinforceGradArgs& args, ErrorInfo* err);       \
+  Status sample_cpu(const SampleArgs& args, ErrorInfo* err);                     \
+  Status policy_loss_forward_cpu(const PolicyLossArgs& args, ErrorInfo* err);    \
+  Status policy_loss_backward_cpu(const PolicyLossArgs& args, ErrorInfo* err);   \
   }                                                                              \
   }
 
@@ -107,17 +112,29 @@ bool set_isa(Isa isa) {
   return true;
 }
 
-Status reinforce_grad(const ReinforceGradArgs& args, ErrorInfo* err) {
-  switch (current()) {
-#ifdef PGEST_HAVE_ISA_AVX512
-    case Isa::kAvx512: return avx512::reinforce_grad_cpu(args, err);
+#if defined(PGEST_HAVE_ISA_AVX512)
+#define PGEST_CASE_AVX512(fn) case Isa::kAvx512: return avx512::fn(args, err);
+#else
+#define PGEST_CASE_AVX512(fn)
 #endif
-#ifdef PGEST_HAVE_ISA_AVX2
-    case Isa::kAvx2: return avx2::reinforce_grad_cpu(args, err);
+#if defined(PGEST_HAVE_ISA_AVX2)
+#define PGEST_CASE_AVX2(fn) case Isa::kAvx2: return avx2::fn(args, err);
+#else
+#define PGEST_CASE_AVX2(fn)
 #endif
-    default: return generic::reinforce_grad_cpu(args, err);
+#define PGEST_DISPATCH(name, Args, fn)              \
+  Status name(const Args& args, ErrorInfo* err) {   \
+    switch (current()) {                            \
+      PGEST_CASE_AVX512(fn)                         \
+      PGEST_CASE_AVX2(fn)                           \
+      default: return generic::fn(args, err);       \
+    }                                                \
   }
-}
+
+PGEST_DISPATCH(reinforce_grad, ReinforceGradArgs, reinforce_grad_cpu)
+PGEST_DISPATCH(sample, SampleArgs, sample_cpu)
+PGEST_DISPATCH(policy_loss_forward, PolicyLossArgs, policy_loss_forward_cpu)
+PGEST_DISPATCH(policy_loss_backward, PolicyLossArgs, policy_loss_backward_cpu)
 
 }  // namespace cpu
 }  // namespace pgest

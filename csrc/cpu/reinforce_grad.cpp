@@ -1,47 +1,19 @@
 // CPU schedule of reinforce_grad: OpenMP threads over rows (static split, so a
-// row's draw never depends on the thread count), the 16-lane row passes of
-// sampler.h vectorised by the compiler inside a row. Compiled once per
-// instruction set; PGEST_KERNEL_NS names the copy.
+// row's draw never depends on the thread count), the chunk pass of
+// row_stats.h inside a row. Compiled once per instruction set;
+// PGEST_KERNEL_NS names the copy.
 #include <pgest/reinforce_grad.h>
 
-#include <algorithm>
 #include <cmath>
-#include <cstdlib>
 
 #include "parallel.h"
-#include "row_stats.h"
+#include "row_scratch.h"
 #include "zero_fill.h"
 
 PGEST_NS_BEGIN
 namespace {
 
 constexpr int64_t kStreamingBytes = int64_t(16) << 20;
-
-// Per-thread scratch, O(K + S): the only allocation besides the outputs.
-template <class Acc>
-struct RowScratch {
-  Acc* gathered = nullptr;  // a strided row, converted, so the passes see unit stride
-  Acc* weights = nullptr;   // per chunk: mass (and entropy term)
-  Acc* chunk_max = nullptr;
-  Acc* e = nullptr;         // one chunk of exponentials for the walk
-  Threshold* thresholds = nullptr;
-  bool ok = false;
-
-  RowScratch(int64_t cols, int64_t samples, bool need_gather) {
-    const size_t nc = size_t(num_chunks(cols));
-    if (need_gather) gathered = static_cast<Acc*>(std::malloc(sizeof(Acc) * size_t(cols)));
-    weights = static_cast<Acc*>(std::malloc(sizeof(Acc) * 2 * nc));
-    chunk_max = static_cast<Acc*>(std::malloc(sizeof(Acc) * nc));
-    e = static_cast<Acc*>(std::malloc(sizeof(Acc) * kChunk));  // also the tail chunk's padding
-    thresholds = static_cast<Threshold*>(std::malloc(sizeof(Threshold) * size_t(samples)));
-    ok = weights && chunk_max && e && thresholds && (gathered || !need_gather);
-  }
-  ~RowScratch() {
-    std::free(gathered); std::free(weights); std::free(chunk_max); std::free(e); std::free(thresholds);
-  }
-  RowScratch(const RowScratch&) = delete;
-  RowScratch& operator=(const RowScratch&) = delete;
-};
 
 // Sample, reward and zero the gradient of one row. Returns kOk or the reason
 // the row is unusable (err gets the details).
@@ -65,15 +37,8 @@ Status process_row(const ReinforceGradArgs& a, int64_t i, const T* x, RowScratch
   }
   if (st.max == -Acc(INFINITY)) { err.row = i; return kAllNegInf; }
 
-  for (int64_t s = 0; s < S; ++s) {
-    sc.thresholds[s] = Threshold{philox_uniform(a.seed, a.offset, i, s) * double(st.z), s};
-  }
-  if (S > 1) {
-    std::sort(sc.thresholds, sc.thresholds + S,
-              [](const Threshold& l, const Threshold& r) { return l.t < r.t; });
-  }
   int64_t* actions = a.actions + i * S;
-  row_inverse_cdf(x, K, st.max, sc.weights, sc.thresholds, S, actions, sc.e);
+  draw_row(x, K, st, a.seed, a.offset, i, S, sc, actions);
 
   float* rewards = a.rewards + i * S;
   for (int64_t s = 0; s < S; ++s) {
@@ -103,14 +68,8 @@ Status run(const ReinforceGradArgs& a, ErrorInfo* out_err) {
     if (!sc.ok) { err.status = kOutOfMemory; err.row = begin; return err; }
     for (int64_t i = begin; i < end; ++i) {
       if (lowest_failed.load(std::memory_order_relaxed) < i) break;  // an earlier row failed
-      const T* row = base + i * a.row_stride;
-      Status st;
-      if (gather) {
-        for (int64_t k = 0; k < K; ++k) sc.gathered[k] = load<Acc>(row[k * a.col_stride]);
-        st = process_row<Acc, Acc>(a, i, sc.gathered, sc, err);
-      } else {
-        st = process_row<T, Acc>(a, i, row, sc, err);
-      }
+      const Status st = with_row(base, i, a.row_stride, a.col_stride, K, sc,
+                                 [&](const auto* row) { return process_row(a, i, row, sc, err); });
       if (st != kOk) { err.status = st; err.row = i; return err; }
       zero_fill(grad + i * K, sizeof(T) * size_t(K), streaming);
     }

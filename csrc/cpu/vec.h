@@ -86,3 +86,24 @@ PGEST_HD vf32 loadv(const half_t* p) {
 }
 
 PGEST_NS_END
+
+PGEST_NS_BEGIN
+
+PGEST_HD void storev(float* p, vf32 v) { std::memcpy(p, &v, sizeof v); }
+PGEST_HD void storev(double* p, vf64 v) { std::memcpy(p, &v, sizeof v); }
+
+// Lane-wise copy of to_bf16 in dtype.h (round to nearest even, NaN kept quiet).
+PGEST_HD void storev(bf16_t* p, vf32 v) {
+  const vu32 x = reinterpret_cast<vu32>(v);
+  const vu32 rounded = (x + (0x7fffu + ((x >> 16) & 1u))) >> 16;
+  const vu32 nan = (x >> 16) | 0x40u;
+  const vu32 r = select(reinterpret_cast<vu32>((x & 0x7fffffffu) > 0x7f800000u), nan, rounded);
+  const vu16 h = __builtin_convertvector(r, vu16);
+  std::memcpy(p, &h, sizeof h);
+}
+
+PGEST_HD void storev(half_t* p, vf32 v) {
+  for (int l = 0; l < Vec<float>::width; ++l) p[l] = to_half(v[l]);
+}
+
+PGEST_NS_END

@@ -18,6 +18,7 @@ enum Status : int32_t {
   kOutOfMemory = 8,
   kCudaError = 9,         // `index` holds the cudaError_t
   kNotCompiled = 10,
+  kActionOutOfRange = 11, // actions[row, col] = `index` is not in [0, K) nor ignore_index
 };
 
 // Where the first failure happened. With several threads the lowest failing

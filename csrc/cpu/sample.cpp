@@ -1,0 +1,66 @@
+// CPU schedule of sample: threads over rows, one chunk pass per row
+// (row_stats.h, with the entropy term), then the draws (row_scratch.h).
+#include <pgest/sample.h>
+
+#include <cmath>
+
+#include "parallel.h"
+#include "row_scratch.h"
+
+PGEST_NS_BEGIN
+namespace {
+
+template <class T>
+Status run(const SampleArgs& a, ErrorInfo* out_err) {
+  using Acc = typename AccOf<T>::type;
+  const int64_t K = a.cols, S = a.num_samples;
+  const T* base = static_cast<const T*>(a.logits);
+  Acc* log_prob = static_cast<Acc*>(a.log_prob);
+  Acc* entropy = static_cast<Acc*>(a.entropy);
+  Acc* lse = static_cast<Acc*>(a.lse);
+  const int threads = a.rows * (K + 16) < (int64_t(1) << 14) ? 1 : a.num_threads;
+  const ErrorInfo first = parallel_rows(a.rows, threads, [&](int64_t begin, int64_t end,
+                                                            const std::atomic<int64_t>& lowest_failed) {
+    ErrorInfo err;
+    RowScratch<Acc> sc(K, S, a.col_stride != 1);
+    if (!sc.ok) { err.status = kOutOfMemory; err.row = begin; return err; }
+    for (int64_t i = begin; i < end; ++i) {
+      if (lowest_failed.load(std::memory_order_relaxed) < i) break;
+      const Status st = with_row(base, i, a.row_stride, a.col_stride, K, sc, [&](const auto* x) {
+        const RowStats<Acc> rs = row_stats<true>(x, K, sc.weights, sc.chunk_max, sc.e);
+        if (rs.bad_col >= 0) {
+          err.col = rs.bad_col; err.value = double(load<Acc>(x[rs.bad_col]));
+          return kNonFiniteInput;
+        }
+        if (rs.max == -Acc(INFINITY)) return kAllNegInf;
+        int64_t* actions = a.actions + i * S;
+        draw_row(x, K, rs, a.seed, a.offset, i, S, sc, actions);
+        const Acc log_z = std::log(rs.z);
+        lse[i] = rs.max + log_z;
+        // H = lse - sum p x = log Z - sum e (x - max) / Z
+        entropy[i] = log_z - rs.ex_dot / rs.z;
+        for (int64_t s = 0; s < S; ++s) log_prob[i * S + s] = load<Acc>(x[actions[s]]) - lse[i];
+        return kOk;
+      });
+      if (st != kOk) { err.status = st; err.row = i; return err; }
+    }
+    return err;
+  });
+  if (first.status != kOk) { *out_err = first; return Status(first.status); }
+  return kOk;
+}
+
+}  // namespace
+
+Status sample_cpu(const SampleArgs& a, ErrorInfo* err) {
+  if (a.rows == 0) return kOk;
+  switch (a.dtype) {
+    case kFloat32: return run<float>(a, err);
+    case kFloat64: return run<double>(a, err);
+    case kFloat16: return run<half_t>(a, err);
+    case kBFloat16: return run<bf16_t>(a, err);
+    default: return kUnsupportedDtype;
+  }
+}
+
+PGEST_NS_END

@@ -1,0 +1,28 @@
+// sample: S draws per row of logits, with each draw's log-probability, the
+// row's entropy and its log-sum-exp, from one read of the row.
+#pragma once
+
+#include "status.h"
+
+namespace pgest {
+
+// Strides in elements. The float outputs are in the accumulation type:
+// float64 for float64 logits, float32 otherwise (stats_f64 says which).
+struct SampleArgs {
+  const void* logits = nullptr;
+  int32_t dtype = 0;
+  int64_t rows = 0, cols = 0, row_stride = 0, col_stride = 1;
+  int64_t num_samples = 1;
+  uint64_t seed = 0, offset = 0;
+  int64_t* actions = nullptr;  // (R, S)
+  void* log_prob = nullptr;    // (R, S)
+  void* entropy = nullptr;     // (R,)
+  void* lse = nullptr;         // (R,)  log-sum-exp, saved for a later backward
+  int32_t num_threads = 1;
+};
+
+namespace cpu {
+Status sample(const SampleArgs& args, ErrorInfo* err);
+}  // namespace cpu
+
+}  // namespace pgest
