@@ -15,13 +15,18 @@ import torch
 from . import _C
 
 
+def _draw_seed(generator: Optional[torch.Generator]) -> torch.Tensor:
+    # Out of place, so torch.compile can trace it; one 63-bit draw per call.
+    return torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=generator)
+
+
 def next_seed_offset(generator: Optional[torch.Generator], device: torch.device,
                      num_samples: int) -> Tuple[int, int]:
     """Take the (seed, offset) for one call from ``generator`` and advance it.
 
     On the CPU, torch's generator is a Mersenne Twister with no offset: one
-    64-bit draw from it becomes the Philox seed (offset 0), which advances it
-    exactly as any other random op would.
+    63-bit draw from it (``torch.randint``) becomes the Philox seed (offset 0),
+    which advances it exactly as any other random op would.
     """
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
@@ -29,9 +34,7 @@ def next_seed_offset(generator: Optional[torch.Generator], device: torch.device,
         raise ValueError(f"generator is on {generator.device} but the input is on {device}")
     if device.type != "cpu":
         raise NotImplementedError(f"no Philox seeding for {device} yet")
-    g = generator if generator is not None else torch.default_generator
-    seed = int(torch.empty((), dtype=torch.int64).random_(generator=g))
-    return seed, 0
+    return int(_draw_seed(generator)), 0
 
 
 def seed_tensor(generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
@@ -43,8 +46,7 @@ def seed_tensor(generator: Optional[torch.Generator], device: torch.device) -> t
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device} but the input is on {device}")
-    seed = torch.empty((), dtype=torch.int64).random_(generator=generator)
-    return torch.stack([seed, torch.zeros((), dtype=torch.int64)])
+    return torch.stack([_draw_seed(generator), torch.zeros((), dtype=torch.int64)])
 
 
 def uniforms(rows: int, num_samples: int, seed: int, offset: int = 0) -> torch.Tensor:

@@ -88,7 +88,7 @@ def policy_loss_backward(grad_loss: Tensor, logits: Tensor, actions: Tensor, wei
 
 @policy_loss_backward.register_fake
 def _(grad_loss, logits, actions, weights, lse, entropy, entropy_weight, ignore_index):
-    return logits.new_empty(logits.shape, memory_format=torch.contiguous_format)
+    return logits.new_empty(tuple(logits.shape))
 
 
 def _setup_context(ctx, inputs, output):

@@ -10,7 +10,7 @@ produce through log_softmax.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -30,52 +30,70 @@ class Reinforce(NamedTuple):
     entropy: Tensor   # (...,) per-row entropy (no grad)
 
 
-def _rewards(actions: Tensor, labels, reward_table, lead, K, acc) -> Tensor:
+def _check_labels(labels, lead) -> None:
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of integers, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != lead:
+        raise ValueError(f"labels must have shape {tuple(lead)} to match logits, got {tuple(labels.shape)}")
+
+
+def _check_table(table, lead, K) -> None:
+    nat.check_float_tensor(table, "reward_table")
+    if table.shape != (K,) and table.shape != tuple(lead) + (K,):
+        raise ValueError(f"reward_table must have shape {tuple(lead) + (K,)} or ({K},), got {tuple(table.shape)}")
+
+
+@torch.library.custom_op("pgest::reinforce_weights", mutates_args=())
+def reinforce_weights(actions: Tensor, labels: Optional[Tensor], reward_table: Optional[Tensor],
+                      baseline_kind: int, baseline_value: float, baseline: Optional[Tensor],
+                      num_actions: int, lead: List[int], dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(R, S) actions -> (rewards, weights = (rewards - baseline) / S) in
+    ``dtype`` (the logits' accumulation type). Checks
+    the values it reads (labels in range, rewards and baselines finite), and is
+    a registered op so that these checks run under torch.compile too. O(R * S)."""
     R, S = actions.shape
+    acc = dtype
     if labels is not None:
-        if not isinstance(labels, Tensor):
-            raise TypeError(f"labels must be a torch.Tensor of integers, got {type(labels).__name__}")
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-        if labels.shape != lead:
-            raise ValueError(f"labels must have shape {tuple(lead)} to match logits, got {tuple(labels.shape)}")
         flat = labels.reshape(-1, 1).to(torch.int64)
-        bad = ((flat < 0) | (flat >= K)).nonzero()
+        bad = ((flat < 0) | (flat >= num_actions)).nonzero()
         if bad.numel():
             row = int(bad[0, 0])
-            raise IndexError(f"labels[{nat.row_index(row, lead)}] = {int(flat[row])} is out of range for {K} actions")
-        return (actions == flat).to(acc)
-    nat.check_float_tensor(reward_table, "reward_table")
-    table = reward_table.detach()
-    if table.shape == (K,):
-        r = table.to(acc)[actions]
-    elif table.shape == tuple(lead) + (K,):
-        r = table.reshape(R, K).to(acc).gather(1, actions)
+            raise IndexError(f"labels[{nat.row_index(row, lead)}] = {int(flat[row])} is out of range "
+                             f"for {num_actions} actions")
+        rewards = (actions == flat).to(acc)
     else:
-        raise ValueError(f"reward_table must have shape {tuple(lead) + (K,)} or ({K},), got {tuple(table.shape)}")
-    bad = (~torch.isfinite(r)).nonzero()
-    if bad.numel():
-        row, s = int(bad[0, 0]), int(bad[0, 1])
-        where = f"{int(actions[row, s])}" if table.dim() == 1 else f"{nat.row_index(row, lead)}, {int(actions[row, s])}"
-        raise ValueError(f"reward_table[{where}] is {float(r[row, s])} (sampled in row {row}): rewards must be finite")
-    return r
+        table = reward_table.to(acc)
+        rewards = table[actions] if table.dim() == 1 else table.reshape(R, num_actions).gather(1, actions)
+        bad = (~torch.isfinite(rewards)).nonzero()
+        if bad.numel():
+            row, s = int(bad[0, 0]), int(bad[0, 1])
+            col = int(actions[row, s])
+            where = f"{col}" if table.dim() == 1 else f"{nat.row_index(row, lead)}, {col}"
+            raise ValueError(f"reward_table[{where}] is {float(rewards[row, s])} (sampled in row {row}): "
+                             "rewards must be finite")
+    if baseline_kind == 0:
+        b = torch.zeros_like(rewards)
+    elif baseline_kind == 1:
+        b = torch.full_like(rewards, baseline_value)
+    elif baseline_kind == 2:
+        b = baseline.reshape(-1, 1).to(acc)
+        bad = (~torch.isfinite(b)).nonzero()
+        if bad.numel():
+            row = int(bad[0, 0])
+            raise ValueError(f"baseline[{nat.row_index(row, lead)}] is {float(b[row])}: baselines must be finite")
+        b = b.expand_as(rewards)
+    elif baseline_kind == 3:
+        b = rewards.mean().expand_as(rewards)
+    else:
+        b = (rewards.sum(1, keepdim=True) - rewards) / (S - 1)
+    return rewards, (rewards - b) / S
 
 
-def _baseline_values(kind, constant, tensor, rewards: Tensor) -> Tensor:
-    if kind == 0:
-        return torch.zeros_like(rewards)
-    if kind == 1:
-        return torch.full_like(rewards, constant)
-    if kind == 2:
-        b = tensor.reshape(-1, 1).to(rewards.dtype)
-        if not torch.isfinite(b).all():
-            row = int((~torch.isfinite(b)).nonzero()[0, 0])
-            raise ValueError(f"baseline[{row}] is {float(b[row])}: baselines must be finite")
-        return b.expand_as(rewards)
-    if kind == 3:
-        return rewards.mean().expand_as(rewards)
-    S = rewards.shape[1]
-    return (rewards.sum(1, keepdim=True) - rewards) / (S - 1)
+@reinforce_weights.register_fake
+def _(actions, labels, reward_table, baseline_kind, baseline_value, baseline, num_actions, lead, dtype):
+    return actions.new_empty(actions.shape, dtype=dtype), actions.new_empty(actions.shape, dtype=dtype)
 
 
 def reinforce(
@@ -104,12 +122,19 @@ def reinforce(
         raise ValueError("pass exactly one of labels and reward_table")
     lead, K = logits.shape[:-1], logits.shape[-1]
     R = lead.numel()
+    if isinstance(baseline, Tensor):
+        if baseline.shape != lead:
+            raise ValueError(f"baseline tensor must have shape {tuple(lead)}, one value per row, "
+                             f"got {tuple(baseline.shape)}")
+        baseline = baseline.reshape(-1)
     kind, constant, b_tensor = _resolve_baseline(baseline, R, S, logits.device)
-    if b_tensor is not None and b_tensor.shape != (R,):
-        raise ValueError(f"baseline tensor must have shape {tuple(lead)}, got {tuple(b_tensor.shape)}")
-    for t, name in ((labels, "labels"), (reward_table, "reward_table")):
-        if isinstance(t, Tensor):
-            nat.check_device(t, name, logits.device, "logits")
+    if labels is not None:
+        _check_labels(labels, lead)
+        nat.check_device(labels, "labels", logits.device, "logits")
+    else:
+        _check_table(reward_table, lead, K)
+        nat.check_device(reward_table, "reward_table", logits.device, "logits")
+        reward_table = reward_table.detach()
     acc = nat.stats_dtype(logits.dtype)
     x = rows_of(logits)
 
@@ -118,9 +143,8 @@ def reinforce(
         actions, log_prob, entropy, lse = sample_rows(x.detach(), S, seed)
     except ValueError as e:
         raise ValueError(_unflatten_message(str(e), lead)) from None
-    rewards = _rewards(actions, labels, reward_table, lead, K, acc)
-    b = _baseline_values(kind, constant, b_tensor, rewards)
-    weights = (rewards - b) / S
+    rewards, weights = reinforce_weights(actions, labels, reward_table, kind, constant, b_tensor, K,
+                                         list(lead), acc)
     stats = torch.stack([lse, entropy], 1)
     # Sampled actions are never negative, so -1 ignores nothing.
     loss_rows, _, _ = policy_loss_rows(x, actions, weights, beta, -1, stats)

@@ -1,0 +1,78 @@
+"""pgest.sample against torch.distributions.Categorical and the reference."""
+import math
+
+import pytest
+import torch
+
+import pgest
+from pgest import reference
+
+from conftest import FLOAT_DTYPES
+
+STAT_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(37, 11), (5, 7, 300), (3, 4097)])
+def test_log_prob_and_entropy_match_categorical(dtype, shape):
+    logits = (torch.randn(shape) * 3).to(dtype)
+    logits[..., 2] = -math.inf
+    s = pgest.sample(logits, num_samples=4, generator=torch.Generator().manual_seed(0))
+    assert s.actions.shape == shape[:-1] + (4,) and s.entropy.shape == shape[:-1]
+    d = torch.distributions.Categorical(logits=logits.double())
+    expected = d.log_prob(s.actions.movedim(-1, 0)).movedim(0, -1)
+    torch.testing.assert_close(s.log_prob.double(), expected, rtol=STAT_TOL[dtype], atol=STAT_TOL[dtype])
+    torch.testing.assert_close(s.entropy.double(), d.entropy(), rtol=STAT_TOL[dtype], atol=STAT_TOL[dtype])
+    assert (s.actions != 2).all()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_draws_match_reference_and_reinforce_grad(dtype):
+    B, K, S = 200, 1000, 3
+    x = (torch.randn(B, K) * 2).to(dtype)
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    s = pgest.sample(x, num_samples=S, generator=g)
+    g.set_state(state)
+    seed, offset = pgest.philox.next_seed_offset(g, x.device, S)
+    u = pgest.philox.uniforms(B, S, seed, offset)
+    ref = reference.sample_inverse_cdf(x, u)
+    assert (s.actions != ref).any(1).sum() <= 2
+    # the same generator state draws the same actions in every op
+    g.set_state(state)
+    rg = pgest.reinforce_grad(x, reward_table=torch.zeros(K), num_samples=S, generator=g)
+    assert torch.equal(rg.actions, s.actions)
+
+
+def test_single_sample_shapes_and_no_grad():
+    x = torch.randn(2, 3, 5, requires_grad=True)
+    s = pgest.sample(x)
+    assert s.actions.shape == (2, 3) and s.log_prob.shape == (2, 3) and s.entropy.shape == (2, 3)
+    assert not s.log_prob.requires_grad
+    empty = pgest.sample(torch.empty(0, 4))
+    assert empty.actions.shape == (0,)
+
+
+def test_errors_name_the_row():
+    x = torch.randn(2, 3, 8)
+    x[1, 2, 5] = math.nan
+    with pytest.raises(ValueError, match=r"logits\[1, 2, 5\] is nan"):
+        pgest.sample(x)
+    x = torch.randn(4, 8)
+    x[3] = -math.inf
+    with pytest.raises(ValueError, match=r"logits\[3\] is all -inf"):
+        pgest.sample(x)
+    with pytest.raises(ValueError, match="K = 0"):
+        pgest.sample(torch.empty(3, 0))
+    with pytest.raises(ValueError, match="num_samples"):
+        pgest.sample(torch.randn(3, 4), num_samples=0)
+    with pytest.raises(TypeError, match="logits must be float"):
+        pgest.sample(torch.ones(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least 1 dimension"):
+        pgest.sample(torch.tensor(1.0))
+
+
+def test_opcheck():
+    x = torch.randn(6, 300)
+    seed = pgest.philox.seed_tensor(None, x.device)
+    torch.library.opcheck(pgest.sample.__globals__["sample_rows"], (x, 3, seed))
