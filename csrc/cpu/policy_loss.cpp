@@ -87,7 +87,7 @@ Status forward(const PolicyLossArgs& a, ErrorInfo* out_err) {
 // sampled entries rewritten with their one-hot terms added before the single
 // rounding to T.
 template <class T, class Acc, class X>
-void backward_row(const PolicyLossArgs& a, int64_t i, const X* x, T* g) {
+void backward_row(const PolicyLossArgs& a, int64_t i, const X* x, T* g, bool streaming) {
   using V = typename Vec<Acc>::type;
   constexpr int W = Vec<Acc>::width;
   const int64_t K = a.cols, S = a.num_samples;
@@ -102,12 +102,21 @@ void backward_row(const PolicyLossArgs& a, int64_t i, const X* x, T* g) {
 
   int64_t k = 0;
   const V vl = splat<V>(lse), va = splat<V>(alpha), vg = splat<V>(gamma), vh = splat<V>(h);
-  for (; k + W <= K; k += W) {
-    const V d = loadv(x + k) - vl;
+  auto dense = [&](int64_t at) {
+    const V d = loadv(x + at) - vl;
     const V p = exp_nonpos(d);
-    storev(g + k, select(p > Acc(0), p * (va + vg * (d + vh)), V{}));
+    return select(p > Acc(0), p * (va + vg * (d + vh)), V{});
+  };
+  auto scalar = [&](int64_t at) { g[at] = store<T>(policy_grad_dense(load<Acc>(x[at]), lse, alpha, gamma, h)); };
+  if (kStreamable<T> && streaming) {
+    // Scalar up to the first vector-aligned entry, then whole aligned vectors.
+    for (; k < K && reinterpret_cast<uintptr_t>(g + k) % sizeof(V) != 0; ++k) scalar(k);
+    for (; k + W <= K; k += W) stream_storev(g + k, dense(k));
+    stream_fence();
+  } else {
+    for (; k + W <= K; k += W) storev(g + k, dense(k));
   }
-  for (; k < K; ++k) g[k] = store<T>(policy_grad_dense(load<Acc>(x[k]), lse, alpha, gamma, h));
+  for (; k < K; ++k) scalar(k);
 
   for (int64_t s = 0; s < S; ++s) {
     const int64_t act = a.actions[i * S + s];
@@ -129,6 +138,8 @@ Status backward(const PolicyLossArgs& a, ErrorInfo* out_err) {
   const T* base = static_cast<const T*>(a.logits);
   T* grad = static_cast<T*>(a.grad);
   const int threads = a.rows * (K + 16) < (int64_t(1) << 14) ? 1 : a.num_threads;
+  // A gradient larger than a big last-level cache is written around it.
+  const bool streaming = double(a.rows) * double(K) * sizeof(T) > double(int64_t(16) << 20);
   const ErrorInfo first = parallel_rows(a.rows, threads, [&](int64_t begin, int64_t end,
                                                             const std::atomic<int64_t>&) {
     ErrorInfo err;
@@ -143,7 +154,7 @@ Status backward(const PolicyLossArgs& a, ErrorInfo* out_err) {
         continue;
       }
       with_row(base, i, a.row_stride, a.col_stride, K, sc, [&](const auto* x) {
-        backward_row<T, Acc>(a, i, x, g);
+        backward_row<T, Acc>(a, i, x, g, streaming);
         return 0;
       });
     }

@@ -107,3 +107,39 @@ PGEST_HD void storev(half_t* p, vf32 v) {
 }
 
 PGEST_NS_END
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+PGEST_NS_BEGIN
+
+// Streaming (non-temporal) stores of one vector, for outputs larger than the
+// cache: no read-for-ownership of lines that are overwritten whole. `p` must be
+// aligned to the bytes stored; returns false where no such store exists.
+template <class T, class V> PGEST_HD bool stream_storev(T* p, V v) { return false; }
+
+#if defined(__AVX512F__)
+PGEST_HD bool stream_storev(float* p, vf32 v) { _mm512_stream_ps(p, reinterpret_cast<__m512>(v)); return true; }
+PGEST_HD bool stream_storev(double* p, vf64 v) { _mm512_stream_pd(p, reinterpret_cast<__m512d>(v)); return true; }
+#elif defined(__AVX__)
+PGEST_HD bool stream_storev(float* p, vf32 v) { _mm256_stream_ps(p, reinterpret_cast<__m256>(v)); return true; }
+PGEST_HD bool stream_storev(double* p, vf64 v) { _mm256_stream_pd(p, reinterpret_cast<__m256d>(v)); return true; }
+#elif defined(__SSE2__)
+PGEST_HD bool stream_storev(float* p, vf32 v) { _mm_stream_ps(p, reinterpret_cast<__m128>(v)); return true; }
+PGEST_HD bool stream_storev(double* p, vf64 v) { _mm_stream_pd(p, reinterpret_cast<__m128d>(v)); return true; }
+#endif
+
+template <class T> constexpr bool kStreamable = false;
+#if defined(__SSE2__)
+template <> constexpr bool kStreamable<float> = true;
+template <> constexpr bool kStreamable<double> = true;
+#endif
+
+PGEST_HD void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+PGEST_NS_END

@@ -1,0 +1,98 @@
+"""policy_loss and reinforce, forward + backward, against
+(a) log_softmax + gather + backward in eager PyTorch, (b) the same under
+torch.compile, (c) cross_entropy(reduction="none") * advantages, and
+(d) a copy of the logits (the memory floor). Peak bytes allocated by each
+step are recorded beside its time.
+
+    pytest bench/bench_policy_loss.py --benchmark-json bench/results/cpu-policy_loss.json
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pgest
+
+from memory import peak_bytes
+from providers import compiled
+
+SHAPES = [(1024, 1000), (256, 32000), (64, 128000)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def eager_policy_loss(logits, actions, adv):
+    log_probs = torch.log_softmax(logits.float(), -1)
+    return -(adv * log_probs.gather(1, actions[:, None])[:, 0]).mean()
+
+
+def ce_policy_loss(logits, actions, adv):
+    return (F.cross_entropy(logits.float(), actions, reduction="none") * adv).mean()
+
+
+def eager_reinforce(logits, labels):
+    # The seed's steps 1-3 on logits, with S = 4 samples and a leave-one-out baseline.
+    log_probs = torch.log_softmax(logits.float(), -1)
+    with torch.no_grad():
+        actions = torch.multinomial(log_probs.exp(), 4, replacement=True)
+        rewards = (actions == labels[:, None]).float()
+        b = (rewards.sum(1, keepdim=True) - rewards) / 3
+    return ((b - rewards) * log_probs.gather(1, actions)).mean()
+
+
+def make(B, K, dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, K, generator=g).to(dtype).requires_grad_()
+    actions = torch.randint(0, K, (B,), generator=g)
+    adv = torch.randn(B, generator=g)
+    return logits, actions, adv
+
+
+def step(loss_fn, logits, *args):
+    def run():
+        logits.grad = None
+        loss_fn(logits, *args).backward()
+    return run
+
+
+POLICY = {
+    "pgest": lambda x, a, w: pgest.policy_loss(x, a, w),
+    "eager": eager_policy_loss,
+    "compiled": None,
+    "cross_entropy": ce_policy_loss,
+}
+
+
+@pytest.mark.parametrize("provider", list(POLICY) + ["copy"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_policy_loss_fwd_bwd(benchmark, shape, dtype, provider):
+    logits, actions, adv = make(*shape, DTYPES[dtype])
+    if provider == "copy":
+        x = logits.detach()
+        run = lambda: x.clone()  # noqa: E731
+    else:
+        fn = compiled(eager_policy_loss) if provider == "compiled" else POLICY[provider]
+        run = step(fn, logits, actions, adv)
+        run()  # compile / warm up outside the timing
+    benchmark.group = f"policy_loss {shape[0]}x{shape[1]} {dtype}"
+    benchmark.extra_info.update(op="policy_loss fwd+bwd", shape=list(shape), dtype=dtype, provider=provider,
+                                peak_bytes=peak_bytes(run))
+    benchmark.pedantic(run, rounds=15, iterations=1, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("provider", ["pgest", "eager", "compiled", "copy"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_reinforce_fwd_bwd(benchmark, shape, provider):
+    logits, labels, _ = make(*shape, torch.float32)
+    if provider == "copy":
+        x = logits.detach()
+        run = lambda: x.clone()  # noqa: E731
+    elif provider == "pgest":
+        run = step(lambda x, y: pgest.reinforce(x, y, baseline="rloo", num_samples=4).loss, logits, labels)
+    else:
+        fn = compiled(eager_reinforce) if provider == "compiled" else eager_reinforce
+        run = step(fn, logits, labels)
+    run()
+    benchmark.group = f"reinforce {shape[0]}x{shape[1]} fp32"
+    benchmark.extra_info.update(op="reinforce fwd+bwd (S=4, rloo)", shape=list(shape), dtype="fp32",
+                                provider=provider, peak_bytes=peak_bytes(run))
+    benchmark.pedantic(run, rounds=15, iterations=1, warmup_rounds=2)
