@@ -1,8 +1,8 @@
 """policy_loss and reinforce, forward + backward, against
 (a) log_softmax + gather + backward in eager PyTorch, (b) the same under
 torch.compile, (c) cross_entropy(reduction="none") * advantages, and
-(d) a copy of the logits (the memory floor). Peak bytes allocated by each
-step are recorded beside its time.
+(d) a copy of the logits (the memory floor). The bytes each step allocates
+(bench/memory.py) are recorded beside its time.
 
     pytest bench/bench_policy_loss.py --benchmark-json bench/results/cpu-policy_loss.json
 """
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import pgest
 
-from memory import peak_bytes
+from memory import allocated_bytes
 from providers import compiled
 
 SHAPES = [(1024, 1000), (256, 32000), (64, 128000)]
@@ -75,7 +75,7 @@ def test_policy_loss_fwd_bwd(benchmark, shape, dtype, provider):
         run()  # compile / warm up outside the timing
     benchmark.group = f"policy_loss {shape[0]}x{shape[1]} {dtype}"
     benchmark.extra_info.update(op="policy_loss fwd+bwd", shape=list(shape), dtype=dtype, provider=provider,
-                                peak_bytes=peak_bytes(run))
+                                alloc_bytes=allocated_bytes(run))
     benchmark.pedantic(run, rounds=15, iterations=1, warmup_rounds=2)
 
 
@@ -94,5 +94,5 @@ def test_reinforce_fwd_bwd(benchmark, shape, provider):
     run()
     benchmark.group = f"reinforce {shape[0]}x{shape[1]} fp32"
     benchmark.extra_info.update(op="reinforce fwd+bwd (S=4, rloo)", shape=list(shape), dtype="fp32",
-                                provider=provider, peak_bytes=peak_bytes(run))
+                                provider=provider, alloc_bytes=allocated_bytes(run))
     benchmark.pedantic(run, rounds=15, iterations=1, warmup_rounds=2)

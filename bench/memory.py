@@ -1,14 +1,15 @@
-"""Peak memory an op allocates while it runs, beyond what existed before.
+"""Memory an op allocates while it runs.
 
-CPU: the allocation timeline recorded by torch.profiler (profile_memory=True),
-whose [memory] events carry +bytes for an allocation and -bytes for a free, in
-order: the peak is the largest running sum. CUDA: torch.cuda.max_memory_allocated
-after a reset.
+CPU: the bytes allocated by the step, from torch.profiler's allocation records
+(profile_memory=True): the sum of every event's own positive allocation. Frees
+are ignored, so memory freed by the step (an old .grad) does not hide what it
+allocates; an op that allocates and frees a temporary inside itself is counted
+net. CUDA: torch.cuda.max_memory_allocated above what was allocated before.
 """
 import torch
 
 
-def peak_bytes(fn, device: str = "cpu") -> int:
+def allocated_bytes(fn, device: str = "cpu") -> int:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -18,9 +19,4 @@ def peak_bytes(fn, device: str = "cpu") -> int:
         return torch.cuda.max_memory_allocated() - base
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    running = peak = 0
-    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
-    for e in events:
-        running += e.cpu_memory_usage
-        peak = max(peak, running)
-    return peak
+    return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())

@@ -5,7 +5,8 @@
 Times are medians of the recorded rounds; every ratio is taken between
 providers of the same run. "x P" is how many times faster pgest is than
 provider P; "/ copy" is pgest's time over a copy of the input (1.0 would be
-the memory floor). Peak memory, where recorded, is what the step allocated.
+the memory floor). "alloc MiB", where recorded, is what the step allocated
+(bench/memory.py).
 """
 import json
 import sys
@@ -23,7 +24,7 @@ def load(paths):
             info = b["extra_info"]
             rows = ops.setdefault(info["op"], OrderedDict())
             row = rows.setdefault((tuple(info["shape"]), info["dtype"]), {})
-            row[info["provider"]] = (b["stats"]["median"], info.get("peak_bytes"))
+            row[info["provider"]] = (b["stats"]["median"], info.get("alloc_bytes"))
     return ops, machine
 
 
@@ -41,7 +42,7 @@ def table(op, rows):
     head = ["shape (B, K)", "dtype", "pgest ms"] + [f"{p} ms" for p in providers] + ["copy ms"]
     head += [f"x {p}" for p in providers] + ["/ copy"]
     if with_mem:
-        head += ["pgest peak MiB"] + [f"{p} peak MiB" for p in providers]
+        head += ["pgest alloc MiB"] + [f"{p} alloc MiB" for p in providers]
     lines = [f"**{op}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (shape, dtype), row in rows.items():
         if "pgest" not in row:

@@ -367,3 +367,22 @@ def test_large_output_zero_filled_with_streaming_stores():
     ref = reference.reinforce_grad(*args, uniforms=u, **kw)
     assert_matches_reference(out, ref, torch.float32)
     assert (out.grad != 0).sum() <= B
+
+
+@pytest.mark.parametrize("profile", ["rising", "late_jump", "falling"])
+def test_rows_whose_max_moves_between_chunks(profile):
+    """The chunk pass sums relative to the running max and rescales when a
+    later chunk rises above it (recomputing when it rises far); all three must
+    draw what the reference draws."""
+    B, K = 50, 5000
+    base = {
+        "rising": torch.linspace(-300.0, 60.0, K),        # every chunk a little higher
+        "late_jump": torch.cat([torch.full((K - 300,), -100.0), torch.full((300,), 50.0)]),
+        "falling": torch.linspace(60.0, -300.0, K),
+    }[profile]
+    g = torch.Generator().manual_seed(8)
+    x = base + torch.randn(B, K, generator=g)
+    args, kw = (x, torch.randint(0, K, (B,), generator=g)), {"baseline": "mean"}
+    out, u = run_with_noise(pgest.reinforce_grad, *args, num_samples=20, **kw)
+    ref = reference.reinforce_grad(*args, num_samples=20, uniforms=u, **kw)
+    assert_matches_reference(out, ref, torch.float32, max_mismatch_frac=0)

@@ -76,3 +76,15 @@ def test_opcheck():
     x = torch.randn(6, 300)
     seed = pgest.philox.seed_tensor(None, x.device)
     torch.library.opcheck(pgest.sample.__globals__["sample_rows"], (x, 3, seed))
+
+
+@pytest.mark.parametrize("profile", ["rising", "late_jump"])
+def test_entropy_when_the_max_moves_between_chunks(profile):
+    K = 3000
+    base = torch.linspace(-40.0, 8.0, K) if profile == "rising" else \
+        torch.cat([torch.full((K - 100,), -70.0), torch.linspace(0.0, 3.0, 100)])
+    logits = base + torch.randn(8, K) * 0.5
+    s = pgest.sample(logits)
+    d = torch.distributions.Categorical(logits=logits.double())
+    torch.testing.assert_close(s.entropy.double(), d.entropy(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(s.log_prob.double(), d.log_prob(s.actions), rtol=2e-5, atol=2e-5)

@@ -13,6 +13,11 @@
 
 PGEST_NS_BEGIN
 
+// exp(x - ref) summed over a chunk with the chunk's max tracked alongside:
+// one visit per entry. Valid while max - ref <= kOptimisticRange (the sums
+// stay far from overflow); the caller checks.
+constexpr float kOptimisticRange = 64.0f;
+
 // One chunk of `len` entries, a multiple of kLanes (a short chunk is padded
 // with -inf to the next multiple, and the groups past it would add exactly
 // zero to every lane, so they are skipped).
@@ -21,34 +26,54 @@ PGEST_HD ChunkStats<Acc> chunk_stats(const T* x, int len, Acc running_max) {
   using V = typename Vec<Acc>::type;
   constexpr int W = Vec<Acc>::width, Q = kLanes / W;
   const Acc kInf = Acc(INFINITY);
-  V m[Q];
-  for (int q = 0; q < Q; ++q) m[q] = splat<V>(running_max);
-  for (int j = 0; j < len; j += kLanes) {
-    for (int q = 0; q < Q; ++q) {
-      const V v = loadv(x + j + q * W);
-      m[q] = select(v > m[q], v, m[q]);  // NaN never wins: caught by the sum below
+  V m[Q], acc[Q], dot[Q];
+  for (int q = 0; q < Q; ++q) { m[q] = splat<V>(running_max); acc[q] = V{}; dot[q] = V{}; }
+  auto lanes_max = [&](Acc start) {
+    Acc r = start;
+    for (int q = 0; q < Q; ++q)
+      for (int i = 0; i < W; ++i) r = m[q][i] > r ? Acc(m[q][i]) : r;
+    return r;
+  };
+  auto sum_pass = [&](Acc ref, bool track_max) {
+    const V vr = splat<V>(ref);
+    for (int q = 0; q < Q; ++q) { acc[q] = V{}; dot[q] = V{}; }
+    for (int j = 0; j < len; j += kLanes) {
+      for (int q = 0; q < Q; ++q) {
+        const V v = loadv(x + j + q * W);
+        if (track_max) m[q] = select(v > m[q], v, m[q]);
+        const V d = v - vr;
+        const V e = exp_nonpos(d);
+        acc[q] += e;
+        // e = 0 where x = -inf: the product's limit is 0, not 0 * -inf = NaN.
+        if (kWithEntropy) dot[q] += select(e > Acc(0), e * d, V{});
+      }
     }
-  }
+  };
   ChunkStats<Acc> st{running_max, Acc(0), Acc(0), false};
-  for (int q = 0; q < Q; ++q)
-    for (int i = 0; i < W; ++i) st.max = m[q][i] > st.max ? Acc(m[q][i]) : st.max;
+  Acc ref = running_max;
+  bool summed = false;
+  if (running_max != -kInf) {
+    // Usually the row's max is behind us: sum relative to it while finding
+    // this chunk's max, and redo the chunk only if it jumped far above.
+    sum_pass(running_max, true);
+    st.max = lanes_max(running_max);
+    summed = st.max - running_max <= Acc(kOptimisticRange);
+  } else {
+    for (int j = 0; j < len; j += kLanes)
+      for (int q = 0; q < Q; ++q) {
+        const V v = loadv(x + j + q * W);
+        m[q] = select(v > m[q], v, m[q]);  // NaN never wins: caught by the sum below
+      }
+    st.max = lanes_max(running_max);
+  }
   if (st.max == -kInf) {
     // Nothing but -inf and NaN so far: rare, so look for NaN directly.
     for (int j = 0; j < len; ++j) st.bad = st.bad || load<Acc>(x[j]) != load<Acc>(x[j]);
     return st;
   }
-
-  const V mx = splat<V>(st.max);
-  V acc[Q], dot[Q];
-  for (int q = 0; q < Q; ++q) { acc[q] = V{}; dot[q] = V{}; }
-  for (int j = 0; j < len; j += kLanes) {
-    for (int q = 0; q < Q; ++q) {
-      const V d = loadv(x + j + q * W) - mx;
-      const V e = exp_nonpos(d);
-      acc[q] += e;
-      // e = 0 where x = -inf: the product's limit is 0, not 0 * -inf = NaN.
-      if (kWithEntropy) dot[q] += select(e > Acc(0), e * d, V{});
-    }
+  if (!summed) {
+    sum_pass(st.max, false);
+    ref = st.max;
   }
   Acc lanes[kLanes];
   for (int q = 0; q < Q; ++q)
@@ -59,10 +84,18 @@ PGEST_HD ChunkStats<Acc> chunk_stats(const T* x, int len, Acc running_max) {
       for (int i = 0; i < W; ++i) lanes[q * W + i] = dot[q][i];
     st.ex_dot = tree_sum(lanes);
   }
-  // Each e <= 1, so a finite chunk sums to at most kChunk: a NaN (which makes
-  // its e NaN) or a +inf (which makes the max +inf and inf - inf NaN) shows up
-  // here without a test per entry.
-  st.bad = !(st.sum <= Acc(len));
+  // Each e <= exp(kOptimisticRange), so a finite chunk sums to at most
+  // len * e^64: a NaN (which makes its e NaN) or a +inf (which makes the max
+  // +inf and inf - inf NaN) shows up here without a test per entry.
+  st.bad = !(st.sum <= Acc(len) * Acc(6.3e27));
+  if (ref != st.max && !st.bad) {
+    // Move the sums from the old reference to the chunk's max (ref < max):
+    // e' = e * s with s = exp(ref - max); sum e'(x - max) = s (dot + sum (ref - max)).
+    const Acc shift = ref - st.max;
+    const Acc s = exp_nonpos(shift);
+    if (kWithEntropy) st.ex_dot = s * (st.ex_dot + st.sum * shift);
+    st.sum = st.sum * s;
+  }
   return st;
 }
 
