@@ -10,6 +10,7 @@
 #include <pgest/philox.h>
 #include <pgest/policy_loss.h>
 #include <pgest/reinforce_grad.h>
+#include <pgest/returns.h>
 #include <pgest/sample.h>
 
 #include "cpu/dispatch.h"
@@ -149,6 +150,23 @@ PYBIND11_MODULE(_C, m) {
       .PTR_PROPERTY(PolicyLossArgs, grad_loss, const void*)
       .PTR_PROPERTY(PolicyLossArgs, grad, void*)
       .def_readwrite("num_threads", &PolicyLossArgs::num_threads);
+
+  py::class_<ReturnsArgs>(m, "ReturnsArgs")
+      .def(py::init<>())
+      .def_readwrite("dtype", &ReturnsArgs::dtype)
+      .def_readwrite("steps", &ReturnsArgs::steps)
+      .def_readwrite("envs", &ReturnsArgs::envs)
+      .PTR_PROPERTY(ReturnsArgs, rewards, const void*)
+      .PTR_PROPERTY(ReturnsArgs, values, const void*)
+      .PTR_PROPERTY(ReturnsArgs, dones, const uint8_t*)
+      .PTR_PROPERTY(ReturnsArgs, last_value, const void*)
+      .def_readwrite("gamma", &ReturnsArgs::gamma)
+      .def_readwrite("lam", &ReturnsArgs::lam)
+      .PTR_PROPERTY(ReturnsArgs, out, void*)
+      .PTR_PROPERTY(ReturnsArgs, out_ret, void*)
+      .def_readwrite("num_threads", &ReturnsArgs::num_threads);
+  m.def("discounted_returns_cpu", [](const ReturnsArgs& args) { return run_kernel(cpu::discounted_returns, args); });
+  m.def("gae_cpu", [](const ReturnsArgs& args) { return run_kernel(cpu::gae, args); });
 
   m.def("sample_cpu", [](const SampleArgs& args) { return run_kernel(cpu::sample, args); });
   m.def("policy_loss_forward_cpu",

@@ -11,6 +11,7 @@ from . import _C, baselines, philox, reference
 from .policy_loss import policy_loss
 from .reinforce import Reinforce, reinforce
 from .reinforce_grad import ReinforceGrad, reinforce_grad
+from .returns import discounted_returns, gae
 from .sample import Sample, sample
 
 
@@ -24,6 +25,7 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "Reinforce", "ReinforceGrad", "Sample", "baselines", "build_info", "philox", "policy_loss",
+    "Reinforce", "ReinforceGrad", "Sample", "baselines", "build_info", "discounted_returns", "gae", "philox",
+    "policy_loss",
     "reference", "reinforce", "reinforce_grad", "sample", "__version__",
 ]

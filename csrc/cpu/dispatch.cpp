@@ -6,6 +6,7 @@
 
 #include <pgest/policy_loss.h>
 #include <pgest/reinforce_grad.h>
+#include <pgest/returns.h>
 #include <pgest/sample.h>
 
 #include <cstdlib>
@@ -19,6 +20,8 @@
   Status sample_cpu(const SampleArgs& args, ErrorInfo* err);                     \
   Status policy_loss_forward_cpu(const PolicyLossArgs& args, ErrorInfo* err);    \
   Status policy_loss_backward_cpu(const PolicyLossArgs& args, ErrorInfo* err);   \
+  Status discounted_returns_cpu(const ReturnsArgs& args, ErrorInfo* err);        \
+  Status gae_cpu(const ReturnsArgs& args, ErrorInfo* err);                       \
   }                                                                              \
   }
 
@@ -135,6 +138,8 @@ PGEST_DISPATCH(reinforce_grad, ReinforceGradArgs, reinforce_grad_cpu)
 PGEST_DISPATCH(sample, SampleArgs, sample_cpu)
 PGEST_DISPATCH(policy_loss_forward, PolicyLossArgs, policy_loss_forward_cpu)
 PGEST_DISPATCH(policy_loss_backward, PolicyLossArgs, policy_loss_backward_cpu)
+PGEST_DISPATCH(discounted_returns, ReturnsArgs, discounted_returns_cpu)
+PGEST_DISPATCH(gae, ReturnsArgs, gae_cpu)
 
 }  // namespace cpu
 }  // namespace pgest

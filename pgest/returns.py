@@ -1,0 +1,140 @@
+"""Rewards-to-go and generalised advantage estimation over time-major (T, B)
+rollouts, as native reverse scans (registered as ``pgest::discounted_returns``
+and ``pgest::gae``).
+
+``dones[t]`` is True when the episode ended after ``rewards[t]``: nothing
+flows back across it. ``last_value`` (B,) bootstraps a rollout cut off at T
+(0 when None).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _C
+from . import _native as nat
+
+_DTYPES = {torch.float32: 0, torch.float64: 1}
+
+
+def _check_rate(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+def _check_rollout(rewards, dones, last_value, values=None):
+    if not isinstance(rewards, Tensor):
+        raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
+    if rewards.dtype not in _DTYPES:
+        raise TypeError(f"rewards must be float32 or float64, got {rewards.dtype}")
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be time-major (T, B), got shape {tuple(rewards.shape)}")
+    nat.check_cpu(rewards, "rewards")
+    tensors = [("dones", dones)] + ([("values", values)] if values is not None else [])
+    for name, t in tensors:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != rewards.shape:
+            raise ValueError(f"{name} must have the shape of rewards {tuple(rewards.shape)}, got {tuple(t.shape)}")
+        nat.check_device(t, name, rewards.device, "rewards")
+    if values is not None and values.dtype != rewards.dtype:
+        raise TypeError(f"values must have the dtype of rewards ({rewards.dtype}), got {values.dtype}")
+    if dones.dtype.is_complex:
+        raise TypeError(f"dones must be bool or 0/1 numbers, got {dones.dtype}")
+    if last_value is not None:
+        if not isinstance(last_value, Tensor):
+            raise TypeError(f"last_value must be a torch.Tensor or None, got {type(last_value).__name__}")
+        if last_value.shape != rewards.shape[1:]:
+            raise ValueError(f"last_value must have shape ({rewards.shape[1]},), got {tuple(last_value.shape)}")
+        nat.check_device(last_value, "last_value", rewards.device, "rewards")
+
+
+def _args(rewards: Tensor, dones: Tensor, last_value: Optional[Tensor], gamma: float) -> "_C.ReturnsArgs":
+    a = _C.ReturnsArgs()
+    a.dtype = _DTYPES[rewards.dtype]
+    a.steps, a.envs = rewards.shape
+    a.rewards = rewards.data_ptr()
+    a.dones = dones.data_ptr()
+    a.last_value = 0 if last_value is None else last_value.data_ptr()
+    a.gamma = gamma
+    a.num_threads = nat.num_threads()
+    return a
+
+
+def _prepared(rewards, dones, last_value):
+    rewards = rewards.detach().contiguous()
+    dones = (dones.detach() != 0).to(torch.uint8).contiguous()
+    if last_value is not None:
+        last_value = last_value.detach().to(rewards.dtype).contiguous()
+    return rewards, dones, last_value
+
+
+@torch.library.custom_op("pgest::discounted_returns", mutates_args=(), device_types="cpu")
+def _returns_op(rewards: Tensor, dones: Tensor, gamma: float, last_value: Optional[Tensor]) -> Tensor:
+    rewards, dones, last_value = _prepared(rewards, dones, last_value)
+    out = torch.empty_like(rewards)
+    a = _args(rewards, dones, last_value, gamma)
+    a.out = out.data_ptr()
+    nat.raise_for_status(_C.discounted_returns_cpu(a), input_name="rewards", num_actions=0)
+    return out
+
+
+@_returns_op.register_fake
+def _(rewards, dones, gamma, last_value):
+    return torch.empty_like(rewards, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("pgest::gae", mutates_args=(), device_types="cpu")
+def _gae_op(rewards: Tensor, values: Tensor, dones: Tensor, gamma: float, lam: float,
+            last_value: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    rewards, dones, last_value = _prepared(rewards, dones, last_value)
+    values = values.detach().contiguous()
+    adv, ret = torch.empty_like(rewards), torch.empty_like(rewards)
+    a = _args(rewards, dones, last_value, gamma)
+    a.values, a.lam, a.out, a.out_ret = values.data_ptr(), lam, adv.data_ptr(), ret.data_ptr()
+    nat.raise_for_status(_C.gae_cpu(a), input_name="rewards", num_actions=0)
+    return adv, ret
+
+
+@_gae_op.register_fake
+def _(rewards, values, dones, gamma, lam, last_value):
+    return (torch.empty_like(rewards, memory_format=torch.contiguous_format),
+            torch.empty_like(rewards, memory_format=torch.contiguous_format))
+
+
+def discounted_returns(rewards: Tensor, dones: Tensor, gamma: float,
+                       last_value: Optional[Tensor] = None) -> Tensor:
+    """Rewards-to-go G_t = r_t + gamma * (1 - done_t) * G_{t+1}, G_T = last_value.
+
+    Args:
+        rewards: (T, B) float32/float64, time-major.
+        dones: (T, B) bool (or 0/1): the episode ended after rewards[t].
+        gamma: discount in [0, 1]; with gamma = 1 and no dones this is the plain
+            reward-to-go of the seed.
+        last_value: (B,) value of the state after the last step, for a rollout
+            cut off mid-episode; 0 when None.
+
+    Not differentiable (rewards carry no gradient).
+    """
+    _check_rollout(rewards, dones, last_value)
+    return _returns_op(rewards, dones, _check_rate(gamma, "gamma"), last_value)
+
+
+def gae(rewards: Tensor, values: Tensor, dones: Tensor, gamma: float, lam: float,
+        last_value: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al., 2016): returns
+    ``(advantages, returns)``, each (T, B), with ``returns = advantages + values``.
+
+    ``values`` (T, B) are V(s_t) from a value head (used, not differentiated);
+    ``lam = 1`` gives the Monte-Carlo advantage (returns - values), ``lam = 0``
+    the one-step TD error.
+    """
+    _check_rollout(rewards, dones, last_value, values)
+    return _gae_op(rewards, values, dones, _check_rate(gamma, "gamma"), _check_rate(lam, "lam"), last_value)
