@@ -8,34 +8,13 @@ torch.compile, (c) cross_entropy(reduction="none") * advantages, and
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 import pgest
-
-from memory import allocated_bytes
-from providers import compiled
+from pgest.benchmarks import (allocated_bytes, ce_policy_loss, compiled, eager_policy_loss, eager_reinforce,
+                              pgest_reinforce, train_step)
 
 SHAPES = [(1024, 1000), (256, 32000), (64, 128000)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def eager_policy_loss(logits, actions, adv):
-    log_probs = torch.log_softmax(logits.float(), -1)
-    return -(adv * log_probs.gather(1, actions[:, None])[:, 0]).mean()
-
-
-def ce_policy_loss(logits, actions, adv):
-    return (F.cross_entropy(logits.float(), actions, reduction="none") * adv).mean()
-
-
-def eager_reinforce(logits, labels):
-    # The seed's steps 1-3 on logits, with S = 4 samples and a leave-one-out baseline.
-    log_probs = torch.log_softmax(logits.float(), -1)
-    with torch.no_grad():
-        actions = torch.multinomial(log_probs.exp(), 4, replacement=True)
-        rewards = (actions == labels[:, None]).float()
-        b = (rewards.sum(1, keepdim=True) - rewards) / 3
-    return ((b - rewards) * log_probs.gather(1, actions)).mean()
 
 
 def make(B, K, dtype):
@@ -44,13 +23,6 @@ def make(B, K, dtype):
     actions = torch.randint(0, K, (B,), generator=g)
     adv = torch.randn(B, generator=g)
     return logits, actions, adv
-
-
-def step(loss_fn, logits, *args):
-    def run():
-        logits.grad = None
-        loss_fn(logits, *args).backward()
-    return run
 
 
 POLICY = {
@@ -71,7 +43,7 @@ def test_policy_loss_fwd_bwd(benchmark, shape, dtype, provider):
         run = lambda: x.clone()  # noqa: E731
     else:
         fn = compiled(eager_policy_loss) if provider == "compiled" else POLICY[provider]
-        run = step(fn, logits, actions, adv)
+        run = train_step(fn, logits, actions, adv)
         run()  # compile / warm up outside the timing
     benchmark.group = f"policy_loss {shape[0]}x{shape[1]} {dtype}"
     benchmark.extra_info.update(op="policy_loss fwd+bwd", shape=list(shape), dtype=dtype, provider=provider,
@@ -87,10 +59,10 @@ def test_reinforce_fwd_bwd(benchmark, shape, provider):
         x = logits.detach()
         run = lambda: x.clone()  # noqa: E731
     elif provider == "pgest":
-        run = step(lambda x, y: pgest.reinforce(x, y, baseline="rloo", num_samples=4).loss, logits, labels)
+        run = train_step(pgest_reinforce, logits, labels)
     else:
         fn = compiled(eager_reinforce) if provider == "compiled" else eager_reinforce
-        run = step(fn, logits, labels)
+        run = train_step(fn, logits, labels)
     run()
     benchmark.group = f"reinforce {shape[0]}x{shape[1]} fp32"
     benchmark.extra_info.update(op="reinforce fwd+bwd (S=4, rloo)", shape=list(shape), dtype="fp32",

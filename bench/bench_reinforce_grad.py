@@ -8,7 +8,7 @@ import torch
 
 import pgest
 
-from providers import compiled, gumbel_formulation, seed_listing
+from pgest.benchmarks import compiled, gumbel_formulation, seed_listing
 
 SHAPES = [(4096, 10), (1024, 1000), (256, 32000), (64, 128000)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

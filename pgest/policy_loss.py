@@ -136,10 +136,14 @@ def policy_loss(
 
     Args:
         logits: (..., K) float32/float64/float16/bfloat16; leading dims are rows.
-        actions: (...,) integer actions; rows equal to ``ignore_index`` count
-            for nothing (no loss, no entropy, zero gradient).
-        advantages: (...,) floats, treated as constants (never differentiated).
-        reduction: ``"mean"`` (over rows not ignored), ``"sum"`` or ``"none"``.
+        actions: (...,) integer actions, or (..., S) for S samples of each row
+            (several completions per prompt); entries equal to ``ignore_index``
+            count for nothing, and a row with nothing left has no loss, no
+            entropy term and a zero gradient.
+        advantages: floats of the shape of ``actions``, treated as constants
+            (never differentiated).
+        reduction: ``"mean"`` (over the actions not ignored), ``"sum"`` or
+            ``"none"`` (one loss per row, its samples summed).
 
     The loss is float32 for 16-bit logits (float64 for float64): the per-row
     statistics are accumulated in that type.
@@ -150,12 +154,16 @@ def policy_loss(
         raise TypeError(f"actions must be a torch.Tensor of integers, got {type(actions).__name__}")
     if actions.dtype.is_floating_point or actions.dtype.is_complex or actions.dtype == torch.bool:
         raise TypeError(f"actions must be an integer tensor, got {actions.dtype}")
-    if actions.shape != lead:
-        raise ValueError(f"actions must have shape {tuple(lead)} to match logits {tuple(logits.shape)}, "
-                         f"got {tuple(actions.shape)}")
+    if actions.shape == lead:
+        S = 1
+    elif actions.dim() == len(lead) + 1 and actions.shape[:-1] == lead:
+        S = actions.shape[-1]
+    else:
+        raise ValueError(f"actions must have shape {tuple(lead)} (or {tuple(lead)} + (S,)) to match logits "
+                         f"{tuple(logits.shape)}, got {tuple(actions.shape)}")
     nat.check_float_tensor(advantages, "advantages")
-    if advantages.shape != lead:
-        raise ValueError(f"advantages must have shape {tuple(lead)} to match logits {tuple(logits.shape)}, "
+    if advantages.shape != actions.shape:
+        raise ValueError(f"advantages must have shape {tuple(actions.shape)} like actions, "
                          f"got {tuple(advantages.shape)}")
     nat.check_device(actions, "actions", logits.device, "logits")
     nat.check_device(advantages, "advantages", logits.device, "logits")
@@ -166,8 +174,8 @@ def policy_loss(
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
     acc = nat.stats_dtype(logits.dtype)
-    a2 = actions.reshape(-1, 1).to(torch.int64)
-    w2 = advantages.detach().reshape(-1, 1).to(acc)
+    a2 = actions.reshape(-1, S).to(torch.int64)
+    w2 = advantages.detach().reshape(-1, S).to(acc)
     try:
         loss, _, _ = policy_loss_rows(rows_of(logits), a2, w2, beta, int(ignore_index), None)
     except (ValueError, IndexError) as e:

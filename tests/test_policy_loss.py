@@ -186,3 +186,25 @@ def test_large_gradient_written_with_streaming_stores(dtype):
     ref.backward()
     rtol, atol = GRAD_TOL[dtype]
     torch.testing.assert_close(g, logits.grad, rtol=rtol, atol=atol)
+
+
+def test_several_samples_per_row():
+    """actions (..., S): the loss sums -w log p over samples; mean divides by
+    the number of actions not ignored."""
+    B, T, K, S = 3, 5, 40, 4
+    logits = torch.randn(B, T, K, dtype=torch.float64, requires_grad=True)
+    actions = torch.randint(0, K, (B, T, S))
+    actions[0, 0, 1] = -100
+    adv = torch.randn(B, T, S, dtype=torch.float64)
+    ours = pgest.policy_loss(logits, actions, adv)
+    ours.backward()
+    g, logits.grad = logits.grad.clone(), None
+    lp = torch.log_softmax(logits, -1)
+    keep = actions != -100
+    picked = lp.gather(-1, actions.clamp_min(0))
+    ref = -(adv * picked * keep).sum() / keep.sum()
+    ref.backward()
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(g, logits.grad)
+    with pytest.raises(ValueError, match="advantages must have shape"):
+        pgest.policy_loss(logits, actions, adv[..., 0])

@@ -1,0 +1,257 @@
+"""What pgest is compared with, and a small runner behind ``pgest bench``.
+
+Providers (the same ones the pytest-benchmark files in ``bench/`` record):
+
+- ``seed``: the seed's listing, steps 2-3, in eager PyTorch (multinomial, one_hot).
+- ``compiled``: the best pure-PyTorch formulation we know, under torch.compile
+  (Gumbel-max sampling and a comparison one-hot; log_softmax + gather for losses).
+- ``eager``: log_softmax + gather + backward in eager PyTorch.
+- ``cross_entropy``: ``cross_entropy(reduction="none") * advantages``.
+- ``copy``: a copy of the input, the memory floor of any pass over it.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import pgest
+
+
+# ---- providers ----------------------------------------------------------------
+
+def seed_listing(log_probs, labels, baseline):
+    batch_size, n_classes = log_probs.shape
+    with torch.no_grad():
+        actions = torch.multinomial(torch.exp(log_probs.float()), 1).view(-1)
+        rewards = (actions == labels).float()
+        gradients = (baseline - rewards) / batch_size
+        one_hot_gradients = gradients[:, None] * F.one_hot(actions, n_classes)
+    return actions, rewards, one_hot_gradients.to(log_probs.dtype)
+
+
+def gumbel_formulation(log_probs, labels, baseline):
+    u = torch.rand(log_probs.shape, dtype=torch.float32, device=log_probs.device)
+    actions = torch.argmax(log_probs.float() - torch.log(-torch.log(u)), dim=-1)
+    rewards = (actions == labels).float()
+    coef = (baseline - rewards) / log_probs.shape[0]
+    cols = torch.arange(log_probs.shape[1], device=log_probs.device)
+    grad = torch.where(cols[None, :] == actions[:, None], coef[:, None], 0.0).to(log_probs.dtype)
+    return actions, rewards, grad
+
+
+def eager_policy_loss(logits, actions, adv):
+    log_probs = torch.log_softmax(logits.float(), -1)
+    return -(adv * log_probs.gather(1, actions[:, None])[:, 0]).mean()
+
+
+def ce_policy_loss(logits, actions, adv):
+    return (F.cross_entropy(logits.float(), actions, reduction="none") * adv).mean()
+
+
+def eager_reinforce(logits, labels, num_samples: int = 4):
+    """The seed's steps 1-3 on logits with S samples and a leave-one-out baseline."""
+    log_probs = torch.log_softmax(logits.float(), -1)
+    with torch.no_grad():
+        actions = torch.multinomial(log_probs.exp(), num_samples, replacement=True)
+        rewards = (actions == labels[:, None]).float()
+        b = (rewards.sum(1, keepdim=True) - rewards) / (num_samples - 1)
+    return ((b - rewards) * log_probs.gather(1, actions)).mean()
+
+
+def pgest_reinforce(logits, labels, num_samples: int = 4):
+    return pgest.reinforce(logits, labels, baseline="rloo", num_samples=num_samples).loss
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn):
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def train_step(loss_fn, logits, *args) -> Callable[[], None]:
+    """Forward + backward of loss_fn(logits, *args), fresh .grad each time."""
+    def run():
+        logits.grad = None
+        loss_fn(logits, *args).backward()
+    return run
+
+
+# ---- measuring ------------------------------------------------------------------
+
+def median_seconds(fn: Callable[[], object], repeats: int = 15, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def allocated_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
+    """Bytes a call allocates. CPU: from torch.profiler's allocation records,
+    the sum of every event's own positive allocation (frees ignored, so an old
+    .grad released by the call does not hide what it allocates; a temporary
+    allocated and freed inside one op counts net). CUDA: the peak of
+    torch.cuda.max_memory_allocated above what was allocated before."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with _quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                 profile_memory=True) as prof:
+        fn()
+    return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's native layer logs its start and stop on file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+# ---- the runner of `pgest bench` -------------------------------------------------
+
+REINFORCE_GRAD_SHAPES = [(4096, 10), (1024, 1000), (256, 32000), (64, 128000)]
+LOSS_SHAPES = [(1024, 1000), (256, 32000), (64, 128000)]
+QUICK_SHAPES = [(512, 100), (64, 4000)]
+
+
+def _inputs(B, K, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, K, generator=g).to(dtype)
+    labels = torch.randint(0, K, (B,), generator=g)
+    return logits, labels, torch.rand(B, generator=g), torch.randn(B, generator=g)
+
+
+def run(quick: bool = False, with_compiled: Optional[bool] = None, repeats: int = 15,
+        progress: Optional[Callable[[str], None]] = None) -> List[Dict]:
+    """Time every op against its providers; one dict per (op, shape, dtype,
+    provider) with the median seconds and the bytes the call allocates.
+    ``quick``: two small shapes, fp32, 5 repeats and no torch.compile."""
+    with_compiled = (not quick) if with_compiled is None else with_compiled
+    repeats = 5 if quick else repeats
+    dtypes = {"fp32": torch.float32} if quick else {"fp32": torch.float32, "bf16": torch.bfloat16}
+    rows: List[Dict] = []
+
+    def record(op, shape, dtype, provider, fn):
+        if progress:
+            progress(f"{op} {shape[0]}x{shape[1]} {dtype} {provider}")
+        fn()  # warm up (and compile) before measuring
+        rows.append({"op": op, "shape": list(shape), "dtype": dtype, "provider": provider,
+                     "seconds": median_seconds(fn, repeats), "alloc_bytes": allocated_bytes(fn)})
+
+    for shape in (QUICK_SHAPES if quick else REINFORCE_GRAD_SHAPES):
+        for dname, dtype in dtypes.items():
+            logits, labels, baseline, _ = _inputs(*shape, dtype)
+            log_probs = logits.float().log_softmax(-1).to(dtype)
+            record("reinforce_grad", shape, dname, "pgest", lambda: pgest.reinforce_grad(log_probs, labels, baseline=baseline))
+            record("reinforce_grad", shape, dname, "seed", lambda: seed_listing(log_probs, labels, baseline))
+            if with_compiled:
+                f = compiled(gumbel_formulation)
+                record("reinforce_grad", shape, dname, "compiled", lambda: f(log_probs, labels, baseline))
+            record("reinforce_grad", shape, dname, "copy", lambda: log_probs.clone())
+    for shape in (QUICK_SHAPES if quick else LOSS_SHAPES):
+        for dname, dtype in dtypes.items():
+            logits, labels, _, adv = _inputs(*shape, dtype)
+            x = logits.requires_grad_()
+            op = "policy_loss fwd+bwd"
+            record(op, shape, dname, "pgest", train_step(lambda a, b, c: pgest.policy_loss(a, b, c), x, labels, adv))
+            record(op, shape, dname, "eager", train_step(eager_policy_loss, x, labels, adv))
+            if with_compiled:
+                record(op, shape, dname, "compiled", train_step(compiled(eager_policy_loss), x, labels, adv))
+            record(op, shape, dname, "cross_entropy", train_step(ce_policy_loss, x, labels, adv))
+            record(op, shape, dname, "copy", lambda: x.detach().clone())
+            if dname != "fp32":
+                continue
+            op = "reinforce fwd+bwd (S=4, rloo)"
+            record(op, shape, dname, "pgest", train_step(pgest_reinforce, x, labels))
+            record(op, shape, dname, "eager", train_step(eager_reinforce, x, labels))
+            if with_compiled:
+                record(op, shape, dname, "compiled", train_step(compiled(eager_reinforce), x, labels))
+            record(op, shape, dname, "copy", lambda: x.detach().clone())
+    return rows
+
+
+def table(rows: List[Dict]) -> str:
+    """Markdown, one table per op: times, "x P" = how many times faster pgest is
+    than provider P, "/ copy" = pgest's time over the copy's, allocated MiB."""
+    ops: Dict[str, Dict] = {}
+    for r in rows:
+        ops.setdefault(r["op"], {}).setdefault((tuple(r["shape"]), r["dtype"]), {})[r["provider"]] = r
+    out = []
+    for op, groups in ops.items():
+        providers = []
+        for g in groups.values():
+            providers += [p for p in g if p not in providers and p not in ("pgest", "copy")]
+        head = ["shape (B, K)", "dtype", "pgest ms"] + [f"{p} ms" for p in providers] + ["copy ms"]
+        head += [f"x {p}" for p in providers] + ["/ copy", "pgest MiB"] + [f"{p} MiB" for p in providers]
+        lines = [f"**{op}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for (shape, dtype), g in groups.items():
+            if "pgest" not in g:
+                continue
+            p = g["pgest"]["seconds"]
+
+            def ms(name):
+                return f"{g[name]['seconds'] * 1e3:.3f}" if name in g else "-"
+
+            def mib(name):
+                return f"{g[name]['alloc_bytes'] / 2**20:.1f}" if name in g and g[name].get("alloc_bytes") is not None else "-"
+
+            cells = [f"{shape[0]} x {shape[1]}", dtype, ms("pgest")] + [ms(q) for q in providers] + [ms("copy")]
+            cells += [f"{g[q]['seconds'] / p:.1f}x" if q in g else "-" for q in providers]
+            cells += [f"{p / g['copy']['seconds']:.2f}" if "copy" in g else "-"]
+            cells += [mib("pgest")] + [mib(q) for q in providers]
+            lines.append("| " + " | ".join(cells) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def plot(rows: List[Dict], path: str) -> None:
+    """Bar chart: for each op and shape, how many times faster pgest is than
+    each provider (log scale; the line at 1 is parity)."""
+    from pgest.examples import require
+
+    plt = require("matplotlib.pyplot")
+    ops: Dict[str, Dict] = {}
+    for r in rows:
+        ops.setdefault(r["op"], {}).setdefault(f"{r['shape'][0]}x{r['shape'][1]} {r['dtype']}", {})[r["provider"]] = r
+    fig, axes = plt.subplots(len(ops), 1, figsize=(9, 3.2 * len(ops)), squeeze=False)
+    for ax, (op, groups) in zip(axes[:, 0], ops.items()):
+        providers = []
+        for g in groups.values():
+            providers += [p for p in g if p not in providers and p != "pgest"]
+        labels = list(groups)
+        width = 0.8 / max(1, len(providers))
+        for j, prov in enumerate(providers):
+            vals = [groups[l][prov]["seconds"] / groups[l]["pgest"]["seconds"] if prov in groups[l] else 0
+                    for l in labels]
+            ax.bar([i + j * width for i in range(len(labels))], vals, width, label=prov)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, fontsize=8)
+        ax.set_ylabel("provider time / pgest time")
+        ax.set_title(op)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
