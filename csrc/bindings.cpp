@@ -14,6 +14,9 @@
 #include <pgest/sample.h>
 
 #include "cpu/dispatch.h"
+#ifdef PGEST_WITH_CUDA
+#include "cuda/kernels.h"
+#endif
 
 namespace py = pybind11;
 using namespace pgest;
@@ -75,6 +78,35 @@ py::dict build_info() {
 #endif
   return d;
 }
+
+#ifdef PGEST_WITH_CUDA
+// A CUDA launch: device index, stream handle and device buffers as addresses.
+template <class Args>
+py::tuple run_cuda(Status (*kernel)(const Args&, const cuda::Launch&, ErrorInfo*), const Args& args, int device,
+                   uintptr_t stream, uintptr_t err_buf, uintptr_t seed, uintptr_t scratch) {
+  cuda::Launch l;
+  l.device = device;
+  l.stream = reinterpret_cast<void*>(stream);
+  l.err_buf = reinterpret_cast<int64_t*>(err_buf);
+  l.seed = reinterpret_cast<const int64_t*>(seed);
+  l.scratch = reinterpret_cast<double*>(scratch);
+  ErrorInfo err;
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = kernel(args, l, &err);
+  }
+  return error_tuple(st, err);
+}
+
+template <class Args>
+void def_cuda(py::module_& m, const char* name, Status (*kernel)(const Args&, const cuda::Launch&, ErrorInfo*)) {
+  m.def(name, [kernel](const Args& args, int device, uintptr_t stream, uintptr_t err_buf, uintptr_t seed,
+                       uintptr_t scratch) { return run_cuda(kernel, args, device, stream, err_buf, seed, scratch); },
+        py::arg("args"), py::arg("device"), py::arg("stream"), py::arg("err_buf"), py::arg("seed") = 0,
+        py::arg("scratch") = 0);
+}
+#endif
 
 }  // namespace
 
@@ -176,6 +208,17 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("reinforce_grad_cpu", [](const ReinforceGradArgs& args) { return run_kernel(cpu::reinforce_grad, args); },
         "Runs the CPU kernel; returns (status, row, col, index, value).");
+
+#ifdef PGEST_WITH_CUDA
+  def_cuda(m, "reinforce_grad_cuda", cuda::reinforce_grad);
+  def_cuda(m, "sample_cuda", cuda::sample);
+  def_cuda(m, "policy_loss_forward_cuda", cuda::policy_loss_forward);
+  def_cuda(m, "policy_loss_backward_cuda", cuda::policy_loss_backward);
+  def_cuda(m, "discounted_returns_cuda", cuda::discounted_returns);
+  def_cuda(m, "gae_cuda", cuda::gae);
+  m.def("cuda_device_count", &cuda::device_count);
+  m.def("cuda_error_string", [](int code) { return std::string(cuda::error_string(code)); });
+#endif
 
   m.def("philox_uniform", &philox_uniform_fill,
         "Fills a contiguous (rows, samples) float64 buffer with the uniforms the kernels draw.");

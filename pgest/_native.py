@@ -97,14 +97,53 @@ def check_device(x: torch.Tensor, name: str, device: torch.device, ref_name: str
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {device}")
 
 
+CUDA_COMPILED = bool(_C.build_info()["cuda_compiled"])
+INT64_MAX = 2**63 - 1
+
+
 def check_cpu(x: torch.Tensor, name: str) -> None:
-    if x.device.type != "cpu":
-        if x.device.type == "cuda" and not _C.build_info()["cuda_compiled"]:
+    """pgest runs on CPU tensors, and on CUDA tensors when built with CUDA."""
+    if x.device.type == "cpu":
+        return
+    if x.device.type == "cuda":
+        if not CUDA_COMPILED:
             raise RuntimeError(
                 f"{name} is on {x.device}, but this pgest build has no CUDA kernels "
                 "(rebuild where nvcc is found, or with PGEST_CUDA=ON)"
             )
-        raise NotImplementedError(f"{name} is on {x.device}: pgest runs this op on the CPU only so far")
+        return
+    raise NotImplementedError(f"{name} is on {x.device}: pgest runs on CPU and CUDA tensors")
+
+
+def cuda_call(kernel: str, args, device: torch.device, *, seed=None, scratch: bool = False, values=None,
+              actions=None):
+    """Launch ``<kernel>_cuda`` on ``device``'s current stream and return the
+    (status, row, col, index, value) of raise_for_status. Errors in the data
+    come back through a device buffer, read after the launch (one
+    synchronisation); inside CUDA-graph capture that read is skipped.
+    ``values``/``actions`` (2-D) fill in the offending value or action."""
+    err = torch.full((2,), INT64_MAX, dtype=torch.int64, device=device)
+    scr = torch.empty(1, dtype=torch.float64, device=device) if scratch else None
+    stream = torch.cuda.current_stream(device).cuda_stream
+    res = getattr(_C, kernel + "_cuda")(args, device.index, stream, err.data_ptr(),
+                                         0 if seed is None else seed.data_ptr(),
+                                         0 if scr is None else scr.data_ptr())
+    if res[0] == CUDA_ERROR:
+        raise RuntimeError(f"pgest: CUDA kernel {kernel} failed: {_C.cuda_error_string(int(res[3]))}")
+    if res[0] != OK or torch.cuda.is_current_stream_capturing():
+        return res
+    packed, col = err.tolist()
+    if packed == INT64_MAX:
+        return (OK, -1, -1, 0, 0.0)
+    status, row = packed & 31, packed >> 5
+    index, value = col, float("nan")
+    if status == NONFINITE_INPUT and values is not None:
+        value = float(values[row, col])
+    if status == ACTION_OUT_OF_RANGE and actions is not None:
+        index = int(actions[row, col])
+    if status == NONFINITE_REWARD and values is not None:
+        value = float(values[row, col]) if values.dim() == 2 else float(values[col])
+    return (status, row, col, index, value)
 
 
 def num_threads() -> int:

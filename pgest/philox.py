@@ -15,9 +15,10 @@ import torch
 from . import _C
 
 
-def _draw_seed(generator: Optional[torch.Generator]) -> torch.Tensor:
-    # Out of place, so torch.compile can trace it; one 63-bit draw per call.
-    return torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=generator)
+def _draw_seed(generator: Optional[torch.Generator], device=None) -> torch.Tensor:
+    # Out of place, so torch.compile can trace it, and on the input's device,
+    # so a CUDA graph replays it: one 63-bit draw per call.
+    return torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=generator, device=device)
 
 
 def next_seed_offset(generator: Optional[torch.Generator], device: torch.device,
@@ -38,15 +39,16 @@ def next_seed_offset(generator: Optional[torch.Generator], device: torch.device,
 
 
 def seed_tensor(generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    """The (seed, offset) of one call as a (2,) int64 tensor, the form the
-    registered torch ops take (a tensor traces under torch.compile; a Python
-    int drawn from a generator would not). Draws exactly what
+    """The (seed, offset) of one call as a (2,) int64 tensor on ``device``, the
+    form the registered torch ops take: a tensor traces under torch.compile,
+    and on a GPU the kernels read it from device memory, so a captured CUDA
+    graph draws a fresh seed at every replay. On the CPU it draws exactly what
     :func:`next_seed_offset` draws."""
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device} but the input is on {device}")
-    return torch.stack([_draw_seed(generator), torch.zeros((), dtype=torch.int64)])
+    return torch.stack([_draw_seed(generator, device), torch.zeros((), dtype=torch.int64, device=device)])
 
 
 def uniforms(rows: int, num_samples: int, seed: int, offset: int = 0) -> torch.Tensor:

@@ -36,7 +36,7 @@ def _loss_args(logits, actions, weights, entropy_weight, ignore_index) -> "_C.Po
     return a
 
 
-@torch.library.custom_op("pgest::policy_loss", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("pgest::policy_loss", mutates_args=())
 def policy_loss_rows(logits: Tensor, actions: Tensor, weights: Tensor, entropy_weight: float,
                      ignore_index: int, stats: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-row loss -sum_s w_s log p(a_s) - entropy_weight * H for (R, K) logits,
@@ -46,18 +46,21 @@ def policy_loss_rows(logits: Tensor, actions: Tensor, weights: Tensor, entropy_w
     R = logits.shape[0]
     acc = nat.stats_dtype(logits.dtype)
     actions, weights = actions.contiguous(), weights.contiguous()
-    loss = torch.empty((R,), dtype=acc)
+    dev = logits.device
+    loss = torch.empty((R,), dtype=acc, device=dev)
     if stats is not None:
         # fresh tensors: a custom op's outputs may not alias its inputs
         lse = stats[:, 0].clone(memory_format=torch.contiguous_format)
         entropy = stats[:, 1].clone(memory_format=torch.contiguous_format)
     else:
-        lse, entropy = torch.empty((R,), dtype=acc), torch.empty((R,), dtype=acc)
+        lse, entropy = torch.empty((R,), dtype=acc, device=dev), torch.empty((R,), dtype=acc, device=dev)
     if R:
         a = _loss_args(logits, actions, weights, entropy_weight, ignore_index)
         a.loss, a.lse, a.entropy = loss.data_ptr(), lse.data_ptr(), entropy.data_ptr()
         a.stats_given = stats is not None
-        nat.raise_for_status(_C.policy_loss_forward_cpu(a), input_name="logits", num_actions=logits.shape[1],
+        res = (nat.cuda_call("policy_loss_forward", a, dev, values=logits, actions=actions) if dev.type == "cuda"
+               else _C.policy_loss_forward_cpu(a))
+        nat.raise_for_status(res, input_name="logits", num_actions=logits.shape[1],
                              samples_per_row=actions.shape[1], ignore_index=ignore_index)
     return loss, lse, entropy
 
@@ -69,20 +72,22 @@ def _(logits, actions, weights, entropy_weight, ignore_index, stats):
     return tuple(logits.new_empty((R,), dtype=acc) for _ in range(3))
 
 
-@torch.library.custom_op("pgest::policy_loss_backward", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("pgest::policy_loss_backward", mutates_args=())
 def policy_loss_backward(grad_loss: Tensor, logits: Tensor, actions: Tensor, weights: Tensor, lse: Tensor,
                          entropy: Tensor, entropy_weight: float, ignore_index: int) -> Tensor:
     """d loss / d logits for upstream (R,) grad_loss: one read of the logits,
     every gradient entry written once (no zero-fill)."""
     R, K = logits.shape
-    grad = torch.empty((R, K), dtype=logits.dtype)
+    grad = torch.empty((R, K), dtype=logits.dtype, device=logits.device)
     if R:
         acc = nat.stats_dtype(logits.dtype)
         actions, weights = actions.contiguous(), weights.contiguous()
         grad_loss, lse, entropy = (t.to(acc).contiguous() for t in (grad_loss, lse, entropy))
         a = _loss_args(logits, actions, weights, entropy_weight, ignore_index)
         a.lse, a.entropy, a.grad_loss, a.grad = lse.data_ptr(), entropy.data_ptr(), grad_loss.data_ptr(), grad.data_ptr()
-        nat.raise_for_status(_C.policy_loss_backward_cpu(a), input_name="logits", num_actions=K)
+        res = (nat.cuda_call("policy_loss_backward", a, logits.device) if logits.is_cuda
+               else _C.policy_loss_backward_cpu(a))
+        nat.raise_for_status(res, input_name="logits", num_actions=K)
     return grad
 
 

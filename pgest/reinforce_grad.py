@@ -14,7 +14,7 @@ import torch
 
 from . import _C
 from . import _native as nat
-from .philox import next_seed_offset
+from .philox import next_seed_offset, seed_tensor
 
 BASELINE_NAMES = ("mean", "rloo")
 _KIND = {"none": 0, "constant": 1, "tensor": 2, "mean": 3, "rloo": 4}
@@ -102,7 +102,8 @@ def reinforce_grad(
             but never differentiated), ``"mean"`` (mean reward of the batch) or
             ``"rloo"`` (mean of the other ``num_samples - 1`` rewards of the row).
         num_samples: S >= 1 independent draws per row.
-        generator: CPU ``torch.Generator``; default: torch's default generator.
+        generator: a ``torch.Generator`` of the input's device; default: torch's
+            default generator of that device.
 
     Returns:
         ``ReinforceGrad(actions, rewards, grad)``: int64 actions and float32
@@ -136,7 +137,9 @@ def reinforce_grad(
     rewards = torch.empty((rows, num_samples), dtype=torch.float32, device=device)
     grad = torch.empty((rows, cols), dtype=log_probs.dtype, device=device)
     if rows > 0:
-        seed, offset = next_seed_offset(generator, device, num_samples)
+        on_cuda = device.type == "cuda"
+        seed_t = seed_tensor(generator, device) if on_cuda else None
+        seed, offset = (0, 0) if on_cuda else next_seed_offset(generator, device, num_samples)
         x = log_probs.detach()
         a = _C.ReinforceGradArgs()
         a.log_probs = x.data_ptr()
@@ -165,8 +168,16 @@ def reinforce_grad(
         a.rewards = rewards.data_ptr()
         a.grad = grad.data_ptr()
         a.num_threads = nat.num_threads()
+        if on_cuda:
+            res = nat.cuda_call("reinforce_grad", a, device, seed=seed_t, scratch=True, values=x)
+            if res[0] == nat.NONFINITE_REWARD:
+                res = res[:4] + (float(reward_table[res[2]] if reward_table.dim() == 1 else reward_table[res[1], res[2]]),)
+            if res[0] == nat.NONFINITE_BASELINE:
+                res = res[:4] + (float(baseline_t[res[1]]),)
+        else:
+            res = _C.reinforce_grad_cpu(a)
         nat.raise_for_status(
-            _C.reinforce_grad_cpu(a), input_name="log_probs", num_actions=cols,
+            res, input_name="log_probs", num_actions=cols,
             table_is_vector=reward_table is not None and reward_table.dim() == 1,
         )
     if num_samples == 1:

@@ -68,6 +68,11 @@ def _args(rewards: Tensor, dones: Tensor, last_value: Optional[Tensor], gamma: f
     return a
 
 
+def _launch(kernel: str, a, device: torch.device) -> None:
+    res = nat.cuda_call(kernel, a, device) if device.type == "cuda" else getattr(_C, kernel + "_cpu")(a)
+    nat.raise_for_status(res, input_name="rewards", num_actions=0)
+
+
 def _prepared(rewards, dones, last_value):
     rewards = rewards.detach().contiguous()
     dones = (dones.detach() != 0).to(torch.uint8).contiguous()
@@ -76,13 +81,13 @@ def _prepared(rewards, dones, last_value):
     return rewards, dones, last_value
 
 
-@torch.library.custom_op("pgest::discounted_returns", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("pgest::discounted_returns", mutates_args=())
 def _returns_op(rewards: Tensor, dones: Tensor, gamma: float, last_value: Optional[Tensor]) -> Tensor:
     rewards, dones, last_value = _prepared(rewards, dones, last_value)
     out = torch.empty_like(rewards)
     a = _args(rewards, dones, last_value, gamma)
     a.out = out.data_ptr()
-    nat.raise_for_status(_C.discounted_returns_cpu(a), input_name="rewards", num_actions=0)
+    _launch("discounted_returns", a, rewards.device)
     return out
 
 
@@ -91,7 +96,7 @@ def _(rewards, dones, gamma, last_value):
     return torch.empty_like(rewards, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("pgest::gae", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("pgest::gae", mutates_args=())
 def _gae_op(rewards: Tensor, values: Tensor, dones: Tensor, gamma: float, lam: float,
             last_value: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     rewards, dones, last_value = _prepared(rewards, dones, last_value)
@@ -99,7 +104,7 @@ def _gae_op(rewards: Tensor, values: Tensor, dones: Tensor, gamma: float, lam: f
     adv, ret = torch.empty_like(rewards), torch.empty_like(rewards)
     a = _args(rewards, dones, last_value, gamma)
     a.values, a.lam, a.out, a.out_ret = values.data_ptr(), lam, adv.data_ptr(), ret.data_ptr()
-    nat.raise_for_status(_C.gae_cpu(a), input_name="rewards", num_actions=0)
+    _launch("gae", a, rewards.device)
     return adv, ret
 
 

@@ -22,16 +22,17 @@ class Sample(NamedTuple):
     entropy: Tensor   # (...,) entropy of softmax(logits) per row
 
 
-@torch.library.custom_op("pgest::sample", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("pgest::sample", mutates_args=())
 def sample_rows(logits: Tensor, num_samples: int, seed: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(R, K) logits -> actions (R, S), log_prob (R, S), entropy (R,), lse (R,).
     ``seed`` is the (2,) int64 (seed, offset) of :func:`pgest.philox.seed_tensor`."""
     R, K = logits.shape
     acc = nat.stats_dtype(logits.dtype)
-    actions = torch.empty((R, num_samples), dtype=torch.int64)
-    log_prob = torch.empty((R, num_samples), dtype=acc)
-    entropy = torch.empty((R,), dtype=acc)
-    lse = torch.empty((R,), dtype=acc)
+    dev = logits.device
+    actions = torch.empty((R, num_samples), dtype=torch.int64, device=dev)
+    log_prob = torch.empty((R, num_samples), dtype=acc, device=dev)
+    entropy = torch.empty((R,), dtype=acc, device=dev)
+    lse = torch.empty((R,), dtype=acc, device=dev)
     if R:
         a = _C.SampleArgs()
         a.logits = logits.data_ptr()
@@ -39,11 +40,13 @@ def sample_rows(logits: Tensor, num_samples: int, seed: Tensor) -> Tuple[Tensor,
         a.rows, a.cols = R, K
         a.row_stride, a.col_stride = logits.stride()
         a.num_samples = num_samples
-        a.seed, a.offset = int(seed[0]) & (2**64 - 1), int(seed[1])
+        if dev.type == "cpu":
+            a.seed, a.offset = int(seed[0]) & (2**64 - 1), int(seed[1])
         a.actions, a.log_prob, a.entropy, a.lse = (
             actions.data_ptr(), log_prob.data_ptr(), entropy.data_ptr(), lse.data_ptr())
         a.num_threads = nat.num_threads()
-        nat.raise_for_status(_C.sample_cpu(a), input_name="logits", num_actions=K)
+        res = nat.cuda_call("sample", a, dev, seed=seed, values=logits) if dev.type == "cuda" else _C.sample_cpu(a)
+        nat.raise_for_status(res, input_name="logits", num_actions=K)
     return actions, log_prob, entropy, lse
 
 
@@ -85,7 +88,8 @@ def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Gener
             are rows (token-level use: (B, T, K)). fp32 accumulation for 16-bit
             inputs.
         num_samples: S >= 1 independent draws per row.
-        generator: CPU ``torch.Generator`` (default: torch's default generator).
+        generator: a ``torch.Generator`` of the logits' device (default: torch's
+            default generator of that device).
 
     Returns:
         ``Sample(actions, log_prob, entropy)``: int64 actions of shape (...,)

@@ -1,0 +1,116 @@
+// CUDA schedule of reinforce_grad: one block per row (grid-stride over rows,
+// so any batch fits the grid) draws the row's samples, rewards them and
+// zero-fills its gradient row; a second, O(B * S) kernel applies the baseline
+// and writes the gradient entries (write_row_grad of the shared header).
+#include <pgest/reinforce_grad.h>
+
+#include "common.cuh"
+#include "row_sampler.cuh"
+
+namespace pgest {
+namespace cuda {
+namespace {
+
+template <class T, class Acc>
+__global__ void __launch_bounds__(kThreads) rows_kernel(ReinforceGradArgs a, Launch l, int64_t tile) {
+  __shared__ Acc tile_w[kMaxTiles], tile_m[kMaxTiles];
+  __shared__ Acc red[kWarps];
+  __shared__ int flag;
+  __shared__ DrawShared draw;
+  const BlockRow<Acc> sm{tile_w, tile_m, tile_m, red};  // no entropy: tile_dot is never written
+  uint64_t seed = a.seed, offset = a.offset;
+  seed_offset(l, seed, offset);
+  const int64_t K = a.cols, S = a.num_samples;
+  const T* base = static_cast<const T*>(a.log_probs);
+  T* grad = static_cast<T*>(a.grad);
+  for (int64_t i = blockIdx.x; i < a.rows; i += gridDim.x) {
+    if (a.labels) {
+      const int64_t label = a.labels[i * a.label_stride];
+      if (label < 0 || label >= K) {
+        if (threadIdx.x == 0) report(l.err_buf, i, kLabelOutOfRange, label);
+        continue;
+      }
+    }
+    if (a.baseline_kind == kBaselineTensor && !isfinite(load_any(a.baseline, a.baseline_dtype, i * a.baseline_stride))) {
+      if (threadIdx.x == 0) report(l.err_buf, i, kNonFiniteBaseline, 0);
+      continue;
+    }
+    const T* x = base + i * a.row_stride;
+    const DevRowStats<Acc> st = block_row_stats<false>(x, K, a.col_stride, tile, sm, &flag);
+    if (st.bad_col >= 0 || st.max == -Acc(INFINITY)) {
+      if (threadIdx.x == 0) report(l.err_buf, i, st.bad_col >= 0 ? kNonFiniteInput : kAllNegInf, st.bad_col);
+      continue;
+    }
+    int64_t* actions = a.actions + i * S;
+    block_draw(x, K, a.col_stride, tile, st, tile_w, seed, offset, i, S, actions, draw);
+    for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
+      const double r = reward_of(a, i, actions[s]);
+      if (!isfinite(r)) report(l.err_buf, i, kNonFiniteReward, actions[s]);
+      a.rewards[i * S + s] = float(r);
+    }
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) grad[i * K + k] = store<T>(0.0);
+    __syncthreads();
+  }
+}
+
+__global__ void mean_kernel(const float* r, int64_t n, double* out) {
+  __shared__ double red[kWarps];
+  double s = 0;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) s += r[j];
+  s = block_sum(s, red);
+  if (threadIdx.x == 0) *out = s / double(n);
+}
+
+template <class T>
+__global__ void grad_kernel(ReinforceGradArgs a, const double* mean) {
+  const double m = mean ? *mean : 0.0;
+  T* grad = static_cast<T*>(a.grad);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.rows; i += int64_t(gridDim.x) * blockDim.x)
+    write_row_grad(a, i, m, grad + i * a.cols);
+}
+
+template <class T>
+Status run(const ReinforceGradArgs& a, const Launch& l, ErrorInfo* err) {
+  using Acc = typename AccOf<T>::type;
+  const cudaStream_t stream = static_cast<cudaStream_t>(l.stream);
+  const int64_t tile = tile_length(a.cols);
+  const unsigned grid = unsigned(a.rows < 65535 * 16 ? a.rows : 65535 * 16);
+  rows_kernel<T, Acc><<<grid, kThreads, 0, stream>>>(a, l, tile);
+  if (check_launch(err) != kOk) return kCudaError;
+  const bool mean = a.baseline_kind == kBaselineMean;
+  if (mean) {
+    mean_kernel<<<1, kThreads, 0, stream>>>(a.rewards, a.rows * a.num_samples, l.scratch);
+    if (check_launch(err) != kOk) return kCudaError;
+  }
+  const unsigned blocks = unsigned((a.rows + 255) / 256 < 65535 ? (a.rows + 255) / 256 : 65535);
+  grad_kernel<T><<<blocks, 256, 0, stream>>>(a, mean ? l.scratch : nullptr);
+  return check_launch(err);
+}
+
+}  // namespace
+
+Status reinforce_grad(const ReinforceGradArgs& a, const Launch& l, ErrorInfo* err) {
+  if (a.rows == 0) return kOk;
+  DeviceGuard guard(l.device);
+  switch (a.dtype) {
+    case kFloat32: return run<float>(a, l, err);
+    case kFloat64: return run<double>(a, l, err);
+    case kFloat16: return run<half_t>(a, l, err);
+    case kBFloat16: return run<bf16_t>(a, l, err);
+    default: return kUnsupportedDtype;
+  }
+}
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // no driver or no device: clear the sticky error
+    return 0;
+  }
+  return n;
+}
+
+const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+}  // namespace cuda
+}  // namespace pgest

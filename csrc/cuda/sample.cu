@@ -1,0 +1,69 @@
+// CUDA schedule of sample: one block per row (row_sampler.cuh) with the
+// entropy term, then the draws and their log-probabilities.
+#include <pgest/sample.h>
+
+#include "common.cuh"
+#include "row_sampler.cuh"
+
+namespace pgest {
+namespace cuda {
+namespace {
+
+template <class T, class Acc>
+__global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a, Launch l, int64_t tile) {
+  __shared__ Acc tile_w[kMaxTiles], tile_m[kMaxTiles], tile_dot[kMaxTiles];
+  __shared__ Acc red[kWarps];
+  __shared__ int flag;
+  __shared__ DrawShared draw;
+  const BlockRow<Acc> sm{tile_w, tile_m, tile_dot, red};
+  uint64_t seed = a.seed, offset = a.offset;
+  seed_offset(l, seed, offset);
+  const int64_t K = a.cols, S = a.num_samples;
+  const T* base = static_cast<const T*>(a.logits);
+  Acc* log_prob = static_cast<Acc*>(a.log_prob);
+  Acc* entropy = static_cast<Acc*>(a.entropy);
+  Acc* lse = static_cast<Acc*>(a.lse);
+  for (int64_t i = blockIdx.x; i < a.rows; i += gridDim.x) {
+    const T* x = base + i * a.row_stride;
+    const DevRowStats<Acc> st = block_row_stats<true>(x, K, a.col_stride, tile, sm, &flag);
+    if (st.bad_col >= 0 || st.max == -Acc(INFINITY)) {
+      if (threadIdx.x == 0) report(l.err_buf, i, st.bad_col >= 0 ? kNonFiniteInput : kAllNegInf, st.bad_col);
+      continue;
+    }
+    int64_t* actions = a.actions + i * S;
+    block_draw(x, K, a.col_stride, tile, st, tile_w, seed, offset, i, S, actions, draw);
+    const Acc log_z = log(st.z), row_lse = st.max + log_z;
+    if (threadIdx.x == 0) {
+      lse[i] = row_lse;
+      entropy[i] = log_z - st.ex_dot / st.z;  // lse - sum p x
+    }
+    for (int64_t s = threadIdx.x; s < S; s += blockDim.x)
+      log_prob[i * S + s] = load<Acc>(x[actions[s] * a.col_stride]) - row_lse;
+    __syncthreads();
+  }
+}
+
+template <class T>
+Status run(const SampleArgs& a, const Launch& l, ErrorInfo* err) {
+  using Acc = typename AccOf<T>::type;
+  const unsigned grid = unsigned(a.rows < 65535 * 16 ? a.rows : 65535 * 16);
+  sample_kernel<T, Acc><<<grid, kThreads, 0, static_cast<cudaStream_t>(l.stream)>>>(a, l, tile_length(a.cols));
+  return check_launch(err);
+}
+
+}  // namespace
+
+Status sample(const SampleArgs& a, const Launch& l, ErrorInfo* err) {
+  if (a.rows == 0) return kOk;
+  DeviceGuard guard(l.device);
+  switch (a.dtype) {
+    case kFloat32: return run<float>(a, l, err);
+    case kFloat64: return run<double>(a, l, err);
+    case kFloat16: return run<half_t>(a, l, err);
+    case kBFloat16: return run<bf16_t>(a, l, err);
+    default: return kUnsupportedDtype;
+  }
+}
+
+}  // namespace cuda
+}  // namespace pgest

@@ -1,0 +1,139 @@
+"""CUDA kernels: the same draws as the CPU for the same (seed, offset), the
+reference comparison, streams, CUDA graphs, large shapes. Skipped where there
+is no GPU or pgest was built without CUDA."""
+import math
+
+import pytest
+import torch
+
+import pgest
+from pgest import reference
+from pgest.policy_loss import policy_loss_rows
+from pgest.sample import sample_rows
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and pgest.build_info()["cuda_compiled"]),
+    reason="needs a GPU and a CUDA build of pgest",
+)
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _seed(value, device):
+    return torch.tensor([value, 0], dtype=torch.int64, device=device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4096, 10), (300, 1000), (16, 32000), (3, 262144)])
+def test_sample_same_draws_as_cpu(dtype, shape):
+    x = (torch.randn(shape) * 2).to(dtype)
+    x[:, 3] = -math.inf
+    cpu = sample_rows(x, 4, _seed(12345, "cpu"))
+    gpu = sample_rows(x.cuda(), 4, _seed(12345, "cuda"))
+    differ = (cpu[0] != gpu[0].cpu()).any(1).sum().item()
+    assert differ <= max(2, 1e-3 * shape[0]), f"{differ} rows drew other actions (float-boundary ties)"
+    same = (cpu[0] == gpu[0].cpu()).all(1)
+    tol = 1e-9 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(gpu[2].cpu(), cpu[2], rtol=tol, atol=tol)  # entropy
+    torch.testing.assert_close(gpu[3].cpu(), cpu[3], rtol=tol, atol=tol)  # lse
+    torch.testing.assert_close(gpu[1].cpu()[same], cpu[1][same], rtol=tol, atol=tol)
+    assert (gpu[0] != 3).all()
+
+
+@pytest.mark.parametrize("baseline", [None, 0.3, "mean", "rloo"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reinforce_grad_matches_reference(baseline, dtype):
+    B, K, S = 257, 5000, 3
+    x = (torch.randn(B, K) * 2).to(dtype).cuda()
+    labels = torch.randint(0, K, (B,), device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    state = g.get_state()
+    out = pgest.reinforce_grad(x, labels, baseline=baseline, num_samples=S, generator=g)
+    g.set_state(state)
+    seed = int(pgest.philox.seed_tensor(g, x.device)[0])
+    u = pgest.philox.uniforms(B, S, seed, 0)
+    ref = reference.reinforce_grad(x.cpu(), labels.cpu(), baseline=baseline, num_samples=S, uniforms=u)
+    rows_ok = (out.actions.cpu() == ref.actions).all(1)
+    assert (~rows_ok).sum() <= 2
+    torch.testing.assert_close(out.grad.cpu()[rows_ok], ref.grad[rows_ok], rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_policy_loss_equals_cross_entropy(dtype):
+    logits = torch.randn(3, 7, 40000, device="cuda").to(dtype).requires_grad_()
+    labels = torch.randint(0, 40000, (3, 7), device="cuda")
+    labels[0, 0] = -100
+    pgest.policy_loss(logits, labels, torch.ones(3, 7, device="cuda"), entropy_weight=0.0).backward()
+    g, logits.grad = logits.grad.clone(), None
+    torch.nn.functional.cross_entropy(logits.float().reshape(-1, 40000), labels.reshape(-1)).backward()
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(g.float(), logits.grad.float(), rtol=tol, atol=tol)
+
+
+def test_policy_loss_backward_same_as_cpu():
+    x = torch.randn(64, 3000, dtype=torch.float64)
+    a = torch.randint(0, 3000, (64, 2))
+    w = torch.randn(64, 2, dtype=torch.float64)
+    cpu = policy_loss_rows(x.requires_grad_(), a, w, 0.1, -100, None)[0].sum()
+    cpu.backward()
+    xg = x.detach().cuda().requires_grad_()
+    gpu = policy_loss_rows(xg, a.cuda(), w.cuda(), 0.1, -100, None)[0].sum()
+    gpu.backward()
+    torch.testing.assert_close(gpu.cpu(), cpu.detach())
+    torch.testing.assert_close(xg.grad.cpu(), x.grad)
+
+
+def test_returns_same_as_cpu():
+    r, v = torch.randn(100, 5000), torch.randn(100, 5000)
+    d = torch.rand(100, 5000) < 0.1
+    last = torch.randn(5000)
+    a_cpu, ret_cpu = pgest.gae(r, v, d, 0.99, 0.95, last)
+    a_gpu, ret_gpu = pgest.gae(r.cuda(), v.cuda(), d.cuda(), 0.99, 0.95, last.cuda())
+    torch.testing.assert_close(a_gpu.cpu(), a_cpu)
+    torch.testing.assert_close(pgest.discounted_returns(r.cuda(), d.cuda(), 0.9).cpu(), pgest.discounted_returns(r, d, 0.9))
+
+
+def test_non_default_stream_and_many_rows():
+    x = torch.randn(70000, 12, device="cuda")  # more rows than a grid dimension of 65535
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        out = pgest.sample(x, num_samples=2)
+    s.synchronize()
+    assert out.actions.shape == (70000, 2) and (out.actions >= 0).all() and (out.actions < 12).all()
+
+
+def test_cuda_graph_replays_draw_fresh_samples():
+    x = torch.zeros(4096, 50, device="cuda")
+    static = {}
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        pgest.sample(x)  # warm up outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        static["a"] = pgest.sample(x).actions
+    draws = []
+    for _ in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        draws.append(static["a"].clone())
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+
+
+def test_errors_are_reported_from_the_device():
+    x = torch.randn(5, 300, device="cuda")
+    x[3, 17] = math.nan
+    with pytest.raises(ValueError, match=r"logits\[3, 17\] is nan"):
+        pgest.sample(x)
+    with pytest.raises(IndexError, match=r"labels\[1\] = 400"):
+        pgest.reinforce_grad(torch.randn(3, 300, device="cuda"), torch.tensor([0, 400, 1], device="cuda"))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensor_on_another_device():
+    x = torch.randn(100, 1000, device="cuda:1")
+    with torch.cuda.device(0):
+        out = pgest.sample(x)
+    assert out.actions.device == x.device
