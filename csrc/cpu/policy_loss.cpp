@@ -54,11 +54,7 @@ Status forward(const PolicyLossArgs& a, ErrorInfo* out_err) {
           const RowStats<Acc> rs = with_entropy
               ? row_stats<true>(x, K, sc.weights, sc.chunk_max, sc.e)
               : row_stats<false>(x, K, sc.weights, sc.chunk_max, sc.e);
-          if (rs.bad_col >= 0) {
-            err.col = rs.bad_col; err.value = double(load<Acc>(x[rs.bad_col]));
-            return kNonFiniteInput;
-          }
-          if (rs.max == -Acc(INFINITY)) return kAllNegInf;
+          if (const Status bad = row_status(rs, x, err)) return bad;
           const Acc log_z = std::log(rs.z);
           lse[i] = rs.max + log_z;
           entropy[i] = with_entropy ? log_z - rs.ex_dot / rs.z : Acc(0);
@@ -118,17 +114,7 @@ void backward_row(const PolicyLossArgs& a, int64_t i, const X* x, T* g, bool str
   }
   for (; k < K; ++k) scalar(k);
 
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t act = a.actions[i * S + s];
-    if (act == a.ignore_index) continue;
-    bool seen = false;
-    for (int64_t p = 0; p < s && !seen; ++p) seen = a.actions[i * S + p] == act;
-    if (seen) continue;
-    Acc v = policy_grad_dense(load<Acc>(x[act]), lse, alpha, gamma, h);
-    for (int64_t q = s; q < S; ++q)
-      if (a.actions[i * S + q] == act) v -= up * w[q];
-    g[act] = store<T>(v);
-  }
+  policy_grad_one_hot(a, i, x, 1, w, up, lse, alpha, gamma, h, g);
 }
 
 template <class T>
@@ -168,24 +154,12 @@ Status backward(const PolicyLossArgs& a, ErrorInfo* out_err) {
 
 Status policy_loss_forward_cpu(const PolicyLossArgs& a, ErrorInfo* err) {
   if (a.rows == 0) return kOk;
-  switch (a.dtype) {
-    case kFloat32: return forward<float>(a, err);
-    case kFloat64: return forward<double>(a, err);
-    case kFloat16: return forward<half_t>(a, err);
-    case kBFloat16: return forward<bf16_t>(a, err);
-    default: return kUnsupportedDtype;
-  }
+  return dispatch_float(a.dtype, [&](auto t) { return forward<typename decltype(t)::type>(a, err); });
 }
 
 Status policy_loss_backward_cpu(const PolicyLossArgs& a, ErrorInfo* err) {
   if (a.rows == 0) return kOk;
-  switch (a.dtype) {
-    case kFloat32: return backward<float>(a, err);
-    case kFloat64: return backward<double>(a, err);
-    case kFloat16: return backward<half_t>(a, err);
-    case kBFloat16: return backward<bf16_t>(a, err);
-    default: return kUnsupportedDtype;
-  }
+  return dispatch_float(a.dtype, [&](auto t) { return backward<typename decltype(t)::type>(a, err); });
 }
 
 PGEST_NS_END

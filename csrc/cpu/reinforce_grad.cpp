@@ -31,11 +31,7 @@ Status process_row(const ReinforceGradArgs& a, int64_t i, const T* x, RowScratch
   }
 
   const RowStats<Acc> st = row_stats<false>(x, K, sc.weights, sc.chunk_max, sc.e);
-  if (st.bad_col >= 0) {
-    err.row = i; err.col = st.bad_col; err.value = double(load<Acc>(x[st.bad_col]));
-    return kNonFiniteInput;
-  }
-  if (st.max == -Acc(INFINITY)) { err.row = i; return kAllNegInf; }
+  if (const Status bad = row_status(st, x, err)) return bad;
 
   int64_t* actions = a.actions + i * S;
   draw_row(x, K, st, a.seed, a.offset, i, S, sc, actions);
@@ -96,13 +92,7 @@ Status run(const ReinforceGradArgs& a, ErrorInfo* out_err) {
 
 Status reinforce_grad_cpu(const ReinforceGradArgs& a, ErrorInfo* err) {
   if (a.rows == 0) return kOk;
-  switch (a.dtype) {
-    case kFloat32: return run<float>(a, err);
-    case kFloat64: return run<double>(a, err);
-    case kFloat16: return run<half_t>(a, err);
-    case kBFloat16: return run<bf16_t>(a, err);
-    default: return kUnsupportedDtype;
-  }
+  return dispatch_float(a.dtype, [&](auto t) { return run<typename decltype(t)::type>(a, err); });
 }
 
 PGEST_NS_END

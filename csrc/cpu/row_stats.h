@@ -134,4 +134,15 @@ inline RowStats<Acc> row_stats(const T* x, int64_t cols, Acc* weights, Acc* chun
   return r;
 }
 
+// kOk for a row that can be sampled, else why not (err gets the culprit).
+template <class T, class Acc>
+inline Status row_status(const RowStats<Acc>& rs, const T* x, ErrorInfo& err) {
+  if (rs.bad_col >= 0) {
+    err.col = rs.bad_col;
+    err.value = double(load<Acc>(x[rs.bad_col]));
+    return kNonFiniteInput;
+  }
+  return rs.max == -Acc(INFINITY) ? kAllNegInf : kOk;
+}
+
 PGEST_NS_END

@@ -28,11 +28,7 @@ Status run(const SampleArgs& a, ErrorInfo* out_err) {
       if (lowest_failed.load(std::memory_order_relaxed) < i) break;
       const Status st = with_row(base, i, a.row_stride, a.col_stride, K, sc, [&](const auto* x) {
         const RowStats<Acc> rs = row_stats<true>(x, K, sc.weights, sc.chunk_max, sc.e);
-        if (rs.bad_col >= 0) {
-          err.col = rs.bad_col; err.value = double(load<Acc>(x[rs.bad_col]));
-          return kNonFiniteInput;
-        }
-        if (rs.max == -Acc(INFINITY)) return kAllNegInf;
+        if (const Status bad = row_status(rs, x, err)) return bad;
         int64_t* actions = a.actions + i * S;
         draw_row(x, K, rs, a.seed, a.offset, i, S, sc, actions);
         const Acc log_z = std::log(rs.z);
@@ -54,13 +50,7 @@ Status run(const SampleArgs& a, ErrorInfo* out_err) {
 
 Status sample_cpu(const SampleArgs& a, ErrorInfo* err) {
   if (a.rows == 0) return kOk;
-  switch (a.dtype) {
-    case kFloat32: return run<float>(a, err);
-    case kFloat64: return run<double>(a, err);
-    case kFloat16: return run<half_t>(a, err);
-    case kBFloat16: return run<bf16_t>(a, err);
-    default: return kUnsupportedDtype;
-  }
+  return dispatch_float(a.dtype, [&](auto t) { return run<typename decltype(t)::type>(a, err); });
 }
 
 PGEST_NS_END

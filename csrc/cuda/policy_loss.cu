@@ -111,19 +111,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(PolicyLossArgs a) {
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
       g[k] = live ? store<T>(policy_grad_dense(load<Acc>(x[k * a.col_stride]), lse, alpha, gamma, h)) : store<T>(0.0);
     __syncthreads();
-    if (live && threadIdx.x == 0) {
-      for (int64_t s = 0; s < S; ++s) {
-        const int64_t act = a.actions[i * S + s];
-        if (act == a.ignore_index) continue;
-        bool seen = false;
-        for (int64_t p = 0; p < s && !seen; ++p) seen = a.actions[i * S + p] == act;
-        if (seen) continue;
-        Acc v = policy_grad_dense(load<Acc>(x[act * a.col_stride]), lse, alpha, gamma, h);
-        for (int64_t q = s; q < S; ++q)
-          if (a.actions[i * S + q] == act) v -= up * w[q];
-        g[act] = store<T>(v);
-      }
-    }
+    if (live && threadIdx.x == 0) policy_grad_one_hot(a, i, x, a.col_stride, w, up, lse, alpha, gamma, h, g);
     __syncthreads();
   }
 }
@@ -155,25 +143,13 @@ Status backward(const PolicyLossArgs& a, const Launch& l, ErrorInfo* err) {
 Status policy_loss_forward(const PolicyLossArgs& a, const Launch& l, ErrorInfo* err) {
   if (a.rows == 0) return kOk;
   DeviceGuard guard(l.device);
-  switch (a.dtype) {
-    case kFloat32: return forward<float>(a, l, err);
-    case kFloat64: return forward<double>(a, l, err);
-    case kFloat16: return forward<half_t>(a, l, err);
-    case kBFloat16: return forward<bf16_t>(a, l, err);
-    default: return kUnsupportedDtype;
-  }
+  return dispatch_float(a.dtype, [&](auto t) { return forward<typename decltype(t)::type>(a, l, err); });
 }
 
 Status policy_loss_backward(const PolicyLossArgs& a, const Launch& l, ErrorInfo* err) {
   if (a.rows == 0) return kOk;
   DeviceGuard guard(l.device);
-  switch (a.dtype) {
-    case kFloat32: return backward<float>(a, l, err);
-    case kFloat64: return backward<double>(a, l, err);
-    case kFloat16: return backward<half_t>(a, l, err);
-    case kBFloat16: return backward<bf16_t>(a, l, err);
-    default: return kUnsupportedDtype;
-  }
+  return dispatch_float(a.dtype, [&](auto t) { return backward<typename decltype(t)::type>(a, l, err); });
 }
 
 }  // namespace cuda

@@ -56,13 +56,7 @@ Status run(const SampleArgs& a, const Launch& l, ErrorInfo* err) {
 Status sample(const SampleArgs& a, const Launch& l, ErrorInfo* err) {
   if (a.rows == 0) return kOk;
   DeviceGuard guard(l.device);
-  switch (a.dtype) {
-    case kFloat32: return run<float>(a, l, err);
-    case kFloat64: return run<double>(a, l, err);
-    case kFloat16: return run<half_t>(a, l, err);
-    case kBFloat16: return run<bf16_t>(a, l, err);
-    default: return kUnsupportedDtype;
-  }
+  return dispatch_float(a.dtype, [&](auto t) { return run<typename decltype(t)::type>(a, l, err); });
 }
 
 }  // namespace cuda

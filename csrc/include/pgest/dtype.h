@@ -3,6 +3,7 @@
 #pragma once
 
 #include "common.h"
+#include "status.h"
 
 namespace pgest {
 
@@ -65,6 +66,21 @@ template <> PGEST_HD float store<float>(double v) { return float(v); }
 template <> PGEST_HD double store<double>(double v) { return v; }
 template <> PGEST_HD half_t store<half_t>(double v) { return to_half(float(v)); }
 template <> PGEST_HD bf16_t store<bf16_t>(double v) { return to_bf16(float(v)); }
+
+template <class T> struct TypeTag { using type = T; };
+
+// Calls fn(TypeTag<T>{}) for the storage type named by a dtype code: the one
+// place a kernel entry turns a run-time dtype into a template argument.
+template <class Fn>
+inline Status dispatch_float(int32_t dtype, Fn&& fn) {
+  switch (dtype) {
+    case kFloat32: return fn(TypeTag<float>{});
+    case kFloat64: return fn(TypeTag<double>{});
+    case kFloat16: return fn(TypeTag<half_t>{});
+    case kBFloat16: return fn(TypeTag<bf16_t>{});
+    default: return kUnsupportedDtype;
+  }
+}
 
 // Scalar read of a small side input (rewards, baselines) whose dtype is only
 // known at run time. Not for row loops.

@@ -53,4 +53,24 @@ PGEST_HD Acc policy_grad_dense(Acc x, Acc lse, Acc alpha, Acc gamma, Acc entropy
   return p > Acc(0) ? p * (alpha + gamma * (d + entropy)) : Acc(0);
 }
 
+// After the dense pass over a gradient row: each sampled action's entry is
+// rewritten as its dense value plus its one-hot terms, summed in Acc before the
+// single rounding to T. x is the row (column stride cs), w its S weights.
+template <class T, class Acc, class X>
+PGEST_HD void policy_grad_one_hot(const PolicyLossArgs& a, int64_t i, const X* x, int64_t cs, const Acc* w,
+                                  Acc up, Acc lse, Acc alpha, Acc gamma, Acc entropy, T* g) {
+  const int64_t S = a.num_samples;
+  const int64_t* act = a.actions + i * S;
+  for (int64_t s = 0; s < S; ++s) {
+    if (act[s] == a.ignore_index) continue;
+    bool seen = false;
+    for (int64_t p = 0; p < s && !seen; ++p) seen = act[p] == act[s];
+    if (seen) continue;
+    Acc v = policy_grad_dense(load<Acc>(x[act[s] * cs]), lse, alpha, gamma, entropy);
+    for (int64_t q = s; q < S; ++q)
+      if (act[q] == act[s]) v -= up * w[q];
+    g[act[s]] = store<T>(v);
+  }
+}
+
 PGEST_NS_END
