@@ -101,7 +101,7 @@ CUDA_COMPILED = bool(_C.build_info()["cuda_compiled"])
 INT64_MAX = 2**63 - 1
 
 
-def check_cpu(x: torch.Tensor, name: str) -> None:
+def check_device_supported(x: torch.Tensor, name: str) -> None:
     """pgest runs on CPU tensors, and on CUDA tensors when built with CUDA."""
     if x.device.type == "cpu":
         return

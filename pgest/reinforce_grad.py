@@ -117,7 +117,7 @@ def reinforce_grad(
         raise ValueError(f"log_probs must be 2-D (B, K), got shape {tuple(log_probs.shape)}")
     rows, cols = log_probs.shape
     device = log_probs.device
-    nat.check_cpu(log_probs, "log_probs")
+    nat.check_device_supported(log_probs, "log_probs")
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
         raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
     num_samples = int(num_samples)

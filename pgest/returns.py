@@ -36,7 +36,7 @@ def _check_rollout(rewards, dones, last_value, values=None):
         raise TypeError(f"rewards must be float32 or float64, got {rewards.dtype}")
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be time-major (T, B), got shape {tuple(rewards.shape)}")
-    nat.check_cpu(rewards, "rewards")
+    nat.check_device_supported(rewards, "rewards")
     tensors = [("dones", dones)] + ([("values", values)] if values is not None else [])
     for name, t in tensors:
         if not isinstance(t, Tensor):

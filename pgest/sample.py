@@ -62,7 +62,7 @@ def check_logits(logits, name: str = "logits") -> None:
     nat.check_float_tensor(logits, name)
     if logits.dim() < 1:
         raise ValueError(f"{name} must have at least 1 dimension (..., K), got a scalar")
-    nat.check_cpu(logits, name)
+    nat.check_device_supported(logits, name)
     if logits.shape[-1] == 0 and logits.shape[:-1].numel() > 0:
         raise ValueError(f"{name} has K = 0 actions: there is nothing to sample")
 
