@@ -99,8 +99,10 @@ def reinforce_grad(
         reward_table: instead of labels, a (B, K) or (K,) float table; the
             reward of action a in row i is ``reward_table[i, a]``.
         baseline: None (0), a float, a (B,) tensor (a value head's output, used
-            but never differentiated), ``"mean"`` (mean reward of the batch) or
-            ``"rloo"`` (mean of the other ``num_samples - 1`` rewards of the row).
+            but never differentiated), ``"mean"`` (mean reward of the batch,
+            each sample's own reward included: a bias of order 1 / (B * S)) or
+            ``"rloo"`` (mean of the other ``num_samples - 1`` rewards of the
+            row: unbiased).
         num_samples: S >= 1 independent draws per row.
         generator: a ``torch.Generator`` of the input's device; default: torch's
             default generator of that device.
