@@ -4,7 +4,7 @@ torch.compile, (c) cross_entropy(reduction="none") * advantages, and
 (d) a copy of the logits (the memory floor). The bytes each step allocates
 (bench/memory.py) are recorded beside its time.
 
-    pytest bench/bench_policy_loss.py --benchmark-json bench/results/cpu-policy_loss.json
+    pytest bench/bench_policy_loss.py --benchmark-json bench/results/cpu.json
 """
 import pytest
 import torch

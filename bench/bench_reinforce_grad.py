@@ -1,14 +1,14 @@
 """reinforce_grad vs the seed's listing, the compiled formulation and a copy.
 
-    pytest bench/bench_reinforce_grad.py --benchmark-json bench/results/cpu-reinforce_grad.json
-    python bench/report.py bench/results/cpu-reinforce_grad.json
+    pytest bench/bench_reinforce_grad.py --benchmark-json bench/results/cpu.json
+    python bench/report.py bench/results/cpu.json
 """
 import pytest
 import torch
 
 import pgest
 
-from pgest.benchmarks import compiled, gumbel_formulation, seed_listing
+from pgest.benchmarks import allocated_bytes, compiled, gumbel_formulation, seed_listing
 
 SHAPES = [(4096, 10), (1024, 1000), (256, 32000), (64, 128000)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -40,5 +40,6 @@ def test_reinforce_grad(benchmark, shape, dtype, provider):
         fn = lambda: log_probs.clone()  # noqa: E731
     benchmark.group = f"reinforce_grad {shape[0]}x{shape[1]} {dtype}"
     benchmark.extra_info.update(op="reinforce_grad", shape=list(shape), dtype=dtype, provider=provider,
-                                bytes=log_probs.numel() * log_probs.element_size() * 2)
+                                bytes=log_probs.numel() * log_probs.element_size() * 2,
+                                alloc_bytes=allocated_bytes(fn))
     benchmark.pedantic(fn, rounds=15, iterations=1, warmup_rounds=2)

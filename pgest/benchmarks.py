@@ -203,8 +203,11 @@ def table(rows: List[Dict]) -> str:
         providers = []
         for g in groups.values():
             providers += [p for p in g if p not in providers and p not in ("pgest", "copy")]
+        with_mem = any(r.get("alloc_bytes") is not None for g in groups.values() for r in g.values())
         head = ["shape (B, K)", "dtype", "pgest ms"] + [f"{p} ms" for p in providers] + ["copy ms"]
-        head += [f"x {p}" for p in providers] + ["/ copy", "pgest MiB"] + [f"{p} MiB" for p in providers]
+        head += [f"x {p}" for p in providers] + ["/ copy"]
+        if with_mem:
+            head += ["pgest MiB"] + [f"{p} MiB" for p in providers]
         lines = [f"**{op}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for (shape, dtype), g in groups.items():
             if "pgest" not in g:
@@ -220,7 +223,8 @@ def table(rows: List[Dict]) -> str:
             cells = [f"{shape[0]} x {shape[1]}", dtype, ms("pgest")] + [ms(q) for q in providers] + [ms("copy")]
             cells += [f"{g[q]['seconds'] / p:.1f}x" if q in g else "-" for q in providers]
             cells += [f"{p / g['copy']['seconds']:.2f}" if "copy" in g else "-"]
-            cells += [mib("pgest")] + [mib(q) for q in providers]
+            if with_mem:
+                cells += [mib("pgest")] + [mib(q) for q in providers]
             lines.append("| " + " | ".join(cells) + " |")
         out.append("\n".join(lines))
     return "\n\n".join(out)

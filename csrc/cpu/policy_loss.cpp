@@ -7,6 +7,7 @@
 
 #include "parallel.h"
 #include "row_scratch.h"
+#include "zero_fill.h"
 
 PGEST_NS_BEGIN
 namespace {
@@ -124,8 +125,7 @@ Status backward(const PolicyLossArgs& a, ErrorInfo* out_err) {
   const T* base = static_cast<const T*>(a.logits);
   T* grad = static_cast<T*>(a.grad);
   const int threads = a.rows * (K + 16) < (int64_t(1) << 14) ? 1 : a.num_threads;
-  // A gradient larger than a big last-level cache is written around it.
-  const bool streaming = double(a.rows) * double(K) * sizeof(T) > double(int64_t(16) << 20);
+  const bool streaming = double(a.rows) * double(K) * sizeof(T) > double(kStreamingBytes);
   const ErrorInfo first = parallel_rows(a.rows, threads, [&](int64_t begin, int64_t end,
                                                             const std::atomic<int64_t>&) {
     ErrorInfo err;

@@ -13,9 +13,7 @@
 PGEST_NS_BEGIN
 namespace {
 
-constexpr int64_t kStreamingBytes = int64_t(16) << 20;
-
-// Sample, reward and zero the gradient of one row. Returns kOk or the reason
+// Sample and reward one row. Returns kOk or the reason
 // the row is unusable (err gets the details).
 template <class T, class Acc>
 Status process_row(const ReinforceGradArgs& a, int64_t i, const T* x, RowScratch<Acc>& sc,
@@ -52,8 +50,6 @@ Status run(const ReinforceGradArgs& a, ErrorInfo* out_err) {
   const T* base = static_cast<const T*>(a.log_probs);
   T* grad = static_cast<T*>(a.grad);
   const bool gather = a.col_stride != 1;
-  // Past the size of a large last-level cache the gradient cannot stay cached
-  // until the caller reads it, so it is written around the cache.
   const bool streaming = double(B) * double(K) * sizeof(T) > double(kStreamingBytes);
   // Below ~16k elements waking a second thread costs more than it saves.
   const int threads = B * (K + 16) < (int64_t(1) << 14) ? 1 : a.num_threads;

@@ -16,6 +16,10 @@
 
 PGEST_NS_BEGIN
 
+// Past the size of a large last-level cache an output cannot stay cached until
+// the caller reads it, so outputs larger than this are written around the cache.
+constexpr int64_t kStreamingBytes = int64_t(16) << 20;
+
 inline void zero_fill(void* dst, size_t bytes, bool streaming) {
 #if defined(__SSE2__)
   if (streaming && bytes >= 256) {

@@ -1,12 +1,12 @@
 // Exact categorical sampling from one row of unnormalised log-probabilities,
 // in a single read of the row.
 //
-// The row is cut into chunks of kChunk = 256 entries. Each chunk is visited
-// once: its max (and any NaN/+inf) first, while it sits in L1, then
-// e = exp(x - m_c) relative to the running max m_c, summed into kLanes lane
-// accumulators (lane l takes entries l, l + 16, l + 32, ...) and reduced by one
-// fixed tree. The chunk keeps (m_c, sum_c). Afterwards the chunk weights
-// w_c = sum_c * exp(m_c - max) and their running total Z are formed in order.
+// The row is cut into chunks (CPU: kChunk = 256 entries; CUDA: tiles of a
+// thread block). Each chunk's e = exp(x - m_c) is summed relative to a running
+// max m_c (on the CPU into kLanes lane accumulators, lane l taking entries
+// l, l + 16, ..., reduced by one fixed tree), and the chunk keeps (m_c, sum_c).
+// Afterwards finish_row_stats forms the chunk weights w_c = sum_c * exp(m_c - max)
+// and their running total Z, in chunk order.
 //
 // A sample is the inverse CDF at t = u * Z. Its chunk is the one where the
 // running total of the w_c first exceeds t (the very additions that formed Z,

@@ -14,10 +14,8 @@ enum Status : int32_t {
   kNonFiniteReward = 4,   // reward_table[row, col] is NaN or inf
   kNonFiniteBaseline = 5, // baseline[row] is NaN or inf
   kUnsupportedDtype = 6,
-  kBadArgument = 7,
   kOutOfMemory = 8,
   kCudaError = 9,         // `index` holds the cudaError_t
-  kNotCompiled = 10,
   kActionOutOfRange = 11, // actions[row, col] = `index` is not in [0, K) nor ignore_index
 };
 
