@@ -208,3 +208,28 @@ def test_several_samples_per_row():
     torch.testing.assert_close(g, logits.grad)
     with pytest.raises(ValueError, match="advantages must have shape"):
         pgest.policy_loss(logits, actions, adv[..., 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(5, 1003), (40, 120001)])
+def test_same_bits_on_every_instruction_set(dtype, shape):
+    """The vector loads and (streaming) stores differ per instruction set; the
+    numbers must not."""
+    from pgest import _C
+
+    logits, actions, adv = _inputs(shape, dtype, requires_grad=False)
+    isa = _C.cpu_isa()
+    grads = {}
+    try:
+        for name in ["generic", "avx2", "avx512"]:
+            if not _C.set_cpu_isa(name):
+                continue
+            x = logits.clone().requires_grad_()
+            loss = pgest.policy_loss(x, actions, adv, entropy_weight=0.05)
+            loss.backward()
+            grads[name] = (loss.detach(), x.grad)
+    finally:
+        _C.set_cpu_isa(isa)
+    first = next(iter(grads.values()))
+    for name, (loss, grad) in grads.items():
+        assert torch.equal(loss, first[0]) and torch.equal(grad, first[1]), name

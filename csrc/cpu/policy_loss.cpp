@@ -107,7 +107,7 @@ void backward_row(const PolicyLossArgs& a, int64_t i, const X* x, T* g, bool str
   auto scalar = [&](int64_t at) { g[at] = store<T>(policy_grad_dense(load<Acc>(x[at]), lse, alpha, gamma, h)); };
   if (kStreamable<T> && streaming) {
     // Scalar up to the first vector-aligned entry, then whole aligned vectors.
-    for (; k < K && reinterpret_cast<uintptr_t>(g + k) % sizeof(V) != 0; ++k) scalar(k);
+    for (; k < K && reinterpret_cast<uintptr_t>(g + k) % (W * sizeof(T)) != 0; ++k) scalar(k);
     for (; k + W <= K; k += W) stream_storev(g + k, dense(k));
     stream_fence();
   } else {
