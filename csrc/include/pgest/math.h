@@ -1,8 +1,9 @@
-// exp for the row passes. Arguments are always x - max(row) <= 0, so only the
+// exp for the row passes. Arguments are x - (running) max(row), so mostly the
 // negative half-line matters. One template serves scalars (the CUDA kernels,
-// the CPU walk) and 16-lane vectors (the CPU chunk pass, csrc/cpu/vec.h); with
-// FMA contraction off in both builds they round identically, which is what
-// lets the walk recompute exactly the values the chunk pass summed.
+// the CPU walk) and vectors (the CPU chunk pass, csrc/cpu/vec.h). Contraction
+// is off in every build and the fused multiply-adds are explicit (ExpOps::fma),
+// so scalar and vector code round identically: the walk recomputes exactly the
+// values the chunk pass summed, and AVX2, AVX-512 and CUDA agree bit for bit.
 #pragma once
 
 #include <cmath>
@@ -22,6 +23,17 @@ template <class F> struct ExpOps;
 template <> struct ExpOps<float> {
   static PGEST_HD float splat(float v) { return v; }
   static PGEST_HD float sel(bool c, float a, float b) { return c ? a : b; }
+  // a * b + c, rounded once where the hardware has FMA (AVX2, AVX-512, every
+  // GPU: the same IEEE result everywhere), twice on plain x86-64.
+  static PGEST_HD float fma(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+    return __fmaf_rn(a, b, c);
+#elif defined(__FMA__)
+    return __builtin_fmaf(a, b, c);
+#else
+    return a * b + c;
+#endif
+  }
   static PGEST_HD float pow2(float n) { return bits_float(uint32_t(int32_t(n) + 127) << 23); }
 };
 
@@ -32,16 +44,16 @@ PGEST_HD F exp_nonpos_poly(F x) {
   const F xc = O::sel(x < lo, lo, x);
   // n = round(x / ln2) by the 1.5 * 2^23 trick: exact for |n| < 2^22.
   const F shift = O::splat(12582912.0f);
-  const F n = (xc * 1.44269504088896341f + shift) - shift;
+  const F n = O::fma(xc, O::splat(1.44269504088896341f), shift) - shift;
   // Cody-Waite split of ln2 keeps r exact in fp32.
-  const F r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  const F r = O::fma(n, O::splat(2.12194440e-4f), O::fma(n, O::splat(-0.693359375f), xc));
   F p = O::splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const F y = (p * (r * r) + r) + 1.0f;
+  p = O::fma(p, r, O::splat(1.3981999507e-3f));
+  p = O::fma(p, r, O::splat(8.3334519073e-3f));
+  p = O::fma(p, r, O::splat(4.1665795894e-2f));
+  p = O::fma(p, r, O::splat(1.6666665459e-1f));
+  p = O::fma(p, r, O::splat(5.0000001201e-1f));
+  const F y = O::fma(p, r * r, r) + 1.0f;
   const F v = y * O::pow2(n);
   return O::sel(x < lo, O::splat(0.0f), v);
 }

@@ -13,8 +13,8 @@
 // so t < Z always lands in a chunk); only that chunk's exponentials are
 // recomputed and walked. Cost per row: one exp per entry, plus one per chunk.
 //
-// Every reduction has a fixed order and the build disables FMA contraction,
-// so the draw is the same for every instruction set. An entry with e = 0
+// Every reduction has a fixed order and every fused multiply-add is explicit,
+// so the draw is the same on AVX2, AVX-512 and (exp included) CUDA. An entry with e = 0
 // (score -inf) is never chosen: the walk picks an entry only where the running
 // sum strictly grows past t.
 #pragma once
