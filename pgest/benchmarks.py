@@ -252,7 +252,7 @@ def plot(rows: List[Dict], path: str) -> None:
             ax.bar([i + j * width for i in range(len(labels))], vals, width, label=prov)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_yscale("log")
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, fontsize=8)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, fontsize=8, rotation=20, ha="right")
         ax.set_ylabel("provider time / pgest time")
         ax.set_title(op)
         ax.legend(fontsize=8)
