@@ -34,6 +34,12 @@ def cuda_time(fn, repeats=20):
     return times[len(times) // 2]
 
 
+def copy_bandwidth(dev) -> float:
+    """Device-to-device copy of 1 GiB: bytes read plus bytes written, per second."""
+    big = torch.empty(2**30, dtype=torch.uint8, device=dev)
+    return 2 * big.numel() / cuda_time(big.clone) / 1e9
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench/results")
@@ -41,10 +47,7 @@ def main():
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
     rows = []
-    big = torch.empty(2**30, dtype=torch.uint8, device=dev)
-    copy_s = cuda_time(lambda: big.clone())
-    copy_gbs = 2 * big.numel() / copy_s / 1e9
-    del big
+    copy_gbs = copy_bandwidth(dev)
     for (Bsz, K), dname in SHAPES:
         dt = DT[dname]
         g = torch.Generator(device=dev).manual_seed(0)

@@ -34,7 +34,7 @@ def info(_args) -> None:
         print("CUDA kernels: not compiled")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     names = [torch.cuda.get_device_name(d) for d in range(gpus)]
-    print(f"devices: cpu" + "".join(f", cuda:{d} ({n})" for d, n in enumerate(names)))
+    print("devices: cpu" + "".join(f", cuda:{d} ({n})" for d, n in enumerate(names)))
 
 
 def demo(args) -> None:

@@ -154,7 +154,7 @@ def policy_loss(
     statistics are accumulated in that type.
     """
     check_logits(logits)
-    lead, K = logits.shape[:-1], logits.shape[-1]
+    lead = logits.shape[:-1]
     if not isinstance(actions, Tensor):
         raise TypeError(f"actions must be a torch.Tensor of integers, got {type(actions).__name__}")
     if actions.dtype.is_floating_point or actions.dtype.is_complex or actions.dtype == torch.bool:

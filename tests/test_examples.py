@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 pytest.importorskip("sklearn")
 pytest.importorskip("gymnasium")

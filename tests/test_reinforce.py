@@ -5,11 +5,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import pgest
 
-from conftest import run_with_noise
 
 
 def _seed_gradient(logits, actions, rewards, baseline_values, entropy_weight):
