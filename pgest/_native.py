@@ -2,6 +2,8 @@
 into exceptions that name the argument at fault."""
 from __future__ import annotations
 
+import re
+
 import torch  # noqa: F401  (loads torch's OpenMP runtime first, so _C shares it)
 
 try:
@@ -49,6 +51,14 @@ def row_index(row: int, lead_shape) -> str:
         idx.append(row % size)
         row //= size
     return ", ".join(str(i) for i in reversed(idx))
+
+
+def unflatten_message(msg: str, lead_shape) -> str:
+    """Kernel messages count flattened rows; name the caller's indices instead."""
+    m = re.match(r"(\w+)\[(\d+)(.*)", msg)
+    if m and len(lead_shape) > 1:
+        return f"{m.group(1)}[{row_index(int(m.group(2)), lead_shape)}{m.group(3)}"
+    return msg
 
 
 def raise_for_status(result, *, input_name: str, num_actions: int, table_is_vector: bool = False,

@@ -184,15 +184,9 @@ def policy_loss(
     try:
         loss, _, _ = policy_loss_rows(rows_of(logits), a2, w2, beta, int(ignore_index), None)
     except (ValueError, IndexError) as e:
-        raise type(e)(_rows_message(str(e), lead)) from None
+        raise type(e)(nat.unflatten_message(str(e), lead)) from None
     if reduction == "none":
         return loss.view(tuple(lead))
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / (a2 != ignore_index).sum()
-
-
-def _rows_message(msg: str, lead) -> str:
-    from .sample import _unflatten_message
-
-    return _unflatten_message(msg, lead)

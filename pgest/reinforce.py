@@ -19,7 +19,7 @@ from . import _native as nat
 from .philox import seed_tensor
 from .policy_loss import check_entropy_weight, policy_loss_rows
 from .reinforce_grad import _resolve_baseline
-from .sample import _unflatten_message, check_logits, check_num_samples, rows_of, sample_rows
+from .sample import check_logits, check_num_samples, rows_of, sample_rows
 
 
 class Reinforce(NamedTuple):
@@ -142,7 +142,7 @@ def reinforce(
     try:
         actions, log_prob, entropy, lse = sample_rows(x.detach(), S, seed)
     except ValueError as e:
-        raise ValueError(_unflatten_message(str(e), lead)) from None
+        raise ValueError(nat.unflatten_message(str(e), lead)) from None
     rewards, weights = reinforce_weights(actions, labels, reward_table, kind, constant, b_tensor, K,
                                          list(lead), acc)
     stats = torch.stack([lse, entropy], 1)

@@ -105,16 +105,6 @@ def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Gener
     try:
         actions, log_prob, entropy, _ = sample_rows(rows_of(logits.detach()), S, seed)
     except ValueError as e:
-        raise ValueError(_unflatten_message(str(e), lead)) from None
+        raise ValueError(nat.unflatten_message(str(e), lead)) from None
     shape = tuple(lead) if S == 1 else tuple(lead) + (S,)
     return Sample(actions.view(shape), log_prob.view(shape), entropy.view(tuple(lead)))
-
-
-def _unflatten_message(msg: str, lead) -> str:
-    """Kernel messages count flattened rows; name the caller's indices instead."""
-    import re
-
-    m = re.match(r"(\w+)\[(\d+)(.*)", msg)
-    if m and len(lead) > 1:
-        return f"{m.group(1)}[{nat.row_index(int(m.group(2)), lead)}{m.group(3)}"
-    return msg

@@ -174,15 +174,16 @@ def test_nan_row_is_reported_with_its_index():
         pgest.policy_loss(x, torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_large_gradient_written_with_streaming_stores(dtype):
+@pytest.mark.parametrize("dtype,R", [(torch.float32, 37), (torch.float64, 37), (torch.bfloat16, 130)])
+def test_large_gradient_written_with_streaming_stores(dtype, R):
     """Past 16 MiB the backward writes around the cache; same numbers."""
-    R, K = 37, 70001  # > 16 MiB in fp32, odd K so rows start misaligned
+    K = 70001  # R x K is past 16 MiB; odd K so rows start misaligned
     logits, actions, adv = _inputs((R, K), dtype)
     pgest.policy_loss(logits, actions, adv, entropy_weight=0.02).backward()
     g, logits.grad = logits.grad.clone(), None
-    lp = torch.log_softmax(logits, -1)
-    ref = -(adv.to(dtype) * lp.gather(1, actions[:, None])[:, 0]).mean() + 0.02 * (lp.exp() * lp).sum() / R
+    x = logits.float() if dtype == torch.bfloat16 else logits  # reference in fp32 for bf16
+    lp = torch.log_softmax(x, -1)
+    ref = -(adv.to(lp.dtype) * lp.gather(1, actions[:, None])[:, 0]).mean() + 0.02 * (lp.exp() * lp).sum() / R
     ref.backward()
     rtol, atol = GRAD_TOL[dtype]
     torch.testing.assert_close(g, logits.grad, rtol=rtol, atol=atol)

@@ -15,6 +15,11 @@ PGEST_NS_BEGIN
 
 constexpr int kMaxThreads = 256;
 
+// Below `min_work` elements waking a second thread costs more than it saves.
+inline int threads_for(double work, int requested, double min_work = double(1 << 14)) {
+  return work < min_work ? 1 : requested;
+}
+
 // fn(begin, end, lowest_failed) processes rows [begin, end) and returns an
 // ErrorInfo whose status is kOk, or the failure of its first bad row. Ranges
 // are contiguous and equal (a static split), so which thread runs a row never

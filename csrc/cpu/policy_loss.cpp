@@ -35,7 +35,7 @@ Status forward(const PolicyLossArgs& a, ErrorInfo* out_err) {
   Acc* entropy = static_cast<Acc*>(a.entropy);
   const Acc beta = Acc(a.entropy_weight);
   const bool with_entropy = a.entropy_weight != 0.0;
-  const int threads = a.stats_given || a.rows * (K + 16) < (int64_t(1) << 14) ? 1 : a.num_threads;
+  const int threads = a.stats_given ? 1 : threads_for(double(a.rows) * double(K + 16), a.num_threads);
   const ErrorInfo first = parallel_rows(a.rows, threads, [&](int64_t begin, int64_t end,
                                                             const std::atomic<int64_t>& lowest_failed) {
     ErrorInfo err;
@@ -105,14 +105,18 @@ void backward_row(const PolicyLossArgs& a, int64_t i, const X* x, T* g, bool str
     return select(p > Acc(0), p * (va + vg * (d + vh)), V{});
   };
   auto scalar = [&](int64_t at) { g[at] = store<T>(policy_grad_dense(load<Acc>(x[at]), lse, alpha, gamma, h)); };
-  if (kStreamable<T> && streaming) {
-    // Scalar up to the first vector-aligned entry, then whole aligned vectors.
-    for (; k < K && reinterpret_cast<uintptr_t>(g + k) % (W * sizeof(T)) != 0; ++k) scalar(k);
-    for (; k + W <= K; k += W) stream_storev(g + k, dense(k));
-    stream_fence();
-  } else {
-    for (; k + W <= K; k += W) storev(g + k, dense(k));
+  bool streamed = false;
+  if constexpr (kStreamable<T>) {  // fp16 has no streaming store
+    if (streaming) {
+      // Scalar up to the first vector-aligned entry, then whole aligned vectors.
+      for (; k < K && reinterpret_cast<uintptr_t>(g + k) % (W * sizeof(T)) != 0; ++k) scalar(k);
+      for (; k + W <= K; k += W) stream_storev(g + k, dense(k));
+      stream_fence();
+      streamed = true;
+    }
   }
+  if (!streamed)
+    for (; k + W <= K; k += W) storev(g + k, dense(k));
   for (; k < K; ++k) scalar(k);
 
   policy_grad_one_hot(a, i, x, 1, w, up, lse, alpha, gamma, h, g);
@@ -124,7 +128,7 @@ Status backward(const PolicyLossArgs& a, ErrorInfo* out_err) {
   const int64_t K = a.cols, S = a.num_samples;
   const T* base = static_cast<const T*>(a.logits);
   T* grad = static_cast<T*>(a.grad);
-  const int threads = a.rows * (K + 16) < (int64_t(1) << 14) ? 1 : a.num_threads;
+  const int threads = threads_for(double(a.rows) * double(K + 16), a.num_threads);
   const bool streaming = double(a.rows) * double(K) * sizeof(T) > double(kStreamingBytes);
   const ErrorInfo first = parallel_rows(a.rows, threads, [&](int64_t begin, int64_t end,
                                                             const std::atomic<int64_t>&) {

@@ -51,8 +51,7 @@ Status run(const ReinforceGradArgs& a, ErrorInfo* out_err) {
   T* grad = static_cast<T*>(a.grad);
   const bool gather = a.col_stride != 1;
   const bool streaming = double(B) * double(K) * sizeof(T) > double(kStreamingBytes);
-  // Below ~16k elements waking a second thread costs more than it saves.
-  const int threads = B * (K + 16) < (int64_t(1) << 14) ? 1 : a.num_threads;
+  const int threads = threads_for(double(B) * double(K + 16), a.num_threads);
   const ErrorInfo first = parallel_rows(B, threads, [&](int64_t begin, int64_t end,
                                                        const std::atomic<int64_t>& lowest_failed) {
     ErrorInfo err;

@@ -16,7 +16,7 @@ Status returns_run(const ReturnsArgs& a) {
   const F* last = static_cast<const F*>(a.last_value);
   F* g = static_cast<F*>(a.out);
   const F gamma = F(a.gamma);
-  const int threads = T * B < (int64_t(1) << 16) ? 1 : a.num_threads;
+  const int threads = threads_for(double(T) * double(B), a.num_threads, double(1 << 16));
   parallel_rows(B, threads, [&](int64_t begin, int64_t end, const std::atomic<int64_t>&) {
     for (int64_t t = T - 1; t >= 0; --t) {
       const F* rt = r + t * B;
@@ -40,7 +40,7 @@ Status gae_run(const ReturnsArgs& a) {
   F* adv = static_cast<F*>(a.out);
   F* ret = static_cast<F*>(a.out_ret);
   const F gamma = F(a.gamma), lam = F(a.lam);
-  const int threads = T * B < (int64_t(1) << 16) ? 1 : a.num_threads;
+  const int threads = threads_for(double(T) * double(B), a.num_threads, double(1 << 16));
   parallel_rows(B, threads, [&](int64_t begin, int64_t end, const std::atomic<int64_t>&) {
     for (int64_t t = T - 1; t >= 0; --t) {
       const int64_t o = t * B;

@@ -18,7 +18,7 @@ Status run(const SampleArgs& a, ErrorInfo* out_err) {
   Acc* log_prob = static_cast<Acc*>(a.log_prob);
   Acc* entropy = static_cast<Acc*>(a.entropy);
   Acc* lse = static_cast<Acc*>(a.lse);
-  const int threads = a.rows * (K + 16) < (int64_t(1) << 14) ? 1 : a.num_threads;
+  const int threads = threads_for(double(a.rows) * double(K + 16), a.num_threads);
   const ErrorInfo first = parallel_rows(a.rows, threads, [&](int64_t begin, int64_t end,
                                                             const std::atomic<int64_t>& lowest_failed) {
     ErrorInfo err;

@@ -144,32 +144,28 @@ PGEST_NS_BEGIN
 
 // Streaming (non-temporal) stores of one vector, for outputs larger than the
 // cache: no read-for-ownership of lines that are overwritten whole. `p` must be
-// aligned to the bytes stored; returns false where no such store exists.
-template <class T, class V> PGEST_HD bool stream_storev(T* p, V v) { return false; }
+// aligned to the bytes stored. Only the types in kStreamable have one.
 
 #if defined(__AVX512F__)
-PGEST_HD bool stream_storev(float* p, vf32 v) { _mm512_stream_ps(p, reinterpret_cast<__m512>(v)); return true; }
-PGEST_HD bool stream_storev(double* p, vf64 v) { _mm512_stream_pd(p, reinterpret_cast<__m512d>(v)); return true; }
-PGEST_HD bool stream_storev(bf16_t* p, vf32 v) {
+PGEST_HD void stream_storev(float* p, vf32 v) { _mm512_stream_ps(p, reinterpret_cast<__m512>(v)); }
+PGEST_HD void stream_storev(double* p, vf64 v) { _mm512_stream_pd(p, reinterpret_cast<__m512d>(v)); }
+PGEST_HD void stream_storev(bf16_t* p, vf32 v) {
   _mm256_stream_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(bf16_lanes(v)));
-  return true;
 }
 #elif defined(__AVX__)
-PGEST_HD bool stream_storev(float* p, vf32 v) { _mm256_stream_ps(p, reinterpret_cast<__m256>(v)); return true; }
-PGEST_HD bool stream_storev(double* p, vf64 v) { _mm256_stream_pd(p, reinterpret_cast<__m256d>(v)); return true; }
-PGEST_HD bool stream_storev(bf16_t* p, vf32 v) {
+PGEST_HD void stream_storev(float* p, vf32 v) { _mm256_stream_ps(p, reinterpret_cast<__m256>(v)); }
+PGEST_HD void stream_storev(double* p, vf64 v) { _mm256_stream_pd(p, reinterpret_cast<__m256d>(v)); }
+PGEST_HD void stream_storev(bf16_t* p, vf32 v) {
   _mm_stream_si128(reinterpret_cast<__m128i*>(p), reinterpret_cast<__m128i>(bf16_lanes(v)));
-  return true;
 }
 #elif defined(__SSE2__)
-PGEST_HD bool stream_storev(float* p, vf32 v) { _mm_stream_ps(p, reinterpret_cast<__m128>(v)); return true; }
-PGEST_HD bool stream_storev(double* p, vf64 v) { _mm_stream_pd(p, reinterpret_cast<__m128d>(v)); return true; }
-PGEST_HD bool stream_storev(bf16_t* p, vf32 v) {
+PGEST_HD void stream_storev(float* p, vf32 v) { _mm_stream_ps(p, reinterpret_cast<__m128>(v)); }
+PGEST_HD void stream_storev(double* p, vf64 v) { _mm_stream_pd(p, reinterpret_cast<__m128d>(v)); }
+PGEST_HD void stream_storev(bf16_t* p, vf32 v) {
   long long q;
   const vu16 h = bf16_lanes(v);
   std::memcpy(&q, &h, sizeof q);
   _mm_stream_si64(reinterpret_cast<long long*>(p), q);
-  return true;
 }
 #endif
 

@@ -29,29 +29,25 @@ __device__ __forceinline__ T warp_max(T v) {
   return v;
 }
 
-// Block-wide sum / max, result in every thread. `scratch` holds kWarps values.
-// The order of additions is fixed by the launch shape, so a row's sum does not
-// depend on anything but the row.
-template <class T>
-__device__ __forceinline__ T block_sum(T v, T* scratch) {
-  v = warp_sum(v);
+// Block-wide reduction, result in every thread. `scratch` holds kWarps values.
+// The order of the operations is fixed by the launch shape, so a row's sum
+// does not depend on anything but the row.
+template <class T, T (*WarpOp)(T)>
+__device__ __forceinline__ T block_reduce(T v, T* scratch, T identity) {
+  v = WarpOp(v);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __syncthreads();
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  T r = lane < kWarps ? scratch[lane] : T(0);
-  return warp_sum(r);
+  return WarpOp(lane < kWarps ? scratch[lane] : identity);
 }
 
 template <class T>
+__device__ __forceinline__ T block_sum(T v, T* scratch) { return block_reduce<T, warp_sum<T>>(v, scratch, T(0)); }
+
+template <class T>
 __device__ __forceinline__ T block_max(T v, T* scratch) {
-  v = warp_max(v);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  T r = lane < kWarps ? scratch[lane] : -T(INFINITY);
-  return warp_max(r);
+  return block_reduce<T, warp_max<T>>(v, scratch, -T(INFINITY));
 }
 
 // Keep the failure of the lowest row: (row << 5 | status) packed in one word.
@@ -90,8 +86,13 @@ inline Status check_launch(ErrorInfo* err) {
   return kCudaError;
 }
 
-// Rows beyond the 65535 limit of grid.y/z go to grid.x (2^31 - 1).
-inline dim3 row_grid(int64_t rows) { return dim3(unsigned(rows)); }
+// Grids for the grid-stride kernels: a block per row (capped; the kernels loop
+// over the rest), or one thread per item in blocks of 256.
+inline unsigned row_blocks(int64_t rows) { return unsigned(rows < 65535 * 16 ? rows : 65535 * 16); }
+inline unsigned item_blocks(int64_t items) {
+  const int64_t b = (items + 255) / 256;
+  return unsigned(b < 65535 ? b : 65535);
+}
 
 }  // namespace cuda
 }  // namespace pgest

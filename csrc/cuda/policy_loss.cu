@@ -116,15 +116,12 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(PolicyLossArgs a) {
   }
 }
 
-inline unsigned row_blocks(int64_t rows) { return unsigned(rows < 65535 * 16 ? rows : 65535 * 16); }
-
 template <class T>
 Status forward(const PolicyLossArgs& a, const Launch& l, ErrorInfo* err) {
   using Acc = typename AccOf<T>::type;
   const cudaStream_t stream = static_cast<cudaStream_t>(l.stream);
   if (a.stats_given) {
-    const unsigned blocks = unsigned((a.rows + 255) / 256 < 65535 ? (a.rows + 255) / 256 : 65535);
-    forward_given_kernel<T, Acc><<<blocks, 256, 0, stream>>>(a, l);
+    forward_given_kernel<T, Acc><<<item_blocks(a.rows), 256, 0, stream>>>(a, l);
   } else {
     forward_kernel<T, Acc><<<row_blocks(a.rows), kThreads, 0, stream>>>(a, l, tile_length(a.cols));
   }

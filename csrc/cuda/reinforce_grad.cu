@@ -74,16 +74,14 @@ Status run(const ReinforceGradArgs& a, const Launch& l, ErrorInfo* err) {
   using Acc = typename AccOf<T>::type;
   const cudaStream_t stream = static_cast<cudaStream_t>(l.stream);
   const int64_t tile = tile_length(a.cols);
-  const unsigned grid = unsigned(a.rows < 65535 * 16 ? a.rows : 65535 * 16);
-  rows_kernel<T, Acc><<<grid, kThreads, 0, stream>>>(a, l, tile);
+  rows_kernel<T, Acc><<<row_blocks(a.rows), kThreads, 0, stream>>>(a, l, tile);
   if (check_launch(err) != kOk) return kCudaError;
   const bool mean = a.baseline_kind == kBaselineMean;
   if (mean) {
     mean_kernel<<<1, kThreads, 0, stream>>>(a.rewards, a.rows * a.num_samples, l.scratch);
     if (check_launch(err) != kOk) return kCudaError;
   }
-  const unsigned blocks = unsigned((a.rows + 255) / 256 < 65535 ? (a.rows + 255) / 256 : 65535);
-  grad_kernel<T><<<blocks, 256, 0, stream>>>(a, mean ? l.scratch : nullptr);
+  grad_kernel<T><<<item_blocks(a.rows), 256, 0, stream>>>(a, mean ? l.scratch : nullptr);
   return check_launch(err);
 }
 

@@ -45,19 +45,14 @@ __global__ void gae_kernel(ReturnsArgs a) {
   }
 }
 
-inline unsigned col_blocks(int64_t envs) {
-  const int64_t b = (envs + 255) / 256;
-  return unsigned(b < 65535 ? b : 65535);
-}
-
 }  // namespace
 
 Status discounted_returns(const ReturnsArgs& a, const Launch& l, ErrorInfo* err) {
   if (a.steps == 0 || a.envs == 0) return kOk;
   DeviceGuard guard(l.device);
   const cudaStream_t stream = static_cast<cudaStream_t>(l.stream);
-  if (a.dtype == kFloat32) returns_kernel<float><<<col_blocks(a.envs), 256, 0, stream>>>(a);
-  else if (a.dtype == kFloat64) returns_kernel<double><<<col_blocks(a.envs), 256, 0, stream>>>(a);
+  if (a.dtype == kFloat32) returns_kernel<float><<<item_blocks(a.envs), 256, 0, stream>>>(a);
+  else if (a.dtype == kFloat64) returns_kernel<double><<<item_blocks(a.envs), 256, 0, stream>>>(a);
   else return kUnsupportedDtype;
   return check_launch(err);
 }
@@ -66,8 +61,8 @@ Status gae(const ReturnsArgs& a, const Launch& l, ErrorInfo* err) {
   if (a.steps == 0 || a.envs == 0) return kOk;
   DeviceGuard guard(l.device);
   const cudaStream_t stream = static_cast<cudaStream_t>(l.stream);
-  if (a.dtype == kFloat32) gae_kernel<float><<<col_blocks(a.envs), 256, 0, stream>>>(a);
-  else if (a.dtype == kFloat64) gae_kernel<double><<<col_blocks(a.envs), 256, 0, stream>>>(a);
+  if (a.dtype == kFloat32) gae_kernel<float><<<item_blocks(a.envs), 256, 0, stream>>>(a);
+  else if (a.dtype == kFloat64) gae_kernel<double><<<item_blocks(a.envs), 256, 0, stream>>>(a);
   else return kUnsupportedDtype;
   return check_launch(err);
 }

@@ -46,8 +46,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a, Launch l
 template <class T>
 Status run(const SampleArgs& a, const Launch& l, ErrorInfo* err) {
   using Acc = typename AccOf<T>::type;
-  const unsigned grid = unsigned(a.rows < 65535 * 16 ? a.rows : 65535 * 16);
-  sample_kernel<T, Acc><<<grid, kThreads, 0, static_cast<cudaStream_t>(l.stream)>>>(a, l, tile_length(a.cols));
+  sample_kernel<T, Acc><<<row_blocks(a.rows), kThreads, 0, static_cast<cudaStream_t>(l.stream)>>>(a, l, tile_length(a.cols));
   return check_launch(err);
 }
 
