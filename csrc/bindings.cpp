@@ -8,7 +8,7 @@
 #include <string>
 
 #include <pgest/philox.h>
-#include <pgest/policy_loss.h>
+#include <pgest/log_prob.h>
 #include <pgest/reinforce_grad.h>
 #include <pgest/returns.h>
 #include <pgest/sample.h>
@@ -159,29 +159,37 @@ PYBIND11_MODULE(_C, m) {
       .PTR_PROPERTY(SampleArgs, actions, int64_t*)
       .PTR_PROPERTY(SampleArgs, log_prob, void*)
       .PTR_PROPERTY(SampleArgs, entropy, void*)
-      .PTR_PROPERTY(SampleArgs, lse, void*)
+      .PTR_PROPERTY(SampleArgs, row_max, void*)
+      .PTR_PROPERTY(SampleArgs, log_z, void*)
       .def_readwrite("num_threads", &SampleArgs::num_threads);
 
-  py::class_<PolicyLossArgs>(m, "PolicyLossArgs")
+  py::class_<LogProbArgs>(m, "LogProbArgs")
       .def(py::init<>())
-      .PTR_PROPERTY(PolicyLossArgs, logits, const void*)
-      .def_readwrite("dtype", &PolicyLossArgs::dtype)
-      .def_readwrite("rows", &PolicyLossArgs::rows)
-      .def_readwrite("cols", &PolicyLossArgs::cols)
-      .def_readwrite("row_stride", &PolicyLossArgs::row_stride)
-      .def_readwrite("col_stride", &PolicyLossArgs::col_stride)
-      .PTR_PROPERTY(PolicyLossArgs, actions, const int64_t*)
-      .def_readwrite("num_samples", &PolicyLossArgs::num_samples)
-      .def_readwrite("ignore_index", &PolicyLossArgs::ignore_index)
-      .PTR_PROPERTY(PolicyLossArgs, weights, const void*)
-      .def_readwrite("entropy_weight", &PolicyLossArgs::entropy_weight)
-      .PTR_PROPERTY(PolicyLossArgs, loss, void*)
-      .PTR_PROPERTY(PolicyLossArgs, lse, void*)
-      .PTR_PROPERTY(PolicyLossArgs, entropy, void*)
-      .def_readwrite("stats_given", &PolicyLossArgs::stats_given)
-      .PTR_PROPERTY(PolicyLossArgs, grad_loss, const void*)
-      .PTR_PROPERTY(PolicyLossArgs, grad, void*)
-      .def_readwrite("num_threads", &PolicyLossArgs::num_threads);
+      .PTR_PROPERTY(LogProbArgs, logits, const void*)
+      .def_readwrite("dtype", &LogProbArgs::dtype)
+      .def_readwrite("rows", &LogProbArgs::rows)
+      .def_readwrite("cols", &LogProbArgs::cols)
+      .def_readwrite("row_stride", &LogProbArgs::row_stride)
+      .def_readwrite("col_stride", &LogProbArgs::col_stride)
+      .PTR_PROPERTY(LogProbArgs, actions, const int64_t*)
+      .def_readwrite("num_samples", &LogProbArgs::num_samples)
+      .def_readwrite("ignore_index", &LogProbArgs::ignore_index)
+      .PTR_PROPERTY(LogProbArgs, log_prob, void*)
+      .PTR_PROPERTY(LogProbArgs, entropy, void*)
+      .PTR_PROPERTY(LogProbArgs, row_max, void*)
+      .PTR_PROPERTY(LogProbArgs, log_z, void*)
+      .def_readwrite("want_entropy", &LogProbArgs::want_entropy)
+      .def_readwrite("stats_given", &LogProbArgs::stats_given)
+      .PTR_PROPERTY(LogProbArgs, weights, const void*)
+      .def_readwrite("entropy_weight", &LogProbArgs::entropy_weight)
+      .PTR_PROPERTY(LogProbArgs, loss, void*)
+      .PTR_PROPERTY(LogProbArgs, grad_log_prob, const void*)
+      .PTR_PROPERTY(LogProbArgs, grad_entropy, const void*)
+      .PTR_PROPERTY(LogProbArgs, row_scale, const void*)
+      .def_readwrite("log_prob_scale", &LogProbArgs::log_prob_scale)
+      .def_readwrite("entropy_scale", &LogProbArgs::entropy_scale)
+      .PTR_PROPERTY(LogProbArgs, grad, void*)
+      .def_readwrite("num_threads", &LogProbArgs::num_threads);
 
   py::class_<ReturnsArgs>(m, "ReturnsArgs")
       .def(py::init<>())
@@ -201,10 +209,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("gae_cpu", [](const ReturnsArgs& args) { return run_kernel(cpu::gae, args); });
 
   m.def("sample_cpu", [](const SampleArgs& args) { return run_kernel(cpu::sample, args); });
-  m.def("policy_loss_forward_cpu",
-        [](const PolicyLossArgs& args) { return run_kernel(cpu::policy_loss_forward, args); });
-  m.def("policy_loss_backward_cpu",
-        [](const PolicyLossArgs& args) { return run_kernel(cpu::policy_loss_backward, args); });
+  m.def("log_prob_forward_cpu", [](const LogProbArgs& args) { return run_kernel(cpu::log_prob_forward, args); });
+  m.def("log_prob_backward_cpu", [](const LogProbArgs& args) { return run_kernel(cpu::log_prob_backward, args); });
 
   m.def("reinforce_grad_cpu", [](const ReinforceGradArgs& args) { return run_kernel(cpu::reinforce_grad, args); },
         "Runs the CPU kernel; returns (status, row, col, index, value).");
@@ -212,8 +218,8 @@ PYBIND11_MODULE(_C, m) {
 #ifdef PGEST_WITH_CUDA
   def_cuda(m, "reinforce_grad_cuda", cuda::reinforce_grad);
   def_cuda(m, "sample_cuda", cuda::sample);
-  def_cuda(m, "policy_loss_forward_cuda", cuda::policy_loss_forward);
-  def_cuda(m, "policy_loss_backward_cuda", cuda::policy_loss_backward);
+  def_cuda(m, "log_prob_forward_cuda", cuda::log_prob_forward);
+  def_cuda(m, "log_prob_backward_cuda", cuda::log_prob_backward);
   def_cuda(m, "discounted_returns_cuda", cuda::discounted_returns);
   def_cuda(m, "gae_cuda", cuda::gae);
   m.def("cuda_device_count", &cuda::device_count);

@@ -8,6 +8,7 @@ import torch as _torch
 
 from . import _native  # noqa: F401  (first: a clear error if _C is missing)
 from . import _C, baselines, philox, reference
+from .log_prob import LogProb, entropy, log_prob
 from .policy_loss import policy_loss
 from .reinforce import Reinforce, reinforce
 from .reinforce_grad import ReinforceGrad, reinforce_grad
@@ -25,7 +26,7 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "Reinforce", "ReinforceGrad", "Sample", "baselines", "build_info", "discounted_returns", "gae", "philox",
-    "policy_loss",
+    "LogProb", "Reinforce", "ReinforceGrad", "Sample", "baselines", "build_info", "discounted_returns", "entropy",
+    "gae", "log_prob", "philox", "policy_loss",
     "reference", "reinforce", "reinforce_grad", "sample", "__version__",
 ]

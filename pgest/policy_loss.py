@@ -14,104 +14,119 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _C
 from . import _native as nat
-from .sample import check_logits, rows_of
+from .log_prob import (actions_per_row, backward_rows, check_ignore_index, check_logits, check_rows, check_stats,
+                       forward_rows, rows_of, traced)
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _loss_args(logits, actions, weights, entropy_weight, ignore_index) -> "_C.PolicyLossArgs":
-    a = _C.PolicyLossArgs()
-    a.logits = logits.data_ptr()
-    a.dtype = nat.DTYPE_CODES[logits.dtype]
-    a.rows, a.cols = logits.shape
-    a.row_stride, a.col_stride = logits.stride()
-    a.actions = actions.data_ptr()
-    a.num_samples = actions.shape[1]
-    a.ignore_index = ignore_index
-    a.weights = weights.data_ptr()
-    a.entropy_weight = entropy_weight
-    a.num_threads = nat.num_threads()
-    return a
+def _check_weights(logits, actions, weights) -> None:
+    R = logits.shape[0]
+    acc = nat.stats_dtype(logits.dtype)
+    S = actions.shape[1]
+    if weights.shape != (R, S) or weights.dtype != acc:
+        raise ValueError(f"weights must be ({R}, {S}) {acc} like actions, got {tuple(weights.shape)} {weights.dtype}")
+    nat.check_device(weights, "weights", logits.device, "logits")
 
 
 @torch.library.custom_op("pgest::policy_loss", mutates_args=())
 def policy_loss_rows(logits: Tensor, actions: Tensor, weights: Tensor, entropy_weight: float,
-                     ignore_index: int, stats: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+                     ignore_index: int, stats: Optional[Tensor], entropy: Optional[Tensor]
+                     ) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-row loss -sum_s w_s log p(a_s) - entropy_weight * H for (R, K) logits,
     (R, S) int64 actions and (R, S) weights in the accumulation dtype.
-    Returns (loss, lse, entropy), each (R,). With ``stats`` = (R, 2) [lse,
-    entropy] from ``pgest::sample`` the logits are not read again."""
-    R = logits.shape[0]
-    acc = nat.stats_dtype(logits.dtype)
-    actions, weights = actions.contiguous(), weights.contiguous()
-    dev = logits.device
-    loss = torch.empty((R,), dtype=acc, device=dev)
+    Returns (loss (R,), stats (2, R) = [row max, log Z], entropy (R,)). With
+    ``stats`` and ``entropy`` from ``pgest::sample`` the logits are not read again."""
+    check_rows(logits, actions)
+    _check_weights(logits, actions, weights)
     if stats is not None:
-        # fresh tensors: a custom op's outputs may not alias its inputs
-        lse = stats[:, 0].clone(memory_format=torch.contiguous_format)
-        entropy = stats[:, 1].clone(memory_format=torch.contiguous_format)
-    else:
-        lse, entropy = torch.empty((R,), dtype=acc, device=dev), torch.empty((R,), dtype=acc, device=dev)
-    if R:
-        a = _loss_args(logits, actions, weights, entropy_weight, ignore_index)
-        a.loss, a.lse, a.entropy = loss.data_ptr(), lse.data_ptr(), entropy.data_ptr()
-        a.stats_given = stats is not None
-        res = (nat.cuda_call("policy_loss_forward", a, dev, values=logits, actions=actions) if dev.type == "cuda"
-               else _C.policy_loss_forward_cpu(a))
-        nat.raise_for_status(res, input_name="logits", num_actions=logits.shape[1],
-                             samples_per_row=actions.shape[1], ignore_index=ignore_index)
-    return loss, lse, entropy
+        check_stats(logits, stats, entropy)
+    _, ent, st, loss = forward_rows(logits, actions.to(torch.int64).contiguous(), ignore_index,
+                                    weights=weights.contiguous(), entropy_weight=entropy_weight,
+                                    want_entropy=entropy_weight != 0.0, stats=stats, entropy=entropy)
+    return loss, st, ent
 
 
 @policy_loss_rows.register_fake
-def _(logits, actions, weights, entropy_weight, ignore_index, stats):
+def _(logits, actions, weights, entropy_weight, ignore_index, stats, entropy):
     R = logits.shape[0]
     acc = nat.stats_dtype(logits.dtype)
-    return tuple(logits.new_empty((R,), dtype=acc) for _ in range(3))
+    return logits.new_empty((R,), dtype=acc), logits.new_empty((2, R), dtype=acc), logits.new_empty((R,), dtype=acc)
 
 
 @torch.library.custom_op("pgest::policy_loss_backward", mutates_args=())
-def policy_loss_backward(grad_loss: Tensor, logits: Tensor, actions: Tensor, weights: Tensor, lse: Tensor,
+def policy_loss_backward(grad_loss: Tensor, logits: Tensor, actions: Tensor, weights: Tensor, stats: Tensor,
                          entropy: Tensor, entropy_weight: float, ignore_index: int) -> Tensor:
     """d loss / d logits for upstream (R,) grad_loss: one read of the logits,
     every gradient entry written once (no zero-fill)."""
-    R, K = logits.shape
-    grad = torch.empty((R, K), dtype=logits.dtype, device=logits.device)
-    if R:
-        acc = nat.stats_dtype(logits.dtype)
-        actions, weights = actions.contiguous(), weights.contiguous()
-        grad_loss, lse, entropy = (t.to(acc).contiguous() for t in (grad_loss, lse, entropy))
-        a = _loss_args(logits, actions, weights, entropy_weight, ignore_index)
-        a.lse, a.entropy, a.grad_loss, a.grad = lse.data_ptr(), entropy.data_ptr(), grad_loss.data_ptr(), grad.data_ptr()
-        res = (nat.cuda_call("policy_loss_backward", a, logits.device) if logits.is_cuda
-               else _C.policy_loss_backward_cpu(a))
-        nat.raise_for_status(res, input_name="logits", num_actions=K)
-    return grad
+    check_rows(logits, actions)
+    _check_weights(logits, actions, weights)
+    check_stats(logits, stats, entropy)
+    if grad_loss.shape != (logits.shape[0],):
+        raise ValueError(f"grad_loss must have shape ({logits.shape[0]},), got {tuple(grad_loss.shape)}")
+    return _backward_rows(grad_loss, logits, actions.to(torch.int64).contiguous(), weights, stats, entropy,
+                          entropy_weight, ignore_index)
 
 
 @policy_loss_backward.register_fake
-def _(grad_loss, logits, actions, weights, lse, entropy, entropy_weight, ignore_index):
+def _(grad_loss, logits, actions, weights, stats, entropy, entropy_weight, ignore_index):
     return logits.new_empty(tuple(logits.shape))
 
 
+def _backward_rows(grad_loss, logits, actions, weights, stats, entropy, entropy_weight, ignore_index):
+    # loss = -sum_s w_s lp_s - beta H: g_s = -up w_s, g_H = -up beta (log_prob.h)
+    return backward_rows(logits, actions, ignore_index, stats, entropy, grad_log_prob=weights,
+                         row_scale=grad_loss, log_prob_scale=-1.0, entropy_scale=-entropy_weight)
+
+
 def _setup_context(ctx, inputs, output):
-    logits, actions, weights, entropy_weight, ignore_index, _ = inputs
-    _, lse, entropy = output
-    ctx.save_for_backward(logits, actions, weights, lse, entropy)
+    logits, actions, weights, entropy_weight, ignore_index, _, _ = inputs
+    _, stats, entropy = output
+    ctx.save_for_backward(logits, actions, weights, stats, entropy)
     ctx.entropy_weight, ctx.ignore_index = entropy_weight, ignore_index
-    ctx.mark_non_differentiable(lse, entropy)
+    ctx.mark_non_differentiable(stats, entropy)
 
 
-def _backward(ctx, grad_loss, _grad_lse, _grad_entropy):
-    logits, actions, weights, lse, entropy = ctx.saved_tensors
-    grad = policy_loss_backward(grad_loss, logits, actions, weights, lse, entropy,
+def _backward(ctx, grad_loss, _grad_stats, _grad_entropy):
+    logits, actions, weights, stats, entropy = ctx.saved_tensors
+    grad = policy_loss_backward(grad_loss, logits, actions, weights, stats, entropy,
                                 ctx.entropy_weight, ctx.ignore_index)
-    return grad, None, None, None, None, None
+    return grad, None, None, None, None, None, None
 
 
 policy_loss_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _PolicyLossFn(torch.autograd.Function):
+    """The eager route to the same kernels (see pgest.log_prob)."""
+
+    @staticmethod
+    def forward(ctx, logits, actions, weights, entropy_weight, ignore_index, stats, entropy):
+        _, ent, st, loss = forward_rows(logits, actions, ignore_index, weights=weights,
+                                        entropy_weight=entropy_weight, want_entropy=entropy_weight != 0.0,
+                                        stats=stats, entropy=entropy)
+        ctx.save_for_backward(logits, actions, weights, st, ent)
+        ctx.entropy_weight, ctx.ignore_index = entropy_weight, ignore_index
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, actions, weights, st, ent = ctx.saved_tensors
+        grad = _backward_rows(grad_loss, logits, actions, weights, st, ent, ctx.entropy_weight, ctx.ignore_index)
+        return grad, None, None, None, None, None, None
+
+
+def loss_rows(x: Tensor, actions: Tensor, weights: Tensor, entropy_weight: float, ignore_index: int,
+              stats: Optional[Tensor] = None, entropy: Optional[Tensor] = None) -> Tensor:
+    """(R,) surrogate losses of (R, K) logits, by the cheapest route that applies
+    (int64 contiguous actions, contiguous weights in the accumulation dtype)."""
+    if traced():
+        return policy_loss_rows(x, actions, weights, entropy_weight, ignore_index, stats, entropy)[0]
+    if x.requires_grad and torch.is_grad_enabled():
+        return _PolicyLossFn.apply(x, actions, weights, entropy_weight, ignore_index, stats, entropy)
+    return forward_rows(x, actions, ignore_index, weights=weights, entropy_weight=entropy_weight,
+                        want_entropy=entropy_weight != 0.0, stats=stats, entropy=entropy)[3]
 
 
 def check_entropy_weight(entropy_weight) -> float:
@@ -155,17 +170,7 @@ def policy_loss(
     """
     check_logits(logits)
     lead = logits.shape[:-1]
-    if not isinstance(actions, Tensor):
-        raise TypeError(f"actions must be a torch.Tensor of integers, got {type(actions).__name__}")
-    if actions.dtype.is_floating_point or actions.dtype.is_complex or actions.dtype == torch.bool:
-        raise TypeError(f"actions must be an integer tensor, got {actions.dtype}")
-    if actions.shape == lead:
-        S = 1
-    elif actions.dim() == len(lead) + 1 and actions.shape[:-1] == lead:
-        S = actions.shape[-1]
-    else:
-        raise ValueError(f"actions must have shape {tuple(lead)} (or {tuple(lead)} + (S,)) to match logits "
-                         f"{tuple(logits.shape)}, got {tuple(actions.shape)}")
+    S = actions_per_row(logits, actions)
     nat.check_float_tensor(advantages, "advantages")
     if advantages.shape != actions.shape:
         raise ValueError(f"advantages must have shape {tuple(actions.shape)} like actions, "
@@ -175,18 +180,21 @@ def policy_loss(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     beta = check_entropy_weight(entropy_weight)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ii = check_ignore_index(ignore_index)
 
     acc = nat.stats_dtype(logits.dtype)
-    a2 = actions.reshape(-1, S).to(torch.int64)
-    w2 = advantages.detach().reshape(-1, S).to(acc)
+    a2 = actions.reshape(-1, S)
+    if a2.dtype != torch.int64 or not a2.is_contiguous():
+        a2 = a2.to(torch.int64).contiguous()
+    w2 = advantages.detach().reshape(-1, S)
+    if w2.dtype != acc or not w2.is_contiguous():
+        w2 = w2.to(acc).contiguous()
     try:
-        loss, _, _ = policy_loss_rows(rows_of(logits), a2, w2, beta, int(ignore_index), None)
+        loss = loss_rows(rows_of(logits), a2, w2, beta, ii)
     except (ValueError, IndexError) as e:
         raise type(e)(nat.unflatten_message(str(e), lead)) from None
     if reduction == "none":
         return loss.view(tuple(lead))
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / (a2 != ignore_index).sum()
+    return loss.sum() / (a2 != ii).sum()

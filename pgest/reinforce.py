@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 from . import _native as nat
-from .philox import seed_tensor
-from .policy_loss import check_entropy_weight, policy_loss_rows
+from .log_prob import check_logits, rows_of
+from .policy_loss import check_entropy_weight, loss_rows
 from .reinforce_grad import _resolve_baseline
-from .sample import check_logits, check_num_samples, rows_of, sample_rows
+from .sample import check_num_samples, draw_rows
 
 
 class Reinforce(NamedTuple):
@@ -138,16 +138,14 @@ def reinforce(
     acc = nat.stats_dtype(logits.dtype)
     x = rows_of(logits)
 
-    seed = seed_tensor(generator, logits.device)
     try:
-        actions, log_prob, entropy, lse = sample_rows(x.detach(), S, seed)
+        actions, log_prob, entropy, stats = draw_rows(x.detach(), S, generator)
     except ValueError as e:
         raise ValueError(nat.unflatten_message(str(e), lead)) from None
     rewards, weights = reinforce_weights(actions, labels, reward_table, kind, constant, b_tensor, K,
                                          list(lead), acc)
-    stats = torch.stack([lse, entropy], 1)
     # Sampled actions are never negative, so -1 ignores nothing.
-    loss_rows, _, _ = policy_loss_rows(x, actions, weights, beta, -1, stats)
-    loss = loss_rows.mean() if R else loss_rows.sum()
+    per_row = loss_rows(x, actions, weights, beta, -1, stats, entropy)
+    loss = per_row.mean() if R else per_row.sum()
     shape = tuple(lead) if S == 1 else tuple(lead) + (S,)
     return Reinforce(loss, actions.view(shape), rewards.view(shape), log_prob.view(shape), entropy.view(tuple(lead)))

@@ -13,7 +13,8 @@ from torch import Tensor
 
 from . import _C
 from . import _native as nat
-from .philox import seed_tensor
+from .log_prob import traced, check_logits, check_rows, rows_of
+from .philox import _draw_seed as draw_seed, seed_tensor
 
 
 class Sample(NamedTuple):
@@ -22,32 +23,43 @@ class Sample(NamedTuple):
     entropy: Tensor   # (...,) entropy of softmax(logits) per row
 
 
-@torch.library.custom_op("pgest::sample", mutates_args=())
-def sample_rows(logits: Tensor, num_samples: int, seed: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(R, K) logits -> actions (R, S), log_prob (R, S), entropy (R,), lse (R,).
-    ``seed`` is the (2,) int64 (seed, offset) of :func:`pgest.philox.seed_tensor`."""
-    R, K = logits.shape
-    acc = nat.stats_dtype(logits.dtype)
-    dev = logits.device
+def sample_native(x: Tensor, num_samples: int, seed: int, offset: int = 0, seed_t: Optional[Tensor] = None):
+    """(R, K) logits -> actions (R, S), log_prob (R, S), entropy (R,), stats
+    (2, R) = [row max, log Z] (what a later log_prob backward needs)."""
+    R, K = x.shape
+    acc = nat.stats_dtype(x.dtype)
+    dev = x.device
     actions = torch.empty((R, num_samples), dtype=torch.int64, device=dev)
     log_prob = torch.empty((R, num_samples), dtype=acc, device=dev)
     entropy = torch.empty((R,), dtype=acc, device=dev)
-    lse = torch.empty((R,), dtype=acc, device=dev)
+    stats = torch.empty((2, R), dtype=acc, device=dev)
     if R:
         a = _C.SampleArgs()
-        a.logits = logits.data_ptr()
-        a.dtype = nat.DTYPE_CODES[logits.dtype]
+        a.logits = x.data_ptr()
+        a.dtype = nat.DTYPE_CODES[x.dtype]
         a.rows, a.cols = R, K
-        a.row_stride, a.col_stride = logits.stride()
+        a.row_stride, a.col_stride = x.stride()
         a.num_samples = num_samples
-        if dev.type == "cpu":
-            a.seed, a.offset = int(seed[0]) & (2**64 - 1), int(seed[1])
-        a.actions, a.log_prob, a.entropy, a.lse = (
-            actions.data_ptr(), log_prob.data_ptr(), entropy.data_ptr(), lse.data_ptr())
+        a.seed, a.offset = seed & (2**64 - 1), offset
+        a.actions, a.log_prob, a.entropy = actions.data_ptr(), log_prob.data_ptr(), entropy.data_ptr()
+        a.row_max, a.log_z = stats[0].data_ptr(), stats[1].data_ptr()
         a.num_threads = nat.num_threads()
-        res = nat.cuda_call("sample", a, dev, seed=seed, values=logits) if dev.type == "cuda" else _C.sample_cpu(a)
-        nat.raise_for_status(res, input_name="logits", num_actions=K)
-    return actions, log_prob, entropy, lse
+        res = nat.cuda_call("sample", a, dev, seed=seed_t, values=x) if dev.type == "cuda" else _C.sample_cpu(a)
+        if res[0] != nat.OK:
+            nat.raise_for_status(res, input_name="logits", num_actions=K)
+    return actions, log_prob, entropy, stats
+
+
+@torch.library.custom_op("pgest::sample", mutates_args=())
+def sample_rows(logits: Tensor, num_samples: int, seed: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(R, K) logits -> actions (R, S), log_prob (R, S), entropy (R,), stats (2, R).
+    ``seed`` is the (2,) int64 (seed, offset) of :func:`pgest.philox.seed_tensor`."""
+    check_rows(logits, None)
+    check_num_samples(num_samples)
+    check_seed(seed, logits.device)
+    if logits.device.type == "cpu":
+        return sample_native(logits, num_samples, int(seed[0]), int(seed[1]))
+    return sample_native(logits, num_samples, 0, 0, seed_t=seed)
 
 
 @sample_rows.register_fake
@@ -55,16 +67,28 @@ def _(logits, num_samples, seed):
     R = logits.shape[0]
     acc = nat.stats_dtype(logits.dtype)
     return (logits.new_empty((R, num_samples), dtype=torch.int64), logits.new_empty((R, num_samples), dtype=acc),
-            logits.new_empty((R,), dtype=acc), logits.new_empty((R,), dtype=acc))
+            logits.new_empty((R,), dtype=acc), logits.new_empty((2, R), dtype=acc))
 
 
-def check_logits(logits, name: str = "logits") -> None:
-    nat.check_float_tensor(logits, name)
-    if logits.dim() < 1:
-        raise ValueError(f"{name} must have at least 1 dimension (..., K), got a scalar")
-    nat.check_device_supported(logits, name)
-    if logits.shape[-1] == 0 and logits.shape[:-1].numel() > 0:
-        raise ValueError(f"{name} has K = 0 actions: there is nothing to sample")
+def check_seed(seed, device) -> None:
+    if not isinstance(seed, Tensor) or seed.shape != (2,) or seed.dtype != torch.int64:
+        raise ValueError("seed must be a (2,) int64 tensor (seed, offset), as pgest.philox.seed_tensor makes")
+    nat.check_device(seed, "seed", device, "logits")
+    if device.type == "cpu" and int(seed[1]) < 0:
+        raise ValueError(f"seed offset must be >= 0, got {int(seed[1])}")
+
+
+def draw_rows(x: Tensor, num_samples: int, generator: Optional[torch.Generator]):
+    """Sample (R, K) rows by the cheapest route: the registered op under
+    torch.compile or on CUDA (the seed stays on the device), else a direct call
+    with the same seed drawn from the generator."""
+    if x.device.type == "cpu" and not traced():
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError(f"generator is on {generator.device} but the input is on cpu")
+        return sample_native(x, num_samples, int(draw_seed(generator)))
+    return sample_rows(x, num_samples, seed_tensor(generator, x.device))
 
 
 def check_num_samples(num_samples) -> int:
@@ -73,11 +97,6 @@ def check_num_samples(num_samples) -> int:
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     return int(num_samples)
-
-
-def rows_of(logits: Tensor) -> Tensor:
-    """(..., K) -> (R, K), a view whenever the leading dimensions allow one."""
-    return logits.reshape(-1, logits.shape[-1])
 
 
 def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Generator] = None) -> Sample:
@@ -95,15 +114,14 @@ def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Gener
         ``Sample(actions, log_prob, entropy)``: int64 actions of shape (...,)
         when S == 1, else (..., S); ``log_prob`` of those actions, same shape;
         ``entropy`` (...,). Float outputs are float32 (float64 for float64
-        logits). Nothing here is differentiable: use :func:`pgest.policy_loss`
-        or :func:`pgest.reinforce` for gradients.
+        logits). Nothing here is differentiable: use :func:`pgest.log_prob`
+        (or :class:`pgest.Categorical`) for gradients.
     """
     check_logits(logits)
     S = check_num_samples(num_samples)
     lead = logits.shape[:-1]
-    seed = seed_tensor(generator, logits.device)
     try:
-        actions, log_prob, entropy, _ = sample_rows(rows_of(logits.detach()), S, seed)
+        actions, log_prob, entropy, _ = draw_rows(rows_of(logits.detach()), S, generator)
     except ValueError as e:
         raise ValueError(nat.unflatten_message(str(e), lead)) from None
     shape = tuple(lead) if S == 1 else tuple(lead) + (S,)

@@ -5,7 +5,7 @@
 // avx2|avx512 in the environment, or set_isa(), forces a narrower one.
 #include "dispatch.h"
 
-#include <pgest/policy_loss.h>
+#include <pgest/log_prob.h>
 #include <pgest/reinforce_grad.h>
 #include <pgest/returns.h>
 #include <pgest/sample.h>
@@ -19,8 +19,8 @@
   inline namespace ns {                                                          \
   Status reinforce_grad_cpu(const ReinforceGradArgs& args, ErrorInfo* err);       \
   Status sample_cpu(const SampleArgs& args, ErrorInfo* err);                     \
-  Status policy_loss_forward_cpu(const PolicyLossArgs& args, ErrorInfo* err);    \
-  Status policy_loss_backward_cpu(const PolicyLossArgs& args, ErrorInfo* err);   \
+  Status log_prob_forward_cpu(const LogProbArgs& args, ErrorInfo* err);          \
+  Status log_prob_backward_cpu(const LogProbArgs& args, ErrorInfo* err);         \
   Status discounted_returns_cpu(const ReturnsArgs& args, ErrorInfo* err);        \
   Status gae_cpu(const ReturnsArgs& args, ErrorInfo* err);                       \
   }                                                                              \
@@ -137,8 +137,8 @@ bool set_isa(Isa isa) {
 
 PGEST_DISPATCH(reinforce_grad, ReinforceGradArgs, reinforce_grad_cpu)
 PGEST_DISPATCH(sample, SampleArgs, sample_cpu)
-PGEST_DISPATCH(policy_loss_forward, PolicyLossArgs, policy_loss_forward_cpu)
-PGEST_DISPATCH(policy_loss_backward, PolicyLossArgs, policy_loss_backward_cpu)
+PGEST_DISPATCH(log_prob_forward, LogProbArgs, log_prob_forward_cpu)
+PGEST_DISPATCH(log_prob_backward, LogProbArgs, log_prob_backward_cpu)
 PGEST_DISPATCH(discounted_returns, ReturnsArgs, discounted_returns_cpu)
 PGEST_DISPATCH(gae, ReturnsArgs, gae_cpu)
 

@@ -1,5 +1,6 @@
 // CPU schedule of sample: threads over rows, one chunk pass per row
 // (row_stats.h, with the entropy term), then the draws (row_scratch.h).
+#include <pgest/log_prob.h>
 #include <pgest/sample.h>
 
 #include <cmath>
@@ -17,7 +18,8 @@ Status run(const SampleArgs& a, ErrorInfo* out_err) {
   const T* base = static_cast<const T*>(a.logits);
   Acc* log_prob = static_cast<Acc*>(a.log_prob);
   Acc* entropy = static_cast<Acc*>(a.entropy);
-  Acc* lse = static_cast<Acc*>(a.lse);
+  Acc* row_max = static_cast<Acc*>(a.row_max);
+  Acc* log_z = static_cast<Acc*>(a.log_z);
   const int threads = threads_for(double(a.rows) * double(K + 16), a.num_threads);
   const ErrorInfo first = parallel_rows(a.rows, threads, [&](int64_t begin, int64_t end,
                                                             const std::atomic<int64_t>& lowest_failed) {
@@ -31,11 +33,11 @@ Status run(const SampleArgs& a, ErrorInfo* out_err) {
         if (const Status bad = row_status(rs, x, err)) return bad;
         int64_t* actions = a.actions + i * S;
         draw_row(x, K, rs, a.seed, a.offset, i, S, sc, actions);
-        const Acc log_z = std::log(rs.z);
-        lse[i] = rs.max + log_z;
-        // H = lse - sum p x = log Z - sum e (x - max) / Z
-        entropy[i] = log_z - rs.ex_dot / rs.z;
-        for (int64_t s = 0; s < S; ++s) log_prob[i * S + s] = load<Acc>(x[actions[s]]) - lse[i];
+        const double lz = std::log(rs.z);
+        row_max[i] = rs.max;
+        log_z[i] = Acc(lz);
+        entropy[i] = Acc(entropy_of(lz, rs.ex_dot, rs.z));
+        for (int64_t s = 0; s < S; ++s) log_prob[i * S + s] = log_prob_of(load<Acc>(x[actions[s]]), rs.max, log_z[i]);
         return kOk;
       });
       if (st != kOk) { err.status = st; err.row = i; return err; }

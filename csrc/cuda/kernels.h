@@ -6,7 +6,7 @@
 // to `err_buf`, a device int64[2] the caller reads after the call.
 #pragma once
 
-#include <pgest/policy_loss.h>
+#include <pgest/log_prob.h>
 #include <pgest/reinforce_grad.h>
 #include <pgest/returns.h>
 #include <pgest/sample.h>
@@ -24,8 +24,8 @@ struct Launch {
 
 Status reinforce_grad(const ReinforceGradArgs& args, const Launch& l, ErrorInfo* err);
 Status sample(const SampleArgs& args, const Launch& l, ErrorInfo* err);
-Status policy_loss_forward(const PolicyLossArgs& args, const Launch& l, ErrorInfo* err);
-Status policy_loss_backward(const PolicyLossArgs& args, const Launch& l, ErrorInfo* err);
+Status log_prob_forward(const LogProbArgs& args, const Launch& l, ErrorInfo* err);
+Status log_prob_backward(const LogProbArgs& args, const Launch& l, ErrorInfo* err);
 Status discounted_returns(const ReturnsArgs& args, const Launch& l, ErrorInfo* err);
 Status gae(const ReturnsArgs& args, const Launch& l, ErrorInfo* err);
 

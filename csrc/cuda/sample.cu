@@ -1,5 +1,6 @@
 // CUDA schedule of sample: one block per row (row_sampler.cuh) with the
 // entropy term, then the draws and their log-probabilities.
+#include <pgest/log_prob.h>
 #include <pgest/sample.h>
 
 #include "common.cuh"
@@ -22,7 +23,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a, Launch l
   const T* base = static_cast<const T*>(a.logits);
   Acc* log_prob = static_cast<Acc*>(a.log_prob);
   Acc* entropy = static_cast<Acc*>(a.entropy);
-  Acc* lse = static_cast<Acc*>(a.lse);
+  Acc* row_max = static_cast<Acc*>(a.row_max);
+  Acc* log_z = static_cast<Acc*>(a.log_z);
   for (int64_t i = blockIdx.x; i < a.rows; i += gridDim.x) {
     const T* x = base + i * a.row_stride;
     const DevRowStats<Acc> st = block_row_stats<true>(x, K, a.col_stride, tile, sm, &flag);
@@ -32,13 +34,14 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a, Launch l
     }
     int64_t* actions = a.actions + i * S;
     block_draw(x, K, a.col_stride, tile, st, tile_w, seed, offset, i, S, actions, draw);
-    const Acc log_z = log(st.z), row_lse = st.max + log_z;
+    const Acc lz = log(st.z);
     if (threadIdx.x == 0) {
-      lse[i] = row_lse;
-      entropy[i] = log_z - st.ex_dot / st.z;  // lse - sum p x
+      row_max[i] = st.max;
+      log_z[i] = lz;
+      entropy[i] = entropy_of(lz, st.ex_dot, st.z);
     }
     for (int64_t s = threadIdx.x; s < S; s += blockDim.x)
-      log_prob[i * S + s] = load<Acc>(x[actions[s] * a.col_stride]) - row_lse;
+      log_prob[i * S + s] = log_prob_of(load<Acc>(x[actions[s] * a.col_stride]), st.max, lz);
     __syncthreads();
   }
 }

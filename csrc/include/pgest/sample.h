@@ -17,7 +17,8 @@ struct SampleArgs {
   int64_t* actions = nullptr;  // (R, S)
   void* log_prob = nullptr;    // (R, S)
   void* entropy = nullptr;     // (R,)
-  void* lse = nullptr;         // (R,)  log-sum-exp, saved for a later backward
+  void* row_max = nullptr;     // (R,)  max and log sum exp(x - max): the statistics
+  void* log_z = nullptr;       // (R,)  a later log_prob backward needs (log_prob.h)
   int32_t num_threads = 1;
 };
 

@@ -47,11 +47,13 @@ struct ChunkStats {
   bool bad;    // the chunk holds a NaN or +inf
 };
 
+// The chunk masses are added in double: a row of 2^31 entries has 2^23
+// chunks, and a serial float32 sum of that many terms drifts by percents.
 template <class Acc>
 struct RowStats {
   Acc max;          // row max
-  Acc z;            // sum of exp(x - max)
-  Acc ex_dot;       // sum of exp(x - max) * (x - max) (entropy only)
+  double z;         // sum of exp(x - max)
+  double ex_dot;    // sum of exp(x - max) * (x - max) (entropy only)
   int64_t bad_col;  // first NaN/+inf column, or -1
 };
 
@@ -60,17 +62,17 @@ struct RowStats {
 // entropy, weights[nc + c] = dot_c); on exit weights[c] = w_c.
 template <bool kWithEntropy, class Acc>
 PGEST_HD void finish_row_stats(int64_t nc, Acc* weights, const Acc* chunk_max, RowStats<Acc>& r) {
-  r.z = Acc(0);
-  r.ex_dot = Acc(0);
+  r.z = 0.0;
+  r.ex_dot = 0.0;
   for (int64_t c = 0; c < nc; ++c) {
     const Acc d = chunk_max[c] - r.max;
     // A chunk that was all -inf so far has m_c = -inf and sum 0.
     const Acc scale = chunk_max[c] == -Acc(INFINITY) ? Acc(0) : exp_nonpos(d);
     const Acc w = weights[c] * scale;
     weights[c] = w;
-    r.z += w;
+    r.z += double(w);
     // sum e'(x - m) = scale * (dot_c + sum_c * (m_c - m)) for e' = e * scale.
-    if (kWithEntropy && scale > Acc(0)) r.ex_dot += scale * weights[nc + c] + w * d;
+    if (kWithEntropy && scale > Acc(0)) r.ex_dot += double(scale * weights[nc + c] + w * d);
   }
 }
 
@@ -85,18 +87,18 @@ struct Threshold {
 template <class T, class Acc>
 inline void row_inverse_cdf(const T* x, int64_t cols, Acc max, const Acc* weights,
                             const Threshold* th, int64_t n, int64_t* actions, Acc* e) {
-  Acc cum = 0;
+  double cum = 0;
   int64_t i = 0;
   const int64_t nc = num_chunks(cols);
   for (int64_t c = 0; c < nc && i < n; ++c) {
-    const Acc next = cum + weights[c];  // the very additions that formed Z
-    if (!(th[i].t < double(next))) { cum = next; continue; }
+    const double next = cum + double(weights[c]);  // the very additions that formed Z
+    if (!(th[i].t < next)) { cum = next; continue; }
     const int64_t k = c * kChunk;
     const int m = cols - k < kChunk ? int(cols - k) : kChunk;
     for (int j = 0; j < m; ++j) e[j] = exp_nonpos(load<Acc>(x[k + j]) - max);
     // Two levels keep the dependent chain of additions short: whole groups of
     // kLanes entries first, then the entries of the group a threshold is in.
-    double w = double(cum);
+    double w = cum;
     int last_positive = -1;
     for (int g = 0; g < m && i < n; g += kLanes) {
       const int end = g + kLanes < m ? g + kLanes : m;
@@ -117,14 +119,14 @@ inline void row_inverse_cdf(const T* x, int64_t cols, Acc max, const Acc* weight
     }
     // The walk's sum and the chunk weight may differ in the last bits; a
     // threshold caught between them belongs to the chunk's last live entry.
-    if (i < n && th[i].t < double(next) && last_positive < 0) {
+    if (i < n && th[i].t < next && last_positive < 0) {
       // Every e underflowed relative to the row max while the chunk weight
       // did not (a mass near 1e-38 of the row): take the chunk's largest.
       last_positive = 0;
       for (int j = 1; j < m; ++j)
         if (load<Acc>(x[k + j]) > load<Acc>(x[k + last_positive])) last_positive = j;
     }
-    while (i < n && th[i].t < double(next)) actions[th[i++].sample] = k + last_positive;
+    while (i < n && th[i].t < next) actions[th[i++].sample] = k + last_positive;
     cum = next;
   }
 }

@@ -1,0 +1,348 @@
+"""pgest.log_prob and pgest.entropy: differentiable log softmax(logits)[action]
+and entropy per row, the pair every policy-gradient objective is built from
+(REINFORCE, PPO, GRPO, KL penalties; see :mod:`pgest.objectives`).
+
+Forward reads the logits once; backward takes the upstream gradients of both
+outputs (either may be absent) and reads the logits once and writes the
+gradient once. Autograd saves the logits themselves and O(rows) statistics
+(row max, log Z, entropy), never a softmax. ``pgest.policy_loss`` and
+``pgest.reinforce`` run on the same kernels (csrc/include/pgest/log_prob.h).
+
+Two routes lead to the kernels. Under ``torch.compile`` (and functorch
+transforms) the registered ops ``pgest::log_prob`` / ``pgest::log_prob_backward``
+are traced; in eager mode a plain ``autograd.Function`` calls the native code
+directly, which skips torch.library's dispatch and schema handling (tens of
+microseconds a call, the whole cost at RL action-space sizes). Both routes run
+the same code (``forward_rows`` / ``backward_rows``).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _C
+from . import _native as nat
+
+
+class LogProb(NamedTuple):
+    log_prob: Tensor  # log softmax(logits)[action], shape of actions
+    entropy: Tensor   # (...,) entropy of softmax(logits) per row
+
+
+def _args(x: Tensor, actions: Optional[Tensor], ignore_index: int) -> "_C.LogProbArgs":
+    a = _C.LogProbArgs()
+    a.logits = x.data_ptr()
+    a.dtype = nat.DTYPE_CODES[x.dtype]
+    a.rows, a.cols = x.shape
+    a.row_stride, a.col_stride = x.stride()
+    if actions is not None:
+        a.actions = actions.data_ptr()
+        a.num_samples = actions.shape[1]
+    a.ignore_index = ignore_index
+    a.num_threads = nat.num_threads()
+    return a
+
+
+def _run(kernel: str, a, x: Tensor, actions: Optional[Tensor], ignore_index: int, values: bool) -> None:
+    res = (nat.cuda_call(kernel, a, x.device, values=x if values else None, actions=actions)
+           if x.device.type == "cuda" else getattr(_C, kernel + "_cpu")(a))
+    if res[0] != nat.OK:
+        nat.raise_for_status(res, input_name="logits", num_actions=x.shape[1],
+                             samples_per_row=0 if actions is None else actions.shape[1],
+                             ignore_index=ignore_index)
+
+
+def forward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: int, *, weights: Optional[Tensor] = None,
+                 entropy_weight: float = 0.0, want_entropy: bool = True, stats: Optional[Tensor] = None,
+                 entropy: Optional[Tensor] = None):
+    """(R, K) logits and (R, S) int64 contiguous actions (or None) ->
+    (log_prob (R, S), entropy (R,), stats (2, R) = [row max, log Z], loss (R,)
+    or None). ``weights`` (R, S) adds the fused surrogate
+    loss = -sum_s w_s log_prob_s - entropy_weight * H. With ``stats`` and
+    ``entropy`` from ``pgest::sample`` the logits' rows are not read again."""
+    R = x.shape[0]
+    S = 0 if actions is None else actions.shape[1]
+    acc = nat.stats_dtype(x.dtype)
+    dev = x.device
+    lp = torch.empty((R, S), dtype=acc, device=dev)
+    if stats is not None:
+        # fresh tensors: a custom op's outputs may not alias its inputs
+        st = stats.to(acc).contiguous().clone()
+        ent = entropy.to(acc).contiguous().clone()
+    else:
+        st = torch.empty((2, R), dtype=acc, device=dev)
+        ent = torch.empty((R,), dtype=acc, device=dev)
+    loss = torch.empty((R,), dtype=acc, device=dev) if weights is not None else None
+    if R:
+        a = _args(x, actions, ignore_index)
+        a.log_prob, a.entropy = lp.data_ptr(), ent.data_ptr()
+        a.row_max, a.log_z = st[0].data_ptr(), st[1].data_ptr()
+        a.want_entropy = want_entropy
+        a.stats_given = stats is not None
+        if weights is not None:
+            a.weights, a.loss, a.entropy_weight = weights.data_ptr(), loss.data_ptr(), entropy_weight
+        _run("log_prob_forward", a, x, actions, ignore_index, values=True)
+    return lp, ent, st, loss
+
+
+def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: int, stats: Tensor, entropy: Tensor, *,
+                  grad_log_prob: Optional[Tensor] = None, grad_entropy: Optional[Tensor] = None,
+                  row_scale: Optional[Tensor] = None, log_prob_scale: float = 1.0,
+                  entropy_scale: float = 0.0) -> Tensor:
+    """d L / d logits (R, K), contiguous, dtype of the logits, from the
+    upstream gradients g_s = row_scale * log_prob_scale * grad_log_prob and
+    g_H = row_scale * (grad_entropy or entropy_scale) (log_prob.h). Every
+    action is checked again before it is used as an index."""
+    R, K = x.shape
+    grad = torch.empty((R, K), dtype=x.dtype, device=x.device)
+    if R:
+        acc = nat.stats_dtype(x.dtype)
+        a = _args(x, actions, ignore_index)
+        keep = []  # converted tensors must outlive the call
+
+        def ptr(t):
+            if t.dtype != acc or not t.is_contiguous():
+                t = t.to(acc).contiguous()
+            keep.append(t)
+            return t.data_ptr()
+
+        stats = stats if stats.is_contiguous() else stats.contiguous()
+        a.row_max, a.log_z = stats[0].data_ptr(), stats[1].data_ptr()
+        a.entropy = ptr(entropy)
+        if grad_log_prob is not None:
+            a.grad_log_prob = ptr(grad_log_prob)
+        if grad_entropy is not None:
+            a.grad_entropy = ptr(grad_entropy)
+        if row_scale is not None:
+            a.row_scale = ptr(row_scale)
+        a.log_prob_scale, a.entropy_scale = log_prob_scale, entropy_scale
+        a.grad = grad.data_ptr()
+        _run("log_prob_backward", a, x, actions, ignore_index, values=False)
+    return grad
+
+
+# ---- the registered ops (torch.compile, opcheck, functorch) -----------------
+
+@torch.library.custom_op("pgest::log_prob", mutates_args=())
+def log_prob_rows(logits: Tensor, actions: Optional[Tensor], ignore_index: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(R, K) logits, (R, S) integer actions (or None: entropy only) ->
+    (log_prob (R, S), entropy (R,), stats (2, R) = [row max, log Z])."""
+    check_rows(logits, actions)
+    lp, ent, st, _ = forward_rows(logits, _index_tensor(actions), ignore_index)
+    return lp, ent, st
+
+
+@log_prob_rows.register_fake
+def _(logits, actions, ignore_index):
+    check_rows(logits, actions)
+    R = logits.shape[0]
+    S = 0 if actions is None else actions.shape[1]
+    acc = nat.stats_dtype(logits.dtype)
+    return logits.new_empty((R, S), dtype=acc), logits.new_empty((R,), dtype=acc), logits.new_empty((2, R), dtype=acc)
+
+
+@torch.library.custom_op("pgest::log_prob_backward", mutates_args=())
+def log_prob_backward(grad_log_prob: Optional[Tensor], grad_entropy: Optional[Tensor], logits: Tensor,
+                      actions: Optional[Tensor], stats: Tensor, entropy: Tensor, ignore_index: int) -> Tensor:
+    """d L / d logits for upstream gradients of log_prob (R, S) and entropy (R,)
+    (either may be None): one read of the logits, every entry written once."""
+    check_rows(logits, actions)
+    check_stats(logits, stats, entropy)
+    return backward_rows(logits, _index_tensor(actions), ignore_index, stats, entropy,
+                         grad_log_prob=grad_log_prob, grad_entropy=grad_entropy)
+
+
+@log_prob_backward.register_fake
+def _(grad_log_prob, grad_entropy, logits, actions, stats, entropy, ignore_index):
+    return logits.new_empty(tuple(logits.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    logits, actions, ignore_index = inputs
+    _, entropy, stats = output
+    ctx.save_for_backward(logits, actions, stats, entropy)
+    ctx.ignore_index = ignore_index
+    ctx.mark_non_differentiable(stats)
+
+
+def _backward(ctx, grad_lp, grad_ent, _grad_stats):
+    logits, actions, stats, entropy = ctx.saved_tensors
+    grad = log_prob_backward(grad_lp, grad_ent, logits, actions, stats, entropy, ctx.ignore_index)
+    return grad, None, None
+
+
+log_prob_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- the eager route ---------------------------------------------------------
+
+class _LogProbFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, actions, ignore_index):
+        lp, ent, st, _ = forward_rows(logits, actions, ignore_index)
+        ctx.save_for_backward(logits, actions, st, ent)
+        ctx.ignore_index = ignore_index
+        ctx.set_materialize_grads(False)  # an unused output costs nothing in backward
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_ent):
+        logits, actions, st, ent = ctx.saved_tensors
+        if grad_lp is None and grad_ent is None:
+            return None, None, None
+        grad = backward_rows(logits, actions, ctx.ignore_index, st, ent, grad_log_prob=grad_lp,
+                             grad_entropy=grad_ent)
+        return grad, None, None
+
+
+def traced() -> bool:
+    """Whether the registered ops must be used: torch.compile, or a functorch
+    transform (torch.func.grad, vmap), which cannot see through data pointers."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch._C._are_functorch_transforms_active()
+
+
+def rows_pair(x: Tensor, actions: Optional[Tensor], ignore_index: int) -> Tuple[Tensor, Tensor]:
+    """(R, K) logits and (R, S) int64 actions (or None) -> differentiable
+    (log_prob (R, S), entropy (R,)), by the cheapest route that applies."""
+    if traced():
+        lp, ent, _ = log_prob_rows(x, actions, ignore_index)
+        return lp, ent
+    if x.requires_grad and torch.is_grad_enabled():
+        return _LogProbFn.apply(x, actions, ignore_index)
+    lp, ent, _, _ = forward_rows(x, actions, ignore_index)
+    return lp, ent
+
+
+# ---- argument checks ---------------------------------------------------------
+
+def _index_tensor(actions: Optional[Tensor]) -> Optional[Tensor]:
+    if actions is None:
+        return None
+    if actions.dtype != torch.int64 or not actions.is_contiguous():
+        actions = actions.to(torch.int64).contiguous()
+    return actions
+
+
+def check_rows(logits, actions) -> None:
+    """What the registered ops need for memory safety, checked by the ops
+    themselves (they are public: torch.compile and users call them directly)."""
+    nat.check_float_tensor(logits, "logits")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D (rows, K) here, got shape {tuple(logits.shape)}")
+    nat.check_device_supported(logits, "logits")
+    if actions is None:
+        return
+    check_index_dtype(actions)
+    if actions.dim() != 2 or actions.shape[0] != logits.shape[0]:
+        raise ValueError(f"actions must be 2-D ({logits.shape[0]}, S) to match logits {tuple(logits.shape)}, "
+                         f"got {tuple(actions.shape)}")
+    nat.check_device(actions, "actions", logits.device, "logits")
+
+
+def check_stats(logits, stats, entropy) -> None:
+    R = logits.shape[0]
+    acc = nat.stats_dtype(logits.dtype)
+    if stats.shape != (2, R) or stats.dtype != acc:
+        raise ValueError(f"stats must be (2, {R}) {acc} (row max, log Z) from pgest::log_prob, "
+                         f"got {tuple(stats.shape)} {stats.dtype}")
+    if entropy.shape != (R,):
+        raise ValueError(f"entropy must have shape ({R},), got {tuple(entropy.shape)}")
+    nat.check_device(stats, "stats", logits.device, "logits")
+    nat.check_device(entropy, "entropy", logits.device, "logits")
+
+
+def check_index_dtype(actions, name: str = "actions") -> None:
+    if not isinstance(actions, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(actions).__name__}")
+    if actions.dtype.is_floating_point or actions.dtype.is_complex or actions.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {actions.dtype}")
+
+
+def check_ignore_index(ignore_index) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    return int(ignore_index)
+
+
+def actions_per_row(logits: Tensor, actions) -> int:
+    """S for (...,) actions (1) or (..., S) actions matching logits (..., K)."""
+    check_index_dtype(actions)
+    lead = logits.shape[:-1]
+    if actions.shape == lead:
+        return 1
+    if actions.dim() == len(lead) + 1 and actions.shape[:-1] == lead:
+        return actions.shape[-1]
+    raise ValueError(f"actions must have shape {tuple(lead)} (or {tuple(lead)} + (S,)) to match logits "
+                     f"{tuple(logits.shape)}, got {tuple(actions.shape)}")
+
+
+def check_logits(logits, name: str = "logits") -> None:
+    nat.check_float_tensor(logits, name)
+    if logits.dim() < 1:
+        raise ValueError(f"{name} must have at least 1 dimension (..., K), got a scalar")
+    nat.check_device_supported(logits, name)
+    if logits.shape[-1] == 0 and logits.shape[:-1].numel() > 0:
+        raise ValueError(f"{name} has K = 0 actions: there is no distribution over them")
+
+
+def rows_of(logits: Tensor) -> Tensor:
+    """(..., K) -> (R, K), a view whenever the leading dimensions allow one."""
+    if logits.dim() == 2:
+        return logits
+    return logits.reshape(-1, logits.shape[-1])
+
+
+# ---- the public functions ----------------------------------------------------
+
+def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: int = -100) -> LogProb:
+    """Differentiable ``log softmax(logits)[actions]`` and the entropy of
+    ``softmax(logits)`` per row, from one read of the logits.
+
+    Args:
+        logits: (..., K) float32/float64/float16/bfloat16, any strides;
+            leading dimensions are rows.
+        actions: (...,) integers, or (..., S) for S actions of each row. An
+            entry equal to ``ignore_index`` gets log_prob 0 and no gradient,
+            as in ``cross_entropy``; a row whose every action is ignored
+            (padding) is not read: its entropy is 0 and it gets no gradient.
+
+    Returns:
+        ``LogProb(log_prob, entropy)``: ``log_prob`` of the shape of
+        ``actions``, ``entropy`` of the leading shape; float32 for 16-bit
+        logits, float64 for float64. Both are differentiable with respect to
+        ``logits``; their backward is one fused pass whatever combination of
+        the two the loss uses.
+
+    Numerics: ``log p = (x - max) - log Z`` as in ``torch.log_softmax``
+    (a large common offset in a row loses nothing), sums over a row in fp32
+    lanes merged in fp64 (fp64 throughout for fp64 logits).
+    """
+    check_logits(logits)
+    S = actions_per_row(logits, actions)
+    ii = check_ignore_index(ignore_index)
+    nat.check_device(actions, "actions", logits.device, "logits")
+    lead = logits.shape[:-1]
+    try:
+        lp, ent = rows_pair(rows_of(logits), _index_tensor(actions.reshape(-1, S)), ii)
+    except (ValueError, IndexError) as e:
+        raise type(e)(nat.unflatten_message(str(e), lead)) from None
+    return LogProb(lp.view(actions.shape), ent.view(lead))
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """Differentiable entropy of ``softmax(logits)`` per row, (..., K) -> (...,),
+    in one read of the logits (float32 for 16-bit logits)."""
+    check_logits(logits)
+    lead = logits.shape[:-1]
+    try:
+        _, ent = rows_pair(rows_of(logits), None, -100)
+    except (ValueError, IndexError) as e:
+        raise type(e)(nat.unflatten_message(str(e), lead)) from None
+    return ent.view(lead)
