@@ -174,6 +174,7 @@ PYBIND11_MODULE(_C, m) {
       .PTR_PROPERTY(LogProbArgs, actions, const int64_t*)
       .def_readwrite("num_samples", &LogProbArgs::num_samples)
       .def_readwrite("ignore_index", &LogProbArgs::ignore_index)
+      .def_readwrite("has_ignore_index", &LogProbArgs::has_ignore_index)
       .PTR_PROPERTY(LogProbArgs, log_prob, void*)
       .PTR_PROPERTY(LogProbArgs, entropy, void*)
       .PTR_PROPERTY(LogProbArgs, row_max, void*)

@@ -8,6 +8,8 @@ import torch as _torch
 
 from . import _native  # noqa: F401  (first: a clear error if _C is missing)
 from . import _C, baselines, philox, reference
+from . import objectives
+from .categorical import Categorical
 from .log_prob import LogProb, entropy, log_prob
 from .policy_loss import policy_loss
 from .reinforce import Reinforce, reinforce
@@ -26,7 +28,7 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "LogProb", "Reinforce", "ReinforceGrad", "Sample", "baselines", "build_info", "discounted_returns", "entropy",
-    "gae", "log_prob", "philox", "policy_loss",
+    "Categorical", "LogProb", "Reinforce", "ReinforceGrad", "Sample", "baselines", "build_info", "discounted_returns", "entropy",
+    "gae", "log_prob", "objectives", "philox", "policy_loss",
     "reference", "reinforce", "reinforce_grad", "sample", "__version__",
 ]

@@ -32,7 +32,7 @@ class LogProb(NamedTuple):
     entropy: Tensor   # (...,) entropy of softmax(logits) per row
 
 
-def _args(x: Tensor, actions: Optional[Tensor], ignore_index: int) -> "_C.LogProbArgs":
+def _args(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int]) -> "_C.LogProbArgs":
     a = _C.LogProbArgs()
     a.logits = x.data_ptr()
     a.dtype = nat.DTYPE_CODES[x.dtype]
@@ -41,12 +41,15 @@ def _args(x: Tensor, actions: Optional[Tensor], ignore_index: int) -> "_C.LogPro
     if actions is not None:
         a.actions = actions.data_ptr()
         a.num_samples = actions.shape[1]
-    a.ignore_index = ignore_index
+    if ignore_index is None:
+        a.has_ignore_index = False
+    else:
+        a.ignore_index = ignore_index
     a.num_threads = nat.num_threads()
     return a
 
 
-def _run(kernel: str, a, x: Tensor, actions: Optional[Tensor], ignore_index: int, values: bool) -> None:
+def _run(kernel: str, a, x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], values: bool) -> None:
     res = (nat.cuda_call(kernel, a, x.device, values=x if values else None, actions=actions)
            if x.device.type == "cuda" else getattr(_C, kernel + "_cpu")(a))
     if res[0] != nat.OK:
@@ -55,7 +58,7 @@ def _run(kernel: str, a, x: Tensor, actions: Optional[Tensor], ignore_index: int
                              ignore_index=ignore_index)
 
 
-def forward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: int, *, weights: Optional[Tensor] = None,
+def forward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], *, weights: Optional[Tensor] = None,
                  entropy_weight: float = 0.0, want_entropy: bool = True, stats: Optional[Tensor] = None,
                  entropy: Optional[Tensor] = None):
     """(R, K) logits and (R, S) int64 contiguous actions (or None) ->
@@ -88,7 +91,7 @@ def forward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: int, *, wei
     return lp, ent, st, loss
 
 
-def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: int, stats: Tensor, entropy: Tensor, *,
+def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], stats: Tensor, entropy: Tensor, *,
                   grad_log_prob: Optional[Tensor] = None, grad_entropy: Optional[Tensor] = None,
                   row_scale: Optional[Tensor] = None, log_prob_scale: float = 1.0,
                   entropy_scale: float = 0.0) -> Tensor:
@@ -127,7 +130,7 @@ def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: int, stats
 # ---- the registered ops (torch.compile, opcheck, functorch) -----------------
 
 @torch.library.custom_op("pgest::log_prob", mutates_args=())
-def log_prob_rows(logits: Tensor, actions: Optional[Tensor], ignore_index: int) -> Tuple[Tensor, Tensor, Tensor]:
+def log_prob_rows(logits: Tensor, actions: Optional[Tensor], ignore_index: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
     """(R, K) logits, (R, S) integer actions (or None: entropy only) ->
     (log_prob (R, S), entropy (R,), stats (2, R) = [row max, log Z])."""
     check_rows(logits, actions)
@@ -146,7 +149,7 @@ def _(logits, actions, ignore_index):
 
 @torch.library.custom_op("pgest::log_prob_backward", mutates_args=())
 def log_prob_backward(grad_log_prob: Optional[Tensor], grad_entropy: Optional[Tensor], logits: Tensor,
-                      actions: Optional[Tensor], stats: Tensor, entropy: Tensor, ignore_index: int) -> Tensor:
+                      actions: Optional[Tensor], stats: Tensor, entropy: Tensor, ignore_index: Optional[int]) -> Tensor:
     """d L / d logits for upstream gradients of log_prob (R, S) and entropy (R,)
     (either may be None): one read of the logits, every entry written once."""
     check_rows(logits, actions)
@@ -206,7 +209,7 @@ def traced() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
-def rows_pair(x: Tensor, actions: Optional[Tensor], ignore_index: int) -> Tuple[Tensor, Tensor]:
+def rows_pair(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int]) -> Tuple[Tensor, Tensor]:
     """(R, K) logits and (R, S) int64 actions (or None) -> differentiable
     (log_prob (R, S), entropy (R,)), by the cheapest route that applies."""
     if traced():
@@ -263,7 +266,9 @@ def check_index_dtype(actions, name: str = "actions") -> None:
         raise TypeError(f"{name} must be an integer tensor, got {actions.dtype}")
 
 
-def check_ignore_index(ignore_index) -> int:
+def check_ignore_index(ignore_index) -> Optional[int]:
+    if ignore_index is None:
+        return None
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -2**63 <= ignore_index < 2**63:
@@ -301,7 +306,7 @@ def rows_of(logits: Tensor) -> Tensor:
 
 # ---- the public functions ----------------------------------------------------
 
-def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: int = -100) -> LogProb:
+def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -100) -> LogProb:
     """Differentiable ``log softmax(logits)[actions]`` and the entropy of
     ``softmax(logits)`` per row, from one read of the logits.
 
@@ -312,6 +317,8 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: int = -100) -> Lo
             entry equal to ``ignore_index`` gets log_prob 0 and no gradient,
             as in ``cross_entropy``; a row whose every action is ignored
             (padding) is not read: its entropy is 0 and it gets no gradient.
+        ignore_index: the padding value, or None: every action must then be
+            in [0, K).
 
     Returns:
         ``LogProb(log_prob, entropy)``: ``log_prob`` of the shape of
@@ -342,7 +349,7 @@ def entropy(logits: Tensor) -> Tensor:
     check_logits(logits)
     lead = logits.shape[:-1]
     try:
-        _, ent = rows_pair(rows_of(logits), None, -100)
+        _, ent = rows_pair(rows_of(logits), None, None)
     except (ValueError, IndexError) as e:
         raise type(e)(nat.unflatten_message(str(e), lead)) from None
     return ent.view(lead)

@@ -33,6 +33,7 @@ struct LogProbArgs {
   const int64_t* actions = nullptr;
   int64_t num_samples = 0;
   int64_t ignore_index = -100;
+  bool has_ignore_index = true;  // false: every action must be in [0, K) (Categorical)
   // Forward outputs, accumulation type: log_prob (R, S), entropy (R,) (may be
   // null: not computed), row_max and log_z (R,) for the backward. With
   // stats_given, row_max, log_z and entropy are inputs (from `sample`).
@@ -68,6 +69,8 @@ Status log_prob_backward(const LogProbArgs& args, ErrorInfo* err);
 
 PGEST_NS_BEGIN
 
+PGEST_HD bool is_ignored(const LogProbArgs& a, int64_t act) { return a.has_ignore_index && act == a.ignore_index; }
+
 // Checks a row's actions before anything indexes with them: kOk with the
 // number that count (not ignore_index), or the first out of range (err.col =
 // its sample, err.index = its value). Forward and backward both call it: a
@@ -78,7 +81,7 @@ PGEST_HD Status check_row_actions(const LogProbArgs& a, int64_t i, int64_t& live
   const int64_t S = a.num_samples;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t act = a.actions[i * S + s];
-    if (act == a.ignore_index) continue;
+    if (is_ignored(a, act)) continue;
     if (act < 0 || act >= a.cols) { err.col = s; err.index = act; return kActionOutOfRange; }
     ++live;
   }
@@ -117,7 +120,7 @@ template <class Acc>
 PGEST_HD GradRow<Acc> grad_row(const LogProbArgs& a, int64_t i) {
   Acc gsum = 0;
   for (int64_t s = 0; s < a.num_samples; ++s)
-    if (a.actions[i * a.num_samples + s] != a.ignore_index) gsum += grad_of_sample<Acc>(a, i, s);
+    if (!is_ignored(a, a.actions[i * a.num_samples + s])) gsum += grad_of_sample<Acc>(a, i, s);
   return GradRow<Acc>{static_cast<const Acc*>(a.row_max)[i], static_cast<const Acc*>(a.log_z)[i],
                       static_cast<const Acc*>(a.entropy)[i], -gsum, -grad_of_entropy<Acc>(a, i)};
 }
@@ -140,7 +143,7 @@ PGEST_HD void grad_one_hot(const LogProbArgs& a, int64_t i, const X* x, int64_t 
   const int64_t S = a.num_samples;
   const int64_t* act = a.actions + i * S;
   for (int64_t s = 0; s < S; ++s) {
-    if (act[s] == a.ignore_index) continue;
+    if (is_ignored(a, act[s])) continue;
     bool seen = false;
     for (int64_t p = 0; p < s && !seen; ++p) seen = act[p] == act[s];
     if (seen) continue;
@@ -160,7 +163,7 @@ PGEST_HD void write_log_probs(const LogProbArgs& a, int64_t i, const T* row, Acc
   Acc loss = -Acc(a.entropy_weight) * entropy;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t act = a.actions[i * S + s];
-    const Acc v = act == a.ignore_index ? Acc(0) : log_prob_of(load<Acc>(row[act * a.col_stride]), row_max, log_z);
+    const Acc v = is_ignored(a, act) ? Acc(0) : log_prob_of(load<Acc>(row[act * a.col_stride]), row_max, log_z);
     lp[s] = v;
     // w * log p with w = 0 and log p = -inf (an impossible action) is 0.
     if (w && w[s] != Acc(0)) loss -= w[s] * v;

@@ -1,0 +1,178 @@
+"""pgest.Categorical: a drop-in for ``torch.distributions.Categorical`` in
+policy-gradient agents, on pgest's kernels.
+
+Constructing one costs nothing: torch's class normalises the logits into a new
+(rows, K) tensor at once; this one keeps the caller's logits and computes what
+is asked, when it is asked. ``log_prob(actions)`` computes the entropy in the
+same pass over the logits and keeps it, so ``entropy()`` afterwards is free and
+both outputs reach the logits through one fused backward (the order agents use:
+CleanRL's and Stable-Baselines3's PPO call ``log_prob`` then ``entropy``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _native as nat
+from .log_prob import check_index_dtype, check_logits, entropy as _entropy, log_prob as _log_prob
+from .sample import sample as _sample
+
+
+class Categorical:
+    """Categorical distribution over the last dimension of ``logits``.
+
+    Args:
+        logits: (..., K) unnormalised log-probabilities; leading dimensions are
+            the batch shape. Kept as given (no copy, no normalisation).
+        probs: instead of logits, (..., K) non-negative weights (need not sum
+            to 1); they are turned into ``probs.log()`` once, which does
+            materialise a (..., K) tensor.
+        validate_args: accepted for compatibility; pgest always validates
+            (bad actions raise ``IndexError``, NaN rows ``ValueError``).
+
+    Differences from ``torch.distributions.Categorical``:
+      - samples come from pgest's Philox sampler (exact inverse CDF), so the
+        same seed draws other actions than ``torch.multinomial``; the
+        distribution is the same (tested by chi-square).
+      - ``log_prob`` and ``entropy`` are float32 for 16-bit logits.
+      - ``.logits`` and ``.probs`` are computed on first access (normalised,
+        as torch's are), not at construction.
+      - ``expand``, ``enumerate_support``, ``cdf``-style methods and
+        ``torch.distributions.kl_divergence`` registration are not provided.
+    """
+
+    has_enumerate_support = True
+    arg_constraints = {}
+
+    def __init__(self, probs: Optional[Tensor] = None, logits: Optional[Tensor] = None,
+                 validate_args: Optional[bool] = None):
+        if (probs is None) == (logits is None):
+            raise ValueError("pass exactly one of probs and logits")
+        if probs is not None:
+            check_logits(probs, "probs")
+            if probs.dtype.is_floating_point and probs.numel() and bool((probs < 0).any()):
+                raise ValueError("probs must be non-negative")
+            self._given_probs = probs
+            logits = probs.log()
+        else:
+            check_logits(logits)
+            self._given_probs = None
+        self._probs = None
+        self._x = logits
+        self._logits = None
+        self._entropy = None
+
+    # --- shapes, as torch.distributions ---------------------------------------
+    @property
+    def batch_shape(self) -> torch.Size:
+        return self._x.shape[:-1]
+
+    @property
+    def event_shape(self) -> torch.Size:
+        return torch.Size()
+
+    @property
+    def param_shape(self) -> torch.Size:
+        return self._x.shape
+
+    @property
+    def num_events(self) -> int:
+        return self._x.shape[-1]
+
+    # --- parameters, lazily ----------------------------------------------------
+    @property
+    def logits(self) -> Tensor:
+        """Normalised log-probabilities (..., K), as torch's ``.logits``; built on
+        first access."""
+        if self._logits is None:
+            self._logits = torch.log_softmax(self._x, -1)
+        return self._logits
+
+    @property
+    def probs(self) -> Tensor:
+        """Normalised probabilities (..., K), as torch's ``.probs``; built on
+        first access."""
+        if self._probs is None:
+            self._probs = (self._given_probs / self._given_probs.sum(-1, keepdim=True)
+                           if self._given_probs is not None else torch.softmax(self._x, -1))
+        return self._probs
+
+    @property
+    def mode(self) -> Tensor:
+        """The most probable action of each row (first of ties), without a softmax."""
+        return self._x.argmax(-1)
+
+    @property
+    def mean(self) -> Tensor:
+        return torch.full(self.batch_shape, float("nan"), dtype=self._x.dtype, device=self._x.device)
+
+    variance = mean
+
+    # --- sampling ---------------------------------------------------------------
+    def sample(self, sample_shape=torch.Size(), *, num_samples: Optional[int] = None,
+               generator: Optional[torch.Generator] = None) -> Tensor:
+        """Draw actions (int64, no gradient).
+
+        ``sample()`` gives ``batch_shape``; ``sample(sample_shape)`` gives
+        ``sample_shape + batch_shape`` as torch does; ``sample(num_samples=S)``
+        gives ``batch_shape + (S,)``, pgest's layout (S draws of each row,
+        what ``log_prob`` takes directly)."""
+        if num_samples is not None:
+            if tuple(sample_shape):
+                raise ValueError("pass either sample_shape or num_samples, not both")
+            s = _sample(self._x, num_samples, generator).actions
+            return s if num_samples > 1 else s.unsqueeze(-1)
+        shape = torch.Size(sample_shape)
+        n = shape.numel()
+        if not shape:
+            return _sample(self._x, 1, generator).actions
+        a = _sample(self._x, n, generator).actions if n > 1 else _sample(self._x, 1, generator).actions.unsqueeze(-1)
+        # (..., n) -> (n, ...) -> sample_shape + batch_shape
+        a = a.movedim(-1, 0) if a.dim() > 1 else a
+        return a.reshape(shape + self.batch_shape)
+
+    rsample = None  # a categorical has no reparameterised sample
+
+    # --- log-probabilities and entropy ---------------------------------------------
+    def log_prob(self, value: Tensor) -> Tensor:
+        """log p(value), differentiable. ``value`` of ``batch_shape``, or of
+        ``sample_shape + batch_shape`` (broadcast as torch does)."""
+        check_index_dtype(value, "value")
+        nat.check_device(value, "value", self._x.device, "logits")
+        batch = self.batch_shape
+        nb = len(batch)
+        if value.shape == batch:
+            out = _log_prob(self._x, value, ignore_index=None)
+            self._entropy = out.entropy
+            return out.log_prob
+        shape = torch.broadcast_shapes(value.shape, batch)
+        if shape[len(shape) - nb:] != batch:
+            raise ValueError(f"value of shape {tuple(value.shape)} does not broadcast against the batch "
+                             f"shape {tuple(batch)}")
+        lead = shape[:len(shape) - nb]
+        v = value.expand(shape).reshape((lead.numel(),) + batch)
+        out = _log_prob(self._x, v.movedim(0, -1), ignore_index=None)  # (..., n): n values of each row
+        self._entropy = out.entropy
+        return out.log_prob.movedim(-1, 0).reshape(shape)
+
+    def entropy(self) -> Tensor:
+        """Entropy per row, differentiable; free after ``log_prob`` (same pass,
+        same backward)."""
+        e = self._entropy
+        if e is None or (not e.requires_grad and self._x.requires_grad and torch.is_grad_enabled()):
+            e = self._entropy = _entropy(self._x)
+        return e
+
+    def perplexity(self) -> Tensor:
+        return torch.exp(self.entropy())
+
+    def enumerate_support(self, expand: bool = True) -> Tensor:
+        K = self.num_events
+        values = torch.arange(K, dtype=torch.long, device=self._x.device)
+        values = values.view((-1,) + (1,) * len(self.batch_shape))
+        return values.expand((-1,) + self.batch_shape) if expand else values
+
+    def __repr__(self) -> str:
+        return f"pgest.Categorical(logits: {tuple(self._x.shape)} {self._x.dtype})"

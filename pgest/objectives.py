@@ -1,0 +1,236 @@
+"""Policy-gradient objectives over per-token log-probabilities.
+
+Everything here is elementwise over (rows,) or (rows, T) tensors (T tokens or
+samples per row; a (rows,) tensor is rows sequences of one token), so it
+composes with :func:`pgest.log_prob`, :class:`pgest.Categorical`, the
+logits-level ops, or any other source of log-probabilities: autograd carries
+the per-token gradients back to whatever produced them, and pgest's fused
+backward turns them into the logits' gradient in one pass.
+
+Notation: ``lp`` the current log-probabilities (differentiable), ``old`` the
+log-probabilities when the data was collected, ``A`` advantages, ``m`` the
+mask (1 for a token that counts), ``r = exp(lp - old)`` the importance ratio.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def _check_like(t, ref: Tensor, name: str, floating: bool = True) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} must have shape {tuple(ref.shape)} like log_prob, got {tuple(t.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but log_prob is on {ref.device}")
+
+
+def _mask_of(mask: Optional[Tensor], ref: Tensor) -> Tensor:
+    if mask is None:
+        return torch.ones_like(ref)
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    _check_like(mask, ref, "mask", floating=False)
+    return mask.to(ref.dtype)
+
+
+def _tokens_2d(t: Tensor) -> Tensor:
+    if t.dim() == 1:
+        return t.unsqueeze(-1)
+    if t.dim() == 2:
+        return t
+    raise ValueError(f"expected (rows,) or (rows, T) per-token values, got shape {tuple(t.shape)}")
+
+
+def aggregate(values: Tensor, mask: Optional[Tensor] = None, mode: str = "token-mean",
+              normalizer: Optional[float] = None) -> Tensor:
+    """Reduce per-token values ``l`` (rows,) or (rows, T) to a scalar loss.
+
+    Modes (names as in verl and TRL), with ``n`` rows (sequences) and ``m`` the mask:
+      - ``token-mean``: sum(l m) / sum(m) (DAPO, Yu et al. 2025: every token
+        weighs the same). ``normalizer``: the token count to divide by instead,
+        e.g. the global count across data-parallel ranks.
+      - ``seq-mean-token-sum``: (1/n) sum_i sum_t l_it m_it. ``normalizer``
+        replaces n.
+      - ``seq-mean-token-mean``: (1/n) sum_i [sum_t l_it m_it / sum_t m_it]
+        (GRPO, Shao et al. 2024). A row with no token counts as 0 in the mean.
+        ``normalizer`` replaces n.
+      - ``seq-mean-token-sum-norm``: (1/n) sum_i sum_t l_it m_it / L with a
+        constant L (Dr. GRPO, Liu et al. 2025: no length bias). L is
+        ``normalizer``, or T (the padded length) when it is None.
+    An unknown mode, a non-positive normalizer, or a mask of another shape raises.
+    """
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}; got {mode!r}")
+    if not isinstance(values, Tensor) or not values.dtype.is_floating_point:
+        raise TypeError("values must be a float tensor")
+    m = _mask_of(mask, values)
+    if normalizer is not None:
+        if isinstance(normalizer, bool) or not isinstance(normalizer, (numbers.Real, Tensor)):
+            raise TypeError(f"normalizer must be a number, got {type(normalizer).__name__}")
+        if not isinstance(normalizer, Tensor) and not normalizer > 0:
+            raise ValueError(f"normalizer must be > 0, got {normalizer}")
+    l2, m2 = _tokens_2d(values), _tokens_2d(m)
+    masked = l2 * m2
+    if mode == "token-mean":
+        den = m2.sum() if normalizer is None else normalizer
+        return masked.sum() / den
+    n = l2.shape[0] if normalizer is None or mode == "seq-mean-token-sum-norm" else normalizer
+    if mode == "seq-mean-token-sum":
+        return masked.sum() / n
+    if mode == "seq-mean-token-mean":
+        count = m2.sum(-1)
+        per_seq = masked.sum(-1) / count.clamp_min(1)
+        return per_seq.sum() / n
+    L = l2.shape[1] if normalizer is None else normalizer
+    return masked.sum() / (l2.shape[0] * L)
+
+
+def _clip_range(clip) -> Tuple[float, float]:
+    if isinstance(clip, (tuple, list)):
+        if len(clip) != 2:
+            raise ValueError(f"clip must be a float or (low, high), got {clip!r}")
+        low, high = clip
+    else:
+        low = high = clip
+    for v, name in ((low, "low"), (high, "high")):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < float("inf"):
+            raise ValueError(f"clip {name} must be a finite number >= 0, got {v!r}")
+    if low >= 1:
+        raise ValueError(f"clip low must be < 1 (the ratio is clipped to [1 - low, 1 + high]), got {low}")
+    return float(low), float(high)
+
+
+def ppo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, *,
+             clip: Union[float, Tuple[float, float]] = 0.2, dual_clip: Optional[float] = None,
+             mask: Optional[Tensor] = None, aggregation: str = "token-mean",
+             normalizer: Optional[float] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The clipped surrogate of PPO (Schulman et al. 2017), per token:
+
+        l = max(-A r, -A clip(r, 1 - low, 1 + high)),   r = exp(lp - old)
+
+    ``clip`` = eps or (low, high) (asymmetric, DAPO's clip-higher). With
+    ``dual_clip`` = c > 1 (Ye et al. 2020), tokens with A < 0 are also bounded:
+    l = min(l, -A c). Reduced by :func:`aggregate` (``aggregation``, ``mask``,
+    ``normalizer``). GRPO is this loss with group-normalised advantages
+    (:func:`pgest.baselines.group_normalize`) and ``seq-mean-token-mean``.
+
+    Returns ``(loss, metrics)``; metrics, detached, over the tokens that count:
+    ``clip_fraction`` (share of tokens where clipping changed the loss),
+    ``approx_kl`` (k3 estimate of KL(old || new): mean of (r - 1) - log r),
+    ``ratio_mean``, and ``dual_clip_fraction`` when dual clipping is on.
+    """
+    if not isinstance(log_prob, Tensor) or not log_prob.dtype.is_floating_point:
+        raise TypeError("log_prob must be a float tensor")
+    _check_like(old_log_prob, log_prob, "old_log_prob")
+    _check_like(advantages, log_prob, "advantages")
+    low, high = _clip_range(clip)
+    if dual_clip is not None and (isinstance(dual_clip, bool) or not isinstance(dual_clip, numbers.Real)
+                                  or not 1 < dual_clip < float("inf")):
+        raise ValueError(f"dual_clip must be a finite number > 1, got {dual_clip!r}")
+    m = _mask_of(mask, log_prob)
+    adv = advantages.detach()
+    log_ratio = log_prob - old_log_prob.detach()
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - low, 1.0 + high)
+    loss = torch.maximum(unclipped, clipped)
+    metrics = {}
+    with torch.no_grad():
+        count = m.sum().clamp_min(1)
+        metrics["clip_fraction"] = ((clipped > unclipped).to(m.dtype) * m).sum() / count
+        lr = log_ratio.detach()
+        metrics["approx_kl"] = ((torch.expm1(lr) - lr) * m).sum() / count
+        metrics["ratio_mean"] = (ratio.detach() * m).sum() / count
+    if dual_clip is not None:
+        bound = -adv * dual_clip
+        dual = (adv < 0) & (loss > bound)
+        loss = torch.where(dual, bound, loss)
+        with torch.no_grad():
+            metrics["dual_clip_fraction"] = (dual.to(m.dtype) * m).sum() / count
+    return aggregate(loss, m, aggregation, normalizer), metrics
+
+
+def policy_gradient_loss(log_prob: Tensor, advantages: Tensor, *, mask: Optional[Tensor] = None,
+                         aggregation: str = "token-mean", normalizer: Optional[float] = None) -> Tensor:
+    """REINFORCE surrogate -A lp (Williams 1992), aggregated; advantages are
+    constants (RLOO, GRPO without ratio, REINFORCE++)."""
+    if not isinstance(log_prob, Tensor) or not log_prob.dtype.is_floating_point:
+        raise TypeError("log_prob must be a float tensor")
+    _check_like(advantages, log_prob, "advantages")
+    return aggregate(-advantages.detach() * log_prob, mask, aggregation, normalizer)
+
+
+def kl_penalty(log_prob: Tensor, ref_log_prob: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi, with
+    delta = ref - lp (Schulman 2020, "Approximating KL Divergence"):
+
+      - ``k1``: -delta (unbiased, high variance, can be negative)
+      - ``k2``: delta^2 / 2 (biased, low variance)
+      - ``k3``: exp(delta) - delta - 1 (unbiased, >= 0; GRPO's choice)
+
+    Differentiable in ``log_prob``; ``ref_log_prob`` is a constant. Aggregate
+    with :func:`aggregate` and add ``beta *`` it to the loss.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {', '.join(KL_ESTIMATORS)}; got {estimator!r}")
+    if not isinstance(log_prob, Tensor) or not log_prob.dtype.is_floating_point:
+        raise TypeError("log_prob must be a float tensor")
+    _check_like(ref_log_prob, log_prob, "ref_log_prob")
+    delta = ref_log_prob.detach() - log_prob
+    if estimator == "k1":
+        return -delta
+    if estimator == "k2":
+        return 0.5 * delta * delta
+    return torch.expm1(delta) - delta
+
+
+def importance_weights(log_prob: Tensor, behaviour_log_prob: Tensor, *, level: str = "token",
+                       mode: str = "truncate", cap: float = 2.0, mask: Optional[Tensor] = None) -> Tensor:
+    """Truncated importance-sampling correction for a sampler whose
+    log-probabilities differ from the trainer's (TIS, Yao et al. 2025;
+    IMPALA's truncation, Espeholt et al. 2018). Detached weights of the shape
+    of ``log_prob`` to multiply into the per-token loss:
+
+      - ``level="token"``: w_t = exp(lp_t - b_t)
+      - ``level="sequence"``: w_i = exp(sum_t m_it (lp_it - b_it)), the same
+        for every token of row i
+      - ``mode="truncate"``: min(w, cap); ``mode="mask"``: w where w <= cap,
+        else 0 (the token or sequence is dropped).
+    """
+    if level not in ("token", "sequence"):
+        raise ValueError(f"level must be 'token' or 'sequence', got {level!r}")
+    if mode not in ("truncate", "mask"):
+        raise ValueError(f"mode must be 'truncate' or 'mask', got {mode!r}")
+    if isinstance(cap, bool) or not isinstance(cap, numbers.Real) or not cap > 0:
+        raise ValueError(f"cap must be a number > 0, got {cap!r}")
+    if not isinstance(log_prob, Tensor) or not log_prob.dtype.is_floating_point:
+        raise TypeError("log_prob must be a float tensor")
+    _check_like(behaviour_log_prob, log_prob, "behaviour_log_prob")
+    m = _mask_of(mask, log_prob)
+    with torch.no_grad():
+        diff = (log_prob - behaviour_log_prob) * m
+        if level == "sequence":
+            diff = _tokens_2d(diff).sum(-1, keepdim=True).expand(_tokens_2d(diff).shape).reshape(log_prob.shape)
+        w = torch.exp(diff)
+        if mode == "truncate":
+            return torch.clamp(w, max=cap)
+        return torch.where(w <= cap, w, torch.zeros_like(w))
+
+
+def entropy_bonus(entropy: Tensor, coef: float, *, mask: Optional[Tensor] = None,
+                  aggregation: str = "token-mean", normalizer: Optional[float] = None) -> Tensor:
+    """-coef * aggregate(H): add to the loss to reward exploration (Williams
+    and Peng 1991; PPO's c2 term)."""
+    if isinstance(coef, bool) or not isinstance(coef, numbers.Real):
+        raise TypeError(f"coef must be a number, got {type(coef).__name__}")
+    return -coef * aggregate(entropy, mask, aggregation, normalizer)

@@ -1,0 +1,115 @@
+import pytest
+import torch
+from scipy import stats
+from torch.distributions import Categorical as TorchCategorical
+
+import pgest
+
+
+def test_same_log_prob_entropy_and_gradients_as_torch():
+    torch.manual_seed(0)
+    x = torch.randn(32, 6, dtype=torch.float64, requires_grad=True)
+    xt = x.detach().clone().requires_grad_()
+    a = torch.randint(0, 6, (32,))
+    ours, theirs = pgest.Categorical(logits=x), TorchCategorical(logits=xt)
+    lp, ent = ours.log_prob(a), ours.entropy()
+    lpt, entt = theirs.log_prob(a), theirs.entropy()
+    torch.testing.assert_close(lp, lpt, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, entt, rtol=1e-12, atol=1e-12)
+    w = torch.randn(32, dtype=torch.float64)
+    ((lp * w).sum() - 0.01 * ent.sum()).backward()
+    ((lpt * w).sum() - 0.01 * entt.sum()).backward()
+    torch.testing.assert_close(x.grad, xt.grad, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(ours.probs, theirs.probs)
+    torch.testing.assert_close(ours.logits, theirs.logits)
+    assert torch.equal(ours.mode, theirs.mode)
+    assert ours.batch_shape == theirs.batch_shape and ours.event_shape == theirs.event_shape
+
+
+def test_log_prob_then_entropy_share_one_backward_node():
+    x = torch.randn(8, 5, requires_grad=True)
+    d = pgest.Categorical(logits=x)
+    lp = d.log_prob(torch.zeros(8, dtype=torch.long))
+    ent = d.entropy()
+    assert lp.grad_fn.next_functions[0][0] is ent.grad_fn.next_functions[0][0]
+
+
+def test_construction_materialises_nothing():
+    x = torch.randn(64, 1000)
+    d = pgest.Categorical(logits=x)
+    assert d._x is x and d._probs is None and d._logits is None
+
+
+def test_sample_shapes_and_log_prob_broadcast():
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 7)
+    d, t = pgest.Categorical(logits=x), TorchCategorical(logits=x)
+    assert d.sample().shape == (4, 3)
+    s = d.sample((5,))
+    assert s.shape == (5, 4, 3) and s.dtype == torch.int64
+    torch.testing.assert_close(d.log_prob(s), t.log_prob(s))
+    assert d.sample(num_samples=2).shape == (4, 3, 2)
+    v = torch.tensor(2)
+    torch.testing.assert_close(d.log_prob(v), t.log_prob(v))
+    g = torch.Generator().manual_seed(3)
+    s1 = d.sample(generator=g)
+    g.manual_seed(3)
+    assert torch.equal(s1, d.sample(generator=g))
+
+
+def test_sample_frequencies_chi_square():
+    torch.manual_seed(2)
+    logits = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0])
+    n = 40000
+    d = pgest.Categorical(logits=logits.expand(n, 5))
+    counts = torch.bincount(d.sample(), minlength=5).double()
+    p = torch.softmax(logits.double(), 0)
+    _, pvalue = stats.chisquare(counts.numpy(), (p * n).numpy())
+    assert pvalue > 1e-4
+
+
+def test_probs_constructor_matches_torch():
+    p = torch.tensor([[0.2, 0.0, 0.8], [1.0, 1.0, 2.0]])
+    d, t = pgest.Categorical(probs=p), TorchCategorical(probs=p)
+    a = torch.tensor([2, 1])
+    torch.testing.assert_close(d.log_prob(a), t.log_prob(a))
+    torch.testing.assert_close(d.entropy(), t.entropy())
+    torch.testing.assert_close(d.probs, t.probs)
+    with pytest.raises(ValueError, match="non-negative"):
+        pgest.Categorical(probs=torch.tensor([[0.5, -0.1]]))
+    with pytest.raises(ValueError, match="exactly one"):
+        pgest.Categorical()
+
+
+def test_out_of_range_action_raises():
+    d = pgest.Categorical(logits=torch.randn(3, 4))
+    with pytest.raises(IndexError, match="out of range"):
+        d.log_prob(torch.tensor([0, 4, 1]))
+    with pytest.raises(IndexError, match="out of range"):
+        d.log_prob(torch.tensor([0, -100, 1]))  # no ignore_index here, as torch
+
+
+def _agent_update(cat_cls, seed):
+    """One PPO-style minibatch update of a small actor written as CleanRL
+    writes it; the actions are given so both classes see the same data."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    obs = torch.randn(64, 4, dtype=torch.float64)
+    actions = torch.randint(0, 3, (64,))
+    old_lp = torch.log_softmax(net(obs), -1).gather(1, actions[:, None]).squeeze(1).detach() + 0.05
+    adv = torch.randn(64, dtype=torch.float64)
+    dist = cat_cls(logits=net(obs))
+    lp, ent = dist.log_prob(actions), dist.entropy()
+    ratio = (lp - old_lp).exp()
+    loss = torch.max(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean() - 0.01 * ent.mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def test_agent_update_is_the_same_as_with_torchs_class():
+    for seed in range(3):
+        for p, q in zip(_agent_update(pgest.Categorical, seed), _agent_update(TorchCategorical, seed)):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)

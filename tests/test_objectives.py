@@ -1,0 +1,152 @@
+"""pgest.objectives against plain PyTorch written here, independently, and
+hand-computed small cases."""
+import math
+
+import pytest
+import torch
+
+from pgest import objectives as obj
+
+
+def _ppo_plain(lp, old, adv, low, high, dual=None):
+    out = []
+    for l, o, a in zip(lp.tolist(), old.tolist(), adv.tolist()):
+        r = math.exp(l - o)
+        v = max(-a * r, -a * min(max(r, 1 - low), 1 + high))
+        if dual is not None and a < 0:
+            v = min(v, -a * dual)
+        out.append(v)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_ppo_hand_computed_clipping_both_sides():
+    # ratios e^0.5 = 1.65 (A > 0: clipped at 1.2), e^-0.5 = 0.61 (A < 0:
+    # clipped at 0.8), 1.0 (not clipped)
+    lp = torch.tensor([0.5, -0.5, 0.0], dtype=torch.float64, requires_grad=True)
+    old = torch.zeros(3, dtype=torch.float64)
+    adv = torch.tensor([2.0, -1.0, 3.0], dtype=torch.float64)
+    loss, m = obj.ppo_loss(lp, old, adv, clip=0.2, aggregation="token-mean")
+    expect = (-2.0 * 1.2 + 1.0 * 0.8 - 3.0) / 3
+    assert abs(loss.item() - expect) < 1e-12
+    assert abs(m["clip_fraction"].item() - 2 / 3) < 1e-12
+    loss.backward()
+    # clipped tokens carry no gradient; the unclipped one: d(-A r)/dlp = -A r / 3
+    torch.testing.assert_close(lp.grad, torch.tensor([0.0, 0.0, -1.0], dtype=torch.float64))
+    k3 = ((math.exp(0.5) - 1 - 0.5) + (math.exp(-0.5) - 1 + 0.5)) / 3
+    assert abs(m["approx_kl"].item() - k3) < 1e-12
+    assert abs(m["ratio_mean"].item() - (math.exp(0.5) + math.exp(-0.5) + 1) / 3) < 1e-12
+
+
+def test_ppo_dual_clip_and_asymmetric_range_against_plain():
+    torch.manual_seed(0)
+    lp = torch.randn(200, dtype=torch.float64)
+    old = torch.randn(200, dtype=torch.float64)
+    adv = torch.randn(200, dtype=torch.float64) * 2
+    loss, m = obj.ppo_loss(lp, old, adv, clip=(0.2, 0.28), dual_clip=3.0)
+    ref = _ppo_plain(lp, old, adv, 0.2, 0.28, dual=3.0).mean()
+    assert abs(loss.item() - ref.item()) < 1e-12
+    r = (lp - old).exp()
+    dual_active = ((adv < 0) & (-adv * r > -adv * 3.0)).double().mean()
+    assert dual_active > 0 and abs(m["dual_clip_fraction"].item() - dual_active.item()) < 1e-12
+
+
+def test_masked_tokens_and_sequence_of_length_one():
+    lp = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.0, 0.0]], dtype=torch.float64)
+    old = torch.zeros_like(lp)
+    adv = torch.tensor([[1.0, 1.0, 1.0], [-2.0, 5.0, 5.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    per_tok = _ppo_plain(lp.flatten(), old.flatten(), adv.flatten(), 0.2, 0.2).view(2, 3)
+    mk = mask.double()
+    cases = {
+        "token-mean": (per_tok * mk).sum() / 4,
+        "seq-mean-token-sum": (per_tok * mk).sum() / 2,
+        "seq-mean-token-mean": ((per_tok[0] * mk[0]).sum() / 3 + per_tok[1, 0]) / 2,
+        "seq-mean-token-sum-norm": (per_tok * mk).sum() / (2 * 3),
+    }
+    for mode, expect in cases.items():
+        loss, _ = obj.ppo_loss(lp, old, adv, mask=mask, aggregation=mode)
+        assert abs(loss.item() - expect.item()) < 1e-12, mode
+    # an explicit global normaliser (data-parallel token count)
+    loss, _ = obj.ppo_loss(lp, old, adv, mask=mask, aggregation="token-mean", normalizer=10)
+    assert abs(loss.item() - (per_tok * mk).sum().item() / 10) < 1e-12
+    # (rows,) input: every row a sequence of one token
+    loss, _ = obj.ppo_loss(lp[:, 0], old[:, 0], adv[:, 0], aggregation="seq-mean-token-mean")
+    assert abs(loss.item() - per_tok[:, 0].mean().item()) < 1e-12
+
+
+def test_kl_estimators():
+    lp = torch.tensor([-1.0, -0.5, -2.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([-1.2, -0.5, -1.0], dtype=torch.float64)
+    d = ref - lp.detach()
+    torch.testing.assert_close(obj.kl_penalty(lp, ref, "k1"), -d)
+    torch.testing.assert_close(obj.kl_penalty(lp, ref, "k2"), d * d / 2)
+    k3 = obj.kl_penalty(lp, ref, "k3")
+    torch.testing.assert_close(k3.detach(), torch.exp(d) - d - 1)
+    assert (k3 >= 0).all()
+    k3.sum().backward()
+    torch.testing.assert_close(lp.grad, 1 - torch.exp(d))  # d/dlp [e^(ref-lp) - (ref-lp) - 1]
+
+
+def test_k3_is_unbiased_for_kl():
+    torch.manual_seed(1)
+    p = torch.distributions.Categorical(logits=torch.randn(10, dtype=torch.float64))
+    q = torch.distributions.Categorical(logits=torch.randn(10, dtype=torch.float64))
+    a = p.sample((200000,))
+    est = obj.kl_penalty(p.log_prob(a), q.log_prob(a), "k3")
+    exact = torch.distributions.kl_divergence(p, q)
+    se = est.std() / math.sqrt(len(est))
+    assert abs(est.mean() - exact) < 5 * se
+
+
+def test_importance_weights():
+    lp = torch.tensor([[0.0, 1.0], [0.5, -0.5]], dtype=torch.float64)
+    b = torch.zeros_like(lp)
+    w = obj.importance_weights(lp, b, cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([[1.0, 2.0], [math.exp(0.5), math.exp(-0.5)]], dtype=torch.float64))
+    w = obj.importance_weights(lp, b, cap=2.0, mode="mask")
+    assert w[0, 1] == 0
+    mask = torch.tensor([[1, 1], [1, 0]])
+    w = obj.importance_weights(lp, b, level="sequence", cap=10.0, mask=mask)
+    torch.testing.assert_close(w, torch.tensor([[math.e, math.e], [math.exp(0.5)] * 2], dtype=torch.float64))
+    assert not w.requires_grad
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: obj.aggregate(torch.ones(3), mode="seq-sum"), ValueError, "aggregation"),
+        (lambda: obj.aggregate(torch.ones(3), normalizer=0), ValueError, "normalizer"),
+        (lambda: obj.ppo_loss(torch.ones(3), torch.ones(2), torch.ones(3)), ValueError, "old_log_prob"),
+        (lambda: obj.ppo_loss(torch.ones(3), torch.ones(3), torch.ones(3), clip=1.5), ValueError, "clip low"),
+        (lambda: obj.ppo_loss(torch.ones(3), torch.ones(3), torch.ones(3), dual_clip=0.5), ValueError, "dual_clip"),
+        (lambda: obj.ppo_loss(torch.ones(3), torch.ones(3), torch.ones(3), mask=torch.ones(2)), ValueError, "mask"),
+        (lambda: obj.kl_penalty(torch.ones(3), torch.ones(3), "k4"), ValueError, "estimator"),
+        (lambda: obj.aggregate(torch.ones(2, 2, 2)), ValueError, "rows"),
+    ],
+)
+def test_bad_arguments(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_composes_with_log_prob_through_one_backward():
+    import pgest
+    torch.manual_seed(2)
+    x = torch.randn(4, 3, 20, dtype=torch.float64, requires_grad=True)  # 4 sequences of 3 tokens
+    a = torch.randint(0, 20, (4, 3))
+    old = torch.log_softmax(x.detach(), -1).gather(-1, a[..., None]).squeeze(-1) + 0.1
+    adv = torch.randn(4, 1, dtype=torch.float64).expand(4, 3)
+    lp, ent = pgest.log_prob(x, a)
+    loss, _ = obj.ppo_loss(lp, old, adv, aggregation="seq-mean-token-mean")
+    loss = loss + obj.entropy_bonus(ent, 0.01) + 0.1 * obj.aggregate(obj.kl_penalty(lp, old))
+    (g,) = torch.autograd.grad(loss, x)
+    xr = x.detach().clone().requires_grad_()
+    ls = torch.log_softmax(xr, -1)
+    lpr = ls.gather(-1, a[..., None]).squeeze(-1)
+    entr = -(ls.exp() * ls).sum(-1)
+    r = (lpr - old).exp()
+    per = torch.max(-adv * r, -adv * r.clamp(0.8, 1.2))
+    ref = per.mean(-1).mean() - 0.01 * entr.mean() + 0.1 * (torch.exp(old - lpr) - (old - lpr) - 1).mean()
+    (gr,) = torch.autograd.grad(ref, xr)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, gr, rtol=1e-10, atol=1e-13)
