@@ -99,14 +99,57 @@ PGEST_HD ChunkStats<Acc> chunk_stats(const T* x, int len, Acc running_max) {
   return st;
 }
 
+// A row of at most kLanes entries: the same numbers as chunk_stats on the
+// row padded with -inf (lane l holds entry l alone, the lanes meet in
+// tree_sum, and the rescale to the row max is by exp(0) = 1 exactly), in
+// scalar code without the vector pass's fixed cost, which is most of the
+// work at the action-space sizes of classic RL (K = 2 to 16).
+template <bool kWithEntropy, class T, class Acc>
+inline RowStats<Acc> small_row_stats(const T* x, int64_t cols, Acc* weights, Acc* chunk_max) {
+  const Acc kInf = Acc(INFINITY);
+  Acc v[kLanes], e[kLanes], dot[kLanes];
+  Acc m = -kInf;
+  for (int j = 0; j < int(cols); ++j) {
+    v[j] = load<Acc>(x[j]);
+    m = v[j] > m ? v[j] : m;  // NaN never wins: caught by the sum below
+  }
+  RowStats<Acc> r{m, 0.0, 0.0, -1};
+  if (m == -kInf) {
+    for (int j = 0; j < int(cols); ++j)
+      if (v[j] != v[j]) { r.bad_col = j; break; }
+    return r;
+  }
+  for (int j = 0; j < int(cols); ++j) {
+    const Acc d = v[j] - m;
+    e[j] = exp_nonpos(d);
+    dot[j] = e[j] > Acc(0) ? e[j] * d : Acc(0);
+  }
+  for (int j = int(cols); j < kLanes; ++j) e[j] = dot[j] = Acc(0);
+  const Acc sum = tree_sum(e);
+  if (!(sum <= Acc(kLanes) * Acc(6.3e27))) {
+    for (int j = 0; j < int(cols); ++j)
+      if (!(v[j] < kInf)) { r.bad_col = j; break; }
+    return r;
+  }
+  chunk_max[0] = m;
+  weights[0] = sum;
+  r.z = double(sum);
+  if (kWithEntropy) {
+    weights[1] = tree_sum(dot);
+    r.ex_dot = double(weights[1]);
+  }
+  return r;
+}
+
 // The single pass over a row of `cols` entries. `weights` needs
 // 2 * num_chunks(cols) entries and `chunk_max` num_chunks(cols); `pad` is
 // scratch for one chunk.
 template <bool kWithEntropy, class T, class Acc>
 inline RowStats<Acc> row_stats(const T* x, int64_t cols, Acc* weights, Acc* chunk_max, Acc* pad) {
+  if (cols <= kLanes) return small_row_stats<kWithEntropy>(x, cols, weights, chunk_max);
   const Acc kInf = Acc(INFINITY);
   const int64_t nc = num_chunks(cols);
-  RowStats<Acc> r{-kInf, Acc(0), Acc(0), -1};
+  RowStats<Acc> r{-kInf, 0.0, 0.0, -1};
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t k = c * kChunk;
     ChunkStats<Acc> st;
