@@ -44,6 +44,7 @@ class Categorical:
     """
 
     has_enumerate_support = True
+    has_rsample = False  # a categorical has no reparameterised sample
     arg_constraints = {}
 
     def __init__(self, probs: Optional[Tensor] = None, logits: Optional[Tensor] = None,
@@ -133,7 +134,6 @@ class Categorical:
         a = a.movedim(-1, 0) if a.dim() > 1 else a
         return a.reshape(shape + self.batch_shape)
 
-    rsample = None  # a categorical has no reparameterised sample
 
     # --- log-probabilities and entropy ---------------------------------------------
     def log_prob(self, value: Tensor) -> Tensor:

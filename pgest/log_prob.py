@@ -202,11 +202,16 @@ class _LogProbFn(torch.autograd.Function):
 
 
 def traced() -> bool:
-    """Whether the registered ops must be used: torch.compile, or a functorch
-    transform (torch.func.grad, vmap), which cannot see through data pointers."""
+    """Whether the registered ops must be used (under torch.compile). Raises
+    under functorch transforms (torch.func.grad, vmap), which neither route
+    supports yet, with what to do instead of torch's internal message."""
     if torch.compiler.is_compiling():
         return True
-    return torch._C._are_functorch_transforms_active()
+    if torch._C._are_functorch_transforms_active():
+        raise NotImplementedError(
+            "pgest ops do not support torch.func transforms (grad, vmap, jacrev) yet: compute gradients "
+            "with loss.backward() or torch.autograd.grad, and batch by adding leading dimensions")
+    return False
 
 
 def rows_pair(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int]) -> Tuple[Tensor, Tensor]:

@@ -3,8 +3,11 @@ autograd op whose forward reads the logits once and whose backward reads them
 once and writes the gradient once. It saves the logits (no copy) and O(rows)
 statistics, never a softmax.
 
-Registered as the torch ops ``pgest::policy_loss`` and
-``pgest::policy_loss_backward``; :func:`pgest.reinforce` uses the same pair.
+A thin user of pgest.log_prob's kernels (csrc/include/pgest/log_prob.h): the
+forward is log_prob's with the weighted sum fused in, the backward is
+log_prob's with g_s = -grad_loss * advantage_s and g_H = -grad_loss * beta.
+Registered as ``pgest::policy_loss`` and ``pgest::policy_loss_backward`` for
+torch.compile; eager calls go to the native code directly.
 """
 from __future__ import annotations
 
