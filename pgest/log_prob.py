@@ -134,7 +134,7 @@ def log_prob_rows(logits: Tensor, actions: Optional[Tensor], ignore_index: Optio
     """(R, K) logits, (R, S) integer actions (or None: entropy only) ->
     (log_prob (R, S), entropy (R,), stats (2, R) = [row max, log Z])."""
     check_rows(logits, actions)
-    lp, ent, st, _ = forward_rows(logits, _index_tensor(actions), ignore_index)
+    lp, ent, st, _ = forward_rows(logits, index_tensor(actions), ignore_index)
     return lp, ent, st
 
 
@@ -154,7 +154,7 @@ def log_prob_backward(grad_log_prob: Optional[Tensor], grad_entropy: Optional[Te
     (either may be None): one read of the logits, every entry written once."""
     check_rows(logits, actions)
     check_stats(logits, stats, entropy)
-    return backward_rows(logits, _index_tensor(actions), ignore_index, stats, entropy,
+    return backward_rows(logits, index_tensor(actions), ignore_index, stats, entropy,
                          grad_log_prob=grad_log_prob, grad_entropy=grad_entropy)
 
 
@@ -228,7 +228,7 @@ def rows_pair(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int])
 
 # ---- argument checks ---------------------------------------------------------
 
-def _index_tensor(actions: Optional[Tensor]) -> Optional[Tensor]:
+def index_tensor(actions: Optional[Tensor]) -> Optional[Tensor]:
     if actions is None:
         return None
     if actions.dtype != torch.int64 or not actions.is_contiguous():
@@ -342,7 +342,7 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
     nat.check_device(actions, "actions", logits.device, "logits")
     lead = logits.shape[:-1]
     try:
-        lp, ent = rows_pair(rows_of(logits), _index_tensor(actions.reshape(-1, S)), ii)
+        lp, ent = rows_pair(rows_of(logits), index_tensor(actions.reshape(-1, S)), ii)
     except (ValueError, IndexError) as e:
         raise type(e)(nat.unflatten_message(str(e), lead)) from None
     return LogProb(lp.view(actions.shape), ent.view(lead))

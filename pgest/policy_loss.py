@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import _native as nat
 from .log_prob import (actions_per_row, backward_rows, check_ignore_index, check_logits, check_rows, check_stats,
-                       forward_rows, rows_of, traced)
+                       forward_rows, index_tensor, rows_of, traced)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -45,7 +45,7 @@ def policy_loss_rows(logits: Tensor, actions: Tensor, weights: Tensor, entropy_w
     _check_weights(logits, actions, weights)
     if stats is not None:
         check_stats(logits, stats, entropy)
-    _, ent, st, loss = forward_rows(logits, actions.to(torch.int64).contiguous(), ignore_index,
+    _, ent, st, loss = forward_rows(logits, index_tensor(actions), ignore_index,
                                     weights=weights.contiguous(), entropy_weight=entropy_weight,
                                     want_entropy=entropy_weight != 0.0, stats=stats, entropy=entropy)
     return loss, st, ent
@@ -68,7 +68,7 @@ def policy_loss_backward(grad_loss: Tensor, logits: Tensor, actions: Tensor, wei
     check_stats(logits, stats, entropy)
     if grad_loss.shape != (logits.shape[0],):
         raise ValueError(f"grad_loss must have shape ({logits.shape[0]},), got {tuple(grad_loss.shape)}")
-    return _backward_rows(grad_loss, logits, actions.to(torch.int64).contiguous(), weights, stats, entropy,
+    return _backward_rows(grad_loss, logits, index_tensor(actions), weights, stats, entropy,
                           entropy_weight, ignore_index)
 
 
@@ -186,9 +186,7 @@ def policy_loss(
     ii = check_ignore_index(ignore_index)
 
     acc = nat.stats_dtype(logits.dtype)
-    a2 = actions.reshape(-1, S)
-    if a2.dtype != torch.int64 or not a2.is_contiguous():
-        a2 = a2.to(torch.int64).contiguous()
+    a2 = index_tensor(actions.reshape(-1, S))
     w2 = advantages.detach().reshape(-1, S)
     if w2.dtype != acc or not w2.is_contiguous():
         w2 = w2.to(acc).contiguous()
