@@ -143,6 +143,9 @@ PYBIND11_MODULE(_C, m) {
       .PTR_PROPERTY(ReinforceGradArgs, actions, int64_t*)
       .PTR_PROPERTY(ReinforceGradArgs, rewards, float*)
       .PTR_PROPERTY(ReinforceGradArgs, grad, void*)
+      .PTR_PROPERTY(ReinforceGradArgs, order, int64_t*)
+      .PTR_PROPERTY(ReinforceGradArgs, unnormalised, int32_t*)
+      .def_readwrite("normalised_tol", &ReinforceGradArgs::normalised_tol)
       .def_readwrite("num_threads", &ReinforceGradArgs::num_threads);
 
   py::class_<SampleArgs>(m, "SampleArgs")
@@ -190,6 +193,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("log_prob_scale", &LogProbArgs::log_prob_scale)
       .def_readwrite("entropy_scale", &LogProbArgs::entropy_scale)
       .PTR_PROPERTY(LogProbArgs, grad, void*)
+      .PTR_PROPERTY(LogProbArgs, order, int64_t*)
       .def_readwrite("num_threads", &LogProbArgs::num_threads);
 
   py::class_<ReturnsArgs>(m, "ReturnsArgs")

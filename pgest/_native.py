@@ -2,6 +2,7 @@
 into exceptions that name the argument at fault."""
 from __future__ import annotations
 
+import math
 import re
 
 import torch  # noqa: F401  (loads torch's OpenMP runtime first, so _C shares it)
@@ -34,6 +35,7 @@ UNSUPPORTED_DTYPE = 6
 OUT_OF_MEMORY = 8
 CUDA_ERROR = 9
 ACTION_OUT_OF_RANGE = 11
+PAIRWISE_SAMPLES = 16  # kPairwiseSamples of csrc/include/pgest/action_groups.h
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,8 +85,13 @@ def raise_for_status(result, *, input_name: str, num_actions: int, table_is_vect
         raise IndexError(f"labels[{row}] = {index} is out of range for {num_actions} actions")
     if status == NONFINITE_REWARD:
         where = f"reward_table[{col}]" if table_is_vector else f"reward_table[{row}, {col}]"
+        if math.isfinite(value):
+            raise ValueError(f"{where} = {value} (sampled in row {row}) overflows float32, the type rewards "
+                             "are kept in")
         raise ValueError(f"{where} is {value} (sampled in row {row}): rewards must be finite")
     if status == NONFINITE_BASELINE:
+        if math.isfinite(value):
+            raise ValueError(f"baseline[{row}] = {value} overflows float32, the type rewards are kept in")
         raise ValueError(f"baseline[{row}] is {value}: baselines must be finite")
     if status == OUT_OF_MEMORY:
         raise MemoryError("pgest: could not allocate per-thread scratch")
@@ -93,9 +100,32 @@ def raise_for_status(result, *, input_name: str, num_actions: int, table_is_vect
     raise RuntimeError(f"pgest kernel failed with status {status} (row {row}, col {col}, index {index})")
 
 
-def check_float_tensor(x, name: str) -> None:
+def check_tensor(x, name: str, what: str = "a torch.Tensor") -> None:
+    """A dense (strided) tensor: the kernels index raw memory by strides,
+    which sparse and other layouts do not have."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be {what}, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense tensor, got layout {x.layout}: pass {name}.to_dense()")
+
+
+def as_int64(t: torch.Tensor, name: str, num_actions: int) -> torch.Tensor:
+    """An integer index tensor as int64. uint64 entries above 2^63 - 1 would
+    wrap to negative numbers in the cast: they are reported as the values the
+    caller passed."""
+    if t.dtype == torch.uint64:
+        v = t.contiguous().view(torch.int64)
+        big = (v < 0).nonzero()
+        if big.numel():
+            at = ", ".join(str(int(i)) for i in big[0])
+            raise IndexError(f"{name}[{at}] = {int(v[tuple(big[0])]) + 2**64} is out of range for "
+                             f"{num_actions} actions")
+        return v
+    return t if t.dtype == torch.int64 else t.to(torch.int64)
+
+
+def check_float_tensor(x, name: str) -> None:
+    check_tensor(x, name)
     if x.dtype not in DTYPE_CODES:
         raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
 

@@ -134,7 +134,7 @@ def log_prob_rows(logits: Tensor, actions: Optional[Tensor], ignore_index: Optio
     """(R, K) logits, (R, S) integer actions (or None: entropy only) ->
     (log_prob (R, S), entropy (R,), stats (2, R) = [row max, log Z])."""
     check_rows(logits, actions)
-    lp, ent, st, _ = forward_rows(logits, index_tensor(actions), ignore_index)
+    lp, ent, st, _ = forward_rows(logits, index_tensor(actions, logits.shape[1]), ignore_index)
     return lp, ent, st
 
 
@@ -154,7 +154,7 @@ def log_prob_backward(grad_log_prob: Optional[Tensor], grad_entropy: Optional[Te
     (either may be None): one read of the logits, every entry written once."""
     check_rows(logits, actions)
     check_stats(logits, stats, entropy)
-    return backward_rows(logits, index_tensor(actions), ignore_index, stats, entropy,
+    return backward_rows(logits, index_tensor(actions, logits.shape[1]), ignore_index, stats, entropy,
                          grad_log_prob=grad_log_prob, grad_entropy=grad_entropy)
 
 
@@ -228,11 +228,12 @@ def rows_pair(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int])
 
 # ---- argument checks ---------------------------------------------------------
 
-def index_tensor(actions: Optional[Tensor]) -> Optional[Tensor]:
+def index_tensor(actions: Optional[Tensor], num_actions: int, name: str = "actions") -> Optional[Tensor]:
+    """Contiguous int64 actions (the kernels range-check every value)."""
     if actions is None:
         return None
     if actions.dtype != torch.int64 or not actions.is_contiguous():
-        actions = actions.to(torch.int64).contiguous()
+        actions = nat.as_int64(actions, name, num_actions).contiguous()
     return actions
 
 
@@ -265,8 +266,7 @@ def check_stats(logits, stats, entropy) -> None:
 
 
 def check_index_dtype(actions, name: str = "actions") -> None:
-    if not isinstance(actions, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(actions).__name__}")
+    nat.check_tensor(actions, name, "a torch.Tensor of integers")
     if actions.dtype.is_floating_point or actions.dtype.is_complex or actions.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {actions.dtype}")
 
@@ -342,7 +342,7 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
     nat.check_device(actions, "actions", logits.device, "logits")
     lead = logits.shape[:-1]
     try:
-        lp, ent = rows_pair(rows_of(logits), index_tensor(actions.reshape(-1, S)), ii)
+        lp, ent = rows_pair(rows_of(logits), index_tensor(actions.reshape(-1, S), logits.shape[-1]), ii)
     except (ValueError, IndexError) as e:
         raise type(e)(nat.unflatten_message(str(e), lead)) from None
     return LogProb(lp.view(actions.shape), ent.view(lead))

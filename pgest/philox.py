@@ -8,6 +8,7 @@ a row depends on nothing else (thread count, batch split, instruction set).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -55,11 +56,27 @@ def uniforms(rows: int, num_samples: int, seed: int, offset: int = 0) -> torch.T
     """The (rows, num_samples) float64 uniforms in [0, 1) that a kernel keyed by
     (seed, offset) draws: sample s of row i is the inverse-CDF point u[i, s] of
     that row (its action is the first column whose running probability mass
-    exceeds u[i, s])."""
+    exceeds u[i, s]).
+
+    ``seed`` is any int64 or uint64 value (a negative int64 seed, as a
+    seed tensor may hold, is taken modulo 2^64 as the kernels take it);
+    ``offset`` is in [0, 2^64)."""
+    rows = _check_int(rows, "rows", 0, 2**63)
+    num_samples = _check_int(num_samples, "num_samples", 0, 2**63)
+    seed = _check_int(seed, "seed", -2**63, 2**64) & (2**64 - 1)
+    offset = _check_int(offset, "offset", 0, 2**64)
     out = torch.empty((rows, num_samples), dtype=torch.float64)
     if out.numel():
         _C.philox_uniform(seed, offset, rows, num_samples, out.data_ptr())
     return out
+
+
+def _check_int(value, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not low <= value < high:
+        raise ValueError(f"{name} must be in [{low}, {high}), got {value}")
+    return int(value)
 
 
 def philox4x32_10(counter, key) -> Tuple[int, int, int, int]:

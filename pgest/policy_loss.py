@@ -45,7 +45,7 @@ def policy_loss_rows(logits: Tensor, actions: Tensor, weights: Tensor, entropy_w
     _check_weights(logits, actions, weights)
     if stats is not None:
         check_stats(logits, stats, entropy)
-    _, ent, st, loss = forward_rows(logits, index_tensor(actions), ignore_index,
+    _, ent, st, loss = forward_rows(logits, index_tensor(actions, logits.shape[1]), ignore_index,
                                     weights=weights.contiguous(), entropy_weight=entropy_weight,
                                     want_entropy=entropy_weight != 0.0, stats=stats, entropy=entropy)
     return loss, st, ent
@@ -68,7 +68,7 @@ def policy_loss_backward(grad_loss: Tensor, logits: Tensor, actions: Tensor, wei
     check_stats(logits, stats, entropy)
     if grad_loss.shape != (logits.shape[0],):
         raise ValueError(f"grad_loss must have shape ({logits.shape[0]},), got {tuple(grad_loss.shape)}")
-    return _backward_rows(grad_loss, logits, index_tensor(actions), weights, stats, entropy,
+    return _backward_rows(grad_loss, logits, index_tensor(actions, logits.shape[1]), weights, stats, entropy,
                           entropy_weight, ignore_index)
 
 
@@ -186,7 +186,7 @@ def policy_loss(
     ii = check_ignore_index(ignore_index)
 
     acc = nat.stats_dtype(logits.dtype)
-    a2 = index_tensor(actions.reshape(-1, S))
+    a2 = index_tensor(actions.reshape(-1, S), logits.shape[-1])
     w2 = advantages.detach().reshape(-1, S)
     if w2.dtype != acc or not w2.is_contiguous():
         w2 = w2.to(acc).contiguous()

@@ -56,7 +56,7 @@ def reinforce_weights(actions: Tensor, labels: Optional[Tensor], reward_table: O
     R, S = actions.shape
     acc = dtype
     if labels is not None:
-        flat = labels.reshape(-1, 1).to(torch.int64)
+        flat = nat.as_int64(labels.reshape(-1), "labels", num_actions).view(-1, 1)
         bad = ((flat < 0) | (flat >= num_actions)).nonzero()
         if bad.numel():
             row = int(bad[0, 0])

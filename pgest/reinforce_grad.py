@@ -8,16 +8,26 @@ gradient itself.
 from __future__ import annotations
 
 import numbers
-from typing import NamedTuple, Optional, Union
+import warnings
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
+from torch import Tensor
 
 from . import _C
 from . import _native as nat
+from .log_prob import traced
 from .philox import next_seed_offset, seed_tensor
+from .sample import check_num_samples, check_seed
 
 BASELINE_NAMES = ("mean", "rloo")
 _KIND = {"none": 0, "constant": 1, "tensor": 2, "mean": 3, "rloo": 4}
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+# How far log sum exp of a row may be from 0 before the input is taken for
+# unnormalised logits: far above the rounding of a log_softmax output in the
+# dtype (|log p| <= ~20 at 2^-8 relative for bfloat16), far below log 2.
+_NORMALISED_TOL = {torch.float32: 1e-3, torch.float64: 1e-3, torch.float16: 0.1, torch.bfloat16: 0.1}
+_warned_unnormalised = False
 
 
 class ReinforceGrad(NamedTuple):
@@ -26,15 +36,14 @@ class ReinforceGrad(NamedTuple):
     grad: torch.Tensor     # (B, K), dtype of log_probs
 
 
-def _check_labels(labels, rows: int, device: torch.device) -> torch.Tensor:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor of integers, got {type(labels).__name__}")
+def _check_labels(labels, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    nat.check_tensor(labels, "labels", "a torch.Tensor of integers")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if labels.dim() != 1 or labels.shape[0] != rows:
         raise ValueError(f"labels must have shape ({rows},) to match log_probs, got {tuple(labels.shape)}")
     nat.check_device(labels, "labels", device, "log_probs")
-    return labels.to(torch.int64)
+    return nat.as_int64(labels.detach(), "labels", cols)
 
 
 def _check_reward_table(table, rows: int, cols: int, device: torch.device) -> torch.Tensor:
@@ -46,6 +55,14 @@ def _check_reward_table(table, rows: int, cols: int, device: torch.device) -> to
         )
     nat.check_device(table, "reward_table", device, "log_probs")
     return table.detach()
+
+
+def _check_baseline_value(value: float) -> float:
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"baseline must be finite, got {value}")
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"baseline {value} overflows float32, the type rewards are kept in")
+    return value
 
 
 def _resolve_baseline(baseline, rows: int, num_samples: int, device: torch.device):
@@ -61,22 +78,150 @@ def _resolve_baseline(baseline, rows: int, num_samples: int, device: torch.devic
     if isinstance(baseline, bool):
         raise TypeError("baseline must be None, a float, a (B,) tensor, 'mean' or 'rloo'; got a bool")
     if isinstance(baseline, numbers.Real):
-        value = float(baseline)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"baseline must be finite, got {value}")
-        return _KIND["constant"], value, None
+        return _KIND["constant"], _check_baseline_value(float(baseline)), None
     if isinstance(baseline, torch.Tensor):
-        nat.check_float_tensor(baseline, "baseline")
-        if baseline.dim() != 1 or baseline.shape[0] != rows:
-            raise ValueError(
-                f"baseline tensor must have shape ({rows},), one value per row, got {tuple(baseline.shape)}"
-            )
-        nat.check_device(baseline, "baseline", device, "log_probs")
-        # A learned value head: used as a constant, never differentiated through.
-        return _KIND["tensor"], 0.0, baseline.detach()
+        return _KIND["tensor"], 0.0, _check_baseline_tensor(baseline, rows, device)
     raise TypeError(
         f"baseline must be None, a float, a (B,) tensor, 'mean' or 'rloo'; got {type(baseline).__name__}"
     )
+
+
+def _check_baseline_tensor(baseline, rows: int, device: torch.device) -> torch.Tensor:
+    nat.check_float_tensor(baseline, "baseline")
+    if baseline.dim() != 1 or baseline.shape[0] != rows:
+        raise ValueError(f"baseline tensor must have shape ({rows},), one value per row, got {tuple(baseline.shape)}")
+    nat.check_device(baseline, "baseline", device, "log_probs")
+    # A learned value head: used as a constant, never differentiated through.
+    return baseline.detach()
+
+
+def _check_call(log_probs, labels, reward_table, kind: int, constant: float, baseline, num_samples):
+    """Everything the kernel needs for memory safety and meaningful numbers,
+    checked once on every route (the registered op is public). Returns the
+    labels as int64 and the detached table and baseline."""
+    nat.check_float_tensor(log_probs, "log_probs")
+    if log_probs.dim() != 2:
+        raise ValueError(f"log_probs must be 2-D (B, K), got shape {tuple(log_probs.shape)}")
+    rows, cols = log_probs.shape
+    device = log_probs.device
+    nat.check_device_supported(log_probs, "log_probs")
+    check_num_samples(num_samples)
+    if (labels is None) == (reward_table is None):
+        raise ValueError("pass exactly one of labels and reward_table")
+    if rows > 0 and cols == 0:
+        raise ValueError("log_probs has K = 0 actions: there is nothing to sample")
+    if labels is not None:
+        labels = _check_labels(labels, rows, cols, device)
+    else:
+        reward_table = _check_reward_table(reward_table, rows, cols, device)
+    if kind not in _KIND.values():
+        raise ValueError(f"baseline_kind must be one of 0-4 ({', '.join(_KIND)}), got {kind}")
+    if kind == _KIND["rloo"] and num_samples < 2:
+        raise ValueError("baseline='rloo' (leave-one-out) needs num_samples >= 2")
+    if kind == _KIND["constant"]:
+        _check_baseline_value(float(constant))
+    if (baseline is not None) != (kind == _KIND["tensor"]):
+        raise ValueError("a baseline tensor goes with baseline_kind 2 (tensor), and baseline_kind 2 needs one")
+    if baseline is not None:
+        baseline = _check_baseline_tensor(baseline, rows, device)
+    return labels, reward_table, baseline
+
+
+def _warn_unnormalised() -> None:
+    global _warned_unnormalised
+    if _warned_unnormalised:
+        return
+    _warned_unnormalised = True
+    warnings.warn(
+        "pgest.reinforce_grad: log_probs are not normalised (log sum exp of a row is not 0). The gradient it "
+        "returns is with respect to log-probabilities; backpropagating it into logits trains a wrong gradient. "
+        "Pass torch.log_softmax(logits, -1), or use pgest.reinforce on the logits. (Warned once.)",
+        UserWarning, stacklevel=4)
+
+
+def _native(x, labels, reward_table, kind, constant, baseline_t, num_samples, seed: int, seed_t=None):
+    """The kernel on checked arguments: (actions (B, S), rewards (B, S), grad (B, K))."""
+    rows, cols = x.shape
+    device = x.device
+    actions = torch.empty((rows, num_samples), dtype=torch.int64, device=device)
+    rewards = torch.empty((rows, num_samples), dtype=torch.float32, device=device)
+    grad = torch.empty((rows, cols), dtype=x.dtype, device=device)
+    if rows == 0:
+        return actions, rewards, grad
+    a = _C.ReinforceGradArgs()
+    a.log_probs = x.data_ptr()
+    a.dtype = nat.DTYPE_CODES[x.dtype]
+    a.rows, a.cols = rows, cols
+    a.row_stride, a.col_stride = x.stride()
+    if labels is not None:
+        a.labels = labels.data_ptr()
+        a.label_stride = labels.stride(0)
+    else:
+        a.reward_table = reward_table.data_ptr()
+        a.reward_dtype = nat.DTYPE_CODES[reward_table.dtype]
+        if reward_table.dim() == 1:
+            a.reward_row_stride, a.reward_col_stride = 0, reward_table.stride(0)
+        else:
+            a.reward_row_stride, a.reward_col_stride = reward_table.stride()
+    a.baseline_kind = kind
+    a.baseline_value = constant
+    if baseline_t is not None:
+        a.baseline = baseline_t.data_ptr()
+        a.baseline_dtype = nat.DTYPE_CODES[baseline_t.dtype]
+        a.baseline_stride = baseline_t.stride(0)
+    a.num_samples = num_samples
+    a.seed = seed & (2**64 - 1)
+    a.actions = actions.data_ptr()
+    a.rewards = rewards.data_ptr()
+    a.grad = grad.data_ptr()
+    a.num_threads = nat.num_threads()
+    flag = None
+    if device.type == "cuda":
+        if num_samples > nat.PAIRWISE_SAMPLES:
+            order = torch.empty((rows, num_samples), dtype=torch.int64, device=device)  # noqa: F841 (kept alive)
+            a.order = order.data_ptr()
+        res = nat.cuda_call("reinforce_grad", a, device, seed=seed_t, scratch=True, values=x)
+        if res[0] == nat.NONFINITE_REWARD:
+            res = res[:4] + (float(reward_table[res[2]] if reward_table.dim() == 1 else reward_table[res[1], res[2]]),)
+        if res[0] == nat.NONFINITE_BASELINE:
+            res = res[:4] + (float(baseline_t[res[1]]),)
+    else:
+        if not _warned_unnormalised:
+            flag = torch.zeros((1,), dtype=torch.int32)
+            a.unnormalised = flag.data_ptr()
+            a.normalised_tol = _NORMALISED_TOL[x.dtype]
+        res = _C.reinforce_grad_cpu(a)
+    nat.raise_for_status(
+        res, input_name="log_probs", num_actions=cols,
+        table_is_vector=reward_table is not None and reward_table.dim() == 1,
+    )
+    if flag is not None and int(flag[0]):
+        _warn_unnormalised()
+    return actions, rewards, grad
+
+
+@torch.library.custom_op("pgest::reinforce_grad", mutates_args=())
+def reinforce_grad_rows(log_probs: Tensor, labels: Optional[Tensor], reward_table: Optional[Tensor],
+                        baseline_kind: int, baseline_value: float, baseline: Optional[Tensor],
+                        num_samples: int, seed: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(B, K) log-probabilities -> (actions (B, S), rewards (B, S) float32,
+    grad (B, K)); ``baseline_kind`` 0-4 = none, constant (``baseline_value``),
+    tensor (``baseline`` (B,)), mean, rloo; ``seed`` as for ``pgest::sample``."""
+    labels, reward_table, baseline = _check_call(log_probs, labels, reward_table, baseline_kind, baseline_value,
+                                                 baseline, num_samples)
+    check_seed(seed, log_probs.device)
+    x = log_probs.detach()
+    if x.device.type == "cpu":
+        return _native(x, labels, reward_table, baseline_kind, baseline_value, baseline, num_samples, int(seed[0]))
+    return _native(x, labels, reward_table, baseline_kind, baseline_value, baseline, num_samples, 0, seed_t=seed)
+
+
+@reinforce_grad_rows.register_fake
+def _(log_probs, labels, reward_table, baseline_kind, baseline_value, baseline, num_samples, seed):
+    _check_call(log_probs, labels, reward_table, baseline_kind, baseline_value, baseline, num_samples)
+    B, K = log_probs.shape
+    return (log_probs.new_empty((B, num_samples), dtype=torch.int64),
+            log_probs.new_empty((B, num_samples), dtype=torch.float32), log_probs.new_empty((B, K)))
 
 
 def reinforce_grad(
@@ -91,9 +236,14 @@ def reinforce_grad(
     """Sample, reward, subtract a baseline and build the one-hot score gradient.
 
     Args:
-        log_probs: (B, K) float32/float64/float16/bfloat16 log-probabilities,
-            any strides. Unnormalised logits work too: each row is normalised
-            inside the pass (fp32 accumulation for 16-bit inputs, fp64 for fp64).
+        log_probs: (B, K) float32/float64/float16/bfloat16 log-probabilities
+            (``torch.log_softmax(logits, -1)``), any strides. Sampling
+            normalises each row (fp32 accumulation for 16-bit inputs, fp64 for
+            fp64), but the returned ``grad`` is the gradient with respect to
+            *log-probabilities*: backpropagated into unnormalised logits it is
+            wrong (the softmax term is missing). A warning is issued once when
+            rows are not normalised; use :func:`pgest.reinforce` to work on
+            logits.
         labels: (B,) integer labels; reward 1.0 where the action equals the
             label, else 0.0 (the seed's "guess the label" reward).
         reward_table: instead of labels, a (B, K) or (K,) float table; the
@@ -113,75 +263,25 @@ def reinforce_grad(
         dtype of ``log_probs`` holding ``sum_s (b_is - r_is) / (B * S)`` at each
         sampled action and 0 elsewhere. ``log_probs.backward(grad)`` is then the
         seed's step 3.
+
+    Under ``torch.compile`` (``fullgraph=True`` included) and on CUDA the call
+    goes through the registered op ``pgest::reinforce_grad``, which checks its
+    arguments itself.
     """
+    S = check_num_samples(num_samples)
     nat.check_float_tensor(log_probs, "log_probs")
     if log_probs.dim() != 2:
         raise ValueError(f"log_probs must be 2-D (B, K), got shape {tuple(log_probs.shape)}")
-    rows, cols = log_probs.shape
-    device = log_probs.device
-    nat.check_device_supported(log_probs, "log_probs")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
-        raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
-    num_samples = int(num_samples)
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if (labels is None) == (reward_table is None):
-        raise ValueError("pass exactly one of labels and reward_table")
-    if rows > 0 and cols == 0:
-        raise ValueError("log_probs has K = 0 actions: there is nothing to sample")
-    if labels is not None:
-        labels = _check_labels(labels, rows, device)
+    rows = log_probs.shape[0]
+    kind, constant, baseline_t = _resolve_baseline(baseline, rows, S, log_probs.device)
+    if traced() or log_probs.device.type != "cpu":
+        actions, rewards, grad = reinforce_grad_rows(log_probs, labels, reward_table, kind, constant, baseline_t, S,
+                                                     seed_tensor(generator, log_probs.device))
     else:
-        reward_table = _check_reward_table(reward_table, rows, cols, device)
-    kind, constant, baseline_t = _resolve_baseline(baseline, rows, num_samples, device)
-
-    actions = torch.empty((rows, num_samples), dtype=torch.int64, device=device)
-    rewards = torch.empty((rows, num_samples), dtype=torch.float32, device=device)
-    grad = torch.empty((rows, cols), dtype=log_probs.dtype, device=device)
-    if rows > 0:
-        on_cuda = device.type == "cuda"
-        seed_t = seed_tensor(generator, device) if on_cuda else None
-        seed, offset = (0, 0) if on_cuda else next_seed_offset(generator, device, num_samples)
-        x = log_probs.detach()
-        a = _C.ReinforceGradArgs()
-        a.log_probs = x.data_ptr()
-        a.dtype = nat.DTYPE_CODES[x.dtype]
-        a.rows, a.cols = rows, cols
-        a.row_stride, a.col_stride = x.stride()
-        if labels is not None:
-            a.labels = labels.data_ptr()
-            a.label_stride = labels.stride(0)
-        else:
-            a.reward_table = reward_table.data_ptr()
-            a.reward_dtype = nat.DTYPE_CODES[reward_table.dtype]
-            if reward_table.dim() == 1:
-                a.reward_row_stride, a.reward_col_stride = 0, reward_table.stride(0)
-            else:
-                a.reward_row_stride, a.reward_col_stride = reward_table.stride()
-        a.baseline_kind = kind
-        a.baseline_value = constant
-        if baseline_t is not None:
-            a.baseline = baseline_t.data_ptr()
-            a.baseline_dtype = nat.DTYPE_CODES[baseline_t.dtype]
-            a.baseline_stride = baseline_t.stride(0)
-        a.num_samples = num_samples
-        a.seed, a.offset = seed, offset
-        a.actions = actions.data_ptr()
-        a.rewards = rewards.data_ptr()
-        a.grad = grad.data_ptr()
-        a.num_threads = nat.num_threads()
-        if on_cuda:
-            res = nat.cuda_call("reinforce_grad", a, device, seed=seed_t, scratch=True, values=x)
-            if res[0] == nat.NONFINITE_REWARD:
-                res = res[:4] + (float(reward_table[res[2]] if reward_table.dim() == 1 else reward_table[res[1], res[2]]),)
-            if res[0] == nat.NONFINITE_BASELINE:
-                res = res[:4] + (float(baseline_t[res[1]]),)
-        else:
-            res = _C.reinforce_grad_cpu(a)
-        nat.raise_for_status(
-            res, input_name="log_probs", num_actions=cols,
-            table_is_vector=reward_table is not None and reward_table.dim() == 1,
-        )
-    if num_samples == 1:
-        actions, rewards = actions.view(rows), rewards.view(rows)
+        # Eager CPU: the kernel directly (no torch.library dispatch), after the op's own checks.
+        labels, reward_table, baseline_t = _check_call(log_probs, labels, reward_table, kind, constant, baseline_t, S)
+        seed = next_seed_offset(generator, log_probs.device, S)[0] if rows else 0
+        actions, rewards, grad = _native(log_probs.detach(), labels, reward_table, kind, constant, baseline_t, S, seed)
+    if S == 1:
+        actions, rewards = actions.view(-1), rewards.view(-1)
     return ReinforceGrad(actions, rewards, grad)

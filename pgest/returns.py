@@ -30,8 +30,9 @@ def _check_rate(value, name: str) -> float:
 
 
 def _check_rollout(rewards, dones, last_value, values=None):
-    if not isinstance(rewards, Tensor):
-        raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
+    """Everything the kernels need for memory safety, checked by the
+    registered ops themselves (they are public)."""
+    nat.check_tensor(rewards, "rewards")
     if rewards.dtype not in _DTYPES:
         raise TypeError(f"rewards must be float32 or float64, got {rewards.dtype}")
     if rewards.dim() != 2:
@@ -39,8 +40,7 @@ def _check_rollout(rewards, dones, last_value, values=None):
     nat.check_device_supported(rewards, "rewards")
     tensors = [("dones", dones)] + ([("values", values)] if values is not None else [])
     for name, t in tensors:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        nat.check_tensor(t, name)
         if t.shape != rewards.shape:
             raise ValueError(f"{name} must have the shape of rewards {tuple(rewards.shape)}, got {tuple(t.shape)}")
         nat.check_device(t, name, rewards.device, "rewards")
@@ -49,10 +49,11 @@ def _check_rollout(rewards, dones, last_value, values=None):
     if dones.dtype.is_complex:
         raise TypeError(f"dones must be bool or 0/1 numbers, got {dones.dtype}")
     if last_value is not None:
-        if not isinstance(last_value, Tensor):
-            raise TypeError(f"last_value must be a torch.Tensor or None, got {type(last_value).__name__}")
+        nat.check_tensor(last_value, "last_value", "a torch.Tensor or None")
         if last_value.shape != rewards.shape[1:]:
             raise ValueError(f"last_value must have shape ({rewards.shape[1]},), got {tuple(last_value.shape)}")
+        if last_value.dtype.is_complex:
+            raise TypeError(f"last_value must be a real tensor, got {last_value.dtype}")
         nat.check_device(last_value, "last_value", rewards.device, "rewards")
 
 
@@ -73,17 +74,28 @@ def _launch(kernel: str, a, device: torch.device) -> None:
     nat.raise_for_status(res, input_name="rewards", num_actions=0)
 
 
-def _prepared(rewards, dones, last_value):
+def _dones_bytes(dones: Tensor) -> Tensor:
+    """dones as one byte per step, nonzero = done. bool and 8-bit tensors are
+    read in place (the kernel tests != 0); anything else costs one pass."""
+    if dones.dtype in (torch.bool, torch.uint8, torch.int8):
+        d = dones.detach().contiguous()
+        return d if d.dtype == torch.uint8 else d.view(torch.uint8)
+    return (dones.detach() != 0).contiguous().view(torch.uint8)
+
+
+def _prepared(rewards, dones, last_value, gamma, lam=0.0):
+    _check_rate(gamma, "gamma")
+    _check_rate(lam, "lam")
     rewards = rewards.detach().contiguous()
-    dones = (dones.detach() != 0).to(torch.uint8).contiguous()
     if last_value is not None:
         last_value = last_value.detach().to(rewards.dtype).contiguous()
-    return rewards, dones, last_value
+    return rewards, _dones_bytes(dones), last_value
 
 
 @torch.library.custom_op("pgest::discounted_returns", mutates_args=())
 def _returns_op(rewards: Tensor, dones: Tensor, gamma: float, last_value: Optional[Tensor]) -> Tensor:
-    rewards, dones, last_value = _prepared(rewards, dones, last_value)
+    _check_rollout(rewards, dones, last_value)
+    rewards, dones, last_value = _prepared(rewards, dones, last_value, gamma)
     out = torch.empty_like(rewards)
     a = _args(rewards, dones, last_value, gamma)
     a.out = out.data_ptr()
@@ -93,13 +105,15 @@ def _returns_op(rewards: Tensor, dones: Tensor, gamma: float, last_value: Option
 
 @_returns_op.register_fake
 def _(rewards, dones, gamma, last_value):
+    _check_rollout(rewards, dones, last_value)
     return torch.empty_like(rewards, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("pgest::gae", mutates_args=())
 def _gae_op(rewards: Tensor, values: Tensor, dones: Tensor, gamma: float, lam: float,
             last_value: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    rewards, dones, last_value = _prepared(rewards, dones, last_value)
+    _check_rollout(rewards, dones, last_value, values)
+    rewards, dones, last_value = _prepared(rewards, dones, last_value, gamma, lam)
     values = values.detach().contiguous()
     adv, ret = torch.empty_like(rewards), torch.empty_like(rewards)
     a = _args(rewards, dones, last_value, gamma)
@@ -110,8 +124,22 @@ def _gae_op(rewards: Tensor, values: Tensor, dones: Tensor, gamma: float, lam: f
 
 @_gae_op.register_fake
 def _(rewards, values, dones, gamma, lam, last_value):
+    _check_rollout(rewards, dones, last_value, values)
     return (torch.empty_like(rewards, memory_format=torch.contiguous_format),
             torch.empty_like(rewards, memory_format=torch.contiguous_format))
+
+
+def _not_differentiable(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"pgest.{op} is not differentiable: rollout returns and advantages are constants of the "
+            "policy-gradient loss. pgest.gae / pgest.discounted_returns detach their inputs; when calling "
+            f"torch.ops.pgest.{op} directly, pass values.detach()")
+    return backward
+
+
+_returns_op.register_autograd(_not_differentiable("discounted_returns"))
+_gae_op.register_autograd(_not_differentiable("gae"))
 
 
 def discounted_returns(rewards: Tensor, dones: Tensor, gamma: float,
@@ -126,10 +154,10 @@ def discounted_returns(rewards: Tensor, dones: Tensor, gamma: float,
         last_value: (B,) value of the state after the last step, for a rollout
             cut off mid-episode; 0 when None.
 
-    Not differentiable (rewards carry no gradient).
+    Not differentiable: the inputs are used as constants (detached), so the
+    result never requires grad.
     """
-    _check_rollout(rewards, dones, last_value)
-    return _returns_op(rewards, dones, _check_rate(gamma, "gamma"), last_value)
+    return _returns_op(_detached(rewards), _detached(dones), _rate(gamma, "gamma"), _detached(last_value))
 
 
 def gae(rewards: Tensor, values: Tensor, dones: Tensor, gamma: float, lam: float,
@@ -137,9 +165,22 @@ def gae(rewards: Tensor, values: Tensor, dones: Tensor, gamma: float, lam: float
     """Generalised advantage estimation (Schulman et al., 2016): returns
     ``(advantages, returns)``, each (T, B), with ``returns = advantages + values``.
 
-    ``values`` (T, B) are V(s_t) from a value head (used, not differentiated);
-    ``lam = 1`` gives the Monte-Carlo advantage (returns - values), ``lam = 0``
-    the one-step TD error.
+    ``values`` (T, B) are V(s_t) from a value head, used as constants
+    (detached: the advantages and returns never require grad, as PPO's
+    targets must not); ``lam = 1`` gives the Monte-Carlo advantage
+    (returns - values), ``lam = 0`` the one-step TD error. A NaN or inf after
+    an episode end never reaches the steps before it.
     """
-    _check_rollout(rewards, dones, last_value, values)
-    return _gae_op(rewards, values, dones, _check_rate(gamma, "gamma"), _check_rate(lam, "lam"), last_value)
+    return _gae_op(_detached(rewards), _detached(values), _detached(dones), _rate(gamma, "gamma"),
+                   _rate(lam, "lam"), _detached(last_value))
+
+
+def _detached(t):
+    return t.detach() if isinstance(t, Tensor) else t
+
+
+def _rate(value, name: str):
+    # The op checks the range; a non-number must fail here, not in the schema.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    return float(value)

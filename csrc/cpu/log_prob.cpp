@@ -62,7 +62,7 @@ Status forward(const LogProbArgs& a, ErrorInfo* out_err) {
 // entries rewritten with their one-hot terms added before the single
 // rounding to T.
 template <class T, class Acc, class X>
-void backward_row(const LogProbArgs& a, int64_t i, const X* x, T* g, bool streaming) {
+void backward_row(const LogProbArgs& a, int64_t i, const X* x, T* g, bool streaming, int64_t* order) {
   using V = typename Vec<Acc>::type;
   constexpr int W = Vec<Acc>::width;
   const int64_t K = a.cols;
@@ -90,7 +90,7 @@ void backward_row(const LogProbArgs& a, int64_t i, const X* x, T* g, bool stream
     for (; k + W <= K; k += W) storev(g + k, dense(k));
   for (; k < K; ++k) scalar(k);
 
-  grad_one_hot(a, i, x, 1, r, g);
+  grad_one_hot(a, i, x, 1, r, g, order);
 }
 
 template <class T>
@@ -104,7 +104,7 @@ Status backward(const LogProbArgs& a, ErrorInfo* out_err) {
   const ErrorInfo first = parallel_rows(a.rows, threads, [&](int64_t begin, int64_t end,
                                                             const std::atomic<int64_t>& lowest_failed) {
     ErrorInfo err;
-    RowScratch<Acc> sc(K, 1, a.col_stride != 1);
+    RowScratch<Acc> sc(K, S, a.col_stride != 1);
     if (!sc.ok) { err.status = kOutOfMemory; err.row = begin; return err; }
     for (int64_t i = begin; i < end; ++i) {
       if (lowest_failed.load(std::memory_order_relaxed) < i) break;
@@ -116,7 +116,7 @@ Status backward(const LogProbArgs& a, ErrorInfo* out_err) {
         continue;
       }
       with_row(base, i, a.row_stride, a.col_stride, K, sc, [&](const auto* x) {
-        backward_row<T, Acc>(a, i, x, g, streaming);
+        backward_row<T, Acc>(a, i, x, g, streaming, sc.order);
         return 0;
       });
     }

@@ -5,6 +5,7 @@
 #include <pgest/reinforce_grad.h>
 
 #include <cmath>
+#include <cstdlib>
 
 #include "parallel.h"
 #include "row_scratch.h"
@@ -24,12 +25,15 @@ Status process_row(const ReinforceGradArgs& a, int64_t i, const T* x, RowScratch
     if (label < 0 || label >= K) { err.row = i; err.index = label; return kLabelOutOfRange; }
   }
   if (a.baseline_kind == kBaselineTensor) {
+    // Rewards are float32: a baseline beyond its range is as unusable as inf.
     const double b = load_any(a.baseline, a.baseline_dtype, i * a.baseline_stride);
-    if (!std::isfinite(b)) { err.row = i; err.value = b; return kNonFiniteBaseline; }
+    if (!std::isfinite(float(b))) { err.row = i; err.value = b; return kNonFiniteBaseline; }
   }
 
   const RowStats<Acc> st = row_stats<false>(x, K, sc.weights, sc.chunk_max, sc.e);
   if (const Status bad = row_status(st, x, err)) return bad;
+  if (a.unnormalised && !(std::fabs(double(st.max) + std::log(st.z)) <= a.normalised_tol))
+    __atomic_store_n(a.unnormalised, 1, __ATOMIC_RELAXED);
 
   int64_t* actions = a.actions + i * S;
   draw_row(x, K, st, a.seed, a.offset, i, S, sc, actions);
@@ -37,7 +41,8 @@ Status process_row(const ReinforceGradArgs& a, int64_t i, const T* x, RowScratch
   float* rewards = a.rewards + i * S;
   for (int64_t s = 0; s < S; ++s) {
     const double r = reward_of(a, i, actions[s]);
-    if (!std::isfinite(r)) { err.row = i; err.col = actions[s]; err.value = r; return kNonFiniteReward; }
+    // Checked as the float32 the reward is stored in (a float64 table of 1e39 overflows).
+    if (!std::isfinite(float(r))) { err.row = i; err.col = actions[s]; err.value = r; return kNonFiniteReward; }
     rewards[s] = float(r);
   }
   return kOk;
@@ -75,11 +80,18 @@ Status run(const ReinforceGradArgs& a, ErrorInfo* out_err) {
     for (int64_t j = 0; j < B * S; ++j) batch_mean += a.rewards[j];
     batch_mean /= double(B * S);
   }
-  parallel_rows(B, B * S < 4096 ? 1 : a.num_threads,
-                [&](int64_t begin, int64_t end, const std::atomic<int64_t>&) {
-                  for (int64_t i = begin; i < end; ++i) write_row_grad(a, i, batch_mean, grad + i * K);
-                  return ErrorInfo{};
-                });
+  const ErrorInfo second = parallel_rows(
+      B, B * S < 4096 ? 1 : a.num_threads, [&](int64_t begin, int64_t end, const std::atomic<int64_t>&) {
+        ErrorInfo err;
+        int64_t* order = nullptr;
+        if (S > kPairwiseSamples && !(order = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * size_t(S))))) {
+          err.status = kOutOfMemory; err.row = begin; return err;
+        }
+        for (int64_t i = begin; i < end; ++i) write_row_grad(a, i, batch_mean, grad + i * K, order);
+        std::free(order);
+        return err;
+      });
+  if (second.status != kOk) { *out_err = second; return Status(second.status); }
   return kOk;
 }
 

@@ -9,6 +9,33 @@
 PGEST_NS_BEGIN
 namespace {
 
+// One time step over columns [begin, end). Restrict-qualified, branch-free
+// bodies (the done test is a select) so the compiler vectorises across
+// environments; `next` / `next_adv` are null at t = T-1 without bootstrap.
+template <class F>
+void returns_row(const F* __restrict r, const uint8_t* __restrict d, const F* __restrict next, F gamma,
+                 F* __restrict g, int64_t begin, int64_t end) {
+  if (next) {
+    for (int64_t b = begin; b < end; ++b) g[b] = returns_step(r[b], d[b] != 0, gamma, next[b]);
+  } else {
+    for (int64_t b = begin; b < end; ++b) g[b] = returns_step(r[b], d[b] != 0, gamma, F(0));
+  }
+}
+
+// kLast: t = T-1, where next_v is last_value (or null) and A_T = 0.
+template <bool kLast, class F>
+void gae_row(const F* __restrict r, const F* __restrict v, const uint8_t* __restrict d,
+             const F* __restrict next_v, const F* __restrict next_adv, F gamma, F lam,
+             F* __restrict adv, F* __restrict ret, int64_t begin, int64_t end) {
+  for (int64_t b = begin; b < end; ++b) {
+    const F nv = kLast ? (next_v ? next_v[b] : F(0)) : next_v[b];
+    const F na = kLast ? F(0) : next_adv[b];
+    const F a = gae_step(r[b], v[b], d[b] != 0, gamma, lam, nv, na);
+    adv[b] = a;
+    ret[b] = a + v[b];
+  }
+}
+
 template <class F>
 Status returns_run(const ReturnsArgs& a) {
   const int64_t T = a.steps, B = a.envs;
@@ -19,12 +46,8 @@ Status returns_run(const ReturnsArgs& a) {
   const int threads = threads_for(double(T) * double(B), a.num_threads, double(1 << 16));
   parallel_rows(B, threads, [&](int64_t begin, int64_t end, const std::atomic<int64_t>&) {
     for (int64_t t = T - 1; t >= 0; --t) {
-      const F* rt = r + t * B;
-      const uint8_t* dt = a.dones + t * B;
-      F* gt = g + t * B;
       const F* next = t + 1 < T ? g + (t + 1) * B : last;
-      for (int64_t b = begin; b < end; ++b)
-        gt[b] = returns_step(rt[b], dt[b] != 0, gamma, next ? next[b] : F(0));
+      returns_row(r + t * B, a.dones + t * B, next, gamma, g + t * B, begin, end);
     }
     return ErrorInfo{};
   });
@@ -32,7 +55,7 @@ Status returns_run(const ReturnsArgs& a) {
 }
 
 template <class F>
-Status gae_run(const ReturnsArgs& a) {
+void gae_columns(const ReturnsArgs& a, int64_t begin, int64_t end) {
   const int64_t T = a.steps, B = a.envs;
   const F* r = static_cast<const F*>(a.rewards);
   const F* v = static_cast<const F*>(a.values);
@@ -40,18 +63,22 @@ Status gae_run(const ReturnsArgs& a) {
   F* adv = static_cast<F*>(a.out);
   F* ret = static_cast<F*>(a.out_ret);
   const F gamma = F(a.gamma), lam = F(a.lam);
-  const int threads = threads_for(double(T) * double(B), a.num_threads, double(1 << 16));
-  parallel_rows(B, threads, [&](int64_t begin, int64_t end, const std::atomic<int64_t>&) {
-    for (int64_t t = T - 1; t >= 0; --t) {
-      const int64_t o = t * B;
-      const F* next_v = t + 1 < T ? v + o + B : last;
-      for (int64_t b = begin; b < end; ++b) {
-        const F next_adv = t + 1 < T ? adv[o + B + b] : F(0);
-        const F nv = next_v ? next_v[b] : F(0);
-        adv[o + b] = gae_step(r[o + b], v[o + b], a.dones[o + b] != 0, gamma, lam, nv, next_adv);
-        ret[o + b] = adv[o + b] + v[o + b];
-      }
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const int64_t o = t * B;
+    if (t + 1 == T) {
+      gae_row<true, F>(r + o, v + o, a.dones + o, last, nullptr, gamma, lam, adv + o, ret + o, begin, end);
+    } else {
+      gae_row<false, F>(r + o, v + o, a.dones + o, v + o + B, adv + o + B, gamma, lam, adv + o, ret + o,
+                        begin, end);
     }
+  }
+}
+
+template <class F>
+Status gae_run(const ReturnsArgs& a) {
+  const int threads = threads_for(double(a.steps) * double(a.envs), a.num_threads, double(1 << 16));
+  parallel_rows(a.envs, threads, [&](int64_t begin, int64_t end, const std::atomic<int64_t>&) {
+    gae_columns<F>(a, begin, end);
     return ErrorInfo{};
   });
   return kOk;

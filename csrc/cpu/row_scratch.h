@@ -1,6 +1,7 @@
 // Per-thread scratch of the CPU row kernels and the draw of a row's samples.
 #pragma once
 
+#include <pgest/action_groups.h>
 #include <pgest/philox.h>
 #include <pgest/sampler.h>
 
@@ -20,6 +21,7 @@ struct RowScratch {
   Acc* chunk_max = nullptr;
   Acc* e = nullptr;         // one chunk: exponentials for the walk, or padding
   Threshold* thresholds = nullptr;
+  int64_t* order = nullptr;  // for_each_action, when S > kPairwiseSamples
   bool ok = false;
 
   RowScratch(int64_t cols, int64_t samples, bool need_gather) {
@@ -29,10 +31,12 @@ struct RowScratch {
     chunk_max = static_cast<Acc*>(std::malloc(sizeof(Acc) * nc));
     e = static_cast<Acc*>(std::malloc(sizeof(Acc) * kChunk));
     thresholds = static_cast<Threshold*>(std::malloc(sizeof(Threshold) * size_t(samples > 0 ? samples : 1)));
-    ok = weights && chunk_max && e && thresholds && (gathered || !need_gather);
+    if (samples > kPairwiseSamples) order = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * size_t(samples)));
+    ok = weights && chunk_max && e && thresholds && (gathered || !need_gather) &&
+         (order || samples <= kPairwiseSamples);
   }
   ~RowScratch() {
-    std::free(gathered); std::free(weights); std::free(chunk_max); std::free(e); std::free(thresholds);
+    std::free(gathered); std::free(weights); std::free(chunk_max); std::free(e); std::free(thresholds); std::free(order);
   }
   RowScratch(const RowScratch&) = delete;
   RowScratch& operator=(const RowScratch&) = delete;

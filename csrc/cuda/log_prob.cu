@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(LogProbArgs a, Launc
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
       g[k] = live ? store<T>(grad_dense(load<Acc>(x[k * a.col_stride]), r)) : store<T>(0.0);
     __syncthreads();
-    if (live && threadIdx.x == 0) grad_one_hot(a, i, x, a.col_stride, r, g);
+    if (live && threadIdx.x == 0) grad_one_hot(a, i, x, a.col_stride, r, g, a.order ? a.order + i * a.num_samples : nullptr);
     __syncthreads();
   }
 }

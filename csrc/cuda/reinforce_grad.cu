@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(ReinforceGradArgs a, Lau
         continue;
       }
     }
-    if (a.baseline_kind == kBaselineTensor && !isfinite(load_any(a.baseline, a.baseline_dtype, i * a.baseline_stride))) {
+    if (a.baseline_kind == kBaselineTensor && !isfinite(float(load_any(a.baseline, a.baseline_dtype, i * a.baseline_stride)))) {
       if (threadIdx.x == 0) report(l.err_buf, i, kNonFiniteBaseline, 0);
       continue;
     }
@@ -41,11 +41,13 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(ReinforceGradArgs a, Lau
       if (threadIdx.x == 0) report(l.err_buf, i, st.bad_col >= 0 ? kNonFiniteInput : kAllNegInf, st.bad_col);
       continue;
     }
+    if (a.unnormalised && threadIdx.x == 0 && !(fabs(double(st.max) + log(double(st.z))) <= a.normalised_tol))
+      *a.unnormalised = 1;
     int64_t* actions = a.actions + i * S;
     block_draw(x, K, a.col_stride, tile, st, tile_w, seed, offset, i, S, actions, draw);
     for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
       const double r = reward_of(a, i, actions[s]);
-      if (!isfinite(r)) report(l.err_buf, i, kNonFiniteReward, actions[s]);
+      if (!isfinite(float(r))) report(l.err_buf, i, kNonFiniteReward, actions[s]);
       a.rewards[i * S + s] = float(r);
     }
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x) grad[i * K + k] = store<T>(0.0);
@@ -66,7 +68,7 @@ __global__ void grad_kernel(ReinforceGradArgs a, const double* mean) {
   const double m = mean ? *mean : 0.0;
   T* grad = static_cast<T*>(a.grad);
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.rows; i += int64_t(gridDim.x) * blockDim.x)
-    write_row_grad(a, i, m, grad + i * a.cols);
+    write_row_grad(a, i, m, grad + i * a.cols, a.order ? a.order + i * a.num_samples : nullptr);
 }
 
 template <class T>

@@ -17,6 +17,7 @@
 // zero-fill and no softmax kept in between.
 #pragma once
 
+#include "action_groups.h"
 #include "dtype.h"
 #include "math.h"
 #include "status.h"
@@ -57,6 +58,7 @@ struct LogProbArgs {
   double log_prob_scale = 1.0;
   double entropy_scale = 0.0;
   void* grad = nullptr;  // (R, K) contiguous, dtype of logits
+  int64_t* order = nullptr;  // CUDA backward, S > kPairwiseSamples: (R, S) scratch of for_each_action
   int32_t num_threads = 1;
 };
 
@@ -137,21 +139,17 @@ PGEST_HD Acc grad_dense(Acc x, const GradRow<Acc>& r) {
 // After the dense pass over a gradient row: each sampled action's entry is
 // rewritten as its dense value plus its one-hot terms, summed in Acc before
 // the single rounding to T. x is the row (column stride cs). The actions were
-// checked by check_row_actions.
+// checked by check_row_actions. `order`: S entries of scratch (for_each_action).
 template <class T, class Acc, class X>
-PGEST_HD void grad_one_hot(const LogProbArgs& a, int64_t i, const X* x, int64_t cs, const GradRow<Acc>& r, T* g) {
+PGEST_HD void grad_one_hot(const LogProbArgs& a, int64_t i, const X* x, int64_t cs, const GradRow<Acc>& r, T* g,
+                           int64_t* order) {
   const int64_t S = a.num_samples;
-  const int64_t* act = a.actions + i * S;
-  for (int64_t s = 0; s < S; ++s) {
-    if (is_ignored(a, act[s])) continue;
-    bool seen = false;
-    for (int64_t p = 0; p < s && !seen; ++p) seen = act[p] == act[s];
-    if (seen) continue;
-    Acc v = grad_dense(load<Acc>(x[act[s] * cs]), r);
-    for (int64_t q = s; q < S; ++q)
-      if (act[q] == act[s]) v += grad_of_sample<Acc>(a, i, q);
-    g[act[s]] = store<T>(v);
-  }
+  for_each_action(a.actions + i * S, S, order, [&](int64_t act) { return is_ignored(a, act); },
+                  [&](int64_t action, const int64_t* idx, int64_t m) {
+                    Acc v = grad_dense(load<Acc>(x[action * cs]), r);
+                    for (int64_t j = 0; j < m; ++j) v += grad_of_sample<Acc>(a, i, idx[j]);
+                    g[action] = store<T>(v);
+                  });
 }
 
 // The forward's per-row outputs once (max, log Z, H) are known.

@@ -4,6 +4,7 @@
 // in one pass over the rows. Only `grad` is (B, K); everything else is O(B * S).
 #pragma once
 
+#include "action_groups.h"
 #include "dtype.h"
 #include "philox.h"
 #include "status.h"
@@ -42,6 +43,12 @@ struct ReinforceGradArgs {
   int64_t* actions = nullptr;  // (B, S)
   float* rewards = nullptr;    // (B, S)
   void* grad = nullptr;        // (B, K) contiguous, dtype of log_probs
+  int64_t* order = nullptr;    // CUDA, S > kPairwiseSamples: (B, S) scratch of for_each_action
+
+  // Set to 1 when a row's log Z = log sum exp(log_probs) is further than
+  // normalised_tol from 0 (the input is not log-probabilities); may be null.
+  int32_t* unnormalised = nullptr;
+  double normalised_tol = 1e-3;
 
   int32_t num_threads = 1;
 };
@@ -61,41 +68,38 @@ PGEST_HD double reward_of(const ReinforceGradArgs& a, int64_t i, int64_t action)
   return load_any(a.reward_table, a.reward_dtype, i * a.reward_row_stride + action * a.reward_col_stride);
 }
 
-// Baseline of sample s of row i. `row_rewards` are that row's S rewards and
-// `batch_mean` the mean over the batch (used by kBaselineMean only).
+// Baseline of sample s of row i. `row_rewards` are that row's S rewards,
+// `row_total` their sum in double (kBaselineRloo: O(1) a sample, not O(S))
+// and `batch_mean` the mean over the batch (kBaselineMean).
 PGEST_HD double baseline_of(const ReinforceGradArgs& a, int64_t i, int64_t s,
-                            const float* row_rewards, double batch_mean) {
+                            const float* row_rewards, double row_total, double batch_mean) {
   switch (a.baseline_kind) {
     case kBaselineConstant: return a.baseline_value;
     case kBaselineTensor: return load_any(a.baseline, a.baseline_dtype, i * a.baseline_stride);
     case kBaselineMean: return batch_mean;
-    case kBaselineRloo: {
-      double total = 0.0;
-      for (int64_t j = 0; j < a.num_samples; ++j) total += row_rewards[j];
-      return (total - row_rewards[s]) / double(a.num_samples - 1);
-    }
+    case kBaselineRloo: return (row_total - row_rewards[s]) / double(a.num_samples - 1);
     default: return 0.0;
   }
 }
 
 // Writes row i's S gradient entries into a zeroed grad row. Samples that drew
 // the same action are summed in double before the single rounding to T.
+// `order`: S entries of scratch (for_each_action).
 template <class T>
-PGEST_HD void write_row_grad(const ReinforceGradArgs& a, int64_t i, double batch_mean, T* grad_row) {
+PGEST_HD void write_row_grad(const ReinforceGradArgs& a, int64_t i, double batch_mean, T* grad_row, int64_t* order) {
   const int64_t S = a.num_samples;
   const int64_t* act = a.actions + i * S;
   const float* rew = a.rewards + i * S;
   const double scale = 1.0 / (double(a.rows) * double(S));
-  for (int64_t s = 0; s < S; ++s) {
-    bool seen = false;
-    for (int64_t p = 0; p < s && !seen; ++p) seen = act[p] == act[s];
-    if (seen) continue;
+  double row_total = 0.0;
+  if (a.baseline_kind == kBaselineRloo)
+    for (int64_t j = 0; j < S; ++j) row_total += rew[j];
+  for_each_action(act, S, order, [](int64_t) { return false; }, [&](int64_t action, const int64_t* idx, int64_t m) {
     double g = 0.0;
-    for (int64_t q = s; q < S; ++q) {
-      if (act[q] == act[s]) g += (baseline_of(a, i, q, rew, batch_mean) - double(rew[q])) * scale;
-    }
-    grad_row[act[s]] = store<T>(g);
-  }
+    for (int64_t j = 0; j < m; ++j)
+      g += (baseline_of(a, i, idx[j], rew, row_total, batch_mean) - double(rew[idx[j]])) * scale;
+    grad_row[action] = store<T>(g);
+  });
 }
 
 PGEST_NS_END

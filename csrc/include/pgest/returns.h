@@ -41,11 +41,13 @@ PGEST_HD F returns_step(F reward, bool done, F gamma, F next_return) {
 }
 
 // Returns the new advantage; `next_value` is V_{t+1} (last_value at t = T-1).
+// A select, not a multiplication by (1 - done): 0 * NaN is NaN, and a NaN or
+// inf value after an episode end must not flow back across it.
 template <class F>
 PGEST_HD F gae_step(F reward, F value, bool done, F gamma, F lam, F next_value, F next_adv) {
-  const F keep = done ? F(0) : F(1);
-  const F delta = reward + gamma * keep * next_value - value;
-  return delta + gamma * lam * keep * next_adv;
+  const F bootstrap = done ? F(0) : gamma * next_value;
+  const F carried = done ? F(0) : gamma * lam * next_adv;
+  return (reward + bootstrap - value) + carried;
 }
 
 PGEST_NS_END
