@@ -4,6 +4,7 @@ Environment knobs:
   PGEST_CUDA=AUTO|ON|OFF        build the CUDA kernels (AUTO: when nvcc is found)
   PGEST_CUDA_ARCHS="80;90"      CUDA architectures (PTX of the last one is embedded too)
   PGEST_BUILD_TYPE=Release      CMake build type
+  PGEST_ASAN=ON                 AddressSanitizer build of the CPU kernels (tests only)
   MAX_JOBS=N                    parallel compile jobs
 """
 import os
@@ -41,6 +42,8 @@ class CMakeBuild(build_ext):
             args.append(f"-DCMAKE_MAKE_PROGRAM={Path(ninja.BIN_DIR) / 'ninja'}")
         except ImportError:
             pass
+        if os.environ.get("PGEST_ASAN", "OFF").upper() in ("1", "ON", "TRUE"):
+            args.append("-DPGEST_ASAN=ON")
         if "PGEST_CUDA_ARCHS" in os.environ:
             args.append(f"-DPGEST_CUDA_ARCHS={os.environ['PGEST_CUDA_ARCHS']}")
 

@@ -123,6 +123,9 @@ def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
             a.row_scale = ptr(row_scale)
         a.log_prob_scale, a.entropy_scale = log_prob_scale, entropy_scale
         a.grad = grad.data_ptr()
+        if x.is_cuda and actions is not None and actions.shape[1] > nat.PAIRWISE_SAMPLES:
+            keep.append(torch.empty(actions.shape, dtype=torch.int64, device=x.device))  # for_each_action scratch
+            a.order = keep[-1].data_ptr()
         _run("log_prob_backward", a, x, actions, ignore_index, values=False)
     return grad
 
@@ -342,7 +345,7 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
     nat.check_device(actions, "actions", logits.device, "logits")
     lead = logits.shape[:-1]
     try:
-        lp, ent = rows_pair(rows_of(logits), index_tensor(actions.reshape(-1, S), logits.shape[-1]), ii)
+        lp, ent = rows_pair(rows_of(logits), index_tensor(actions, logits.shape[-1]).reshape(-1, S), ii)
     except (ValueError, IndexError) as e:
         raise type(e)(nat.unflatten_message(str(e), lead)) from None
     return LogProb(lp.view(actions.shape), ent.view(lead))

@@ -186,7 +186,7 @@ def policy_loss(
     ii = check_ignore_index(ignore_index)
 
     acc = nat.stats_dtype(logits.dtype)
-    a2 = index_tensor(actions.reshape(-1, S), logits.shape[-1])
+    a2 = index_tensor(actions, logits.shape[-1]).reshape(-1, S)
     w2 = advantages.detach().reshape(-1, S)
     if w2.dtype != acc or not w2.is_contiguous():
         w2 = w2.to(acc).contiguous()

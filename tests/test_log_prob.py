@@ -259,3 +259,33 @@ def test_functorch_transforms_get_a_message_with_the_fix():
         torch.func.grad(lambda t: pgest.log_prob(t, a).log_prob.sum())(x)
     with pytest.raises(NotImplementedError, match="torch.func"):
         torch.func.grad(lambda t: pgest.policy_loss(t, a, torch.ones(4, dtype=torch.float64)))(x)
+
+
+def test_many_actions_per_row_group_like_a_bincount():
+    # S above the pairwise limit of action_groups.h: the one-hot part of the
+    # gradient is grouped by sorting; it must equal a bincount of g_s.
+    torch.manual_seed(3)
+    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    a = torch.randint(0, 9, (4, 300))
+    a[1, ::7] = -100
+    lp, _ = pgest.log_prob(x, a)
+    w = torch.randn(4, 300, dtype=torch.float64)
+    (lp * w).sum().backward()
+    ref_x = x.detach().clone().requires_grad_()
+    ls = ref_x.log_softmax(-1)
+    keep = a != -100
+    ref = (ls.gather(1, a.clamp(min=0)) * w * keep).sum()
+    ref.backward()
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_sparse_and_uint64_inputs_get_a_message():
+    x = torch.randn(3, 4)
+    with pytest.raises(TypeError, match="logits must be a dense tensor"):
+        pgest.log_prob(x.to_sparse(), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match="actions must be a dense tensor"):
+        pgest.log_prob(x, torch.zeros(3, dtype=torch.long).to_sparse())
+    with pytest.raises(IndexError, match=r"actions\[1\] = 18446744073709551615 is out of range"):
+        pgest.log_prob(x, torch.tensor([0, 2**64 - 1, 1], dtype=torch.uint64))
+    lp, _ = pgest.log_prob(x, torch.tensor([0, 3, 1], dtype=torch.uint64))
+    torch.testing.assert_close(lp, x.log_softmax(-1).gather(1, torch.tensor([[0], [3], [1]])).squeeze(1))

@@ -82,3 +82,17 @@ def test_generator_errors():
     x, lab = torch.randn(4, 3), torch.zeros(4, dtype=torch.long)
     with pytest.raises(TypeError, match="generator"):
         pgest.reinforce_grad(x, lab, generator=123)
+
+
+def test_uniforms_arguments():
+    # a negative int64 seed (as a seed tensor holds) is the same 64-bit key
+    assert torch.equal(pgest.philox.uniforms(2, 3, seed=-1), pgest.philox.uniforms(2, 3, seed=2**64 - 1))
+    for kw, exc, match in [
+        (dict(seed=2**64), ValueError, "seed must be in"),
+        (dict(seed=1.5), TypeError, "seed must be an int"),
+        (dict(seed=1, offset=-1), ValueError, "offset must be in"),
+    ]:
+        with pytest.raises(exc, match=match):
+            pgest.philox.uniforms(2, 3, **kw)
+    with pytest.raises(ValueError, match="rows must be in"):
+        pgest.philox.uniforms(-1, 3, seed=0)

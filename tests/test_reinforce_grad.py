@@ -395,3 +395,117 @@ def test_rows_whose_max_moves_between_chunks(profile):
     out, u = run_with_noise(pgest.reinforce_grad, *args, num_samples=20, **kw)
     ref = reference.reinforce_grad(*args, num_samples=20, uniforms=u, **kw)
     assert_matches_reference(out, ref, torch.float32, max_mismatch_frac=0)
+
+
+def _rg_module():
+    import sys
+    return sys.modules["pgest.reinforce_grad"]
+
+
+def test_float64_values_beyond_float32_say_so():
+    # Checked as the float32 the kernel keeps rewards in, not before narrowing.
+    x = torch.zeros(3, 4).log_softmax(-1)
+    with pytest.raises(ValueError, match=r"reward_table\[0, \d\] = 1e\+39 .*overflows float32"):
+        pgest.reinforce_grad(x, reward_table=torch.full((3, 4), 1e39, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"reward_table\[\d\] = -1e\+39 .*overflows float32"):
+        pgest.reinforce_grad(x, reward_table=torch.full((4,), -1e39, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"baseline\[1\] = 1e\+39 overflows float32"):
+        pgest.reinforce_grad(x, torch.zeros(3, dtype=torch.long),
+                             baseline=torch.tensor([0.0, 1e39, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="baseline 1e\\+39 overflows float32"):
+        pgest.reinforce_grad(x, torch.zeros(3, dtype=torch.long), baseline=1e39)
+    # the largest float32 itself is fine
+    out = pgest.reinforce_grad(x, reward_table=torch.full((4,), 3.0e38, dtype=torch.float64))
+    assert torch.isfinite(out.rewards).all()
+
+
+def test_uint64_labels_above_int64_are_reported_as_passed():
+    x = torch.zeros(3, 4).log_softmax(-1)
+    labels = torch.tensor([0, 1, 2**63 + 5], dtype=torch.uint64)
+    with pytest.raises(IndexError, match=r"labels\[2\] = 9223372036854775813 is out of range for 4 actions"):
+        pgest.reinforce_grad(x, labels)
+    out = pgest.reinforce_grad(x, torch.tensor([0, 1, 3], dtype=torch.uint64))
+    assert out.actions.shape == (3,)
+
+
+def test_unnormalised_input_warns_once(monkeypatch):
+    mod = _rg_module()
+    monkeypatch.setattr(mod, "_warned_unnormalised", False)
+    labels = torch.zeros(8, dtype=torch.long)
+    logits = torch.randn(8, 10) + 3.0
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for dtype in FLOAT_DTYPES:  # log_softmax output in every dtype is normalised enough
+            pgest.reinforce_grad(torch.randn(64, 3000).log_softmax(-1).to(dtype), torch.zeros(64, dtype=torch.long))
+    with pytest.warns(UserWarning, match="not normalised.*log_softmax.*pgest.reinforce"):
+        pgest.reinforce_grad(logits, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        pgest.reinforce_grad(logits, labels)
+
+
+def test_many_samples_of_a_row_group_like_a_bincount():
+    # S above the pairwise limit: samples are grouped by sorting. The gradient
+    # must be the per-action sum of (b - r) / (B * S), as a bincount gives.
+    torch.manual_seed(0)
+    x = torch.randn(3, 7).log_softmax(-1).double()
+    table = torch.randn(3, 7, dtype=torch.float64)
+    S = 1000
+    out = pgest.reinforce_grad(x, reward_table=table, baseline="rloo", num_samples=S)
+    r = table.gather(1, out.actions).float().double()
+    b = (r.sum(1, keepdim=True) - r) / (S - 1)
+    for i in range(3):
+        expect = torch.bincount(out.actions[i], weights=(b - r)[i] / (3 * S), minlength=7)
+        torch.testing.assert_close(out.grad[i], expect, rtol=1e-12, atol=1e-15)
+
+
+def test_registered_op_checks_its_arguments():
+    x, l = _ok()
+    seed = torch.tensor([1, 0])
+    op = torch.ops.pgest.reinforce_grad
+    cases = [
+        (lambda: op(x, l[:2], None, 0, 0.0, None, 1, seed), ValueError, r"labels must have shape \(4,\)"),
+        (lambda: op(x, None, torch.ones(3, 2), 0, 0.0, None, 1, seed), ValueError, "reward_table must have shape"),
+        (lambda: op(x, l, None, 2, 0.0, None, 1, seed), ValueError, "baseline_kind 2 needs one"),
+        (lambda: op(x, l, None, 2, 0.0, torch.ones(9), 1, seed), ValueError, r"baseline tensor must have shape \(4,\)"),
+        (lambda: op(x, l, None, 7, 0.0, None, 1, seed), ValueError, "baseline_kind must be one of"),
+        (lambda: op(x, l, None, 4, 0.0, None, 1, seed), ValueError, "num_samples >= 2"),
+        (lambda: op(x, l, None, 0, 0.0, None, 0, seed), ValueError, "num_samples must be >= 1"),
+        (lambda: op(x, l, None, 0, 0.0, None, 1, torch.tensor([1])), ValueError, "seed must be a \\(2,\\) int64"),
+        (lambda: op(x, torch.tensor([0, 9, 0, 0]), None, 0, 0.0, None, 1, seed), IndexError, r"labels\[1\] = 9"),
+    ]
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()
+
+
+def test_opcheck_and_compile_fullgraph():
+    from pgest.reinforce_grad import reinforce_grad_rows
+
+    x = torch.randn(6, 5).log_softmax(-1)
+    l = torch.randint(0, 5, (6,))
+    seed = torch.tensor([123, 0])
+    torch.library.opcheck(reinforce_grad_rows, (x, l, None, 3, 0.0, None, 2, seed))
+    torch.library.opcheck(reinforce_grad_rows, (x, None, torch.rand(5), 2, 0.0, torch.rand(6), 1, seed))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x, l):
+        return pgest.reinforce_grad(x, l, baseline="mean", num_samples=3)
+
+    torch.manual_seed(5)
+    got = step(x, l)
+    torch.manual_seed(5)
+    want = pgest.reinforce_grad(x, l, baseline="mean", num_samples=3)
+    assert torch.equal(got.actions, want.actions)
+    assert torch.equal(got.grad, want.grad)
+
+
+def test_transforms_and_sparse_inputs_get_a_message():
+    x, l = _ok()
+    with pytest.raises(NotImplementedError, match="torch.func transforms"):
+        torch.vmap(lambda x: pgest.reinforce_grad(x, l).grad, randomness="different")(x.unsqueeze(0))
+    with pytest.raises(TypeError, match="log_probs must be a dense tensor.*to_dense"):
+        pgest.reinforce_grad(x.to_sparse(), l)
+    with pytest.raises(TypeError, match="labels must be a dense tensor"):
+        pgest.reinforce_grad(x, l.to_sparse())

@@ -125,3 +125,67 @@ def test_opcheck():
 
     torch.library.opcheck(_returns_op, (r, d.to(torch.uint8), 0.9, last))
     torch.library.opcheck(_gae_op, (r, v, d.to(torch.uint8), 0.9, 0.8, None))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["reward", "value"])
+def test_nothing_crosses_a_done(bad, where):
+    # A NaN or inf after an episode end (e.g. a reset env's first value) must
+    # not reach the steps before it: 0 * NaN is NaN, so the scans must branch.
+    r, v, _, last = make(6, 2, torch.float64, "none")
+    d = torch.zeros(6, 2, dtype=torch.bool)
+    d[2, 0] = True
+    (r if where == "reward" else v)[3, 0] = bad
+    adv, ret = pgest.gae(r, v, d, 0.9, 0.8, last)
+    ref_adv, _ = gae_sb3(r[:3], v[:3], d[:3], 0.9, 0.8, torch.zeros(2, dtype=r.dtype))
+    torch.testing.assert_close(adv[:3, 0], ref_adv[:, 0], rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(ret[:3, 0]).all()
+    g = pgest.discounted_returns(r, d, 0.9, last)
+    if where == "reward":
+        torch.testing.assert_close(g[:3, 0], returns_loop(r[:3], d[:3], 0.9, None)[:, 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int8, torch.int32, torch.float32])
+def test_dones_dtypes_agree(dtype):
+    r, v, d, last = make(40, 17, torch.float32, "random")
+    ref = pgest.gae(r, v, d, 0.99, 0.95, last)
+    out = pgest.gae(r, v, d.to(dtype), 0.99, 0.95, last)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    # any nonzero 8-bit value is a done, as for bool(d)
+    if dtype == torch.uint8:
+        assert torch.equal(pgest.gae(r, v, d.to(dtype) * 7, 0.99, 0.95, last)[0], ref[0])
+
+
+def test_values_requiring_grad_are_constants():
+    r, v, d, last = make(5, 3, torch.float32, "random")
+    v = v.requires_grad_()
+    last = last.requires_grad_()
+    adv, ret = pgest.gae(r, v, d, 0.9, 0.9, last)
+    g = pgest.discounted_returns(r.requires_grad_(), d, 0.9, last)
+    assert not adv.requires_grad and not ret.requires_grad and not g.requires_grad
+    # the registered op, called directly with a tensor that needs grad, says what to do at backward
+    adv2, _ = torch.ops.pgest.gae(r, v, d, 0.9, 0.9, None)
+    with pytest.raises(RuntimeError, match="not differentiable.*values.detach"):
+        adv2.sum().backward()
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        # the registered ops are public: they check shapes themselves (these read out of bounds before)
+        (lambda r, v, d: torch.ops.pgest.gae(r, v[:2], d, 0.9, 0.9, None), ValueError, "values must have the shape"),
+        (lambda r, v, d: torch.ops.pgest.gae(r, v, d[:, :1], 0.9, 0.9, None), ValueError, "dones must have the shape"),
+        (lambda r, v, d: torch.ops.pgest.gae(r, v.double(), d, 0.9, 0.9, None), TypeError, "values must have the dtype"),
+        (lambda r, v, d: torch.ops.pgest.gae(r, v, d, 0.9, 0.9, torch.zeros(1)), ValueError, "last_value must have shape"),
+        (lambda r, v, d: torch.ops.pgest.gae(r, v, d, 0.9, 7.0, None), ValueError, "lam must be in"),
+        (lambda r, v, d: torch.ops.pgest.discounted_returns(r, d[:1], 0.9, None), ValueError, "dones must have the shape"),
+        (lambda r, v, d: torch.ops.pgest.discounted_returns(r, d, -1.0, None), ValueError, "gamma must be in"),
+        (lambda r, v, d: torch.ops.pgest.discounted_returns(r.half(), d, 0.9, None), TypeError, "float32 or float64"),
+        (lambda r, v, d: pgest.discounted_returns(r.to_sparse(), d, 0.9), TypeError, "rewards must be a dense tensor"),
+        (lambda r, v, d: pgest.gae(r, v, d.to_sparse(), 0.9, 0.9), TypeError, "dones must be a dense tensor"),
+    ],
+)
+def test_registered_ops_check_their_arguments(call, exc, match):
+    r, v, d, _ = make(5, 3, torch.float32, "random")
+    with pytest.raises(exc, match=match):
+        call(r, v, d)

@@ -1,0 +1,237 @@
+"""Fuzzing every public op over shapes, strides, dtypes and values (hypothesis,
+bounded in examples and derandomised so CI stays fast and reproducible).
+
+Each example either raises a Python exception of the documented kinds, and
+then only when the input is invalid, or returns what a float64 PyTorch
+reference gives for the same input. No example may crash the process."""
+import math
+import os
+
+import pytest
+import torch
+
+import pgest
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FUZZ = settings(max_examples=int(os.environ.get("PGEST_FUZZ_EXAMPLES", "150")), deadline=None,
+                derandomize=not os.environ.get("PGEST_FUZZ_RANDOM"), database=None,
+                suppress_health_check=list(HealthCheck))
+ERRORS = (ValueError, IndexError, TypeError)
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 2e-3, torch.bfloat16: 2e-3}
+
+
+@st.composite
+def logits_cases(draw, allow_bad=True):
+    rows = draw(st.sampled_from([0, 1, 2, 3, 5]))
+    K = draw(st.sampled_from([1, 2, 3, 16, 17, 40, 257, 600]))
+    dtype = draw(st.sampled_from(DTYPES))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    scale = draw(st.sampled_from([0.1, 3.0, 30.0]))
+    offset = draw(st.sampled_from([0.0, -50.0, 1e3])) if dtype in (torch.float32, torch.float64) else 0.0
+    x = torch.randn(rows, K, generator=g, dtype=torch.float64) * scale + offset
+    if allow_bad and rows and draw(st.booleans()):
+        kind = draw(st.sampled_from(["-inf", "nan", "+inf", "row -inf"]))
+        r = draw(st.integers(0, rows - 1))
+        c = draw(st.integers(0, K - 1))
+        if kind == "row -inf":
+            x[r] = -math.inf
+        else:
+            x[r, c] = {"-inf": -math.inf, "nan": math.nan, "+inf": math.inf}[kind]
+    x = x.to(dtype)
+    layout = draw(st.sampled_from(["contiguous", "transposed", "strided"]))
+    if layout == "transposed":
+        x = x.t().contiguous().t()
+    elif layout == "strided":
+        x = torch.stack([x, x], -1)[..., 0]
+    return x
+
+
+def ref_stats(x):
+    x64 = x.double()
+    lsm = x64.log_softmax(-1)
+    p = lsm.exp()
+    ent = -(p * torch.where(p > 0, lsm, torch.zeros_like(lsm))).sum(-1)
+    return lsm, ent
+
+
+def bad_rows(x):
+    """Rows a reading op must refuse: a NaN or +inf entry, or all -inf."""
+    x64 = x.double()
+    return (torch.isnan(x64) | (x64 == math.inf)).any(-1) | (x64 == -math.inf).all(-1)
+
+
+def close(a, b, dtype):
+    tol = TOL[dtype]
+    torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol, equal_nan=True)
+
+
+@FUZZ
+@given(x=logits_cases(), S=st.integers(1, 3), data=st.data())
+def test_log_prob_and_gradient(x, S, data):
+    R, K = x.shape
+    acts = data.draw(st.lists(st.integers(-3, K + 2) | st.just(-100), min_size=R * S, max_size=R * S))
+    actions = torch.tensor(acts, dtype=torch.int64).view(R, S)
+    x = x.detach().requires_grad_()
+    live = ((actions != -100).any(1)) if R else torch.zeros(0, dtype=torch.bool)
+    out_of_range = ((actions != -100) & ((actions < 0) | (actions >= K))).any()
+    expect_error = bool(out_of_range) or bool((bad_rows(x) & live).any())
+    try:
+        lp, ent = pgest.log_prob(x, actions)
+    except ERRORS:
+        assert expect_error
+        return
+    assert not expect_error
+    lsm, ref_ent = ref_stats(x.detach())
+    keep = actions != -100
+    ref_lp = torch.where(keep, lsm.gather(1, actions.clamp(0, K - 1)), torch.zeros(()).double())
+    close(lp, ref_lp, x.dtype)
+    close(ent[live], ref_ent[live], x.dtype)
+    # gradients only where every used log-probability is finite
+    if not torch.isfinite(lp).all():
+        return
+    w = torch.randn(R, S, dtype=torch.float64)
+    v = torch.randn(R, dtype=torch.float64)
+    ((lp.double() * w).sum() + (ent.double() * v).sum()).backward()
+    x64 = x.detach().double().requires_grad_()
+    lsm64 = x64.log_softmax(-1)
+    p = lsm64.exp()
+    ent64 = -(p * torch.where(p > 0, lsm64, torch.zeros_like(lsm64))).sum(-1)
+    lp64 = torch.where(keep, lsm64.gather(1, actions.clamp(0, K - 1)), torch.zeros(()).double())
+    ((lp64 * w).sum() + (ent64 * v * live).sum()).backward()
+    tol = 10 * TOL[x.dtype] if x.dtype in (torch.float16, torch.bfloat16) else TOL[x.dtype]
+    ref_grad = x64.grad.to(x.dtype).double()  # the gradient is rounded to the logits' dtype once
+    ref_grad[~live] = 0.0  # padding rows are not read and get no gradient
+    torch.testing.assert_close(x.grad.double(), ref_grad, rtol=tol, atol=tol)
+
+
+@FUZZ
+@given(x=logits_cases(), S=st.integers(1, 3))
+def test_sample(x, S):
+    expect_error = bool(bad_rows(x).any()) if x.shape[0] else False
+    try:
+        s = pgest.sample(x, num_samples=S, generator=torch.Generator().manual_seed(0))
+    except ERRORS:
+        assert expect_error
+        return
+    assert not expect_error
+    lsm, ent = ref_stats(x)
+    a = s.actions.view(x.shape[0], S)
+    assert ((a >= 0) & (a < x.shape[1])).all()
+    chosen = lsm.gather(1, a)
+    assert (chosen > -math.inf).all(), "an impossible action was drawn"
+    close(s.log_prob.view_as(chosen), chosen, x.dtype)
+    close(s.entropy, ent, x.dtype)
+
+
+@FUZZ
+@given(x=logits_cases(), S=st.integers(1, 3), baseline=st.sampled_from([None, 0.5, "mean", "rloo", "tensor"]),
+       table=st.booleans())
+def test_reinforce_grad(x, S, baseline, table):
+    R, K = x.shape
+    if baseline == "rloo" and S == 1:
+        S = 2
+    g = torch.Generator().manual_seed(1)
+    reward_table = torch.rand(R, K, generator=g) if table else None
+    labels = None if table else torch.randint(0, K, (R,), generator=g)
+    b = torch.rand(R, generator=g) if baseline == "tensor" else baseline
+    x = torch.log_softmax(x.float(), -1).to(x.dtype) if x.shape[1] else x
+    expect_error = bool(bad_rows(x).any()) if R else False
+    import warnings
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = pgest.reinforce_grad(x, labels, reward_table=reward_table, baseline=b, num_samples=S)
+    except ERRORS:
+        assert expect_error
+        return
+    assert not expect_error
+    a = out.actions.view(R, S)
+    r = (reward_table.gather(1, a) if table else (a == labels.view(-1, 1)).float()).double()
+    torch.testing.assert_close(out.rewards.view(R, S).double(), r)
+    if baseline is None:
+        base = torch.zeros_like(r)
+    elif baseline == 0.5:
+        base = torch.full_like(r, 0.5)
+    elif baseline == "mean":
+        base = torch.full_like(r, r.mean().item())
+    elif baseline == "rloo":
+        base = (r.sum(1, keepdim=True) - r) / (S - 1)
+    else:
+        base = b.double().view(-1, 1).expand_as(r)
+    ref = torch.zeros(R, K, dtype=torch.float64)
+    ref.scatter_add_(1, a, (base - r) / (R * S))
+    tol = TOL[x.dtype]
+    torch.testing.assert_close(out.grad.double(), ref.to(x.dtype).double(), rtol=tol, atol=1e-12)
+
+
+@FUZZ
+@given(x=logits_cases(), beta=st.sampled_from([0.0, 0.01, 1.0]), reduction=st.sampled_from(["mean", "sum", "none"]))
+def test_policy_loss(x, beta, reduction):
+    R, K = x.shape
+    g = torch.Generator().manual_seed(2)
+    actions = torch.randint(0, max(K, 1), (R,), generator=g)
+    adv = torch.randn(R, generator=g)
+    x = x.detach().requires_grad_()
+    expect_error = bool(bad_rows(x).any()) if R else False
+    try:
+        loss = pgest.policy_loss(x, actions, adv, entropy_weight=beta, reduction=reduction)
+    except ERRORS:
+        assert expect_error
+        return
+    assert not expect_error
+    lsm, ent = ref_stats(x.detach())
+    lp = lsm.gather(1, actions.view(-1, 1)).squeeze(1) if R else lsm.new_zeros(0)
+    per_row = torch.where(adv != 0, -adv.double() * lp, torch.zeros(()).double()) - beta * ent
+    ref = {"mean": per_row.mean() if R else per_row.sum() * math.nan, "sum": per_row.sum(), "none": per_row}[reduction]
+    close(loss, ref, x.dtype)
+
+
+@FUZZ
+@given(T=st.integers(0, 6), B=st.integers(0, 4), dtype=st.sampled_from([torch.float32, torch.float64]),
+       gamma=st.floats(0, 1), lam=st.floats(0, 1), seed=st.integers(0, 1000), poison=st.booleans())
+def test_gae_and_returns(T, B, dtype, gamma, lam, seed, poison):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(T, B, generator=g, dtype=torch.float64)
+    v = torch.randn(T, B, generator=g, dtype=torch.float64)
+    d = torch.rand(T, B, generator=g) < 0.3
+    last = torch.randn(B, generator=g, dtype=torch.float64)
+    if poison and T > 1 and B:
+        d[0, 0] = True
+        r[1, 0] = math.nan  # after the done: must not reach step 0
+    adv, ret = pgest.gae(r.to(dtype), v.to(dtype), d, gamma, lam, last.to(dtype))
+    G = pgest.discounted_returns(r.to(dtype), d, gamma, last.to(dtype))
+    r, v, last = r.to(dtype).double(), v.to(dtype).double(), last.to(dtype).double()
+    ref_adv = torch.zeros(T, B, dtype=torch.float64)
+    ref_G = torch.zeros(T, B, dtype=torch.float64)
+    for b in range(B):
+        a_next, v_next, g_next = 0.0, float(last[b]), float(last[b])
+        for t in reversed(range(T)):
+            done = bool(d[t, b])
+            delta = float(r[t, b]) - float(v[t, b]) + (0.0 if done else gamma * v_next)
+            a_next = delta + (0.0 if done else gamma * lam * a_next)
+            g_next = float(r[t, b]) + (0.0 if done else gamma * g_next)
+            ref_adv[t, b], ref_G[t, b], v_next = a_next, g_next, float(v[t, b])
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(adv.double(), ref_adv, rtol=tol, atol=tol, equal_nan=True)
+    torch.testing.assert_close(ret.double(), ref_adv + v, rtol=tol, atol=tol, equal_nan=True)
+    torch.testing.assert_close(G.double(), ref_G, rtol=tol, atol=tol, equal_nan=True)
+
+
+@FUZZ
+@given(x=logits_cases(allow_bad=False))
+def test_categorical(x):
+    if x.shape[0] == 0:
+        return
+    d = pgest.Categorical(logits=x)
+    a = d.sample(generator=torch.Generator().manual_seed(3)) if "generator" in d.sample.__code__.co_varnames \
+        else d.sample()
+    lsm, ent = ref_stats(x)
+    close(d.log_prob(a), lsm.gather(1, a.view(-1, 1)).squeeze(1), x.dtype)
+    close(d.entropy(), ent, x.dtype)
+    with pytest.raises(IndexError):
+        d.log_prob(torch.full_like(a, x.shape[1]))
