@@ -88,3 +88,13 @@ def test_entropy_when_the_max_moves_between_chunks(profile):
     d = torch.distributions.Categorical(logits=logits.double())
     torch.testing.assert_close(s.entropy.double(), d.entropy(), rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(s.log_prob.double(), d.log_prob(s.actions), rtol=2e-5, atol=2e-5)
+
+
+def test_zero_rows_and_zero_actions():
+    # (0, 0) logits: nothing to draw and nothing wrong (was "cannot reshape tensor of 0 elements")
+    s = pgest.sample(torch.empty(0, 0))
+    assert s.actions.shape == (0,) and s.entropy.shape == (0,)
+    loss = pgest.policy_loss(torch.empty(0, 0), torch.empty(0, dtype=torch.long), torch.empty(0), reduction="sum")
+    assert loss.item() == 0.0
+    with pytest.raises(ValueError, match="K = 0"):
+        pgest.sample(torch.empty(2, 0))
