@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import _C
 from . import _native as nat
+from .log_prob import traced
 
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 
@@ -63,6 +64,7 @@ def _args(rewards: Tensor, dones: Tensor, last_value: Optional[Tensor], gamma: f
     a.steps, a.envs = rewards.shape
     a.rewards = rewards.data_ptr()
     a.dones = dones.data_ptr()
+    a.dones_type = _DONES_TYPES[dones.dtype]
     a.last_value = 0 if last_value is None else last_value.data_ptr()
     a.gamma = gamma
     a.num_threads = nat.num_threads()
@@ -74,13 +76,18 @@ def _launch(kernel: str, a, device: torch.device) -> None:
     nat.raise_for_status(res, input_name="rewards", num_actions=0)
 
 
-def _dones_bytes(dones: Tensor) -> Tensor:
-    """dones as one byte per step, nonzero = done. bool and 8-bit tensors are
-    read in place (the kernel tests != 0); anything else costs one pass."""
-    if dones.dtype in (torch.bool, torch.uint8, torch.int8):
-        d = dones.detach().contiguous()
-        return d if d.dtype == torch.uint8 else d.view(torch.uint8)
-    return (dones.detach() != 0).contiguous().view(torch.uint8)
+_DONES_TYPES = {torch.uint8: 0, torch.float32: 1, torch.float64: 2}
+
+
+def _dones_in_place(dones: Tensor) -> Tensor:
+    """dones as the kernel reads them in place (nonzero = done): bool and
+    int8 as bytes, float32/float64 as they are; other types cost one pass."""
+    d = dones.detach()
+    if d.dtype in (torch.bool, torch.int8):
+        d = d.view(torch.uint8)
+    elif d.dtype not in _DONES_TYPES:
+        d = (d != 0).view(torch.uint8)
+    return d.contiguous()
 
 
 def _prepared(rewards, dones, last_value, gamma, lam=0.0):
@@ -89,11 +96,10 @@ def _prepared(rewards, dones, last_value, gamma, lam=0.0):
     rewards = rewards.detach().contiguous()
     if last_value is not None:
         last_value = last_value.detach().to(rewards.dtype).contiguous()
-    return rewards, _dones_bytes(dones), last_value
+    return rewards, _dones_in_place(dones), last_value
 
 
-@torch.library.custom_op("pgest::discounted_returns", mutates_args=())
-def _returns_op(rewards: Tensor, dones: Tensor, gamma: float, last_value: Optional[Tensor]) -> Tensor:
+def _returns_impl(rewards: Tensor, dones: Tensor, gamma: float, last_value: Optional[Tensor]) -> Tensor:
     _check_rollout(rewards, dones, last_value)
     rewards, dones, last_value = _prepared(rewards, dones, last_value, gamma)
     out = torch.empty_like(rewards)
@@ -103,15 +109,17 @@ def _returns_op(rewards: Tensor, dones: Tensor, gamma: float, last_value: Option
     return out
 
 
+_returns_op = torch.library.custom_op("pgest::discounted_returns", mutates_args=())(_returns_impl)
+
+
 @_returns_op.register_fake
 def _(rewards, dones, gamma, last_value):
     _check_rollout(rewards, dones, last_value)
     return torch.empty_like(rewards, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("pgest::gae", mutates_args=())
-def _gae_op(rewards: Tensor, values: Tensor, dones: Tensor, gamma: float, lam: float,
-            last_value: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def _gae_impl(rewards: Tensor, values: Tensor, dones: Tensor, gamma: float, lam: float,
+              last_value: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     _check_rollout(rewards, dones, last_value, values)
     rewards, dones, last_value = _prepared(rewards, dones, last_value, gamma, lam)
     values = values.detach().contiguous()
@@ -120,6 +128,9 @@ def _gae_op(rewards: Tensor, values: Tensor, dones: Tensor, gamma: float, lam: f
     a.values, a.lam, a.out, a.out_ret = values.data_ptr(), lam, adv.data_ptr(), ret.data_ptr()
     _launch("gae", a, rewards.device)
     return adv, ret
+
+
+_gae_op = torch.library.custom_op("pgest::gae", mutates_args=())(_gae_impl)
 
 
 @_gae_op.register_fake
@@ -157,7 +168,9 @@ def discounted_returns(rewards: Tensor, dones: Tensor, gamma: float,
     Not differentiable: the inputs are used as constants (detached), so the
     result never requires grad.
     """
-    return _returns_op(_detached(rewards), _detached(dones), _rate(gamma, "gamma"), _detached(last_value))
+    # Eager: the op's body directly (its checks included), without torch.library's dispatch.
+    op = _returns_op if traced() else _returns_impl
+    return op(_detached(rewards), _detached(dones), _rate(gamma, "gamma"), _detached(last_value))
 
 
 def gae(rewards: Tensor, values: Tensor, dones: Tensor, gamma: float, lam: float,
@@ -171,8 +184,9 @@ def gae(rewards: Tensor, values: Tensor, dones: Tensor, gamma: float, lam: float
     (returns - values), ``lam = 0`` the one-step TD error. A NaN or inf after
     an episode end never reaches the steps before it.
     """
-    return _gae_op(_detached(rewards), _detached(values), _detached(dones), _rate(gamma, "gamma"),
-                   _rate(lam, "lam"), _detached(last_value))
+    op = _gae_op if traced() else _gae_impl
+    return op(_detached(rewards), _detached(values), _detached(dones), _rate(gamma, "gamma"), _rate(lam, "lam"),
+              _detached(last_value))
 
 
 def _detached(t):

@@ -145,7 +145,7 @@ def test_nothing_crosses_a_done(bad, where):
         torch.testing.assert_close(g[:3, 0], returns_loop(r[:3], d[:3], 0.9, None)[:, 0])
 
 
-@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int8, torch.int32, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int8, torch.int32, torch.float32, torch.float64])
 def test_dones_dtypes_agree(dtype):
     r, v, d, last = make(40, 17, torch.float32, "random")
     ref = pgest.gae(r, v, d, 0.99, 0.95, last)
@@ -189,3 +189,17 @@ def test_registered_ops_check_their_arguments(call, exc, match):
     r, v, d, _ = make(5, 3, torch.float32, "random")
     with pytest.raises(exc, match=match):
         call(r, v, d)
+
+
+def test_compile_fullgraph():
+    r, v, d, last = make(9, 4, torch.float32, "random")
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(r, v, d, last):
+        adv, ret = pgest.gae(r, v, d, 0.99, 0.95, last)
+        return adv, ret, pgest.discounted_returns(r, d, 0.99, last)
+
+    got = f(r, v, d, last)
+    want = pgest.gae(r, v, d, 0.99, 0.95, last) + (pgest.discounted_returns(r, d, 0.99, last),)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

@@ -18,13 +18,17 @@ struct ReturnsArgs {
   int64_t steps = 0, envs = 0;  // T, B; all (T, B) tensors contiguous
   const void* rewards = nullptr;
   const void* values = nullptr;      // GAE only
-  const uint8_t* dones = nullptr;    // 0 or 1
+  const void* dones = nullptr;       // nonzero = done, of dones_type
+  int32_t dones_type = 0;            // DonesType: read in place, no conversion pass
   const void* last_value = nullptr;  // (B,) or null (0)
   double gamma = 0.99, lam = 0.95;
   void* out = nullptr;      // returns, or advantages
   void* out_ret = nullptr;  // GAE: advantages + values
   int32_t num_threads = 1;
 };
+
+// bool/uint8/int8 (one byte) and the float types rollouts keep dones in.
+enum DonesType : int32_t { kDonesByte = 0, kDonesFloat32 = 1, kDonesFloat64 = 2 };
 
 namespace cpu {
 Status discounted_returns(const ReturnsArgs& args, ErrorInfo* err);
@@ -34,6 +38,15 @@ Status gae(const ReturnsArgs& args, ErrorInfo* err);
 }  // namespace pgest
 
 PGEST_NS_BEGIN
+
+// fn(D{}) with D the element type of the dones.
+template <class Fn>
+inline Status dispatch_dones(int32_t type, const Fn& fn) {
+  if (type == kDonesByte) return fn(uint8_t{});
+  if (type == kDonesFloat32) return fn(float{});
+  if (type == kDonesFloat64) return fn(double{});
+  return kUnsupportedDtype;
+}
 
 template <class F>
 PGEST_HD F returns_step(F reward, bool done, F gamma, F next_return) {
