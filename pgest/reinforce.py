@@ -114,6 +114,19 @@ def reinforce(
     (...,) tensor (not differentiated), ``"mean"`` or ``"rloo"``;
     ``entropy_weight`` adds ``entropy_weight * sum(p log p)`` averaged over rows
     (the seed's regulariser).
+
+    Returns:
+        ``Reinforce(loss, actions, rewards, log_prob, entropy)``:
+
+        - ``loss``: scalar surrogate (mean over rows); ``loss.backward()``
+          puts the baseline-corrected policy gradient (and the entropy term)
+          into ``logits.grad``. The only differentiable output.
+        - ``actions``: int64, shape (...,) when ``num_samples == 1``, else (..., S).
+        - ``rewards``: the rewards of those actions, same shape, float32
+          (float64 for float64 logits).
+        - ``log_prob``: log softmax(logits) of the drawn actions, same shape,
+          detached (what a PPO rollout stores as the old log-probabilities).
+        - ``entropy``: (...,) entropy of each row, detached.
     """
     check_logits(logits)
     S = check_num_samples(num_samples)
