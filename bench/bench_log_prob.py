@@ -8,37 +8,13 @@ multinomial + gather, eager and under torch.compile.
 """
 import pytest
 import torch
-from torch.distributions import Categorical as TorchCategorical
 
-import pgest
-from pgest.benchmarks import compiled
+from pgest.benchmarks import RL_KS as KS, RL_ROWS as ROWS, compiled, rl_step_log_softmax, rl_step_pgest, rl_step_torch
 
 # one compiled function is traced at 16 static shapes
 torch._dynamo.config.recompile_limit = 64
 
-ROWS = [64, 512, 4096, 32768]
-KS = [2, 6, 18, 100]
-
-
-def pgest_step(x):
-    d = pgest.Categorical(logits=x)
-    a = d.sample()
-    return d.log_prob(a).sum() + d.entropy().sum()
-
-
-def torch_step(x):
-    d = TorchCategorical(logits=x)
-    a = d.sample()
-    return d.log_prob(a).sum() + d.entropy().sum()
-
-
-def lsm_step(x):
-    ls = torch.log_softmax(x, -1)
-    a = torch.multinomial(ls.detach().exp(), 1)
-    return ls.gather(-1, a).sum() - (ls.exp() * ls).sum()
-
-
-PROVIDERS = {"pgest": pgest_step, "torch_categorical": torch_step, "log_softmax_gather": lsm_step,
+PROVIDERS = {"pgest": rl_step_pgest, "torch_categorical": rl_step_torch, "log_softmax_gather": rl_step_log_softmax,
              "log_softmax_gather_compiled": None}
 
 
@@ -47,7 +23,7 @@ PROVIDERS = {"pgest": pgest_step, "torch_categorical": torch_step, "log_softmax_
 @pytest.mark.parametrize("rows", ROWS)
 def test_rl_step(benchmark, rows, K, provider):
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(0)).requires_grad_()
-    fn = compiled(lsm_step) if provider == "log_softmax_gather_compiled" else PROVIDERS[provider]
+    fn = compiled(rl_step_log_softmax) if provider == "log_softmax_gather_compiled" else PROVIDERS[provider]
 
     def run():
         x.grad = None

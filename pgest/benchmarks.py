@@ -70,6 +70,26 @@ def pgest_reinforce(logits, labels, num_samples: int = 4):
     return pgest.reinforce(logits, labels, baseline="rloo", num_samples=num_samples).loss
 
 
+def rl_step_pgest(x):
+    """One PPO minibatch step without the network: sample, then log_prob and
+    entropy (the RL matrix)."""
+    d = pgest.Categorical(logits=x)
+    a = d.sample()
+    return d.log_prob(a).sum() + d.entropy().sum()
+
+
+def rl_step_torch(x):
+    d = torch.distributions.Categorical(logits=x)
+    a = d.sample()
+    return d.log_prob(a).sum() + d.entropy().sum()
+
+
+def rl_step_log_softmax(x):
+    ls = torch.log_softmax(x, -1)
+    a = torch.multinomial(ls.detach().exp(), 1)
+    return ls.gather(-1, a).sum() - (ls.exp() * ls).sum()
+
+
 @functools.lru_cache(maxsize=None)
 def compiled(fn):
     return torch.compile(fn, fullgraph=True, dynamic=False)
@@ -134,6 +154,9 @@ def _quiet_stderr():
 REINFORCE_GRAD_SHAPES = [(4096, 10), (1024, 1000), (256, 32000), (64, 128000)]
 LOSS_SHAPES = [(1024, 1000), (256, 32000), (64, 128000)]
 QUICK_SHAPES = [(512, 100), (64, 4000)]
+RL_ROWS, RL_KS = [64, 512, 4096, 32768], [2, 6, 18, 100]
+RL_QUICK_SHAPES = [(64, 6), (4096, 18)]
+RL_OP = "rl step (Categorical sample + log_prob + entropy, fwd+bwd)"
 
 
 def _inputs(B, K, dtype, seed=0):
@@ -189,6 +212,17 @@ def run(quick: bool = False, with_compiled: Optional[bool] = None, repeats: int 
             if with_compiled:
                 record(op, shape, dname, "compiled", train_step(compiled(eager_reinforce), x, labels))
             record(op, shape, dname, "copy", lambda: x.detach().clone())
+    rl_shapes = RL_QUICK_SHAPES if quick else [(r, k) for r in RL_ROWS for k in RL_KS]
+    if with_compiled:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(rl_shapes))
+        rl_compiled = compiled(rl_step_log_softmax)
+    for shape in rl_shapes:
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        record(RL_OP, shape, "fp32", "pgest", train_step(rl_step_pgest, x))
+        record(RL_OP, shape, "fp32", "torch_categorical", train_step(rl_step_torch, x))
+        record(RL_OP, shape, "fp32", "log_softmax_gather", train_step(rl_step_log_softmax, x))
+        if with_compiled:
+            record(RL_OP, shape, "fp32", "compiled", train_step(rl_compiled, x))
     return rows
 
 

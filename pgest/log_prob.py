@@ -60,24 +60,27 @@ def _run(kernel: str, a, x: Tensor, actions: Optional[Tensor], ignore_index: Opt
 
 def forward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], *, weights: Optional[Tensor] = None,
                  entropy_weight: float = 0.0, want_entropy: bool = True, stats: Optional[Tensor] = None,
-                 entropy: Optional[Tensor] = None):
+                 entropy: Optional[Tensor] = None, shapes=None):
     """(R, K) logits and (R, S) int64 contiguous actions (or None) ->
     (log_prob (R, S), entropy (R,), stats (2, R) = [row max, log Z], loss (R,)
     or None). ``weights`` (R, S) adds the fused surrogate
     loss = -sum_s w_s log_prob_s - entropy_weight * H. With ``stats`` and
-    ``entropy`` from ``pgest::sample`` the logits' rows are not read again."""
+    ``entropy`` from ``pgest::sample`` the logits' rows are not read again.
+    ``shapes``: (log_prob shape, entropy shape) to allocate the outputs in
+    (same element counts): the caller's shapes, so that no view (and no
+    view node in the autograd graph) is needed afterwards."""
     R = x.shape[0]
     S = 0 if actions is None else actions.shape[1]
     acc = nat.stats_dtype(x.dtype)
     dev = x.device
-    lp = torch.empty((R, S), dtype=acc, device=dev)
+    lp = torch.empty((R, S) if shapes is None else shapes[0], dtype=acc, device=dev)
     if stats is not None:
         # fresh tensors: a custom op's outputs may not alias its inputs
         st = stats.to(acc).contiguous().clone()
         ent = entropy.to(acc).contiguous().clone()
     else:
         st = torch.empty((2, R), dtype=acc, device=dev)
-        ent = torch.empty((R,), dtype=acc, device=dev)
+        ent = torch.empty((R,) if shapes is None else shapes[1], dtype=acc, device=dev)
     loss = torch.empty((R,), dtype=acc, device=dev) if weights is not None else None
     if R:
         a = _args(x, actions, ignore_index)
@@ -187,8 +190,8 @@ log_prob_rows.register_autograd(_backward, setup_context=_setup_context)
 
 class _LogProbFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, actions, ignore_index):
-        lp, ent, st, _ = forward_rows(logits, actions, ignore_index)
+    def forward(ctx, logits, actions, ignore_index, shapes=None):
+        lp, ent, st, _ = forward_rows(logits, actions, ignore_index, shapes=shapes)
         ctx.save_for_backward(logits, actions, st, ent)
         ctx.ignore_index = ignore_index
         ctx.set_materialize_grads(False)  # an unused output costs nothing in backward
@@ -198,10 +201,10 @@ class _LogProbFn(torch.autograd.Function):
     def backward(ctx, grad_lp, grad_ent):
         logits, actions, st, ent = ctx.saved_tensors
         if grad_lp is None and grad_ent is None:
-            return None, None, None
+            return None, None, None, None
         grad = backward_rows(logits, actions, ctx.ignore_index, st, ent, grad_log_prob=grad_lp,
                              grad_entropy=grad_ent)
-        return grad, None, None
+        return grad, None, None, None
 
 
 def traced() -> bool:
@@ -217,15 +220,15 @@ def traced() -> bool:
     return False
 
 
-def rows_pair(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int]) -> Tuple[Tensor, Tensor]:
+def rows_pair(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], shapes) -> Tuple[Tensor, Tensor]:
     """(R, K) logits and (R, S) int64 actions (or None) -> differentiable
-    (log_prob (R, S), entropy (R,)), by the cheapest route that applies."""
+    (log_prob, entropy) of ``shapes`` (the caller's), by the cheapest route."""
     if traced():
         lp, ent, _ = log_prob_rows(x, actions, ignore_index)
-        return lp, ent
+        return lp.view(shapes[0]), ent.view(shapes[1])
     if x.requires_grad and torch.is_grad_enabled():
-        return _LogProbFn.apply(x, actions, ignore_index)
-    lp, ent, _, _ = forward_rows(x, actions, ignore_index)
+        return _LogProbFn.apply(x, actions, ignore_index, shapes)
+    lp, ent, _, _ = forward_rows(x, actions, ignore_index, shapes=shapes)
     return lp, ent
 
 
@@ -345,10 +348,11 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
     nat.check_device(actions, "actions", logits.device, "logits")
     lead = logits.shape[:-1]
     try:
-        lp, ent = rows_pair(rows_of(logits), index_tensor(actions, logits.shape[-1]).reshape(-1, S), ii)
+        lp, ent = rows_pair(rows_of(logits), index_tensor(actions, logits.shape[-1]).reshape(-1, S), ii,
+                            (actions.shape, lead))
     except (ValueError, IndexError) as e:
         raise type(e)(nat.unflatten_message(str(e), lead)) from None
-    return LogProb(lp.view(actions.shape), ent.view(lead))
+    return LogProb(lp, ent)
 
 
 def entropy(logits: Tensor) -> Tensor:
@@ -357,7 +361,7 @@ def entropy(logits: Tensor) -> Tensor:
     check_logits(logits)
     lead = logits.shape[:-1]
     try:
-        _, ent = rows_pair(rows_of(logits), None, None)
+        _, ent = rows_pair(rows_of(logits), None, None, ((lead.numel(), 0), lead))
     except (ValueError, IndexError) as e:
         raise type(e)(nat.unflatten_message(str(e), lead)) from None
-    return ent.view(lead)
+    return ent

@@ -23,15 +23,18 @@ class Sample(NamedTuple):
     entropy: Tensor   # (...,) entropy of softmax(logits) per row
 
 
-def sample_native(x: Tensor, num_samples: int, seed: int, offset: int = 0, seed_t: Optional[Tensor] = None):
+def sample_native(x: Tensor, num_samples: int, seed: int, offset: int = 0, seed_t: Optional[Tensor] = None,
+                  shapes=None):
     """(R, K) logits -> actions (R, S), log_prob (R, S), entropy (R,), stats
-    (2, R) = [row max, log Z] (what a later log_prob backward needs)."""
+    (2, R) = [row max, log Z] (what a later log_prob backward needs).
+    ``shapes``: (actions shape, entropy shape) to allocate in instead."""
     R, K = x.shape
     acc = nat.stats_dtype(x.dtype)
     dev = x.device
-    actions = torch.empty((R, num_samples), dtype=torch.int64, device=dev)
-    log_prob = torch.empty((R, num_samples), dtype=acc, device=dev)
-    entropy = torch.empty((R,), dtype=acc, device=dev)
+    a_shape, e_shape = ((R, num_samples), (R,)) if shapes is None else shapes
+    actions = torch.empty(a_shape, dtype=torch.int64, device=dev)
+    log_prob = torch.empty(a_shape, dtype=acc, device=dev)
+    entropy = torch.empty(e_shape, dtype=acc, device=dev)
     stats = torch.empty((2, R), dtype=acc, device=dev)
     if R:
         a = _C.SampleArgs()
@@ -78,17 +81,21 @@ def check_seed(seed, device) -> None:
         raise ValueError(f"seed offset must be >= 0, got {int(seed[1])}")
 
 
-def draw_rows(x: Tensor, num_samples: int, generator: Optional[torch.Generator]):
+def draw_rows(x: Tensor, num_samples: int, generator: Optional[torch.Generator], shapes=None):
     """Sample (R, K) rows by the cheapest route: the registered op under
     torch.compile or on CUDA (the seed stays on the device), else a direct call
-    with the same seed drawn from the generator."""
+    with the same seed drawn from the generator. With ``shapes`` (see
+    sample_native) the outputs come in those shapes on every route."""
     if x.device.type == "cpu" and not traced():
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if generator is not None and generator.device.type != "cpu":
             raise ValueError(f"generator is on {generator.device} but the input is on cpu")
-        return sample_native(x, num_samples, int(draw_seed(generator)))
-    return sample_rows(x, num_samples, seed_tensor(generator, x.device))
+        return sample_native(x, num_samples, int(draw_seed(generator)), shapes=shapes)
+    out = sample_rows(x, num_samples, seed_tensor(generator, x.device))
+    if shapes is None:
+        return out
+    return out[0].view(shapes[0]), out[1].view(shapes[0]), out[2].view(shapes[1]), out[3]
 
 
 def check_num_samples(num_samples) -> int:
@@ -120,9 +127,9 @@ def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Gener
     check_logits(logits)
     S = check_num_samples(num_samples)
     lead = logits.shape[:-1]
+    shape = lead if S == 1 else lead + (S,)
     try:
-        actions, log_prob, entropy, _ = draw_rows(rows_of(logits.detach()), S, generator)
+        actions, log_prob, entropy, _ = draw_rows(rows_of(logits.detach()), S, generator, (shape, lead))
     except ValueError as e:
         raise ValueError(nat.unflatten_message(str(e), lead)) from None
-    shape = tuple(lead) if S == 1 else tuple(lead) + (S,)
-    return Sample(actions.view(shape), log_prob.view(shape), entropy.view(tuple(lead)))
+    return Sample(actions, log_prob, entropy)
