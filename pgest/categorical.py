@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from . import _native as nat
-from .log_prob import check_index_dtype, check_logits, entropy as _entropy, log_prob as _log_prob
-from .sample import sample as _sample
+from .log_prob import (check_index_dtype, check_logits, entropy as _entropy, index_tensor, log_prob as _log_prob,
+                       rows_of, rows_pair)
+from .sample import draw_rows, sample as _sample
 
 
 class Categorical:
@@ -64,6 +65,7 @@ class Categorical:
         self._x = logits
         self._logits = None
         self._entropy = None
+        self._drawn = None  # (stats, entropy, logits version) of the last sample()
 
     # --- shapes, as torch.distributions ---------------------------------------
     @property
@@ -128,7 +130,15 @@ class Categorical:
         shape = torch.Size(sample_shape)
         n = shape.numel()
         if not shape:
-            return _sample(self._x, 1, generator).actions
+            # Keep the draw's row statistics: a log_prob of these logits then
+            # needs no second pass over them (one native pass per step).
+            batch = self.batch_shape
+            try:
+                actions, _, ent, stats = draw_rows(rows_of(self._x.detach()), 1, generator, (batch, batch))
+            except ValueError as e:
+                raise ValueError(nat.unflatten_message(str(e), batch)) from None
+            self._drawn = (stats, ent, self._x._version)
+            return actions
         a = _sample(self._x, n, generator).actions if n > 1 else _sample(self._x, 1, generator).actions.unsqueeze(-1)
         # (..., n) -> (n, ...) -> sample_shape + batch_shape
         a = a.movedim(-1, 0) if a.dim() > 1 else a
@@ -144,6 +154,17 @@ class Categorical:
         batch = self.batch_shape
         nb = len(batch)
         if value.shape == batch:
+            drawn = self._drawn
+            if drawn is not None and drawn[2] == self._x._version and value.numel():
+                # Statistics from this object's sample() of the unchanged logits.
+                x = rows_of(self._x)
+                try:
+                    lp, ent = rows_pair(x, index_tensor(value, x.shape[1]).reshape(-1, 1), None, (batch, batch),
+                                        given=drawn[:2])
+                except IndexError as e:
+                    raise IndexError(nat.unflatten_message(str(e), batch).replace("actions", "value")) from None
+                self._entropy = ent
+                return lp
             out = _log_prob(self._x, value, ignore_index=None)
             self._entropy = out.entropy
             return out.log_prob

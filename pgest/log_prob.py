@@ -60,7 +60,7 @@ def _run(kernel: str, a, x: Tensor, actions: Optional[Tensor], ignore_index: Opt
 
 def forward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], *, weights: Optional[Tensor] = None,
                  entropy_weight: float = 0.0, want_entropy: bool = True, stats: Optional[Tensor] = None,
-                 entropy: Optional[Tensor] = None, shapes=None):
+                 entropy: Optional[Tensor] = None, shapes=None, fresh_stats: bool = True):
     """(R, K) logits and (R, S) int64 contiguous actions (or None) ->
     (log_prob (R, S), entropy (R,), stats (2, R) = [row max, log Z], loss (R,)
     or None). ``weights`` (R, S) adds the fused surrogate
@@ -75,9 +75,13 @@ def forward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[in
     dev = x.device
     lp = torch.empty((R, S) if shapes is None else shapes[0], dtype=acc, device=dev)
     if stats is not None:
-        # fresh tensors: a custom op's outputs may not alias its inputs
-        st = stats.to(acc).contiguous().clone()
+        # fresh tensors: a custom op's outputs may not alias its inputs (the
+        # eager route only saves the statistics: no copy needed there)
+        st = stats.to(acc).contiguous()
+        st = st.clone() if fresh_stats else st
         ent = entropy.to(acc).contiguous().clone()
+        if shapes is not None:
+            ent = ent.view(shapes[1])
     else:
         st = torch.empty((2, R), dtype=acc, device=dev)
         ent = torch.empty((R,) if shapes is None else shapes[1], dtype=acc, device=dev)
@@ -85,7 +89,8 @@ def forward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[in
     if R:
         a = _args(x, actions, ignore_index)
         a.log_prob, a.entropy = lp.data_ptr(), ent.data_ptr()
-        a.row_max, a.log_z = st[0].data_ptr(), st[1].data_ptr()
+        a.row_max = st.data_ptr()
+        a.log_z = a.row_max + R * st.element_size()
         a.want_entropy = want_entropy
         a.stats_given = stats is not None
         if weights is not None:
@@ -109,21 +114,32 @@ def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
         a = _args(x, actions, ignore_index)
         keep = []  # converted tensors must outlive the call
 
-        def ptr(t):
-            if t.dtype != acc or not t.is_contiguous():
-                t = t.to(acc).contiguous()
+        def rows(t, shape):
+            """t as ``shape`` in the accumulation type, strided where it can be
+            (an upstream gradient is often an expanded scalar: read in place)."""
+            if t.dtype != acc:
+                t = t.to(acc)
+            if t.shape != shape:
+                t = t.reshape(shape)
             keep.append(t)
-            return t.data_ptr()
+            return t
 
         stats = stats if stats.is_contiguous() else stats.contiguous()
-        a.row_max, a.log_z = stats[0].data_ptr(), stats[1].data_ptr()
-        a.entropy = ptr(entropy)
-        if grad_log_prob is not None:
-            a.grad_log_prob = ptr(grad_log_prob)
+        a.row_max = stats.data_ptr()
+        a.log_z = a.row_max + R * stats.element_size()
+        ent = rows(entropy, (R,)).contiguous()
+        keep.append(ent)
+        a.entropy = ent.data_ptr()
+        if grad_log_prob is not None and actions is not None:
+            g = rows(grad_log_prob, (R, actions.shape[1]))
+            a.grad_log_prob = g.data_ptr()
+            a.grad_log_prob_row_stride, a.grad_log_prob_sample_stride = g.stride()
         if grad_entropy is not None:
-            a.grad_entropy = ptr(grad_entropy)
+            g = rows(grad_entropy, (R,))
+            a.grad_entropy, a.grad_entropy_stride = g.data_ptr(), g.stride(0)
         if row_scale is not None:
-            a.row_scale = ptr(row_scale)
+            g = rows(row_scale, (R,))
+            a.row_scale, a.row_scale_stride = g.data_ptr(), g.stride(0)
         a.log_prob_scale, a.entropy_scale = log_prob_scale, entropy_scale
         a.grad = grad.data_ptr()
         if x.is_cuda and actions is not None and actions.shape[1] > nat.PAIRWISE_SAMPLES:
@@ -160,6 +176,7 @@ def log_prob_backward(grad_log_prob: Optional[Tensor], grad_entropy: Optional[Te
     (either may be None): one read of the logits, every entry written once."""
     check_rows(logits, actions)
     check_stats(logits, stats, entropy)
+    check_upstream(logits, actions, grad_log_prob, grad_entropy)
     return backward_rows(logits, index_tensor(actions, logits.shape[1]), ignore_index, stats, entropy,
                          grad_log_prob=grad_log_prob, grad_entropy=grad_entropy)
 
@@ -190,8 +207,9 @@ log_prob_rows.register_autograd(_backward, setup_context=_setup_context)
 
 class _LogProbFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, actions, ignore_index, shapes=None):
-        lp, ent, st, _ = forward_rows(logits, actions, ignore_index, shapes=shapes)
+    def forward(ctx, logits, actions, ignore_index, shapes=None, stats=None, entropy=None):
+        lp, ent, st, _ = forward_rows(logits, actions, ignore_index, shapes=shapes, stats=stats, entropy=entropy,
+                                      fresh_stats=False)
         ctx.save_for_backward(logits, actions, st, ent)
         ctx.ignore_index = ignore_index
         ctx.set_materialize_grads(False)  # an unused output costs nothing in backward
@@ -201,10 +219,10 @@ class _LogProbFn(torch.autograd.Function):
     def backward(ctx, grad_lp, grad_ent):
         logits, actions, st, ent = ctx.saved_tensors
         if grad_lp is None and grad_ent is None:
-            return None, None, None, None
+            return None, None, None, None, None, None
         grad = backward_rows(logits, actions, ctx.ignore_index, st, ent, grad_log_prob=grad_lp,
                              grad_entropy=grad_ent)
-        return grad, None, None, None
+        return grad, None, None, None, None, None
 
 
 def traced() -> bool:
@@ -220,15 +238,19 @@ def traced() -> bool:
     return False
 
 
-def rows_pair(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], shapes) -> Tuple[Tensor, Tensor]:
+def rows_pair(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], shapes,
+              given: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
     """(R, K) logits and (R, S) int64 actions (or None) -> differentiable
-    (log_prob, entropy) of ``shapes`` (the caller's), by the cheapest route."""
+    (log_prob, entropy) of ``shapes`` (the caller's), by the cheapest route.
+    ``given``: (stats, entropy) of these logits from a draw (pgest::sample):
+    the forward then reads only the chosen entries, not the rows."""
     if traced():
         lp, ent, _ = log_prob_rows(x, actions, ignore_index)
         return lp.view(shapes[0]), ent.view(shapes[1])
+    stats, entropy = given if given is not None else (None, None)
     if x.requires_grad and torch.is_grad_enabled():
-        return _LogProbFn.apply(x, actions, ignore_index, shapes)
-    lp, ent, _, _ = forward_rows(x, actions, ignore_index, shapes=shapes)
+        return _LogProbFn.apply(x, actions, ignore_index, shapes, stats, entropy)
+    lp, ent, _, _ = forward_rows(x, actions, ignore_index, shapes=shapes, stats=stats, entropy=entropy)
     return lp, ent
 
 
@@ -269,6 +291,21 @@ def check_stats(logits, stats, entropy) -> None:
         raise ValueError(f"entropy must have shape ({R},), got {tuple(entropy.shape)}")
     nat.check_device(stats, "stats", logits.device, "logits")
     nat.check_device(entropy, "entropy", logits.device, "logits")
+
+
+def check_upstream(logits, actions, grad_log_prob, grad_entropy) -> None:
+    R = logits.shape[0]
+    if grad_log_prob is not None:
+        S = 0 if actions is None else actions.shape[1]
+        nat.check_float_tensor(grad_log_prob, "grad_log_prob")
+        if grad_log_prob.shape != (R, S):
+            raise ValueError(f"grad_log_prob must have shape ({R}, {S}) like log_prob, got {tuple(grad_log_prob.shape)}")
+        nat.check_device(grad_log_prob, "grad_log_prob", logits.device, "logits")
+    if grad_entropy is not None:
+        nat.check_float_tensor(grad_entropy, "grad_entropy")
+        if grad_entropy.shape != (R,):
+            raise ValueError(f"grad_entropy must have shape ({R},) like entropy, got {tuple(grad_entropy.shape)}")
+        nat.check_device(grad_entropy, "grad_entropy", logits.device, "logits")
 
 
 def check_index_dtype(actions, name: str = "actions") -> None:

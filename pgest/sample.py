@@ -45,7 +45,8 @@ def sample_native(x: Tensor, num_samples: int, seed: int, offset: int = 0, seed_
         a.num_samples = num_samples
         a.seed, a.offset = seed & (2**64 - 1), offset
         a.actions, a.log_prob, a.entropy = actions.data_ptr(), log_prob.data_ptr(), entropy.data_ptr()
-        a.row_max, a.log_z = stats[0].data_ptr(), stats[1].data_ptr()
+        a.row_max = stats.data_ptr()
+        a.log_z = a.row_max + R * stats.element_size()
         a.num_threads = nat.num_threads()
         res = nat.cuda_call("sample", a, dev, seed=seed_t, values=x) if dev.type == "cuda" else _C.sample_cpu(a)
         if res[0] != nat.OK:

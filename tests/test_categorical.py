@@ -113,3 +113,34 @@ def test_agent_update_is_the_same_as_with_torchs_class():
     for seed in range(3):
         for p, q in zip(_agent_update(pgest.Categorical, seed), _agent_update(TorchCategorical, seed)):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_log_prob_after_sample_reuses_the_draw_and_agrees():
+    # sample() keeps (max, log Z, H) of the rows; log_prob then reads only the
+    # chosen entries. Same values and gradients as a fresh object's, and a
+    # change of the logits in between makes it read them again.
+    torch.manual_seed(0)
+    x = torch.randn(50, 7, dtype=torch.float64, requires_grad=True)
+    d = pgest.Categorical(logits=x)
+    a = d.sample()
+    lp, ent = d.log_prob(a), d.entropy()
+    fresh = pgest.Categorical(logits=x)
+    lp2, ent2 = fresh.log_prob(a), fresh.entropy()
+    assert torch.equal(lp, lp2) and torch.equal(ent, ent2)
+    w = torch.randn(50, dtype=torch.float64)
+    g1, = torch.autograd.grad((lp * w).sum() + ent.sum(), x)
+    g2, = torch.autograd.grad((lp2 * w).sum() + ent2.sum(), x)
+    torch.testing.assert_close(g1, g2, rtol=1e-13, atol=1e-13)
+    ref = x.detach().log_softmax(-1).gather(1, a.view(-1, 1)).squeeze(1)
+    torch.testing.assert_close(lp.detach(), ref, rtol=1e-12, atol=1e-12)
+
+    y = torch.randn(50, 7, dtype=torch.float64)
+    d = pgest.Categorical(logits=y)
+    a = d.sample()
+    with torch.no_grad():
+        y.mul_(3.0)  # in place: the draw's statistics no longer hold
+    torch.testing.assert_close(d.log_prob(a), y.log_softmax(-1).gather(1, a.view(-1, 1)).squeeze(1))
+    with pytest.raises(IndexError, match="out of range"):
+        d = pgest.Categorical(logits=y)
+        d.sample()
+        d.log_prob(torch.full((50,), 7))

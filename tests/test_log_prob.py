@@ -289,3 +289,19 @@ def test_sparse_and_uint64_inputs_get_a_message():
         pgest.log_prob(x, torch.tensor([0, 2**64 - 1, 1], dtype=torch.uint64))
     lp, _ = pgest.log_prob(x, torch.tensor([0, 3, 1], dtype=torch.uint64))
     torch.testing.assert_close(lp, x.log_softmax(-1).gather(1, torch.tensor([[0], [3], [1]])).squeeze(1))
+
+
+def test_backward_op_checks_upstream_shapes():
+    from pgest.log_prob import log_prob_backward, log_prob_rows
+
+    x = torch.randn(5, 4)
+    a = torch.randint(0, 4, (5, 2))
+    lp, ent, st = log_prob_rows(x, a, -100)
+    with pytest.raises(ValueError, match=r"grad_log_prob must have shape \(5, 2\)"):
+        log_prob_backward(torch.ones(3), None, x, a, st, ent, -100)
+    with pytest.raises(ValueError, match=r"grad_entropy must have shape \(5,\)"):
+        log_prob_backward(None, torch.ones(5, 1), x, a, st, ent, -100)
+    # a broadcast upstream gradient (stride 0) is read in place and equals the dense one
+    g_b = log_prob_backward(torch.ones(()).expand(5, 2), torch.full((), 0.5).expand(5), x, a, st, ent, -100)
+    g_d = log_prob_backward(torch.ones(5, 2), torch.full((5,), 0.5), x, a, st, ent, -100)
+    assert torch.equal(g_b, g_d)

@@ -52,9 +52,15 @@ struct LogProbArgs {
   // Backward: g_s = row_scale_i * log_prob_scale * grad_log_prob[i, s],
   // g_H = row_scale_i * (grad_entropy ? grad_entropy[i] : entropy_scale).
   // Null pointers read as 0 (grad_log_prob) or 1 (row_scale). Accumulation type.
+  // Element strides, so that broadcast upstream gradients (a sum's backward
+  // hands over an expanded scalar) are read in place, not copied first.
+  // grad_log_prob_row_stride < 0 means contiguous (R, S).
   const void* grad_log_prob = nullptr;
+  int64_t grad_log_prob_row_stride = -1, grad_log_prob_sample_stride = 1;
   const void* grad_entropy = nullptr;
+  int64_t grad_entropy_stride = 1;
   const void* row_scale = nullptr;
+  int64_t row_scale_stride = 1;
   double log_prob_scale = 1.0;
   double entropy_scale = 0.0;
   void* grad = nullptr;  // (R, K) contiguous, dtype of logits
@@ -100,16 +106,22 @@ PGEST_HD F entropy_of(F log_z, F ex_dot, F z) { return log_z - ex_dot / z; }
 
 // The upstream gradient of sample s of row i, and of the row's entropy.
 template <class Acc>
+PGEST_HD Acc row_scale_of(const LogProbArgs& a, int64_t i) {
+  return a.row_scale ? static_cast<const Acc*>(a.row_scale)[i * a.row_scale_stride] : Acc(1);
+}
+
+template <class Acc>
 PGEST_HD Acc grad_of_sample(const LogProbArgs& a, int64_t i, int64_t s) {
   if (!a.grad_log_prob) return Acc(0);
-  const Acc scale = a.row_scale ? static_cast<const Acc*>(a.row_scale)[i] : Acc(1);
-  return scale * Acc(a.log_prob_scale) * static_cast<const Acc*>(a.grad_log_prob)[i * a.num_samples + s];
+  const int64_t rs = a.grad_log_prob_row_stride < 0 ? a.num_samples : a.grad_log_prob_row_stride;
+  return row_scale_of<Acc>(a, i) * Acc(a.log_prob_scale) *
+         static_cast<const Acc*>(a.grad_log_prob)[i * rs + s * a.grad_log_prob_sample_stride];
 }
 
 template <class Acc>
 PGEST_HD Acc grad_of_entropy(const LogProbArgs& a, int64_t i) {
-  const Acc scale = a.row_scale ? static_cast<const Acc*>(a.row_scale)[i] : Acc(1);
-  return scale * (a.grad_entropy ? static_cast<const Acc*>(a.grad_entropy)[i] : Acc(a.entropy_scale));
+  return row_scale_of<Acc>(a, i) *
+         (a.grad_entropy ? static_cast<const Acc*>(a.grad_entropy)[i * a.grad_entropy_stride] : Acc(a.entropy_scale));
 }
 
 // The per-row constants of the dense part of the gradient.
