@@ -158,6 +158,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("col_stride", &SampleArgs::col_stride)
       .def_readwrite("num_samples", &SampleArgs::num_samples)
       .def_readwrite("seed", &SampleArgs::seed)
+      .PTR_PROPERTY(SampleArgs, uniforms, const double*)
       .def_readwrite("offset", &SampleArgs::offset)
       .PTR_PROPERTY(SampleArgs, actions, int64_t*)
       .PTR_PROPERTY(SampleArgs, log_prob, void*)
@@ -198,6 +199,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("entropy_scale", &LogProbArgs::entropy_scale)
       .PTR_PROPERTY(LogProbArgs, grad, void*)
       .PTR_PROPERTY(LogProbArgs, order, int64_t*)
+      .def_readwrite("col_offset", &LogProbArgs::col_offset)
+      .def_readwrite("total_cols", &LogProbArgs::total_cols)
       .def_readwrite("num_threads", &LogProbArgs::num_threads);
 
   py::class_<ReturnsArgs>(m, "ReturnsArgs")

@@ -10,6 +10,7 @@ from . import _native  # noqa: F401  (first: a clear error if _C is missing)
 from . import _C, baselines, philox, reference
 from . import objectives
 from .categorical import Categorical
+from .linear_head import LinearLogProb, LinearSample, linear_log_prob, linear_sample
 from .log_prob import LogProb, entropy, log_prob
 from .policy_loss import policy_loss
 from .reinforce import Reinforce, reinforce
@@ -29,6 +30,7 @@ def build_info() -> dict:
 
 __all__ = [
     "Categorical", "LogProb", "Reinforce", "ReinforceGrad", "Sample", "baselines", "build_info", "discounted_returns", "entropy",
-    "gae", "log_prob", "objectives", "philox", "policy_loss",
+    "LinearLogProb", "LinearSample", "gae", "linear_log_prob", "linear_sample", "log_prob", "objectives", "philox",
+    "policy_loss",
     "reference", "reinforce", "reinforce_grad", "sample", "__version__",
 ]

@@ -135,6 +135,42 @@ def allocated_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
     return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
 
 
+def _cpu_memory_timeline(fn: Callable[[], object]):
+    """(time, +bytes or -bytes) of every tensor storage created or destroyed
+    during a call on the CPU: torch.profiler's memory profile (the record
+    behind export_memory_timeline), which follows each allocation and free,
+    temporaries inside an op included."""
+    from torch.profiler import _memory_profiler as mp
+
+    with _quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                 profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    out = []
+    for t, action, _, size in mp.MemoryProfile(prof.profiler.kineto_results).timeline:
+        if action == mp.Action.CREATE:
+            out.append((t, size))
+        elif action == mp.Action.DESTROY:
+            out.append((t, -size))
+    return sorted(out, key=lambda r: r[0])
+
+
+def peak_allocated_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
+    """Peak of the bytes torch holds allocated during a call, above what it
+    held before (CPU: the memory timeline replayed; CUDA: max_memory_allocated)."""
+    if device.startswith("cuda"):
+        return allocated_bytes(fn, device)
+    live = peak = 0
+    for _, delta in _cpu_memory_timeline(fn):
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
+def largest_allocation_bytes(fn: Callable[[], object]) -> int:
+    """The single largest CPU tensor allocation made during a call."""
+    return max((d for _, d in _cpu_memory_timeline(fn)), default=0)
+
+
 @contextlib.contextmanager
 def _quiet_stderr():
     """The profiler's native layer logs its start and stop on file descriptor 2."""

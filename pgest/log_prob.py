@@ -49,11 +49,12 @@ def _args(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int]) -> 
     return a
 
 
-def _run(kernel: str, a, x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], values: bool) -> None:
+def _run(kernel: str, a, x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], values: bool,
+         num_actions: int = -1) -> None:
     res = (nat.cuda_call(kernel, a, x.device, values=x if values else None, actions=actions)
            if x.device.type == "cuda" else getattr(_C, kernel + "_cpu")(a))
     if res[0] != nat.OK:
-        nat.raise_for_status(res, input_name="logits", num_actions=x.shape[1],
+        nat.raise_for_status(res, input_name="logits", num_actions=x.shape[1] if num_actions < 0 else num_actions,
                              samples_per_row=0 if actions is None else actions.shape[1],
                              ignore_index=ignore_index)
 
@@ -102,11 +103,13 @@ def forward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[in
 def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], stats: Tensor, entropy: Tensor, *,
                   grad_log_prob: Optional[Tensor] = None, grad_entropy: Optional[Tensor] = None,
                   row_scale: Optional[Tensor] = None, log_prob_scale: float = 1.0,
-                  entropy_scale: float = 0.0) -> Tensor:
+                  entropy_scale: float = 0.0, col_offset: int = 0, total_cols: int = 0) -> Tensor:
     """d L / d logits (R, K), contiguous, dtype of the logits, from the
     upstream gradients g_s = row_scale * log_prob_scale * grad_log_prob and
     g_H = row_scale * (grad_entropy or entropy_scale) (log_prob.h). Every
-    action is checked again before it is used as an index."""
+    action is checked again before it is used as an index. With
+    ``total_cols``, ``x`` is the vocabulary tile [col_offset, col_offset + K)
+    of rows of ``total_cols`` entries whose statistics ``stats`` hold."""
     R, K = x.shape
     grad = torch.empty((R, K), dtype=x.dtype, device=x.device)
     if R:
@@ -141,11 +144,12 @@ def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
             g = rows(row_scale, (R,))
             a.row_scale, a.row_scale_stride = g.data_ptr(), g.stride(0)
         a.log_prob_scale, a.entropy_scale = log_prob_scale, entropy_scale
+        a.col_offset, a.total_cols = col_offset, total_cols
         a.grad = grad.data_ptr()
         if x.is_cuda and actions is not None and actions.shape[1] > nat.PAIRWISE_SAMPLES:
             keep.append(torch.empty(actions.shape, dtype=torch.int64, device=x.device))  # for_each_action scratch
             a.order = keep[-1].data_ptr()
-        _run("log_prob_backward", a, x, actions, ignore_index, values=False)
+        _run("log_prob_backward", a, x, actions, ignore_index, values=False, num_actions=total_cols or K)
     return grad
 
 

@@ -24,10 +24,12 @@ class Sample(NamedTuple):
 
 
 def sample_native(x: Tensor, num_samples: int, seed: int, offset: int = 0, seed_t: Optional[Tensor] = None,
-                  shapes=None):
+                  shapes=None, uniforms: Optional[Tensor] = None):
     """(R, K) logits -> actions (R, S), log_prob (R, S), entropy (R,), stats
     (2, R) = [row max, log Z] (what a later log_prob backward needs).
-    ``shapes``: (actions shape, entropy shape) to allocate in instead."""
+    ``shapes``: (actions shape, entropy shape) to allocate in instead.
+    ``uniforms``: (R, S) float64 in [0, 1), contiguous, on x's device, drawn
+    from instead of Philox (the fused linear head places draws in a tile)."""
     R, K = x.shape
     acc = nat.stats_dtype(x.dtype)
     dev = x.device
@@ -44,6 +46,8 @@ def sample_native(x: Tensor, num_samples: int, seed: int, offset: int = 0, seed_
         a.row_stride, a.col_stride = x.stride()
         a.num_samples = num_samples
         a.seed, a.offset = seed & (2**64 - 1), offset
+        if uniforms is not None:
+            a.uniforms = uniforms.data_ptr()
         a.actions, a.log_prob, a.entropy = actions.data_ptr(), log_prob.data_ptr(), entropy.data_ptr()
         a.row_max = stats.data_ptr()
         a.log_z = a.row_max + R * stats.element_size()

@@ -110,7 +110,9 @@ Status backward(const LogProbArgs& a, ErrorInfo* out_err) {
       if (lowest_failed.load(std::memory_order_relaxed) < i) break;
       T* g = grad + i * K;
       int64_t live;
-      if (const Status st = check_row_actions(a, i, live, err)) { err.status = st; err.row = i; return err; }
+      if (const Status st = check_row_actions(a, i, live, err, backward_bound(a))) {
+        err.status = st; err.row = i; return err;
+      }
       if (S > 0 && live == 0) {
         std::memset(static_cast<void*>(g), 0, sizeof(T) * size_t(K));
         continue;

@@ -46,9 +46,10 @@ struct RowScratch {
 // (no NaN, not all -inf).
 template <class T, class Acc>
 inline void draw_row(const T* x, int64_t cols, const RowStats<Acc>& st, uint64_t seed, uint64_t offset,
-                     int64_t row, int64_t S, RowScratch<Acc>& sc, int64_t* actions) {
+                     int64_t row, int64_t S, RowScratch<Acc>& sc, int64_t* actions,
+                     const double* given = nullptr) {
   for (int64_t s = 0; s < S; ++s) {
-    sc.thresholds[s] = Threshold{philox_uniform(seed, offset, row, s) * double(st.z), s};
+    sc.thresholds[s] = Threshold{draw_uniform(given, seed, offset, row, S, s) * double(st.z), s};
   }
   if (S > 1) {
     std::sort(sc.thresholds, sc.thresholds + S,

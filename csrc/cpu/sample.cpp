@@ -32,7 +32,7 @@ Status run(const SampleArgs& a, ErrorInfo* out_err) {
         const RowStats<Acc> rs = row_stats<true>(x, K, sc.weights, sc.chunk_max, sc.e);
         if (const Status bad = row_status(rs, x, err)) return bad;
         int64_t* actions = a.actions + i * S;
-        draw_row(x, K, rs, a.seed, a.offset, i, S, sc, actions);
+        draw_row(x, K, rs, a.seed, a.offset, i, S, sc, actions, a.uniforms);
         const double lz = std::log(rs.z);
         row_max[i] = rs.max;
         log_z[i] = Acc(lz);

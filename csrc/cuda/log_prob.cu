@@ -12,10 +12,10 @@ namespace cuda {
 namespace {
 
 // 0: every sample ignored; 1: usable; -1: an action out of range (reported).
-__device__ int row_actions_state(const LogProbArgs& a, int64_t i, int64_t* err_buf) {
+__device__ int row_actions_state(const LogProbArgs& a, int64_t i, int64_t* err_buf, int64_t bound = -1) {
   int64_t live;
   ErrorInfo e;
-  if (check_row_actions(a, i, live, e) != kOk) {
+  if (check_row_actions(a, i, live, e, bound) != kOk) {
     if (threadIdx.x == 0) report(err_buf, i, kActionOutOfRange, e.col);
     return -1;
   }
@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(LogProbArgs a, Launc
   for (int64_t i = blockIdx.x; i < a.rows; i += gridDim.x) {
     T* g = static_cast<T*>(a.grad) + i * K;
     const T* x = static_cast<const T*>(a.logits) + i * a.row_stride;
-    const int live = row_actions_state(a, i, l.err_buf);
+    const int live = row_actions_state(a, i, l.err_buf, backward_bound(a));
     if (live < 0) continue;
     const GradRow<Acc> r = live ? grad_row<Acc>(a, i) : GradRow<Acc>{};
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x)

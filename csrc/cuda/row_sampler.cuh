@@ -123,10 +123,10 @@ struct DrawShared {
 template <class T, class Acc>
 __device__ void block_draw(const T* x, int64_t cols, int64_t cs, int64_t tile, const DevRowStats<Acc>& st,
                            const Acc* prefix, uint64_t seed, uint64_t offset, int64_t row, int64_t S,
-                           int64_t* actions, DrawShared& sh) {
+                           int64_t* actions, DrawShared& sh, const double* given = nullptr) {
   for (int64_t s = 0; s < S; ++s) {
     if (threadIdx.x == 0) {
-      const double t = philox_uniform(seed, offset, row, s) * double(st.z);
+      const double t = draw_uniform(given, seed, offset, row, S, s) * double(st.z);
       int64_t lo = 0, hi = st.ntiles - 1;  // first tile whose prefix exceeds t
       while (lo < hi) {
         const int64_t mid = (lo + hi) / 2;

@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a, Launch l
       continue;
     }
     int64_t* actions = a.actions + i * S;
-    block_draw(x, K, a.col_stride, tile, st, tile_w, seed, offset, i, S, actions, draw);
+    block_draw(x, K, a.col_stride, tile, st, tile_w, seed, offset, i, S, actions, draw, a.uniforms);
     const Acc lz = log(st.z);
     if (threadIdx.x == 0) {
       row_max[i] = st.max;

@@ -10,9 +10,17 @@ match the hidden string. Several completions per prompt are sampled with
 (``pgest.baselines.group_normalize``, GRPO-style) and the policy is trained
 with ``pgest.policy_loss`` on (prompts, L, completions) actions.
 
+A third loop never builds the (tokens, vocabulary) logits at all: it samples
+with ``pgest.linear_sample`` straight from the hidden states and the
+unembedding weight, and trains with ``pgest.linear_log_prob`` and the clipped
+PPO objective of ``pgest.objectives`` (the sampler's log-probabilities as the
+old ones: they equal the trainer's bit for bit, so the ratio of an on-policy
+step is exactly 1).
+
 The same loop written with plain PyTorch (log_softmax, multinomial, gather)
-runs beside it, on the same model and data; tokens/s and the memory each
-step allocates are printed for both.
+runs beside them, on the same model and data; tokens/s and the memory each
+step holds at its peak are printed for all. Every random number is seeded (the model's
+initialisation included), so ``--seed`` reproduces a run.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ import torch
 
 import pgest
 from pgest.baselines import group_normalize
-from pgest.benchmarks import allocated_bytes
+from pgest.benchmarks import peak_allocated_bytes
 
 VOCAB = 32000
 CHARS = 64
@@ -40,10 +48,17 @@ class ToyPolicy(torch.nn.Module):
         self.position = torch.nn.Parameter(torch.randn(length, dim, generator=g) * 0.5)
         self.hidden = torch.nn.Linear(dim, dim)
         self.unembed = torch.nn.Linear(dim, VOCAB)
+        for layer in (self.hidden, self.unembed):  # nn.Linear's default init, from the seeded generator
+            bound = 1.0 / dim ** 0.5
+            with torch.no_grad():
+                layer.weight.uniform_(-bound, bound, generator=g)
+                layer.bias.uniform_(-bound, bound, generator=g)
+
+    def features(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.hidden(self.prompt[prompt_ids][:, None, :] + self.position[None]))  # (B, L, dim)
 
     def forward(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.hidden(self.prompt[prompt_ids][:, None, :] + self.position[None]))
-        return self.unembed(h)  # (B, L, VOCAB)
+        return self.unembed(self.features(prompt_ids))  # (B, L, VOCAB)
 
 
 def reward(tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -58,6 +73,23 @@ def step_pgest(model, opt, prompt_ids, target, group: int, gen) -> torch.Tensor:
     r = reward(actions, target)
     adv = group_normalize(r)[:, None, :].expand_as(actions)  # one advantage per completion
     loss = pgest.policy_loss(logits, actions, adv)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return r
+
+
+def step_fused(model, opt, prompt_ids, target, group: int, gen) -> torch.Tensor:
+    h = model.features(prompt_ids)
+    w, b = model.unembed.weight, model.unembed.bias
+    s = pgest.linear_sample(h.detach(), w.detach(), bias=b.detach(), num_samples=group, generator=gen)
+    r = reward(s.actions, target)
+    adv = group_normalize(r)[:, None, :].expand_as(s.actions)
+    lp, _ = pgest.linear_log_prob(h, w, s.actions, bias=b)
+    # objectives take (sequences, tokens): completion g of prompt b is one sequence
+    seq = lambda t: t.permute(0, 2, 1).reshape(-1, t.shape[1])  # noqa: E731  (B, L, G) -> (B * G, L)
+    loss, _ = pgest.objectives.ppo_loss(seq(lp), seq(s.log_prob), seq(adv), clip=0.2)
+    step_fused.max_ratio_error = float((lp.detach() - s.log_prob).abs().max())  # 0: the same numbers
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -86,7 +118,7 @@ def run(steps: int = 150, prompts: int = 16, length: int = 16, group: int = 8, l
     target = torch.randint(0, CHARS, (prompts, length), generator=g)
     prompt_ids = torch.arange(prompts)
     out: Dict = {"tokens_per_step": prompts * length * group, "vocab": VOCAB}
-    for name, step in [("pgest", step_pgest), ("torch", step_torch)]:
+    for name, step in [("pgest", step_pgest), ("pgest_fused", step_fused), ("torch", step_torch)]:
         model = ToyPolicy(prompts, length, seed=seed)
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         gen = torch.Generator().manual_seed(seed)
@@ -101,22 +133,27 @@ def run(steps: int = 150, prompts: int = 16, length: int = 16, group: int = 8, l
             if progress and (i + 1) % 25 == 0:
                 print(f"  {name}: step {i + 1}, mean reward {last:.3f}")
         times.sort()
-        mem = allocated_bytes(lambda: step(model, opt, prompt_ids, target, group, gen))
+        mem = peak_allocated_bytes(lambda: step(model, opt, prompt_ids, target, group, gen))
         out[name] = {"first_reward": first, "final_reward": last,
                      "tokens_per_s": out["tokens_per_step"] / times[len(times) // 2],
-                     "step_ms": 1e3 * times[len(times) // 2], "alloc_mib": mem / 2**20}
+                     "step_ms": 1e3 * times[len(times) // 2], "peak_mib": mem / 2**20}
+        if name == "pgest_fused":
+            out[name]["sampler_trainer_logprob_gap"] = step_fused.max_ratio_error
     return out
 
 
 def report(r: Dict) -> str:
     lines = [f"{r['tokens_per_step']} sampled tokens per step, vocabulary {r['vocab']}:"]
-    for name in ["pgest", "torch"]:
+    for name in ["pgest", "pgest_fused", "torch"]:
         x = r[name]
-        lines.append(f"  {name:6s} reward {x['first_reward']:.3f} -> {x['final_reward']:.3f}, "
+        lines.append(f"  {name:11s} reward {x['first_reward']:.3f} -> {x['final_reward']:.3f}, "
                      f"{x['tokens_per_s']:,.0f} tokens/s ({x['step_ms']:.1f} ms/step), "
-                     f"{x['alloc_mib']:.0f} MiB allocated per step")
-    lines.append(f"  pgest: {r['pgest']['tokens_per_s'] / r['torch']['tokens_per_s']:.2f}x the tokens/s, "
-                 f"{r['torch']['alloc_mib'] / max(r['pgest']['alloc_mib'], 1e-9):.2f}x less memory per step")
+                     f"peak {x['peak_mib']:.1f} MiB allocated during a step")
+    for name in ["pgest", "pgest_fused"]:
+        lines.append(f"  {name}: {r[name]['tokens_per_s'] / r['torch']['tokens_per_s']:.2f}x the tokens/s, "
+                     f"{r['torch']['peak_mib'] / max(r[name]['peak_mib'], 1e-9):.2f}x less peak memory")
+    lines.append(f"  pgest_fused: largest |sampler log p - trainer log p| = "
+                 f"{r['pgest_fused']['sampler_trainer_logprob_gap']:.1e}")
     return "\n".join(lines)
 
 

@@ -64,6 +64,12 @@ struct LogProbArgs {
   double log_prob_scale = 1.0;
   double entropy_scale = 0.0;
   void* grad = nullptr;  // (R, K) contiguous, dtype of logits
+  // Backward over one vocabulary tile (the fused linear head): the logits
+  // given are columns [col_offset, col_offset + cols) of rows of total_cols
+  // entries (0: cols, no tiling). Actions are global ids, checked against
+  // total_cols; the statistics are the whole row's; only actions inside the
+  // tile get their one-hot term here.
+  int64_t col_offset = 0, total_cols = 0;
   int64_t* order = nullptr;  // CUDA backward, S > kPairwiseSamples: (R, S) scratch of for_each_action
   int32_t num_threads = 1;
 };
@@ -84,13 +90,15 @@ PGEST_HD bool is_ignored(const LogProbArgs& a, int64_t act) { return a.has_ignor
 // its sample, err.index = its value). Forward and backward both call it: a
 // backward never trusts what the forward saw (the caller may have changed
 // the tensor in between).
-PGEST_HD Status check_row_actions(const LogProbArgs& a, int64_t i, int64_t& live, ErrorInfo& err) {
+PGEST_HD Status check_row_actions(const LogProbArgs& a, int64_t i, int64_t& live, ErrorInfo& err,
+                                  int64_t bound = -1) {
   live = 0;
   const int64_t S = a.num_samples;
+  const int64_t n = bound < 0 ? a.cols : bound;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t act = a.actions[i * S + s];
     if (is_ignored(a, act)) continue;
-    if (act < 0 || act >= a.cols) { err.col = s; err.index = act; return kActionOutOfRange; }
+    if (act < 0 || act >= n) { err.col = s; err.index = act; return kActionOutOfRange; }
     ++live;
   }
   return kOk;
@@ -155,14 +163,19 @@ PGEST_HD Acc grad_dense(Acc x, const GradRow<Acc>& r) {
 template <class T, class Acc, class X>
 PGEST_HD void grad_one_hot(const LogProbArgs& a, int64_t i, const X* x, int64_t cs, const GradRow<Acc>& r, T* g,
                            int64_t* order) {
-  const int64_t S = a.num_samples;
-  for_each_action(a.actions + i * S, S, order, [&](int64_t act) { return is_ignored(a, act); },
+  const int64_t S = a.num_samples, lo = a.col_offset, hi = a.col_offset + a.cols;
+  for_each_action(a.actions + i * S, S, order,
+                  [&](int64_t act) { return is_ignored(a, act) || act < lo || act >= hi; },
                   [&](int64_t action, const int64_t* idx, int64_t m) {
-                    Acc v = grad_dense(load<Acc>(x[action * cs]), r);
+                    const int64_t k = action - lo;
+                    Acc v = grad_dense(load<Acc>(x[k * cs]), r);
                     for (int64_t j = 0; j < m; ++j) v += grad_of_sample<Acc>(a, i, idx[j]);
-                    g[action] = store<T>(v);
+                    g[k] = store<T>(v);
                   });
 }
+
+// The bound actions are checked against in the backward (the whole row's K).
+PGEST_HD int64_t backward_bound(const LogProbArgs& a) { return a.total_cols > 0 ? a.total_cols : a.cols; }
 
 // The forward's per-row outputs once (max, log Z, H) are known.
 template <class T, class Acc>

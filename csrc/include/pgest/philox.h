@@ -44,6 +44,14 @@ PGEST_HD double philox_uniform(uint64_t seed, uint64_t offset, int64_t row, int6
   return (s & 1) ? uniform53(r.x[2], r.x[3]) : uniform53(r.x[0], r.x[1]);
 }
 
+// The uniform of sample s of a row: `given` (R, S) when the caller supplies
+// them (the fused linear head places a draw inside one vocabulary tile), else
+// Philox as above.
+PGEST_HD double draw_uniform(const double* given, uint64_t seed, uint64_t offset, int64_t row, int64_t S,
+                             int64_t s) {
+  return given ? given[row * S + s] : philox_uniform(seed, offset, row, s);
+}
+
 PGEST_HD uint64_t philox_offsets_per_call(int64_t num_samples) { return uint64_t(num_samples + 1) / 2; }
 
 PGEST_NS_END

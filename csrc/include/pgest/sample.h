@@ -14,6 +14,7 @@ struct SampleArgs {
   int64_t rows = 0, cols = 0, row_stride = 0, col_stride = 1;
   int64_t num_samples = 1;
   uint64_t seed = 0, offset = 0;
+  const double* uniforms = nullptr;  // (R, S) in [0, 1): used instead of Philox when given
   int64_t* actions = nullptr;  // (R, S)
   void* log_prob = nullptr;    // (R, S)
   void* entropy = nullptr;     // (R,)

@@ -1,0 +1,94 @@
+"""The fused linear head, forward + backward with a REINFORCE objective
+(-mean(adv * log p) - 0.01 mean(H)), against the materialised formula in
+eager PyTorch and under torch.compile, torch's chunked
+F.linear_cross_entropy (like for like: pgest with advantages 1 and no
+entropy), and the matmul floor (the four products a step needs: logits for
+the forward, again for the backward, grad_hidden and grad_weight). Time and
+peak additional memory (torch.profiler allocation records, replayed) are
+recorded for each.
+
+    pytest bench/bench_linear_head.py --benchmark-json bench/results/cpu-linear.json
+    PGEST_LINEAR_SHAPES="1024,512,32000" pytest bench/bench_linear_head.py   # other (tokens, H, V)
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pgest
+from pgest.benchmarks import compiled, peak_allocated_bytes
+
+SHAPES = [tuple(int(v) for v in s.split(",")) for s in
+          os.environ.get("PGEST_LINEAR_SHAPES", "4096,1024,128256;8192,2048,32000").split(";")]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ROUNDS = int(os.environ.get("PGEST_LINEAR_ROUNDS", "3"))
+
+
+def make(N, H, V, dtype):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N, H, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype).requires_grad_()
+    actions = torch.randint(0, V, (N,), generator=g)
+    adv = torch.randn(N, generator=g)
+    return hidden, weight, actions, adv
+
+
+def pgest_pg(h, w, a, adv):
+    lp, ent = pgest.linear_log_prob(h, w, a)
+    return -(adv * lp).mean() - 0.01 * ent.mean()
+
+
+def eager_pg(h, w, a, adv):
+    ls = (h @ w.T).float().log_softmax(-1)
+    lp = ls.gather(-1, a[:, None]).squeeze(-1)
+    ent = -(ls.exp() * ls).sum(-1)
+    return -(adv * lp).mean() - 0.01 * ent.mean()
+
+
+def pgest_ce(h, w, a, adv):
+    return -pgest.linear_log_prob(h, w, a).log_prob.mean()
+
+
+def torch_lce(h, w, a, adv):
+    return F.linear_cross_entropy(h, w, a, options=torch.nn.LinearCrossEntropyOptions())
+
+
+PROVIDERS = {"pgest": pgest_pg, "eager": eager_pg, "compiled": None, "pgest_ce": pgest_ce,
+             "linear_cross_entropy": torch_lce, "matmul_floor": None}
+
+
+def floor_step(h, w):
+    hd, wd = h.detach(), w.detach()
+    def run():
+        logits = hd @ wd.T
+        del logits
+        g = hd @ wd.T  # the backward's recomputation, standing in for d logits
+        hd_grad = g @ wd
+        wd_grad = g.T @ hd
+        del g, hd_grad, wd_grad
+    return run
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_linear_head_fwd_bwd(benchmark, shape, dtype, provider):
+    hidden, weight, actions, adv = make(*shape, DTYPES[dtype])
+    if provider == "matmul_floor":
+        run = floor_step(hidden, weight)
+    else:
+        fn = compiled(eager_pg) if provider == "compiled" else PROVIDERS[provider]
+
+        def run():
+            hidden.grad = weight.grad = None
+            fn(hidden, weight, actions, adv).backward()
+    run()  # compile / warm up outside the timing
+    N, H, V = shape
+    inputs_and_grads = 2 * (hidden.numel() + weight.numel()) * hidden.element_size()
+    peak = peak_allocated_bytes(run)
+    benchmark.group = f"linear head {N}x{H}x{V} {dtype}"
+    benchmark.extra_info.update(op="linear_log_prob fwd+bwd", shape=list(shape), dtype=dtype, provider=provider,
+                                peak_bytes=peak, logits_bytes=N * V * hidden.element_size(),
+                                grads_bytes=inputs_and_grads // 2)
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=0)

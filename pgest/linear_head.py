@@ -1,0 +1,524 @@
+"""The fused linear head: log-probabilities, entropy and sampling straight from
+hidden states and an LM head's weight, without ever building the
+(tokens, vocab) logits.
+
+    logits = (hidden @ weight.T + bias) / temperature      (never materialised)
+
+The logits exist one tile at a time: (token tile, vocabulary tile) products by
+the platform's matmul (torch.matmul: oneDNN/MKL on the CPU, cuBLAS on the
+GPU), and everything row-wise on each tile by pgest's native row kernels
+(csrc/include/pgest/log_prob.h, sampler.h). Per token, the tiles' statistics
+(max m_t, log Z_t, entropy H_t) merge online in float64:
+
+    M = max_t m_t,   Z = sum_t Z_t e^(m_t - M),   D = sum_t e^(m_t - M) (D_t + Z_t (m_t - M))
+    log Z = log Z,   H = log Z - D / Z,           log p(a) = (x_a - M) - log Z
+
+with D = sum e^(x - M) (x - M) (so D_t = Z_t (log Z_t - H_t)). The chosen
+logit x_a is one dot product per (token, action), by the same routine for the
+trainer and the sampler, so ``linear_sample``'s log-probabilities equal
+``linear_log_prob``'s bit for bit.
+
+Workspace: two (token tile, vocabulary tile) buffers (logits and their
+gradient), a (token tile, H) float32 accumulator and O(tokens) statistics,
+whatever the vocabulary and the number of tokens.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _native as nat
+from .log_prob import backward_rows, check_ignore_index, check_index_dtype, forward_rows, index_tensor, traced
+from .philox import _draw_seed, seed_tensor, uniforms as philox_uniforms
+from .sample import check_num_samples, sample_native
+
+# Tile sizes, picked by measurement on this project's CPU machine
+# (bench/bench_linear_head.py); override per call with token_tile= / vocab_tile=.
+# The vocabulary tile is a multiple of the sampler's 256-entry chunk.
+DEFAULT_TOKEN_TILE = 2048
+DEFAULT_VOCAB_TILE = 4096
+
+
+class LinearLogProb(NamedTuple):
+    log_prob: Tensor  # (...,) or (..., S): log softmax(logits)[action]
+    entropy: Tensor   # (...,)
+
+
+class LinearSample(NamedTuple):
+    actions: Tensor   # int64 (...,) or (..., S)
+    log_prob: Tensor  # same shape, equal to linear_log_prob's bit for bit
+    entropy: Tensor   # (...,)
+
+
+# ---- checks ------------------------------------------------------------------
+
+def _check_head(hidden, weight, bias, temperature) -> float:
+    nat.check_float_tensor(hidden, "hidden")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least 1 dimension (..., H), got a scalar")
+    nat.check_device_supported(hidden, "hidden")
+    nat.check_float_tensor(weight, "weight")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be (V, H) with H = {hidden.shape[-1]} (the nn.Linear layout), "
+                         f"got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has V = 0 rows: there is no vocabulary")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    nat.check_device(weight, "weight", hidden.device, "hidden")
+    if bias is not None:
+        nat.check_float_tensor(bias, "bias")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+        nat.check_device(bias, "bias", hidden.device, "hidden")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    return temperature
+
+
+def _check_tile(value, name: str, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+# ---- tiles -------------------------------------------------------------------
+
+def _logits_tile(h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int, temperature: float) -> Tensor:
+    """(hidden @ weight[v0:v1].T + bias[v0:v1]) / temperature, rounded as the
+    materialised formula rounds it (product, then the bias, then the scale)."""
+    x = h @ weight[v0:v1].T
+    if bias is not None:
+        x += bias[v0:v1]
+    if temperature != 1.0:
+        x /= temperature
+    return x
+
+
+def _tile_stats(x: Tensor, n0: int, v0: int):
+    """(max, log Z, H) of each row of one tile by the native row kernel."""
+    try:
+        _, ent, st, _ = forward_rows(x, None, None)
+        return st[0], st[1], ent
+    except ValueError as e:
+        msg = str(e)
+        if "is all -inf" in msg:
+            # A tile wholly masked in some row (a -inf bias): legal here, it
+            # just carries no mass. Rare, so plain torch on this tile.
+            m = x.max(-1).values.to(st_dtype(x))
+            live = m > -math.inf
+            shifted = torch.where(live[:, None], x.to(m.dtype) - m[:, None], torch.zeros((), dtype=m.dtype))
+            e_ = torch.where(live[:, None], shifted.exp(), torch.zeros((), dtype=m.dtype))
+            z = e_.sum(-1)
+            lz = torch.where(live, z.log(), torch.zeros((), dtype=m.dtype))
+            d = (e_ * torch.where(e_ > 0, shifted, torch.zeros((), dtype=m.dtype))).sum(-1)
+            h = torch.where(live, lz - d / z, torch.zeros((), dtype=m.dtype))
+            return m, lz, h
+        m = re.match(r"logits\[(\d+), (\d+)\](.*)", msg, re.S)
+        if m:
+            raise ValueError(f"logits[{n0 + int(m.group(1))}, {v0 + int(m.group(2))}] (hidden @ weight.T + bias, "
+                             f"never built){m.group(3)}") from None
+        raise
+
+
+def st_dtype(x: Tensor) -> torch.dtype:
+    return nat.stats_dtype(x.dtype)
+
+
+class _Merged:
+    """Online merge of tile statistics for a block of rows, in float64."""
+
+    def __init__(self, n: int, device):
+        self.M = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
+        self.Z = torch.zeros((n,), dtype=torch.float64, device=device)
+        self.D = torch.zeros((n,), dtype=torch.float64, device=device)
+
+    def add(self, m: Tensor, lz: Tensor, h: Tensor) -> None:
+        m, lz, h = m.double(), lz.double(), h.double()
+        live = m > -math.inf
+        z = torch.where(live, lz.exp(), torch.zeros_like(lz))
+        d = torch.where(live, z * (lz - h), torch.zeros_like(lz))
+        new = torch.maximum(self.M, m)
+        finite = new > -math.inf
+        a = torch.where(self.M > -math.inf, (self.M - new).exp(), torch.zeros_like(new))
+        b = torch.where(live, (m - new).exp(), torch.zeros_like(new))
+        da = torch.where(self.M > -math.inf, self.M - new, torch.zeros_like(new))
+        db = torch.where(live, m - new, torch.zeros_like(new))
+        self.D = torch.where(finite, a * (self.D + self.Z * da) + b * (d + z * db), self.D)
+        self.Z = torch.where(finite, a * self.Z + b * z, self.Z)
+        self.M = new
+
+    def result(self, acc: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+        lz = self.Z.log()
+        return self.M.to(acc), lz.to(acc), (lz - self.D / self.Z).to(acc)
+
+
+def _row_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, tn: int, tv: int,
+               keep_tiles: bool = False):
+    """(max, log Z, H) of every row of the logits, tile by tile; with
+    ``keep_tiles`` also each (row, vocabulary tile)'s float64 (max, log Z)."""
+    N, V = h2.shape[0], weight.shape[0]
+    acc = nat.stats_dtype(h2.dtype)
+    dev = h2.device
+    M = torch.empty((N,), dtype=acc, device=dev)
+    LZ = torch.empty((N,), dtype=acc, device=dev)
+    H = torch.empty((N,), dtype=acc, device=dev)
+    nt = -(-V // tv)
+    tiles = torch.empty((N, nt, 2), dtype=torch.float64, device=dev) if keep_tiles else None
+    for n0 in range(0, N, tn):
+        n1 = min(N, n0 + tn)
+        h = h2[n0:n1]
+        merged = _Merged(n1 - n0, dev)
+        for j, v0 in enumerate(range(0, V, tv)):
+            x = _logits_tile(h, weight, bias, v0, min(V, v0 + tv), temperature)
+            m, lz, ent = _tile_stats(x, n0, v0)
+            merged.add(m, lz, ent)
+            if keep_tiles:
+                tiles[n0:n1, j, 0] = m
+                tiles[n0:n1, j, 1] = lz
+            del x
+        M[n0:n1], LZ[n0:n1], H[n0:n1] = merged.result(acc)
+    return M, LZ, H, tiles
+
+
+def _chosen_logits(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, temperature: float,
+                   tn: int) -> Tensor:
+    """x[i, s] = (hidden[i] . weight[a_is] + bias[a_is]) / temperature for (N, S)
+    in-range int64 actions, in the accumulation type: one dot product per
+    action, the single routine both linear_log_prob and linear_sample use."""
+    N, S = actions.shape
+    out = torch.empty((N, S), dtype=nat.stats_dtype(h2.dtype), device=h2.device)
+    for n0 in range(0, N, tn):
+        n1 = min(N, n0 + tn)
+        a = actions[n0:n1]
+        x = torch.bmm(weight[a], h2[n0:n1].unsqueeze(-1)).squeeze(-1)  # (n, S), dtype of the inputs
+        if bias is not None:
+            x += bias[a]
+        if temperature != 1.0:
+            x /= temperature
+        out[n0:n1] = x
+    return out
+
+
+# ---- forward and backward on (N, H) rows ----------------------------------------
+
+def _live_rows(actions: Tensor, ignore_index: Optional[int]) -> Optional[Tensor]:
+    """Indices of rows with at least one action that is not ignore_index, or
+    None when every row counts (padding rows are skipped everywhere)."""
+    if ignore_index is None or actions.shape[1] == 0:
+        return None
+    live = (actions != ignore_index).any(1)
+    if bool(live.all()):
+        return None
+    return live.nonzero().squeeze(1)
+
+
+def _check_actions_range(actions: Tensor, V: int, ignore_index: Optional[int]) -> None:
+    bad = (actions < 0) | (actions >= V)
+    if ignore_index is not None:
+        bad &= actions != ignore_index
+    where = bad.nonzero()
+    if where.numel():
+        r, s = int(where[0, 0]), int(where[0, 1])
+        at = f"{r}, {s}" if actions.shape[1] > 1 else f"{r}"
+        also = f" and is not ignore_index ({ignore_index})" if ignore_index is not None else ""
+        raise IndexError(f"actions[{at}] = {int(actions[r, s])} is out of range for {V} actions{also}")
+
+
+def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, tv):
+    """-> log_prob (N, S), entropy (N,), stats (3, N) = [max, log Z, H]."""
+    N, S = actions.shape
+    V = weight.shape[0]
+    acc = nat.stats_dtype(h2.dtype)
+    _check_actions_range(actions, V, ignore_index)
+    stats = torch.zeros((3, N), dtype=acc, device=h2.device)
+    lp = torch.zeros((N, S), dtype=acc, device=h2.device)
+    live = _live_rows(actions, ignore_index)
+    hl, al = (h2, actions) if live is None else (h2[live], actions[live])
+    if hl.shape[0]:
+        M, LZ, H, _ = _row_stats(hl, weight, bias, temperature, tn, tv)
+        keep = al != ignore_index if ignore_index is not None else torch.ones_like(al, dtype=torch.bool)
+        x = _chosen_logits(hl, weight, bias, torch.where(keep, al, torch.zeros_like(al)), temperature, tn)
+        lpl = torch.where(keep, (x - M[:, None]) - LZ[:, None], torch.zeros((), dtype=acc, device=h2.device))
+        if live is None:
+            stats[0], stats[1], stats[2], lp = M, LZ, H, lpl
+        else:
+            stats[:, live] = torch.stack([M, LZ, H])
+            lp[live] = lpl
+    return lp, stats[2].clone(), stats
+
+
+def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, temperature, tn, tv,
+              need_h: bool, need_w: bool, need_b: bool):
+    """Gradients of sum(g_lp * log_prob) + sum(g_ent * entropy) with respect to
+    hidden (N, H), weight (V, H) and bias (V,): each logits tile recomputed
+    once, its gradient by the native backward, then two products."""
+    N, S = actions.shape
+    V, Hd = weight.shape
+    dev = h2.device
+    acc = nat.stats_dtype(h2.dtype)
+    grad_h = torch.zeros_like(h2) if need_h else None
+    # Token tiles outer: weight's gradient accumulates over N / tn tiles (few
+    # roundings in 16-bit), hidden's in a float32 tile accumulator.
+    grad_w = torch.zeros_like(weight) if need_w else None
+    grad_b = torch.zeros((V,), dtype=torch.float32 if bias is not None and bias.dtype != torch.float64
+                         else acc, device=dev) if need_b else None
+    live = _live_rows(actions, ignore_index)
+    idx = torch.arange(N, device=dev) if live is None else live
+    for n0 in range(0, idx.shape[0], tn):
+        rows = idx[n0:n0 + tn]
+        contiguous_rows = live is None
+        h = h2[n0:n0 + tn] if contiguous_rows else h2[rows]
+        a = actions[n0:n0 + tn] if contiguous_rows else actions[rows]
+        st = stats[:, n0:n0 + tn] if contiguous_rows else stats[:, rows]
+        glp = None if g_lp is None else (g_lp[n0:n0 + tn] if contiguous_rows else g_lp[rows])
+        gent = None if g_ent is None else (g_ent[n0:n0 + tn] if contiguous_rows else g_ent[rows])
+        gh = torch.zeros((h.shape[0], Hd), dtype=torch.float32 if h2.dtype != torch.float64 else acc,
+                         device=dev) if need_h else None
+        for v0 in range(0, V, tv):
+            v1 = min(V, v0 + tv)
+            x = _logits_tile(h, weight, bias, v0, v1, temperature)
+            g = backward_rows(x, a, ignore_index, st[:2].contiguous(), st[2], grad_log_prob=glp, grad_entropy=gent,
+                              col_offset=v0, total_cols=V)
+            del x
+            if temperature != 1.0:
+                g /= temperature
+            if need_h:
+                gh += (g @ weight[v0:v1]).to(gh.dtype)
+            if need_w:
+                grad_w[v0:v1].addmm_(g.T, h)
+            if need_b:
+                grad_b[v0:v1] += g.sum(0, dtype=grad_b.dtype)
+            del g
+        if need_h:
+            if contiguous_rows:
+                grad_h[n0:n0 + tn] = gh.to(grad_h.dtype)
+            else:
+                grad_h[rows] = gh.to(grad_h.dtype)
+    if need_b:
+        grad_b = grad_b.to(bias.dtype)
+    return grad_h, grad_w, grad_b
+
+
+# ---- registered ops (torch.compile) and autograd ---------------------------------
+
+def _check_rows(hidden, weight, bias, actions, temperature):
+    _check_head(hidden, weight, bias, temperature)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D (N, H) here, got shape {tuple(hidden.shape)}")
+    check_index_dtype(actions)
+    if actions.dim() != 2 or actions.shape[0] != hidden.shape[0]:
+        raise ValueError(f"actions must be 2-D ({hidden.shape[0]}, S), got {tuple(actions.shape)}")
+    nat.check_device(actions, "actions", hidden.device, "hidden")
+
+
+@torch.library.custom_op("pgest::linear_log_prob", mutates_args=())
+def linear_log_prob_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor,
+                         ignore_index: Optional[int], temperature: float, token_tile: int,
+                         vocab_tile: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(N, H) hidden, (V, H) weight, (N, S) actions -> (log_prob (N, S),
+    entropy (N,), stats (3, N) = [max, log Z, H])."""
+    _check_rows(hidden, weight, bias, actions, temperature)
+    return _forward(hidden, weight, bias, index_tensor(actions, weight.shape[0]), ignore_index, temperature,
+                    _check_tile(token_tile, "token_tile", 1), _check_tile(vocab_tile, "vocab_tile", 1))
+
+
+@linear_log_prob_rows.register_fake
+def _(hidden, weight, bias, actions, ignore_index, temperature, token_tile, vocab_tile):
+    N, S = actions.shape
+    acc = nat.stats_dtype(hidden.dtype)
+    return (hidden.new_empty((N, S), dtype=acc), hidden.new_empty((N,), dtype=acc),
+            hidden.new_empty((3, N), dtype=acc))
+
+
+@torch.library.custom_op("pgest::linear_log_prob_backward", mutates_args=())
+def linear_log_prob_backward(grad_log_prob: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor,
+                             weight: Tensor, bias: Optional[Tensor], actions: Tensor, stats: Tensor,
+                             ignore_index: Optional[int], temperature: float, token_tile: int, vocab_tile: int,
+                             needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients for hidden, weight and bias (an empty tensor where ``needs``
+    says it is not wanted or there is no bias)."""
+    _check_rows(hidden, weight, bias, actions, temperature)
+    N, S = actions.shape
+    acc = nat.stats_dtype(hidden.dtype)
+    if stats.shape != (3, N) or stats.dtype != acc:
+        raise ValueError(f"stats must be (3, {N}) {acc} from pgest::linear_log_prob, got {tuple(stats.shape)} "
+                         f"{stats.dtype}")
+    if grad_log_prob is not None and grad_log_prob.shape != (N, S):
+        raise ValueError(f"grad_log_prob must have shape ({N}, {S}), got {tuple(grad_log_prob.shape)}")
+    if grad_entropy is not None and grad_entropy.shape != (N,):
+        raise ValueError(f"grad_entropy must have shape ({N},), got {tuple(grad_entropy.shape)}")
+    acts = index_tensor(actions, weight.shape[0])
+    _check_actions_range(acts, weight.shape[0], ignore_index)  # the saved actions may have changed since
+    gh, gw, gb = _backward(grad_log_prob, grad_entropy, hidden, weight, bias, acts, stats, ignore_index,
+                           temperature, _check_tile(token_tile, "token_tile", 1),
+                           _check_tile(vocab_tile, "vocab_tile", 1), needs[0], needs[1], needs[2] and bias is not None)
+    empty = hidden.new_empty((0,))
+    return (gh if gh is not None else empty, gw if gw is not None else empty.clone(),
+            gb if gb is not None else empty.clone())
+
+
+@linear_log_prob_backward.register_fake
+def _(grad_log_prob, grad_entropy, hidden, weight, bias, actions, stats, ignore_index, temperature, token_tile,
+      vocab_tile, needs):
+    return (hidden.new_empty(hidden.shape) if needs[0] else hidden.new_empty((0,)),
+            weight.new_empty(weight.shape) if needs[1] else hidden.new_empty((0,)),
+            bias.new_empty(bias.shape) if needs[2] and bias is not None else hidden.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, actions, ignore_index, temperature, token_tile, vocab_tile = inputs
+    ctx.save_for_backward(hidden, weight, bias, actions, output[2])
+    ctx.args = (ignore_index, temperature, token_tile, vocab_tile)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(output[2])
+
+
+def _backward_fn(ctx, grad_lp, grad_ent, _grad_stats):
+    hidden, weight, bias, actions, stats = ctx.saved_tensors
+    ignore_index, temperature, token_tile, vocab_tile = ctx.args
+    needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
+             bool(ctx.has_bias and ctx.needs_input_grad[2])]
+    gh, gw, gb = linear_log_prob_backward(grad_lp, grad_ent, hidden, weight, bias, actions, stats, ignore_index,
+                                          temperature, token_tile, vocab_tile, needs)
+    return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None,
+            None, None, None, None, None)
+
+
+linear_log_prob_rows.register_autograd(_backward_fn, setup_context=_setup_context)
+
+
+# ---- the public functions ----------------------------------------------------------
+
+def _rows(hidden: Tensor) -> Tensor:
+    return hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1])
+
+
+def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Optional[Tensor] = None,
+                    temperature: float = 1.0, ignore_index: Optional[int] = -100,
+                    token_tile: Optional[int] = None, vocab_tile: Optional[int] = None) -> LinearLogProb:
+    """Differentiable ``log softmax(logits)[actions]`` and the entropy per token
+    for ``logits = (hidden @ weight.T + bias) / temperature``, without building
+    the logits.
+
+    Args:
+        hidden: (..., H) float32/float64/float16/bfloat16 hidden states, any
+            strides; leading dimensions are tokens.
+        weight: (V, H) LM-head weight (the ``nn.Linear`` layout), dtype of hidden.
+        actions: (...,) token ids, or (..., S) for S per token; entries equal
+            to ``ignore_index`` give log_prob 0 and no gradient, and a token
+            whose every action is ignored is skipped (entropy 0, no work).
+        bias: optional (V,).
+        temperature: positive; the logits are divided by it (as samplers do).
+        token_tile, vocab_tile: tile sizes (defaults DEFAULT_TOKEN_TILE,
+            DEFAULT_VOCAB_TILE); the workspace is about
+            2 * token_tile * vocab_tile logits-sized entries plus
+            token_tile * H float32.
+
+    Returns:
+        ``LinearLogProb(log_prob, entropy)``, float32 (float64 for float64
+        inputs), differentiable with respect to hidden, weight and bias; the
+        backward recomputes each logits tile once. Statistics are accumulated
+        in float32 within a tile and merged across tiles in float64.
+    """
+    temperature = _check_head(hidden, weight, bias, temperature)
+    lead = hidden.shape[:-1]
+    check_index_dtype(actions)
+    if actions.shape == lead:
+        S = 1
+    elif actions.dim() == len(lead) + 1 and actions.shape[:-1] == lead:
+        S = actions.shape[-1]
+    else:
+        raise ValueError(f"actions must have shape {tuple(lead)} (or {tuple(lead)} + (S,)) to match hidden "
+                         f"{tuple(hidden.shape)}, got {tuple(actions.shape)}")
+    nat.check_device(actions, "actions", hidden.device, "hidden")
+    ii = check_ignore_index(ignore_index)
+    tn = _check_tile(token_tile, "token_tile", DEFAULT_TOKEN_TILE)
+    tv = _check_tile(vocab_tile, "vocab_tile", DEFAULT_VOCAB_TILE)
+    traced()  # under torch.func transforms: raises with what to do instead
+    a2 = index_tensor(actions, weight.shape[0]).reshape(-1, S)
+    try:
+        lp, ent, _ = linear_log_prob_rows(_rows(hidden), weight, bias, a2, ii, temperature, tn, tv)
+    except IndexError as e:
+        raise IndexError(nat.unflatten_message(str(e), lead)) from None
+    return LinearLogProb(lp.view(actions.shape), ent.view(lead))
+
+
+def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = None, temperature: float = 1.0,
+                  num_samples: int = 1, generator: Optional[torch.Generator] = None,
+                  token_tile: Optional[int] = None, vocab_tile: Optional[int] = None) -> LinearSample:
+    """Draw ``num_samples`` tokens per row from softmax(logits),
+    ``logits = (hidden @ weight.T + bias) / temperature``, without building the
+    logits; no gradient.
+
+    The draws are those of ``pgest.sample(logits, num_samples, generator)`` on
+    the materialised logits for the same generator state (the same Philox
+    uniforms, placed on the same cumulative mass; a uniform within rounding of
+    a boundary between two tokens may land on the neighbour). The returned
+    ``log_prob`` and ``entropy`` equal ``linear_log_prob``'s for the drawn
+    actions bit for bit (same tiles, same accumulation, same dot product), so
+    the sampler's and the trainer's log-probabilities agree exactly.
+
+    Cost: the logits tiles once for the statistics, then for each draw only
+    the one vocabulary tile it falls in, for that token.
+    """
+    temperature = _check_head(hidden, weight, bias, temperature)
+    S = check_num_samples(num_samples)
+    tn = _check_tile(token_tile, "token_tile", DEFAULT_TOKEN_TILE)
+    tv = _check_tile(vocab_tile, "vocab_tile", DEFAULT_VOCAB_TILE)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    lead = hidden.shape[:-1]
+    shape = lead if S == 1 else lead + (S,)
+    dev = hidden.device
+    with torch.no_grad():
+        h2 = _rows(hidden.detach())
+        w, b = weight.detach(), None if bias is None else bias.detach()
+        N, V = h2.shape[0], w.shape[0]
+        acc = nat.stats_dtype(h2.dtype)
+        if N == 0:
+            z = torch.empty(shape, dtype=acc, device=dev)
+            return LinearSample(torch.empty(shape, dtype=torch.int64, device=dev), z, torch.empty(lead, dtype=acc,
+                                                                                                device=dev))
+        # The seed as pgest.sample takes it from the generator (one draw per call).
+        if dev.type == "cpu":
+            seed = int(_draw_seed(generator))
+        else:
+            seed = int(seed_tensor(generator, dev)[0])
+        M, LZ, H, tiles = _row_stats(h2, w, b, temperature, tn, tv, keep_tiles=True)
+        u = philox_uniforms(N, S, seed).to(dev)
+        # Tile masses relative to the row max, their running total, and where
+        # each threshold t = u * Z falls.
+        mass = (tiles[..., 1].exp() * (tiles[..., 0] - M.double()[:, None]).exp()).nan_to_num(0.0)
+        cum = mass.cumsum(1)
+        t = u * cum[:, -1:]
+        j = torch.searchsorted(cum, t, right=True).clamp_max(mass.shape[1] - 1)
+        before = torch.where(j > 0, cum.gather(1, (j - 1).clamp_min(0)), torch.zeros_like(t))
+        w_j = mass.gather(1, j)
+        inner = ((t - before) / w_j).clamp(0.0, 1.0 - 2.0**-53)
+        actions = torch.empty((N, S), dtype=torch.int64, device=dev)
+        for jj in torch.unique(j).tolist():
+            rows, ss = (j == jj).nonzero(as_tuple=True)
+            v0, v1 = jj * tv, min(V, (jj + 1) * tv)
+            for n0 in range(0, rows.shape[0], tn):
+                r, s_ = rows[n0:n0 + tn], ss[n0:n0 + tn]
+                x = _logits_tile(h2[r], w, b, v0, v1, temperature)
+                got, _, _, _ = sample_native(x, 1, 0, uniforms=inner[r, s_].contiguous().view(-1, 1))
+                actions[r, s_] = got.view(-1) + v0
+        x = _chosen_logits(h2, w, b, actions, temperature, tn)
+        lp = (x - M[:, None]) - LZ[:, None]
+    return LinearSample(actions.view(shape), lp.view(shape), H.view(lead))
