@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import math
 import numbers
-import re
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _native as nat
-from .log_prob import backward_rows, check_ignore_index, check_index_dtype, forward_rows, index_tensor, traced
+from .log_prob import backward_rows, check_ignore_index, check_index_dtype, index_tensor, traced
 from .philox import _draw_seed, seed_tensor, uniforms as philox_uniforms
+from .row_merge import Merged, piece_stats, place_draws
 from .sample import check_num_samples, sample_native
 
 # Tile sizes (tokens, vocabulary); override per call with token_tile= /
@@ -116,64 +116,6 @@ def _logits_tile(h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1:
     return x
 
 
-def _tile_stats(x: Tensor, n0: int, v0: int):
-    """(max, log Z, H) of each row of one tile by the native row kernel."""
-    try:
-        _, ent, st, _ = forward_rows(x, None, None)
-        return st[0], st[1], ent
-    except ValueError as e:
-        msg = str(e)
-        if "is all -inf" in msg:
-            # A tile wholly masked in some row (a -inf bias): legal here, it
-            # just carries no mass. Rare, so plain torch on this tile.
-            m = x.max(-1).values.to(st_dtype(x))
-            live = m > -math.inf
-            shifted = torch.where(live[:, None], x.to(m.dtype) - m[:, None], torch.zeros((), dtype=m.dtype))
-            e_ = torch.where(live[:, None], shifted.exp(), torch.zeros((), dtype=m.dtype))
-            z = e_.sum(-1)
-            lz = torch.where(live, z.log(), torch.zeros((), dtype=m.dtype))
-            d = (e_ * torch.where(e_ > 0, shifted, torch.zeros((), dtype=m.dtype))).sum(-1)
-            h = torch.where(live, lz - d / z, torch.zeros((), dtype=m.dtype))
-            return m, lz, h
-        m = re.match(r"logits\[(\d+), (\d+)\](.*)", msg, re.S)
-        if m:
-            raise ValueError(f"logits[{n0 + int(m.group(1))}, {v0 + int(m.group(2))}] (hidden @ weight.T + bias, "
-                             f"never built){m.group(3)}") from None
-        raise
-
-
-def st_dtype(x: Tensor) -> torch.dtype:
-    return nat.stats_dtype(x.dtype)
-
-
-class _Merged:
-    """Online merge of tile statistics for a block of rows, in float64."""
-
-    def __init__(self, n: int, device):
-        self.M = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
-        self.Z = torch.zeros((n,), dtype=torch.float64, device=device)
-        self.D = torch.zeros((n,), dtype=torch.float64, device=device)
-
-    def add(self, m: Tensor, lz: Tensor, h: Tensor) -> None:
-        m, lz, h = m.double(), lz.double(), h.double()
-        live = m > -math.inf
-        z = torch.where(live, lz.exp(), torch.zeros_like(lz))
-        d = torch.where(live, z * (lz - h), torch.zeros_like(lz))
-        new = torch.maximum(self.M, m)
-        finite = new > -math.inf
-        a = torch.where(self.M > -math.inf, (self.M - new).exp(), torch.zeros_like(new))
-        b = torch.where(live, (m - new).exp(), torch.zeros_like(new))
-        da = torch.where(self.M > -math.inf, self.M - new, torch.zeros_like(new))
-        db = torch.where(live, m - new, torch.zeros_like(new))
-        self.D = torch.where(finite, a * (self.D + self.Z * da) + b * (d + z * db), self.D)
-        self.Z = torch.where(finite, a * self.Z + b * z, self.Z)
-        self.M = new
-
-    def result(self, acc: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
-        lz = self.Z.log()
-        return self.M.to(acc), lz.to(acc), (lz - self.D / self.Z).to(acc)
-
-
 def _row_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, tn: int, tv: int,
                keep_tiles: bool = False):
     """(max, log Z, H) of every row of the logits, tile by tile; with
@@ -189,10 +131,10 @@ def _row_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: 
     for n0 in range(0, N, tn):
         n1 = min(N, n0 + tn)
         h = h2[n0:n1]
-        merged = _Merged(n1 - n0, dev)
+        merged = Merged(n1 - n0, dev)
         for j, v0 in enumerate(range(0, V, tv)):
             x = _logits_tile(h, weight, bias, v0, min(V, v0 + tv), temperature)
-            m, lz, ent = _tile_stats(x, n0, v0)
+            m, lz, ent = piece_stats(x, n0, v0, " (hidden @ weight.T + bias, never built)")
             merged.add(m, lz, ent)
             if keep_tiles:
                 tiles[n0:n1, j, 0] = m
@@ -505,15 +447,7 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
             seed = int(seed_tensor(generator, dev)[0])
         M, LZ, H, tiles = _row_stats(h2, w, b, temperature, tn, tv, keep_tiles=True)
         u = philox_uniforms(N, S, seed).to(dev)
-        # Tile masses relative to the row max, their running total, and where
-        # each threshold t = u * Z falls.
-        mass = (tiles[..., 1].exp() * (tiles[..., 0] - M.double()[:, None]).exp()).nan_to_num(0.0)
-        cum = mass.cumsum(1)
-        t = u * cum[:, -1:]
-        j = torch.searchsorted(cum, t, right=True).clamp_max(mass.shape[1] - 1)
-        before = torch.where(j > 0, cum.gather(1, (j - 1).clamp_min(0)), torch.zeros_like(t))
-        w_j = mass.gather(1, j)
-        inner = ((t - before) / w_j).clamp(0.0, 1.0 - 2.0**-53)
+        j, inner = place_draws(tiles[..., 0], tiles[..., 1], M, u)
         actions = torch.empty((N, S), dtype=torch.int64, device=dev)
         for jj in torch.unique(j).tolist():
             rows, ss = (j == jj).nonzero(as_tuple=True)

@@ -1,0 +1,112 @@
+"""Row statistics of a vocabulary split into pieces, merged: the tiles of the
+fused linear head (pgest/linear_head.py) and the shards of a
+vocabulary-parallel head (pgest/vocab_parallel.py) both reduce to this.
+
+Each piece of a row gives (max m_p, log Z_p, entropy H_p) from pgest's native
+row kernel. With D = sum e^(x - M) (x - M), so that D_p = Z_p (log Z_p - H_p):
+
+    M = max_p m_p,   Z = sum_p Z_p e^(m_p - M),   D = sum_p e^(m_p - M) (D_p + Z_p (m_p - M))
+    log Z = log Z,   H = log Z - D / Z
+
+all in float64. A draw u of the whole row falls in the piece where the
+running total of the masses Z_p e^(m_p - M) first exceeds u Z, at the
+fraction of that piece's mass the remainder is.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from . import _native as nat
+from .log_prob import forward_rows
+
+
+def piece_stats(x: Tensor, row0: int = 0, col0: int = 0, what: str = "") -> Tuple[Tensor, Tensor, Tensor]:
+    """(max, log Z, H) of each row of one piece by the native row kernel. A
+    row that is all -inf in this piece (a masked tile, a shard of masked
+    tokens) is legal here and carries no mass. Errors name the whole row's
+    indices (row0, col0: where the piece sits), followed by ``what``."""
+    try:
+        _, ent, st, _ = forward_rows(x, None, None)
+        return st[0], st[1], ent
+    except ValueError as e:
+        msg = str(e)
+        if "is all -inf" in msg:
+            return _masked_piece_stats(x)
+        m = re.match(r"logits\[(\d+), (\d+)\](.*)", msg, re.S)
+        if m:
+            raise ValueError(f"logits[{row0 + int(m.group(1))}, {col0 + int(m.group(2))}]{what}{m.group(3)}") from None
+        raise
+
+
+def _masked_piece_stats(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    # Rare (some row of the piece is all -inf): plain torch on this piece.
+    acc = nat.stats_dtype(x.dtype)
+    zero = torch.zeros((), dtype=acc, device=x.device)
+    m = x.max(-1).values.to(acc)
+    live = m > -math.inf
+    shifted = torch.where(live[:, None], x.to(acc) - m[:, None], zero)
+    e = torch.where(live[:, None], shifted.exp(), zero)
+    z = e.sum(-1)
+    lz = torch.where(live, z.log(), zero)
+    d = (e * torch.where(e > 0, shifted, zero)).sum(-1)
+    return m, lz, torch.where(live, lz - d / z, zero)
+
+
+def masses(m: Tensor, lz: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-piece (Z_p, D_p) in float64 from (m_p, log Z_p, H_p) is merged by
+    Merged; this gives the pieces' masses relative to their own max."""
+    m, lz = m.double(), lz.double()
+    live = m > -math.inf
+    return live, torch.where(live, lz.exp(), torch.zeros_like(lz))
+
+
+class Merged:
+    """Online merge of piece statistics for a block of rows, in float64."""
+
+    def __init__(self, n: int, device):
+        self.M = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
+        self.Z = torch.zeros((n,), dtype=torch.float64, device=device)
+        self.D = torch.zeros((n,), dtype=torch.float64, device=device)
+
+    def add(self, m: Tensor, lz: Tensor, h: Tensor) -> None:
+        live, z = masses(m, lz)
+        m, lz, h = m.double(), lz.double(), h.double()
+        d = torch.where(live, z * (lz - h), torch.zeros_like(lz))
+        self.add_sums(m, z, d)
+
+    def add_sums(self, m: Tensor, z: Tensor, d: Tensor) -> None:
+        """Fold in pieces given as (max, Z, D) relative to that max."""
+        new = torch.maximum(self.M, m)
+        finite = new > -math.inf
+        zero = torch.zeros_like(new)
+        old_live, live = self.M > -math.inf, m > -math.inf
+        a = torch.where(old_live, (self.M - new).exp(), zero)
+        b = torch.where(live, (m - new).exp(), zero)
+        da = torch.where(old_live, self.M - new, zero)
+        db = torch.where(live, m - new, zero)
+        self.D = torch.where(finite, a * (self.D + self.Z * da) + b * (d + z * db), self.D)
+        self.Z = torch.where(finite, a * self.Z + b * z, self.Z)
+        self.M = new
+
+    def result(self, acc: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+        """(max, log Z, H) in the accumulation type."""
+        lz = self.Z.log()
+        return self.M.to(acc), lz.to(acc), (lz - self.D / self.Z).to(acc)
+
+
+def place_draws(piece_m: Tensor, piece_lz: Tensor, row_max: Tensor, u: Tensor) -> Tuple[Tensor, Tensor]:
+    """Pieces (rows, P) given as float64 (max, log Z) in piece order, the rows'
+    max, and uniforms (rows, S): the piece each draw falls in (rows, S) and
+    the draw's uniform within that piece, in [0, 1)."""
+    mass = (piece_lz.exp() * (piece_m - row_max.double()[:, None]).exp()).nan_to_num(0.0)
+    cum = mass.cumsum(1)
+    t = u * cum[:, -1:]
+    j = torch.searchsorted(cum, t, right=True).clamp_max(mass.shape[1] - 1)
+    before = torch.where(j > 0, cum.gather(1, (j - 1).clamp_min(0)), torch.zeros_like(t))
+    inner = ((t - before) / mass.gather(1, j)).clamp(0.0, 1.0 - 2.0**-53)
+    return j, inner
