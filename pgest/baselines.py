@@ -6,8 +6,9 @@ differentiated through (rewards carry no gradient).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
+import torch
 from torch import Tensor
 
 
@@ -38,14 +39,34 @@ def group_normalize(rewards: Tensor, eps: float = 1e-6) -> Tensor:
     return (rewards - mean) / (std + eps)
 
 
-def normalize(advantages: Tensor, eps: float = 1e-8) -> Tensor:
+def normalize(advantages: Tensor, eps: float = 1e-8, *, process_group=None) -> Tensor:
     """Batch normalisation of advantages: zero mean and unit variance over all
-    entries (the usual PPO/A2C step)."""
+    entries (the usual PPO/A2C step). ``process_group`` (data parallel): the
+    mean and the standard deviation are those of every rank's entries
+    together (one all_reduce of three numbers), as one process holding the
+    whole batch computes them."""
     if not isinstance(advantages, Tensor) or not advantages.dtype.is_floating_point:
         raise TypeError("advantages must be a float torch.Tensor")
+    if process_group is not None:
+        mean, std = _global_moments(advantages.detach(), process_group)
+        return (advantages - mean.to(advantages.dtype)) / (std.to(advantages.dtype) + eps)
     if advantages.numel() < 2:
         return advantages - advantages.mean() if advantages.numel() else advantages
     return (advantages - advantages.mean()) / (advantages.std() + eps)
+
+
+def _global_moments(x: Tensor, group) -> Tuple[Tensor, Tensor]:
+    """Mean and Bessel-corrected std of the entries of every rank's x."""
+    import torch.distributed as dist
+
+    x64 = x.double()
+    n = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
+    total = torch.stack([n, x64.sum()])
+    dist.all_reduce(total, group=group)
+    mean = total[1] / total[0]
+    ss = ((x64 - mean) ** 2).sum()
+    dist.all_reduce(ss, group=group)
+    return mean, (ss / (total[0] - 1)).sqrt()
 
 
 class MovingAverageBaseline:
@@ -54,11 +75,13 @@ class MovingAverageBaseline:
     batch, then :meth:`update` with that batch's rewards, so a batch's reward
     never enters its own baseline (which would bias the estimate)."""
 
-    def __init__(self, decay: float = 0.99, initial: Optional[float] = None) -> None:
+    def __init__(self, decay: float = 0.99, initial: Optional[float] = None, *, process_group=None) -> None:
         if not 0.0 <= float(decay) < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.decay = float(decay)
         self._value = None if initial is None else float(initial)
+        # data parallel: each update folds in the mean over every rank's rewards
+        self._group = process_group
 
     @property
     def value(self) -> float:
@@ -70,7 +93,15 @@ class MovingAverageBaseline:
         update sets the value to that mean."""
         if not isinstance(rewards, Tensor) or rewards.numel() == 0:
             raise ValueError("rewards must be a non-empty torch.Tensor")
-        m = float(rewards.detach().double().mean())
+        if self._group is not None:
+            import torch.distributed as dist
+
+            t = torch.stack([rewards.detach().double().sum(),
+                             torch.tensor(float(rewards.numel()), dtype=torch.float64, device=rewards.device)])
+            dist.all_reduce(t, group=self._group)
+            m = float(t[0] / t[1])
+        else:
+            m = float(rewards.detach().double().mean())
         self._value = m if self._value is None else self.decay * self._value + (1 - self.decay) * m
         return self._value
 

@@ -49,7 +49,7 @@ class Categorical:
     arg_constraints = {}
 
     def __init__(self, probs: Optional[Tensor] = None, logits: Optional[Tensor] = None,
-                 validate_args: Optional[bool] = None):
+                 validate_args: Optional[bool] = None, *, process_group=None):
         if (probs is None) == (logits is None):
             raise ValueError("pass exactly one of probs and logits")
         if probs is not None:
@@ -66,6 +66,9 @@ class Categorical:
         self._logits = None
         self._entropy = None
         self._drawn = None  # (stats, entropy, logits version) of the last sample()
+        # torch.distributed group over which the vocabulary is split (each rank
+        # holds its shard (..., K_r)); see pgest.log_prob.
+        self._group = process_group
 
     # --- shapes, as torch.distributions ---------------------------------------
     @property
@@ -89,6 +92,7 @@ class Categorical:
     def logits(self) -> Tensor:
         """Normalised log-probabilities (..., K), as torch's ``.logits``; built on
         first access."""
+        self._whole_rows("logits")
         if self._logits is None:
             self._logits = torch.log_softmax(self._x, -1)
         return self._logits
@@ -97,6 +101,7 @@ class Categorical:
     def probs(self) -> Tensor:
         """Normalised probabilities (..., K), as torch's ``.probs``; built on
         first access."""
+        self._whole_rows("probs")
         if self._probs is None:
             self._probs = (self._given_probs / self._given_probs.sum(-1, keepdim=True)
                            if self._given_probs is not None else torch.softmax(self._x, -1))
@@ -105,7 +110,13 @@ class Categorical:
     @property
     def mode(self) -> Tensor:
         """The most probable action of each row (first of ties), without a softmax."""
+        self._whole_rows("mode")
         return self._x.argmax(-1)
+
+    def _whole_rows(self, what: str) -> None:
+        if self._group is not None:
+            raise NotImplementedError(f"Categorical.{what} needs whole rows; with a process_group each rank holds a "
+                                      "vocabulary shard (sample, log_prob and entropy work across ranks)")
 
     @property
     def mean(self) -> Tensor:
@@ -122,6 +133,11 @@ class Categorical:
         ``sample_shape + batch_shape`` as torch does; ``sample(num_samples=S)``
         gives ``batch_shape + (S,)``, pgest's layout (S draws of each row,
         what ``log_prob`` takes directly)."""
+        if self._group is not None:
+            if tuple(sample_shape):
+                raise NotImplementedError("with a process_group, sample() takes num_samples=, not a sample_shape")
+            s = _sample(self._x, num_samples or 1, generator, process_group=self._group).actions
+            return s if num_samples is None or num_samples > 1 else s.unsqueeze(-1)
         if num_samples is not None:
             if tuple(sample_shape):
                 raise ValueError("pass either sample_shape or num_samples, not both")
@@ -153,6 +169,10 @@ class Categorical:
         nat.check_device(value, "value", self._x.device, "logits")
         batch = self.batch_shape
         nb = len(batch)
+        if self._group is not None:
+            out = _log_prob(self._x, value, ignore_index=None, process_group=self._group)
+            self._entropy = out.entropy
+            return out.log_prob
         if value.shape == batch:
             drawn = self._drawn
             if drawn is not None and drawn[2] == self._x._version and value.numel():
@@ -183,7 +203,7 @@ class Categorical:
         same backward)."""
         e = self._entropy
         if e is None or (not e.requires_grad and self._x.requires_grad and torch.is_grad_enabled()):
-            e = self._entropy = _entropy(self._x)
+            e = self._entropy = _entropy(self._x, process_group=self._group)
         return e
 
     def perplexity(self) -> Tensor:

@@ -188,20 +188,35 @@ def _check_actions_range(actions: Tensor, V: int, ignore_index: Optional[int]) -
         raise IndexError(f"actions[{at}] = {int(actions[r, s])} is out of range for {V} actions{also}")
 
 
-def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, tv):
-    """-> log_prob (N, S), entropy (N,), stats (3, N) = [max, log Z, H]."""
+def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, tv, shard=None):
+    """-> log_prob (N, S), entropy (N,), stats (3, N) = [max, log Z, H].
+    ``shard`` (vocab_parallel.Shard): weight and bias are this rank's rows of
+    the vocabulary; the statistics are merged over the group and each chosen
+    logit comes from the rank that owns it."""
     N, S = actions.shape
-    V = weight.shape[0]
+    V_local = weight.shape[0]
+    V, off = (V_local, 0) if shard is None else (shard.total, shard.offset)
     acc = nat.stats_dtype(h2.dtype)
-    _check_actions_range(actions, V, ignore_index)
+    _check_actions_range(actions, V, ignore_index)  # actions are the same on every rank: all raise alike
     stats = torch.zeros((3, N), dtype=acc, device=h2.device)
     lp = torch.zeros((N, S), dtype=acc, device=h2.device)
     live = _live_rows(actions, ignore_index)
     hl, al = (h2, actions) if live is None else (h2[live], actions[live])
     if hl.shape[0]:
-        M, LZ, H, _ = _row_stats(hl, weight, bias, temperature, tn, tv)
+        if shard is None:
+            M, LZ, H, _ = _row_stats(hl, weight, bias, temperature, tn, tv)
+        else:
+            mine, error = None, None
+            try:
+                mine = _row_stats(hl, weight, bias, temperature, tn, tv)[:3]
+            except ValueError as e:
+                error = e
+            M, LZ, H = shard.merge(mine, hl.shape[0], h2.device, acc, error)
         keep = al != ignore_index if ignore_index is not None else torch.ones_like(al, dtype=torch.bool)
-        x = _chosen_logits(hl, weight, bias, torch.where(keep, al, torch.zeros_like(al)), temperature, tn)
+        own = keep & (al >= off) & (al < off + V_local)
+        x = _chosen_logits(hl, weight, bias, torch.where(own, al - off, torch.zeros_like(al)), temperature, tn)
+        if shard is not None:
+            x = shard.sum_(torch.where(own, x, torch.zeros((), dtype=x.dtype, device=x.device)))
         lpl = torch.where(keep, (x - M[:, None]) - LZ[:, None], torch.zeros((), dtype=acc, device=h2.device))
         if live is None:
             stats[0], stats[1], stats[2], lp = M, LZ, H, lpl
@@ -212,12 +227,15 @@ def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, tv):
 
 
 def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, temperature, tn, tv,
-              need_h: bool, need_w: bool, need_b: bool):
+              need_h: bool, need_w: bool, need_b: bool, shard=None):
     """Gradients of sum(g_lp * log_prob) + sum(g_ent * entropy) with respect to
     hidden (N, H), weight (V, H) and bias (V,): each logits tile recomputed
-    once, its gradient by the native backward, then two products."""
+    once, its gradient by the native backward, then two products. With
+    ``shard``, weight's rows are the vocabulary [offset, offset + V) of a
+    group: hidden's gradient is then this shard's share (the caller sums it)."""
     N, S = actions.shape
     V, Hd = weight.shape
+    col0, total = (0, 0) if shard is None else (shard.offset, shard.total)
     dev = h2.device
     acc = nat.stats_dtype(h2.dtype)
     grad_h = torch.zeros_like(h2) if need_h else None
@@ -242,7 +260,7 @@ def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, tempe
             v1 = min(V, v0 + tv)
             x = _logits_tile(h, weight, bias, v0, v1, temperature)
             g = backward_rows(x, a, ignore_index, st[:2].contiguous(), st[2], grad_log_prob=glp, grad_entropy=gent,
-                              col_offset=v0, total_cols=V)
+                              col_offset=col0 + v0, total_cols=total or V)
             del x
             if temperature != 1.0:
                 g /= temperature
@@ -351,6 +369,36 @@ def _backward_fn(ctx, grad_lp, grad_ent, _grad_stats):
 linear_log_prob_rows.register_autograd(_backward_fn, setup_context=_setup_context)
 
 
+class _ShardedLinearLogProb(torch.autograd.Function):
+    """The process-group route (a ProcessGroup cannot be a torch.library
+    argument): forward and backward as the registered ops, with the
+    statistics merged over the group; hidden's gradient is summed over the
+    group (each rank's shard contributes its share), so every rank gets the
+    full gradient of its replicated hidden states."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, actions, ignore_index, temperature, tn, tv, shard, reduce_hidden):
+        lp, ent, stats = _forward(hidden, weight, bias, actions, ignore_index, temperature, tn, tv, shard)
+        ctx.save_for_backward(hidden, weight, bias, actions, stats)
+        ctx.args = (ignore_index, temperature, tn, tv, shard, reduce_hidden)
+        ctx.has_bias = bias is not None
+        ctx.set_materialize_grads(False)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_ent):
+        hidden, weight, bias, actions, stats = ctx.saved_tensors
+        ignore_index, temperature, tn, tv, shard, reduce_hidden = ctx.args
+        needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
+                 bool(ctx.has_bias and ctx.needs_input_grad[2])]
+        _check_actions_range(actions, shard.total, ignore_index)
+        gh, gw, gb = _backward(grad_lp, grad_ent, hidden, weight, bias, actions, stats, ignore_index, temperature,
+                               tn, tv, needs[0], needs[1], needs[2], shard)
+        if gh is not None and reduce_hidden:
+            shard.sum_(gh)
+        return gh, gw, gb, None, None, None, None, None, None, None
+
+
 # ---- the public functions ----------------------------------------------------------
 
 def _rows(hidden: Tensor) -> Tensor:
@@ -359,7 +407,8 @@ def _rows(hidden: Tensor) -> Tensor:
 
 def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Optional[Tensor] = None,
                     temperature: float = 1.0, ignore_index: Optional[int] = -100,
-                    token_tile: Optional[int] = None, vocab_tile: Optional[int] = None) -> LinearLogProb:
+                    token_tile: Optional[int] = None, vocab_tile: Optional[int] = None,
+                    process_group=None, reduce_hidden_grad: bool = True) -> LinearLogProb:
     """Differentiable ``log softmax(logits)[actions]`` and the entropy per token
     for ``logits = (hidden @ weight.T + bias) / temperature``, without building
     the logits.
@@ -376,6 +425,14 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
         token_tile, vocab_tile: tile sizes (defaults DEFAULT_TILES of the
             device); the workspace is about 2 * token_tile * vocab_tile
             logits-sized entries plus token_tile * H float32.
+        process_group: a ``torch.distributed`` group over which the head is
+            split by vocabulary (Megatron's layout): each rank passes its
+            contiguous rows of ``weight`` (V_r, H) and ``bias`` (V_r,) in rank
+            order, and the same ``hidden`` and global ``actions``. Every rank
+            gets the same log_prob and entropy; weight and bias get their
+            shard's gradient; hidden's gradient is summed over the group
+            (``reduce_hidden_grad=False`` leaves each rank its shard's share,
+            for stacks whose own layer does that all-reduce).
 
     Returns:
         ``LinearLogProb(log_prob, entropy)``, float32 (float64 for float64
@@ -383,31 +440,75 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
         backward recomputes each logits tile once. Statistics are accumulated
         in float32 within a tile and merged across tiles in float64.
     """
-    temperature = _check_head(hidden, weight, bias, temperature)
-    lead = hidden.shape[:-1]
-    check_index_dtype(actions)
-    if actions.shape == lead:
-        S = 1
-    elif actions.dim() == len(lead) + 1 and actions.shape[:-1] == lead:
-        S = actions.shape[-1]
-    else:
-        raise ValueError(f"actions must have shape {tuple(lead)} (or {tuple(lead)} + (S,)) to match hidden "
-                         f"{tuple(hidden.shape)}, got {tuple(actions.shape)}")
-    nat.check_device(actions, "actions", hidden.device, "hidden")
-    ii = check_ignore_index(ignore_index)
-    tn, tv = _tiles(hidden, token_tile, vocab_tile)
-    traced()  # under torch.func transforms: raises with what to do instead
-    a2 = index_tensor(actions, weight.shape[0]).reshape(-1, S)
+    error = None
     try:
-        lp, ent, _ = linear_log_prob_rows(_rows(hidden), weight, bias, a2, ii, temperature, tn, tv)
-    except IndexError as e:
-        raise IndexError(nat.unflatten_message(str(e), lead)) from None
+        temperature = _check_head(hidden, weight, bias, temperature)
+        lead = hidden.shape[:-1]
+        check_index_dtype(actions)
+        if actions.shape == lead:
+            S = 1
+        elif actions.dim() == len(lead) + 1 and actions.shape[:-1] == lead:
+            S = actions.shape[-1]
+        else:
+            raise ValueError(f"actions must have shape {tuple(lead)} (or {tuple(lead)} + (S,)) to match hidden "
+                             f"{tuple(hidden.shape)}, got {tuple(actions.shape)}")
+        nat.check_device(actions, "actions", hidden.device, "hidden")
+        ii = check_ignore_index(ignore_index)
+        tn, tv = _tiles(hidden, token_tile, vocab_tile)
+        traced()  # under torch.func transforms: raises with what to do instead
+        a2 = index_tensor(actions, weight.shape[0]).reshape(-1, S)
+    except (ValueError, TypeError, IndexError, NotImplementedError, RuntimeError) as e:
+        if process_group is None:
+            raise
+        error = e  # raised on every rank by the first collective
+    try:
+        if process_group is not None:
+            shard = _shard(weight, process_group, hidden, error)
+            lp, ent = _ShardedLinearLogProb.apply(_rows(hidden), weight, bias, a2, ii, temperature, tn, tv, shard,
+                                                  bool(reduce_hidden_grad))
+        else:
+            lp, ent, _ = linear_log_prob_rows(_rows(hidden), weight, bias, a2, ii, temperature, tn, tv)
+    except (ValueError, IndexError) as e:
+        raise type(e)(nat.unflatten_message(str(e), lead)) from None
     return LinearLogProb(lp.view(actions.shape), ent.view(lead))
+
+
+def _shard(weight, group, hidden, error, seed: int = 0):
+    from .vocab_parallel import Shard
+
+    size = weight.shape[0] if error is None else 0
+    dev = hidden.device if isinstance(hidden, Tensor) else torch.device("cpu")
+    return Shard(size, group, dev, error, extra=seed)
+
+
+def _draw_in_tiles(h2, w, b, temperature, tn, tv, tiles, row_max, u, rows, ss, out, offset: int = 0) -> None:
+    """Draws (rows[k], ss[k]) with uniforms u (n,) of their rows' mass over
+    this weight's vocabulary: the tile each falls in from the tiles' masses,
+    then that tile of that token recomputed and the draw placed by the native
+    sampler. Writes global ids (``offset`` + column) to out[rows, ss]."""
+    j, inner = place_draws(tiles[rows, :, 0], tiles[rows, :, 1], row_max[rows], u.view(-1, 1))
+    j, inner = j.view(-1), inner.view(-1)
+    V = w.shape[0]
+    for jj in torch.unique(j).tolist():
+        sel = (j == jj).nonzero().squeeze(1)
+        v0, v1 = jj * tv, min(V, (jj + 1) * tv)
+        for n0 in range(0, sel.shape[0], tn):
+            k = sel[n0:n0 + tn]
+            r = rows[k]
+            # Several draws of one token in one tile: its logits once, then copied
+            # per draw (a copy is H times cheaper than the product).
+            ur, inv = torch.unique(r, return_inverse=True)
+            x = _logits_tile(h2[ur], w, b, v0, v1, temperature)
+            if ur.shape[0] != r.shape[0]:
+                x = x[inv]
+            got, _, _, _ = sample_native(x, 1, 0, uniforms=inner[k].contiguous().view(-1, 1))
+            out[r, ss[k]] = (got.view(-1) + (offset + v0)).to(out.dtype)
 
 
 def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = None, temperature: float = 1.0,
                   num_samples: int = 1, generator: Optional[torch.Generator] = None,
-                  token_tile: Optional[int] = None, vocab_tile: Optional[int] = None) -> LinearSample:
+                  token_tile: Optional[int] = None, vocab_tile: Optional[int] = None,
+                  process_group=None) -> LinearSample:
     """Draw ``num_samples`` tokens per row from softmax(logits),
     ``logits = (hidden @ weight.T + bias) / temperature``, without building the
     logits; no gradient.
@@ -423,45 +524,64 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
     Cost: the logits tiles once for the statistics, then for each draw only
     the one vocabulary tile it falls in, for that token.
     """
-    temperature = _check_head(hidden, weight, bias, temperature)
-    S = check_num_samples(num_samples)
-    tn, tv = _tiles(hidden, token_tile, vocab_tile)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    lead = hidden.shape[:-1]
-    shape = lead if S == 1 else lead + (S,)
-    dev = hidden.device
+    error = None
+    seed = 0
+    try:
+        temperature = _check_head(hidden, weight, bias, temperature)
+        S = check_num_samples(num_samples)
+        tn, tv = _tiles(hidden, token_tile, vocab_tile)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        lead = hidden.shape[:-1]
+        shape = lead if S == 1 else lead + (S,)
+        dev = hidden.device
+        if lead.numel():
+            # The seed as pgest.sample takes it from the generator (one draw per call).
+            seed = int(_draw_seed(generator)) if dev.type == "cpu" else int(seed_tensor(generator, dev)[0])
+    except (ValueError, TypeError, IndexError, NotImplementedError, RuntimeError) as e:
+        if process_group is None:
+            raise
+        error = e
+    shard = None
+    if process_group is not None:
+        shard = _shard(weight, process_group, hidden, error, seed)
+        seed = shard.seed  # rank 0's: every rank draws the same uniforms
     with torch.no_grad():
         h2 = _rows(hidden.detach())
         w, b = weight.detach(), None if bias is None else bias.detach()
-        N, V = h2.shape[0], w.shape[0]
+        N = h2.shape[0]
         acc = nat.stats_dtype(h2.dtype)
         if N == 0:
             z = torch.empty(shape, dtype=acc, device=dev)
             return LinearSample(torch.empty(shape, dtype=torch.int64, device=dev), z, torch.empty(lead, dtype=acc,
                                                                                                 device=dev))
-        # The seed as pgest.sample takes it from the generator (one draw per call).
-        if dev.type == "cpu":
-            seed = int(_draw_seed(generator))
-        else:
-            seed = int(seed_tensor(generator, dev)[0])
-        M, LZ, H, tiles = _row_stats(h2, w, b, temperature, tn, tv, keep_tiles=True)
         u = philox_uniforms(N, S, seed).to(dev)
-        j, inner = place_draws(tiles[..., 0], tiles[..., 1], M, u)
-        actions = torch.empty((N, S), dtype=torch.int64, device=dev)
-        for jj in torch.unique(j).tolist():
-            rows, ss = (j == jj).nonzero(as_tuple=True)
-            v0, v1 = jj * tv, min(V, (jj + 1) * tv)
-            for n0 in range(0, rows.shape[0], tn):
-                r, s_ = rows[n0:n0 + tn], ss[n0:n0 + tn]
-                # Several draws of one token in one tile: its logits once, then copied
-                # per draw (a copy is H times cheaper than the product).
-                ur, inv = torch.unique(r, return_inverse=True)
-                x = _logits_tile(h2[ur], w, b, v0, v1, temperature)
-                if ur.shape[0] != r.shape[0]:
-                    x = x[inv]
-                got, _, _, _ = sample_native(x, 1, 0, uniforms=inner[r, s_].contiguous().view(-1, 1))
-                actions[r, s_] = got.view(-1) + v0
-        x = _chosen_logits(h2, w, b, actions, temperature, tn)
+        if shard is None:
+            M, LZ, H, tiles = _row_stats(h2, w, b, temperature, tn, tv, keep_tiles=True)
+            actions = torch.empty((N, S), dtype=torch.int64, device=dev)
+            rows, ss = torch.meshgrid(torch.arange(N, device=dev), torch.arange(S, device=dev), indexing="ij")
+            _draw_in_tiles(h2, w, b, temperature, tn, tv, tiles, M, u.reshape(-1), rows.reshape(-1), ss.reshape(-1),
+                           actions)
+            x = _chosen_logits(h2, w, b, actions, temperature, tn)
+        else:
+            local, error = None, None
+            try:
+                local = _row_stats(h2, w, b, temperature, tn, tv, keep_tiles=True)
+            except ValueError as e:
+                error = e
+            table = shard.gather(None if local is None else local[:3], N, dev, error)
+            M, LZ, H = shard.merge_table(table, acc)
+            # the rank each draw falls in, then the tile within that rank's shard
+            rank_of, inner = place_draws(table[:, 0].T, table[:, 1].T, M, u)
+            actions = torch.zeros((N, S), dtype=torch.float64, device=dev)
+            rows, ss = (rank_of == shard.layout.rank).nonzero(as_tuple=True)
+            if rows.numel():
+                _draw_in_tiles(h2, w, b, temperature, tn, tv, local[3], local[0], inner[rows, ss], rows, ss, actions,
+                               shard.offset)
+            actions = shard.sum_(actions).to(torch.int64)  # one owner per draw: one value and zeros
+            own = (actions >= shard.offset) & (actions < shard.offset + w.shape[0])
+            x = _chosen_logits(h2, w, b, torch.where(own, actions - shard.offset, torch.zeros_like(actions)),
+                               temperature, tn)
+            x = shard.sum_(torch.where(own, x, torch.zeros((), dtype=x.dtype, device=dev)))
         lp = (x - M[:, None]) - LZ[:, None]
     return LinearSample(actions.view(shape), lp.view(shape), H.view(lead))

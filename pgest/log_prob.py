@@ -358,7 +358,7 @@ def rows_of(logits: Tensor) -> Tensor:
 
 # ---- the public functions ----------------------------------------------------
 
-def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -100) -> LogProb:
+def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -100, process_group=None) -> LogProb:
     """Differentiable ``log softmax(logits)[actions]`` and the entropy of
     ``softmax(logits)`` per row, from one read of the logits.
 
@@ -371,6 +371,11 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
             (padding) is not read: its entropy is 0 and it gets no gradient.
         ignore_index: the padding value, or None: every action must then be
             in [0, K).
+        process_group: a ``torch.distributed`` group over which the
+            vocabulary is split: each rank passes its contiguous shard
+            (..., V_r) in rank order (sizes may differ) and the same global
+            ``actions``; every rank gets the same results, and the gradient
+            of its shard (pgest/vocab_parallel.py). None: no torch.distributed.
 
     Returns:
         ``LogProb(log_prob, entropy)``: ``log_prob`` of the shape of
@@ -383,6 +388,10 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
     (a large common offset in a row loses nothing), sums over a row in fp32
     lanes merged in fp64 (fp64 throughout for fp64 logits).
     """
+    if process_group is not None:
+        from .vocab_parallel import log_prob as vocab_parallel
+
+        return LogProb(*vocab_parallel(logits, actions, ignore_index, process_group, True))
     check_logits(logits)
     S = actions_per_row(logits, actions)
     ii = check_ignore_index(ignore_index)
@@ -396,9 +405,14 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
     return LogProb(lp, ent)
 
 
-def entropy(logits: Tensor) -> Tensor:
+def entropy(logits: Tensor, *, process_group=None) -> Tensor:
     """Differentiable entropy of ``softmax(logits)`` per row, (..., K) -> (...,),
-    in one read of the logits (float32 for 16-bit logits)."""
+    in one read of the logits (float32 for 16-bit logits). ``process_group``:
+    vocabulary shards, as for :func:`log_prob`."""
+    if process_group is not None:
+        from .vocab_parallel import log_prob as vocab_parallel
+
+        return vocab_parallel(logits, None, None, process_group, False)[1]
     check_logits(logits)
     lead = logits.shape[:-1]
     try:

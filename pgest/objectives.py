@@ -52,7 +52,7 @@ def _tokens_2d(t: Tensor) -> Tensor:
 
 
 def aggregate(values: Tensor, mask: Optional[Tensor] = None, mode: str = "token-mean",
-              normalizer: Optional[float] = None) -> Tensor:
+              normalizer: Optional[float] = None, *, process_group=None) -> Tensor:
     """Reduce per-token values ``l`` (rows,) or (rows, T) to a scalar loss.
 
     Modes (names as in verl and TRL), with ``n`` rows (sequences) and ``m`` the mask:
@@ -68,6 +68,14 @@ def aggregate(values: Tensor, mask: Optional[Tensor] = None, mode: str = "token-
         constant L (Dr. GRPO, Liu et al. 2025: no length bias). L is
         ``normalizer``, or T (the padded length) when it is None.
     An unknown mode, a non-positive normalizer, or a mask of another shape raises.
+
+    ``process_group`` (data parallel): each rank passes its own rows; the token
+    and sequence counts are summed over the group (one all_reduce of two
+    numbers) and the loss is scaled by the group size, so that after DDP
+    averages the gradients over ranks the update is the one of a single
+    process holding every rank's rows. The loss each rank returns is its
+    share times the group size (their mean over ranks is the whole-batch
+    loss). Pass either ``normalizer`` or ``process_group``.
     """
     if mode not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}; got {mode!r}")
@@ -81,6 +89,10 @@ def aggregate(values: Tensor, mask: Optional[Tensor] = None, mode: str = "token-
             raise ValueError(f"normalizer must be > 0, got {normalizer}")
     l2, m2 = _tokens_2d(values), _tokens_2d(m)
     masked = l2 * m2
+    if process_group is not None:
+        if normalizer is not None and mode != "seq-mean-token-sum-norm":
+            raise ValueError("pass either normalizer or process_group: with a group the counts are global already")
+        return _aggregate_global(l2, m2, masked, mode, normalizer, process_group)
     if mode == "token-mean":
         den = m2.sum() if normalizer is None else normalizer
         return masked.sum() / den
@@ -93,6 +105,25 @@ def aggregate(values: Tensor, mask: Optional[Tensor] = None, mode: str = "token-
         return per_seq.sum() / n
     L = l2.shape[1] if normalizer is None else normalizer
     return masked.sum() / (l2.shape[0] * L)
+
+
+def _aggregate_global(l2: Tensor, m2: Tensor, masked: Tensor, mode: str, normalizer, group) -> Tensor:
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    counts = torch.stack([m2.sum().double(), torch.tensor(float(l2.shape[0]), dtype=torch.float64,
+                                                          device=l2.device)])
+    dist.all_reduce(counts, group=group)
+    tokens, rows = counts[0].to(l2.dtype), counts[1].to(l2.dtype)
+    if mode == "token-mean":
+        return masked.sum() * world / tokens
+    if mode == "seq-mean-token-sum":
+        return masked.sum() * world / rows
+    if mode == "seq-mean-token-mean":
+        per_seq = masked.sum(-1) / m2.sum(-1).clamp_min(1)
+        return per_seq.sum() * world / rows
+    L = l2.shape[1] if normalizer is None else normalizer
+    return masked.sum() * world / (rows * L)
 
 
 def _clip_range(clip) -> Tuple[float, float]:
@@ -113,7 +144,7 @@ def _clip_range(clip) -> Tuple[float, float]:
 def ppo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, *,
              clip: Union[float, Tuple[float, float]] = 0.2, dual_clip: Optional[float] = None,
              mask: Optional[Tensor] = None, aggregation: str = "token-mean",
-             normalizer: Optional[float] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+             normalizer: Optional[float] = None, process_group=None) -> Tuple[Tensor, Dict[str, Tensor]]:
     """The clipped surrogate of PPO (Schulman et al. 2017), per token:
 
         l = max(-A r, -A clip(r, 1 - low, 1 + high)),   r = exp(lp - old)
@@ -157,17 +188,18 @@ def ppo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, *,
         loss = torch.where(dual, bound, loss)
         with torch.no_grad():
             metrics["dual_clip_fraction"] = (dual.to(m.dtype) * m).sum() / count
-    return aggregate(loss, m, aggregation, normalizer), metrics
+    return aggregate(loss, m, aggregation, normalizer, process_group=process_group), metrics
 
 
 def policy_gradient_loss(log_prob: Tensor, advantages: Tensor, *, mask: Optional[Tensor] = None,
-                         aggregation: str = "token-mean", normalizer: Optional[float] = None) -> Tensor:
+                         aggregation: str = "token-mean", normalizer: Optional[float] = None,
+                         process_group=None) -> Tensor:
     """REINFORCE surrogate -A lp (Williams 1992), aggregated; advantages are
     constants (RLOO, GRPO without ratio, REINFORCE++)."""
     if not isinstance(log_prob, Tensor) or not log_prob.dtype.is_floating_point:
         raise TypeError("log_prob must be a float tensor")
     _check_like(advantages, log_prob, "advantages")
-    return aggregate(-advantages.detach() * log_prob, mask, aggregation, normalizer)
+    return aggregate(-advantages.detach() * log_prob, mask, aggregation, normalizer, process_group=process_group)
 
 
 def kl_penalty(log_prob: Tensor, ref_log_prob: Tensor, estimator: str = "k3") -> Tensor:
@@ -228,9 +260,10 @@ def importance_weights(log_prob: Tensor, behaviour_log_prob: Tensor, *, level: s
 
 
 def entropy_bonus(entropy: Tensor, coef: float, *, mask: Optional[Tensor] = None,
-                  aggregation: str = "token-mean", normalizer: Optional[float] = None) -> Tensor:
+                  aggregation: str = "token-mean", normalizer: Optional[float] = None,
+                  process_group=None) -> Tensor:
     """-coef * aggregate(H): add to the loss to reward exploration (Williams
     and Peng 1991; PPO's c2 term)."""
     if isinstance(coef, bool) or not isinstance(coef, numbers.Real):
         raise TypeError(f"coef must be a number, got {type(coef).__name__}")
-    return -coef * aggregate(entropy, mask, aggregation, normalizer)
+    return -coef * aggregate(entropy, mask, aggregation, normalizer, process_group=process_group)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -25,14 +25,23 @@ from . import _native as nat
 from .log_prob import forward_rows
 
 
-def piece_stats(x: Tensor, row0: int = 0, col0: int = 0, what: str = "") -> Tuple[Tensor, Tensor, Tensor]:
+def piece_stats(x: Tensor, row0: int = 0, col0: int = 0, what: str = "", probe: Optional[Tensor] = None,
+                ignore_index: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(max, log Z, H) of each row of one piece by the native row kernel. A
     row that is all -inf in this piece (a masked tile, a shard of masked
     tokens) is legal here and carries no mass. Errors name the whole row's
-    indices (row0, col0: where the piece sits), followed by ``what``."""
+    indices (row0, col0: where the piece sits), followed by ``what``.
+    ``probe`` (rows,) bool: only these rows are read (padding rows of
+    ``ignore_index`` are not, as in pgest.log_prob); the others give zeros."""
     try:
-        _, ent, st, _ = forward_rows(x, None, None)
-        return st[0], st[1], ent
+        if probe is None:
+            _, ent, st, _ = forward_rows(x, None, None)
+            return st[0], st[1], ent
+        # one in-range action on the rows to read, ignore_index on the others
+        acts = torch.where(probe, 0, ignore_index).to(torch.int64).view(-1, 1)
+        _, ent, st, _ = forward_rows(x, acts.contiguous(), ignore_index)
+        zero = torch.zeros((), dtype=st.dtype, device=x.device)
+        return torch.where(probe, st[0], zero), torch.where(probe, st[1], zero), torch.where(probe, ent, zero)
     except ValueError as e:
         msg = str(e)
         if "is all -inf" in msg:

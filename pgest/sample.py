@@ -111,7 +111,8 @@ def check_num_samples(num_samples) -> int:
     return int(num_samples)
 
 
-def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Generator] = None) -> Sample:
+def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Generator] = None, *,
+           process_group=None) -> Sample:
     """Draw ``num_samples`` actions from softmax(logits) per row.
 
     Args:
@@ -128,7 +129,21 @@ def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Gener
         ``entropy`` (...,). Float outputs are float32 (float64 for float64
         logits). Nothing here is differentiable: use :func:`pgest.log_prob`
         (or :class:`pgest.Categorical`) for gradients.
+
+    With ``process_group`` (torch.distributed), each rank passes its
+    contiguous vocabulary shard (..., V_r), in rank order: the draws are those
+    of the call on the concatenated logits for the same generator state (the
+    seed is taken from rank 0's generator; seed every rank's generator alike,
+    e.g. ``torch.manual_seed(s)`` on all, so that they advance alike), and
+    every rank gets the same actions (global ids), log-probs and entropies.
     """
+    if process_group is not None:
+        from .vocab_parallel import sample as vocab_parallel
+
+        lead = logits.shape[:-1] if isinstance(logits, Tensor) else ()
+        actions, log_prob, entropy = vocab_parallel(logits, num_samples, generator, process_group)
+        shape = tuple(lead) if num_samples == 1 else tuple(lead) + (num_samples,)
+        return Sample(actions.view(shape), log_prob.view(shape), entropy.view(tuple(lead)))
     check_logits(logits)
     S = check_num_samples(num_samples)
     lead = logits.shape[:-1]

@@ -1,0 +1,300 @@
+"""Vocabulary-parallel log-probabilities, entropy and sampling on
+torch.distributed: each rank of ``process_group`` holds a contiguous shard of
+the vocabulary, in rank order (shard sizes may differ), and the same rows and
+actions (global token ids). Only O(rows) statistics cross ranks, never the
+vocabulary:
+
+1. an all_gather of (shard size, ok) per rank: the layout, and an error on
+   any rank raises on every rank instead of leaving the others waiting;
+2. an all_gather of each rank's per-row (max, log Z, entropy) of its shard
+   (pgest's native row kernel), merged on every rank in rank order
+   (pgest/row_merge.py), so every rank holds the same bits;
+3. one all_reduce (sum) of the chosen tokens' logits, nonzero only on the
+   rank that owns each token (a sum of one value and zeros: exact).
+
+The backward needs no communication: each rank's gradient over its shard is
+the native backward of pgest.log_prob on the shard with the global
+statistics (the vocabulary-tile form of log_prob.h).
+
+Sampling draws the same actions as pgest.sample on the concatenated logits
+for the same generator state: the Philox uniforms are keyed by a seed taken
+from rank 0's generator (every rank's generator still advances by one draw,
+so ranks seeded alike stay alike), the shard a draw falls in is found from
+the gathered shard masses, its owner places the draw inside its shard with
+the native sampler, and one all_reduce shares the actions.
+
+Nothing here is imported on the path of a call without a process group.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _native as nat
+from .log_prob import actions_per_row, backward_rows, check_ignore_index, check_logits, index_tensor, rows_of
+from .philox import _draw_seed, seed_tensor, uniforms as philox_uniforms
+from .row_merge import Merged, place_draws, piece_stats
+from .sample import check_num_samples, sample_native
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+class _Layout:
+    def __init__(self, sizes, rank: int):
+        self.sizes = sizes
+        self.rank = rank
+        self.world = len(sizes)
+        self.offset = sum(sizes[:rank])
+        self.total = sum(sizes)
+
+
+def _device(x) -> torch.device:
+    return x.device if isinstance(x, Tensor) else torch.device("cpu")
+
+
+def _exchange(x, group, error: Optional[BaseException], extra: int = 0) -> Tuple[_Layout, Tensor]:
+    """Collective 1: every rank's (ok, shard size, extra). Raises on every
+    rank if any rank failed (that rank re-raises its own error), so a bad
+    input on one rank never leaves the others waiting in a later collective."""
+    dist = _dist()
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    mine = torch.tensor([0 if error is None else 1, x.shape[-1] if error is None else 0, extra], dtype=torch.int64,
+                        device=_device(x))
+    got = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(got, mine, group=group)
+    table = torch.stack(got).cpu()
+    _raise_if_failed(table[:, 0], rank, error)
+    return _Layout([int(v) for v in table[:, 1]], rank), table
+
+
+def _raise_if_failed(flags: Tensor, rank: int, error: Optional[BaseException]) -> None:
+    bad = [i for i, f in enumerate(flags.tolist()) if f]
+    if not bad:
+        return
+    if error is not None:
+        raise error
+    raise RuntimeError(f"pgest: rank(s) {bad} of the process group failed on their input (their own exception "
+                       "says why); this rank stopped with them")
+
+
+def _gathered_stats(x: Tensor, group, layout: _Layout, probe: Optional[Tensor], ignore_index) -> Tensor:
+    """Collective 2: (world, 3, rows) float64 (max, log Z, entropy) of every
+    rank's shard. A local error travels as a flag in the same gather."""
+    error = mine = None
+    try:
+        mine = piece_stats(x, 0, layout.offset, " (this rank's vocabulary shard; the column is global)",
+                           probe=probe, ignore_index=ignore_index)
+    except ValueError as e:
+        error = e
+    return gather_stats(mine, x.shape[0], x.device, group, layout, error)
+
+
+def gather_stats(mine, rows: int, device, group, layout: _Layout, error: Optional[BaseException]) -> Tensor:
+    """(max, log Z, H) of this rank's shard (or None after ``error``) ->
+    (world, 3, rows) float64 of every rank's; raises on every rank if any
+    rank failed."""
+    dist = _dist()
+    if error is None:
+        mine = torch.stack([t.double() for t in mine])
+    else:
+        mine = torch.zeros((3, rows), dtype=torch.float64, device=device)
+    flag = torch.full((3, 1), 0.0 if error is None else 1.0, dtype=torch.float64, device=device)
+    mine = torch.cat([mine, flag], 1)
+    got = [torch.empty_like(mine) for _ in range(layout.world)]
+    dist.all_gather(got, mine, group=group)
+    table = torch.stack(got)
+    _raise_if_failed(table[:, 0, -1].cpu(), layout.rank, error)
+    return table[:, :, :-1]
+
+
+class Shard:
+    """This rank's place in a vocabulary split over ``group`` (for the fused
+    linear head): the layout exchange happens at construction, carrying
+    ``error`` (this rank's failed checks) to every rank."""
+
+    def __init__(self, local_size: int, group, device, error: Optional[BaseException] = None, extra: int = 0):
+        probe = torch.empty((0, local_size), device=device)
+        self.group = group
+        self.layout, table = _exchange(probe, group, error, extra)
+        self.offset, self.total = self.layout.offset, self.layout.total
+        self.seed = int(table[0, 2])  # rank 0's ``extra``
+
+    def gather(self, mine, rows: int, device, error: Optional[BaseException] = None) -> Tensor:
+        """(world, 3, rows) float64: every rank's (max, log Z, H)."""
+        return gather_stats(mine, rows, device, self.group, self.layout, error)
+
+    def merge_table(self, table: Tensor, acc: torch.dtype):
+        return _merge(table, acc)
+
+    def merge(self, mine, rows: int, device, acc: torch.dtype, error: Optional[BaseException] = None):
+        """Every rank's (max, log Z, H) merged in rank order: the whole rows'."""
+        return _merge(self.gather(mine, rows, device, error), acc)
+
+    def sum_(self, t: Tensor) -> Tensor:
+        _dist().all_reduce(t, group=self.group)
+        return t
+
+
+def _merge(table: Tensor, acc: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    merged = Merged(table.shape[2], table.device)
+    for r in range(table.shape[0]):  # rank order: the same bits on every rank
+        merged.add(table[r, 0], table[r, 1], table[r, 2])
+    return merged.result(acc)
+
+
+def _chosen(x: Tensor, actions: Tensor, layout: _Layout, keep: Tensor, group) -> Tensor:
+    """Collective 3: the logit of each (row, action), from its owner."""
+    lo, hi = layout.offset, layout.offset + x.shape[1]
+    own = keep & (actions >= lo) & (actions < hi)
+    local = torch.where(own, actions - lo, torch.zeros_like(actions))
+    val = torch.where(own, x.gather(1, local).double(), torch.zeros((), dtype=torch.float64, device=x.device))
+    _dist().all_reduce(val, group=group)
+    return val
+
+
+def _check_local(x: Tensor, actions: Optional[Tensor]) -> None:
+    nat.check_float_tensor(x, "logits")
+    if x.dim() != 2:
+        raise ValueError(f"logits must be 2-D (rows, V_r) here, got {tuple(x.shape)}")
+    nat.check_device_supported(x, "logits")
+    if actions is not None and (actions.dim() != 2 or actions.shape[0] != x.shape[0]):
+        raise ValueError(f"actions must be ({x.shape[0]}, S), got {tuple(actions.shape)}")
+
+
+def forward(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], group,
+            error: Optional[BaseException] = None):
+    """(R, V_r) shard, (R, S) global int64 actions or None -> (log_prob (R, S),
+    entropy (R,), stats (3, R) = [max, log Z, H], layout). Every rank gets the
+    same values. ``error``: what the caller's checks found on this rank."""
+    if error is None:
+        try:
+            _check_local(x, actions)
+        except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
+            error = e
+    layout, _ = _exchange(x, group, error)
+    R = x.shape[0]
+    acc = nat.stats_dtype(x.dtype)
+    S = 0 if actions is None else actions.shape[1]
+    keep = (actions != ignore_index) if (actions is not None and ignore_index is not None) else None
+    live = None if keep is None else keep.any(1)
+    error = None
+    if actions is not None:
+        bad = (actions < 0) | (actions >= layout.total)
+        if keep is not None:
+            bad &= keep
+        where = bad.nonzero()
+        if where.numel():
+            r, s = int(where[0, 0]), int(where[0, 1])
+            error = IndexError(f"actions[{r}, {s}] = {int(actions[r, s])} is out of range for {layout.total} actions"
+                               + (f" and is not ignore_index ({ignore_index})" if ignore_index is not None else ""))
+    # padding rows (every action ignored) are not read, as in pgest.log_prob
+    probe = None if live is None or bool(live.all()) else live
+    if error is not None:  # fail together: the range error travels with the statistics' flag
+        dist = _dist()
+        mine = torch.ones((3, R + 1), dtype=torch.float64, device=x.device)
+        dist.all_gather([torch.empty_like(mine) for _ in range(layout.world)], mine, group=group)
+        raise error
+    table = _gathered_stats(x, group, layout, probe, ignore_index)
+    M, LZ, H = _merge(table, acc)
+    stats = torch.stack([M, LZ, H])
+    if live is not None:
+        stats = torch.where(live[None, :], stats, torch.zeros((), dtype=acc, device=x.device))
+    ent = stats[2].clone()
+    if S == 0:
+        return torch.zeros((R, 0), dtype=acc, device=x.device), ent, stats, layout
+    k = keep if keep is not None else torch.ones_like(actions, dtype=torch.bool)
+    xa = _chosen(x, torch.where(k, actions, torch.zeros_like(actions)), layout, k, group)
+    lp = torch.where(k, (xa.to(acc) - stats[0][:, None]) - stats[1][:, None], torch.zeros((), dtype=acc,
+                                                                                          device=x.device))
+    return lp, ent, stats, layout
+
+
+class _VocabParallelLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, actions, ignore_index, group):
+        lp, ent, stats, layout = forward(x, actions, ignore_index, group)
+        ctx.save_for_backward(x, actions, stats)
+        ctx.ignore_index, ctx.layout = ignore_index, layout
+        ctx.set_materialize_grads(False)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_ent):
+        x, actions, stats = ctx.saved_tensors
+        if grad_lp is None and grad_ent is None:
+            return None, None, None, None
+        # the shard's columns of the global row: no communication
+        grad = backward_rows(x, actions, ctx.ignore_index, stats[:2].contiguous(), stats[2],
+                             grad_log_prob=grad_lp if actions is not None else None, grad_entropy=grad_ent,
+                             col_offset=ctx.layout.offset, total_cols=ctx.layout.total)
+        return grad, None, None, None
+
+
+def log_prob(logits: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], group, with_actions: bool):
+    """pgest.log_prob / pgest.entropy with ``process_group``: (..., V_r) shards.
+    The argument checks run inside the first collective's error exchange."""
+    x = a2 = ii = error = None
+    lead = ()
+    try:
+        check_logits(logits)
+        lead = logits.shape[:-1]
+        x = rows_of(logits)
+        if with_actions:
+            S = actions_per_row(logits, actions)
+            nat.check_device(actions, "actions", logits.device, "logits")
+            a2 = index_tensor(actions, -1).reshape(-1, S)
+        ii = check_ignore_index(ignore_index)
+    except (ValueError, TypeError, IndexError, NotImplementedError, RuntimeError) as e:
+        error = e
+    try:
+        if error is None and x.requires_grad and torch.is_grad_enabled():
+            lp, ent = _VocabParallelLogProb.apply(x, a2, ii, group)
+        else:
+            lp, ent, _, _ = forward(x, a2, ii, group, error)
+    except (ValueError, IndexError) as e:
+        raise type(e)(nat.unflatten_message(str(e), lead)) from None
+    return (lp.view(actions.shape) if with_actions else None), ent.view(lead)
+
+
+def sample(logits: Tensor, num_samples: int, generator: Optional[torch.Generator], group):
+    """pgest.sample with ``process_group`` -> (actions, log_prob, entropy),
+    flat (R, S), (R, S), (R,); the same on every rank."""
+    dist = _dist()
+    x = error = None
+    seed = 0
+    try:
+        check_logits(logits)
+        x = rows_of(logits.detach())
+        num_samples = check_num_samples(num_samples)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        seed = int(_draw_seed(generator)) if x.device.type == "cpu" else int(seed_tensor(generator, x.device)[0])
+    except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
+        error = e
+    layout, table = _exchange(x, group, error, extra=seed)
+    seed = int(table[0, 2])  # rank 0's: every rank draws the same uniforms
+    R, S = x.shape[0], num_samples
+    acc = nat.stats_dtype(x.dtype)
+    stats = _gathered_stats(x, group, layout, None, None)
+    M, LZ, H = _merge(stats, acc)
+    u = philox_uniforms(R, S, seed).to(x.device)
+    j, inner = place_draws(stats[:, 0].T, stats[:, 1].T, M, u)
+    actions = torch.zeros((R, S), dtype=torch.float64, device=x.device)
+    rows, ss = (j == layout.rank).nonzero(as_tuple=True)
+    if rows.numel():
+        ur, inv = torch.unique(rows, return_inverse=True)
+        xs = x[ur] if ur.shape[0] == rows.shape[0] else x[ur][inv]
+        got, _, _, _ = sample_native(xs.contiguous(), 1, 0, uniforms=inner[rows, ss].contiguous().view(-1, 1))
+        actions[rows, ss] = (got.view(-1) + layout.offset).double()
+    dist.all_reduce(actions, group=group)  # one owner per draw: a sum of one value and zeros
+    actions = actions.to(torch.int64)
+    xa = _chosen(x, actions, layout, torch.ones_like(actions, dtype=torch.bool), group)
+    lp = (xa.to(acc) - M[:, None]) - LZ[:, None]
+    return actions, lp, H

@@ -1,0 +1,241 @@
+"""Vocabulary-parallel ops on torch.distributed (gloo, CPU): spawned groups of
+2 and 3 ranks, each rank holding an uneven shard of the vocabulary, against
+the single-process ops on the concatenated logits. Each group is bounded in
+time (a hang fails the test instead of stalling CI)."""
+import datetime
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import pgest
+
+TIMEOUT_S = 180
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _shards(V: int, world: int):
+    # uneven, V not divisible by the world size, a shard of a single token
+    sizes = [1] + [(V - 1) // (world - 1)] * (world - 2)
+    sizes.append(V - sum(sizes))
+    offs = [sum(sizes[:i]) for i in range(world)]
+    return sizes, offs
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        torch.set_num_threads(1)
+        _checks(rank, world)
+        with open(os.path.join(out_dir, f"ok{rank}"), "w") as f:
+            f.write("ok")
+    except BaseException:
+        with open(os.path.join(out_dir, f"err{rank}"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _checks(rank: int, world: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    R, V = 41, 1000 + world  # V not a multiple of anything in particular
+    full = torch.randn(R, V, generator=g, dtype=torch.float64) * 3
+    full[5, : V // 2] = float("-inf")  # a row with a wholly masked shard on some ranks
+    sizes, offs = _shards(V, world)
+    mine = slice(offs[rank], offs[rank] + sizes[rank])
+    actions = torch.randint(0, V, (R, 3), generator=g)
+    actions[5] = V - 1
+    actions[7, 1] = -100
+    actions[11] = -100  # padding row
+    w_lp = torch.randn(R, 3, generator=g, dtype=torch.float64)
+    w_ent = torch.randn(R, generator=g, dtype=torch.float64)
+
+    # 1. log_prob and entropy, values and gradients, against the single process
+    ref_x = full.clone().requires_grad_()
+    rlp, rent = pgest.log_prob(ref_x, actions)
+    ((rlp * w_lp).sum() + (rent * w_ent).sum()).backward()
+    x = full[:, mine].clone().requires_grad_()
+    lp, ent = pgest.log_prob(x, actions, process_group=dist.group.WORLD)
+    torch.testing.assert_close(lp, rlp.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, rent.detach(), rtol=1e-12, atol=1e-12)
+    ((lp * w_lp).sum() + (ent * w_ent).sum()).backward()
+    torch.testing.assert_close(x.grad, ref_x.grad[:, mine], rtol=1e-10, atol=1e-12)
+    # entropy alone; float32 shards; (B, T, V_r) leading dims
+    e2 = pgest.entropy(full[:, mine].float().view(1, R, -1), process_group=dist.group.WORLD)
+    torch.testing.assert_close(e2.view(R).double(), pgest.entropy(full.float()).double(), rtol=1e-5, atol=1e-5)
+
+    # 2. sampling: the draws of the single-process call, the same on every rank
+    S = 4
+    s = pgest.sample(full[:, mine], num_samples=S, generator=torch.Generator().manual_seed(7),
+                     process_group=dist.group.WORLD)
+    ref = pgest.sample(full, num_samples=S, generator=torch.Generator().manual_seed(7))
+    assert (s.actions != ref.actions).sum().item() <= 1, (s.actions != ref.actions).sum().item()
+    gathered = [torch.empty_like(s.actions) for _ in range(world)]
+    dist.all_gather(gathered, s.actions)
+    assert all(torch.equal(a, s.actions) for a in gathered)
+    lp_s, _ = pgest.log_prob(full[:, mine], s.actions, process_group=dist.group.WORLD)
+    assert torch.equal(lp_s, s.log_prob)  # the sampler's log-probs are the trainer's
+    torch.testing.assert_close(s.entropy, ref.entropy, rtol=1e-12, atol=1e-12)
+
+    # 3. Categorical with a process group: one PPO-style step
+    xs = full[:, mine].float().clone().requires_grad_()
+    d = pgest.Categorical(logits=xs, process_group=dist.group.WORLD)
+    a = d.sample(generator=torch.Generator().manual_seed(3))
+    (d.log_prob(a).sum() + d.entropy().sum()).backward()
+    xf = full.float().clone().requires_grad_()
+    dref = pgest.Categorical(logits=xf)
+    (dref.log_prob(a).sum() + dref.entropy().sum()).backward()
+    torch.testing.assert_close(xs.grad, xf.grad[:, mine], rtol=1e-5, atol=1e-6)
+
+    # 4. bad input on one rank only: every rank raises, none hangs
+    bad = actions.float() if rank == world - 1 else actions
+    try:
+        pgest.log_prob(full[:, mine], bad, process_group=dist.group.WORLD)
+        raise AssertionError("expected an error")
+    except TypeError as e:
+        assert rank == world - 1 and "integer" in str(e)
+    except RuntimeError as e:
+        assert rank != world - 1 and "failed" in str(e)
+    nan_x = full[:, mine].clone()
+    if rank == 0:
+        nan_x[3, 0] = float("nan")
+    try:
+        pgest.log_prob(nan_x, actions, process_group=dist.group.WORLD)
+        raise AssertionError("expected an error")
+    except ValueError as e:
+        assert rank == 0 and "logits[3, 0]" in str(e) and "nan" in str(e)
+    except RuntimeError as e:
+        assert rank != 0 and "failed" in str(e)
+    out_of_range = actions.clone()
+    out_of_range[2, 0] = V
+    with_error = False
+    try:
+        pgest.log_prob(full[:, mine], out_of_range, process_group=dist.group.WORLD)
+    except IndexError as e:
+        with_error = f"actions[2, 0] = {V} is out of range for {V} actions" in str(e)
+    assert with_error
+    dist.barrier()  # the group is still usable
+
+    # 5. the fused linear head split by vocabulary
+    _linear_head(rank, world)
+
+    # 6. data parallel: token-mean over ranks with uneven valid tokens
+    _data_parallel(rank, world)
+
+
+def _linear_head(rank: int, world: int) -> None:
+    g = torch.Generator().manual_seed(5)
+    N, H, V = 23, 8, 301
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64)
+    bias = torch.randn(V, generator=g, dtype=torch.float64)
+    actions = torch.randint(0, V, (N, 2), generator=g)
+    actions[4] = -100
+    sizes, offs = _shards(V, world)
+    mine = slice(offs[rank], offs[rank] + sizes[rank])
+    ref = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    rlp, rent = pgest.linear_log_prob(ref[0], ref[1], actions, bias=ref[2], vocab_tile=64)
+    (rlp.sum() * 0.7 + rent.sum()).backward()
+    h = hidden.clone().requires_grad_()
+    w, b = weight[mine].clone().requires_grad_(), bias[mine].clone().requires_grad_()
+    lp, ent = pgest.linear_log_prob(h, w, actions, bias=b, vocab_tile=64, process_group=dist.group.WORLD)
+    torch.testing.assert_close(lp, rlp.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, rent.detach(), rtol=1e-12, atol=1e-12)
+    (lp.sum() * 0.7 + ent.sum()).backward()
+    torch.testing.assert_close(h.grad, ref[0].grad, rtol=1e-10, atol=1e-12)  # summed over the group
+    torch.testing.assert_close(w.grad, ref[1].grad[mine], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(b.grad, ref[2].grad[mine], rtol=1e-10, atol=1e-12)
+    s = pgest.linear_sample(hidden, weight[mine], bias=bias[mine], num_samples=3, vocab_tile=64,
+                            generator=torch.Generator().manual_seed(9), process_group=dist.group.WORLD)
+    single = pgest.linear_sample(hidden, weight, bias=bias, num_samples=3, vocab_tile=64,
+                                 generator=torch.Generator().manual_seed(9))
+    assert (s.actions != single.actions).sum().item() <= 1
+    gathered = [torch.empty_like(s.actions) for _ in range(world)]
+    dist.all_gather(gathered, s.actions)
+    assert all(torch.equal(a, s.actions) for a in gathered)
+    lp2, ent2 = pgest.linear_log_prob(hidden, weight[mine], s.actions, bias=bias[mine], vocab_tile=64,
+                                      process_group=dist.group.WORLD)
+    assert torch.equal(lp2, s.log_prob) and torch.equal(ent2, s.entropy)
+
+
+def _data_parallel(rank: int, world: int) -> None:
+    g = torch.Generator().manual_seed(11)
+    rows_per_rank = [3 + r for r in range(world)]
+    T = 5
+    all_vals = [torch.randn(n, T, generator=g, dtype=torch.float64) for n in rows_per_rank]
+    all_mask = [torch.rand(n, T, generator=g) < 0.6 for n in rows_per_rank]
+    all_mask[0][0] = False  # a row with no valid token
+    vals, mask = all_vals[rank].clone().requires_grad_(), all_mask[rank]
+    for mode in ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]:
+        loss = pgest.objectives.aggregate(vals, mask, mode, process_group=dist.group.WORLD)
+        vals.grad = None
+        loss.backward()
+        # DDP averages gradients over ranks: the local gradient / world
+        grad = vals.grad / world
+        full_v = torch.cat(all_vals).requires_grad_()
+        ref = pgest.objectives.aggregate(full_v, torch.cat(all_mask), mode)
+        ref.backward()
+        start = sum(rows_per_rank[:rank])
+        torch.testing.assert_close(grad, full_v.grad[start:start + rows_per_rank[rank]], rtol=1e-12, atol=1e-14)
+        # the summed losses of the ranks, averaged as DDP averages, equal the whole-batch loss
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        torch.testing.assert_close(total / world, ref.detach(), rtol=1e-12, atol=1e-14)
+    adv = torch.randn(rows_per_rank[rank], 4, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+    every = [torch.randn(n, 4, generator=torch.Generator().manual_seed(r), dtype=torch.float64)
+             for r, n in enumerate(rows_per_rank)]
+    got = pgest.baselines.normalize(adv, process_group=dist.group.WORLD)
+    want = pgest.baselines.normalize(torch.cat(every))
+    start = sum(rows_per_rank[:rank])
+    torch.testing.assert_close(got, want[start:start + rows_per_rank[rank]], rtol=1e-12, atol=1e-12)
+
+
+def _run(world: int, tmp_path) -> None:
+    port = _free_port()
+    ctx = mp.start_processes(_worker, args=(world, port, str(tmp_path)), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = TIMEOUT_S
+    import time
+
+    t0 = time.time()
+    try:
+        while not ctx.join(timeout=5):
+            if time.time() - t0 > deadline:
+                raise AssertionError(f"the {world}-rank group did not finish in {deadline} s")
+    except mp.ProcessRaisedException:
+        pass
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    errors = [open(tmp_path / f).read() for f in sorted(os.listdir(tmp_path)) if f.startswith("err")]
+    assert not errors, "\n".join(errors)
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("ok")) == [f"ok{r}" for r in range(world)]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_matches_single_process(world, tmp_path):
+    _run(world, tmp_path)
+
+
+def test_no_group_never_imports_torch_distributed_path():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, pgest; x = torch.randn(4, 5, requires_grad=True); "
+            "lp, e = pgest.log_prob(x, torch.zeros(4, dtype=torch.long)); (lp.sum() + e.sum()).backward(); "
+            "pgest.sample(x); assert 'pgest.vocab_parallel' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
