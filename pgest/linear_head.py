@@ -34,7 +34,7 @@ from torch import Tensor
 from . import _native as nat
 from .log_prob import backward_rows, check_ignore_index, check_index_dtype, index_tensor, traced
 from .philox import _draw_seed, seed_tensor, uniforms as philox_uniforms
-from .row_merge import Merged, piece_stats, place_draws
+from .row_merge import Merged, piece_masses, piece_stats, place_draws
 from .sample import check_num_samples, sample_native
 
 # Tile sizes (tokens, vocabulary); override per call with token_tile= /
@@ -117,15 +117,18 @@ def _logits_tile(h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1:
 
 
 def _row_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, tn: int, tv: int,
-               keep_tiles: bool = False):
-    """(max, log Z, H) of every row of the logits, tile by tile; with
-    ``keep_tiles`` also each (row, vocabulary tile)'s float64 (max, log Z)."""
+               keep_tiles: bool = False, raw: bool = False):
+    """(max, log Z, H) of every row of the logits, tile by tile, in the
+    accumulation type, or with ``raw`` the float64 (max, Z, D) to merge
+    further; with ``keep_tiles`` also each (row, vocabulary tile)'s float64
+    (max, Z)."""
     N, V = h2.shape[0], weight.shape[0]
     acc = nat.stats_dtype(h2.dtype)
     dev = h2.device
-    M = torch.empty((N,), dtype=acc, device=dev)
-    LZ = torch.empty((N,), dtype=acc, device=dev)
-    H = torch.empty((N,), dtype=acc, device=dev)
+    out_dtype = torch.float64 if raw else acc
+    M = torch.empty((N,), dtype=out_dtype, device=dev)
+    LZ = torch.empty((N,), dtype=out_dtype, device=dev)
+    H = torch.empty((N,), dtype=out_dtype, device=dev)
     nt = -(-V // tv)
     tiles = torch.empty((N, nt, 2), dtype=torch.float64, device=dev) if keep_tiles else None
     for n0 in range(0, N, tn):
@@ -138,9 +141,9 @@ def _row_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: 
             merged.add(m, lz, ent)
             if keep_tiles:
                 tiles[n0:n1, j, 0] = m
-                tiles[n0:n1, j, 1] = lz
+                tiles[n0:n1, j, 1] = lz.double().exp()
             del x
-        M[n0:n1], LZ[n0:n1], H[n0:n1] = merged.result(acc)
+        M[n0:n1], LZ[n0:n1], H[n0:n1] = merged.raw() if raw else merged.result(acc)
     return M, LZ, H, tiles
 
 
@@ -208,7 +211,7 @@ def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, tv, shard
         else:
             mine, error = None, None
             try:
-                mine = _row_stats(hl, weight, bias, temperature, tn, tv)[:3]
+                mine = _row_stats(hl, weight, bias, temperature, tn, tv, raw=True)[:3]
             except ValueError as e:
                 error = e
             M, LZ, H = shard.merge(mine, hl.shape[0], h2.device, acc, error)
@@ -232,15 +235,19 @@ def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, tempe
     hidden (N, H), weight (V, H) and bias (V,): each logits tile recomputed
     once, its gradient by the native backward, then two products. With
     ``shard``, weight's rows are the vocabulary [offset, offset + V) of a
-    group: hidden's gradient is then this shard's share (the caller sums it)."""
+    group: hidden's gradient is then this shard's share, in float64 (the
+    caller sums the shares and rounds once)."""
     N, S = actions.shape
     V, Hd = weight.shape
     col0, total = (0, 0) if shard is None else (shard.offset, shard.total)
     dev = h2.device
     acc = nat.stats_dtype(h2.dtype)
-    grad_h = torch.zeros_like(h2) if need_h else None
+    grad_h = torch.zeros_like(h2, dtype=torch.float64 if shard is not None else h2.dtype) if need_h else None
     # Token tiles outer: weight's gradient accumulates over N / tn tiles (few
-    # roundings in 16-bit), hidden's in a float32 tile accumulator.
+    # roundings in 16-bit), hidden's over all vocabulary tiles in a float64
+    # tile accumulator: rounded once, so a sum split into tiles or over ranks
+    # in another order gives the same bits (a (token tile, H) conversion per
+    # vocabulary tile, against a (token tile, vocabulary tile, H) product).
     grad_w = torch.zeros_like(weight) if need_w else None
     grad_b = torch.zeros((V,), dtype=torch.float32 if bias is not None and bias.dtype != torch.float64
                          else acc, device=dev) if need_b else None
@@ -254,8 +261,7 @@ def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, tempe
         st = stats[:, n0:n0 + tn] if contiguous_rows else stats[:, rows]
         glp = None if g_lp is None else (g_lp[n0:n0 + tn] if contiguous_rows else g_lp[rows])
         gent = None if g_ent is None else (g_ent[n0:n0 + tn] if contiguous_rows else g_ent[rows])
-        gh = torch.zeros((h.shape[0], Hd), dtype=torch.float32 if h2.dtype != torch.float64 else acc,
-                         device=dev) if need_h else None
+        gh = torch.zeros((h.shape[0], Hd), dtype=torch.float64, device=dev) if need_h else None
         for v0 in range(0, V, tv):
             v1 = min(V, v0 + tv)
             x = _logits_tile(h, weight, bias, v0, v1, temperature)
@@ -394,8 +400,10 @@ class _ShardedLinearLogProb(torch.autograd.Function):
         _check_actions_range(actions, shard.total, ignore_index)
         gh, gw, gb = _backward(grad_lp, grad_ent, hidden, weight, bias, actions, stats, ignore_index, temperature,
                                tn, tv, needs[0], needs[1], needs[2], shard)
-        if gh is not None and reduce_hidden:
-            shard.sum_(gh)
+        if gh is not None:
+            if reduce_hidden:
+                shard.sum_(gh)
+            gh = gh.to(hidden.dtype)
         return gh, gw, gb, None, None, None, None, None, None, None
 
 
@@ -486,7 +494,7 @@ def _draw_in_tiles(h2, w, b, temperature, tn, tv, tiles, row_max, u, rows, ss, o
     this weight's vocabulary: the tile each falls in from the tiles' masses,
     then that tile of that token recomputed and the draw placed by the native
     sampler. Writes global ids (``offset`` + column) to out[rows, ss]."""
-    j, inner = place_draws(tiles[rows, :, 0], tiles[rows, :, 1], row_max[rows], u.view(-1, 1))
+    j, inner = place_draws(piece_masses(tiles[rows, :, 0], tiles[rows, :, 1], row_max[rows]), u.view(-1, 1))
     j, inner = j.view(-1), inner.view(-1)
     V = w.shape[0]
     for jj in torch.unique(j).tolist():
@@ -566,13 +574,13 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
         else:
             local, error = None, None
             try:
-                local = _row_stats(h2, w, b, temperature, tn, tv, keep_tiles=True)
+                local = _row_stats(h2, w, b, temperature, tn, tv, keep_tiles=True, raw=True)
             except ValueError as e:
                 error = e
             table = shard.gather(None if local is None else local[:3], N, dev, error)
             M, LZ, H = shard.merge_table(table, acc)
             # the rank each draw falls in, then the tile within that rank's shard
-            rank_of, inner = place_draws(table[:, 0].T, table[:, 1].T, M, u)
+            rank_of, inner = place_draws(piece_masses(table[:, 0].T, table[:, 1].T, M), u)
             actions = torch.zeros((N, S), dtype=torch.float64, device=dev)
             rows, ss = (rank_of == shard.layout.rank).nonzero(as_tuple=True)
             if rows.numel():

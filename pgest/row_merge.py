@@ -66,12 +66,13 @@ def _masked_piece_stats(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return m, lz, torch.where(live, lz - d / z, zero)
 
 
-def masses(m: Tensor, lz: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per-piece (Z_p, D_p) in float64 from (m_p, log Z_p, H_p) is merged by
-    Merged; this gives the pieces' masses relative to their own max."""
-    m, lz = m.double(), lz.double()
+def sums(m: Tensor, lz: Tensor, h: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """A piece's (max, log Z, H) as float64 (max, Z, D): the form that merges
+    by additions alone (a piece with no mass has Z = D = 0)."""
+    m, lz, h = m.double(), lz.double(), h.double()
     live = m > -math.inf
-    return live, torch.where(live, lz.exp(), torch.zeros_like(lz))
+    z = torch.where(live, lz.exp(), torch.zeros_like(lz))
+    return m, z, torch.where(live, z * (lz - h), torch.zeros_like(lz))
 
 
 class Merged:
@@ -83,10 +84,7 @@ class Merged:
         self.D = torch.zeros((n,), dtype=torch.float64, device=device)
 
     def add(self, m: Tensor, lz: Tensor, h: Tensor) -> None:
-        live, z = masses(m, lz)
-        m, lz, h = m.double(), lz.double(), h.double()
-        d = torch.where(live, z * (lz - h), torch.zeros_like(lz))
-        self.add_sums(m, z, d)
+        self.add_sums(*sums(m, lz, h))
 
     def add_sums(self, m: Tensor, z: Tensor, d: Tensor) -> None:
         """Fold in pieces given as (max, Z, D) relative to that max."""
@@ -102,17 +100,27 @@ class Merged:
         self.Z = torch.where(finite, a * self.Z + b * z, self.Z)
         self.M = new
 
+    def raw(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """(max, Z, D) in float64, unrounded: what a further merge (over the
+        ranks of a group) takes, so the whole row is rounded only once."""
+        return self.M, self.Z, self.D
+
     def result(self, acc: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
         """(max, log Z, H) in the accumulation type."""
         lz = self.Z.log()
         return self.M.to(acc), lz.to(acc), (lz - self.D / self.Z).to(acc)
 
 
-def place_draws(piece_m: Tensor, piece_lz: Tensor, row_max: Tensor, u: Tensor) -> Tuple[Tensor, Tensor]:
-    """Pieces (rows, P) given as float64 (max, log Z) in piece order, the rows'
-    max, and uniforms (rows, S): the piece each draw falls in (rows, S) and
-    the draw's uniform within that piece, in [0, 1)."""
-    mass = (piece_lz.exp() * (piece_m - row_max.double()[:, None]).exp()).nan_to_num(0.0)
+def piece_masses(piece_m: Tensor, piece_z: Tensor, row_max: Tensor) -> Tensor:
+    """(rows, P) masses of pieces given as (max, Z relative to it), relative
+    to the rows' max, float64."""
+    return (piece_z.double() * (piece_m.double() - row_max.double()[:, None]).exp()).nan_to_num(0.0)
+
+
+def place_draws(mass: Tensor, u: Tensor) -> Tuple[Tensor, Tensor]:
+    """Pieces' masses (rows, P) in piece order and uniforms (rows, S): the
+    piece each draw falls in (rows, S) and the draw's uniform within that
+    piece, in [0, 1)."""
     cum = mass.cumsum(1)
     t = u * cum[:, -1:]
     j = torch.searchsorted(cum, t, right=True).clamp_max(mass.shape[1] - 1)

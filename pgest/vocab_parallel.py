@@ -35,7 +35,7 @@ from torch import Tensor
 from . import _native as nat
 from .log_prob import actions_per_row, backward_rows, check_ignore_index, check_logits, index_tensor, rows_of
 from .philox import _draw_seed, seed_tensor, uniforms as philox_uniforms
-from .row_merge import Merged, place_draws, piece_stats
+from .row_merge import Merged, piece_masses, piece_stats, place_draws, sums
 from .sample import check_num_samples, sample_native
 
 
@@ -89,17 +89,17 @@ def _gathered_stats(x: Tensor, group, layout: _Layout, probe: Optional[Tensor], 
     rank's shard. A local error travels as a flag in the same gather."""
     error = mine = None
     try:
-        mine = piece_stats(x, 0, layout.offset, " (this rank's vocabulary shard; the column is global)",
-                           probe=probe, ignore_index=ignore_index)
+        mine = sums(*piece_stats(x, 0, layout.offset, " (this rank's vocabulary shard; the column is global)",
+                                 probe=probe, ignore_index=ignore_index))
     except ValueError as e:
         error = e
     return gather_stats(mine, x.shape[0], x.device, group, layout, error)
 
 
 def gather_stats(mine, rows: int, device, group, layout: _Layout, error: Optional[BaseException]) -> Tensor:
-    """(max, log Z, H) of this rank's shard (or None after ``error``) ->
-    (world, 3, rows) float64 of every rank's; raises on every rank if any
-    rank failed."""
+    """Float64 (max, Z, D) of this rank's shard (row_merge.sums; None after
+    ``error``) -> (world, 3, rows) of every rank's; raises on every rank if
+    any rank failed."""
     dist = _dist()
     if error is None:
         mine = torch.stack([t.double() for t in mine])
@@ -145,7 +145,7 @@ class Shard:
 def _merge(table: Tensor, acc: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
     merged = Merged(table.shape[2], table.device)
     for r in range(table.shape[0]):  # rank order: the same bits on every rank
-        merged.add(table[r, 0], table[r, 1], table[r, 2])
+        merged.add_sums(table[r, 0], table[r, 1], table[r, 2])
     return merged.result(acc)
 
 
@@ -285,7 +285,7 @@ def sample(logits: Tensor, num_samples: int, generator: Optional[torch.Generator
     stats = _gathered_stats(x, group, layout, None, None)
     M, LZ, H = _merge(stats, acc)
     u = philox_uniforms(R, S, seed).to(x.device)
-    j, inner = place_draws(stats[:, 0].T, stats[:, 1].T, M, u)
+    j, inner = place_draws(piece_masses(stats[:, 0].T, stats[:, 1].T, M), u)
     actions = torch.zeros((R, S), dtype=torch.float64, device=x.device)
     rows, ss = (j == layout.rank).nonzero(as_tuple=True)
     if rows.numel():
