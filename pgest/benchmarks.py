@@ -145,11 +145,14 @@ def _cpu_memory_timeline(fn: Callable[[], object]):
     with _quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                                  profile_memory=True, record_shapes=True, with_stack=True) as prof:
         fn()
-    out = []
-    for t, action, _, size in mp.MemoryProfile(prof.profiler.kineto_results).timeline:
+    out, created = [], set()
+    for t, action, key, size in mp.MemoryProfile(prof.profiler.kineto_results).timeline:
         if action == mp.Action.CREATE:
+            created.add(key)
             out.append((t, size))
-        elif action == mp.Action.DESTROY:
+        elif action == mp.Action.DESTROY and key in created:
+            # a tensor from before the call (an old .grad) freed during it is
+            # not part of what the call needs: counting it would hide a peak
             out.append((t, -size))
     return sorted(out, key=lambda r: r[0])
 

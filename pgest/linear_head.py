@@ -42,7 +42,8 @@ from .sample import check_num_samples, sample_native
 # this project's 2-core machine, every pair of {512, 1024, 2048} x {1024 ..
 # 16384} ran within 0.95-1.10x of the matmul floor, so the small workspace
 # wins. CUDA: larger tiles keep cuBLAS busy; a guess until a GPU measures it.
-# Vocabulary tiles are multiples of the sampler's 256-entry chunk.
+# Vocabulary tiles are multiples of the sampler's 256-entry chunk. The token
+# tile shrinks for large H (see _tiles) to bound the workspace.
 DEFAULT_TILES = {"cpu": (1024, 2048), "cuda": (4096, 8192)}
 
 
@@ -100,6 +101,10 @@ def _check_tile(value, name: str, default: int) -> int:
 
 def _tiles(hidden: Tensor, token_tile, vocab_tile) -> Tuple[int, int]:
     tn, tv = DEFAULT_TILES.get(hidden.device.type, DEFAULT_TILES["cpu"])
+    if token_tile is None and hidden.dim() >= 1 and hidden.shape[-1] > 0:
+        # hidden's float64 gradient accumulator (token tile x H) and its
+        # conversion buffer stay within 8 MiB: large H, fewer tokens a tile
+        tn = max(128, min(tn, 2**19 // hidden.shape[-1]))
     return _check_tile(token_tile, "token_tile", tn), _check_tile(vocab_tile, "vocab_tile", tv)
 
 

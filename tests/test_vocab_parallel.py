@@ -37,6 +37,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                                 timeout=datetime.timedelta(seconds=60))
         torch.set_num_threads(1)
         _checks(rank, world)
+        dist.barrier()  # no rank tears gloo down while another still talks to it
         with open(os.path.join(out_dir, f"ok{rank}"), "w") as f:
             f.write("ok")
     except BaseException:
@@ -214,14 +215,17 @@ def _run(world: int, tmp_path) -> None:
         while not ctx.join(timeout=5):
             if time.time() - t0 > deadline:
                 raise AssertionError(f"the {world}-rank group did not finish in {deadline} s")
-    except mp.ProcessRaisedException:
-        pass
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        failure = e
+    else:
+        failure = None
     finally:
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
     errors = [open(tmp_path / f).read() for f in sorted(os.listdir(tmp_path)) if f.startswith("err")]
     assert not errors, "\n".join(errors)
+    assert failure is None, f"a rank died without a Python error: {failure}"
     assert sorted(f for f in os.listdir(tmp_path) if f.startswith("ok")) == [f"ok{r}" for r in range(world)]
 
 
