@@ -87,12 +87,13 @@ def test_console_script_is_installed():
     assert out.returncode == 0 and "demo" in out.stdout
 
 
-def test_vocab_parallel_example_matches_single_process():
+def test_vocab_parallel_example_matches_single_process(tmp_path):
     # torchrun, two ranks on gloo, the head split by vocabulary: the same
     # rewards at every step as the single-process loop for the same seed
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "pgest.examples.vocab_parallel", "--steps", "8", "--compare"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    # from a scratch directory: a checkout's pgest/ in the working directory would shadow the installed one
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "identical rewards at 8 of 8 steps" in out.stdout, out.stdout

@@ -235,11 +235,11 @@ def test_vocab_parallel_matches_single_process(world, tmp_path):
     _run(world, tmp_path)
 
 
-def test_no_group_never_imports_torch_distributed_path():
+def test_no_group_never_imports_torch_distributed_path(tmp_path):
     import subprocess
     import sys
 
     code = ("import sys, torch, pgest; x = torch.randn(4, 5, requires_grad=True); "
             "lp, e = pgest.log_prob(x, torch.zeros(4, dtype=torch.long)); (lp.sum() + e.sum()).backward(); "
             "pgest.sample(x); assert 'pgest.vocab_parallel' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)  # the installed pgest, not a checkout's
