@@ -305,3 +305,19 @@ def test_backward_op_checks_upstream_shapes():
     g_b = log_prob_backward(torch.ones(()).expand(5, 2), torch.full((), 0.5).expand(5), x, a, st, ent, -100)
     g_d = log_prob_backward(torch.ones(5, 2), torch.full((5,), 0.5), x, a, st, ent, -100)
     assert torch.equal(g_b, g_d)
+
+
+@pytest.mark.slow
+def test_a_row_of_more_than_2_31_entries():
+    # One row of 2^31 + 4099 entries: the chunk masses are summed in float64,
+    # so log_prob and entropy stay at float rounding (they were 5-8% off with
+    # a serial float32 sum). A uniform row has the closed form -log K and log K.
+    K = 2**31 + 4099
+    x = torch.zeros((1, K), dtype=torch.bfloat16)
+    lp, ent = pgest.log_prob(x, torch.tensor([K - 1]))
+    torch.testing.assert_close(lp.double(), torch.tensor([-math.log(K)], dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(ent.double(), torch.tensor([math.log(K)], dtype=torch.float64), rtol=1e-6, atol=0)
+    s = pgest.sample(x, num_samples=64, generator=torch.Generator().manual_seed(0))
+    assert ((s.actions >= 0) & (s.actions < K)).all()
+    # the draws spread over the row (64 uniform draws: both halves hit, p of a miss 2^-63)
+    assert (s.actions > K // 2).any() and (s.actions < K // 2).any()
