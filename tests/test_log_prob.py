@@ -309,15 +309,25 @@ def test_backward_op_checks_upstream_shapes():
 
 @pytest.mark.slow
 def test_a_row_of_more_than_2_31_entries():
-    # One row of 2^31 + 4099 entries: the chunk masses are summed in float64,
-    # so log_prob and entropy stay at float rounding (they were 5-8% off with
-    # a serial float32 sum). A uniform row has the closed form -log K and log K.
-    K = 2**31 + 4099
-    x = torch.zeros((1, K), dtype=torch.bfloat16)
-    lp, ent = pgest.log_prob(x, torch.tensor([K - 1]))
-    torch.testing.assert_close(lp.double(), torch.tensor([-math.log(K)], dtype=torch.float64), rtol=1e-6, atol=0)
-    torch.testing.assert_close(ent.double(), torch.tensor([math.log(K)], dtype=torch.float64), rtol=1e-6, atol=0)
+    # One row of 2^31 + 4096 entries: the chunk masses are summed in float64,
+    # so log_prob and entropy stay at float rounding (a serial float32 sum of
+    # 2^23 chunk masses was 5-8% off). The row repeats a 256-entry pattern, so
+    # the float64 reference is the pattern's sums times the repeat count.
+    period = 256
+    reps = (2**31 + 4096) // period
+    K = reps * period
+    pattern = torch.linspace(-3.0, 0.0, period).to(torch.bfloat16)
+    x = pattern.repeat(reps).view(1, K)
+    p64 = pattern.double()
+    e = p64.exp()
+    Z = reps * e.sum()
+    log_z = Z.log()
+    H = log_z - reps * (e * p64).sum() / Z
+    a = torch.tensor([K - 1, 7])
+    lp, ent = pgest.log_prob(x, a.view(1, 2))
+    torch.testing.assert_close(lp.double().view(2), p64[[period - 1, 7]] - log_z, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ent.double(), H.view(1), rtol=1e-6, atol=1e-6)
     s = pgest.sample(x, num_samples=64, generator=torch.Generator().manual_seed(0))
     assert ((s.actions >= 0) & (s.actions < K)).all()
-    # the draws spread over the row (64 uniform draws: both halves hit, p of a miss 2^-63)
+    # the draws spread over the row (64 draws: both halves hit but with p ~ 2^-63)
     assert (s.actions > K // 2).any() and (s.actions < K // 2).any()
