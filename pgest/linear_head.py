@@ -153,10 +153,21 @@ def _row_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: 
 
 
 def _chosen_logits(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, temperature: float,
-                   tn: int) -> Tensor:
+                   tn: int, keep: Optional[Tensor] = None, shard=None) -> Tensor:
     """x[i, s] = (hidden[i] . weight[a_is] + bias[a_is]) / temperature for (N, S)
-    in-range int64 actions, in the accumulation type: one dot product per
-    action, the single routine both linear_log_prob and linear_sample use."""
+    global int64 actions, in the accumulation type: one dot product per
+    action, the single routine both linear_log_prob and linear_sample use.
+    Entries outside ``keep`` are 0. With ``shard`` each rank computes the
+    actions its rows of weight own and the group sums them (one nonzero
+    term each: exact)."""
+    if shard is not None or keep is not None:
+        lo = 0 if shard is None else shard.offset
+        own = (actions >= lo) & (actions < lo + weight.shape[0])
+        own = own if keep is None else own & keep
+        x = _chosen_logits(h2, weight, bias, torch.where(own, actions - lo, torch.zeros_like(actions)),
+                           temperature, tn)
+        x = torch.where(own, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        return x if shard is None else shard.sum_(x)
     N, S = actions.shape
     out = torch.empty((N, S), dtype=nat.stats_dtype(h2.dtype), device=h2.device)
     for n0 in range(0, N, tn):
@@ -202,8 +213,7 @@ def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, tv, shard
     the vocabulary; the statistics are merged over the group and each chosen
     logit comes from the rank that owns it."""
     N, S = actions.shape
-    V_local = weight.shape[0]
-    V, off = (V_local, 0) if shard is None else (shard.total, shard.offset)
+    V = weight.shape[0] if shard is None else shard.total
     acc = nat.stats_dtype(h2.dtype)
     _check_actions_range(actions, V, ignore_index)  # actions are the same on every rank: all raise alike
     stats = torch.zeros((3, N), dtype=acc, device=h2.device)
@@ -221,10 +231,7 @@ def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, tv, shard
                 error = e
             M, LZ, H = shard.merge(mine, hl.shape[0], h2.device, acc, error)
         keep = al != ignore_index if ignore_index is not None else torch.ones_like(al, dtype=torch.bool)
-        own = keep & (al >= off) & (al < off + V_local)
-        x = _chosen_logits(hl, weight, bias, torch.where(own, al - off, torch.zeros_like(al)), temperature, tn)
-        if shard is not None:
-            x = shard.sum_(torch.where(own, x, torch.zeros((), dtype=x.dtype, device=x.device)))
+        x = _chosen_logits(hl, weight, bias, al, temperature, tn, keep, shard)
         lpl = torch.where(keep, (x - M[:, None]) - LZ[:, None], torch.zeros((), dtype=acc, device=h2.device))
         if live is None:
             stats[0], stats[1], stats[2], lp = M, LZ, H, lpl
@@ -254,18 +261,14 @@ def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, tempe
     # in another order gives the same bits (a (token tile, H) conversion per
     # vocabulary tile, against a (token tile, vocabulary tile, H) product).
     grad_w = torch.zeros_like(weight) if need_w else None
-    grad_b = torch.zeros((V,), dtype=torch.float32 if bias is not None and bias.dtype != torch.float64
-                         else acc, device=dev) if need_b else None
+    grad_b = torch.zeros((V,), dtype=acc, device=dev) if need_b else None  # bias has hidden's dtype
     live = _live_rows(actions, ignore_index)
-    idx = torch.arange(N, device=dev) if live is None else live
-    for n0 in range(0, idx.shape[0], tn):
-        rows = idx[n0:n0 + tn]
-        contiguous_rows = live is None
-        h = h2[n0:n0 + tn] if contiguous_rows else h2[rows]
-        a = actions[n0:n0 + tn] if contiguous_rows else actions[rows]
-        st = stats[:, n0:n0 + tn] if contiguous_rows else stats[:, rows]
-        glp = None if g_lp is None else (g_lp[n0:n0 + tn] if contiguous_rows else g_lp[rows])
-        gent = None if g_ent is None else (g_ent[n0:n0 + tn] if contiguous_rows else g_ent[rows])
+    for n0 in range(0, N if live is None else live.shape[0], tn):
+        # a slice (views) when every token counts, else the live tokens' indices
+        rows = slice(n0, n0 + tn) if live is None else live[n0:n0 + tn]
+        h, a, st = h2[rows], actions[rows], stats[:, rows]
+        glp = None if g_lp is None else g_lp[rows]
+        gent = None if g_ent is None else g_ent[rows]
         gh = torch.zeros((h.shape[0], Hd), dtype=torch.float64, device=dev) if need_h else None
         for v0 in range(0, V, tv):
             v1 = min(V, v0 + tv)
@@ -283,10 +286,7 @@ def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, tempe
                 grad_b[v0:v1] += g.sum(0, dtype=grad_b.dtype)
             del g
         if need_h:
-            if contiguous_rows:
-                grad_h[n0:n0 + tn] = gh.to(grad_h.dtype)
-            else:
-                grad_h[rows] = gh.to(grad_h.dtype)
+            grad_h[rows] = gh.to(grad_h.dtype)
     if need_b:
         grad_b = grad_b.to(bias.dtype)
     return grad_h, grad_w, grad_b
@@ -592,9 +592,6 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
                 _draw_in_tiles(h2, w, b, temperature, tn, tv, local[3], local[0], inner[rows, ss], rows, ss, actions,
                                shard.offset)
             actions = shard.sum_(actions).to(torch.int64)  # one owner per draw: one value and zeros
-            own = (actions >= shard.offset) & (actions < shard.offset + w.shape[0])
-            x = _chosen_logits(h2, w, b, torch.where(own, actions - shard.offset, torch.zeros_like(actions)),
-                               temperature, tn)
-            x = shard.sum_(torch.where(own, x, torch.zeros((), dtype=x.dtype, device=dev)))
+            x = _chosen_logits(h2, w, b, actions, temperature, tn, shard=shard)
         lp = (x - M[:, None]) - LZ[:, None]
     return LinearSample(actions.view(shape), lp.view(shape), H.view(lead))

@@ -28,6 +28,10 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 # dtype (|log p| <= ~20 at 2^-8 relative for bfloat16), far below log 2.
 _NORMALISED_TOL = {torch.float32: 1e-3, torch.float64: 1e-3, torch.float16: 0.1, torch.bfloat16: 0.1}
 _warned_unnormalised = False
+# Set to 1 by the kernel when a row is not normalised. Never reset: it only
+# has to make the first warning happen, and the kernel only ever writes 1,
+# so one buffer serves every call (no allocation on the hot path).
+_UNNORMALISED = torch.zeros((1,), dtype=torch.int32)
 
 
 class ReinforceGrad(NamedTuple):
@@ -187,7 +191,7 @@ def _native(x, labels, reward_table, kind, constant, baseline_t, num_samples, se
             res = res[:4] + (float(baseline_t[res[1]]),)
     else:
         if not _warned_unnormalised:
-            flag = torch.zeros((1,), dtype=torch.int32)
+            flag = _UNNORMALISED
             a.unnormalised = flag.data_ptr()
             a.normalised_tol = _NORMALISED_TOL[x.dtype]
         res = _C.reinforce_grad_cpu(a)

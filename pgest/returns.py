@@ -170,7 +170,7 @@ def discounted_returns(rewards: Tensor, dones: Tensor, gamma: float,
     """
     # Eager: the op's body directly (its checks included), without torch.library's dispatch.
     op = _returns_op if traced() else _returns_impl
-    return op(_detached(rewards), _detached(dones), _rate(gamma, "gamma"), _detached(last_value))
+    return op(_detached(rewards), _detached(dones), _check_rate(gamma, "gamma"), _detached(last_value))
 
 
 def gae(rewards: Tensor, values: Tensor, dones: Tensor, gamma: float, lam: float,
@@ -185,16 +185,9 @@ def gae(rewards: Tensor, values: Tensor, dones: Tensor, gamma: float, lam: float
     an episode end never reaches the steps before it.
     """
     op = _gae_op if traced() else _gae_impl
-    return op(_detached(rewards), _detached(values), _detached(dones), _rate(gamma, "gamma"), _rate(lam, "lam"),
+    return op(_detached(rewards), _detached(values), _detached(dones), _check_rate(gamma, "gamma"), _check_rate(lam, "lam"),
               _detached(last_value))
 
 
 def _detached(t):
     return t.detach() if isinstance(t, Tensor) else t
-
-
-def _rate(value, name: str):
-    # The op checks the range; a non-number must fail here, not in the schema.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    return float(value)

@@ -196,11 +196,8 @@ def forward(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], g
                                + (f" and is not ignore_index ({ignore_index})" if ignore_index is not None else ""))
     # padding rows (every action ignored) are not read, as in pgest.log_prob
     probe = None if live is None or bool(live.all()) else live
-    if error is not None:  # fail together: the range error travels with the statistics' flag
-        dist = _dist()
-        mine = torch.ones((3, R + 1), dtype=torch.float64, device=x.device)
-        dist.all_gather([torch.empty_like(mine) for _ in range(layout.world)], mine, group=group)
-        raise error
+    if error is not None:  # fail together: the range error travels as the statistics' flag
+        gather_stats(None, R, x.device, group, layout, error)
     table = _gathered_stats(x, group, layout, probe, ignore_index)
     M, LZ, H = _merge(table, acc)
     stats = torch.stack([M, LZ, H])

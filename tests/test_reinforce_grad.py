@@ -431,6 +431,7 @@ def test_uint64_labels_above_int64_are_reported_as_passed():
 def test_unnormalised_input_warns_once(monkeypatch):
     mod = _rg_module()
     monkeypatch.setattr(mod, "_warned_unnormalised", False)
+    mod._UNNORMALISED.zero_()  # earlier tests passed raw logits
     labels = torch.zeros(8, dtype=torch.long)
     logits = torch.randn(8, 10) + 3.0
     import warnings

@@ -42,10 +42,7 @@ Status forward(const LogProbArgs& a, ErrorInfo* out_err) {
               ? row_stats<true>(x, K, sc.weights, sc.chunk_max, sc.e)
               : row_stats<false>(x, K, sc.weights, sc.chunk_max, sc.e);
           if (const Status bad = row_status(rs, x, err)) return bad;
-          const double lz = std::log(rs.z);
-          row_max[i] = rs.max;
-          log_z[i] = Acc(lz);
-          entropy[i] = with_entropy ? Acc(entropy_of(lz, rs.ex_dot, rs.z)) : Acc(0);
+          store_row_stats(rs, with_entropy, i, row_max, log_z, entropy);
           return kOk;
         });
       }

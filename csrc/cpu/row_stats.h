@@ -5,6 +5,7 @@
 // lanes meet in tree_sum, so the sum is the same for every instruction set.
 #pragma once
 
+#include <pgest/log_prob.h>
 #include <pgest/sampler.h>
 
 #include "vec.h"
@@ -186,6 +187,20 @@ inline Status row_status(const RowStats<Acc>& rs, const T* x, ErrorInfo& err) {
     return kNonFiniteInput;
   }
   return rs.max == -Acc(INFINITY) ? kAllNegInf : kOk;
+}
+
+// What a later log_prob backward needs of row i, from its chunk sums: the
+// max, log Z (the log taken in double, then rounded once) and the entropy
+// (0 without). Returns log Z. Shared by the sample and log_prob passes, so
+// a draw's statistics are the forward's bit for bit.
+template <class Acc>
+inline Acc store_row_stats(const RowStats<Acc>& rs, bool with_entropy, int64_t i, Acc* row_max, Acc* log_z,
+                           Acc* entropy) {
+  const double lz = std::log(rs.z);
+  row_max[i] = rs.max;
+  log_z[i] = Acc(lz);
+  entropy[i] = with_entropy ? Acc(entropy_of(lz, rs.ex_dot, rs.z)) : Acc(0);
+  return log_z[i];
 }
 
 PGEST_NS_END

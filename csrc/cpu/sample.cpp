@@ -33,11 +33,8 @@ Status run(const SampleArgs& a, ErrorInfo* out_err) {
         if (const Status bad = row_status(rs, x, err)) return bad;
         int64_t* actions = a.actions + i * S;
         draw_row(x, K, rs, a.seed, a.offset, i, S, sc, actions, a.uniforms);
-        const double lz = std::log(rs.z);
-        row_max[i] = rs.max;
-        log_z[i] = Acc(lz);
-        entropy[i] = Acc(entropy_of(lz, rs.ex_dot, rs.z));
-        for (int64_t s = 0; s < S; ++s) log_prob[i * S + s] = log_prob_of(load<Acc>(x[actions[s]]), rs.max, log_z[i]);
+        const Acc lz = store_row_stats(rs, true, i, row_max, log_z, entropy);
+        for (int64_t s = 0; s < S; ++s) log_prob[i * S + s] = log_prob_of(load<Acc>(x[actions[s]]), rs.max, lz);
         return kOk;
       });
       if (st != kOk) { err.status = st; err.row = i; return err; }
