@@ -66,6 +66,9 @@ class Categorical:
         self._logits = None
         self._entropy = None
         self._drawn = None  # (stats, entropy, logits version) of the last sample()
+        # (actions, their log-probs, entropy, its version) of the last
+        # sample(): a log_prob of exactly those actions is already computed.
+        self._drawn_out = None
         # torch.distributed group over which the vocabulary is split (each rank
         # holds its shard (..., K_r)); see pgest.log_prob.
         self._group = process_group
@@ -150,10 +153,11 @@ class Categorical:
             # needs no second pass over them (one native pass per step).
             batch = self.batch_shape
             try:
-                actions, _, ent, stats = draw_rows(rows_of(self._x.detach()), 1, generator, (batch, batch))
+                actions, lp, ent, stats = draw_rows(rows_of(self._x.detach()), 1, generator, (batch, batch))
             except ValueError as e:
                 raise ValueError(nat.unflatten_message(str(e), batch)) from None
             self._drawn = (stats, ent, self._x._version)
+            self._drawn_out = (actions, lp, ent, actions._version)
             return actions
         a = _sample(self._x, n, generator).actions if n > 1 else _sample(self._x, 1, generator).actions.unsqueeze(-1)
         # (..., n) -> (n, ...) -> sample_shape + batch_shape
@@ -178,6 +182,17 @@ class Categorical:
             if drawn is not None and drawn[2] == self._x._version and value.numel():
                 # Statistics from this object's sample() of the unchanged logits.
                 x = rows_of(self._x)
+                out = self._drawn_out
+                if out is not None and value is out[0] and value._version == out[3]:
+                    # The very actions drawn, unchanged: their log-probs and the
+                    # entropy came with the draw; only the autograd node is new.
+                    # Once: those tensors become this call's outputs.
+                    self._drawn_out = None
+                    self._drawn = (drawn[0], drawn[1].detach(), drawn[2])
+                    lp, ent = rows_pair(x, value.view(-1, 1), None, (batch, batch), given=drawn[:2],
+                                        outputs=out[1:3])
+                    self._entropy = ent
+                    return lp
                 try:
                     lp, ent = rows_pair(x, index_tensor(value, x.shape[1]).reshape(-1, 1), None, (batch, batch),
                                         given=drawn[:2])

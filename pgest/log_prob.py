@@ -100,6 +100,19 @@ def forward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[in
     return lp, ent, st, loss
 
 
+def _acc_rows(t: Tensor, acc: torch.dtype, R: int, S: int = 0) -> Tensor:
+    """An upstream gradient as (R,) (or (R, S)) rows of the accumulation
+    type, strided where it can be (no copy of an expanded scalar)."""
+    if t.dtype != acc:
+        t = t.to(acc)
+    if S:
+        if not (t.dim() == 2 and t.shape[0] == R) and not (S == 1 and t.dim() == 1):
+            t = t.reshape(R, S)
+    elif t.dim() != 1:
+        t = t.reshape(R)  # the caller's (B, T, ...) rows
+    return t
+
+
 def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], stats: Tensor, entropy: Tensor, *,
                   grad_log_prob: Optional[Tensor] = None, grad_entropy: Optional[Tensor] = None,
                   row_scale: Optional[Tensor] = None, log_prob_scale: float = 1.0,
@@ -112,44 +125,45 @@ def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
     of rows of ``total_cols`` entries whose statistics ``stats`` hold."""
     R, K = x.shape
     grad = torch.empty((R, K), dtype=x.dtype, device=x.device)
-    if R:
-        acc = nat.stats_dtype(x.dtype)
-        a = _args(x, actions, ignore_index)
-        keep = []  # converted tensors must outlive the call
-
-        def rows(t, shape):
-            """t as ``shape`` in the accumulation type, strided where it can be
-            (an upstream gradient is often an expanded scalar: read in place)."""
-            if t.dtype != acc:
-                t = t.to(acc)
-            if t.shape != shape:
-                t = t.reshape(shape)
-            keep.append(t)
-            return t
-
-        stats = stats if stats.is_contiguous() else stats.contiguous()
-        a.row_max = stats.data_ptr()
-        a.log_z = a.row_max + R * stats.element_size()
-        ent = rows(entropy, (R,)).contiguous()
-        keep.append(ent)
-        a.entropy = ent.data_ptr()
-        if grad_log_prob is not None and actions is not None:
-            g = rows(grad_log_prob, (R, actions.shape[1]))
-            a.grad_log_prob = g.data_ptr()
-            a.grad_log_prob_row_stride, a.grad_log_prob_sample_stride = g.stride()
-        if grad_entropy is not None:
-            g = rows(grad_entropy, (R,))
-            a.grad_entropy, a.grad_entropy_stride = g.data_ptr(), g.stride(0)
-        if row_scale is not None:
-            g = rows(row_scale, (R,))
-            a.row_scale, a.row_scale_stride = g.data_ptr(), g.stride(0)
-        a.log_prob_scale, a.entropy_scale = log_prob_scale, entropy_scale
+    if not R:
+        return grad
+    acc = nat.stats_dtype(x.dtype)
+    a = _args(x, actions, ignore_index)
+    # Upstream gradients are read where they lie, with strides: from a sum or
+    # a mean they are expanded scalars (stride 0), and copying them would
+    # cost more than the kernel at RL sizes. Converted ones are kept alive in
+    # `keep` until the call returns.
+    keep = []
+    if not stats.is_contiguous():
+        stats = stats.contiguous()
+        keep.append(stats)
+    a.row_max = stats.data_ptr()
+    a.log_z = a.row_max + R * stats.element_size()
+    if entropy.dtype != acc or not entropy.is_contiguous():
+        entropy = entropy.to(acc).contiguous()
+        keep.append(entropy)
+    a.entropy = entropy.data_ptr()
+    if grad_log_prob is not None and actions is not None:
+        g = _acc_rows(grad_log_prob, acc, R, actions.shape[1])
+        keep.append(g)
+        a.grad_log_prob = g.data_ptr()
+        a.grad_log_prob_row_stride, a.grad_log_prob_sample_stride = g.stride() if g.dim() == 2 else (g.stride(0), 0)
+    if grad_entropy is not None:
+        g = _acc_rows(grad_entropy, acc, R)
+        keep.append(g)
+        a.grad_entropy, a.grad_entropy_stride = g.data_ptr(), g.stride(0)
+    if row_scale is not None:
+        g = _acc_rows(row_scale, acc, R)
+        keep.append(g)
+        a.row_scale, a.row_scale_stride = g.data_ptr(), g.stride(0)
+    a.log_prob_scale, a.entropy_scale = log_prob_scale, entropy_scale
+    if total_cols:
         a.col_offset, a.total_cols = col_offset, total_cols
-        a.grad = grad.data_ptr()
-        if x.is_cuda and actions is not None and actions.shape[1] > nat.PAIRWISE_SAMPLES:
-            keep.append(torch.empty(actions.shape, dtype=torch.int64, device=x.device))  # for_each_action scratch
-            a.order = keep[-1].data_ptr()
-        _run("log_prob_backward", a, x, actions, ignore_index, values=False, num_actions=total_cols or K)
+    a.grad = grad.data_ptr()
+    if x.is_cuda and actions is not None and actions.shape[1] > nat.PAIRWISE_SAMPLES:
+        keep.append(torch.empty(actions.shape, dtype=torch.int64, device=x.device))  # for_each_action scratch
+        a.order = keep[-1].data_ptr()
+    _run("log_prob_backward", a, x, actions, ignore_index, values=False, num_actions=total_cols or K)
     return grad
 
 
@@ -210,11 +224,23 @@ log_prob_rows.register_autograd(_backward, setup_context=_setup_context)
 # ---- the eager route ---------------------------------------------------------
 
 class _LogProbFn(torch.autograd.Function):
+    """The eager route. Only the logits are an input of apply(): the rest
+    rides in ``aux`` (actions, ignore_index, shapes, stats, entropy, outputs),
+    which autograd does not inspect; every tensor input costs microseconds of
+    edge bookkeeping at each call, and none of these is differentiable."""
+
     @staticmethod
-    def forward(ctx, logits, actions, ignore_index, shapes=None, stats=None, entropy=None):
-        lp, ent, st, _ = forward_rows(logits, actions, ignore_index, shapes=shapes, stats=stats, entropy=entropy,
-                                      fresh_stats=False)
+    def forward(ctx, logits, aux):
+        actions, ignore_index, shapes, stats, entropy, outputs = aux
+        if outputs is not None:  # (log_prob, entropy) already computed by the draw of these actions
+            (lp, ent), st = outputs, stats
+        else:
+            lp, ent, st, _ = forward_rows(logits, actions, ignore_index, shapes=shapes, stats=stats,
+                                          entropy=entropy, fresh_stats=False)
         ctx.save_for_backward(logits, actions, st, ent)
+        # actions are not an input, so autograd does not watch them: an
+        # in-place change before backward is caught here instead.
+        ctx.actions_version = None if actions is None else actions._version
         ctx.ignore_index = ignore_index
         ctx.set_materialize_grads(False)  # an unused output costs nothing in backward
         return lp, ent
@@ -223,10 +249,14 @@ class _LogProbFn(torch.autograd.Function):
     def backward(ctx, grad_lp, grad_ent):
         logits, actions, st, ent = ctx.saved_tensors
         if grad_lp is None and grad_ent is None:
-            return None, None, None, None, None, None
+            return None, None
+        if actions is not None and actions._version != ctx.actions_version:
+            raise RuntimeError("the actions passed to pgest.log_prob were modified in place before backward: "
+                               "the gradient needs their values at the forward; pass actions.clone() if they "
+                               "must change")
         grad = backward_rows(logits, actions, ctx.ignore_index, st, ent, grad_log_prob=grad_lp,
                              grad_entropy=grad_ent)
-        return grad, None, None, None, None, None
+        return grad, None
 
 
 def traced() -> bool:
@@ -243,17 +273,23 @@ def traced() -> bool:
 
 
 def rows_pair(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], shapes,
-              given: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+              given: Optional[Tuple[Tensor, Tensor]] = None,
+              outputs: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
     """(R, K) logits and (R, S) int64 actions (or None) -> differentiable
     (log_prob, entropy) of ``shapes`` (the caller's), by the cheapest route.
     ``given``: (stats, entropy) of these logits from a draw (pgest::sample):
-    the forward then reads only the chosen entries, not the rows."""
+    the forward then reads only the chosen entries, not the rows.
+    ``outputs``: with ``given``, the draw's own (log_prob, entropy) of exactly
+    these actions, fresh tensors of ``shapes`` that become the results: no
+    forward pass at all."""
     if traced():
         lp, ent, _ = log_prob_rows(x, actions, ignore_index)
         return lp.view(shapes[0]), ent.view(shapes[1])
     stats, entropy = given if given is not None else (None, None)
     if x.requires_grad and torch.is_grad_enabled():
-        return _LogProbFn.apply(x, actions, ignore_index, shapes, stats, entropy)
+        return _LogProbFn.apply(x, (actions, ignore_index, shapes, stats, entropy, outputs))
+    if outputs is not None:
+        return outputs
     lp, ent, _, _ = forward_rows(x, actions, ignore_index, shapes=shapes, stats=stats, entropy=entropy)
     return lp, ent
 

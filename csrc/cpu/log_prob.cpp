@@ -5,6 +5,7 @@
 
 #include <cmath>
 
+#include "narrow_rows.h"
 #include "parallel.h"
 #include "row_scratch.h"
 #include "zero_fill.h"
@@ -27,14 +28,30 @@ Status forward(const LogProbArgs& a, ErrorInfo* out_err) {
     ErrorInfo err;
     RowScratch<Acc> sc(a.stats_given ? 1 : K, 1, !a.stats_given && a.col_stride != 1);
     if (!sc.ok) { err.status = kOutOfMemory; err.row = begin; return err; }
-    for (int64_t i = begin; i < end; ++i) {
-      if (lowest_failed.load(std::memory_order_relaxed) < i) break;
+    NarrowGroup<Acc> g;
+    // Rows of <= kLanes entries W at a time; a group with a padding row or a
+    // bad action goes row by row (which handles and reports them).
+    auto group = [&](int64_t i0) {
+      for (int l = 0; l < NarrowGroup<Acc>::W; ++l) {
+        int64_t live;
+        ErrorInfo scratch;
+        if (check_row_actions(a, i0 + l, live, scratch) != kOk || (S > 0 && live == 0)) return false;
+      }
+      if (!narrow_stats(base, i0, a.row_stride, int(K), g)) return false;
+      for (int l = 0; l < NarrowGroup<Acc>::W; ++l) {
+        const int64_t i = i0 + l;
+        store_row_stats(narrow_row_stats(g, l), with_entropy, i, row_max, log_z, entropy);
+        write_log_probs<T, Acc>(a, i, base + i * a.row_stride, row_max[i], log_z[i], entropy[i]);
+      }
+      return true;
+    };
+    auto row = [&](int64_t i) {
       int64_t live;
       Status st = check_row_actions(a, i, live, err);
       if (st == kOk && S > 0 && live == 0) {  // a row of padding: not read, contributes nothing
         if (!a.stats_given) { row_max[i] = Acc(0); log_z[i] = Acc(0); entropy[i] = Acc(0); }
         write_log_probs<T, Acc>(a, i, base + i * a.row_stride, Acc(0), Acc(0), Acc(0));
-        continue;
+        return kOk;
       }
       if (st == kOk && !a.stats_given) {
         st = with_row(base, i, a.row_stride, a.col_stride, K, sc, [&](const auto* x) {
@@ -46,9 +63,12 @@ Status forward(const LogProbArgs& a, ErrorInfo* out_err) {
           return kOk;
         });
       }
-      if (st != kOk) { err.status = st; err.row = i; return err; }
+      if (st != kOk) { err.status = st; err.row = i; return st; }
       write_log_probs<T, Acc>(a, i, base + i * a.row_stride, row_max[i], log_z[i], entropy[i]);
-    }
+      return kOk;
+    };
+    narrow_or_rows<NarrowGroup<Acc>::W>(!a.stats_given && narrow_rows(K, a.col_stride), begin, end, lowest_failed,
+                                        group, row);
     return err;
   });
   if (first.status != kOk) { *out_err = first; return Status(first.status); }
@@ -103,22 +123,58 @@ Status backward(const LogProbArgs& a, ErrorInfo* out_err) {
     ErrorInfo err;
     RowScratch<Acc> sc(K, S, a.col_stride != 1);
     if (!sc.ok) { err.status = kOutOfMemory; err.row = begin; return err; }
-    for (int64_t i = begin; i < end; ++i) {
-      if (lowest_failed.load(std::memory_order_relaxed) < i) break;
+    NarrowGroup<Acc> ng;
+    auto group = [&](int64_t i0) {
+      constexpr int W = NarrowGroup<Acc>::W;
+      using V = typename Vec<Acc>::type;
+      GradRow<Acc> r[W];
+      Acc cols[5][W];  // the rows' constants, lane-wise: max, log Z, H, alpha, gamma
+      for (int l = 0; l < W; ++l) {
+        int64_t live;
+        ErrorInfo scratch;
+        if (check_row_actions(a, i0 + l, live, scratch, backward_bound(a)) != kOk || (S > 0 && live == 0))
+          return false;
+        r[l] = grad_row<Acc>(a, i0 + l);
+        cols[0][l] = r[l].row_max; cols[1][l] = r[l].log_z; cols[2][l] = r[l].entropy;
+        cols[3][l] = r[l].alpha; cols[4][l] = r[l].gamma;
+      }
+      for (int l = 0; l < W; ++l) {
+        const T* row = base + (i0 + l) * a.row_stride;
+        for (int j = 0; j < int(K); ++j) ng.x[j][l] = load<Acc>(row[j]);
+      }
+      const V vm = loadv(cols[0]), vz = loadv(cols[1]), vh = loadv(cols[2]), va = loadv(cols[3]),
+              vg = loadv(cols[4]);
+      for (int j = 0; j < int(K); ++j) {  // grad_dense, W rows at once
+        const V d = (loadv(ng.x[j]) - vm) - vz;
+        const V p = exp_nonpos(d);
+        storev(ng.e[j], select(p > Acc(0), p * (va + vg * (d + vh)), V{}));
+      }
+      for (int l = 0; l < W; ++l) {
+        const int64_t i = i0 + l;
+        T* g = grad + i * K;
+        for (int j = 0; j < int(K); ++j) g[j] = store<T>(ng.e[j][l]);
+        grad_one_hot(a, i, base + i * a.row_stride, 1, r[l], g, sc.order);
+      }
+      return true;
+    };
+    auto row = [&](int64_t i) {
       T* g = grad + i * K;
       int64_t live;
       if (const Status st = check_row_actions(a, i, live, err, backward_bound(a))) {
-        err.status = st; err.row = i; return err;
+        err.status = st; err.row = i; return st;
       }
       if (S > 0 && live == 0) {
         std::memset(static_cast<void*>(g), 0, sizeof(T) * size_t(K));
-        continue;
+        return kOk;
       }
       with_row(base, i, a.row_stride, a.col_stride, K, sc, [&](const auto* x) {
         backward_row<T, Acc>(a, i, x, g, streaming, sc.order);
         return 0;
       });
-    }
+      return kOk;
+    };
+    narrow_or_rows<NarrowGroup<Acc>::W>(a.total_cols == 0 && narrow_rows(K, a.col_stride), begin, end,
+                                        lowest_failed, group, row);
     return err;
   });
   if (first.status != kOk) { *out_err = first; return Status(first.status); }

@@ -1,10 +1,12 @@
 // CPU schedule of sample: threads over rows, one chunk pass per row
-// (row_stats.h, with the entropy term), then the draws (row_scratch.h).
+// (row_stats.h, with the entropy term), then the draws (row_scratch.h);
+// rows of <= kLanes entries drawn once each go W at a time (narrow_rows.h).
 #include <pgest/log_prob.h>
 #include <pgest/sample.h>
 
 #include <cmath>
 
+#include "narrow_rows.h"
 #include "parallel.h"
 #include "row_scratch.h"
 
@@ -26,8 +28,21 @@ Status run(const SampleArgs& a, ErrorInfo* out_err) {
     ErrorInfo err;
     RowScratch<Acc> sc(K, S, a.col_stride != 1);
     if (!sc.ok) { err.status = kOutOfMemory; err.row = begin; return err; }
-    for (int64_t i = begin; i < end; ++i) {
-      if (lowest_failed.load(std::memory_order_relaxed) < i) break;
+    NarrowGroup<Acc> g;
+    // One draw per row from rows of <= kLanes entries: W rows at a time.
+    auto group = [&](int64_t i0) {
+      if (!narrow_stats(base, i0, a.row_stride, int(K), g)) return false;
+      for (int l = 0; l < NarrowGroup<Acc>::W; ++l) {
+        const int64_t i = i0 + l;
+        const RowStats<Acc> rs = narrow_row_stats(g, l);
+        const Acc lz = store_row_stats(rs, true, i, row_max, log_z, entropy);
+        const int act = narrow_walk(g, l, int(K), draw_uniform(a.uniforms, a.seed, a.offset, i, 1, 0) * rs.z);
+        a.actions[i] = act;
+        log_prob[i] = log_prob_of(g.x[act][l], rs.max, lz);
+      }
+      return true;
+    };
+    auto row = [&](int64_t i) {
       const Status st = with_row(base, i, a.row_stride, a.col_stride, K, sc, [&](const auto* x) {
         const RowStats<Acc> rs = row_stats<true>(x, K, sc.weights, sc.chunk_max, sc.e);
         if (const Status bad = row_status(rs, x, err)) return bad;
@@ -37,8 +52,10 @@ Status run(const SampleArgs& a, ErrorInfo* out_err) {
         for (int64_t s = 0; s < S; ++s) log_prob[i * S + s] = log_prob_of(load<Acc>(x[actions[s]]), rs.max, lz);
         return kOk;
       });
-      if (st != kOk) { err.status = st; err.row = i; return err; }
-    }
+      if (st != kOk) { err.status = st; err.row = i; }
+      return st;
+    };
+    narrow_or_rows<NarrowGroup<Acc>::W>(S == 1 && narrow_rows(K, a.col_stride), begin, end, lowest_failed, group, row);
     return err;
   });
   if (first.status != kOk) { *out_err = first; return Status(first.status); }

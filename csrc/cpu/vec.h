@@ -70,7 +70,7 @@ template <> struct ExpOps<vf32> {
 PGEST_HD vf32 exp_nonpos(vf32 x) { return exp_nonpos_poly(x); }
 
 PGEST_HD vf64 exp_nonpos(vf64 x) {
-  vf64 r;
+  vf64 r{};
   for (int l = 0; l < Vec<double>::width; ++l) r[l] = exp_nonpos(double(x[l]));
   return r;
 }
