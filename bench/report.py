@@ -19,6 +19,11 @@ def rows_of(paths):
         machine = machine or data.get("machine_info", {})
         for b in data["benchmarks"]:
             info = b["extra_info"]
+            if "interleaved_seconds" in info:  # every provider of the shape, timed in alternation
+                for provider, sec in info["interleaved_seconds"].items():
+                    rows.append({"op": info["op"], "shape": info["shape"], "dtype": info["dtype"],
+                                 "provider": provider, "seconds": sec, "alloc_bytes": None})
+                continue
             rows.append({"op": info["op"], "shape": info["shape"], "dtype": info["dtype"],
                          "provider": info["provider"], "seconds": b["stats"]["median"],
                          "alloc_bytes": info.get("alloc_bytes")})

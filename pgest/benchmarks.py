@@ -116,6 +116,31 @@ def median_seconds(fn: Callable[[], object], repeats: int = 15, warmup: int = 2)
     return statistics.median(times)
 
 
+def interleaved_medians(fns: Dict[str, Callable[[], object]], rounds: int = 15,
+                        round_seconds: float = 2e-3) -> Dict[str, float]:
+    """Median seconds per call of each fn, timed in alternation: every round
+    runs each fn (in a rotating order) for about ``round_seconds``. A shared
+    machine's slow spells then fall on all of them alike, so the ratios hold
+    even where the absolute times drift (sequential timing of one fn after
+    the other gave the same call 0.14 and 0.24 ms minutes apart here)."""
+    names = list(fns)
+    iters = {}
+    for n in names:  # warm up, and calls per round
+        fns[n]()
+        t0 = time.perf_counter()
+        fns[n]()
+        iters[n] = max(1, int(round_seconds / max(time.perf_counter() - t0, 1e-7)))
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            f, k = fns[n], iters[n]
+            t0 = time.perf_counter()
+            for _ in range(k):
+                f()
+            times[n].append((time.perf_counter() - t0) / k)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
 def allocated_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
     """Bytes a call allocates. CPU: from torch.profiler's allocation records,
     the sum of every event's own positive allocation (frees ignored, so an old
@@ -256,13 +281,24 @@ def run(quick: bool = False, with_compiled: Optional[bool] = None, repeats: int 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(rl_shapes))
         rl_compiled = compiled(rl_step_log_softmax)
     for shape in rl_shapes:
+        # Microseconds apart at the small end: timed in alternation.
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).requires_grad_()
-        record(RL_OP, shape, "fp32", "pgest", train_step(rl_step_pgest, x))
-        record(RL_OP, shape, "fp32", "torch_categorical", train_step(rl_step_torch, x))
-        record(RL_OP, shape, "fp32", "log_softmax_gather", train_step(rl_step_log_softmax, x))
-        if with_compiled:
-            record(RL_OP, shape, "fp32", "compiled", train_step(rl_compiled, x))
+        fns = rl_providers(x, rl_compiled if with_compiled else None)
+        if progress:
+            progress(f"{RL_OP} {shape[0]}x{shape[1]} fp32 ({', '.join(fns)}, interleaved)")
+        for provider, sec in interleaved_medians(fns, repeats).items():
+            rows.append({"op": RL_OP, "shape": list(shape), "dtype": "fp32", "provider": provider, "seconds": sec,
+                         "alloc_bytes": None})
     return rows
+
+
+def rl_providers(x: torch.Tensor, compiled_step=None) -> Dict[str, Callable[[], None]]:
+    """One RL-matrix step of each provider on logits x (requires grad)."""
+    fns = {"pgest": train_step(rl_step_pgest, x), "torch_categorical": train_step(rl_step_torch, x),
+           "log_softmax_gather": train_step(rl_step_log_softmax, x)}
+    if compiled_step is not None:
+        fns["log_softmax_gather_compiled"] = train_step(compiled_step, x)
+    return fns
 
 
 def table(rows: List[Dict]) -> str:

@@ -169,6 +169,18 @@ class Categorical:
     def log_prob(self, value: Tensor) -> Tensor:
         """log p(value), differentiable. ``value`` of ``batch_shape``, or of
         ``sample_shape + batch_shape`` (broadcast as torch does)."""
+        out = self._drawn_out
+        if out is not None and value is out[0] and value._version == out[3] and self._drawn[2] == self._x._version:
+            # The very actions sample() drew from the unchanged logits: their
+            # log-probs and the entropy came with the draw; only the autograd
+            # node is new. Once: those tensors become this call's outputs.
+            stats, ent, version = self._drawn
+            self._drawn_out = None
+            self._drawn = (stats, ent.detach(), version)
+            batch = value.shape
+            lp, self._entropy = rows_pair(rows_of(self._x), value.view(-1, 1), None, (batch, batch),
+                                          given=(stats, ent), outputs=out[1:3])
+            return lp
         check_index_dtype(value, "value")
         nat.check_device(value, "value", self._x.device, "logits")
         batch = self.batch_shape
@@ -182,17 +194,6 @@ class Categorical:
             if drawn is not None and drawn[2] == self._x._version and value.numel():
                 # Statistics from this object's sample() of the unchanged logits.
                 x = rows_of(self._x)
-                out = self._drawn_out
-                if out is not None and value is out[0] and value._version == out[3]:
-                    # The very actions drawn, unchanged: their log-probs and the
-                    # entropy came with the draw; only the autograd node is new.
-                    # Once: those tensors become this call's outputs.
-                    self._drawn_out = None
-                    self._drawn = (drawn[0], drawn[1].detach(), drawn[2])
-                    lp, ent = rows_pair(x, value.view(-1, 1), None, (batch, batch), given=drawn[:2],
-                                        outputs=out[1:3])
-                    self._entropy = ent
-                    return lp
                 try:
                     lp, ent = rows_pair(x, index_tensor(value, x.shape[1]).reshape(-1, 1), None, (batch, batch),
                                         given=drawn[:2])

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from . import _native as nat
 from .log_prob import backward_rows, check_ignore_index, check_index_dtype, index_tensor, traced
-from .philox import _draw_seed, seed_tensor, uniforms as philox_uniforms
+from .philox import cpu_seed, seed_tensor, uniforms as philox_uniforms
 from .row_merge import Merged, piece_masses, piece_stats, place_draws
 from .sample import check_num_samples, sample_native
 
@@ -550,7 +550,7 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
         dev = hidden.device
         if lead.numel():
             # The seed as pgest.sample takes it from the generator (one draw per call).
-            seed = int(_draw_seed(generator)) if dev.type == "cpu" else int(seed_tensor(generator, dev)[0])
+            seed = cpu_seed(generator) if dev.type == "cpu" else int(seed_tensor(generator, dev)[0])
     except (ValueError, TypeError, IndexError, NotImplementedError, RuntimeError) as e:
         if process_group is None:
             raise

@@ -45,15 +45,18 @@ def _args(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int]) -> 
         a.has_ignore_index = False
     else:
         a.ignore_index = ignore_index
-    a.num_threads = nat.num_threads()
+    a.num_threads = torch.get_num_threads()
     return a
+
+
+_CPU_KERNELS = {"log_prob_forward": _C.log_prob_forward_cpu, "log_prob_backward": _C.log_prob_backward_cpu}
 
 
 def _run(kernel: str, a, x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], values: bool,
          num_actions: int = -1) -> None:
     res = (nat.cuda_call(kernel, a, x.device, values=x if values else None, actions=actions)
-           if x.device.type == "cuda" else getattr(_C, kernel + "_cpu")(a))
-    if res[0] != nat.OK:
+           if x.is_cuda else _CPU_KERNELS[kernel](a))
+    if res[0]:  # nat.OK is 0
         nat.raise_for_status(res, input_name="logits", num_actions=x.shape[1] if num_actions < 0 else num_actions,
                              samples_per_row=0 if actions is None else actions.shape[1],
                              ignore_index=ignore_index)
@@ -127,7 +130,7 @@ def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
     grad = torch.empty((R, K), dtype=x.dtype, device=x.device)
     if not R:
         return grad
-    acc = nat.stats_dtype(x.dtype)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # nat.stats_dtype, inlined: a hot path
     a = _args(x, actions, ignore_index)
     # Upstream gradients are read where they lie, with strides: from a sum or
     # a mean they are expanded scalars (stride 0), and copying them would
@@ -237,10 +240,9 @@ class _LogProbFn(torch.autograd.Function):
         else:
             lp, ent, st, _ = forward_rows(logits, actions, ignore_index, shapes=shapes, stats=stats,
                                           entropy=entropy, fresh_stats=False)
+        # Saved tensors are version-checked whether inputs or not: actions
+        # changed in place before backward raise there.
         ctx.save_for_backward(logits, actions, st, ent)
-        # actions are not an input, so autograd does not watch them: an
-        # in-place change before backward is caught here instead.
-        ctx.actions_version = None if actions is None else actions._version
         ctx.ignore_index = ignore_index
         ctx.set_materialize_grads(False)  # an unused output costs nothing in backward
         return lp, ent
@@ -250,10 +252,6 @@ class _LogProbFn(torch.autograd.Function):
         logits, actions, st, ent = ctx.saved_tensors
         if grad_lp is None and grad_ent is None:
             return None, None
-        if actions is not None and actions._version != ctx.actions_version:
-            raise RuntimeError("the actions passed to pgest.log_prob were modified in place before backward: "
-                               "the gradient needs their values at the forward; pass actions.clone() if they "
-                               "must change")
         grad = backward_rows(logits, actions, ctx.ignore_index, st, ent, grad_log_prob=grad_lp,
                              grad_entropy=grad_ent)
         return grad, None

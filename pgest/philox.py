@@ -9,6 +9,7 @@ a row depends on nothing else (thread count, batch split, instruction set).
 from __future__ import annotations
 
 import numbers
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -20,6 +21,20 @@ def _draw_seed(generator: Optional[torch.Generator], device=None) -> torch.Tenso
     # Out of place, so torch.compile can trace it, and on the input's device,
     # so a CUDA graph replays it: one 63-bit draw per call.
     return torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=generator, device=device)
+
+
+_SEED_BUFFER = threading.local()
+
+
+def cpu_seed(generator: Optional[torch.Generator]) -> int:
+    """The Philox seed of one eager CPU call: the draw of _draw_seed (randint
+    is empty().random_(low, high) inside torch, so the same value and the
+    same advance of the generator), into a per-thread buffer instead of a
+    fresh tensor: half the cost, which is felt at RL sizes."""
+    buf = getattr(_SEED_BUFFER, "t", None)
+    if buf is None:
+        buf = _SEED_BUFFER.t = torch.empty((), dtype=torch.int64)
+    return buf.random_(0, 2**63 - 1, generator=generator).item()
 
 
 def next_seed_offset(generator: Optional[torch.Generator], device: torch.device,
@@ -36,7 +51,7 @@ def next_seed_offset(generator: Optional[torch.Generator], device: torch.device,
         raise ValueError(f"generator is on {generator.device} but the input is on {device}")
     if device.type != "cpu":
         raise NotImplementedError(f"no Philox seeding for {device} yet")
-    return int(_draw_seed(generator)), 0
+    return cpu_seed(generator), 0
 
 
 def seed_tensor(generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:

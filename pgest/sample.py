@@ -14,7 +14,7 @@ from torch import Tensor
 from . import _C
 from . import _native as nat
 from .log_prob import traced, check_logits, check_rows, rows_of
-from .philox import _draw_seed as draw_seed, seed_tensor
+from .philox import cpu_seed, seed_tensor
 
 
 class Sample(NamedTuple):
@@ -31,7 +31,7 @@ def sample_native(x: Tensor, num_samples: int, seed: int, offset: int = 0, seed_
     ``uniforms``: (R, S) float64 in [0, 1), contiguous, on x's device, drawn
     from instead of Philox (the fused linear head places draws in a tile)."""
     R, K = x.shape
-    acc = nat.stats_dtype(x.dtype)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # nat.stats_dtype, inlined: a hot path
     dev = x.device
     a_shape, e_shape = ((R, num_samples), (R,)) if shapes is None else shapes
     actions = torch.empty(a_shape, dtype=torch.int64, device=dev)
@@ -45,15 +45,15 @@ def sample_native(x: Tensor, num_samples: int, seed: int, offset: int = 0, seed_
         a.rows, a.cols = R, K
         a.row_stride, a.col_stride = x.stride()
         a.num_samples = num_samples
-        a.seed, a.offset = seed & (2**64 - 1), offset
+        a.seed, a.offset = seed & 0xFFFFFFFFFFFFFFFF, offset
         if uniforms is not None:
             a.uniforms = uniforms.data_ptr()
         a.actions, a.log_prob, a.entropy = actions.data_ptr(), log_prob.data_ptr(), entropy.data_ptr()
         a.row_max = stats.data_ptr()
         a.log_z = a.row_max + R * stats.element_size()
-        a.num_threads = nat.num_threads()
-        res = nat.cuda_call("sample", a, dev, seed=seed_t, values=x) if dev.type == "cuda" else _C.sample_cpu(a)
-        if res[0] != nat.OK:
+        a.num_threads = torch.get_num_threads()
+        res = nat.cuda_call("sample", a, dev, seed=seed_t, values=x) if x.is_cuda else _C.sample_cpu(a)
+        if res[0]:
             nat.raise_for_status(res, input_name="logits", num_actions=K)
     return actions, log_prob, entropy, stats
 
@@ -91,12 +91,13 @@ def draw_rows(x: Tensor, num_samples: int, generator: Optional[torch.Generator],
     torch.compile or on CUDA (the seed stays on the device), else a direct call
     with the same seed drawn from the generator. With ``shapes`` (see
     sample_native) the outputs come in those shapes on every route."""
-    if x.device.type == "cpu" and not traced():
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        if generator is not None and generator.device.type != "cpu":
-            raise ValueError(f"generator is on {generator.device} but the input is on cpu")
-        return sample_native(x, num_samples, int(draw_seed(generator)), shapes=shapes)
+    if not x.is_cuda and not traced():
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+            if generator.device.type != "cpu":
+                raise ValueError(f"generator is on {generator.device} but the input is on cpu")
+        return sample_native(x, num_samples, cpu_seed(generator), shapes=shapes)
     out = sample_rows(x, num_samples, seed_tensor(generator, x.device))
     if shapes is None:
         return out

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from . import _native as nat
 from .log_prob import actions_per_row, backward_rows, check_ignore_index, check_logits, index_tensor, rows_of
-from .philox import _draw_seed, seed_tensor, uniforms as philox_uniforms
+from .philox import cpu_seed, seed_tensor, uniforms as philox_uniforms
 from .row_merge import Merged, piece_masses, piece_stats, place_draws, sums
 from .sample import check_num_samples, sample_native
 
@@ -272,7 +272,7 @@ def sample(logits: Tensor, num_samples: int, generator: Optional[torch.Generator
         num_samples = check_num_samples(num_samples)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        seed = int(_draw_seed(generator)) if x.device.type == "cpu" else int(seed_tensor(generator, x.device)[0])
+        seed = cpu_seed(generator) if x.device.type == "cpu" else int(seed_tensor(generator, x.device)[0])
     except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
         error = e
     layout, table = _exchange(x, group, error, extra=seed)

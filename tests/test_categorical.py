@@ -144,3 +144,47 @@ def test_log_prob_after_sample_reuses_the_draw_and_agrees():
         d = pgest.Categorical(logits=y)
         d.sample()
         d.log_prob(torch.full((50,), 7))
+
+
+def test_log_prob_of_the_drawn_actions_twice_and_after_in_place_changes():
+    # log_prob(a) of the very tensor sample() returned takes the draw's own
+    # log-probs (no forward pass) once; a second call, or other actions, go
+    # through the kernels. All must agree with log_softmax, with gradients.
+    torch.manual_seed(1)
+    x = torch.randn(40, 5, dtype=torch.float64, requires_grad=True)
+    d = pgest.Categorical(logits=x)
+    a = d.sample()
+    lp1 = d.log_prob(a)
+    ent1 = d.entropy()
+    lp2 = d.log_prob(a)
+    ref = x.log_softmax(-1).gather(1, a.view(-1, 1)).squeeze(1)
+    assert torch.equal(lp1, lp2)
+    torch.testing.assert_close(lp1, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn(40, dtype=torch.float64)
+    for lp in (lp1, lp2):
+        g, = torch.autograd.grad((lp * w).sum() + 0.5 * ent1.sum(), x, retain_graph=True)
+        y = x.detach().clone().requires_grad_()
+        ls = y.log_softmax(-1)
+        ((ls.gather(1, a.view(-1, 1)).squeeze(1) * w).sum() - 0.5 * (ls.exp() * ls).sum()).backward()
+        torch.testing.assert_close(g, y.grad, rtol=1e-12, atol=1e-13)
+
+    # actions changed in place before log_prob: not the draw's any more
+    d = pgest.Categorical(logits=x)
+    a = d.sample()
+    a.fill_(3)
+    torch.testing.assert_close(d.log_prob(a), x.log_softmax(-1)[:, 3], rtol=1e-12, atol=1e-12)
+
+    # actions changed in place between forward and backward: caught
+    d = pgest.Categorical(logits=x)
+    a = d.sample()
+    lp = d.log_prob(a)
+    a.add_(1).remainder_(5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        lp.sum().backward()
+
+    # without grad the draw's log-probs come back as they are
+    with torch.no_grad():
+        d = pgest.Categorical(logits=x)
+        a = d.sample()
+        torch.testing.assert_close(d.log_prob(a), x.log_softmax(-1).gather(1, a.view(-1, 1)).squeeze(1),
+                                   rtol=1e-12, atol=1e-12)
