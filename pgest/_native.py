@@ -184,5 +184,12 @@ def cuda_call(kernel: str, args, device: torch.device, *, seed=None, scratch: bo
     return (status, row, col, index, value)
 
 
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty for the hot paths: sizes as separate ints parse in half the
+    time of a torch.Size or tuple (about 1 us against 2 here, per tensor, four
+    or five tensors a call at RL sizes)."""
+    return torch.empty(*shape, dtype=dtype, device=device) if shape else torch.empty((), dtype=dtype, device=device)
+
+
 def num_threads() -> int:
     return max(1, torch.get_num_threads())

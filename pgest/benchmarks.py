@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import random
 import statistics
 import sys
 import time
@@ -119,11 +120,16 @@ def median_seconds(fn: Callable[[], object], repeats: int = 15, warmup: int = 2)
 def interleaved_medians(fns: Dict[str, Callable[[], object]], rounds: int = 15,
                         round_seconds: float = 2e-3) -> Dict[str, float]:
     """Median seconds per call of each fn, timed in alternation: every round
-    runs each fn (in a rotating order) for about ``round_seconds``. A shared
-    machine's slow spells then fall on all of them alike, so the ratios hold
-    even where the absolute times drift (sequential timing of one fn after
-    the other gave the same call 0.14 and 0.24 ms minutes apart here)."""
+    runs each fn for about ``round_seconds``, in a fresh random order. A
+    shared machine's slow spells then fall on all of them alike, so the
+    ratios hold even where the absolute times drift (sequential timing of one
+    fn after the other gave the same call 0.14 and 0.24 ms minutes apart
+    here). The order is shuffled, not rotated: under a rotation each fn
+    always follows the same other one and inherits its after-effects (a
+    compiled provider's threads and cache footprint cost the next call
+    here about 20%)."""
     names = list(fns)
+    order = random.Random(0)
     iters = {}
     for n in names:  # warm up, and calls per round
         fns[n]()
@@ -131,8 +137,8 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], rounds: int = 15,
         fns[n]()
         iters[n] = max(1, int(round_seconds / max(time.perf_counter() - t0, 1e-7)))
     times: Dict[str, List[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
+    for _ in range(rounds):
+        for n in order.sample(names, len(names)):
             f, k = fns[n], iters[n]
             t0 = time.perf_counter()
             for _ in range(k):

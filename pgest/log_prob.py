@@ -77,7 +77,7 @@ def forward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[in
     S = 0 if actions is None else actions.shape[1]
     acc = nat.stats_dtype(x.dtype)
     dev = x.device
-    lp = torch.empty((R, S) if shapes is None else shapes[0], dtype=acc, device=dev)
+    lp = nat.empty((R, S) if shapes is None else shapes[0], acc, dev)
     if stats is not None:
         # fresh tensors: a custom op's outputs may not alias its inputs (the
         # eager route only saves the statistics: no copy needed there)
@@ -87,9 +87,9 @@ def forward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[in
         if shapes is not None:
             ent = ent.view(shapes[1])
     else:
-        st = torch.empty((2, R), dtype=acc, device=dev)
-        ent = torch.empty((R,) if shapes is None else shapes[1], dtype=acc, device=dev)
-    loss = torch.empty((R,), dtype=acc, device=dev) if weights is not None else None
+        st = torch.empty(2, R, dtype=acc, device=dev)
+        ent = nat.empty((R,) if shapes is None else shapes[1], acc, dev)
+    loss = torch.empty(R, dtype=acc, device=dev) if weights is not None else None
     if R:
         a = _args(x, actions, ignore_index)
         a.log_prob, a.entropy = lp.data_ptr(), ent.data_ptr()
@@ -127,7 +127,7 @@ def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
     ``total_cols``, ``x`` is the vocabulary tile [col_offset, col_offset + K)
     of rows of ``total_cols`` entries whose statistics ``stats`` hold."""
     R, K = x.shape
-    grad = torch.empty((R, K), dtype=x.dtype, device=x.device)
+    grad = torch.empty(R, K, dtype=x.dtype, device=x.device)
     if not R:
         return grad
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # nat.stats_dtype, inlined: a hot path
@@ -257,6 +257,14 @@ class _LogProbFn(torch.autograd.Function):
         return grad, None
 
 
+# Function.apply's Python wrapper binds default arguments, checks for
+# functorch transforms (traced() has raised already under those) and maps
+# unwrap_dead_wrappers over every argument, aux's tensors included: about as
+# much as the rest of a 64-row step's forward. The C entry point it ends in
+# is called directly.
+_apply_log_prob = super(torch.autograd.Function, _LogProbFn).apply
+
+
 def traced() -> bool:
     """Whether the registered ops must be used (under torch.compile). Raises
     under functorch transforms (torch.func.grad, vmap), which neither route
@@ -285,7 +293,7 @@ def rows_pair(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int],
         return lp.view(shapes[0]), ent.view(shapes[1])
     stats, entropy = given if given is not None else (None, None)
     if x.requires_grad and torch.is_grad_enabled():
-        return _LogProbFn.apply(x, (actions, ignore_index, shapes, stats, entropy, outputs))
+        return _apply_log_prob(x, (actions, ignore_index, shapes, stats, entropy, outputs))
     if outputs is not None:
         return outputs
     lp, ent, _, _ = forward_rows(x, actions, ignore_index, shapes=shapes, stats=stats, entropy=entropy)

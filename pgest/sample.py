@@ -34,10 +34,10 @@ def sample_native(x: Tensor, num_samples: int, seed: int, offset: int = 0, seed_
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # nat.stats_dtype, inlined: a hot path
     dev = x.device
     a_shape, e_shape = ((R, num_samples), (R,)) if shapes is None else shapes
-    actions = torch.empty(a_shape, dtype=torch.int64, device=dev)
-    log_prob = torch.empty(a_shape, dtype=acc, device=dev)
-    entropy = torch.empty(e_shape, dtype=acc, device=dev)
-    stats = torch.empty((2, R), dtype=acc, device=dev)
+    actions = nat.empty(a_shape, torch.int64, dev)
+    log_prob = nat.empty(a_shape, acc, dev)
+    entropy = nat.empty(e_shape, acc, dev)
+    stats = torch.empty(2, R, dtype=acc, device=dev)
     if R:
         a = _C.SampleArgs()
         a.logits = x.data_ptr()
