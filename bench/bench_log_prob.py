@@ -20,6 +20,9 @@ from pgest.benchmarks import RL_KS as KS, RL_OP, RL_ROWS as ROWS, compiled, inte
 
 # one compiled function is traced at 16 static shapes
 torch._dynamo.config.recompile_limit = 64
+# Compile in this process: a pool of compile workers started by the first
+# shape keeps a core busy for seconds afterwards, under that shape's timing.
+torch._inductor.config.compile_threads = 1
 
 
 @pytest.mark.parametrize("K", KS)

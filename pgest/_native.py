@@ -139,11 +139,21 @@ CUDA_COMPILED = bool(_C.build_info()["cuda_compiled"])
 INT64_MAX = 2**63 - 1
 
 
+CPU = torch.device("cpu")
+
+
+def device_of(x: torch.Tensor) -> torch.device:
+    """x.device, without building a device object for a CPU tensor: the hot
+    paths allocate on the input's device at every call, and a fresh
+    torch.device costs about as much as one of those allocations."""
+    return CPU if x.is_cpu else x.device
+
+
 def check_device_supported(x: torch.Tensor, name: str) -> None:
     """pgest runs on CPU tensors, and on CUDA tensors when built with CUDA."""
-    if x.device.type == "cpu":
+    if x.is_cpu:
         return
-    if x.device.type == "cuda":
+    if x.is_cuda:
         if not CUDA_COMPILED:
             raise RuntimeError(
                 f"{name} is on {x.device}, but this pgest build has no CUDA kernels "

@@ -285,6 +285,8 @@ def run(quick: bool = False, with_compiled: Optional[bool] = None, repeats: int 
     rl_shapes = RL_QUICK_SHAPES if quick else [(r, k) for r in RL_ROWS for k in RL_KS]
     if with_compiled:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(rl_shapes))
+        # no pool of compile workers busy in the background while timing
+        torch._inductor.config.compile_threads = 1
         rl_compiled = compiled(rl_step_log_softmax)
     for shape in rl_shapes:
         # Microseconds apart at the small end: timed in alternation.

@@ -44,6 +44,10 @@ class Categorical:
         ``torch.distributions.kl_divergence`` registration are not provided.
     """
 
+    # Fixed attributes: faster to set, read and free than an instance dict,
+    # which counts when one object is made per step at RL sizes.
+    __slots__ = ("_given_probs", "_probs", "_x", "_logits", "_entropy", "_drawn", "_drawn_out", "_group")
+
     has_enumerate_support = True
     has_rsample = False  # a categorical has no reparameterised sample
     arg_constraints = {}
@@ -146,12 +150,10 @@ class Categorical:
                 raise ValueError("pass either sample_shape or num_samples, not both")
             s = _sample(self._x, num_samples, generator).actions
             return s if num_samples > 1 else s.unsqueeze(-1)
-        shape = torch.Size(sample_shape)
-        n = shape.numel()
-        if not shape:
+        if isinstance(sample_shape, (tuple, list)) and not sample_shape:
             # Keep the draw's row statistics: a log_prob of these logits then
             # needs no second pass over them (one native pass per step).
-            batch = self.batch_shape
+            batch = self._x.shape[:-1]
             try:
                 actions, lp, ent, stats = draw_rows(rows_of(self._x.detach()), 1, generator, (batch, batch))
             except ValueError as e:
@@ -159,6 +161,8 @@ class Categorical:
             self._drawn = (stats, ent, self._x._version)
             self._drawn_out = (actions, lp, ent, actions._version)
             return actions
+        shape = torch.Size(sample_shape)
+        n = shape.numel()
         a = _sample(self._x, n, generator).actions if n > 1 else _sample(self._x, 1, generator).actions.unsqueeze(-1)
         # (..., n) -> (n, ...) -> sample_shape + batch_shape
         a = a.movedim(-1, 0) if a.dim() > 1 else a

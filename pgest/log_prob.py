@@ -76,7 +76,7 @@ def forward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[in
     R = x.shape[0]
     S = 0 if actions is None else actions.shape[1]
     acc = nat.stats_dtype(x.dtype)
-    dev = x.device
+    dev = nat.device_of(x)
     lp = nat.empty((R, S) if shapes is None else shapes[0], acc, dev)
     if stats is not None:
         # fresh tensors: a custom op's outputs may not alias its inputs (the
@@ -127,7 +127,7 @@ def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
     ``total_cols``, ``x`` is the vocabulary tile [col_offset, col_offset + K)
     of rows of ``total_cols`` entries whose statistics ``stats`` hold."""
     R, K = x.shape
-    grad = torch.empty(R, K, dtype=x.dtype, device=x.device)
+    grad = torch.empty(R, K, dtype=x.dtype, device=nat.device_of(x))
     if not R:
         return grad
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # nat.stats_dtype, inlined: a hot path

@@ -32,7 +32,7 @@ def sample_native(x: Tensor, num_samples: int, seed: int, offset: int = 0, seed_
     from instead of Philox (the fused linear head places draws in a tile)."""
     R, K = x.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # nat.stats_dtype, inlined: a hot path
-    dev = x.device
+    dev = nat.device_of(x)
     a_shape, e_shape = ((R, num_samples), (R,)) if shapes is None else shapes
     actions = nat.empty(a_shape, torch.int64, dev)
     log_prob = nat.empty(a_shape, acc, dev)
