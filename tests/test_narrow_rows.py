@@ -160,3 +160,36 @@ def test_bad_action_inside_a_group_is_reported():
                                           None)
     loss.backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("K", [2, 5, 16])
+@pytest.mark.parametrize("baseline", [None, "mean", 0.25])
+def test_reinforce_grad_same_bits_as_row_path(dtype, K, baseline):
+    x = torch.randn(ROWS, K, generator=torch.Generator().manual_seed(K)).log_softmax(-1).to(dtype)
+    labels = torch.randint(0, K, (ROWS,), generator=torch.Generator().manual_seed(1))
+    table = torch.rand(ROWS, K, generator=torch.Generator().manual_seed(2))
+
+    def run(lp):
+        a = pgest.reinforce_grad(lp, labels, baseline=baseline, generator=torch.Generator().manual_seed(7))
+        b = pgest.reinforce_grad(lp, reward_table=table, generator=torch.Generator().manual_seed(8))
+        return a + b
+
+    for name, (narrow, rowwise) in each_isa(lambda: (run(x), run(strided_copy(x)))).items():
+        for a, b in zip(narrow, rowwise):
+            assert torch.equal(a, b), (name, K, dtype)
+
+
+def test_reinforce_grad_errors_inside_a_group():
+    x = torch.randn(ROWS, 4).log_softmax(-1)
+    labels = torch.zeros(ROWS, dtype=torch.int64)
+    labels[19] = 4
+    with pytest.raises(IndexError, match=r"labels\[19\] = 4"):
+        pgest.reinforce_grad(x, labels)
+    table = torch.zeros(ROWS, 4)
+    table[35] = math.inf  # whichever action row 35 draws
+    with pytest.raises(ValueError, match=r"reward_table\[35, \d\] is inf"):
+        pgest.reinforce_grad(x, reward_table=table)
+    x[22, 1] = math.nan
+    with pytest.raises(ValueError, match=r"\[22, 1\] is nan"):
+        pgest.reinforce_grad(x, torch.zeros(ROWS, dtype=torch.int64))
