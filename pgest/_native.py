@@ -130,9 +130,15 @@ def check_float_tensor(x, name: str) -> None:
         raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
 
 
-def check_device(x: torch.Tensor, name: str, device: torch.device, ref_name: str) -> None:
-    if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {device}")
+def check_device(x: torch.Tensor, name: str, ref, ref_name: str) -> None:
+    """x on the device of ``ref`` (a tensor, or a torch.device). Two CPU
+    tensors are told apart without building device objects (hot paths)."""
+    if isinstance(ref, torch.Tensor):
+        if x.is_cpu and ref.is_cpu:
+            return
+        ref = ref.device
+    if x.device != ref:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref}")
 
 
 CUDA_COMPILED = bool(_C.build_info()["cuda_compiled"])

@@ -186,7 +186,7 @@ class Categorical:
                                           given=(stats, ent), outputs=out[1:3])
             return lp
         check_index_dtype(value, "value")
-        nat.check_device(value, "value", self._x.device, "logits")
+        nat.check_device(value, "value", self._x, "logits")
         batch = self.batch_shape
         nb = len(batch)
         if self._group is not None:

@@ -324,7 +324,7 @@ def check_rows(logits, actions) -> None:
     if actions.dim() != 2 or actions.shape[0] != logits.shape[0]:
         raise ValueError(f"actions must be 2-D ({logits.shape[0]}, S) to match logits {tuple(logits.shape)}, "
                          f"got {tuple(actions.shape)}")
-    nat.check_device(actions, "actions", logits.device, "logits")
+    nat.check_device(actions, "actions", logits, "logits")
 
 
 def check_stats(logits, stats, entropy) -> None:
@@ -335,8 +335,8 @@ def check_stats(logits, stats, entropy) -> None:
                          f"got {tuple(stats.shape)} {stats.dtype}")
     if entropy.shape != (R,):
         raise ValueError(f"entropy must have shape ({R},), got {tuple(entropy.shape)}")
-    nat.check_device(stats, "stats", logits.device, "logits")
-    nat.check_device(entropy, "entropy", logits.device, "logits")
+    nat.check_device(stats, "stats", logits, "logits")
+    nat.check_device(entropy, "entropy", logits, "logits")
 
 
 def check_upstream(logits, actions, grad_log_prob, grad_entropy) -> None:
@@ -346,12 +346,12 @@ def check_upstream(logits, actions, grad_log_prob, grad_entropy) -> None:
         nat.check_float_tensor(grad_log_prob, "grad_log_prob")
         if grad_log_prob.shape != (R, S):
             raise ValueError(f"grad_log_prob must have shape ({R}, {S}) like log_prob, got {tuple(grad_log_prob.shape)}")
-        nat.check_device(grad_log_prob, "grad_log_prob", logits.device, "logits")
+        nat.check_device(grad_log_prob, "grad_log_prob", logits, "logits")
     if grad_entropy is not None:
         nat.check_float_tensor(grad_entropy, "grad_entropy")
         if grad_entropy.shape != (R,):
             raise ValueError(f"grad_entropy must have shape ({R},) like entropy, got {tuple(grad_entropy.shape)}")
-        nat.check_device(grad_entropy, "grad_entropy", logits.device, "logits")
+        nat.check_device(grad_entropy, "grad_entropy", logits, "logits")
 
 
 def check_index_dtype(actions, name: str = "actions") -> None:
@@ -437,7 +437,7 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
     check_logits(logits)
     S = actions_per_row(logits, actions)
     ii = check_ignore_index(ignore_index)
-    nat.check_device(actions, "actions", logits.device, "logits")
+    nat.check_device(actions, "actions", logits, "logits")
     lead = logits.shape[:-1]
     try:
         lp, ent = rows_pair(rows_of(logits), index_tensor(actions, logits.shape[-1]).reshape(-1, S), ii,

@@ -30,7 +30,7 @@ def _check_weights(logits, actions, weights) -> None:
     S = actions.shape[1]
     if weights.shape != (R, S) or weights.dtype != acc:
         raise ValueError(f"weights must be ({R}, {S}) {acc} like actions, got {tuple(weights.shape)} {weights.dtype}")
-    nat.check_device(weights, "weights", logits.device, "logits")
+    nat.check_device(weights, "weights", logits, "logits")
 
 
 @torch.library.custom_op("pgest::policy_loss", mutates_args=())
@@ -102,34 +102,71 @@ policy_loss_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _PolicyLossFn(torch.autograd.Function):
-    """The eager route to the same kernels (see pgest.log_prob)."""
+    """The eager route to the same kernels (see pgest.log_prob). Only the
+    logits are an input of apply(); the reduction happens inside, so a
+    scalar loss adds no Sum/Div nodes to the graph: its backward hands the
+    kernel the row scale (upstream / count) as an expanded scalar."""
 
     @staticmethod
-    def forward(ctx, logits, actions, weights, entropy_weight, ignore_index, stats, entropy):
+    def forward(ctx, logits, aux):
+        actions, weights, entropy_weight, ignore_index, stats, entropy, reduction, divisor = aux
         _, ent, st, loss = forward_rows(logits, actions, ignore_index, weights=weights,
                                         entropy_weight=entropy_weight, want_entropy=entropy_weight != 0.0,
                                         stats=stats, entropy=entropy)
         ctx.save_for_backward(logits, actions, weights, st, ent)
-        ctx.entropy_weight, ctx.ignore_index = entropy_weight, ignore_index
-        return loss
+        ctx.entropy_weight, ctx.ignore_index, ctx.reduction = entropy_weight, ignore_index, reduction
+        ctx.count = None
+        if reduction == "none":
+            return loss
+        total = loss.sum()
+        if reduction == "sum":
+            return total
+        ctx.count = _count(actions, ignore_index, divisor)
+        return total / ctx.count
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_out):
         logits, actions, weights, st, ent = ctx.saved_tensors
-        grad = _backward_rows(grad_loss, logits, actions, weights, st, ent, ctx.entropy_weight, ctx.ignore_index)
-        return grad, None, None, None, None, None, None
+        R = logits.shape[0]
+        if ctx.reduction == "none":
+            scale = grad_out
+        else:  # the rows' common upstream gradient, read with stride 0
+            scale = (grad_out if ctx.count is None else grad_out / ctx.count).expand(R)
+        grad = _backward_rows(scale, logits, actions, weights, st, ent, ctx.entropy_weight, ctx.ignore_index)
+        return grad, None
+
+
+_apply_policy_loss = super(torch.autograd.Function, _PolicyLossFn).apply  # see log_prob._apply_log_prob
+
+
+def _count(actions: Tensor, ignore_index: Optional[int], divisor: Optional[int] = None):
+    """The mean's denominator: ``divisor`` when given, else the number of
+    actions that count (a tensor)."""
+    if divisor is not None:
+        return divisor
+    if ignore_index is None:
+        return actions.numel()
+    return (actions != ignore_index).sum()
 
 
 def loss_rows(x: Tensor, actions: Tensor, weights: Tensor, entropy_weight: float, ignore_index: int,
-              stats: Optional[Tensor] = None, entropy: Optional[Tensor] = None) -> Tensor:
-    """(R,) surrogate losses of (R, K) logits, by the cheapest route that applies
-    (int64 contiguous actions, contiguous weights in the accumulation dtype)."""
+              stats: Optional[Tensor] = None, entropy: Optional[Tensor] = None, reduction: str = "none",
+              divisor: Optional[int] = None) -> Tensor:
+    """Surrogate losses of (R, K) logits, (R,) per row or reduced ("sum",
+    "mean": over ``divisor``, or else over the actions that count), by the
+    cheapest route that applies (int64 contiguous actions, contiguous weights
+    in the accumulation dtype)."""
     if traced():
-        return policy_loss_rows(x, actions, weights, entropy_weight, ignore_index, stats, entropy)[0]
-    if x.requires_grad and torch.is_grad_enabled():
-        return _PolicyLossFn.apply(x, actions, weights, entropy_weight, ignore_index, stats, entropy)
-    return forward_rows(x, actions, ignore_index, weights=weights, entropy_weight=entropy_weight,
-                        want_entropy=entropy_weight != 0.0, stats=stats, entropy=entropy)[3]
+        rows = policy_loss_rows(x, actions, weights, entropy_weight, ignore_index, stats, entropy)[0]
+    elif x.requires_grad and torch.is_grad_enabled():
+        return _apply_policy_loss(x, (actions, weights, entropy_weight, ignore_index, stats, entropy, reduction,
+                                      divisor))
+    else:
+        rows = forward_rows(x, actions, ignore_index, weights=weights, entropy_weight=entropy_weight,
+                            want_entropy=entropy_weight != 0.0, stats=stats, entropy=entropy)[3]
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.sum() / _count(actions, ignore_index, divisor)
 
 
 def check_entropy_weight(entropy_weight) -> float:
@@ -178,8 +215,8 @@ def policy_loss(
     if advantages.shape != actions.shape:
         raise ValueError(f"advantages must have shape {tuple(actions.shape)} like actions, "
                          f"got {tuple(advantages.shape)}")
-    nat.check_device(actions, "actions", logits.device, "logits")
-    nat.check_device(advantages, "advantages", logits.device, "logits")
+    nat.check_device(actions, "actions", logits, "logits")
+    nat.check_device(advantages, "advantages", logits, "logits")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     beta = check_entropy_weight(entropy_weight)
@@ -191,11 +228,7 @@ def policy_loss(
     if w2.dtype != acc or not w2.is_contiguous():
         w2 = w2.to(acc).contiguous()
     try:
-        loss = loss_rows(rows_of(logits), a2, w2, beta, ii)
+        loss = loss_rows(rows_of(logits), a2, w2, beta, ii, reduction=reduction)
     except (ValueError, IndexError) as e:
         raise type(e)(nat.unflatten_message(str(e), lead)) from None
-    if reduction == "none":
-        return loss.view(tuple(lead))
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / (a2 != ii).sum()
+    return loss.view(tuple(lead)) if reduction == "none" else loss

@@ -143,10 +143,10 @@ def reinforce(
     kind, constant, b_tensor = _resolve_baseline(baseline, R, S, logits.device)
     if labels is not None:
         _check_labels(labels, lead)
-        nat.check_device(labels, "labels", logits.device, "logits")
+        nat.check_device(labels, "labels", logits, "logits")
     else:
         _check_table(reward_table, lead, K)
-        nat.check_device(reward_table, "reward_table", logits.device, "logits")
+        nat.check_device(reward_table, "reward_table", logits, "logits")
         reward_table = reward_table.detach()
     acc = nat.stats_dtype(logits.dtype)
     x = rows_of(logits)
@@ -158,7 +158,7 @@ def reinforce(
     rewards, weights = reinforce_weights(actions, labels, reward_table, kind, constant, b_tensor, K,
                                          list(lead), acc)
     # Sampled actions are never negative, so -1 ignores nothing.
-    per_row = loss_rows(x, actions, weights, beta, -1, stats, entropy)
-    loss = per_row.mean() if R else per_row.sum()
+    # The mean over rows (each row's samples summed, their weights carry 1/S).
+    loss = loss_rows(x, actions, weights, beta, -1, stats, entropy, reduction="mean" if R else "sum", divisor=R)
     shape = tuple(lead) if S == 1 else tuple(lead) + (S,)
     return Reinforce(loss, actions.view(shape), rewards.view(shape), log_prob.view(shape), entropy.view(tuple(lead)))

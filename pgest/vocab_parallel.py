@@ -245,7 +245,7 @@ def log_prob(logits: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
         x = rows_of(logits)
         if with_actions:
             S = actions_per_row(logits, actions)
-            nat.check_device(actions, "actions", logits.device, "logits")
+            nat.check_device(actions, "actions", logits, "logits")
             a2 = index_tensor(actions, -1).reshape(-1, S)
         ii = check_ignore_index(ignore_index)
     except (ValueError, TypeError, IndexError, NotImplementedError, RuntimeError) as e:
