@@ -87,11 +87,12 @@ void backward_row(const LogProbArgs& a, int64_t i, const X* x, T* g, bool stream
   int64_t k = 0;
   const V vm = splat<V>(r.row_max), vz = splat<V>(r.log_z), va = splat<V>(r.alpha), vg = splat<V>(r.gamma),
           vh = splat<V>(r.entropy);
-  auto dense = [&](int64_t at) {
-    const V d = (loadv(x + at) - vm) - vz;
+  auto dense_of = [&](V xv) {
+    const V d = (xv - vm) - vz;
     const V p = exp_nonpos(d);
     return select(p > Acc(0), p * (va + vg * (d + vh)), V{});
   };
+  auto dense = [&](int64_t at) { return dense_of(loadv(x + at)); };
   auto scalar = [&](int64_t at) { g[at] = store<T>(grad_dense(load<Acc>(x[at]), r)); };
   bool streamed = false;
   if constexpr (kStreamable<T>) {  // fp16 has no streaming store
@@ -105,7 +106,16 @@ void backward_row(const LogProbArgs& a, int64_t i, const X* x, T* g, bool stream
   }
   if (!streamed)
     for (; k + W <= K; k += W) storev(g + k, dense(k));
-  for (; k < K; ++k) scalar(k);
+  if (k < K) {
+    // The last K - k < W entries as one vector padded with -inf (p = 0
+    // there), not a scalar exp each: the same numbers, a fraction of the
+    // time at the K of classic RL (K = 100: 4 of every 100 entries).
+    Acc in[W], out[W];
+    const int n = int(K - k);
+    for (int j = 0; j < W; ++j) in[j] = j < n ? load<Acc>(x[k + j]) : -Acc(INFINITY);
+    storev(out, dense_of(loadv(in)));
+    for (int j = 0; j < n; ++j) g[k + j] = store<T>(out[j]);
+  }
 
   grad_one_hot(a, i, x, 1, r, g, order);
 }
