@@ -82,11 +82,20 @@ struct Threshold {
   int64_t sample;
 };
 
+// exp(x[j] - max) for j < m, one at a time (a CPU caller passes a vector
+// version: exp_nonpos gives the same bits either way).
+struct ScalarChunkExps {
+  template <class T, class Acc>
+  void operator()(const T* x, int m, Acc max, Acc* e) const {
+    for (int j = 0; j < m; ++j) e[j] = exp_nonpos(load<Acc>(x[j]) - max);
+  }
+};
+
 // `th` holds n thresholds sorted ascending, each < Z. Writes the column each
 // one falls on to actions[th[i].sample]. `e` is scratch for kChunk values.
-template <class T, class Acc>
+template <class T, class Acc, class Exps = ScalarChunkExps>
 inline void row_inverse_cdf(const T* x, int64_t cols, Acc max, const Acc* weights,
-                            const Threshold* th, int64_t n, int64_t* actions, Acc* e) {
+                            const Threshold* th, int64_t n, int64_t* actions, Acc* e, const Exps& exps = Exps()) {
   double cum = 0;
   int64_t i = 0;
   const int64_t nc = num_chunks(cols);
@@ -95,7 +104,7 @@ inline void row_inverse_cdf(const T* x, int64_t cols, Acc max, const Acc* weight
     if (!(th[i].t < next)) { cum = next; continue; }
     const int64_t k = c * kChunk;
     const int m = cols - k < kChunk ? int(cols - k) : kChunk;
-    for (int j = 0; j < m; ++j) e[j] = exp_nonpos(load<Acc>(x[k + j]) - max);
+    exps(x + k, m, max, e);
     // Two levels keep the dependent chain of additions short: whole groups of
     // kLanes entries first, then the entries of the group a threshold is in.
     double w = cum;
