@@ -30,7 +30,7 @@ torch._inductor.config.compile_threads = 1
 def test_rl_step(benchmark, rows, K):
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(0)).requires_grad_()
     fns = rl_providers(x, compiled(rl_step_log_softmax))
-    medians = interleaved_medians(fns, rounds=15)
+    medians = interleaved_medians(fns, rounds=41)
     benchmark.group = f"rl step {rows}x{K} fp32"
     benchmark.extra_info.update(op=RL_OP, shape=[rows, K], dtype="fp32", provider="pgest",
                                 interleaved_seconds=medians)

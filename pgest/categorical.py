@@ -178,9 +178,8 @@ class Categorical:
             # The very actions sample() drew from the unchanged logits: their
             # log-probs and the entropy came with the draw; only the autograd
             # node is new. Once: those tensors become this call's outputs.
-            stats, ent, version = self._drawn
-            self._drawn_out = None
-            self._drawn = (stats, ent.detach(), version)
+            stats, ent, _ = self._drawn
+            self._drawn_out = None  # a later call reuses only (stats, ent), through the kernels
             batch = value.shape
             lp, self._entropy = rows_pair(rows_of(self._x), value.view(-1, 1), None, (batch, batch),
                                           given=(stats, ent), outputs=out[1:3])
