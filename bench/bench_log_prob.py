@@ -7,7 +7,7 @@ multinomial + gather, eager and under torch.compile.
 At the small end the providers are tens of microseconds apart and this
 machine's speed drifts by more than that between tests, so each shape is one
 test that times all providers in alternation (pgest.benchmarks.
-interleaved_medians) and records their medians in ``extra_info``; report.py
+record_interleaved) and records their medians in ``extra_info``; report.py
 turns them into the table. pytest-benchmark's own statistics are pgest's.
 
     pytest bench/bench_log_prob.py --benchmark-json bench/results/cpu-rl.json
@@ -15,7 +15,7 @@ turns them into the table. pytest-benchmark's own statistics are pgest's.
 import pytest
 import torch
 
-from pgest.benchmarks import RL_KS as KS, RL_OP, RL_ROWS as ROWS, compiled, interleaved_medians, rl_providers, \
+from pgest.benchmarks import RL_KS as KS, RL_OP, RL_ROWS as ROWS, compiled, record_interleaved, rl_providers, \
     rl_step_log_softmax
 
 # one compiled function is traced at 16 static shapes
@@ -30,8 +30,4 @@ torch._inductor.config.compile_threads = 1
 def test_rl_step(benchmark, rows, K):
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(0)).requires_grad_()
     fns = rl_providers(x, compiled(rl_step_log_softmax))
-    medians = interleaved_medians(fns, rounds=41)
-    benchmark.group = f"rl step {rows}x{K} fp32"
-    benchmark.extra_info.update(op=RL_OP, shape=[rows, K], dtype="fp32", provider="pgest",
-                                interleaved_seconds=medians)
-    benchmark.pedantic(fns["pgest"], rounds=15, iterations=5, warmup_rounds=2)
+    record_interleaved(benchmark, RL_OP, (rows, K), "fp32", fns, rounds=41, with_memory=False)

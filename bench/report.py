@@ -20,9 +20,10 @@ def rows_of(paths):
         for b in data["benchmarks"]:
             info = b["extra_info"]
             if "interleaved_seconds" in info:  # every provider of the shape, timed in alternation
+                alloc = info.get("alloc_bytes_by_provider", {})
                 for provider, sec in info["interleaved_seconds"].items():
                     rows.append({"op": info["op"], "shape": info["shape"], "dtype": info["dtype"],
-                                 "provider": provider, "seconds": sec, "alloc_bytes": None})
+                                 "provider": provider, "seconds": sec, "alloc_bytes": alloc.get(provider)})
                 continue
             rows.append({"op": info["op"], "shape": info["shape"], "dtype": info["dtype"],
                          "provider": info["provider"], "seconds": b["stats"]["median"],
@@ -34,5 +35,5 @@ if __name__ == "__main__":
     rows, machine = rows_of(sys.argv[1:])
     cpu = machine.get("cpu", {})
     print(f"Machine: {cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores ({machine.get('system', '?')}); "
-          "medians of 15 rounds.\n")
+          "medians of the recorded rounds, providers of a row timed in alternation.\n")
     print(table(rows))

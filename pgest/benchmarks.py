@@ -147,6 +147,20 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], rounds: int = 15,
     return {n: statistics.median(v) for n, v in times.items()}
 
 
+def record_interleaved(benchmark, op: str, shape, dtype: str, fns: Dict[str, Callable[[], object]],
+                       rounds: int = 15, with_memory: bool = True) -> None:
+    """One pytest-benchmark test for every provider of a (op, shape, dtype):
+    their interleaved medians (and the bytes each call allocates) go into
+    ``extra_info``, from which bench/report.py builds the table; the test's
+    own statistics are pgest's."""
+    medians = interleaved_medians(fns, rounds)
+    benchmark.group = f"{op} {shape[0]}x{shape[1]} {dtype}"
+    benchmark.extra_info.update(op=op, shape=list(shape), dtype=dtype, provider="pgest", interleaved_seconds=medians)
+    if with_memory:
+        benchmark.extra_info["alloc_bytes_by_provider"] = {k: allocated_bytes(f) for k, f in fns.items()}
+    benchmark.pedantic(fns["pgest"], rounds=rounds, iterations=1, warmup_rounds=1)
+
+
 def allocated_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
     """Bytes a call allocates. CPU: from torch.profiler's allocation records,
     the sum of every event's own positive allocation (frees ignored, so an old
