@@ -75,6 +75,16 @@ Status forward(const LogProbArgs& a, ErrorInfo* out_err) {
   return kOk;
 }
 
+// grad_dense (log_prob.h) on a vector of entries: row constants splatted
+// for one row, or lane-wise for W rows (narrow_rows.h). The same operations
+// in the same order as the scalar form, so either gives the same bits.
+template <class V>
+inline V grad_dense_vec(V x, V row_max, V log_z, V entropy, V alpha, V gamma) {
+  const V d = (x - row_max) - log_z;
+  const V p = exp_nonpos(d);
+  return select(p > V{}, p * (alpha + gamma * (d + entropy)), V{});
+}
+
 // One row of the gradient: the dense part for every entry, then the sampled
 // entries rewritten with their one-hot terms added before the single
 // rounding to T.
@@ -87,11 +97,7 @@ void backward_row(const LogProbArgs& a, int64_t i, const X* x, T* g, bool stream
   int64_t k = 0;
   const V vm = splat<V>(r.row_max), vz = splat<V>(r.log_z), va = splat<V>(r.alpha), vg = splat<V>(r.gamma),
           vh = splat<V>(r.entropy);
-  auto dense_of = [&](V xv) {
-    const V d = (xv - vm) - vz;
-    const V p = exp_nonpos(d);
-    return select(p > Acc(0), p * (va + vg * (d + vh)), V{});
-  };
+  auto dense_of = [&](V xv) { return grad_dense_vec(xv, vm, vz, vh, va, vg); };
   auto dense = [&](int64_t at) { return dense_of(loadv(x + at)); };
   auto scalar = [&](int64_t at) { g[at] = store<T>(grad_dense(load<Acc>(x[at]), r)); };
   bool streamed = false;
@@ -154,11 +160,7 @@ Status backward(const LogProbArgs& a, ErrorInfo* out_err) {
       }
       const V vm = loadv(cols[0]), vz = loadv(cols[1]), vh = loadv(cols[2]), va = loadv(cols[3]),
               vg = loadv(cols[4]);
-      for (int j = 0; j < int(K); ++j) {  // grad_dense, W rows at once
-        const V d = (loadv(ng.x[j]) - vm) - vz;
-        const V p = exp_nonpos(d);
-        storev(ng.e[j], select(p > Acc(0), p * (va + vg * (d + vh)), V{}));
-      }
+      for (int j = 0; j < int(K); ++j) storev(ng.e[j], grad_dense_vec(loadv(ng.x[j]), vm, vz, vh, va, vg));
       for (int l = 0; l < W; ++l) {
         const int64_t i = i0 + l;
         T* g = grad + i * K;
