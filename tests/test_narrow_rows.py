@@ -193,3 +193,32 @@ def test_reinforce_grad_errors_inside_a_group():
     x[22, 1] = math.nan
     with pytest.raises(ValueError, match=r"\[22, 1\] is nan"):
         pgest.reinforce_grad(x, torch.zeros(ROWS, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("K", [3, 16])
+def test_row_stride_threads_and_batch_shape_do_not_change_the_bits(K):
+    """Rows with a row stride other than K (a slice of a wider tensor) still
+    go W at a time; a thread split that cuts groups at other rows, and
+    leading dimensions, give the same bits."""
+    R = 16 * 125 + 7  # past threads_for's threshold: 2 threads split it at row 1003
+    wide = torch.randn(R, K + 5, generator=torch.Generator().manual_seed(9)) * 3
+    x = wide[:, :K]
+    assert x.stride() == (K + 5, 1)
+    ref = sample_native(x.contiguous(), 1, 77)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            for a, b in zip(bits(*sample_native(x, 1, 77)), bits(*ref)):
+                assert torch.equal(a, b), n
+    finally:
+        torch.set_num_threads(threads)
+    actions = torch.randint(0, K, (R,), generator=torch.Generator().manual_seed(1))
+    w = wide.clone().requires_grad_()
+    lp, ent = pgest.log_prob(w[:, :K], actions)
+    (lp.sum() + ent.sum()).backward()
+    z = x.contiguous().view(1, R, K).clone().requires_grad_()
+    lp3, ent3 = pgest.log_prob(z, actions.view(1, R))
+    (lp3.sum() + ent3.sum()).backward()
+    for a, b in zip(bits(lp, ent, w.grad[:, :K].contiguous()), bits(lp3.view(-1), ent3.view(-1), z.grad.view(R, K))):
+        assert torch.equal(a, b)
