@@ -42,8 +42,10 @@ class CMakeBuild(build_ext):
             args.append(f"-DCMAKE_MAKE_PROGRAM={Path(ninja.BIN_DIR) / 'ninja'}")
         except ImportError:
             pass
-        if os.environ.get("PGEST_ASAN", "OFF").upper() in ("1", "ON", "TRUE"):
-            args.append("-DPGEST_ASAN=ON")
+        # Always explicit: a reused build directory's CMake cache would keep an
+        # earlier PGEST_ASAN=ON build's sanitizer in a later plain build.
+        asan = os.environ.get("PGEST_ASAN", "OFF").upper() in ("1", "ON", "TRUE")
+        args.append(f"-DPGEST_ASAN={'ON' if asan else 'OFF'}")
         if "PGEST_CUDA_ARCHS" in os.environ:
             args.append(f"-DPGEST_CUDA_ARCHS={os.environ['PGEST_CUDA_ARCHS']}")
 
