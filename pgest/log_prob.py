@@ -371,6 +371,8 @@ def check_index_dtype(actions, name: str = "actions") -> None:
 def check_ignore_index(ignore_index) -> Optional[int]:
     if ignore_index is None:
         return None
+    if type(ignore_index) is int and -2**63 <= ignore_index < 2**63:
+        return ignore_index  # the common case without the numbers ABCs (a call per step)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -2**63 <= ignore_index < 2**63:

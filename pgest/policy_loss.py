@@ -170,6 +170,8 @@ def loss_rows(x: Tensor, actions: Tensor, weights: Tensor, entropy_weight: float
 
 
 def check_entropy_weight(entropy_weight) -> float:
+    if (type(entropy_weight) is float or type(entropy_weight) is int) and -1e308 < entropy_weight < 1e308:
+        return float(entropy_weight)  # the common case without the numbers ABCs (a call per step)
     if isinstance(entropy_weight, bool) or not isinstance(entropy_weight, numbers.Real):
         raise TypeError(f"entropy_weight must be a float, got {type(entropy_weight).__name__}")
     value = float(entropy_weight)
