@@ -253,64 +253,58 @@ def _inputs(B, K, dtype, seed=0):
 def run(quick: bool = False, with_compiled: Optional[bool] = None, repeats: int = 15,
         progress: Optional[Callable[[str], None]] = None) -> List[Dict]:
     """Time every op against its providers; one dict per (op, shape, dtype,
-    provider) with the median seconds and the bytes the call allocates.
-    ``quick``: two small shapes, fp32, 5 repeats and no torch.compile."""
+    provider) with the median seconds and the bytes the call allocates. The
+    providers of an (op, shape, dtype) are timed in alternation
+    (interleaved_medians). ``quick``: two small shapes, fp32, 5 rounds and no
+    torch.compile."""
     with_compiled = (not quick) if with_compiled is None else with_compiled
     repeats = 5 if quick else repeats
     dtypes = {"fp32": torch.float32} if quick else {"fp32": torch.float32, "bf16": torch.bfloat16}
+    rl_shapes = RL_QUICK_SHAPES if quick else [(r, k) for r in RL_ROWS for k in RL_KS]
+    if with_compiled:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(rl_shapes) + 32)
+        # no pool of compile workers busy in the background while timing
+        torch._inductor.config.compile_threads = 1
     rows: List[Dict] = []
 
-    def record(op, shape, dtype, provider, fn):
+    def record(op, shape, dtype, fns, with_memory=True):
+        fns = {k: f for k, f in fns.items() if f is not None}
         if progress:
-            progress(f"{op} {shape[0]}x{shape[1]} {dtype} {provider}")
-        fn()  # warm up (and compile) before measuring
-        rows.append({"op": op, "shape": list(shape), "dtype": dtype, "provider": provider,
-                     "seconds": median_seconds(fn, repeats), "alloc_bytes": allocated_bytes(fn)})
+            progress(f"{op} {shape[0]}x{shape[1]} {dtype} ({', '.join(fns)}, interleaved)")
+        for provider, sec in interleaved_medians(fns, repeats).items():
+            rows.append({"op": op, "shape": list(shape), "dtype": dtype, "provider": provider, "seconds": sec,
+                         "alloc_bytes": allocated_bytes(fns[provider]) if with_memory else None})
 
     for shape in (QUICK_SHAPES if quick else REINFORCE_GRAD_SHAPES):
         for dname, dtype in dtypes.items():
             logits, labels, baseline, _ = _inputs(*shape, dtype)
             log_probs = logits.float().log_softmax(-1).to(dtype)
-            record("reinforce_grad", shape, dname, "pgest", lambda: pgest.reinforce_grad(log_probs, labels, baseline=baseline))
-            record("reinforce_grad", shape, dname, "seed", lambda: seed_listing(log_probs, labels, baseline))
-            if with_compiled:
-                f = compiled(gumbel_formulation)
-                record("reinforce_grad", shape, dname, "compiled", lambda: f(log_probs, labels, baseline))
-            record("reinforce_grad", shape, dname, "copy", lambda: log_probs.clone())
+            f = compiled(gumbel_formulation) if with_compiled else None
+            record("reinforce_grad", shape, dname, {
+                "pgest": lambda: pgest.reinforce_grad(log_probs, labels, baseline=baseline),
+                "seed": lambda: seed_listing(log_probs, labels, baseline),
+                "compiled": f and (lambda: f(log_probs, labels, baseline)),
+                "copy": lambda: log_probs.clone()})
     for shape in (QUICK_SHAPES if quick else LOSS_SHAPES):
         for dname, dtype in dtypes.items():
             logits, labels, _, adv = _inputs(*shape, dtype)
             x = logits.requires_grad_()
-            op = "policy_loss fwd+bwd"
-            record(op, shape, dname, "pgest", train_step(lambda a, b, c: pgest.policy_loss(a, b, c), x, labels, adv))
-            record(op, shape, dname, "eager", train_step(eager_policy_loss, x, labels, adv))
-            if with_compiled:
-                record(op, shape, dname, "compiled", train_step(compiled(eager_policy_loss), x, labels, adv))
-            record(op, shape, dname, "cross_entropy", train_step(ce_policy_loss, x, labels, adv))
-            record(op, shape, dname, "copy", lambda: x.detach().clone())
-            if dname != "fp32":
-                continue
-            op = "reinforce fwd+bwd (S=4, rloo)"
-            record(op, shape, dname, "pgest", train_step(pgest_reinforce, x, labels))
-            record(op, shape, dname, "eager", train_step(eager_reinforce, x, labels))
-            if with_compiled:
-                record(op, shape, dname, "compiled", train_step(compiled(eager_reinforce), x, labels))
-            record(op, shape, dname, "copy", lambda: x.detach().clone())
-    rl_shapes = RL_QUICK_SHAPES if quick else [(r, k) for r in RL_ROWS for k in RL_KS]
-    if with_compiled:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(rl_shapes))
-        # no pool of compile workers busy in the background while timing
-        torch._inductor.config.compile_threads = 1
-        rl_compiled = compiled(rl_step_log_softmax)
+            record("policy_loss fwd+bwd", shape, dname, {
+                "pgest": train_step(lambda a, b, c: pgest.policy_loss(a, b, c), x, labels, adv),
+                "eager": train_step(eager_policy_loss, x, labels, adv),
+                "compiled": train_step(compiled(eager_policy_loss), x, labels, adv) if with_compiled else None,
+                "cross_entropy": train_step(ce_policy_loss, x, labels, adv),
+                "copy": lambda: x.detach().clone()})
+            if dname == "fp32":
+                record("reinforce fwd+bwd (S=4, rloo)", shape, dname, {
+                    "pgest": train_step(pgest_reinforce, x, labels),
+                    "eager": train_step(eager_reinforce, x, labels),
+                    "compiled": train_step(compiled(eager_reinforce), x, labels) if with_compiled else None,
+                    "copy": lambda: x.detach().clone()})
+    rl_compiled = compiled(rl_step_log_softmax) if with_compiled else None
     for shape in rl_shapes:
-        # Microseconds apart at the small end: timed in alternation.
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).requires_grad_()
-        fns = rl_providers(x, rl_compiled if with_compiled else None)
-        if progress:
-            progress(f"{RL_OP} {shape[0]}x{shape[1]} fp32 ({', '.join(fns)}, interleaved)")
-        for provider, sec in interleaved_medians(fns, repeats).items():
-            rows.append({"op": RL_OP, "shape": list(shape), "dtype": "fp32", "provider": provider, "seconds": sec,
-                         "alloc_bytes": None})
+        record(RL_OP, shape, "fp32", rl_providers(x, rl_compiled), with_memory=False)
     return rows
 
 

@@ -50,7 +50,8 @@ def bench(args) -> None:
     say = (lambda m: print(f"  {m}", file=sys.stderr, flush=True)) if args.verbose else None
     rows = benchmarks.run(quick=args.quick, with_compiled=False if args.no_compile else None, progress=say)
     print(f"pgest {pgest.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"medians of {5 if args.quick else 15} runs" + ("; quick: no torch.compile" if args.quick else ""))
+          f"medians of {5 if args.quick else 15} rounds, the providers of a row timed in alternation"
+          + ("; quick: no torch.compile" if args.quick else ""))
     print()
     print(benchmarks.table(rows))
     if args.json:
