@@ -158,8 +158,11 @@ class Categorical:
                 actions, lp, ent, stats = draw_rows(rows_of(self._x.detach()), 1, generator, (batch, batch))
             except ValueError as e:
                 raise ValueError(nat.unflatten_message(str(e), batch)) from None
-            self._drawn = (stats, ent, self._x._version)
-            self._drawn_out = (actions, lp, ent, actions._version)
+            if not torch.compiler.is_compiling():
+                # Reuse is keyed on tensor versions, which a traced graph has no
+                # value for: under torch.compile log_prob takes the registered op.
+                self._drawn = (stats, ent, self._x._version)
+                self._drawn_out = (actions, lp, ent, actions._version)
             return actions
         shape = torch.Size(sample_shape)
         n = shape.numel()

@@ -188,3 +188,23 @@ def test_log_prob_of_the_drawn_actions_twice_and_after_in_place_changes():
         a = d.sample()
         torch.testing.assert_close(d.log_prob(a), x.log_softmax(-1).gather(1, a.view(-1, 1)).squeeze(1),
                                    rtol=1e-12, atol=1e-12)
+
+
+def test_a_step_compiles_with_fullgraph_and_matches_eager():
+    # sample() -> log_prob(a) -> entropy() under torch.compile(fullgraph=True):
+    # the draw-reuse paths (keyed on tensor versions) stay out of the graph.
+    def step(x):
+        d = pgest.Categorical(logits=x)
+        a = d.sample()
+        return (d.log_prob(a) * torch.arange(x.shape[0], dtype=x.dtype)).sum() + 0.1 * d.entropy().sum(), a
+
+    x = torch.randn(24, 5, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(3)
+    loss, a = step(x)
+    g, = torch.autograd.grad(loss, x)
+    torch.manual_seed(3)
+    loss_c, a_c = torch.compile(step, fullgraph=True)(x)
+    g_c, = torch.autograd.grad(loss_c, x)
+    assert torch.equal(a, a_c)
+    torch.testing.assert_close(loss_c, loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_c, g, rtol=1e-12, atol=1e-12)
