@@ -196,20 +196,20 @@ class Categorical:
             self._entropy = out.entropy
             return out.log_prob
         if value.shape == batch:
+            # One action per row (the PPO update's pattern): straight to the
+            # kernels, with the statistics of this object's sample() of the
+            # unchanged logits when there are some (then the rows are not read).
             drawn = self._drawn
-            if drawn is not None and drawn[2] == self._x._version and value.numel():
-                # Statistics from this object's sample() of the unchanged logits.
-                x = rows_of(self._x)
-                try:
-                    lp, ent = rows_pair(x, index_tensor(value, x.shape[1]).reshape(-1, 1), None, (batch, batch),
-                                        given=drawn[:2])
-                except IndexError as e:
-                    raise IndexError(nat.unflatten_message(str(e), batch).replace("actions", "value")) from None
-                self._entropy = ent
-                return lp
-            out = _log_prob(self._x, value, ignore_index=None)
-            self._entropy = out.entropy
-            return out.log_prob
+            given = (drawn[:2] if drawn is not None and value.numel() and not torch.compiler.is_compiling()
+                     and drawn[2] == self._x._version else None)
+            x = rows_of(self._x)
+            try:
+                lp, self._entropy = rows_pair(x, index_tensor(value, x.shape[1], "value").reshape(-1, 1), None,
+                                              (batch, batch), given=given)
+            except (ValueError, IndexError) as e:
+                msg = nat.unflatten_message(str(e), batch)
+                raise type(e)("value" + msg[len("actions"):] if msg.startswith("actions[") else msg) from None
+            return lp
         shape = torch.broadcast_shapes(value.shape, batch)
         if shape[len(shape) - nb:] != batch:
             raise ValueError(f"value of shape {tuple(value.shape)} does not broadcast against the batch "

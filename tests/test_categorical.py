@@ -208,3 +208,15 @@ def test_a_step_compiles_with_fullgraph_and_matches_eager():
     assert torch.equal(a, a_c)
     torch.testing.assert_close(loss_c, loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g_c, g, rtol=1e-12, atol=1e-12)
+
+
+def test_log_prob_errors_name_value_and_the_callers_indices():
+    d = pgest.Categorical(logits=torch.randn(2, 3, 7))
+    bad = torch.zeros(2, 3, dtype=torch.int64)
+    bad[1, 2] = 7
+    with pytest.raises(IndexError, match=r"^value\[1, 2\] = 7 is out of range for 7 actions$"):
+        d.log_prob(bad)
+    x = torch.randn(2, 3, 7)
+    x[1, 0, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"^logits\[1, 0, 4\] is nan"):
+        pgest.Categorical(logits=x).log_prob(torch.zeros(2, 3, dtype=torch.int64))
