@@ -11,15 +11,18 @@ record_interleaved) and records their medians in ``extra_info``; report.py
 turns them into the table. pytest-benchmark's own statistics are pgest's.
 
     pytest bench/bench_log_prob.py --benchmark-json bench/results/cpu-rl.json
+
+A second table times the PPO update's own pattern (log_prob of stored
+actions + entropy, no sampling) against the same providers.
 """
 import pytest
 import torch
 
-from pgest.benchmarks import RL_KS as KS, RL_OP, RL_ROWS as ROWS, compiled, record_interleaved, rl_providers, \
-    rl_step_log_softmax
+from pgest.benchmarks import RL_KS as KS, RL_OP, RL_ROWS as ROWS, RL_UPDATE_OP, compiled, record_interleaved, \
+    rl_providers, rl_step_log_softmax, rl_update_log_softmax, rl_update_pgest, rl_update_torch, train_step
 
 # one compiled function is traced at 16 static shapes
-torch._dynamo.config.recompile_limit = 64
+torch._dynamo.config.recompile_limit = 128
 # Compile in this process: a pool of compile workers started by the first
 # shape keeps a core busy for seconds afterwards, under that shape's timing.
 torch._inductor.config.compile_threads = 1
@@ -31,3 +34,17 @@ def test_rl_step(benchmark, rows, K):
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(0)).requires_grad_()
     fns = rl_providers(x, compiled(rl_step_log_softmax))
     record_interleaved(benchmark, RL_OP, (rows, K), "fp32", fns, rounds=41, with_memory=False)
+
+
+@pytest.mark.parametrize("K", KS)
+@pytest.mark.parametrize("rows", ROWS)
+def test_ppo_update(benchmark, rows, K):
+    """The update epochs' pattern: no sampling, log_prob of stored actions."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, K, generator=g).requires_grad_()
+    actions, adv = torch.randint(0, K, (rows,), generator=g), torch.randn(rows, generator=g)
+    fns = {"pgest": train_step(rl_update_pgest, x, actions, adv),
+           "torch_categorical": train_step(rl_update_torch, x, actions, adv),
+           "log_softmax_gather": train_step(rl_update_log_softmax, x, actions, adv),
+           "log_softmax_gather_compiled": train_step(compiled(rl_update_log_softmax), x, actions, adv)}
+    record_interleaved(benchmark, RL_UPDATE_OP, (rows, K), "fp32", fns, rounds=41, with_memory=False)

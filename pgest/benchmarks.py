@@ -91,6 +91,23 @@ def rl_step_log_softmax(x):
     return ls.gather(-1, a).sum() - (ls.exp() * ls).sum()
 
 
+def rl_update_pgest(x, actions, adv):
+    """The PPO update's pattern: log_prob of stored actions and the entropy,
+    no sampling."""
+    d = pgest.Categorical(logits=x)
+    return (d.log_prob(actions) * adv).sum() + d.entropy().sum()
+
+
+def rl_update_torch(x, actions, adv):
+    d = torch.distributions.Categorical(logits=x)
+    return (d.log_prob(actions) * adv).sum() + d.entropy().sum()
+
+
+def rl_update_log_softmax(x, actions, adv):
+    ls = torch.log_softmax(x, -1)
+    return (ls.gather(-1, actions[:, None]).squeeze(-1) * adv).sum() - (ls.exp() * ls).sum()
+
+
 @functools.lru_cache(maxsize=None)
 def compiled(fn):
     return torch.compile(fn, fullgraph=True, dynamic=False)
@@ -241,6 +258,7 @@ QUICK_SHAPES = [(512, 100), (64, 4000)]
 RL_ROWS, RL_KS = [64, 512, 4096, 32768], [2, 6, 18, 100]
 RL_QUICK_SHAPES = [(64, 6), (4096, 18)]
 RL_OP = "rl step (Categorical sample + log_prob + entropy, fwd+bwd)"
+RL_UPDATE_OP = "ppo update (Categorical log_prob of stored actions + entropy, fwd+bwd)"
 
 
 def _inputs(B, K, dtype, seed=0):

@@ -1,4 +1,4 @@
-"""Rows of at most 16 entries go W rows at a time, one row per vector lane
+"""Rows of at most 32 entries go W rows at a time, one row per vector lane
 (csrc/cpu/narrow_rows.h). Each row must get the same bits as on the
 row-at-a-time path, which a strided copy of the same logits takes (column
 stride 2), and the same draws as the inverse-CDF reference."""
@@ -56,7 +56,7 @@ def each_isa(fn):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("K", [1, 2, 3, 6, 9, 16])
+@pytest.mark.parametrize("K", [1, 2, 3, 6, 9, 16, 17, 18, 25, 32])
 def test_sample_same_bits_as_row_path(dtype, K):
     x = logits_of(K, dtype)
     for name, (narrow, rowwise) in each_isa(lambda: (sample_native(x, 1, 1234), sample_native(strided_copy(x), 1,
@@ -65,7 +65,7 @@ def test_sample_same_bits_as_row_path(dtype, K):
             assert torch.equal(a, b), (name, K, dtype)
 
 
-@pytest.mark.parametrize("K", [2, 5, 16])
+@pytest.mark.parametrize("K", [2, 5, 16, 18, 32])
 def test_sample_draws_match_reference(K):
     x = torch.randn(4000, K) * 2
     u = pgest.philox.uniforms(4000, 1, 99, 0)
@@ -86,7 +86,7 @@ def test_sample_chi_square_at_two_actions():
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("K", [1, 2, 7, 16])
+@pytest.mark.parametrize("K", [1, 2, 7, 16, 18, 32])
 @pytest.mark.parametrize("S", [1, 3])
 def test_log_prob_forward_and_backward_same_bits_as_row_path(dtype, K, S):
     x = logits_of(K, dtype, seed=1)
@@ -163,7 +163,7 @@ def test_bad_action_inside_a_group_is_reported():
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("K", [2, 5, 16])
+@pytest.mark.parametrize("K", [2, 5, 16, 18, 32])
 @pytest.mark.parametrize("baseline", [None, "mean", 0.25])
 def test_reinforce_grad_same_bits_as_row_path(dtype, K, baseline):
     x = torch.randn(ROWS, K, generator=torch.Generator().manual_seed(K)).log_softmax(-1).to(dtype)
@@ -195,7 +195,7 @@ def test_reinforce_grad_errors_inside_a_group():
         pgest.reinforce_grad(x, torch.zeros(ROWS, dtype=torch.int64))
 
 
-@pytest.mark.parametrize("K", [3, 16])
+@pytest.mark.parametrize("K", [3, 16, 18])
 def test_row_stride_threads_and_batch_shape_do_not_change_the_bits(K):
     """Rows with a row stride other than K (a slice of a wider tensor) still
     go W at a time; a thread split that cuts groups at other rows, and

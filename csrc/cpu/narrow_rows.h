@@ -1,12 +1,14 @@
-// Rows of at most kLanes entries (the action spaces of classic RL, K = 2 to
-// 16), W = Vec<Acc>::width rows at a time with one row per vector lane. The
-// row-at-a-time passes pay a whole vector's work, a 16-lane tree and scalar
-// exps for each such row (70-110 ns a row here at K <= 18); here every
-// instruction serves W rows. Each lane does exactly the operations of
-// small_row_stats and row_inverse_cdf on its row (the same exp_nonpos, the
-// same tree_sum order over 16 logical entries, the same walk in double), so a
-// row gets the same bits whichever path takes it: a draw's statistics stay
-// those of a later log_prob forward or backward.
+// Rows of at most kNarrowCols = 2 * kLanes entries (the action spaces of
+// classic RL: K = 2 to 18 for Atari, up to 32), W = Vec<Acc>::width rows at
+// a time with one row per vector lane. The row-at-a-time passes pay a whole
+// vector's work, a 16-lane tree and scalar exps for each such row (70-180 ns
+// a row here at K <= 18); here every instruction serves W rows. Each lane
+// does exactly the operations the row path does on its row: small_row_stats
+// for K <= 16, the chunk pass (lane l holds entries l and l + 16) with its
+// one-chunk finish for 16 < K <= 32, the same exp_nonpos, the same tree_sum
+// order and the same walk in double, so a row gets the same bits whichever
+// path takes it: a draw's statistics stay those of a later log_prob forward
+// or backward.
 #pragma once
 
 #include <pgest/sampler.h>
@@ -18,16 +20,20 @@
 
 PGEST_NS_BEGIN
 
+constexpr int kNarrowCols = 2 * kLanes;
+
 template <class Acc>
 struct NarrowGroup {
   static constexpr int W = Vec<Acc>::width;
-  Acc x[kLanes][W];  // transposed: x[j][l] is entry j of row l
-  Acc e[kLanes][W];  // exp(x - max), the values the walk adds
+  Acc x[kNarrowCols][W];  // transposed: x[j][l] is entry j of row l
+  Acc e[kNarrowCols][W];  // exp(x - max), the values the walk adds
   Acc max[W], sum[W], dot[W];
 };
 
 // Whether rows of `cols` entries with column stride `col_stride` go W at a time.
-inline bool narrow_rows(int64_t cols, int64_t col_stride) { return cols >= 1 && cols <= kLanes && col_stride == 1; }
+inline bool narrow_rows(int64_t cols, int64_t col_stride) {
+  return cols >= 1 && cols <= kNarrowCols && col_stride == 1;
+}
 
 // Loads rows [i0, i0 + W) (unit column stride) and forms each row's max, sum
 // of exp(x - max) and sum of exp(x - max) (x - max). False when some row is
@@ -43,21 +49,36 @@ inline bool narrow_stats(const T* base, int64_t i0, int64_t row_stride, int cols
     for (int j = 0; j < cols; ++j) g.x[j][l] = load<Acc>(row[j]);
   }
   V m = splat<V>(-kInf);
-  for (int j = 0; j < cols; ++j) {
-    const V v = loadv(g.x[j]);
-    m = select(v > m, v, m);  // NaN never wins: caught by the sum below
+  if (cols <= kLanes) {  // small_row_stats: the max in entry order
+    for (int j = 0; j < cols; ++j) {
+      const V v = loadv(g.x[j]);
+      m = select(v > m, v, m);  // NaN never wins: caught by the sum below
+    }
+  } else {  // chunk_stats: each lane's max (entries l, l + 16), then the lanes in order
+    for (int l = 0; l < kLanes; ++l) {
+      V ml = splat<V>(-kInf);
+      for (int j = l; j < cols; j += kLanes) {
+        const V v = loadv(g.x[j]);
+        ml = select(v > ml, v, ml);
+      }
+      m = select(ml > m, ml, m);
+    }
   }
   V e[kLanes], dot[kLanes];
-  for (int j = 0; j < cols; ++j) {
+  for (int l = 0; l < kLanes; ++l) e[l] = dot[l] = V{};
+  for (int j = 0; j < cols; ++j) {  // lane j % 16 adds entry j after entry j - 16, as the chunk pass does
     const V d = loadv(g.x[j]) - m;
-    e[j] = exp_nonpos(d);
-    dot[j] = select(e[j] > Acc(0), e[j] * d, V{});
-    storev(g.e[j], e[j]);
+    const V ej = exp_nonpos(d);
+    e[j % kLanes] += ej;
+    dot[j % kLanes] += select(ej > Acc(0), ej * d, V{});
+    storev(g.e[j], ej);
   }
-  for (int j = cols; j < kLanes; ++j) e[j] = dot[j] = V{};
   const V sum = tree_sum(e), dsum = tree_sum(dot);
+  // The row pass's overflow guard: kLanes entries (small_row_stats) or one
+  // padded chunk of 2 * kLanes (chunk_stats).
+  const Acc bound = Acc(cols <= kLanes ? kLanes : kNarrowCols) * Acc(6.3e27);
   bool ok = true;
-  for (int l = 0; l < W; ++l) ok = ok && m[l] != -kInf && sum[l] <= Acc(kLanes) * Acc(6.3e27);
+  for (int l = 0; l < W; ++l) ok = ok && m[l] != -kInf && sum[l] <= bound;
   storev(g.max, m);
   storev(g.sum, sum);
   storev(g.dot, dsum);
@@ -71,22 +92,31 @@ inline RowStats<Acc> narrow_row_stats(const NarrowGroup<Acc>& g, int l) {
 }
 
 // The entry of lane l's row where threshold t (< Z) falls: row_inverse_cdf
-// on a row of one chunk and one group, without its branches.
+// on a row of one chunk, group by group (a group of kLanes entries is
+// skipped whole when t is past its double sum), its fallbacks included.
 template <class Acc>
 inline int narrow_walk(const NarrowGroup<Acc>& g, int l, int cols, double t) {
   double w = 0.0;
-  int act = -1;
-  for (int j = 0; j < cols; ++j) {
-    w += double(g.e[j][l]);
-    act = (act < 0 && t < w) ? j : act;
+  int last_positive = -1;
+  for (int g0 = 0; g0 < cols; g0 += kLanes) {
+    const int end = g0 + kLanes < cols ? g0 + kLanes : cols;
+    double gs = 0.0;
+    for (int j = g0; j < end; ++j) gs += double(g.e[j][l]);
+    if (gs > 0.0) last_positive = g0;
+    if (!(t < w + gs)) { w += gs; continue; }
+    for (int j = g0; j < end; ++j) {
+      if (g.e[j][l] > Acc(0)) last_positive = j;
+      w += double(g.e[j][l]);
+      if (t < w) return j;
+    }
   }
-  if (act >= 0) return act;
-  // t at the walk's total by rounding: row_inverse_cdf skips the group and
-  // takes its first entry, or its last live one if the first is dead.
-  if (g.e[0][l] > Acc(0)) return 0;
-  for (int j = 0; j < cols; ++j)
-    if (g.e[j][l] > Acc(0)) act = j;
-  return act;
+  // t caught between the walk's sum and the chunk mass by rounding: the
+  // last live group's first entry, or its last live one if that is dead.
+  if (last_positive >= 0 && !(g.e[last_positive][l] > Acc(0))) {
+    for (int j = last_positive; j < cols && j < last_positive + kLanes; ++j)
+      if (g.e[j][l] > Acc(0)) last_positive = j;
+  }
+  return last_positive;
 }
 
 // Rows [begin, end) through `group(i0)` W at a time where `narrow`, the rest
