@@ -57,12 +57,8 @@ def _run(kernel: str, a, x: Tensor, actions: Optional[Tensor], ignore_index: Opt
     res = (nat.cuda_call(kernel, a, x.device, values=x if values else None, actions=actions)
            if x.is_cuda else _CPU_KERNELS[kernel](a))
     if res[0]:  # nat.OK is 0
-        _raise(res, x, actions, ignore_index, x.shape[1] if num_actions < 0 else num_actions)
-
-
-def _raise(res, x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], num_actions: int) -> None:
-    nat.raise_for_status(res, input_name="logits", num_actions=num_actions,
-                         samples_per_row=0 if actions is None else actions.shape[1], ignore_index=ignore_index)
+        nat.raise_for_status(res, input_name="logits", num_actions=x.shape[1] if num_actions < 0 else num_actions,
+                             samples_per_row=0 if actions is None else actions.shape[1], ignore_index=ignore_index)
 
 
 def forward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], *, weights: Optional[Tensor] = None,
@@ -130,10 +126,10 @@ def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
     ``total_cols``, ``x`` is the vocabulary tile [col_offset, col_offset + K)
     of rows of ``total_cols`` entries whose statistics ``stats`` hold."""
     R, K = x.shape
-    grad = torch.empty(R, K, dtype=x.dtype, device=nat.CPU if x.is_cpu else x.device)
+    grad = torch.empty(R, K, dtype=x.dtype, device=nat.device_of(x))
     if not R:
         return grad
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # nat.stats_dtype, inlined: a hot path
+    acc = nat.stats_dtype(x.dtype)
     a = _args(x, actions, ignore_index)
     # Upstream gradients are read where they lie, with strides: from a sum or
     # a mean they are expanded scalars (stride 0), and copying them would
@@ -166,12 +162,7 @@ def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
     if total_cols:
         a.col_offset, a.total_cols = col_offset, total_cols
     a.grad = grad.data_ptr()
-    if not x.is_cuda:  # _run, inlined: a hot path
-        res = _C.log_prob_backward_cpu(a)
-        if res[0]:
-            _raise(res, x, actions, ignore_index, total_cols or K)
-        return grad
-    if actions is not None and actions.shape[1] > nat.PAIRWISE_SAMPLES:
+    if x.is_cuda and actions is not None and actions.shape[1] > nat.PAIRWISE_SAMPLES:
         keep.append(torch.empty(actions.shape, dtype=torch.int64, device=x.device))  # for_each_action scratch
         a.order = keep[-1].data_ptr()
     _run("log_prob_backward", a, x, actions, ignore_index, values=False, num_actions=total_cols or K)

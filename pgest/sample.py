@@ -31,16 +31,12 @@ def sample_native(x: Tensor, num_samples: int, seed: int, offset: int = 0, seed_
     ``uniforms``: (R, S) float64 in [0, 1), contiguous, on x's device, drawn
     from instead of Philox (the fused linear head places draws in a tile)."""
     R, K = x.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # nat.stats_dtype, inlined: a hot path
-    dev = nat.CPU if x.is_cpu else x.device  # nat.device_of and nat.empty, inlined: a hot path
+    acc = nat.stats_dtype(x.dtype)
+    dev = nat.device_of(x)
     a_shape, e_shape = ((R, num_samples), (R,)) if shapes is None else shapes
-    if a_shape and e_shape:
-        actions = torch.empty(*a_shape, dtype=torch.int64, device=dev)
-        log_prob = torch.empty(*a_shape, dtype=acc, device=dev)
-        entropy = torch.empty(*e_shape, dtype=acc, device=dev)
-    else:
-        actions, log_prob, entropy = nat.empty(a_shape, torch.int64, dev), nat.empty(a_shape, acc, dev), \
-            nat.empty(e_shape, acc, dev)
+    actions = nat.empty(a_shape, torch.int64, dev)
+    log_prob = nat.empty(a_shape, acc, dev)
+    entropy = nat.empty(e_shape, acc, dev)
     stats = torch.empty(2, R, dtype=acc, device=dev)
     if R:
         a = _C.SampleArgs()

@@ -85,7 +85,8 @@ inline bool narrow_stats(const T* base, int64_t i0, int64_t row_stride, int cols
   return ok;
 }
 
-// small_row_stats' result for lane l.
+// The row pass's RowStats for lane l (small_row_stats, or the one-chunk
+// finish of row_stats: the chunk's own max is the row max, so its scale is 1).
 template <class Acc>
 inline RowStats<Acc> narrow_row_stats(const NarrowGroup<Acc>& g, int l) {
   return RowStats<Acc>{g.max[l], double(g.sum[l]), double(g.dot[l]), -1};
