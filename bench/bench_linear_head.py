@@ -1,5 +1,7 @@
 """The fused linear head, forward + backward with a REINFORCE objective
-(-mean(adv * log p) - 0.01 mean(H)), against the materialised formula in
+(-mean(adv * log p) - 0.01 mean(H)): pgest.linear_log_prob followed by the
+formula ("pgest", four products) and pgest.linear_policy_loss
+("pgest_fused", the gradients in the forward: three products), against the materialised formula in
 eager PyTorch and under torch.compile, torch's chunked
 F.linear_cross_entropy (like for like: pgest with advantages 1 and no
 entropy), and the matmul floor (the four products a step needs: logits for
@@ -23,6 +25,10 @@ SHAPES = [tuple(int(v) for v in s.split(",")) for s in
           os.environ.get("PGEST_LINEAR_SHAPES", "4096,1024,128256;8192,2048,32000").split(";")]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ROUNDS = int(os.environ.get("PGEST_LINEAR_ROUNDS", "3"))
+# Subsets for a shorter run (a step takes 10-40 s here, and the peak
+# measurement replays the profiler's memory timeline: minutes at these shapes)
+ONLY = [p for p in os.environ.get("PGEST_LINEAR_PROVIDERS", "").split(",") if p]
+PEAK = os.environ.get("PGEST_LINEAR_PEAK")  # comma-separated providers whose peak is measured (default: all)
 
 
 def make(N, H, V, dtype):
@@ -46,6 +52,15 @@ def eager_pg(h, w, a, adv):
     return -(adv * lp).mean() - 0.01 * ent.mean()
 
 
+def pgest_fused(h, w, a, adv):
+    # the same loss, gradients computed in the forward (three products)
+    return pgest.linear_policy_loss(h, w, a, adv, entropy_weight=0.01)
+
+
+def pgest_fused_ce(h, w, a, adv):
+    return pgest.linear_policy_loss(h, w, a, torch.ones_like(adv))
+
+
 def pgest_ce(h, w, a, adv):
     return -pgest.linear_log_prob(h, w, a).log_prob.mean()
 
@@ -54,8 +69,9 @@ def torch_lce(h, w, a, adv):
     return F.linear_cross_entropy(h, w, a, options=torch.nn.LinearCrossEntropyOptions())
 
 
-PROVIDERS = {"pgest": pgest_pg, "eager": eager_pg, "compiled": None, "pgest_ce": pgest_ce,
-             "linear_cross_entropy": torch_lce, "matmul_floor": None}
+PROVIDERS = {"pgest": pgest_pg, "pgest_fused": pgest_fused, "eager": eager_pg, "compiled": None,
+             "pgest_ce": pgest_ce, "pgest_fused_ce": pgest_fused_ce, "linear_cross_entropy": torch_lce,
+             "matmul_floor": None}
 
 
 def floor_step(h, w):
@@ -70,7 +86,7 @@ def floor_step(h, w):
     return run
 
 
-@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("provider", [p for p in PROVIDERS if not ONLY or p in ONLY])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_linear_head_fwd_bwd(benchmark, shape, dtype, provider):
@@ -86,7 +102,7 @@ def test_linear_head_fwd_bwd(benchmark, shape, dtype, provider):
     run()  # compile / warm up outside the timing
     N, H, V = shape
     inputs_and_grads = 2 * (hidden.numel() + weight.numel()) * hidden.element_size()
-    peak = peak_allocated_bytes(run)
+    peak = peak_allocated_bytes(run) if PEAK is None or provider in PEAK.split(",") else None
     benchmark.group = f"linear head {N}x{H}x{V} {dtype}"
     benchmark.extra_info.update(op="linear_log_prob fwd+bwd", shape=list(shape), dtype=dtype, provider=provider,
                                 peak_bytes=peak, logits_bytes=N * V * hidden.element_size(),

@@ -11,6 +11,7 @@ from . import _C, baselines, philox, reference
 from . import objectives
 from .categorical import Categorical
 from .linear_head import LinearLogProb, LinearSample, linear_log_prob, linear_sample
+from .linear_policy_loss import linear_policy_loss
 from .log_prob import LogProb, entropy, log_prob
 from .policy_loss import policy_loss
 from .reinforce import Reinforce, reinforce
@@ -30,7 +31,8 @@ def build_info() -> dict:
 
 __all__ = [
     "Categorical", "LogProb", "Reinforce", "ReinforceGrad", "Sample", "baselines", "build_info", "discounted_returns", "entropy",
-    "LinearLogProb", "LinearSample", "gae", "linear_log_prob", "linear_sample", "log_prob", "objectives", "philox",
+    "LinearLogProb", "LinearSample", "gae", "linear_log_prob", "linear_policy_loss", "linear_sample", "log_prob",
+    "objectives", "philox",
     "policy_loss",
     "reference", "reinforce", "reinforce_grad", "sample", "__version__",
 ]

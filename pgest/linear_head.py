@@ -121,6 +121,33 @@ def _logits_tile(h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1:
     return x
 
 
+def _vocab_tiles(h: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, tv: int,
+                 full: Optional[Tensor] = None):
+    """(v0, v1, logits tile) for each vocabulary tile of these tokens: a fresh
+    product each, or, with ``full`` (these tokens' logits over the whole
+    vocabulary, computed once by the caller), views of it."""
+    V = weight.shape[0]
+    for v0 in range(0, V, tv):
+        v1 = min(V, v0 + tv)
+        yield v0, v1, full[:, v0:v1] if full is not None else _logits_tile(h, weight, bias, v0, v1, temperature)
+
+
+def _token_tile_stats(h: Tensor, row0: int, weight: Tensor, bias: Optional[Tensor], temperature: float, tv: int,
+                      tiles: Optional[Tensor] = None, full: Optional[Tensor] = None) -> Merged:
+    """The merged float64 statistics of these tokens over the vocabulary
+    tiles, in tile order (the one order every route uses: the same bits);
+    with ``tiles`` (n, tiles, 2) also each tile's float64 (max, Z)."""
+    merged = Merged(h.shape[0], h.device)
+    for j, (v0, _, x) in enumerate(_vocab_tiles(h, weight, bias, temperature, tv, full)):
+        m, lz, ent = piece_stats(x, row0, v0, " (hidden @ weight.T + bias, never built)")
+        merged.add(m, lz, ent)
+        if tiles is not None:
+            tiles[:, j, 0] = m
+            tiles[:, j, 1] = lz.double().exp()
+        del x
+    return merged
+
+
 def _row_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, tn: int, tv: int,
                keep_tiles: bool = False, raw: bool = False):
     """(max, log Z, H) of every row of the logits, tile by tile, in the
@@ -138,16 +165,8 @@ def _row_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: 
     tiles = torch.empty((N, nt, 2), dtype=torch.float64, device=dev) if keep_tiles else None
     for n0 in range(0, N, tn):
         n1 = min(N, n0 + tn)
-        h = h2[n0:n1]
-        merged = Merged(n1 - n0, dev)
-        for j, v0 in enumerate(range(0, V, tv)):
-            x = _logits_tile(h, weight, bias, v0, min(V, v0 + tv), temperature)
-            m, lz, ent = piece_stats(x, n0, v0, " (hidden @ weight.T + bias, never built)")
-            merged.add(m, lz, ent)
-            if keep_tiles:
-                tiles[n0:n1, j, 0] = m
-                tiles[n0:n1, j, 1] = lz.double().exp()
-            del x
+        merged = _token_tile_stats(h2[n0:n1], n0, weight, bias, temperature, tv,
+                                   None if tiles is None else tiles[n0:n1])
         M[n0:n1], LZ[n0:n1], H[n0:n1] = merged.raw() if raw else merged.result(acc)
     return M, LZ, H, tiles
 
@@ -250,7 +269,7 @@ def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, tempe
     group: hidden's gradient is then this shard's share, in float64 (the
     caller sums the shares and rounds once)."""
     N, S = actions.shape
-    V, Hd = weight.shape
+    V = weight.shape[0]
     col0, total = (0, 0) if shard is None else (shard.offset, shard.total)
     dev = h2.device
     acc = nat.stats_dtype(h2.dtype)
@@ -266,30 +285,39 @@ def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, tempe
     for n0 in range(0, N if live is None else live.shape[0], tn):
         # a slice (views) when every token counts, else the live tokens' indices
         rows = slice(n0, n0 + tn) if live is None else live[n0:n0 + tn]
-        h, a, st = h2[rows], actions[rows], stats[:, rows]
-        glp = None if g_lp is None else g_lp[rows]
-        gent = None if g_ent is None else g_ent[rows]
-        gh = torch.zeros((h.shape[0], Hd), dtype=torch.float64, device=dev) if need_h else None
-        for v0 in range(0, V, tv):
-            v1 = min(V, v0 + tv)
-            x = _logits_tile(h, weight, bias, v0, v1, temperature)
-            g = backward_rows(x, a, ignore_index, st[:2].contiguous(), st[2], grad_log_prob=glp, grad_entropy=gent,
-                              col_offset=col0 + v0, total_cols=total or V)
-            del x
-            if temperature != 1.0:
-                g /= temperature
-            if need_h:
-                gh += (g @ weight[v0:v1]).to(gh.dtype)
-            if need_w:
-                grad_w[v0:v1].addmm_(g.T, h)
-            if need_b:
-                grad_b[v0:v1] += g.sum(0, dtype=grad_b.dtype)
-            del g
+        st = stats[:, rows]
+        upstream = {"grad_log_prob": None if g_lp is None else g_lp[rows],
+                    "grad_entropy": None if g_ent is None else g_ent[rows]}
+        gh = _token_tile_grads(h2[rows], actions[rows], st[:2].contiguous(), st[2], upstream, weight, bias,
+                               ignore_index, temperature, tv, col0, total or V, need_h, grad_w, grad_b)
         if need_h:
             grad_h[rows] = gh.to(grad_h.dtype)
     if need_b:
         grad_b = grad_b.to(bias.dtype)
     return grad_h, grad_w, grad_b
+
+
+def _token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_index, temperature, tv, col0, total,
+                      need_h, grad_w, grad_b, full=None):
+    """One token tile's share of the three gradients: each vocabulary tile's
+    logits (recomputed, or views of ``full``) turned into their gradient by
+    the native backward (``upstream``: its weighting arguments), then the two
+    products; weight's and bias's gradients accumulate in place, hidden's
+    tile is returned in float64 (or None)."""
+    gh = torch.zeros((h.shape[0], weight.shape[1]), dtype=torch.float64, device=h.device) if need_h else None
+    for v0, v1, x in _vocab_tiles(h, weight, bias, temperature, tv, full):
+        g = backward_rows(x, a, ignore_index, row_stats, entropy, col_offset=col0 + v0, total_cols=total, **upstream)
+        del x
+        if temperature != 1.0:
+            g /= temperature
+        if need_h:
+            gh += (g @ weight[v0:v1]).to(gh.dtype)
+        if grad_w is not None:
+            grad_w[v0:v1].addmm_(g.T, h)
+        if grad_b is not None:
+            grad_b[v0:v1] += g.sum(0, dtype=grad_b.dtype)
+        del g
+    return gh
 
 
 # ---- registered ops (torch.compile) and autograd ---------------------------------

@@ -168,3 +168,26 @@ def test_linear_head_on_gpu(dtype):
     assert (s.actions != ref.actions).sum().item() <= 2
     lp2, _ = pgest.linear_log_prob(hidden.detach(), weight.detach(), s.actions)
     assert torch.equal(lp2, s.log_prob)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_policy_loss_on_gpu(dtype):
+    # the three-product route on CUDA against pgest.policy_loss on the
+    # materialised logits (both on the GPU), with an upstream scalar != 1
+    g = torch.Generator().manual_seed(1)
+    N, H, V = 700, 64, 32001
+    hidden = torch.randn(N, H, generator=g).to(dtype).cuda().requires_grad_()
+    weight = (torch.randn(V, H, generator=g) / 8).to(dtype).cuda().requires_grad_()
+    actions = torch.randint(0, V, (N,), generator=g).cuda()
+    actions[7] = -100
+    adv = torch.randn(N, generator=g).cuda()
+    loss = pgest.linear_policy_loss(hidden, weight, actions, adv, entropy_weight=0.01, token_tile=256,
+                                    vocab_tile=4096)
+    (2 * loss).backward()
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    ref = pgest.policy_loss(h2 @ w2.T, actions, adv, entropy_weight=0.01)
+    (2 * ref).backward()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(loss, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(hidden.grad.float(), h2.grad.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(weight.grad.float(), w2.grad.float(), rtol=tol, atol=tol)

@@ -1,0 +1,292 @@
+"""pgest.linear_policy_loss: pgest.policy_loss from hidden states and an LM
+head, without building the logits, in three matrix products instead of four.
+
+A loss that is a fixed weighted sum of per-token terms,
+
+    L = c * sum_t ( -sum_s A_ts log p(a_ts) - beta H_t )      (c = 1 or 1 / count)
+
+has per-token upstream gradients known before the backward runs
+(g_lp = -c A, g_H = -c beta, times the scalar that arrives later). So the
+forward finishes the job: per token tile, the logits over the whole
+vocabulary once (product 1), their statistics merged over the vocabulary
+tiles exactly as ``linear_log_prob`` merges them (the same numbers), the
+gradient of each vocabulary tile by the native backward, and the two
+products into hidden's and weight's gradients (2 and 3). The backward only
+scales them by the upstream scalar, in place. ``linear_log_prob`` cannot do
+this: its upstream gradients are whatever the objective makes of its
+outputs, so it recomputes the logits in the backward (four products).
+
+Workspace: one (token tile, V) logits buffer, a (token tile, vocabulary tile)
+gradient tile, a (token tile, H) float64 accumulator and O(tokens) numbers;
+the token tile is sized so that the buffer stays a small fraction of the
+logits (see _fused_token_tile). The gradients themselves exist from the
+forward on: they are the gradients the caller asked for, only earlier.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _native as nat
+from .linear_head import (_check_actions_range, _check_head, _check_rows, _check_tile, _chosen_logits, _live_rows,
+                          _rows, _tiles, _token_tile_grads, _token_tile_stats, linear_log_prob)
+from .log_prob import check_ignore_index, check_index_dtype, index_tensor, traced
+from .policy_loss import REDUCTIONS, _count, check_entropy_weight
+
+# The fused route keeps one token tile's logits over the whole vocabulary:
+# at most this many bytes, and at most 1/FUSED_FRACTION of the whole logits
+# (so that the workspace stays a small part of what is never built), but
+# never fewer than FUSED_MIN_TOKENS tokens (smaller products run the matmul
+# library well below its rate: measured on the CPU, M = 64 at 1/3 of M = 256).
+FUSED_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
+FUSED_FRACTION = 32
+FUSED_MIN_TOKENS = 128
+
+
+def _fused_token_tile(n_tokens: int, V: int, dtype: torch.dtype, device: torch.device) -> int:
+    row = V * torch.empty((), dtype=dtype).element_size()
+    budget = min(FUSED_BYTES.get(device.type, FUSED_BYTES["cpu"]), n_tokens * row // FUSED_FRACTION)
+    return max(1, min(n_tokens, max(FUSED_MIN_TOKENS, budget // row)))
+
+
+def _fused(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, adv: Tensor, beta: float,
+           ignore_index: Optional[int], temperature: float, tn: int, tv: int, scale: Tensor,
+           needs: List[bool]) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """-> (loss, grad_h, grad_w, grad_b) of loss = scale * sum over tokens of
+    (-sum_s adv_s log p(a_s) - beta H), the gradients for an upstream 1
+    (None where ``needs`` says no)."""
+    N, S = actions.shape
+    V = weight.shape[0]
+    dev = h2.device
+    acc = nat.stats_dtype(h2.dtype)
+    _check_actions_range(actions, V, ignore_index)
+    need_h, need_w, need_b = needs
+    grad_h = torch.zeros_like(h2) if need_h else None
+    grad_w = torch.zeros_like(weight) if need_w else None
+    grad_b = torch.zeros((V,), dtype=acc, device=dev) if need_b else None
+    total = torch.zeros((), dtype=acc, device=dev)
+    live = _live_rows(actions, ignore_index)
+    n_live = N if live is None else live.shape[0]
+    # one buffer for every token tile: a fresh (tile, V) tensor per tile would
+    # pay its page faults each time on the CPU (most of a product's time)
+    full = torch.empty((min(tn, n_live), V), dtype=h2.dtype, device=dev) if n_live else None
+    zero = torch.zeros((), dtype=acc, device=dev)
+    for n0 in range(0, n_live, tn):
+        rows = slice(n0, n0 + tn) if live is None else live[n0:n0 + tn]
+        h, a, w = h2[rows], actions[rows], adv[rows]
+        x = full[:h.shape[0]]
+        torch.mm(h, weight.T, out=x)  # rounded as _logits_tile rounds: product, bias, scale
+        if bias is not None:
+            x += bias
+        if temperature != 1.0:
+            x /= temperature
+        M, LZ, H = _token_tile_stats(h, n0 if live is None else 0, weight, bias, temperature, tv,
+                                     full=x).result(acc)
+        keep = a != ignore_index if ignore_index is not None else torch.ones_like(a, dtype=torch.bool)
+        lp = torch.where(keep, (_chosen_logits(h, weight, bias, a, temperature, h.shape[0], keep) - M[:, None])
+                         - LZ[:, None], zero)
+        # w * log p with w = 0 and log p = -inf (an impossible action) is 0, as in policy_loss
+        total += -torch.where(w != 0, w * lp, zero).sum() - beta * H.sum()
+        if any(needs):
+            upstream = {"grad_log_prob": w, "row_scale": scale.expand(h.shape[0]), "log_prob_scale": -1.0,
+                        "entropy_scale": -beta}
+            gh = _token_tile_grads(h, a, torch.stack([M, LZ]), H, upstream, weight, bias, ignore_index, temperature,
+                                   tv, 0, V, need_h, grad_w, grad_b, full=x)
+            if need_h:
+                grad_h[rows] = gh.to(grad_h.dtype)
+        del x
+    if need_b:
+        grad_b = grad_b.to(bias.dtype)
+    return total * scale, grad_h, grad_w, grad_b
+
+
+def _scale(actions: Tensor, ignore_index: Optional[int], reduction: str, acc: torch.dtype) -> Tensor:
+    """The loss's constant factor as a 0-dim tensor (no host read of the
+    count: a sync on a GPU); a mean over nothing is nan, as cross_entropy's."""
+    if reduction == "sum":
+        return torch.ones((), dtype=acc, device=actions.device)
+    return 1.0 / torch.as_tensor(_count(actions, ignore_index), dtype=acc, device=actions.device)
+
+
+def _check_weights(actions: Tensor, advantages: Tensor, acc: torch.dtype) -> None:
+    if advantages.shape != actions.shape or advantages.dtype != acc:
+        raise ValueError(f"advantages must be {tuple(actions.shape)} {acc} like actions, got "
+                         f"{tuple(advantages.shape)} {advantages.dtype}")
+    nat.check_device(advantages, "advantages", actions, "actions")
+
+
+# ---- the registered op (torch.compile) and its autograd -----------------------------
+
+@torch.library.custom_op("pgest::linear_policy_loss", mutates_args=())
+def linear_policy_loss_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor,
+                            advantages: Tensor, entropy_weight: float, ignore_index: Optional[int],
+                            temperature: float, reduction: str, token_tile: int, vocab_tile: int,
+                            needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(N, H) hidden, (V, H) weight, (N, S) actions and advantages (the
+    accumulation dtype) -> (loss (), and the gradients of hidden, weight and
+    bias for an upstream 1, an empty tensor where ``needs`` says no)."""
+    _check_rows(hidden, weight, bias, actions, temperature)
+    _check_weights(actions, advantages, nat.stats_dtype(hidden.dtype))
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' here, got {reduction!r}")
+    if len(needs) != 3:
+        raise ValueError(f"needs must hold 3 flags (hidden, weight, bias), got {len(needs)}")
+    a = index_tensor(actions, weight.shape[0])
+    loss, gh, gw, gb = _fused(hidden, weight, bias, a, advantages.contiguous(), check_entropy_weight(entropy_weight),
+                              check_ignore_index(ignore_index), temperature, _check_tile(token_tile, "token_tile", 1),
+                              _check_tile(vocab_tile, "vocab_tile", 1), _scale(a, ignore_index, reduction, advantages.dtype),
+                              [bool(needs[0]), bool(needs[1]), bool(needs[2]) and bias is not None])
+    empty = hidden.new_empty((0,))
+    return (loss, gh if gh is not None else empty, gw if gw is not None else empty.clone(),
+            gb if gb is not None else empty.clone())
+
+
+@linear_policy_loss_rows.register_fake
+def _(hidden, weight, bias, actions, advantages, entropy_weight, ignore_index, temperature, reduction, token_tile,
+      vocab_tile, needs):
+    acc = nat.stats_dtype(hidden.dtype)
+    return (hidden.new_empty((), dtype=acc),
+            hidden.new_empty(hidden.shape) if needs[0] else hidden.new_empty((0,)),
+            weight.new_empty(weight.shape) if needs[1] else hidden.new_empty((0,)),
+            bias.new_empty(bias.shape) if needs[2] and bias is not None else hidden.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+    ctx.has_bias = inputs[2] is not None
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward_op(ctx, grad_loss, _gh, _gw, _gb):
+    gh, gw, gb = ctx.saved_tensors
+    pick = lambda g, i: g * grad_loss.to(g.dtype) if ctx.needs_input_grad[i] and g.numel() else None
+    return (pick(gh, 0), pick(gw, 1), pick(gb, 2) if ctx.has_bias else None,
+            None, None, None, None, None, None, None, None, None)
+
+
+linear_policy_loss_rows.register_autograd(_backward_op, setup_context=_setup_context)
+
+
+class _LinearPolicyLossFn(torch.autograd.Function):
+    """The eager route. The gradients computed in the forward are handed to
+    the first backward, scaled in place, and this node lets go of them: no
+    second copy of weight's gradient is ever made (autograd takes the
+    tensor as .grad). A later backward through the same graph (retain_graph,
+    gradcheck) computes them again from the saved inputs."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, aux):
+        loss, gh, gw, gb = _fused(hidden, weight, bias, *aux)
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.aux, ctx.grads = aux, (gh, gw, gb)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            grads = _fused(*ctx.saved_tensors, *ctx.aux)[1:]
+        # On the CPU a unit upstream (loss.backward()) is read for free and
+        # skips a pass over weight's gradient; on a GPU that read would sync.
+        unit = not grad_loss.is_cuda and float(grad_loss) == 1.0
+        out = []
+        for g in grads:
+            if g is not None and not unit:
+                g.mul_(grad_loss.to(g.dtype))
+            out.append(g)
+        del grads
+        return out[0], out[1], out[2], None
+
+
+_apply_fused = super(torch.autograd.Function, _LinearPolicyLossFn).apply  # see log_prob._apply_log_prob
+
+
+# ---- the public function ------------------------------------------------------------
+
+def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantages: Tensor, *,
+                       bias: Optional[Tensor] = None, temperature: float = 1.0, entropy_weight: float = 0.0,
+                       ignore_index: Optional[int] = -100, reduction: str = "mean",
+                       token_tile: Optional[int] = None, vocab_tile: Optional[int] = None) -> Tensor:
+    """``pgest.policy_loss`` of ``logits = (hidden @ weight.T + bias) / temperature``
+    without building the logits: ``-advantage * log p(action)`` per action,
+    ``- entropy_weight * H`` per token, reduced like ``cross_entropy``.
+
+    With ``reduction="mean"`` (over the actions that are not ``ignore_index``)
+    or ``"sum"`` the gradients are computed in the forward, three matrix
+    products in all (``linear_log_prob`` followed by the same formula takes
+    four: it recomputes the logits in the backward); the backward scales
+    them by the upstream gradient. Such a graph can be backpropagated once.
+    Any loss that is a fixed weighted sum of per-token terms is this one with
+    the weights folded into ``advantages`` and ``reduction="sum"``
+    (``seq-mean-token-mean``: A_t / (T_seq * num_seqs)). ``"none"`` returns
+    the per-token losses through ``linear_log_prob`` (four products).
+
+    The per-token log-probabilities and entropies are ``linear_log_prob``'s
+    (the same vocabulary tiles merged in the same order), so this loss equals
+    ``-(advantages * linear_log_prob(...).log_prob).mean() - entropy_weight *
+    entropy.mean()``-style formulas to rounding, and exactly when the products
+    agree bit for bit.
+
+    Args:
+        hidden: (..., H) float32/float64/float16/bfloat16; leading dims are tokens.
+        weight: (V, H), dtype of hidden; bias: optional (V,).
+        actions: (...,) token ids or (..., S) for S per token; ``ignore_index``
+            entries count for nothing (a token whose actions are all ignored
+            is skipped: no loss, no entropy term, no work).
+        advantages: floats of the shape of ``actions``, constants.
+        token_tile, vocab_tile: tile sizes; the fused route keeps one token
+            tile's logits over the whole vocabulary (default: a tile within
+            64 MiB on the CPU and 1/32 of the logits, at least 128 tokens).
+
+    Returns the loss, float32 for 16-bit inputs (float64 for float64).
+    """
+    temperature = _check_head(hidden, weight, bias, temperature)
+    lead = hidden.shape[:-1]
+    check_index_dtype(actions)
+    if actions.shape == lead:
+        S = 1
+    elif actions.dim() == len(lead) + 1 and actions.shape[:-1] == lead:
+        S = actions.shape[-1]
+    else:
+        raise ValueError(f"actions must have shape {tuple(lead)} (or {tuple(lead)} + (S,)) to match hidden "
+                         f"{tuple(hidden.shape)}, got {tuple(actions.shape)}")
+    nat.check_device(actions, "actions", hidden.device, "hidden")
+    nat.check_float_tensor(advantages, "advantages")
+    if advantages.shape != actions.shape:
+        raise ValueError(f"advantages must have shape {tuple(actions.shape)} like actions, "
+                         f"got {tuple(advantages.shape)}")
+    nat.check_device(advantages, "advantages", hidden.device, "hidden")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    beta = check_entropy_weight(entropy_weight)
+    ii = check_ignore_index(ignore_index)
+    if reduction == "none":
+        lp, ent = linear_log_prob(hidden, weight, actions, bias=bias, temperature=temperature, ignore_index=ii,
+                                  token_tile=token_tile, vocab_tile=vocab_tile)
+        adv = advantages.detach().to(lp.dtype)
+        wlp = torch.where(adv != 0, adv * lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
+        return -(wlp if S == 1 and actions.shape == lead else wlp.sum(-1)) - beta * ent
+    _, tv = _tiles(hidden, None, vocab_tile)
+    h2 = _rows(hidden)
+    N = h2.shape[0]
+    tn = (_check_tile(token_tile, "token_tile", 1) if token_tile is not None
+          else _fused_token_tile(N, weight.shape[0], hidden.dtype, hidden.device))
+    traced()  # under torch.func transforms: raises with what to do instead
+    acc = nat.stats_dtype(hidden.dtype)
+    a2 = index_tensor(actions, weight.shape[0]).reshape(-1, S)
+    w2 = advantages.detach().reshape(-1, S)
+    if w2.dtype != acc or not w2.is_contiguous():
+        w2 = w2.to(acc).contiguous()
+    grad_on = torch.is_grad_enabled()
+    needs = [grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+             grad_on and bias is not None and bias.requires_grad]
+    try:
+        if torch.compiler.is_compiling() or not any(needs):
+            return linear_policy_loss_rows(h2, weight, bias, a2, w2, beta, ii, temperature, reduction, tn, tv,
+                                           needs)[0]
+        return _apply_fused(h2, weight, bias, (a2, w2, beta, ii, temperature, tn, tv, _scale(a2, ii, reduction, acc),
+                                               [needs[0], needs[1], needs[2] and bias is not None]))
+    except (ValueError, IndexError) as e:
+        raise type(e)(nat.unflatten_message(str(e), lead)) from None
