@@ -311,7 +311,7 @@ def _token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_i
         if temperature != 1.0:
             g /= temperature
         if need_h:
-            gh += (g @ weight[v0:v1]).to(gh.dtype)
+            gh += g @ weight[v0:v1]  # promoted in place: no float64 copy of the product
         if grad_w is not None:
             grad_w[v0:v1].addmm_(g.T, h)
         if grad_b is not None:
@@ -442,6 +442,21 @@ class _ShardedLinearLogProb(torch.autograd.Function):
 
 # ---- the public functions ----------------------------------------------------------
 
+def check_token_actions(hidden: Tensor, actions) -> Tuple[torch.Size, int]:
+    """(leading shape of hidden, actions per token) for (...,) or (..., S) actions."""
+    lead = hidden.shape[:-1]
+    check_index_dtype(actions)
+    if actions.shape == lead:
+        S = 1
+    elif actions.dim() == len(lead) + 1 and actions.shape[:-1] == lead:
+        S = actions.shape[-1]
+    else:
+        raise ValueError(f"actions must have shape {tuple(lead)} (or {tuple(lead)} + (S,)) to match hidden "
+                         f"{tuple(hidden.shape)}, got {tuple(actions.shape)}")
+    nat.check_device(actions, "actions", hidden.device, "hidden")
+    return lead, S
+
+
 def _rows(hidden: Tensor) -> Tensor:
     return hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1])
 
@@ -484,16 +499,7 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
     error = None
     try:
         temperature = _check_head(hidden, weight, bias, temperature)
-        lead = hidden.shape[:-1]
-        check_index_dtype(actions)
-        if actions.shape == lead:
-            S = 1
-        elif actions.dim() == len(lead) + 1 and actions.shape[:-1] == lead:
-            S = actions.shape[-1]
-        else:
-            raise ValueError(f"actions must have shape {tuple(lead)} (or {tuple(lead)} + (S,)) to match hidden "
-                             f"{tuple(hidden.shape)}, got {tuple(actions.shape)}")
-        nat.check_device(actions, "actions", hidden.device, "hidden")
+        lead, S = check_token_actions(hidden, actions)
         ii = check_ignore_index(ignore_index)
         tn, tv = _tiles(hidden, token_tile, vocab_tile)
         traced()  # under torch.func transforms: raises with what to do instead

@@ -31,24 +31,27 @@ from torch import Tensor
 
 from . import _native as nat
 from .linear_head import (_check_actions_range, _check_head, _check_rows, _check_tile, _chosen_logits, _live_rows,
-                          _rows, _tiles, _token_tile_grads, _token_tile_stats, linear_log_prob)
-from .log_prob import check_ignore_index, check_index_dtype, index_tensor, traced
+                          _rows, _tiles, _token_tile_grads, _token_tile_stats, check_token_actions,
+                          linear_log_prob)
+from .log_prob import check_ignore_index, index_tensor, traced
 from .policy_loss import REDUCTIONS, _count, check_entropy_weight
 
-# The fused route keeps one token tile's logits over the whole vocabulary:
-# at most this many bytes, and at most 1/FUSED_FRACTION of the whole logits
-# (so that the workspace stays a small part of what is never built), but
-# never fewer than FUSED_MIN_TOKENS tokens (smaller products run the matmul
-# library well below its rate: measured on the CPU, M = 64 at 1/3 of M = 256).
+# The fused route keeps one token tile's logits over the whole vocabulary
+# and its hidden gradient accumulator (float64): at most FUSED_BYTES, and at
+# most 1/FUSED_FRACTION of the whole logits (so that the workspace stays a
+# small part of what is never built), but never fewer than FUSED_MIN_TOKENS
+# tokens (smaller products run the matmul library well below its rate:
+# measured on the CPU, M = 64 at 1/3 of M = 256). Tiles are multiples of 32.
 FUSED_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
 FUSED_FRACTION = 32
 FUSED_MIN_TOKENS = 128
 
 
-def _fused_token_tile(n_tokens: int, V: int, dtype: torch.dtype, device: torch.device) -> int:
-    row = V * torch.empty((), dtype=dtype).element_size()
-    budget = min(FUSED_BYTES.get(device.type, FUSED_BYTES["cpu"]), n_tokens * row // FUSED_FRACTION)
-    return max(1, min(n_tokens, max(FUSED_MIN_TOKENS, budget // row)))
+def _fused_token_tile(n_tokens: int, V: int, H: int, dtype: torch.dtype, device: torch.device) -> int:
+    size = torch.empty((), dtype=dtype).element_size()
+    budget = min(FUSED_BYTES.get(device.type, FUSED_BYTES["cpu"]), n_tokens * V * size // FUSED_FRACTION)
+    tn = budget // (V * size + H * 8) // 32 * 32
+    return max(1, min(n_tokens, max(FUSED_MIN_TOKENS, tn)))
 
 
 def _fused(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, adv: Tensor, beta: float,
@@ -243,16 +246,7 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantag
     Returns the loss, float32 for 16-bit inputs (float64 for float64).
     """
     temperature = _check_head(hidden, weight, bias, temperature)
-    lead = hidden.shape[:-1]
-    check_index_dtype(actions)
-    if actions.shape == lead:
-        S = 1
-    elif actions.dim() == len(lead) + 1 and actions.shape[:-1] == lead:
-        S = actions.shape[-1]
-    else:
-        raise ValueError(f"actions must have shape {tuple(lead)} (or {tuple(lead)} + (S,)) to match hidden "
-                         f"{tuple(hidden.shape)}, got {tuple(actions.shape)}")
-    nat.check_device(actions, "actions", hidden.device, "hidden")
+    lead, S = check_token_actions(hidden, actions)
     nat.check_float_tensor(advantages, "advantages")
     if advantages.shape != actions.shape:
         raise ValueError(f"advantages must have shape {tuple(actions.shape)} like actions, "
@@ -272,7 +266,7 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantag
     h2 = _rows(hidden)
     N = h2.shape[0]
     tn = (_check_tile(token_tile, "token_tile", 1) if token_tile is not None
-          else _fused_token_tile(N, weight.shape[0], hidden.dtype, hidden.device))
+          else _fused_token_tile(N, weight.shape[0], weight.shape[1], hidden.dtype, hidden.device))
     traced()  # under torch.func transforms: raises with what to do instead
     acc = nat.stats_dtype(hidden.dtype)
     a2 = index_tensor(actions, weight.shape[0]).reshape(-1, S)

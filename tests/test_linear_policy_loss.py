@@ -10,14 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import pgest
-
-
-def make(N, H, V, dtype=torch.float64, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(N, H, generator=g) * scale).to(dtype)
-    weight = (torch.randn(V, H, generator=g) / math.sqrt(H)).to(dtype)
-    bias = torch.randn(V, generator=g).to(dtype)
-    return hidden, weight, bias
+from test_linear_head import make  # (N, H, V) hidden, weight, bias
 
 
 def reference(hidden, weight, actions, adv, bias=None, temperature=1.0, beta=0.0, ignore_index=-100,
