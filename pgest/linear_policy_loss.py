@@ -240,8 +240,9 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantag
             is skipped: no loss, no entropy term, no work).
         advantages: floats of the shape of ``actions``, constants.
         token_tile, vocab_tile: tile sizes; the fused route keeps one token
-            tile's logits over the whole vocabulary (default: a tile within
-            64 MiB on the CPU and 1/32 of the logits, at least 128 tokens).
+            tile's logits over the whole vocabulary (default: the tile and
+            its float64 hidden-gradient accumulator within 64 MiB on the CPU
+            and 1/32 of the logits, at least 128 tokens).
 
     Returns the loss, float32 for 16-bit inputs (float64 for float64).
     """
