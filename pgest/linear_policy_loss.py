@@ -34,7 +34,7 @@ from .linear_head import (_check_actions_range, _check_head, _check_rows, _check
                           _rows, _tiles, _token_tile_grads, _token_tile_stats, check_token_actions,
                           linear_log_prob)
 from .log_prob import check_ignore_index, index_tensor, traced
-from .policy_loss import REDUCTIONS, _count, check_entropy_weight
+from .policy_loss import REDUCTIONS, _check_weights, _count, check_entropy_weight, weighted_log_probs
 
 # The fused route keeps one token tile's logits over the whole vocabulary
 # and its hidden gradient accumulator (float64): at most FUSED_BYTES, and at
@@ -90,8 +90,7 @@ def _fused(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, 
         keep = a != ignore_index if ignore_index is not None else torch.ones_like(a, dtype=torch.bool)
         lp = torch.where(keep, (_chosen_logits(h, weight, bias, a, temperature, h.shape[0], keep) - M[:, None])
                          - LZ[:, None], zero)
-        # w * log p with w = 0 and log p = -inf (an impossible action) is 0, as in policy_loss
-        total += -torch.where(w != 0, w * lp, zero).sum() - beta * H.sum()
+        total += -weighted_log_probs(w, lp).sum() - beta * H.sum()
         if any(needs):
             upstream = {"grad_log_prob": w, "row_scale": scale.expand(h.shape[0]), "log_prob_scale": -1.0,
                         "entropy_scale": -beta}
@@ -113,13 +112,6 @@ def _scale(actions: Tensor, ignore_index: Optional[int], reduction: str, acc: to
     return 1.0 / torch.as_tensor(_count(actions, ignore_index), dtype=acc, device=actions.device)
 
 
-def _check_weights(actions: Tensor, advantages: Tensor, acc: torch.dtype) -> None:
-    if advantages.shape != actions.shape or advantages.dtype != acc:
-        raise ValueError(f"advantages must be {tuple(actions.shape)} {acc} like actions, got "
-                         f"{tuple(advantages.shape)} {advantages.dtype}")
-    nat.check_device(advantages, "advantages", actions, "actions")
-
-
 # ---- the registered op (torch.compile) and its autograd -----------------------------
 
 @torch.library.custom_op("pgest::linear_policy_loss", mutates_args=())
@@ -131,15 +123,16 @@ def linear_policy_loss_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
     accumulation dtype) -> (loss (), and the gradients of hidden, weight and
     bias for an upstream 1, an empty tensor where ``needs`` says no)."""
     _check_rows(hidden, weight, bias, actions, temperature)
-    _check_weights(actions, advantages, nat.stats_dtype(hidden.dtype))
+    _check_weights(hidden, actions, advantages, "advantages", "hidden")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' here, got {reduction!r}")
     if len(needs) != 3:
         raise ValueError(f"needs must hold 3 flags (hidden, weight, bias), got {len(needs)}")
     a = index_tensor(actions, weight.shape[0])
+    ii = check_ignore_index(ignore_index)
     loss, gh, gw, gb = _fused(hidden, weight, bias, a, advantages.contiguous(), check_entropy_weight(entropy_weight),
-                              check_ignore_index(ignore_index), temperature, _check_tile(token_tile, "token_tile", 1),
-                              _check_tile(vocab_tile, "vocab_tile", 1), _scale(a, ignore_index, reduction, advantages.dtype),
+                              ii, temperature, _check_tile(token_tile, "token_tile", 1),
+                              _check_tile(vocab_tile, "vocab_tile", 1), _scale(a, ii, reduction, advantages.dtype),
                               [bool(needs[0]), bool(needs[1]), bool(needs[2]) and bias is not None])
     empty = hidden.new_empty((0,))
     return (loss, gh if gh is not None else empty, gw if gw is not None else empty.clone(),
@@ -260,8 +253,7 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantag
     if reduction == "none":
         lp, ent = linear_log_prob(hidden, weight, actions, bias=bias, temperature=temperature, ignore_index=ii,
                                   token_tile=token_tile, vocab_tile=vocab_tile)
-        adv = advantages.detach().to(lp.dtype)
-        wlp = torch.where(adv != 0, adv * lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
+        wlp = weighted_log_probs(advantages.detach().to(lp.dtype), lp)
         return -(wlp if S == 1 and actions.shape == lead else wlp.sum(-1)) - beta * ent
     _, tv = _tiles(hidden, None, vocab_tile)
     h2 = _rows(hidden)
@@ -282,6 +274,6 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantag
             return linear_policy_loss_rows(h2, weight, bias, a2, w2, beta, ii, temperature, reduction, tn, tv,
                                            needs)[0]
         return _apply_fused(h2, weight, bias, (a2, w2, beta, ii, temperature, tn, tv, _scale(a2, ii, reduction, acc),
-                                               [needs[0], needs[1], needs[2] and bias is not None]))
+                                               needs))
     except (ValueError, IndexError) as e:
         raise type(e)(nat.unflatten_message(str(e), lead)) from None

@@ -24,13 +24,22 @@ from .log_prob import (actions_per_row, backward_rows, check_ignore_index, check
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check_weights(logits, actions, weights) -> None:
+def _check_weights(logits, actions, weights, name: str = "weights", ref_name: str = "logits") -> None:
+    """(R, S) weights of (R, S) actions in the accumulation dtype of the
+    (R, ...) rows ``logits`` (or hidden states), on their device."""
     R = logits.shape[0]
     acc = nat.stats_dtype(logits.dtype)
     S = actions.shape[1]
     if weights.shape != (R, S) or weights.dtype != acc:
-        raise ValueError(f"weights must be ({R}, {S}) {acc} like actions, got {tuple(weights.shape)} {weights.dtype}")
-    nat.check_device(weights, "weights", logits, "logits")
+        raise ValueError(f"{name} must be ({R}, {S}) {acc} like actions, got {tuple(weights.shape)} {weights.dtype}")
+    nat.check_device(weights, name, logits, ref_name)
+
+
+def weighted_log_probs(weights: Tensor, log_prob: Tensor) -> Tensor:
+    """weights * log_prob, with w = 0 and log p = -inf (an impossible action)
+    giving 0, as the native forward's fused loss (log_prob.h) counts it."""
+    return torch.where(weights != 0, weights * log_prob, torch.zeros((), dtype=log_prob.dtype,
+                                                                     device=log_prob.device))
 
 
 @torch.library.custom_op("pgest::policy_loss", mutates_args=())
