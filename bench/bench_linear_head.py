@@ -11,6 +11,8 @@ recorded for each.
 
     pytest bench/bench_linear_head.py --benchmark-json bench/results/cpu-linear.json
     PGEST_LINEAR_SHAPES="1024,512,32000" pytest bench/bench_linear_head.py   # other (tokens, H, V)
+    PGEST_LINEAR_INTERLEAVED=3 PGEST_LINEAR_PROVIDERS=pgest_fused,compiled pytest bench/bench_linear_head.py \
+        -k interleaved   # the providers of a shape in alternation, 3 rounds (ratios on a drifting machine)
 """
 import os
 
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import pgest
-from pgest.benchmarks import compiled, peak_allocated_bytes
+from pgest.benchmarks import compiled, interleaved_medians, peak_allocated_bytes
 
 SHAPES = [tuple(int(v) for v in s.split(",")) for s in
           os.environ.get("PGEST_LINEAR_SHAPES", "4096,1024,128256;8192,2048,32000").split(";")]
@@ -86,19 +88,44 @@ def floor_step(h, w):
     return run
 
 
+INTERLEAVED = int(os.environ.get("PGEST_LINEAR_INTERLEAVED", "0"))
+
+
+def step(provider, hidden, weight, actions, adv):
+    if provider == "matmul_floor":
+        return floor_step(hidden, weight)
+    fn = compiled(eager_pg) if provider == "compiled" else PROVIDERS[provider]
+
+    def run():
+        hidden.grad = weight.grad = None
+        fn(hidden, weight, actions, adv).backward()
+    return run
+
+
+@pytest.mark.skipif(not INTERLEAVED, reason="set PGEST_LINEAR_INTERLEAVED=<rounds>")
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_linear_head_interleaved(benchmark, shape, dtype):
+    # A step here takes 10-40 s and this machine's speed drifts by more than
+    # the gaps between providers over the minutes a sequential run takes:
+    # one call of each provider per round, in a fresh random order
+    # (pgest.benchmarks.interleaved_medians); only time is measured.
+    hidden, weight, actions, adv = make(*shape, DTYPES[dtype])
+    fns = {p: step(p, hidden, weight, actions, adv) for p in PROVIDERS if not ONLY or p in ONLY}
+    medians = interleaved_medians(fns, rounds=INTERLEAVED, round_seconds=0.0)
+    N, H, V = shape
+    benchmark.group = f"linear head {N}x{H}x{V} {dtype} interleaved"
+    benchmark.extra_info.update(op="linear_log_prob fwd+bwd", shape=list(shape), dtype=dtype,
+                                interleaved_seconds=medians, rounds=INTERLEAVED, threads=torch.get_num_threads())
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+
+
 @pytest.mark.parametrize("provider", [p for p in PROVIDERS if not ONLY or p in ONLY])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_linear_head_fwd_bwd(benchmark, shape, dtype, provider):
     hidden, weight, actions, adv = make(*shape, DTYPES[dtype])
-    if provider == "matmul_floor":
-        run = floor_step(hidden, weight)
-    else:
-        fn = compiled(eager_pg) if provider == "compiled" else PROVIDERS[provider]
-
-        def run():
-            hidden.grad = weight.grad = None
-            fn(hidden, weight, actions, adv).backward()
+    run = step(provider, hidden, weight, actions, adv)
     run()  # compile / warm up outside the timing
     N, H, V = shape
     inputs_and_grads = 2 * (hidden.numel() + weight.numel()) * hidden.element_size()

@@ -148,8 +148,11 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], rounds: int = 15,
     names = list(fns)
     order = random.Random(0)
     iters = {}
-    for n in names:  # warm up, and calls per round
+    for n in names:  # warm up, and calls per round (one, without a timing call, for round_seconds <= 0)
         fns[n]()
+        if round_seconds <= 0:
+            iters[n] = 1
+            continue
         t0 = time.perf_counter()
         fns[n]()
         iters[n] = max(1, int(round_seconds / max(time.perf_counter() - t0, 1e-7)))

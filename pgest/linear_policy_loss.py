@@ -16,8 +16,10 @@ scales them by the upstream scalar, in place. ``linear_log_prob`` cannot do
 this: its upstream gradients are whatever the objective makes of its
 outputs, so it recomputes the logits in the backward (four products).
 
-Workspace: one (token tile, V) logits buffer, a (token tile, vocabulary tile)
-gradient tile, a (token tile, H) float64 accumulator and O(tokens) numbers;
+Workspace: one (token tile, V) logits buffer (which then holds their
+gradient, so that products 2 and 3 run over the whole vocabulary at once), a
+(token tile, vocabulary tile) gradient tile, a (token tile, H) product and
+O(tokens) numbers;
 the token tile is sized so that the buffer stays a small fraction of the
 logits (see _fused_token_tile). The gradients themselves exist from the
 forward on: they are the gradients the caller asked for, only earlier.
@@ -30,27 +32,33 @@ import torch
 from torch import Tensor
 
 from . import _native as nat
-from .linear_head import (_check_actions_range, _check_head, _check_rows, _check_tile, _chosen_logits, _live_rows,
-                          _rows, _tiles, _token_tile_grads, _token_tile_stats, check_token_actions,
+from .linear_head import (NEVER_BUILT, _check_actions_range, _check_head, _check_rows, _check_tile, _chosen_logits,
+                          _live_rows, _rows, _tiles, _token_tile_grads, _token_tile_stats, check_token_actions,
                           linear_log_prob)
 from .log_prob import check_ignore_index, index_tensor, traced
 from .policy_loss import REDUCTIONS, _check_weights, _count, check_entropy_weight, weighted_log_probs
 
-# The fused route keeps one token tile's logits over the whole vocabulary
-# and its hidden gradient accumulator (float64): at most FUSED_BYTES, and at
+# The fused route keeps one token tile's logits over the whole vocabulary,
+# a vocabulary tile's gradient and the tile's hidden gradient (all in the
+# inputs' dtype; ``tv`` columns for the second): at most FUSED_BYTES, and at
 # most 1/FUSED_FRACTION of the whole logits (so that the workspace stays a
 # small part of what is never built), but never fewer than FUSED_MIN_TOKENS
 # tokens (smaller products run the matmul library well below its rate:
 # measured on the CPU, M = 64 at 1/3 of M = 256). Tiles are multiples of 32.
-FUSED_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
-FUSED_FRACTION = 32
+# The tile is what sets the speed: the three products over (tile, 2048) x
+# (2048, 32000) fp32 for 2048 tokens took 6.2, 5.3, 5.0, 4.7 and 4.5 s at
+# tiles of 128, 224, 352, 512 and 1024 tokens (CPU, medians of 3,
+# interleaved), so the fraction is as large as the issue's bound of 1/20
+# of the logits leaves room for (the other buffers are in the formula).
+FUSED_BYTES = {"cpu": 96 << 20, "cuda": 512 << 20}
+FUSED_FRACTION = 22
 FUSED_MIN_TOKENS = 128
 
 
-def _fused_token_tile(n_tokens: int, V: int, H: int, dtype: torch.dtype, device: torch.device) -> int:
+def _fused_token_tile(n_tokens: int, V: int, H: int, tv: int, dtype: torch.dtype, device: torch.device) -> int:
     size = torch.empty((), dtype=dtype).element_size()
     budget = min(FUSED_BYTES.get(device.type, FUSED_BYTES["cpu"]), n_tokens * V * size // FUSED_FRACTION)
-    tn = budget // (V * size + H * 8) // 32 * 32
+    tn = budget // ((V + min(V, tv) + H) * size) // 32 * 32
     return max(1, min(n_tokens, max(FUSED_MIN_TOKENS, tn)))
 
 
@@ -85,8 +93,8 @@ def _fused(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, 
             x += bias
         if temperature != 1.0:
             x /= temperature
-        M, LZ, H = _token_tile_stats(h, n0 if live is None else 0, weight, bias, temperature, tv,
-                                     full=x).result(acc)
+        where = n0 if live is None else rows
+        M, LZ, H = _token_tile_stats(h, where, weight, bias, temperature, tv, full=x).result(acc, where, NEVER_BUILT)
         keep = a != ignore_index if ignore_index is not None else torch.ones_like(a, dtype=torch.bool)
         lp = torch.where(keep, (_chosen_logits(h, weight, bias, a, temperature, h.shape[0], keep) - M[:, None])
                          - LZ[:, None], zero)
@@ -234,8 +242,8 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantag
         advantages: floats of the shape of ``actions``, constants.
         token_tile, vocab_tile: tile sizes; the fused route keeps one token
             tile's logits over the whole vocabulary (default: the tile and
-            its float64 hidden-gradient accumulator within 64 MiB on the CPU
-            and 1/32 of the logits, at least 128 tokens).
+            its gradient buffers within 96 MiB on the CPU
+            and 1/22 of the logits, at least 128 tokens).
 
     Returns the loss, float32 for 16-bit inputs (float64 for float64).
     """
@@ -259,7 +267,7 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantag
     h2 = _rows(hidden)
     N = h2.shape[0]
     tn = (_check_tile(token_tile, "token_tile", 1) if token_tile is not None
-          else _fused_token_tile(N, weight.shape[0], weight.shape[1], hidden.dtype, hidden.device))
+          else _fused_token_tile(N, weight.shape[0], weight.shape[1], tv, hidden.dtype, hidden.device))
     traced()  # under torch.func transforms: raises with what to do instead
     acc = nat.stats_dtype(hidden.dtype)
     a2 = index_tensor(actions, weight.shape[0]).reshape(-1, S)

@@ -118,15 +118,18 @@ def _acc_rows(t: Tensor, acc: torch.dtype, R: int, S: int = 0) -> Tensor:
 def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], stats: Tensor, entropy: Tensor, *,
                   grad_log_prob: Optional[Tensor] = None, grad_entropy: Optional[Tensor] = None,
                   row_scale: Optional[Tensor] = None, log_prob_scale: float = 1.0,
-                  entropy_scale: float = 0.0, col_offset: int = 0, total_cols: int = 0) -> Tensor:
+                  entropy_scale: float = 0.0, col_offset: int = 0, total_cols: int = 0,
+                  out: Optional[Tensor] = None) -> Tensor:
     """d L / d logits (R, K), contiguous, dtype of the logits, from the
     upstream gradients g_s = row_scale * log_prob_scale * grad_log_prob and
     g_H = row_scale * (grad_entropy or entropy_scale) (log_prob.h). Every
     action is checked again before it is used as an index. With
     ``total_cols``, ``x`` is the vocabulary tile [col_offset, col_offset + K)
-    of rows of ``total_cols`` entries whose statistics ``stats`` hold."""
+    of rows of ``total_cols`` entries whose statistics ``stats`` hold.
+    ``out``: a contiguous (R, K) buffer of x's dtype to write into (not
+    ``x`` itself: an action's entry rereads x after the dense pass)."""
     R, K = x.shape
-    grad = torch.empty(R, K, dtype=x.dtype, device=nat.device_of(x))
+    grad = torch.empty(R, K, dtype=x.dtype, device=nat.device_of(x)) if out is None else out
     if not R:
         return grad
     acc = nat.stats_dtype(x.dtype)

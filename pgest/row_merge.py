@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -25,12 +25,14 @@ from . import _native as nat
 from .log_prob import forward_rows
 
 
-def piece_stats(x: Tensor, row0: int = 0, col0: int = 0, what: str = "", probe: Optional[Tensor] = None,
+def piece_stats(x: Tensor, row0: Union[int, Tensor] = 0, col0: int = 0, what: str = "", probe: Optional[Tensor] = None,
                 ignore_index: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(max, log Z, H) of each row of one piece by the native row kernel. A
     row that is all -inf in this piece (a masked tile, a shard of masked
     tokens) is legal here and carries no mass. Errors name the whole row's
-    indices (row0, col0: where the piece sits), followed by ``what``.
+    indices (row0, col0: where the piece sits; ``row0`` may instead be the
+    whole-row index of each row, when the piece's rows are a gather of the
+    live tokens), followed by ``what``.
     ``probe`` (rows,) bool: only these rows are read (padding rows of
     ``ignore_index`` are not, as in pgest.log_prob); the others give zeros."""
     try:
@@ -45,25 +47,36 @@ def piece_stats(x: Tensor, row0: int = 0, col0: int = 0, what: str = "", probe: 
     except ValueError as e:
         msg = str(e)
         if "is all -inf" in msg:
-            return _masked_piece_stats(x)
+            return _masked_piece_stats(x, row0, col0, what, probe)
         m = re.match(r"logits\[(\d+), (\d+)\](.*)", msg, re.S)
         if m:
-            raise ValueError(f"logits[{row0 + int(m.group(1))}, {col0 + int(m.group(2))}]{what}{m.group(3)}") from None
+            r = int(m.group(1))
+            r = int(row0[r]) if isinstance(row0, Tensor) else row0 + r
+            raise ValueError(f"logits[{r}, {col0 + int(m.group(2))}]{what}{m.group(3)}") from None
         raise
 
 
-def _masked_piece_stats(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    # Rare (some row of the piece is all -inf): plain torch on this piece.
+def _masked_piece_stats(x: Tensor, row0: Union[int, Tensor], col0: int, what: str,
+                        probe: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Rare (some row of the piece is all -inf, which the kernel reports
+    first): the kernel again on the other rows it was to read, so that their
+    NaN or +inf is still reported (with the caller's row index) and their
+    statistics are the kernel's; an all -inf row has max -inf and no mass,
+    a row outside ``probe`` zeros, as piece_stats gives them."""
+    read = (x > -math.inf).any(-1)
+    if probe is not None:
+        read &= probe
+    rows = read.nonzero().squeeze(1)
     acc = nat.stats_dtype(x.dtype)
-    zero = torch.zeros((), dtype=acc, device=x.device)
-    m = x.max(-1).values.to(acc)
-    live = m > -math.inf
-    shifted = torch.where(live[:, None], x.to(acc) - m[:, None], zero)
-    e = torch.where(live[:, None], shifted.exp(), zero)
-    z = e.sum(-1)
-    lz = torch.where(live, z.log(), zero)
-    d = (e * torch.where(e > 0, shifted, zero)).sum(-1)
-    return m, lz, torch.where(live, lz - d / z, zero)
+    m = torch.full((x.shape[0],), -math.inf, dtype=acc, device=x.device)
+    if probe is not None:
+        m.masked_fill_(~probe, 0.0)
+    lz = torch.zeros((x.shape[0],), dtype=acc, device=x.device)
+    ent = torch.zeros((x.shape[0],), dtype=acc, device=x.device)
+    if rows.numel():
+        where = row0[rows] if isinstance(row0, Tensor) else rows + row0
+        m[rows], lz[rows], ent[rows] = piece_stats(x[rows], where, col0, what)
+    return m, lz, ent
 
 
 def sums(m: Tensor, lz: Tensor, h: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -105,8 +118,16 @@ class Merged:
         ranks of a group) takes, so the whole row is rounded only once."""
         return self.M, self.Z, self.D
 
-    def result(self, acc: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
-        """(max, log Z, H) in the accumulation type."""
+    def result(self, acc: torch.dtype, rows: Union[int, Tensor] = 0,
+               what: str = "") -> Tuple[Tensor, Tensor, Tensor]:
+        """(max, log Z, H) in the accumulation type. A row with no mass in any
+        piece (every logit -inf: each piece alone is legal) raises, named by
+        ``rows`` (the first row's index, or each row's) and ``what``."""
+        dead = self.M == -math.inf
+        if bool(dead.any()):
+            i = int(dead.nonzero()[0, 0])
+            r = int(rows[i]) if isinstance(rows, Tensor) else rows + i
+            raise ValueError(f"logits[{r}]{what} is all -inf: no action has positive probability")
         lz = self.Z.log()
         return self.M.to(acc), lz.to(acc), (lz - self.D / self.Z).to(acc)
 

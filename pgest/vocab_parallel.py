@@ -130,23 +130,25 @@ class Shard:
         """(world, 3, rows) float64: every rank's (max, log Z, H)."""
         return gather_stats(mine, rows, device, self.group, self.layout, error)
 
-    def merge_table(self, table: Tensor, acc: torch.dtype):
-        return _merge(table, acc)
+    def merge_table(self, table: Tensor, acc: torch.dtype, what: str = ""):
+        return _merge(table, acc, 0, what)
 
-    def merge(self, mine, rows: int, device, acc: torch.dtype, error: Optional[BaseException] = None):
-        """Every rank's (max, log Z, H) merged in rank order: the whole rows'."""
-        return _merge(self.gather(mine, rows, device, error), acc)
+    def merge(self, mine, rows: int, device, acc: torch.dtype, error: Optional[BaseException] = None,
+              index=0, what: str = ""):
+        """Every rank's (max, log Z, H) merged in rank order: the whole rows'
+        (``index``, ``what``: how an error names a row, see Merged.result)."""
+        return _merge(self.gather(mine, rows, device, error), acc, index, what)
 
     def sum_(self, t: Tensor) -> Tensor:
         _dist().all_reduce(t, group=self.group)
         return t
 
 
-def _merge(table: Tensor, acc: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+def _merge(table: Tensor, acc: torch.dtype, index=0, what: str = "") -> Tuple[Tensor, Tensor, Tensor]:
     merged = Merged(table.shape[2], table.device)
     for r in range(table.shape[0]):  # rank order: the same bits on every rank
         merged.add_sums(table[r, 0], table[r, 1], table[r, 2])
-    return merged.result(acc)
+    return merged.result(acc, index, what)  # the same table on every rank: all raise alike
 
 
 def _chosen(x: Tensor, actions: Tensor, layout: _Layout, keep: Tensor, group) -> Tensor:

@@ -235,3 +235,64 @@ def test_categorical(x):
     close(d.entropy(), ent, x.dtype)
     with pytest.raises(IndexError):
         d.log_prob(torch.full_like(a, x.shape[1]))
+
+
+@st.composite
+def head_cases(draw):
+    """Hidden states and a head whose logits may hold NaN, +inf, -inf
+    entries or whole -inf rows, in any vocabulary tile: finite values stay
+    small, so the tiles' products and the materialised one agree on which
+    entries are not finite (IEEE: inf - inf and inf * 0 are NaN in any order)."""
+    N = draw(st.sampled_from([0, 1, 2, 3, 5]))
+    H = draw(st.sampled_from([1, 2, 5]))
+    V = draw(st.sampled_from([1, 2, 3, 7, 33]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    h = torch.randn(N, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64)
+    b = torch.randn(V, generator=g, dtype=torch.float64) if draw(st.booleans()) else None
+    for _ in range(draw(st.integers(0, 2))):
+        kind = draw(st.sampled_from(["h", "w", "b", "row"]))
+        value = draw(st.sampled_from([math.inf, -math.inf, math.nan]))
+        if kind == "h" and N:
+            h[draw(st.integers(0, N - 1)), draw(st.integers(0, H - 1))] = value
+        elif kind == "w":
+            w[draw(st.integers(0, V - 1)), draw(st.integers(0, H - 1))] = value
+        elif kind == "b" and b is not None:
+            b[draw(st.integers(0, V - 1))] = value
+        elif kind == "row" and b is not None:
+            b[:] = -math.inf  # every logit -inf
+    tiles = dict(token_tile=draw(st.sampled_from([1, 2, 64])), vocab_tile=draw(st.sampled_from([1, 2, 5, 256])))
+    return h.to(dtype), w.to(dtype), None if b is None else b.to(dtype), tiles
+
+
+@FUZZ
+@given(case=head_cases(), S=st.integers(1, 2))
+def test_linear_head_ops(case, S):
+    # A token tile whose first bad row was all -inf in one vocabulary tile
+    # once hid a +inf row behind it: the sampler then walked off the row.
+    h, w, b, tiles = case
+    x = h @ w.T + (b if b is not None else 0)
+    bad = bool(bad_rows(x).any()) if x.numel() else False
+    gen = torch.Generator().manual_seed(5)
+    try:
+        s = pgest.linear_sample(h, w, bias=b, num_samples=S, generator=gen, **tiles)
+    except ERRORS:
+        assert bad
+        for fn in (lambda: pgest.linear_log_prob(h, w, torch.zeros(h.shape[0], dtype=torch.long), bias=b, **tiles),
+                   lambda: pgest.linear_policy_loss(h, w, torch.zeros(h.shape[0], dtype=torch.long),
+                                                    torch.ones(h.shape[0]), bias=b, **tiles)):
+            with pytest.raises(ERRORS):
+                fn()
+        return
+    assert not bad
+    actions = s.actions.view(h.shape[0], S)
+    assert ((actions >= 0) & (actions < w.shape[0])).all()
+    lsm, ent = ref_stats(x)
+    if h.shape[0]:
+        assert (lsm.gather(1, actions) > -math.inf).all()  # never a masked token
+        close(s.log_prob.view(-1, S), lsm.gather(1, actions), torch.bfloat16 if h.dtype == torch.bfloat16 else x.dtype)
+    lp = pgest.linear_log_prob(h, w, s.actions, bias=b, **tiles)
+    assert torch.equal(lp.log_prob, s.log_prob) and torch.equal(lp.entropy, s.entropy)
+    loss = pgest.linear_policy_loss(h, w, s.actions, torch.ones(s.actions.shape), bias=b, reduction="sum", **tiles)
+    torch.testing.assert_close(loss, -lp.log_prob.sum(), rtol=1e-5, atol=1e-5)

@@ -271,3 +271,50 @@ def test_opcheck_and_compile():
     (-(lp.sum() + ent.sum())).backward()
     for x, y in zip(ins, ref):
         torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_nan_error_names_the_callers_token_when_tokens_are_ignored():
+    # the statistics run on a gather of the live tokens; the error must still
+    # name the caller's token (5 here, not its rank 1 among the live ones)
+    hidden, weight, _ = make(8, 4, 9)
+    a = torch.tensor([-100, -100, 3, -100, -100, 2, 1, -100])
+    bad = hidden.clone()
+    bad[5, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"logits\[5, 0\]"):
+        pgest.linear_log_prob(bad, weight, a, token_tile=2)
+    with pytest.raises(ValueError, match=r"logits\[5, 0\]"):
+        pgest.linear_policy_loss(bad, weight, a, torch.ones(8), token_tile=2)
+
+
+def test_a_masked_row_does_not_hide_an_inf_row_in_its_tile():
+    # Row 0's logit in vocabulary tile 3 is -inf (the whole tile: legal),
+    # row 1's is +inf. The kernel reports row 0 first; its statistics must
+    # still come from the kernel for row 1 (which refuses +inf), not from a
+    # fallback that let +inf through to the sampler (it walked off the row).
+    h = torch.tensor([[1e30], [-1.0], [0.5]])
+    w = torch.tensor([[-0.15], [0.3], [0.08], [-math.inf], [1.27]])
+    for tn in (1, 2, 3):
+        with pytest.raises(ValueError, match=r"logits\[1, 3\] .* is inf"):
+            pgest.linear_sample(h, w, token_tile=tn, vocab_tile=1)
+        with pytest.raises(ValueError, match=r"logits\[1, 3\] .* is inf"):
+            pgest.linear_log_prob(h, w, torch.tensor([0, 1, 2]), token_tile=tn, vocab_tile=1)
+        with pytest.raises(ValueError, match=r"logits\[1, 3\] .* is inf"):
+            pgest.linear_policy_loss(h, w, torch.tensor([0, 1, 2]), torch.ones(3), token_tile=tn, vocab_tile=1)
+
+
+def test_a_token_whose_logits_are_all_minus_inf_raises():
+    # each vocabulary tile alone may be all -inf; the whole row may not
+    # (pgest.log_prob raises for such a row: no action has any probability)
+    hidden, weight, _ = make(4, 3, 10)
+    bias = torch.full((10,), -math.inf, dtype=hidden.dtype)
+    a = torch.tensor([1, 2, -100, 3])
+    for call in (lambda: pgest.linear_log_prob(hidden, weight, a, bias=bias, vocab_tile=4),
+                 lambda: pgest.linear_policy_loss(hidden, weight, a, torch.ones(4), bias=bias, vocab_tile=4),
+                 lambda: pgest.linear_sample(hidden, weight, bias=bias, vocab_tile=4)):
+        with pytest.raises(ValueError, match=r"logits\[0\] .* is all -inf"):
+            call()
+    masked = torch.zeros(10, dtype=hidden.dtype)
+    masked[4:] = -math.inf  # two whole tiles masked: legal, and never drawn
+    s = pgest.linear_sample(hidden, weight, bias=masked, num_samples=50, vocab_tile=4,
+                            generator=torch.Generator().manual_seed(0))
+    assert (s.actions < 4).all()

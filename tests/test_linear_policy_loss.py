@@ -260,7 +260,7 @@ def test_workspace_is_a_small_part_of_the_logits():
     logits_bytes = N * V * 4
 
     def step():
-        # default token tile (a whole-vocabulary buffer of 1/32 of the logits)
+        # default token tile (its buffers within 1/22 of the logits)
         pgest.linear_policy_loss(hidden, weight, actions, adv, entropy_weight=0.01, vocab_tile=8192).backward()
 
     from pgest.benchmarks import largest_allocation_bytes, peak_allocated_bytes

@@ -222,3 +222,16 @@ def test_row_stride_threads_and_batch_shape_do_not_change_the_bits(K):
     (lp3.sum() + ent3.sum()).backward()
     for a, b in zip(bits(lp, ent, w.grad[:, :K].contiguous()), bits(lp3.view(-1), ent3.view(-1), z.grad.view(R, K))):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("K", [1, 5, 100])
+@pytest.mark.parametrize("u", [math.nan, 1.0, 1.5, -0.5, math.inf])
+def test_given_uniforms_out_of_range_stay_in_the_row(K, u):
+    # Uniforms handed to the kernel (the linear head's placement) outside
+    # [0, 1) used to walk past the row's end (a crash); they are pinned to
+    # Philox's range: below 0 or NaN as 0, from 1 up as the largest below 1.
+    x = torch.randn(40, K, generator=torch.Generator().manual_seed(K))
+    got = sample_native(x, 1, 0, uniforms=torch.full((40, 1), u, dtype=torch.float64))[0].view(-1)
+    pinned = 0.0 if not u >= 0 else min(u, 1 - 2**-53)
+    want = sample_native(x, 1, 0, uniforms=torch.full((40, 1), pinned, dtype=torch.float64))[0].view(-1)
+    assert torch.equal(got, want) and ((got >= 0) & (got < K)).all()

@@ -127,6 +127,18 @@ def _checks(rank: int, world: int) -> None:
     except IndexError as e:
         with_error = f"actions[2, 0] = {V} is out of range for {V} actions" in str(e)
     assert with_error
+    # a row masked on every shard (each shard alone is legal): every rank
+    # raises with the row, none returns NaN
+    masked = full[:, mine].clone()
+    masked[9] = float("-inf")
+    for call in (lambda: pgest.log_prob(masked, actions, process_group=dist.group.WORLD),
+                 lambda: pgest.sample(masked, generator=torch.Generator().manual_seed(1),
+                                      process_group=dist.group.WORLD)):
+        try:
+            call()
+            raise AssertionError("expected an error")
+        except ValueError as e:
+            assert "logits[9] is all -inf" in str(e), str(e)
     dist.barrier()  # the group is still usable
 
     # 5. the fused linear head split by vocabulary

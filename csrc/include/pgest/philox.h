@@ -46,10 +46,14 @@ PGEST_HD double philox_uniform(uint64_t seed, uint64_t offset, int64_t row, int6
 
 // The uniform of sample s of a row: `given` (R, S) when the caller supplies
 // them (the fused linear head places a draw inside one vocabulary tile), else
-// Philox as above.
+// Philox as above. A given value is the caller's arithmetic: one outside
+// [0, 1) (NaN included) would walk past the row's end, so it is pinned to
+// Philox's range, the largest value below 1 being 1 - 2^-53.
 PGEST_HD double draw_uniform(const double* given, uint64_t seed, uint64_t offset, int64_t row, int64_t S,
                              int64_t s) {
-  return given ? given[row * S + s] : philox_uniform(seed, offset, row, s);
+  if (!given) return philox_uniform(seed, offset, row, s);
+  const double u = given[row * S + s];
+  return u >= 0.0 ? (u < 1.0 ? u : 1.0 - 0x1p-53) : 0.0;
 }
 
 PGEST_HD uint64_t philox_offsets_per_call(int64_t num_samples) { return uint64_t(num_samples + 1) / 2; }
