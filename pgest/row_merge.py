@@ -63,7 +63,7 @@ def _masked_piece_stats(x: Tensor, row0: Union[int, Tensor], col0: int, what: st
     NaN or +inf is still reported (with the caller's row index) and their
     statistics are the kernel's; an all -inf row has max -inf and no mass,
     a row outside ``probe`` zeros, as piece_stats gives them."""
-    read = (x > -math.inf).any(-1)
+    read = ~(x == -math.inf).all(-1)  # a NaN row is read (and refused), not taken for masked
     if probe is not None:
         read &= probe
     rows = read.nonzero().squeeze(1)

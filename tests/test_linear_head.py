@@ -300,6 +300,12 @@ def test_a_masked_row_does_not_hide_an_inf_row_in_its_tile():
             pgest.linear_log_prob(h, w, torch.tensor([0, 1, 2]), token_tile=tn, vocab_tile=1)
         with pytest.raises(ValueError, match=r"logits\[1, 3\] .* is inf"):
             pgest.linear_policy_loss(h, w, torch.tensor([0, 1, 2]), torch.ones(3), token_tile=tn, vocab_tile=1)
+    # the same with a NaN behind the masked row (0 * inf; NaN > -inf is false,
+    # so it must not be taken for a masked entry)
+    hn = torch.tensor([[-1.0], [0.0], [-0.5]])
+    wn = torch.tensor([[-0.15], [0.3], [0.08], [math.inf], [1.27]])
+    with pytest.raises(ValueError, match=r"logits\[1, 3\] .* is nan"):
+        pgest.linear_log_prob(hn, wn, torch.tensor([0, 1, 2]), token_tile=3, vocab_tile=1)
 
 
 def test_a_token_whose_logits_are_all_minus_inf_raises():
