@@ -10,15 +10,16 @@ produce through log_softmax.
 """
 from __future__ import annotations
 
+import math
 from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import _native as nat
-from .log_prob import check_logits, rows_of
+from .log_prob import check_index_dtype, check_logits, rows_of
 from .policy_loss import check_entropy_weight, loss_rows
-from .reinforce_grad import _resolve_baseline
+from .reinforce_grad import _resolve_baseline, check_reward_args
 from .sample import check_num_samples, draw_rows
 
 
@@ -53,7 +54,30 @@ def reinforce_weights(actions: Tensor, labels: Optional[Tensor], reward_table: O
     ``dtype`` (the logits' accumulation type). Checks
     the values it reads (labels in range, rewards and baselines finite), and is
     a registered op so that these checks run under torch.compile too. O(R * S)."""
+    check_index_dtype(actions, "actions")
+    if actions.dim() != 2:
+        raise ValueError(f"actions must be 2-D (rows, samples), got shape {tuple(actions.shape)}")
     R, S = actions.shape
+    if num_actions < 1:
+        raise ValueError(f"num_actions must be >= 1, got {num_actions}")
+    if any(d < 0 for d in lead) or math.prod(lead) != R:
+        raise ValueError(f"lead must be the leading shape of the {R} rows, got {list(lead)}")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be float32 or float64 (an accumulation type), got {dtype}")
+    # the caller's shapes, (rows,) and (rows, K), for the checks reinforce_grad makes
+    if labels is not None and isinstance(labels, Tensor) and labels.numel() == R:
+        labels = labels.reshape(R)
+    if reward_table is not None and isinstance(reward_table, Tensor) and reward_table.dim() > 1 \
+            and reward_table.numel() == R * num_actions:
+        reward_table = reward_table.reshape(R, num_actions)
+    labels, reward_table, baseline = check_reward_args(labels, reward_table, baseline_kind, baseline_value, baseline,
+                                                       R, num_actions, S, actions.device, "actions")
+    actions = nat.as_int64(actions, "actions", num_actions)
+    if reward_table is not None:  # the actions index it
+        out = ((actions < 0) | (actions >= num_actions)).nonzero()
+        if out.numel():
+            r, s = int(out[0, 0]), int(out[0, 1])
+            raise IndexError(f"actions[{r}, {s}] = {int(actions[r, s])} is out of range for {num_actions} actions")
     acc = dtype
     if labels is not None:
         flat = nat.as_int64(labels.reshape(-1), "labels", num_actions).view(-1, 1)

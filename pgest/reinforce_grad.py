@@ -40,24 +40,24 @@ class ReinforceGrad(NamedTuple):
     grad: torch.Tensor     # (B, K), dtype of log_probs
 
 
-def _check_labels(labels, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+def _check_labels(labels, rows: int, cols: int, device: torch.device, ref: str = "log_probs") -> torch.Tensor:
     nat.check_tensor(labels, "labels", "a torch.Tensor of integers")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if labels.dim() != 1 or labels.shape[0] != rows:
-        raise ValueError(f"labels must have shape ({rows},) to match log_probs, got {tuple(labels.shape)}")
-    nat.check_device(labels, "labels", device, "log_probs")
+        raise ValueError(f"labels must have shape ({rows},) to match {ref}, got {tuple(labels.shape)}")
+    nat.check_device(labels, "labels", device, ref)
     return nat.as_int64(labels.detach(), "labels", cols)
 
 
-def _check_reward_table(table, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+def _check_reward_table(table, rows: int, cols: int, device: torch.device, ref: str = "log_probs") -> torch.Tensor:
     nat.check_float_tensor(table, "reward_table")
     if tuple(table.shape) not in ((rows, cols), (cols,)):
         raise ValueError(
-            f"reward_table must have shape ({rows}, {cols}) or ({cols},) to match log_probs, "
+            f"reward_table must have shape ({rows}, {cols}) or ({cols},) to match {ref}, "
             f"got {tuple(table.shape)}"
         )
-    nat.check_device(table, "reward_table", device, "log_probs")
+    nat.check_device(table, "reward_table", device, ref)
     return table.detach()
 
 
@@ -90,11 +90,11 @@ def _resolve_baseline(baseline, rows: int, num_samples: int, device: torch.devic
     )
 
 
-def _check_baseline_tensor(baseline, rows: int, device: torch.device) -> torch.Tensor:
+def _check_baseline_tensor(baseline, rows: int, device: torch.device, ref: str = "log_probs") -> torch.Tensor:
     nat.check_float_tensor(baseline, "baseline")
     if baseline.dim() != 1 or baseline.shape[0] != rows:
         raise ValueError(f"baseline tensor must have shape ({rows},), one value per row, got {tuple(baseline.shape)}")
-    nat.check_device(baseline, "baseline", device, "log_probs")
+    nat.check_device(baseline, "baseline", device, ref)
     # A learned value head: used as a constant, never differentiated through.
     return baseline.detach()
 
@@ -110,14 +110,23 @@ def _check_call(log_probs, labels, reward_table, kind: int, constant: float, bas
     device = log_probs.device
     nat.check_device_supported(log_probs, "log_probs")
     check_num_samples(num_samples)
-    if (labels is None) == (reward_table is None):
-        raise ValueError("pass exactly one of labels and reward_table")
     if rows > 0 and cols == 0:
         raise ValueError("log_probs has K = 0 actions: there is nothing to sample")
+    return check_reward_args(labels, reward_table, kind, constant, baseline, rows, cols, num_samples, device)
+
+
+def check_reward_args(labels, reward_table, kind: int, constant: float, baseline, rows: int, cols: int,
+                      num_samples: int, device: torch.device, ref: str = "log_probs"):
+    """The rewards' and the baseline's arguments of (rows, cols) logits with
+    num_samples draws a row, checked alike on every route that takes them
+    (pgest::reinforce_grad, pgest::reinforce_weights: the registered ops are
+    public) -> the labels as int64, the detached table and baseline."""
+    if (labels is None) == (reward_table is None):
+        raise ValueError("pass exactly one of labels and reward_table")
     if labels is not None:
-        labels = _check_labels(labels, rows, cols, device)
+        labels = _check_labels(labels, rows, cols, device, ref)
     else:
-        reward_table = _check_reward_table(reward_table, rows, cols, device)
+        reward_table = _check_reward_table(reward_table, rows, cols, device, ref)
     if kind not in _KIND.values():
         raise ValueError(f"baseline_kind must be one of 0-4 ({', '.join(_KIND)}), got {kind}")
     if kind == _KIND["rloo"] and num_samples < 2:
@@ -127,7 +136,7 @@ def _check_call(log_probs, labels, reward_table, kind: int, constant: float, bas
     if (baseline is not None) != (kind == _KIND["tensor"]):
         raise ValueError("a baseline tensor goes with baseline_kind 2 (tensor), and baseline_kind 2 needs one")
     if baseline is not None:
-        baseline = _check_baseline_tensor(baseline, rows, device)
+        baseline = _check_baseline_tensor(baseline, rows, device, ref)
     return labels, reward_table, baseline
 
 

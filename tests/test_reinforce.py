@@ -158,3 +158,39 @@ def test_opcheck_reinforce_weights():
     for kind, b in [(0, None), (2, torch.rand(5)), (3, None), (4, None)]:
         torch.library.opcheck(reinforce_weights, (actions, labels, None, kind, 0.0, b, 6, [5], torch.float32))
     torch.library.opcheck(reinforce_weights, (actions, None, torch.randn(6), 1, 0.5, None, 6, [5], torch.float64))
+
+
+def test_registered_reinforce_weights_rejects_bad_arguments():
+    # a public op: every argument is checked, as pgest::reinforce_grad checks
+    # its own (it once raised AttributeError for no labels and no table, and
+    # torch's shape or gather errors for inconsistent sizes)
+    op = torch.ops.pgest.reinforce_weights
+    a = torch.randint(0, 6, (5, 2))
+    labels = torch.randint(0, 6, (5,))
+    cases = [
+        (lambda: op(a, None, None, 0, 0.0, None, 6, [5], torch.float32), ValueError, "exactly one of labels"),
+        (lambda: op(a, labels, torch.randn(6), 0, 0.0, None, 6, [5], torch.float32), ValueError, "exactly one"),
+        (lambda: op(a.float(), labels, None, 0, 0.0, None, 6, [5], torch.float32), TypeError, "actions"),
+        (lambda: op(a[:, 0], labels, None, 0, 0.0, None, 6, [5], torch.float32), ValueError, "actions must be 2-D"),
+        (lambda: op(a, labels[:4], None, 0, 0.0, None, 6, [5], torch.float32), ValueError, "labels must have shape"),
+        (lambda: op(a, None, torch.randn(7), 0, 0.0, None, 6, [5], torch.float32), ValueError, "reward_table must"),
+        (lambda: op(a, None, torch.randn(5, 7), 0, 0.0, None, 6, [5], torch.float32), ValueError, "reward_table"),
+        (lambda: op(a + 6, None, torch.randn(6), 0, 0.0, None, 6, [5], torch.float32), IndexError,
+         r"actions\[0, 0\] = \d+ is out of range for 6 actions"),
+        (lambda: op(a, labels, None, 7, 0.0, None, 6, [5], torch.float32), ValueError, "baseline_kind"),
+        (lambda: op(a, labels, None, 1, float("nan"), None, 6, [5], torch.float32), ValueError, "baseline"),
+        (lambda: op(a, labels, None, 2, 0.0, None, 6, [5], torch.float32), ValueError, "baseline tensor"),
+        (lambda: op(a, labels, None, 2, 0.0, torch.randn(4), 6, [5], torch.float32), ValueError, "baseline tensor"),
+        (lambda: op(a[:, :1], labels, None, 4, 0.0, None, 6, [5], torch.float32), ValueError, "rloo"),
+        (lambda: op(a, labels, None, 0, 0.0, None, 0, [5], torch.float32), ValueError, "num_actions"),
+        (lambda: op(a, labels, None, 0, 0.0, None, 6, [4], torch.float32), ValueError, "lead"),
+        (lambda: op(a, labels, None, 0, 0.0, None, 6, [5], torch.int64), TypeError, "dtype"),
+    ]
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()
+    # and the good call still gives leave-one-out weights
+    r, w = op(a, labels, None, 4, 0.0, None, 6, [5], torch.float64)
+    hits = (a == labels[:, None]).double()
+    torch.testing.assert_close(r, hits)
+    torch.testing.assert_close(w, (hits - hits.flip(1)) / 2)
