@@ -111,10 +111,12 @@ def _tiles(hidden: Tensor, token_tile, vocab_tile) -> Tuple[int, int]:
 
 # ---- tiles -------------------------------------------------------------------
 
-def _logits_tile(h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int, temperature: float) -> Tensor:
+def _logits_tile(h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int, temperature: float,
+                 out: Optional[Tensor] = None) -> Tensor:
     """(hidden @ weight[v0:v1].T + bias[v0:v1]) / temperature, rounded as the
-    materialised formula rounds it (product, then the bias, then the scale)."""
-    x = h @ weight[v0:v1].T
+    materialised formula rounds it (product, then the bias, then the scale);
+    into ``out`` (a reused buffer) when given."""
+    x = h @ weight[v0:v1].T if out is None else torch.mm(h, weight[v0:v1].T, out=out)
     if bias is not None:
         x += bias[v0:v1]
     if temperature != 1.0:
@@ -169,7 +171,8 @@ def _row_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: 
     for n0 in range(0, N, tn):
         n1 = min(N, n0 + tn)
         rows = n0 if index is None else index[n0:n1]
-        merged = _token_tile_stats(h2[n0:n1], rows, weight, bias, temperature, tv, None if tiles is None else tiles[n0:n1])
+        merged = _token_tile_stats(h2[n0:n1], rows, weight, bias, temperature, tv,
+                                   None if tiles is None else tiles[n0:n1])
         M[n0:n1], LZ[n0:n1], H[n0:n1] = merged.raw() if raw else merged.result(acc, rows, NEVER_BUILT)
     return M, LZ, H, tiles
 
@@ -335,7 +338,7 @@ def _token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_i
             grad_b += full.sum(0, dtype=grad_b.dtype) / temperature
         return gh
     gh = torch.zeros((h.shape[0], weight.shape[1]), dtype=torch.float64, device=h.device) if need_h else None
-    for v0, v1, x in _vocab_tiles(h, weight, bias, temperature, tv, full):
+    for v0, v1, x in _vocab_tiles(h, weight, bias, temperature, tv):
         g = backward_rows(x, a, ignore_index, row_stats, entropy, col_offset=col0 + v0, total_cols=total, **upstream)
         del x
         if temperature != 1.0:

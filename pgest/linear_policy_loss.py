@@ -33,8 +33,8 @@ from torch import Tensor
 
 from . import _native as nat
 from .linear_head import (NEVER_BUILT, _check_actions_range, _check_head, _check_rows, _check_tile, _chosen_logits,
-                          _live_rows, _rows, _tiles, _token_tile_grads, _token_tile_stats, check_token_actions,
-                          linear_log_prob)
+                          _live_rows, _logits_tile, _rows, _tiles, _token_tile_grads, _token_tile_stats,
+                          check_token_actions, linear_log_prob)
 from .log_prob import check_ignore_index, index_tensor, traced
 from .policy_loss import REDUCTIONS, _check_weights, _count, check_entropy_weight, weighted_log_probs
 
@@ -87,12 +87,7 @@ def _fused(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, 
     for n0 in range(0, n_live, tn):
         rows = slice(n0, n0 + tn) if live is None else live[n0:n0 + tn]
         h, a, w = h2[rows], actions[rows], adv[rows]
-        x = full[:h.shape[0]]
-        torch.mm(h, weight.T, out=x)  # rounded as _logits_tile rounds: product, bias, scale
-        if bias is not None:
-            x += bias
-        if temperature != 1.0:
-            x /= temperature
+        x = _logits_tile(h, weight, bias, 0, V, temperature, out=full[:h.shape[0]])
         where = n0 if live is None else rows
         M, LZ, H = _token_tile_stats(h, where, weight, bias, temperature, tv, full=x).result(acc, where, NEVER_BUILT)
         keep = a != ignore_index if ignore_index is not None else torch.ones_like(a, dtype=torch.bool)

@@ -73,14 +73,9 @@ def reinforce_weights(actions: Tensor, labels: Optional[Tensor], reward_table: O
     labels, reward_table, baseline = check_reward_args(labels, reward_table, baseline_kind, baseline_value, baseline,
                                                        R, num_actions, S, actions.device, "actions")
     actions = nat.as_int64(actions, "actions", num_actions)
-    if reward_table is not None:  # the actions index it
-        out = ((actions < 0) | (actions >= num_actions)).nonzero()
-        if out.numel():
-            r, s = int(out[0, 0]), int(out[0, 1])
-            raise IndexError(f"actions[{r}, {s}] = {int(actions[r, s])} is out of range for {num_actions} actions")
     acc = dtype
     if labels is not None:
-        flat = nat.as_int64(labels.reshape(-1), "labels", num_actions).view(-1, 1)
+        flat = labels.view(-1, 1)  # int64 (checked above)
         bad = ((flat < 0) | (flat >= num_actions)).nonzero()
         if bad.numel():
             row = int(bad[0, 0])
@@ -88,12 +83,18 @@ def reinforce_weights(actions: Tensor, labels: Optional[Tensor], reward_table: O
                              f"for {num_actions} actions")
         rewards = (actions == flat).to(acc)
     else:
+        # the actions index the table: out-of-range ones are read clamped and
+        # reported in the same pass (and host read) as a non-finite reward
+        out = (actions < 0) | (actions >= num_actions)
+        idx = actions.clamp(0, num_actions - 1)
         table = reward_table.to(acc)
-        rewards = table[actions] if table.dim() == 1 else table.reshape(R, num_actions).gather(1, actions)
-        bad = (~torch.isfinite(rewards)).nonzero()
+        rewards = table[idx] if table.dim() == 1 else table.reshape(R, num_actions).gather(1, idx)
+        bad = (out | ~torch.isfinite(rewards)).nonzero()
         if bad.numel():
             row, s = int(bad[0, 0]), int(bad[0, 1])
             col = int(actions[row, s])
+            if bool(out[row, s]):
+                raise IndexError(f"actions[{row}, {s}] = {col} is out of range for {num_actions} actions")
             where = f"{col}" if table.dim() == 1 else f"{nat.row_index(row, lead)}, {col}"
             raise ValueError(f"reward_table[{where}] is {float(rewards[row, s])} (sampled in row {row}): "
                              "rewards must be finite")

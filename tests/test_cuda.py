@@ -139,16 +139,21 @@ def test_tensor_on_another_device():
     assert out.actions.device == x.device
 
 
+def gpu_head(dtype, seed, N=700, H=64, V=32001):
+    """(hidden, weight) on the GPU with gradients, actions, and the CPU
+    generator that drew them (for further draws)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g).to(dtype).cuda().requires_grad_()
+    weight = (torch.randn(V, H, generator=g) / 8).to(dtype).cuda().requires_grad_()
+    return hidden, weight, torch.randint(0, V, (N,), generator=g).cuda(), g
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_head_on_gpu(dtype):
     # the fused linear head on CUDA: cuBLAS tiles + the CUDA row kernels,
     # against the materialised formula on the GPU, and its sampler against
     # pgest.sample on the materialised logits with the same generator state
-    g = torch.Generator().manual_seed(0)
-    N, H, V = 700, 64, 32001
-    hidden = torch.randn(N, H, generator=g).to(dtype).cuda().requires_grad_()
-    weight = (torch.randn(V, H, generator=g) / 8).to(dtype).cuda().requires_grad_()
-    actions = torch.randint(0, V, (N,), generator=g).cuda()
+    hidden, weight, actions, _ = gpu_head(dtype, seed=0)
     lp, ent = pgest.linear_log_prob(hidden, weight, actions, token_tile=256, vocab_tile=4096)
     (lp.sum() + ent.sum()).backward()
     h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
@@ -174,11 +179,8 @@ def test_linear_head_on_gpu(dtype):
 def test_linear_policy_loss_on_gpu(dtype):
     # the three-product route on CUDA against pgest.policy_loss on the
     # materialised logits (both on the GPU), with an upstream scalar != 1
-    g = torch.Generator().manual_seed(1)
-    N, H, V = 700, 64, 32001
-    hidden = torch.randn(N, H, generator=g).to(dtype).cuda().requires_grad_()
-    weight = (torch.randn(V, H, generator=g) / 8).to(dtype).cuda().requires_grad_()
-    actions = torch.randint(0, V, (N,), generator=g).cuda()
+    hidden, weight, actions, g = gpu_head(dtype, seed=1)
+    N = hidden.shape[0]
     actions[7] = -100
     adv = torch.randn(N, generator=g).cuda()
     loss = pgest.linear_policy_loss(hidden, weight, actions, adv, entropy_weight=0.01, token_tile=256,

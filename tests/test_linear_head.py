@@ -220,13 +220,15 @@ def test_sample_frequencies_chi_square():
     assert scipy.chi2.sf(chi2, dof) > 1e-4
 
 
-def test_never_allocates_the_logits():
-    N, H, V = 2048, 64, 32000
+def memory_case(N, H, V):
+    """fp32 (hidden, weight) with gradients, actions, and the bytes the
+    (N, V) logits would take: the memory tests' inputs."""
     hidden, weight, _ = make(N, H, V, dtype=torch.float32, seed=10)
-    hidden.requires_grad_()
-    weight.requires_grad_()
-    actions = torch.randint(0, V, (N,))
-    logits_bytes = N * V * 4
+    return hidden.requires_grad_(), weight.requires_grad_(), torch.randint(0, V, (N,)), N * V * 4
+
+
+def test_never_allocates_the_logits():
+    hidden, weight, actions, logits_bytes = memory_case(2048, 64, 32000)
 
     def step():
         lp, ent = pgest.linear_log_prob(hidden, weight, actions, token_tile=512, vocab_tile=2048)

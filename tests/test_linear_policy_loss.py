@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import pgest
-from test_linear_head import make  # (N, H, V) hidden, weight, bias
+from test_linear_head import make, memory_case  # (N, H, V) hidden, weight, bias; the memory tests' inputs
 
 
 def reference(hidden, weight, actions, adv, bias=None, temperature=1.0, beta=0.0, ignore_index=-100,
@@ -251,13 +251,9 @@ def test_registered_op_opcheck_and_compile():
 
 
 def test_workspace_is_a_small_part_of_the_logits():
-    N, H, V = 4096, 64, 32000
-    hidden, weight, _ = make(N, H, V, dtype=torch.float32, seed=10)
-    hidden.requires_grad_()
-    weight.requires_grad_()
-    actions = torch.randint(0, V, (N,))
+    N = 4096
+    hidden, weight, actions, logits_bytes = memory_case(N, 64, 32000)
     adv = torch.randn(N)
-    logits_bytes = N * V * 4
 
     def step():
         # default token tile (its buffers within 1/22 of the logits)
