@@ -10,6 +10,7 @@ from . import _native  # noqa: F401  (first: a clear error if _C is missing)
 from . import _C, baselines, philox, reference
 from . import objectives
 from .categorical import Categorical
+from .device_errors import check_errors, set_sync_errors, sync_errors
 from .linear_head import LinearLogProb, LinearSample, linear_log_prob, linear_sample
 from .linear_policy_loss import linear_policy_loss
 from .log_prob import LogProb, entropy, log_prob
@@ -30,7 +31,7 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "Categorical", "LogProb", "Reinforce", "ReinforceGrad", "Sample", "baselines", "build_info", "discounted_returns", "entropy",
+    "Categorical", "LogProb", "check_errors", "set_sync_errors", "sync_errors", "Reinforce", "ReinforceGrad", "Sample", "baselines", "build_info", "discounted_returns", "entropy",
     "LinearLogProb", "LinearSample", "gae", "linear_log_prob", "linear_policy_loss", "linear_sample", "log_prob",
     "objectives", "philox",
     "policy_loss",

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Optional
 
 import torch  # noqa: F401  (loads torch's OpenMP runtime first, so _C shares it)
+
+from . import device_errors
 
 try:
     from . import _C
@@ -65,14 +68,17 @@ def unflatten_message(msg: str, lead_shape) -> str:
 
 def raise_for_status(result, *, input_name: str, num_actions: int, table_is_vector: bool = False,
                      lead_shape=None, samples_per_row: int = 1, ignore_index=None) -> None:
-    """Raise the exception for a kernel's (status, row, col, index, value)."""
+    """Raise the exception for a kernel's (status, row, col, index, value).
+    ``index`` and ``value`` are None where they were not read back (errors
+    deferred from the GPU keep only the status, the row and the column)."""
     status, row, col, index, value = result
     if status == OK:
         return
     where = row_index(row, lead_shape) if lead_shape is not None else str(row)
     if status == NONFINITE_INPUT:
+        what = "NaN or +inf" if value is None else value
         raise ValueError(
-            f"{input_name}[{where}, {col}] is {value}: scores must be finite or -inf "
+            f"{input_name}[{where}, {col}] is {what}: scores must be finite or -inf "
             "(NaN and +inf rows cannot be sampled from)"
         )
     if status == ALL_NEG_INF:
@@ -80,16 +86,23 @@ def raise_for_status(result, *, input_name: str, num_actions: int, table_is_vect
     if status == ACTION_OUT_OF_RANGE:
         at = f"{where}, {col}" if samples_per_row > 1 else where
         also = f" and is not ignore_index ({ignore_index})" if ignore_index is not None else ""
-        raise IndexError(f"actions[{at}] = {index} is out of range for {num_actions} actions{also}")
+        value_of = "" if index is None else f" = {index}"
+        raise IndexError(f"actions[{at}]{value_of} is out of range for {num_actions} actions{also}")
     if status == LABEL_OUT_OF_RANGE:
-        raise IndexError(f"labels[{row}] = {index} is out of range for {num_actions} actions")
+        # the kernels report the label itself in the column word
+        label = col if index is None else index
+        raise IndexError(f"labels[{row}] = {label} is out of range for {num_actions} actions")
     if status == NONFINITE_REWARD:
         where = f"reward_table[{col}]" if table_is_vector else f"reward_table[{row}, {col}]"
+        if value is None:
+            raise ValueError(f"{where} (sampled in row {row}) is not finite in float32, the type rewards are kept in")
         if math.isfinite(value):
             raise ValueError(f"{where} = {value} (sampled in row {row}) overflows float32, the type rewards "
                              "are kept in")
         raise ValueError(f"{where} is {value} (sampled in row {row}): rewards must be finite")
     if status == NONFINITE_BASELINE:
+        if value is None:
+            raise ValueError(f"baseline[{row}] is not finite in float32, the type rewards are kept in")
         if math.isfinite(value):
             raise ValueError(f"baseline[{row}] = {value} overflows float32, the type rewards are kept in")
         raise ValueError(f"baseline[{row}] is {value}: baselines must be finite")
@@ -169,22 +182,31 @@ def check_device_supported(x: torch.Tensor, name: str) -> None:
     raise NotImplementedError(f"{name} is on {x.device}: pgest runs on CPU and CUDA tensors")
 
 
-def cuda_call(kernel: str, args, device: torch.device, *, seed=None, scratch: bool = False, values=None,
-              actions=None):
+def cuda_call(kernel: str, args, device: torch.device, *, report: Optional[dict] = None, seed=None,
+              scratch: bool = False, values=None, actions=None):
     """Launch ``<kernel>_cuda`` on ``device``'s current stream and return the
-    (status, row, col, index, value) of raise_for_status. Errors in the data
-    come back through a device buffer, read after the launch (one
-    synchronisation); inside CUDA-graph capture that read is skipped.
-    ``values``/``actions`` (2-D) fill in the offending value or action."""
-    err = torch.full((2,), INT64_MAX, dtype=torch.int64, device=device)
+    (status, row, col, index, value) of raise_for_status.
+
+    ``report``: the raise_for_status keyword arguments of this call's
+    messages, for a kernel that checks the data (None: it checks nothing, and
+    no error word is made). The kernels write the lowest failing row into a
+    device word; by default that word is handed to pgest.device_errors and
+    read later without stalling the stream (the result is then OK here);
+    under ``pgest.sync_errors()`` it is read now (one synchronisation) and
+    ``values``/``actions`` (2-D) fill in the offending value or action.
+    Inside CUDA-graph capture nothing is read."""
+    err = torch.full((2,), INT64_MAX, dtype=torch.int64, device=device) if report is not None else None
     scr = torch.empty(1, dtype=torch.float64, device=device) if scratch else None
-    stream = torch.cuda.current_stream(device).cuda_stream
-    res = getattr(_C, kernel + "_cuda")(args, device.index, stream, err.data_ptr(),
+    stream = torch.cuda.current_stream(device)
+    res = getattr(_C, kernel + "_cuda")(args, device.index, stream.cuda_stream, 0 if err is None else err.data_ptr(),
                                          0 if seed is None else seed.data_ptr(),
                                          0 if scr is None else scr.data_ptr())
     if res[0] == CUDA_ERROR:
         raise RuntimeError(f"pgest: CUDA kernel {kernel} failed: {_C.cuda_error_string(int(res[3]))}")
-    if res[0] != OK or torch.cuda.is_current_stream_capturing():
+    if err is None or res[0] != OK or torch.cuda.is_current_stream_capturing():
+        return res
+    if not device_errors.synchronous():
+        device_errors.defer(err, stream, f"pgest {kernel}", report)
         return res
     packed, col = err.tolist()
     if packed == INT64_MAX:

@@ -60,7 +60,7 @@ def _global_moments(x: Tensor, group) -> Tuple[Tensor, Tensor]:
     import torch.distributed as dist
 
     x64 = x.double()
-    n = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
+    n = torch.full((), float(x.numel()), dtype=torch.float64, device=x.device)  # no host-to-device copy
     total = torch.stack([n, x64.sum()])
     dist.all_reduce(total, group=group)
     mean = total[1] / total[0]
@@ -97,7 +97,7 @@ class MovingAverageBaseline:
             import torch.distributed as dist
 
             t = torch.stack([rewards.detach().double().sum(),
-                             torch.tensor(float(rewards.numel()), dtype=torch.float64, device=rewards.device)])
+                             torch.full((), float(rewards.numel()), dtype=torch.float64, device=rewards.device)])
             dist.all_reduce(t, group=self._group)
             m = float(t[0] / t[1])
         else:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from . import _native as nat
+from .device_errors import checked_now
 from .log_prob import backward_rows, check_ignore_index, check_index_dtype, index_tensor, traced
 from .philox import cpu_seed, seed_tensor, uniforms as philox_uniforms
 from .row_merge import Merged, piece_masses, piece_stats, place_draws
@@ -324,8 +325,9 @@ def _token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_i
         for v0, v1, x in _vocab_tiles(h, weight, bias, temperature, tv, full):
             if scratch is None:
                 scratch = torch.empty((x.shape[0] * min(tv, weight.shape[0]),), dtype=x.dtype, device=x.device)
-            g = backward_rows(x, a, ignore_index, row_stats, entropy, col_offset=col0 + v0, total_cols=total,
-                              out=scratch[:x.numel()].view(x.shape), **upstream)
+            with checked_now():
+                g = backward_rows(x, a, ignore_index, row_stats, entropy, col_offset=col0 + v0, total_cols=total,
+                                  out=scratch[:x.numel()].view(x.shape), **upstream)
             x.copy_(g)
             del x, g
         # one product rounded once (16-bit: fewer roundings than per-tile sums)
@@ -339,7 +341,9 @@ def _token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_i
         return gh
     gh = torch.zeros((h.shape[0], weight.shape[1]), dtype=torch.float64, device=h.device) if need_h else None
     for v0, v1, x in _vocab_tiles(h, weight, bias, temperature, tv):
-        g = backward_rows(x, a, ignore_index, row_stats, entropy, col_offset=col0 + v0, total_cols=total, **upstream)
+        with checked_now():
+            g = backward_rows(x, a, ignore_index, row_stats, entropy, col_offset=col0 + v0, total_cols=total,
+                              **upstream)
         del x
         if temperature != 1.0:
             g /= temperature
@@ -581,7 +585,8 @@ def _draw_in_tiles(h2, w, b, temperature, tn, tv, tiles, row_max, u, rows, ss, o
             x = _logits_tile(h2[ur], w, b, v0, v1, temperature)
             if ur.shape[0] != r.shape[0]:
                 x = x[inv]
-            got, _, _, _ = sample_native(x, 1, 0, uniforms=inner[k].contiguous().view(-1, 1))
+            with checked_now():
+                got, _, _, _ = sample_native(x, 1, 0, uniforms=inner[k].contiguous().view(-1, 1))
             out[r, ss[k]] = (got.view(-1) + (offset + v0)).to(out.dtype)
 
 

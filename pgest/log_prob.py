@@ -54,11 +54,21 @@ _CPU_KERNELS = {"log_prob_forward": _C.log_prob_forward_cpu, "log_prob_backward"
 
 def _run(kernel: str, a, x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], values: bool,
          num_actions: int = -1) -> None:
-    res = (nat.cuda_call(kernel, a, x.device, values=x if values else None, actions=actions)
-           if x.is_cuda else _CPU_KERNELS[kernel](a))
-    if res[0]:  # nat.OK is 0
-        nat.raise_for_status(res, input_name="logits", num_actions=x.shape[1] if num_actions < 0 else num_actions,
-                             samples_per_row=0 if actions is None else actions.shape[1], ignore_index=ignore_index)
+    if not x.is_cuda:
+        res = _CPU_KERNELS[kernel](a)
+        if res[0]:  # nat.OK is 0
+            nat.raise_for_status(res, **_report(x, actions, ignore_index, num_actions))
+        return
+    report = _report(x, actions, ignore_index, num_actions)
+    res = nat.cuda_call(kernel, a, x.device, report=report, values=x if values else None, actions=actions)
+    if res[0]:
+        nat.raise_for_status(res, **report)
+
+
+def _report(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], num_actions: int) -> dict:
+    """What the log_prob kernels' error messages need to know of a call."""
+    return dict(input_name="logits", num_actions=x.shape[1] if num_actions < 0 else num_actions,
+                samples_per_row=0 if actions is None else actions.shape[1], ignore_index=ignore_index)
 
 
 def forward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], *, weights: Optional[Tensor] = None,

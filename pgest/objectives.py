@@ -111,8 +111,9 @@ def _aggregate_global(l2: Tensor, m2: Tensor, masked: Tensor, mode: str, normali
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
-    counts = torch.stack([m2.sum().double(), torch.tensor(float(l2.shape[0]), dtype=torch.float64,
-                                                          device=l2.device)])
+    # a fill, not torch.tensor: no host-to-device copy (a synchronisation on CUDA)
+    counts = torch.stack([m2.sum().double(), torch.full((), float(l2.shape[0]), dtype=torch.float64,
+                                                        device=l2.device)])
     dist.all_reduce(counts, group=group)
     tokens, rows = counts[0].to(l2.dtype), counts[1].to(l2.dtype)
     if mode == "token-mean":

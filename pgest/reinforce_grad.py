@@ -152,6 +152,12 @@ def _warn_unnormalised() -> None:
         UserWarning, stacklevel=4)
 
 
+def _report(cols: int, reward_table) -> dict:
+    """What the kernel's error messages need to know of a call."""
+    return dict(input_name="log_probs", num_actions=cols,
+                table_is_vector=reward_table is not None and reward_table.dim() == 1)
+
+
 def _native(x, labels, reward_table, kind, constant, baseline_t, num_samples, seed: int, seed_t=None):
     """The kernel on checked arguments: (actions (B, S), rewards (B, S), grad (B, K))."""
     rows, cols = x.shape
@@ -193,7 +199,8 @@ def _native(x, labels, reward_table, kind, constant, baseline_t, num_samples, se
         if num_samples > nat.PAIRWISE_SAMPLES:
             order = torch.empty((rows, num_samples), dtype=torch.int64, device=device)  # noqa: F841 (kept alive)
             a.order = order.data_ptr()
-        res = nat.cuda_call("reinforce_grad", a, device, seed=seed_t, scratch=True, values=x)
+        res = nat.cuda_call("reinforce_grad", a, device, report=_report(cols, reward_table), seed=seed_t, scratch=True,
+                            values=x)
         if res[0] == nat.NONFINITE_REWARD:
             res = res[:4] + (float(reward_table[res[2]] if reward_table.dim() == 1 else reward_table[res[1], res[2]]),)
         if res[0] == nat.NONFINITE_BASELINE:
@@ -204,10 +211,8 @@ def _native(x, labels, reward_table, kind, constant, baseline_t, num_samples, se
             a.unnormalised = flag.data_ptr()
             a.normalised_tol = _NORMALISED_TOL[x.dtype]
         res = _C.reinforce_grad_cpu(a)
-    nat.raise_for_status(
-        res, input_name="log_probs", num_actions=cols,
-        table_is_vector=reward_table is not None and reward_table.dim() == 1,
-    )
+    if res[0]:
+        nat.raise_for_status(res, **_report(cols, reward_table))
     if flag is not None and int(flag[0]):
         _warn_unnormalised()
     return actions, rewards, grad

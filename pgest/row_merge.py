@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _native as nat
+from .device_errors import checked_now
 from .log_prob import forward_rows
 
 
@@ -36,12 +37,15 @@ def piece_stats(x: Tensor, row0: Union[int, Tensor] = 0, col0: int = 0, what: st
     ``probe`` (rows,) bool: only these rows are read (padding rows of
     ``ignore_index`` are not, as in pgest.log_prob); the others give zeros."""
     try:
-        if probe is None:
-            _, ent, st, _ = forward_rows(x, None, None)
-            return st[0], st[1], ent
-        # one in-range action on the rows to read, ignore_index on the others
-        acts = torch.where(probe, 0, ignore_index).to(torch.int64).view(-1, 1)
-        _, ent, st, _ = forward_rows(x, acts.contiguous(), ignore_index)
+        # the error is needed here and now: a masked piece is legal, and the
+        # message names the whole row
+        with checked_now():
+            if probe is None:
+                _, ent, st, _ = forward_rows(x, None, None)
+                return st[0], st[1], ent
+            # one in-range action on the rows to read, ignore_index on the others
+            acts = torch.where(probe, 0, ignore_index).to(torch.int64).view(-1, 1)
+            _, ent, st, _ = forward_rows(x, acts.contiguous(), ignore_index)
         zero = torch.zeros((), dtype=st.dtype, device=x.device)
         return torch.where(probe, st[0], zero), torch.where(probe, st[1], zero), torch.where(probe, ent, zero)
     except ValueError as e:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from . import _native as nat
+from .device_errors import checked_now
 from .log_prob import actions_per_row, backward_rows, check_ignore_index, check_logits, index_tensor, rows_of
 from .philox import cpu_seed, seed_tensor, uniforms as philox_uniforms
 from .row_merge import Merged, piece_masses, piece_stats, place_draws, sums
@@ -230,9 +231,10 @@ class _VocabParallelLogProb(torch.autograd.Function):
         if grad_lp is None and grad_ent is None:
             return None, None, None, None
         # the shard's columns of the global row: no communication
-        grad = backward_rows(x, actions, ctx.ignore_index, stats[:2].contiguous(), stats[2],
-                             grad_log_prob=grad_lp if actions is not None else None, grad_entropy=grad_ent,
-                             col_offset=ctx.layout.offset, total_cols=ctx.layout.total)
+        with checked_now():
+            grad = backward_rows(x, actions, ctx.ignore_index, stats[:2].contiguous(), stats[2],
+                                 grad_log_prob=grad_lp if actions is not None else None, grad_entropy=grad_ent,
+                                 col_offset=ctx.layout.offset, total_cols=ctx.layout.total)
         return grad, None, None, None
 
 
@@ -290,7 +292,8 @@ def sample(logits: Tensor, num_samples: int, generator: Optional[torch.Generator
     if rows.numel():
         ur, inv = torch.unique(rows, return_inverse=True)
         xs = x[ur] if ur.shape[0] == rows.shape[0] else x[ur][inv]
-        got, _, _, _ = sample_native(xs.contiguous(), 1, 0, uniforms=inner[rows, ss].contiguous().view(-1, 1))
+        with checked_now():
+            got, _, _, _ = sample_native(xs.contiguous(), 1, 0, uniforms=inner[rows, ss].contiguous().view(-1, 1))
         actions[rows, ss] = (got.view(-1) + layout.offset).double()
     dist.all_reduce(actions, group=group)  # one owner per draw: a sum of one value and zeros
     actions = actions.to(torch.int64)

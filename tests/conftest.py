@@ -39,3 +39,9 @@ def run_with_noise(fn, *args, generator_seed=0, num_samples=1, **kwargs):
     x = args[0]
     seed, offset = pgest.philox.next_seed_offset(g, x.device, num_samples)
     return out, pgest.philox.uniforms(x.shape[0], num_samples, seed, offset)
+
+
+# The suite checks CUDA launches synchronously, so that an op's error is
+# raised by the op (pgest.sync_errors); the deferred mode has its own tests
+# (test_device_errors.py, test_cuda.py), which switch it back on.
+pgest.set_sync_errors(True)

@@ -131,6 +131,133 @@ def test_errors_are_reported_from_the_device():
         pgest.reinforce_grad(torch.randn(3, 300, device="cuda"), torch.tensor([0, 400, 1], device="cuda"))
 
 
+def test_deferred_errors_poison_rows_then_raise_at_check():
+    # the default mode: no read-back at the call; the bad row's outputs are
+    # NaN (actions -1), the others exact; check_errors raises the first error
+    x = torch.randn(5, 300, device="cuda")
+    x[3, 17] = math.nan
+    with pgest.sync_errors(False):
+        out = pgest.sample(x, num_samples=2)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        torch.cuda.synchronize()
+        assert (out.actions[3] == -1).all() and out.log_prob[3].isnan().all() and out.entropy[3].isnan()
+        good = torch.tensor([0, 1, 2, 4], device="cuda")
+        assert ((out.actions[good] >= 0) & (out.actions[good] < 300)).all()
+        ref = torch.log_softmax(x[good].double(), -1).gather(1, out.actions[good])
+        torch.testing.assert_close(out.log_prob[good].double(), ref, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match=r"logits\[3, 17\] is NaN or \+inf.*earlier pgest sample call"):
+            pgest.check_errors()
+        pgest.check_errors()  # reported once
+
+        # log_prob: an action out of range poisons its row forward and backward
+        y = torch.randn(4, 10, device="cuda", requires_grad=True)
+        actions = torch.tensor([1, 2, 10, 3], device="cuda")
+        lp, ent = pgest.log_prob(y, actions, ignore_index=None)
+        (lp.sum() + ent.sum()).backward()
+        assert lp[2].isnan() and ent[2].isnan() and y.grad[2].isnan().all()
+        assert torch.isfinite(lp[[0, 1, 3]]).all() and torch.isfinite(y.grad[[0, 1, 3]]).all()
+        with pytest.raises(IndexError, match=r"actions\[2\] is out of range for 10 actions"):
+            pgest.check_errors()
+
+        # reinforce_grad: a label out of range; the refused row indexes nothing
+        lp = torch.log_softmax(torch.randn(3, 300, device="cuda", generator=gen), -1)
+        r = pgest.reinforce_grad(lp, torch.tensor([0, 400, 1], device="cuda"), generator=gen)
+        torch.cuda.synchronize()
+        assert r.actions[1] == -1 and r.rewards[1].isnan() and r.grad[1].isnan().all()
+        assert torch.isfinite(r.grad[[0, 2]]).all() and ((r.grad[[0, 2]] != 0).sum(1) <= 1).all()
+        with pytest.raises(IndexError, match=r"labels\[1\] = 400"):
+            pgest.check_errors()
+
+
+def test_deferred_errors_surface_without_check_errors():
+    from pgest import device_errors
+
+    x = torch.randn(8, 50, device="cuda")
+    bad = x.clone()
+    bad[5] = -math.inf
+    with pgest.sync_errors(False):
+        pgest.sample(bad)
+        with pytest.raises(ValueError, match=r"logits\[5\] is all -inf"):
+            for _ in range(4 * device_errors.FLUSH_EVERY):  # a later flush reads it, once it has landed
+                pgest.sample(x)
+                torch.cuda.synchronize()
+        assert device_errors.pending() < device_errors.FLUSH_EVERY
+
+
+def test_a_training_step_never_synchronises():
+    # sample, log_prob / policy_loss forward and backward, reinforce_grad, gae
+    # and returns under torch's sync debug mode "error", past several flushes
+    from pgest import device_errors
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(256, 18, device="cuda", generator=g, requires_grad=True)
+    rewards, values = torch.randn(64, 8, device="cuda"), torch.randn(64, 8, device="cuda")
+    dones = torch.rand(64, 8, device="cuda") < 0.1
+    adv_w = torch.randn(256, device="cuda")
+
+    def step():
+        d = pgest.Categorical(logits=x)
+        a = d.sample(generator=g)
+        loss = (d.log_prob(a) * adv_w).mean() + d.entropy().mean()
+        loss = loss + pgest.policy_loss(x, a, adv_w, entropy_weight=0.01)
+        loss.backward()
+        pgest.reinforce_grad(torch.log_softmax(x.detach(), -1), a, baseline="mean", generator=g)
+        pgest.gae(rewards, values, dones, 0.99, 0.95)
+        pgest.discounted_returns(rewards, dones, 0.99)
+        x.grad = None
+
+    with pgest.sync_errors(False):
+        step()  # first calls: allocator pools, pinned buffers, kernel loading
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(2 * device_errors.FLUSH_EVERY):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        pgest.check_errors()
+
+
+def test_cuda_graph_capture_of_a_step_with_a_bad_row():
+    # captured once, replayed: fresh draws at each replay, right log-probs;
+    # a NaN row put into the static input later shows as poisoned outputs
+    x = torch.randn(512, 40, device="cuda")
+    rewards, values = torch.randn(32, 16, device="cuda"), torch.randn(32, 16, device="cuda")
+    dones = torch.zeros(32, 16, dtype=torch.bool, device="cuda")
+    static = {}
+
+    def step():
+        s = pgest.sample(x)
+        lp, ent = pgest.log_prob(x, s.actions)
+        static.update(a=s.actions, lp=lp, ent=ent, r=pgest.reinforce_grad(torch.log_softmax(x, -1), s.actions).grad,
+                      adv=pgest.gae(rewards, values, dones, 0.99, 0.95)[0])
+
+    with pgest.sync_errors(False):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            step()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        draws = []
+        for _ in range(2):
+            graph.replay()
+            torch.cuda.synchronize()
+            draws.append(static["a"].clone())
+            ref = torch.log_softmax(x.double(), -1).gather(1, static["a"][:, None]).squeeze(1)
+            torch.testing.assert_close(static["lp"].double(), ref, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(draws[0], draws[1])
+        x[9, 3] = math.nan
+        graph.replay()
+        torch.cuda.synchronize()
+        assert static["a"][9] == -1 and static["lp"][9].isnan() and static["r"][9].isnan().all()
+        assert (static["a"][:9] >= 0).all() and torch.isfinite(static["lp"][:9]).all()
+        x[9, 3] = 0.0
+        pgest.check_errors()  # nothing was deferred from inside the graph
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_tensor_on_another_device():
     x = torch.randn(100, 1000, device="cuda:1")

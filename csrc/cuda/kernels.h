@@ -3,7 +3,9 @@
 // Each entry sets the device, launches on `stream`, checks the launch and
 // returns kCudaError (with the cudaError_t in err->index) on failure. Errors
 // found in the data (NaN rows, labels out of range) are written by the kernels
-// to `err_buf`, a device int64[2] the caller reads after the call.
+// to `err_buf`, a device int64[2] the caller reads after the call or later
+// (pgest/device_errors.py); the refused rows' outputs are NaN (actions -1)
+// meanwhile. A null err_buf: the kernel checks no data.
 #pragma once
 
 #include <pgest/log_prob.h>

@@ -11,6 +11,22 @@ namespace pgest {
 namespace cuda {
 namespace {
 
+// A refused row's outputs, all NaN: its error is read later (deferred
+// checks, pgest/device_errors.py), and until then nothing computed from the
+// row may look plausible. Written by the calling thread.
+template <class Acc>
+__device__ void poison_row(const LogProbArgs& a, int64_t i) {
+  const Acc nan = Acc(NAN);
+  Acc* lp = static_cast<Acc*>(a.log_prob) + i * a.num_samples;
+  for (int64_t s = 0; s < a.num_samples; ++s) lp[s] = nan;
+  if (a.loss) static_cast<Acc*>(a.loss)[i] = nan;
+  if (!a.stats_given) {
+    static_cast<Acc*>(a.row_max)[i] = nan;
+    static_cast<Acc*>(a.log_z)[i] = nan;
+    static_cast<Acc*>(a.entropy)[i] = nan;
+  }
+}
+
 // 0: every sample ignored; 1: usable; -1: an action out of range (reported).
 __device__ int row_actions_state(const LogProbArgs& a, int64_t i, int64_t* err_buf, int64_t bound = -1) {
   int64_t live;
@@ -38,6 +54,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(LogProbArgs a, Launch
       if (live == 0 && threadIdx.x == 0) {
         row_max[i] = 0; log_z[i] = 0; ent[i] = 0;
         write_log_probs<T, Acc>(a, i, x, Acc(0), Acc(0), Acc(0));
+      } else if (threadIdx.x == 0) {
+        poison_row<Acc>(a, i);
       }
       continue;
     }
@@ -45,7 +63,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(LogProbArgs a, Launch
         ? block_row_stats<true>(x, a.cols, a.col_stride, tile, sm, &flag)
         : block_row_stats<false>(x, a.cols, a.col_stride, tile, sm, &flag);
     if (st.bad_col >= 0 || st.max == -Acc(INFINITY)) {
-      if (threadIdx.x == 0) report(l.err_buf, i, st.bad_col >= 0 ? kNonFiniteInput : kAllNegInf, st.bad_col);
+      if (threadIdx.x == 0) {
+        report(l.err_buf, i, st.bad_col >= 0 ? kNonFiniteInput : kAllNegInf, st.bad_col);
+        poison_row<Acc>(a, i);
+      }
       continue;
     }
     if (threadIdx.x == 0) {
@@ -64,7 +85,11 @@ __global__ void forward_given_kernel(LogProbArgs a, Launch l) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.rows; i += int64_t(gridDim.x) * blockDim.x) {
     int64_t live;
     ErrorInfo e;
-    if (check_row_actions(a, i, live, e) != kOk) { report(l.err_buf, i, kActionOutOfRange, e.col); continue; }
+    if (check_row_actions(a, i, live, e) != kOk) {
+      report(l.err_buf, i, kActionOutOfRange, e.col);
+      poison_row<Acc>(a, i);
+      continue;
+    }
     const T* x = static_cast<const T*>(a.logits) + i * a.row_stride;
     if (a.num_samples > 0 && live == 0) {
       write_log_probs<T, Acc>(a, i, x, Acc(0), Acc(0), Acc(0));
@@ -82,7 +107,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(LogProbArgs a, Launc
     T* g = static_cast<T*>(a.grad) + i * K;
     const T* x = static_cast<const T*>(a.logits) + i * a.row_stride;
     const int live = row_actions_state(a, i, l.err_buf, backward_bound(a));
-    if (live < 0) continue;
+    if (live < 0) {  // poisoned, as the forward's outputs of the row
+      for (int64_t k = threadIdx.x; k < K; k += blockDim.x) g[k] = store<T>(double(NAN));
+      continue;
+    }
     const GradRow<Acc> r = live ? grad_row<Acc>(a, i) : GradRow<Acc>{};
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
       g[k] = live ? store<T>(grad_dense(load<Acc>(x[k * a.col_stride]), r)) : store<T>(0.0);

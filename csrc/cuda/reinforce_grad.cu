@@ -24,21 +24,31 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(ReinforceGradArgs a, Lau
   const T* base = static_cast<const T*>(a.log_probs);
   T* grad = static_cast<T*>(a.grad);
   for (int64_t i = blockIdx.x; i < a.rows; i += gridDim.x) {
+    int status = kOk;
+    int64_t col = 0;
     if (a.labels) {
       const int64_t label = a.labels[i * a.label_stride];
-      if (label < 0 || label >= K) {
-        if (threadIdx.x == 0) report(l.err_buf, i, kLabelOutOfRange, label);
-        continue;
-      }
+      if (label < 0 || label >= K) status = kLabelOutOfRange, col = label;
     }
-    if (a.baseline_kind == kBaselineTensor && !isfinite(float(load_any(a.baseline, a.baseline_dtype, i * a.baseline_stride)))) {
-      if (threadIdx.x == 0) report(l.err_buf, i, kNonFiniteBaseline, 0);
-      continue;
-    }
+    if (status == kOk && a.baseline_kind == kBaselineTensor &&
+        !isfinite(float(load_any(a.baseline, a.baseline_dtype, i * a.baseline_stride))))
+      status = kNonFiniteBaseline;
     const T* x = base + i * a.row_stride;
-    const DevRowStats<Acc> st = block_row_stats<false>(x, K, a.col_stride, tile, sm, &flag);
-    if (st.bad_col >= 0 || st.max == -Acc(INFINITY)) {
-      if (threadIdx.x == 0) report(l.err_buf, i, st.bad_col >= 0 ? kNonFiniteInput : kAllNegInf, st.bad_col);
+    DevRowStats<Acc> st{};
+    if (status == kOk) {  // block-uniform: every thread takes the same branch
+      st = block_row_stats<false>(x, K, a.col_stride, tile, sm, &flag);
+      if (st.bad_col >= 0 || st.max == -Acc(INFINITY)) status = st.bad_col >= 0 ? kNonFiniteInput : kAllNegInf, col = st.bad_col;
+    }
+    if (status != kOk) {
+      // Refused, poisoned until the deferred error is read: NaN gradient and
+      // rewards, actions -1, which grad_kernel skips (they index nothing).
+      if (threadIdx.x == 0) report(l.err_buf, i, status, col);
+      for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
+        a.actions[i * S + s] = -1;
+        a.rewards[i * S + s] = NAN;
+      }
+      for (int64_t k = threadIdx.x; k < K; k += blockDim.x) grad[i * K + k] = store<T>(double(NAN));
+      __syncthreads();
       continue;
     }
     if (a.unnormalised && threadIdx.x == 0 && !(fabs(double(st.max) + log(double(st.z))) <= a.normalised_tol))
@@ -68,7 +78,8 @@ __global__ void grad_kernel(ReinforceGradArgs a, const double* mean) {
   const double m = mean ? *mean : 0.0;
   T* grad = static_cast<T*>(a.grad);
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.rows; i += int64_t(gridDim.x) * blockDim.x)
-    write_row_grad(a, i, m, grad + i * a.cols, a.order ? a.order + i * a.num_samples : nullptr);
+    if (a.actions[i * a.num_samples] >= 0)  // -1: a refused row, already NaN
+      write_row_grad(a, i, m, grad + i * a.cols, a.order ? a.order + i * a.num_samples : nullptr);
 }
 
 template <class T>

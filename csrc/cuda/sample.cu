@@ -28,11 +28,20 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a, Launch l
   for (int64_t i = blockIdx.x; i < a.rows; i += gridDim.x) {
     const T* x = base + i * a.row_stride;
     const DevRowStats<Acc> st = block_row_stats<true>(x, K, a.col_stride, tile, sm, &flag);
+    int64_t* actions = a.actions + i * S;
     if (st.bad_col >= 0 || st.max == -Acc(INFINITY)) {
-      if (threadIdx.x == 0) report(l.err_buf, i, st.bad_col >= 0 ? kNonFiniteInput : kAllNegInf, st.bad_col);
+      // A refused row, poisoned until its deferred error is read: action -1
+      // (no op takes it for an index), NaN statistics and log-probabilities.
+      if (threadIdx.x == 0) {
+        report(l.err_buf, i, st.bad_col >= 0 ? kNonFiniteInput : kAllNegInf, st.bad_col);
+        row_max[i] = log_z[i] = entropy[i] = Acc(NAN);
+      }
+      for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
+        actions[s] = -1;
+        log_prob[i * S + s] = Acc(NAN);
+      }
       continue;
     }
-    int64_t* actions = a.actions + i * S;
     block_draw(x, K, a.col_stride, tile, st, tile_w, seed, offset, i, S, actions, draw, a.uniforms);
     const Acc lz = log(st.z);
     if (threadIdx.x == 0) {
