@@ -95,14 +95,16 @@ def raise_for_status(result, *, input_name: str, num_actions: int, table_is_vect
     if status == NONFINITE_REWARD:
         where = f"reward_table[{col}]" if table_is_vector else f"reward_table[{row}, {col}]"
         if value is None:
-            raise ValueError(f"{where} (sampled in row {row}) is not finite in float32, the type rewards are kept in")
+            raise ValueError(f"{where} (sampled in row {row}) is not finite: rewards must be finite, and fit the "
+                             "type they are kept in")
         if math.isfinite(value):
             raise ValueError(f"{where} = {value} (sampled in row {row}) overflows float32, the type rewards "
                              "are kept in")
         raise ValueError(f"{where} is {value} (sampled in row {row}): rewards must be finite")
     if status == NONFINITE_BASELINE:
         if value is None:
-            raise ValueError(f"baseline[{row}] is not finite in float32, the type rewards are kept in")
+            raise ValueError(f"baseline[{row}] is not finite: baselines must be finite, and fit the type rewards "
+                             "are kept in")
         if math.isfinite(value):
             raise ValueError(f"baseline[{row}] = {value} overflows float32, the type rewards are kept in")
         raise ValueError(f"baseline[{row}] is {value}: baselines must be finite")

@@ -98,6 +98,12 @@ def synchronous() -> bool:
     return _sync or _forced > 0
 
 
+def defers(t: torch.Tensor) -> bool:
+    """Whether checks of data on t's device are deferred: CUDA, unless
+    synchronous. (The one place that decides; tests point it at the CPU.)"""
+    return t.is_cuda and not synchronous()
+
+
 def defer(words: torch.Tensor, stream, op: str, report: dict) -> None:
     """Keep the (2,) int64 error word of one launch of ``op`` on ``stream``
     (a torch.cuda.Stream, or None for CPU words); ``report`` holds the
@@ -113,6 +119,33 @@ def defer(words: torch.Tensor, stream, op: str, report: dict) -> None:
         found = _read_landed(wait=False)
     if found is not None:
         _raise(*found)
+
+
+def first_error(bad: torch.Tensor, status, col) -> torch.Tensor:
+    """Checks made with torch ops instead of a kernel, on the device: the
+    error word [row * 32 + status, col] of the first True entry of ``bad``
+    ((R,) or (R, S), row-major), [NO_ERROR, NO_ERROR] when there is none,
+    without reading anything back. ``status`` and ``col``: ints, or tensors
+    of bad's shape (per entry)."""
+    flat = bad.reshape(-1)
+    if flat.numel() == 0:
+        return torch.full((2,), NO_ERROR, dtype=torch.int64, device=bad.device)
+    per_row = bad.shape[-1] if bad.dim() > 1 else 1
+    i = torch.where(flat, torch.arange(flat.numel(), device=bad.device), NO_ERROR).argmin()
+    hit = flat[i]
+    st = status if isinstance(status, int) else status.reshape(-1)[i]
+    # a fill, not torch.tensor: no host-to-device copy
+    c = torch.full((), col, dtype=torch.int64, device=bad.device) if isinstance(col, int) else col.reshape(-1)[i]
+    packed = torch.where(hit, (i // per_row) * 32 + st, NO_ERROR)
+    return torch.stack([packed, torch.where(hit, c.to(torch.int64), NO_ERROR)])
+
+
+def defer_first(words, op: str, report: dict) -> None:
+    """Defer the lowest-row word of ``words`` (from first_error), on the
+    current stream of their device."""
+    w = torch.stack(list(words))
+    word = w[w[:, 0].argmin()]
+    defer(word, torch.cuda.current_stream(word.device) if word.is_cuda else None, op, report)
 
 
 def check_errors() -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _native as nat
+from . import device_errors
 from .log_prob import check_index_dtype, check_logits, rows_of
 from .policy_loss import check_entropy_weight, loss_rows
 from .reinforce_grad import _resolve_baseline, check_reward_args
@@ -74,14 +75,24 @@ def reinforce_weights(actions: Tensor, labels: Optional[Tensor], reward_table: O
                                                        R, num_actions, S, actions.device, "actions")
     actions = nat.as_int64(actions, "actions", num_actions)
     acc = dtype
+    # On the GPU the checks stay on the device by default (no read-back):
+    # refused entries get NaN rewards and their first error word is deferred
+    # (pgest.device_errors); else they are read here, with the values.
+    deferred = device_errors.defers(actions)
+    words = []
     if labels is not None:
         flat = labels.view(-1, 1)  # int64 (checked above)
-        bad = ((flat < 0) | (flat >= num_actions)).nonzero()
-        if bad.numel():
-            row = int(bad[0, 0])
-            raise IndexError(f"labels[{nat.row_index(row, lead)}] = {int(flat[row])} is out of range "
-                             f"for {num_actions} actions")
+        bad = (flat < 0) | (flat >= num_actions)
         rewards = (actions == flat).to(acc)
+        if deferred:
+            words.append(device_errors.first_error(bad, nat.LABEL_OUT_OF_RANGE, flat))
+            rewards = rewards.masked_fill(bad, math.nan)
+        else:
+            bad = bad.nonzero()
+            if bad.numel():
+                row = int(bad[0, 0])
+                raise IndexError(f"labels[{nat.row_index(row, lead)}] = {int(flat[row])} is out of range "
+                                 f"for {num_actions} actions")
     else:
         # the actions index the table: out-of-range ones are read clamped and
         # reported in the same pass (and host read) as a non-finite reward
@@ -89,30 +100,48 @@ def reinforce_weights(actions: Tensor, labels: Optional[Tensor], reward_table: O
         idx = actions.clamp(0, num_actions - 1)
         table = reward_table.to(acc)
         rewards = table[idx] if table.dim() == 1 else table.reshape(R, num_actions).gather(1, idx)
-        bad = (out | ~torch.isfinite(rewards)).nonzero()
-        if bad.numel():
-            row, s = int(bad[0, 0]), int(bad[0, 1])
-            col = int(actions[row, s])
-            if bool(out[row, s]):
-                raise IndexError(f"actions[{row}, {s}] = {col} is out of range for {num_actions} actions")
-            where = f"{col}" if table.dim() == 1 else f"{nat.row_index(row, lead)}, {col}"
-            raise ValueError(f"reward_table[{where}] is {float(rewards[row, s])} (sampled in row {row}): "
-                             "rewards must be finite")
+        bad = out | ~torch.isfinite(rewards)
+        if deferred:
+            samples = torch.arange(S, device=actions.device).expand(R, S)
+            words.append(device_errors.first_error(
+                bad, torch.where(out, nat.ACTION_OUT_OF_RANGE, nat.NONFINITE_REWARD),
+                torch.where(out, samples, actions)))
+            rewards = rewards.masked_fill(bad, math.nan)
+        else:
+            bad = bad.nonzero()
+            if bad.numel():
+                row, s = int(bad[0, 0]), int(bad[0, 1])
+                col = int(actions[row, s])
+                if bool(out[row, s]):
+                    raise IndexError(f"actions[{row}, {s}] = {col} is out of range for {num_actions} actions")
+                where = f"{col}" if table.dim() == 1 else f"{nat.row_index(row, lead)}, {col}"
+                raise ValueError(f"reward_table[{where}] is {float(rewards[row, s])} (sampled in row {row}): "
+                                 "rewards must be finite")
     if baseline_kind == 0:
         b = torch.zeros_like(rewards)
     elif baseline_kind == 1:
         b = torch.full_like(rewards, baseline_value)
     elif baseline_kind == 2:
         b = baseline.reshape(-1, 1).to(acc)
-        bad = (~torch.isfinite(b)).nonzero()
-        if bad.numel():
-            row = int(bad[0, 0])
-            raise ValueError(f"baseline[{nat.row_index(row, lead)}] is {float(b[row])}: baselines must be finite")
+        bad = ~torch.isfinite(b)
+        if deferred:
+            words.append(device_errors.first_error(bad, nat.NONFINITE_BASELINE, 0))
+            b = b.masked_fill(bad, math.nan)
+        else:
+            bad = bad.nonzero()
+            if bad.numel():
+                row = int(bad[0, 0])
+                raise ValueError(f"baseline[{nat.row_index(row, lead)}] is {float(b[row])}: "
+                                 "baselines must be finite")
         b = b.expand_as(rewards)
     elif baseline_kind == 3:
         b = rewards.mean().expand_as(rewards)
     else:
         b = (rewards.sum(1, keepdim=True) - rewards) / (S - 1)
+    if words:
+        device_errors.defer_first(words, "pgest reinforce", dict(
+            input_name="logits", num_actions=num_actions, samples_per_row=S, lead_shape=tuple(lead),
+            table_is_vector=reward_table is not None and reward_table.dim() == 1))
     return rewards, (rewards - b) / S
 
 
@@ -182,8 +211,9 @@ def reinforce(
         raise ValueError(nat.unflatten_message(str(e), lead)) from None
     rewards, weights = reinforce_weights(actions, labels, reward_table, kind, constant, b_tensor, K,
                                          list(lead), acc)
-    # Sampled actions are never negative, so -1 ignores nothing.
+    # Nothing is ignored: not even the -1 of a row the GPU sampler refused
+    # (deferred error), which must poison the loss, not drop out of it.
     # The mean over rows (each row's samples summed, their weights carry 1/S).
-    loss = loss_rows(x, actions, weights, beta, -1, stats, entropy, reduction="mean" if R else "sum", divisor=R)
+    loss = loss_rows(x, actions, weights, beta, -2**63, stats, entropy, reduction="mean" if R else "sum", divisor=R)
     shape = tuple(lead) if S == 1 else tuple(lead) + (S,)
     return Reinforce(loss, actions.view(shape), rewards.view(shape), log_prob.view(shape), entropy.view(tuple(lead)))

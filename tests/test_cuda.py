@@ -168,6 +168,13 @@ def test_deferred_errors_poison_rows_then_raise_at_check():
         with pytest.raises(IndexError, match=r"labels\[1\] = 400"):
             pgest.check_errors()
 
+        # reinforce: its reward checks are torch ops on the device
+        z = torch.randn(3, 300, device="cuda", requires_grad=True)
+        out = pgest.reinforce(z, torch.tensor([0, 400, 1], device="cuda"), generator=gen)
+        assert out.loss.isnan() and out.rewards[1].isnan() and torch.isfinite(out.rewards[[0, 2]]).all()
+        with pytest.raises(IndexError, match=r"labels\[1\] = 400 is out of range.*earlier pgest reinforce"):
+            pgest.check_errors()
+
 
 def test_deferred_errors_surface_without_check_errors():
     from pgest import device_errors
@@ -202,6 +209,7 @@ def test_a_training_step_never_synchronises():
         loss = loss + pgest.policy_loss(x, a, adv_w, entropy_weight=0.01)
         loss.backward()
         pgest.reinforce_grad(torch.log_softmax(x.detach(), -1), a, baseline="mean", generator=g)
+        pgest.reinforce(x, a, baseline="mean", generator=g).loss.backward()
         pgest.gae(rewards, values, dones, 0.99, 0.95)
         pgest.discounted_returns(rewards, dones, 0.99)
         x.grad = None

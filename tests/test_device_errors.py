@@ -144,3 +144,48 @@ def test_environment_variable_turns_synchronous_checks_on(tmp_path):
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                              cwd=tmp_path)  # the installed pgest, not a checkout's
         assert out.stdout.strip() == expected, out.stderr
+
+
+@pytest.fixture
+def checks_on_device(monkeypatch):
+    """Checks made with torch ops (pgest.reinforce's rewards) take their
+    deferred route on the CPU too: the same tensor code as on a GPU."""
+    monkeypatch.setattr(device_errors, "defers", lambda t: True)
+
+
+@pytest.mark.parametrize("kind", ["label", "action", "reward", "baseline"])
+def test_reinforce_checks_on_the_device_poison_and_defer(checks_on_device, kind):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=g, requires_grad=True)
+    labels = torch.randint(0, 5, (6,), generator=g)
+    kwargs = dict(num_samples=2, generator=g)
+    if kind == "label":
+        labels[4], labels[2] = 9, -1  # row 2 is reported, rows 2 and 4 poisoned
+        out = pgest.reinforce(x, labels, **kwargs)
+        message, exc, bad_rows = r"labels\[2\] = -1 is out of range for 5 actions", IndexError, [2, 4]
+    elif kind == "baseline":
+        base = torch.zeros(6)
+        base[3] = float("inf")
+        out = pgest.reinforce(x, labels, baseline=base, **kwargs)
+        message, exc, bad_rows = r"baseline\[3\] is not finite", ValueError, [3]
+    else:
+        table = torch.randn(6, 5, generator=g)
+        if kind == "reward":
+            table[:, 1] = float("nan")  # every row that draws action 1
+            x = torch.zeros(6, 5).index_fill_(1, torch.tensor([1]), 30.0).requires_grad_()
+            out = pgest.reinforce(x, reward_table=table, **kwargs)
+            message, exc, bad_rows = r"reward_table\[0, 1\] \(sampled in row 0\) is not finite", ValueError, range(6)
+        else:  # actions come from the sampler, always in range: the registered op's own check
+            acts = torch.tensor([[0, 1], [2, 7], [1, 1]])
+            rewards, weights = torch.ops.pgest.reinforce_weights(acts, None, table[:3], 0, 0.0, None, 5, [3],
+                                                                 torch.float32)
+            assert rewards[1, 1].isnan() and torch.isfinite(rewards[[0, 2]]).all() and rewards[1, 0] == table[1, 2]
+            with pytest.raises(IndexError, match=r"actions\[1, 1\] is out of range for 5 actions"):
+                pgest.check_errors()
+            return
+    assert torch.isnan(out.loss)
+    assert out.rewards[bad_rows].isnan().all() if kind != "baseline" else torch.isfinite(out.rewards).all()
+    out.loss.backward()
+    assert x.grad.isnan().any()
+    with pytest.raises(exc, match=message + r".*earlier pgest reinforce call"):
+        pgest.check_errors()
