@@ -47,6 +47,18 @@ def _check_table(table, lead, K) -> None:
         raise ValueError(f"reward_table must have shape {tuple(lead) + (K,)} or ({K},), got {tuple(table.shape)}")
 
 
+def _refuse_rows(t: Tensor, bad: Tensor, deferred: bool, words: list, status: int, col, error) -> Tensor:
+    """Rows of t where bad (R, 1) holds: deferred, NaN in t with their first
+    error word added to ``words``; else ``error(first row)`` is raised now."""
+    if deferred:
+        words.append(device_errors.first_error(bad, status, col))
+        return t.masked_fill(bad, math.nan)
+    hit = bad.nonzero()
+    if hit.numel():
+        raise error(int(hit[0, 0]))
+    return t
+
+
 @torch.library.custom_op("pgest::reinforce_weights", mutates_args=())
 def reinforce_weights(actions: Tensor, labels: Optional[Tensor], reward_table: Optional[Tensor],
                       baseline_kind: int, baseline_value: float, baseline: Optional[Tensor],
@@ -83,16 +95,9 @@ def reinforce_weights(actions: Tensor, labels: Optional[Tensor], reward_table: O
     if labels is not None:
         flat = labels.view(-1, 1)  # int64 (checked above)
         bad = (flat < 0) | (flat >= num_actions)
-        rewards = (actions == flat).to(acc)
-        if deferred:
-            words.append(device_errors.first_error(bad, nat.LABEL_OUT_OF_RANGE, flat))
-            rewards = rewards.masked_fill(bad, math.nan)
-        else:
-            bad = bad.nonzero()
-            if bad.numel():
-                row = int(bad[0, 0])
-                raise IndexError(f"labels[{nat.row_index(row, lead)}] = {int(flat[row])} is out of range "
-                                 f"for {num_actions} actions")
+        rewards = _refuse_rows((actions == flat).to(acc), bad, deferred, words, nat.LABEL_OUT_OF_RANGE, flat,
+                               lambda row: IndexError(f"labels[{nat.row_index(row, lead)}] = {int(flat[row])} is "
+                                                      f"out of range for {num_actions} actions"))
     else:
         # the actions index the table: out-of-range ones are read clamped and
         # reported in the same pass (and host read) as a non-finite reward
@@ -123,17 +128,9 @@ def reinforce_weights(actions: Tensor, labels: Optional[Tensor], reward_table: O
         b = torch.full_like(rewards, baseline_value)
     elif baseline_kind == 2:
         b = baseline.reshape(-1, 1).to(acc)
-        bad = ~torch.isfinite(b)
-        if deferred:
-            words.append(device_errors.first_error(bad, nat.NONFINITE_BASELINE, 0))
-            b = b.masked_fill(bad, math.nan)
-        else:
-            bad = bad.nonzero()
-            if bad.numel():
-                row = int(bad[0, 0])
-                raise ValueError(f"baseline[{nat.row_index(row, lead)}] is {float(b[row])}: "
-                                 "baselines must be finite")
-        b = b.expand_as(rewards)
+        b = _refuse_rows(b, ~torch.isfinite(b), deferred, words, nat.NONFINITE_BASELINE, 0,
+                         lambda row: ValueError(f"baseline[{nat.row_index(row, lead)}] is {float(b[row])}: "
+                                                "baselines must be finite")).expand_as(rewards)
     elif baseline_kind == 3:
         b = rewards.mean().expand_as(rewards)
     else:
