@@ -42,7 +42,7 @@ FLUSH_EVERY = 64
 NO_ERROR = 2**63 - 1  # what an error word holds until a kernel reports
 
 _sync = os.environ.get("PGEST_SYNC_ERRORS", "0").strip() not in ("", "0")
-_forced = 0  # sync_errors() depth inside pgest (ops that synchronise anyway)
+_forced = 0  # checked_now() depth: pgest's own ops that synchronise anyway
 _lock = threading.Lock()  # autograd runs CUDA backwards on its own threads
 # (device, stream) -> (stream, [words], [(op, raise_for_status kwargs)])
 _pending: Dict[Tuple[str, int], Tuple[object, List[torch.Tensor], List[Tuple[str, dict]]]] = {}
@@ -52,31 +52,30 @@ _landing: Deque[Tuple[torch.Tensor, Optional[object], List[Tuple[str, dict]]]] =
 
 def set_sync_errors(enabled: bool) -> bool:
     """Check every CUDA launch at once (True) or defer (False, the default).
-    Returns the previous setting. Switching to synchronous checks first
-    raises any error still deferred."""
+    Returns the previous setting. Switching to synchronous checks also
+    raises any error still deferred (the switch is made)."""
     global _sync
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-    previous = _sync
+    previous, _sync = _sync, enabled
     if enabled and not previous:
         check_errors()
-    _sync = enabled
     return previous
 
 
 @contextlib.contextmanager
 def sync_errors(enabled: bool = True):
-    """``with pgest.sync_errors():`` checks each CUDA launch at once inside."""
+    """``with pgest.sync_errors():`` checks each CUDA launch at once inside;
+    ``sync_errors(False)`` defers inside, and on a normal exit back into
+    synchronous checks raises what the block left deferred."""
+    global _sync
     previous = set_sync_errors(enabled)
     try:
         yield
-    finally:
-        _set_quietly(previous)
-
-
-def _set_quietly(value: bool) -> None:
-    global _sync
-    _sync = value
+    except BaseException:
+        _sync = previous  # an exception is on its way already
+        raise
+    set_sync_errors(previous)
 
 
 @contextlib.contextmanager

@@ -106,7 +106,7 @@ def test_switching_to_synchronous_checks_raises_what_is_deferred():
     device_errors.defer(word(0, ALL_NEG_INF, -1), None, "pgest sample", LOGITS)
     with pytest.raises(ValueError, match=r"logits\[0\] is all -inf"):
         pgest.set_sync_errors(True)
-    assert not device_errors.synchronous()  # the switch did not happen
+    assert device_errors.synchronous()  # the switch is made
     assert device_errors.pending() == 0
 
 
@@ -189,3 +189,11 @@ def test_reinforce_checks_on_the_device_poison_and_defer(checks_on_device, kind)
     assert x.grad.isnan().any()
     with pytest.raises(exc, match=message + r".*earlier pgest reinforce call"):
         pgest.check_errors()
+
+
+def test_leaving_a_deferred_block_for_synchronous_checks_raises_what_it_left():
+    with pgest.sync_errors():
+        with pytest.raises(ValueError, match=r"logits\[4\] is all -inf"):
+            with pgest.sync_errors(False):
+                device_errors.defer(word(4, ALL_NEG_INF, -1), None, "pgest sample", LOGITS)
+        assert device_errors.synchronous() and device_errors.pending() == 0
