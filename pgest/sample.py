@@ -52,8 +52,11 @@ def sample_native(x: Tensor, num_samples: int, seed: int, offset: int = 0, seed_
         a.row_max = stats.data_ptr()
         a.log_z = a.row_max + R * stats.element_size()
         a.num_threads = torch.get_num_threads()
-        report = dict(input_name="logits", num_actions=K) if x.is_cuda else None  # (no dict per CPU call)
-        res = nat.cuda_call("sample", a, dev, report=report, seed=seed_t, values=x) if x.is_cuda else _C.sample_cpu(a)
+        if x.is_cuda:
+            res = nat.cuda_call("sample", a, dev, report=dict(input_name="logits", num_actions=K), seed=seed_t,
+                                values=x)
+        else:
+            res = _C.sample_cpu(a)
         if res[0]:
             nat.raise_for_status(res, input_name="logits", num_actions=K)
     return actions, log_prob, entropy, stats
