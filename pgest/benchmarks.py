@@ -135,7 +135,7 @@ def median_seconds(fn: Callable[[], object], repeats: int = 15, warmup: int = 2)
 
 
 def interleaved_medians(fns: Dict[str, Callable[[], object]], rounds: int = 15,
-                        round_seconds: float = 2e-3) -> Dict[str, float]:
+                        round_seconds: float = 20e-3) -> Dict[str, float]:
     """Median seconds per call of each fn, timed in alternation: every round
     runs each fn for about ``round_seconds``, in a fresh random order. A
     shared machine's slow spells then fall on all of them alike, so the
@@ -144,7 +144,18 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], rounds: int = 15,
     here). The order is shuffled, not rotated: under a rotation each fn
     always follows the same other one and inherits its after-effects (a
     compiled provider's threads and cache footprint cost the next call
-    here about 20%)."""
+    here about 20%).
+
+    Rounds are long (20 ms) because those after-effects last: at 64 x 2 the
+    first RL step after 2 ms of another provider took 1.1-1.5x a step that
+    follows its own kind, the next ones up to 1.2x, and torch.distributions'
+    step stayed 1.2x slower for eight calls after pgest's (cold caches, the
+    other provider's OpenMP workers and garbage;
+    bench/results/cpu-switch-cost-2026-11-21.txt, bench/switch_cost.py).
+    With 2 ms rounds, about 15 calls at that size, the toll was a sizeable
+    share of each median: the five recorded runs put pgest at 0.83-1.00x of eager
+    log_softmax + gather at 64 x 2, while two runs with 20 ms rounds gave
+    1.17x and 1.20x. A call longer than a round runs once per round."""
     names = list(fns)
     order = random.Random(0)
     iters = {}
