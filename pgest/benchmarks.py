@@ -154,8 +154,8 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], rounds: int = 15,
     bench/results/cpu-switch-cost-2026-11-21.txt, bench/switch_cost.py).
     With 2 ms rounds, about 15 calls at that size, the toll was a sizeable
     share of each median: the five recorded runs put pgest at 0.83-1.00x of eager
-    log_softmax + gather at 64 x 2, while two runs with 20 ms rounds gave
-    1.17x and 1.20x. A call longer than a round runs once per round."""
+    log_softmax + gather at 64 x 2, while three runs with 20 ms rounds gave
+    1.17-1.20x. A call longer than a round runs once per round."""
     names = list(fns)
     order = random.Random(0)
     iters = {}
