@@ -149,9 +149,11 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], rounds: int = 15,
     Rounds are long (20 ms) because those after-effects last: at 64 x 2 the
     first RL step after 2 ms of another provider took 1.1-1.5x a step that
     follows its own kind, the next ones up to 1.2x, and torch.distributions'
-    step stayed 1.2x slower for eight calls after pgest's (cold caches, the
-    other provider's OpenMP workers and garbage;
-    bench/results/cpu-switch-cost-2026-11-21.txt, bench/switch_cost.py).
+    step stayed 1.2x slower for eight calls after pgest's
+    (bench/results/cpu-switch-cost-2026-11-21.txt, bench/switch_cost.py).
+    Causes seen here: the other provider's OpenMP workers and its garbage
+    (OMP_WAIT_POLICY=PASSIVE and gc.disable() each changed the toll), and
+    presumably cold caches.
     With 2 ms rounds, about 15 calls at that size, the toll was a sizeable
     share of each median: the five recorded runs put pgest at 0.83-1.00x of eager
     log_softmax + gather at 64 x 2, while three runs with 20 ms rounds gave
