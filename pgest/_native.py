@@ -157,7 +157,6 @@ def check_device(x: torch.Tensor, name: str, ref, ref_name: str) -> None:
 
 
 CUDA_COMPILED = bool(_C.build_info()["cuda_compiled"])
-INT64_MAX = 2**63 - 1
 
 
 CPU = torch.device("cpu")
@@ -197,7 +196,7 @@ def cuda_call(kernel: str, args, device: torch.device, *, report: Optional[dict]
     under ``pgest.sync_errors()`` it is read now (one synchronisation) and
     ``values``/``actions`` (2-D) fill in the offending value or action.
     Inside CUDA-graph capture nothing is read."""
-    err = torch.full((2,), INT64_MAX, dtype=torch.int64, device=device) if report is not None else None
+    err = torch.full((2,), device_errors.NO_ERROR, dtype=torch.int64, device=device) if report is not None else None
     scr = torch.empty(1, dtype=torch.float64, device=device) if scratch else None
     stream = torch.cuda.current_stream(device)
     res = getattr(_C, kernel + "_cuda")(args, device.index, stream.cuda_stream, 0 if err is None else err.data_ptr(),
@@ -211,7 +210,7 @@ def cuda_call(kernel: str, args, device: torch.device, *, report: Optional[dict]
         device_errors.defer(err, stream, f"pgest {kernel}", report)
         return res
     packed, col = err.tolist()
-    if packed == INT64_MAX:
+    if packed == device_errors.NO_ERROR:
         return (OK, -1, -1, 0, 0.0)
     status, row = packed & 31, packed >> 5
     index, value = col, float("nan")
