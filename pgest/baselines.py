@@ -63,10 +63,12 @@ def _global_moments(x: Tensor, group) -> Tuple[Tensor, Tensor]:
     n = torch.full((), float(x.numel()), dtype=torch.float64, device=x.device)  # no host-to-device copy
     total = torch.stack([n, x64.sum()])
     dist.all_reduce(total, group=group)
-    mean = total[1] / total[0]
+    mean = total[1] / total[0].clamp_min(1)
     ss = ((x64 - mean) ** 2).sum()
     dist.all_reduce(ss, group=group)
-    return mean, (ss / (total[0] - 1)).sqrt()
+    # fewer than two entries in the whole group: std 0 (the entries become
+    # x - mean = 0, as one process gives), not 0 / 0
+    return mean, torch.where(total[0] > 1, ss / (total[0] - 1).clamp_min(1), torch.zeros_like(ss)).sqrt()
 
 
 class MovingAverageBaseline:
@@ -91,15 +93,21 @@ class MovingAverageBaseline:
     def update(self, rewards: Tensor) -> float:
         """Fold a batch's mean reward in; returns the new value. The first
         update sets the value to that mean."""
-        if not isinstance(rewards, Tensor) or rewards.numel() == 0:
-            raise ValueError("rewards must be a non-empty torch.Tensor")
+        if not isinstance(rewards, Tensor):
+            raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
         if self._group is not None:
             import torch.distributed as dist
 
+            # a rank with no rewards still joins the collective (legal: the
+            # union is what counts); no reward anywhere fails on every rank
             t = torch.stack([rewards.detach().double().sum(),
                              torch.full((), float(rewards.numel()), dtype=torch.float64, device=rewards.device)])
             dist.all_reduce(t, group=self._group)
+            if t[1] == 0:
+                raise ValueError("rewards: no rewards on any rank of the process group")
             m = float(t[0] / t[1])
+        elif rewards.numel() == 0:
+            raise ValueError("rewards must be a non-empty torch.Tensor (no rewards to average)")
         else:
             m = float(rewards.detach().double().mean())
         self._value = m if self._value is None else self.decay * self._value + (1 - self.decay) * m

@@ -62,7 +62,8 @@ class LinearSample(NamedTuple):
 
 # ---- checks ------------------------------------------------------------------
 
-def _check_head(hidden, weight, bias, temperature) -> float:
+def _check_head(hidden, weight, bias, temperature, sharded: bool = False) -> float:
+    """``sharded``: weight is a rank's vocabulary shard, which may be empty."""
     nat.check_float_tensor(hidden, "hidden")
     if hidden.dim() < 1:
         raise ValueError("hidden must have at least 1 dimension (..., H), got a scalar")
@@ -71,7 +72,7 @@ def _check_head(hidden, weight, bias, temperature) -> float:
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be (V, H) with H = {hidden.shape[-1]} (the nn.Linear layout), "
                          f"got {tuple(weight.shape)}")
-    if weight.shape[0] == 0:
+    if weight.shape[0] == 0 and not sharded:
         raise ValueError("weight has V = 0 rows: there is no vocabulary")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
@@ -186,6 +187,8 @@ def _chosen_logits(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: 
     Entries outside ``keep`` are 0. With ``shard`` each rank computes the
     actions its rows of weight own and the group sums them (one nonzero
     term each: exact)."""
+    if shard is not None and weight.shape[0] == 0:  # an empty shard owns no token
+        return shard.sum_(torch.zeros(actions.shape, dtype=nat.stats_dtype(h2.dtype), device=h2.device))
     if shard is not None or keep is not None:
         lo = 0 if shard is None else shard.offset
         own = (actions >= lo) & (actions < lo + weight.shape[0])
@@ -535,7 +538,7 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
     """
     error = None
     try:
-        temperature = _check_head(hidden, weight, bias, temperature)
+        temperature = _check_head(hidden, weight, bias, temperature, process_group is not None)
         lead, S = check_token_actions(hidden, actions)
         ii = check_ignore_index(ignore_index)
         tn, tv = _tiles(hidden, token_tile, vocab_tile)
@@ -612,7 +615,7 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
     error = None
     seed = 0
     try:
-        temperature = _check_head(hidden, weight, bias, temperature)
+        temperature = _check_head(hidden, weight, bias, temperature, process_group is not None)
         S = check_num_samples(num_samples)
         tn, tv = _tiles(hidden, token_tile, vocab_tile)
         if generator is not None and not isinstance(generator, torch.Generator):

@@ -140,7 +140,7 @@ def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
     ``x`` itself: an action's entry rereads x after the dense pass)."""
     R, K = x.shape
     grad = torch.empty(R, K, dtype=x.dtype, device=nat.device_of(x)) if out is None else out
-    if not R:
+    if not R or not K:  # K = 0: an empty vocabulary shard or tile has no gradient to write
         return grad
     acc = nat.stats_dtype(x.dtype)
     a = _args(x, actions, ignore_index)
@@ -396,7 +396,8 @@ def actions_per_row(logits: Tensor, actions) -> int:
                      f"{tuple(logits.shape)}, got {tuple(actions.shape)}")
 
 
-def check_logits(logits, name: str = "logits") -> None:
+def check_logits(logits, name: str = "logits", empty_ok: bool = False) -> None:
+    """``empty_ok``: K = 0 is legal (a rank's empty vocabulary shard)."""
     if (type(logits) is Tensor and logits.is_cpu and logits.dtype in nat.DTYPE_CODES
             and logits.layout == torch.strided and logits.dim() >= 1 and logits.shape[-1]):
         return  # the common case in one expression: a call per step at RL sizes
@@ -404,7 +405,7 @@ def check_logits(logits, name: str = "logits") -> None:
     if logits.dim() < 1:
         raise ValueError(f"{name} must have at least 1 dimension (..., K), got a scalar")
     nat.check_device_supported(logits, name)
-    if logits.shape[-1] == 0 and logits.shape[:-1].numel() > 0:
+    if logits.shape[-1] == 0 and logits.shape[:-1].numel() > 0 and not empty_ok:
         raise ValueError(f"{name} has K = 0 actions: there is no distribution over them")
 
 
@@ -412,7 +413,7 @@ def rows_of(logits: Tensor) -> Tensor:
     """(..., K) -> (R, K), a view whenever the leading dimensions allow one."""
     if logits.dim() == 2:
         return logits
-    return logits.reshape(-1, logits.shape[-1])
+    return logits.reshape(logits.shape[:-1].numel(), logits.shape[-1])  # not -1: K may be 0 (an empty shard)
 
 
 # ---- the public functions ----------------------------------------------------

@@ -34,13 +34,39 @@ def _check_like(t, ref: Tensor, name: str, floating: bool = True) -> None:
         raise ValueError(f"{name} is on {t.device} but log_prob is on {ref.device}")
 
 
-def _mask_of(mask: Optional[Tensor], ref: Tensor) -> Tensor:
+def _mask_of(mask: Optional[Tensor], ref: Tensor) -> Optional[Tensor]:
+    """The mask as booleans (None: every token counts). Masked positions are
+    selected out with ``torch.where``, never multiplied by 0: a NaN or an
+    overflowed ratio there (padding, sampler log-probs of -100) would turn
+    0 * inf into NaN in the loss and in the gradient."""
     if mask is None:
-        return torch.ones_like(ref)
+        return None
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     _check_like(mask, ref, "mask", floating=False)
-    return mask.to(ref.dtype)
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    """Counts and sums of 16-bit values run in float32 (as torch.mean does):
+    70,000 float16 tokens overflow a float16 count."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _select(values: Tensor, m: Optional[Tensor]) -> Tensor:
+    """values where the mask holds, 0 elsewhere (gradient 0 there too)."""
+    if m is None:
+        return values
+    return torch.where(m, values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def _masked_mean(values: Tensor, m: Optional[Tensor]) -> Tensor:
+    """Mean of ``values`` over the tokens that count, in the accumulation
+    type; 0 when none does (no NaN)."""
+    acc = _acc_dtype(values)
+    v = _select(values, m).to(acc)
+    count = v.numel() if m is None else m.sum()
+    return v.sum() / (max(count, 1) if m is None else count.clamp_min(1).to(acc))
 
 
 def _tokens_2d(t: Tensor) -> Tensor:
@@ -66,8 +92,20 @@ def aggregate(values: Tensor, mask: Optional[Tensor] = None, mode: str = "token-
         ``normalizer`` replaces n.
       - ``seq-mean-token-sum-norm``: (1/n) sum_i sum_t l_it m_it / L with a
         constant L (Dr. GRPO, Liu et al. 2025: no length bias). L is
-        ``normalizer``, or T (the padded length) when it is None.
+        ``normalizer``, or T (the padded length) when it is None; with a
+        ``process_group`` T is the longest padded length over the ranks.
     An unknown mode, a non-positive normalizer, or a mask of another shape raises.
+
+    Masked positions are selected out, never multiplied by 0: NaN or inf
+    there does not reach the loss or the gradient. With every token masked
+    the loss is 0 and the gradients are zero (no 0 / 0). Counts and sums run
+    in float32 for 16-bit values (as ``torch.mean``); the loss has the dtype
+    of ``values``.
+
+    Where peers define a mode differently (same names, other numbers): verl's
+    ``seq-mean-token-sum-norm`` divides by L alone (pgest, TRL's Dr. GRPO:
+    by n x L); verl's ``seq-mean-token-mean`` leaves rows with no valid
+    token out of n (pgest, TRL and Liger-Kernel count them, as 0).
 
     ``process_group`` (data parallel): each rank passes its own rows; the token
     and sequence counts are summed over the group (one all_reduce of two
@@ -87,43 +125,61 @@ def aggregate(values: Tensor, mask: Optional[Tensor] = None, mode: str = "token-
             raise TypeError(f"normalizer must be a number, got {type(normalizer).__name__}")
         if not isinstance(normalizer, Tensor) and not normalizer > 0:
             raise ValueError(f"normalizer must be > 0, got {normalizer}")
-    l2, m2 = _tokens_2d(values), _tokens_2d(m)
-    masked = l2 * m2
+    acc = _acc_dtype(values)
+    l2 = _tokens_2d(values)
+    m2 = (torch.ones(l2.shape, dtype=torch.bool, device=l2.device) if m is None else _tokens_2d(m))
+    masked = _select(l2, m2).to(acc)
     if process_group is not None:
         if normalizer is not None and mode != "seq-mean-token-sum-norm":
             raise ValueError("pass either normalizer or process_group: with a group the counts are global already")
-        return _aggregate_global(l2, m2, masked, mode, normalizer, process_group)
+        return _aggregate_global(l2, m2, masked, mode, normalizer, process_group).to(values.dtype)
+    return _aggregate_local(l2, m2, masked, mode, normalizer).to(values.dtype)
+
+
+def _aggregate_local(l2: Tensor, m2: Tensor, masked: Tensor, mode: str, normalizer) -> Tensor:
+    acc = masked.dtype
     if mode == "token-mean":
-        den = m2.sum() if normalizer is None else normalizer
+        # every token masked: loss 0 and zero gradients, as the other modes give
+        den = m2.sum().clamp_min(1).to(acc) if normalizer is None else normalizer
         return masked.sum() / den
-    n = l2.shape[0] if normalizer is None or mode == "seq-mean-token-sum-norm" else normalizer
+    # no row at all: 0, not 0 / 0 (a given normaliser is > 0 already)
+    n = max(l2.shape[0], 1) if normalizer is None or mode == "seq-mean-token-sum-norm" else normalizer
     if mode == "seq-mean-token-sum":
         return masked.sum() / n
     if mode == "seq-mean-token-mean":
-        count = m2.sum(-1)
-        per_seq = masked.sum(-1) / count.clamp_min(1)
+        per_seq = masked.sum(-1) / m2.sum(-1).clamp_min(1).to(acc)
         return per_seq.sum() / n
-    L = l2.shape[1] if normalizer is None else normalizer
-    return masked.sum() / (l2.shape[0] * L)
+    L = max(l2.shape[1], 1) if normalizer is None else normalizer
+    return masked.sum() / (n * L)
 
 
 def _aggregate_global(l2: Tensor, m2: Tensor, masked: Tensor, mode: str, normalizer, group) -> Tensor:
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
+    acc = masked.dtype
     # a fill, not torch.tensor: no host-to-device copy (a synchronisation on CUDA)
     counts = torch.stack([m2.sum().double(), torch.full((), float(l2.shape[0]), dtype=torch.float64,
                                                         device=l2.device)])
     dist.all_reduce(counts, group=group)
-    tokens, rows = counts[0].to(l2.dtype), counts[1].to(l2.dtype)
+    # an empty group (no row, or no token, on every rank) gives 0, not 0 / 0
+    tokens, rows = counts[0].clamp_min(1).to(acc), counts[1].clamp_min(1).to(acc)
     if mode == "token-mean":
         return masked.sum() * world / tokens
     if mode == "seq-mean-token-sum":
         return masked.sum() * world / rows
     if mode == "seq-mean-token-mean":
-        per_seq = masked.sum(-1) / m2.sum(-1).clamp_min(1)
+        per_seq = masked.sum(-1) / m2.sum(-1).clamp_min(1).to(acc)
         return per_seq.sum() * world / rows
-    L = l2.shape[1] if normalizer is None else normalizer
+    if normalizer is None:
+        # one process holding every rank's rows pads them to the longest:
+        # divide by that length, agreed over the group (a rank's own padded
+        # length differs from it whenever the ranks' batches do)
+        length = torch.full((), float(l2.shape[1]), dtype=torch.float64, device=l2.device)
+        dist.all_reduce(length, op=dist.ReduceOp.MAX, group=group)
+        L = length.to(acc)
+    else:
+        L = normalizer
     return masked.sum() * world / (rows * L)
 
 
@@ -170,25 +226,27 @@ def ppo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, *,
                                   or not 1 < dual_clip < float("inf")):
         raise ValueError(f"dual_clip must be a finite number > 1, got {dual_clip!r}")
     m = _mask_of(mask, log_prob)
-    adv = advantages.detach()
-    log_ratio = log_prob - old_log_prob.detach()
+    # masked tokens enter as log-ratio 0 and advantage 0: whatever they hold
+    # (NaN padding, an old log-prob of -100 whose ratio overflows) reaches
+    # neither the loss nor the gradient
+    adv = _select(advantages.detach(), m)
+    log_ratio = _select(log_prob - old_log_prob.detach(), m)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - low, 1.0 + high)
     loss = torch.maximum(unclipped, clipped)
     metrics = {}
     with torch.no_grad():
-        count = m.sum().clamp_min(1)
-        metrics["clip_fraction"] = ((clipped > unclipped).to(m.dtype) * m).sum() / count
+        metrics["clip_fraction"] = _masked_mean((clipped > unclipped).to(log_prob.dtype), m)
         lr = log_ratio.detach()
-        metrics["approx_kl"] = ((torch.expm1(lr) - lr) * m).sum() / count
-        metrics["ratio_mean"] = (ratio.detach() * m).sum() / count
+        metrics["approx_kl"] = _masked_mean(torch.expm1(lr) - lr, m)
+        metrics["ratio_mean"] = _masked_mean(ratio.detach(), m)
     if dual_clip is not None:
         bound = -adv * dual_clip
         dual = (adv < 0) & (loss > bound)
         loss = torch.where(dual, bound, loss)
         with torch.no_grad():
-            metrics["dual_clip_fraction"] = (dual.to(m.dtype) * m).sum() / count
+            metrics["dual_clip_fraction"] = _masked_mean(dual.to(log_prob.dtype), m)
     return aggregate(loss, m, aggregation, normalizer, process_group=process_group), metrics
 
 
@@ -200,7 +258,10 @@ def policy_gradient_loss(log_prob: Tensor, advantages: Tensor, *, mask: Optional
     if not isinstance(log_prob, Tensor) or not log_prob.dtype.is_floating_point:
         raise TypeError("log_prob must be a float tensor")
     _check_like(advantages, log_prob, "advantages")
-    return aggregate(-advantages.detach() * log_prob, mask, aggregation, normalizer, process_group=process_group)
+    m = _mask_of(mask, log_prob)
+    # select, don't multiply: a NaN advantage or log-prob on padding stays out
+    return aggregate(-_select(advantages.detach(), m) * _select(log_prob, m), m, aggregation, normalizer,
+                     process_group=process_group)
 
 
 def kl_penalty(log_prob: Tensor, ref_log_prob: Tensor, estimator: str = "k3") -> Tensor:
@@ -251,9 +312,11 @@ def importance_weights(log_prob: Tensor, behaviour_log_prob: Tensor, *, level: s
     _check_like(behaviour_log_prob, log_prob, "behaviour_log_prob")
     m = _mask_of(mask, log_prob)
     with torch.no_grad():
-        diff = (log_prob - behaviour_log_prob) * m
+        diff = _select(log_prob - behaviour_log_prob, m)
         if level == "sequence":
-            diff = _tokens_2d(diff).sum(-1, keepdim=True).expand(_tokens_2d(diff).shape).reshape(log_prob.shape)
+            d2 = _tokens_2d(diff)
+            total = d2.to(_acc_dtype(d2)).sum(-1, keepdim=True).to(d2.dtype)
+            diff = total.expand(d2.shape).reshape(log_prob.shape)
         w = torch.exp(diff)
         if mode == "truncate":
             return torch.clamp(w, max=cap)

@@ -26,16 +26,23 @@ from .device_errors import checked_now
 from .log_prob import forward_rows
 
 
-def piece_stats(x: Tensor, row0: Union[int, Tensor] = 0, col0: int = 0, what: str = "", probe: Optional[Tensor] = None,
-                ignore_index: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+def piece_stats(x: Tensor, row0: Union[int, Tensor] = 0, col0: int = 0, what: str = "", probe: Optional[Tensor] = None
+                ) -> Tuple[Tensor, Tensor, Tensor]:
     """(max, log Z, H) of each row of one piece by the native row kernel. A
     row that is all -inf in this piece (a masked tile, a shard of masked
     tokens) is legal here and carries no mass. Errors name the whole row's
     indices (row0, col0: where the piece sits; ``row0`` may instead be the
     whole-row index of each row, when the piece's rows are a gather of the
     live tokens), followed by ``what``.
-    ``probe`` (rows,) bool: only these rows are read (padding rows of
-    ``ignore_index`` are not, as in pgest.log_prob); the others give zeros."""
+    ``probe`` (rows,) bool: only these rows are read (padding rows are
+    not, as in pgest.log_prob); the others give zeros."""
+    if x.shape[1] == 0:
+        # an empty piece (a rank's empty vocabulary shard) is legal and carries no mass
+        acc = nat.stats_dtype(x.dtype)
+        m = torch.full((x.shape[0],), -math.inf, dtype=acc, device=x.device)
+        if probe is not None:
+            m.masked_fill_(~probe, 0.0)
+        return m, torch.zeros_like(m), torch.zeros_like(m)
     try:
         # the error is needed here and now: a masked piece is legal, and the
         # message names the whole row
@@ -43,9 +50,11 @@ def piece_stats(x: Tensor, row0: Union[int, Tensor] = 0, col0: int = 0, what: st
             if probe is None:
                 _, ent, st, _ = forward_rows(x, None, None)
                 return st[0], st[1], ent
-            # one in-range action on the rows to read, ignore_index on the others
-            acts = torch.where(probe, 0, ignore_index).to(torch.int64).view(-1, 1)
-            _, ent, st, _ = forward_rows(x, acts.contiguous(), ignore_index)
+            # column 0 on the rows to read, -1 (never a column) on the others,
+            # skipped as the kernel's ignore_index: the caller's ignore_index
+            # may be 0 or any other column and must not stand in for it
+            acts = torch.where(probe, 0, -1).to(torch.int64).view(-1, 1)
+            _, ent, st, _ = forward_rows(x, acts.contiguous(), -1)
         zero = torch.zeros((), dtype=st.dtype, device=x.device)
         return torch.where(probe, st[0], zero), torch.where(probe, st[1], zero), torch.where(probe, ent, zero)
     except ValueError as e:
@@ -148,7 +157,11 @@ def place_draws(mass: Tensor, u: Tensor) -> Tuple[Tensor, Tensor]:
     piece, in [0, 1)."""
     cum = mass.cumsum(1)
     t = u * cum[:, -1:]
-    j = torch.searchsorted(cum, t, right=True).clamp_max(mass.shape[1] - 1)
+    j = torch.searchsorted(cum, t, right=True)
+    # t rounds up to the total only at the end of a row: the last piece with
+    # mass (an empty piece after it, a rank's empty shard, has no column)
+    last = mass.shape[1] - 1 - (mass > 0).flip(1).to(torch.int8).argmax(1, keepdim=True)
+    j = torch.minimum(j, last)
     before = torch.where(j > 0, cum.gather(1, (j - 1).clamp_min(0)), torch.zeros_like(t))
     inner = ((t - before) / mass.gather(1, j)).clamp(0.0, 1.0 - 2.0**-53)
     return j, inner

@@ -85,13 +85,13 @@ def _raise_if_failed(flags: Tensor, rank: int, error: Optional[BaseException]) -
                        "says why); this rank stopped with them")
 
 
-def _gathered_stats(x: Tensor, group, layout: _Layout, probe: Optional[Tensor], ignore_index) -> Tensor:
+def _gathered_stats(x: Tensor, group, layout: _Layout, probe: Optional[Tensor]) -> Tensor:
     """Collective 2: (world, 3, rows) float64 (max, log Z, entropy) of every
     rank's shard. A local error travels as a flag in the same gather."""
     error = mine = None
     try:
         mine = sums(*piece_stats(x, 0, layout.offset, " (this rank's vocabulary shard; the column is global)",
-                                 probe=probe, ignore_index=ignore_index))
+                                 probe=probe))
     except ValueError as e:
         error = e
     return gather_stats(mine, x.shape[0], x.device, group, layout, error)
@@ -156,8 +156,12 @@ def _chosen(x: Tensor, actions: Tensor, layout: _Layout, keep: Tensor, group) ->
     """Collective 3: the logit of each (row, action), from its owner."""
     lo, hi = layout.offset, layout.offset + x.shape[1]
     own = keep & (actions >= lo) & (actions < hi)
-    local = torch.where(own, actions - lo, torch.zeros_like(actions))
-    val = torch.where(own, x.gather(1, local).double(), torch.zeros((), dtype=torch.float64, device=x.device))
+    zero = torch.zeros((), dtype=torch.float64, device=x.device)
+    if x.shape[1] == 0:  # an empty shard owns no token (and has no column to gather)
+        val = torch.zeros(actions.shape, dtype=torch.float64, device=x.device)
+    else:
+        local = torch.where(own, actions - lo, torch.zeros_like(actions))
+        val = torch.where(own, x.gather(1, local).double(), zero)
     _dist().all_reduce(val, group=group)
     return val
 
@@ -201,7 +205,7 @@ def forward(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], g
     probe = None if live is None or bool(live.all()) else live
     if error is not None:  # fail together: the range error travels as the statistics' flag
         gather_stats(None, R, x.device, group, layout, error)
-    table = _gathered_stats(x, group, layout, probe, ignore_index)
+    table = _gathered_stats(x, group, layout, probe)
     M, LZ, H = _merge(table, acc)
     stats = torch.stack([M, LZ, H])
     if live is not None:
@@ -244,7 +248,7 @@ def log_prob(logits: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
     x = a2 = ii = error = None
     lead = ()
     try:
-        check_logits(logits)
+        check_logits(logits, empty_ok=True)  # an empty shard is legal: it contributes nothing
         lead = logits.shape[:-1]
         x = rows_of(logits)
         if with_actions:
@@ -271,7 +275,7 @@ def sample(logits: Tensor, num_samples: int, generator: Optional[torch.Generator
     x = error = None
     seed = 0
     try:
-        check_logits(logits)
+        check_logits(logits, empty_ok=True)
         x = rows_of(logits.detach())
         num_samples = check_num_samples(num_samples)
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -283,7 +287,7 @@ def sample(logits: Tensor, num_samples: int, generator: Optional[torch.Generator
     seed = int(table[0, 2])  # rank 0's: every rank draws the same uniforms
     R, S = x.shape[0], num_samples
     acc = nat.stats_dtype(x.dtype)
-    stats = _gathered_stats(x, group, layout, None, None)
+    stats = _gathered_stats(x, group, layout, None)
     M, LZ, H = _merge(stats, acc)
     u = philox_uniforms(R, S, seed).to(x.device)
     j, inner = place_draws(piece_masses(stats[:, 0].T, stats[:, 1].T, M), u)

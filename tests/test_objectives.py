@@ -150,3 +150,60 @@ def test_composes_with_log_prob_through_one_backward():
     (gr,) = torch.autograd.grad(ref, xr)
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g, gr, rtol=1e-10, atol=1e-13)
+
+
+# ---- edges: every token masked, masked NaN and overflow, 16-bit counts -------
+
+@pytest.mark.parametrize("mode", obj.AGGREGATIONS)
+def test_every_token_masked_gives_zero_loss_and_zero_gradients(mode):
+    lp = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    for loss in (obj.aggregate(lp, mask, mode), obj.ppo_loss(lp, lp.detach() - 0.3, torch.ones(3, 4,
+                 dtype=torch.float64), mask=mask, aggregation=mode)[0],
+                 obj.policy_gradient_loss(lp, torch.ones(3, 4, dtype=torch.float64), mask=mask, aggregation=mode),
+                 obj.entropy_bonus(lp, 0.1, mask=mask, aggregation=mode)):
+        (g,) = torch.autograd.grad(loss, lp)
+        assert loss.item() == 0.0
+        assert torch.equal(g, torch.zeros_like(g))
+    # the empty batch too
+    empty = torch.zeros(0, 5, dtype=torch.float64, requires_grad=True)
+    assert obj.aggregate(empty, None, mode).item() == 0.0
+
+
+def test_masked_nan_and_overflow_never_reach_the_loss_or_gradient():
+    # verl's masked_mean: the unmasked entries' mean, whatever the masked one holds
+    v = torch.tensor([1.0, 2.0, 3.0, 4.0, float("nan")])
+    m = torch.tensor([1, 1, 1, 1, 0])
+    assert obj.aggregate(v, m).item() == 2.5
+    # an old log-prob of -100 on a masked token: its ratio e^99 overflows float32
+    lp = torch.tensor([[-1.0, -2.0, -1.0]], requires_grad=True)
+    old = torch.tensor([[-1.2, -1.9, -100.0]])
+    adv = torch.tensor([[1.0, -1.0, float("nan")]])
+    mask = torch.tensor([[True, True, False]])
+    loss, metrics = obj.ppo_loss(lp, old, adv, mask=mask)
+    loss.backward()
+    ref_lp = lp.detach()[:, :2].clone().requires_grad_()
+    ref, _ = obj.ppo_loss(ref_lp, old[:, :2], adv[:, :2])
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(lp.grad[:, :2], ref_lp.grad)
+    assert lp.grad[0, 2] == 0
+    assert all(torch.isfinite(v).all() for v in metrics.values())
+    # NaN sampler log-probs on padding (TRL's GRPO stays finite there)
+    w = obj.importance_weights(lp.detach(), torch.tensor([[-1.0, -2.0, float("nan")]]), level="sequence", mask=mask)
+    assert torch.isfinite(w).all() and w[0, 0].item() == 1.0
+    pg = obj.policy_gradient_loss(torch.tensor([[-1.0, float("nan")]]), torch.tensor([[2.0, float("nan")]]),
+                                  mask=torch.tensor([[1, 0]]))
+    assert pg.item() == 2.0
+
+
+def test_float16_counts_and_sums_do_not_overflow():
+    # 70,000 tokens: a float16 count saturates at 65504 (inf / inf = NaN)
+    torch.manual_seed(3)
+    v = (torch.rand(70_000) * 2).half()
+    mask = torch.ones(70_000, dtype=torch.bool)
+    for mode in obj.AGGREGATIONS:
+        got = obj.aggregate(v.view(7, 10_000), mask.view(7, 10_000), mode)
+        assert got.dtype == torch.float16 and torch.isfinite(got), mode
+    got = obj.aggregate(v, mask)
+    torch.testing.assert_close(got.double(), v.double().mean(), rtol=1e-3, atol=0)

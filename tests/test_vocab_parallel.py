@@ -147,6 +147,11 @@ def _checks(rank: int, world: int) -> None:
     # 6. data parallel: token-mean over ranks with uneven valid tokens
     _data_parallel(rank, world)
 
+    # 7. edges: padding ids inside the vocabulary, empty shards, empty ranks
+    _padding_ids(rank, world)
+    _empty_shard(rank, world)
+    _empty_ranks(rank, world)
+
 
 def _linear_head(rank: int, world: int) -> None:
     g = torch.Generator().manual_seed(5)
@@ -186,10 +191,15 @@ def _linear_head(rank: int, world: int) -> None:
 def _data_parallel(rank: int, world: int) -> None:
     g = torch.Generator().manual_seed(11)
     rows_per_rank = [3 + r for r in range(world)]
-    T = 5
-    all_vals = [torch.randn(n, T, generator=g, dtype=torch.float64) for n in rows_per_rank]
-    all_mask = [torch.rand(n, T, generator=g) < 0.6 for n in rows_per_rank]
+    if world == 3:
+        rows_per_rank[1] = 0  # a rank with no rows at all
+    # each rank pads to its own length; one process holding every row pads to the longest
+    lengths = [5 + r for r in range(world)]
+    T = max(lengths)
+    all_vals = [torch.randn(n, t, generator=g, dtype=torch.float64) for n, t in zip(rows_per_rank, lengths)]
+    all_mask = [torch.rand(n, t, generator=g) < 0.6 for n, t in zip(rows_per_rank, lengths)]
     all_mask[0][0] = False  # a row with no valid token
+    pad = lambda t, fill: torch.nn.functional.pad(t, (0, T - t.shape[1]), value=fill)
     vals, mask = all_vals[rank].clone().requires_grad_(), all_mask[rank]
     for mode in ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]:
         loss = pgest.objectives.aggregate(vals, mask, mode, process_group=dist.group.WORLD)
@@ -197,11 +207,12 @@ def _data_parallel(rank: int, world: int) -> None:
         loss.backward()
         # DDP averages gradients over ranks: the local gradient / world
         grad = vals.grad / world
-        full_v = torch.cat(all_vals).requires_grad_()
-        ref = pgest.objectives.aggregate(full_v, torch.cat(all_mask), mode)
+        full_v = torch.cat([pad(v, 0.0) for v in all_vals]).requires_grad_()
+        ref = pgest.objectives.aggregate(full_v, torch.cat([pad(m, False) for m in all_mask]), mode)
         ref.backward()
         start = sum(rows_per_rank[:rank])
-        torch.testing.assert_close(grad, full_v.grad[start:start + rows_per_rank[rank]], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad, full_v.grad[start:start + rows_per_rank[rank], :lengths[rank]],
+                                   rtol=1e-12, atol=1e-14)
         # the summed losses of the ranks, averaged as DDP averages, equal the whole-batch loss
         total = loss.detach().clone()
         dist.all_reduce(total)
@@ -213,6 +224,103 @@ def _data_parallel(rank: int, world: int) -> None:
     want = pgest.baselines.normalize(torch.cat(every))
     start = sum(rows_per_rank[:rank])
     torch.testing.assert_close(got, want[start:start + rows_per_rank[rank]], rtol=1e-12, atol=1e-12)
+
+
+def _padding_ids(rank: int, world: int) -> None:
+    """ignore_index = 0 (many tokenizers' pad id) and an id inside the
+    vocabulary, with whole padding rows: the single-process numbers."""
+    g = torch.Generator().manual_seed(21)
+    R, V = 9, 50
+    full = torch.randn(R, V, generator=g, dtype=torch.float64)
+    sizes, offs = _shards(V, world)
+    mine = slice(offs[rank], offs[rank] + sizes[rank])
+    for pad in (0, 7, V - 1):
+        actions = torch.randint(0, V, (R, 2), generator=g)
+        actions[actions == pad] = (pad + 1) % V
+        actions[2] = pad  # a padding row
+        actions[5, 1] = pad
+        ref_x = full.clone().requires_grad_()
+        rlp, rent = pgest.log_prob(ref_x, actions, ignore_index=pad)
+        (rlp.sum() + 0.5 * rent.sum()).backward()
+        x = full[:, mine].clone().requires_grad_()
+        lp, ent = pgest.log_prob(x, actions, ignore_index=pad, process_group=dist.group.WORLD)
+        torch.testing.assert_close(lp, rlp.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ent, rent.detach(), rtol=1e-12, atol=1e-12)
+        (lp.sum() + 0.5 * ent.sum()).backward()
+        torch.testing.assert_close(x.grad, ref_x.grad[:, mine], rtol=1e-10, atol=1e-12)
+        # independent facts: log-probs are <= 0, padding gives 0 and entropy 0
+        ls = torch.log_softmax(full, -1)
+        keep = actions != pad
+        want = torch.where(keep, ls.gather(1, actions.clamp(0, V - 1)), torch.zeros(()))
+        torch.testing.assert_close(lp, want, rtol=1e-12, atol=1e-12)
+        assert ent[2].item() == 0.0 and (lp <= 0).all()
+
+
+def _empty_shard(rank: int, world: int) -> None:
+    """V = 3 over ranks of which one holds no vocabulary: legal, it
+    contributes nothing; numbers as one process holding every column."""
+    g = torch.Generator().manual_seed(23)
+    R, V, Hd = 6, 3, 4
+    sizes = [3, 0] if world == 2 else [1, 0, 2]
+    offs = [sum(sizes[:i]) for i in range(world)]
+    mine = slice(offs[rank], offs[rank] + sizes[rank])
+    full = torch.randn(R, V, generator=g, dtype=torch.float64)
+    actions = torch.randint(0, V, (R,), generator=g)
+    ref_x = full.clone().requires_grad_()
+    rlp, rent = pgest.log_prob(ref_x, actions)
+    (rlp.sum() + rent.sum()).backward()
+    x = full[:, mine].clone().requires_grad_()
+    lp, ent = pgest.log_prob(x, actions, process_group=dist.group.WORLD)
+    torch.testing.assert_close(lp, rlp.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, rent.detach(), rtol=1e-12, atol=1e-12)
+    (lp.sum() + ent.sum()).backward()
+    assert x.grad.shape == (R, sizes[rank])
+    torch.testing.assert_close(x.grad, ref_x.grad[:, mine], rtol=1e-10, atol=1e-12)
+    e = pgest.entropy(full[:, mine], process_group=dist.group.WORLD)
+    torch.testing.assert_close(e, rent.detach(), rtol=1e-12, atol=1e-12)
+    s = pgest.sample(full[:, mine], num_samples=3, generator=torch.Generator().manual_seed(4),
+                     process_group=dist.group.WORLD)
+    ref = pgest.sample(full, num_samples=3, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(s.actions, ref.actions)
+    # the fused head with an empty weight shard
+    hidden = torch.randn(R, Hd, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, Hd, generator=g, dtype=torch.float64)
+    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    rlp, rent = pgest.linear_log_prob(h_ref, w_ref, actions)
+    (rlp.sum() + rent.sum()).backward()
+    h, w = hidden.clone().requires_grad_(), weight[mine].clone().requires_grad_()
+    lp, ent = pgest.linear_log_prob(h, w, actions, process_group=dist.group.WORLD)
+    torch.testing.assert_close(lp, rlp.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, rent.detach(), rtol=1e-12, atol=1e-12)
+    (lp.sum() + ent.sum()).backward()
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w.grad, w_ref.grad[mine], rtol=1e-10, atol=1e-12)
+    s = pgest.linear_sample(hidden, weight[mine], num_samples=2, generator=torch.Generator().manual_seed(6),
+                            process_group=dist.group.WORLD)
+    ref = pgest.linear_sample(hidden, weight, num_samples=2, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(s.actions, ref.actions)
+
+
+def _empty_ranks(rank: int, world: int) -> None:
+    """Process-group paths with no local input on some ranks: every rank runs
+    the collectives and gets what one process holding the union gets."""
+    group = dist.group.WORLD
+    rewards = torch.tensor([1.0, 0.0, 1.0]) if rank == 0 else torch.empty(0)
+    b = pgest.baselines.MovingAverageBaseline(0.5, process_group=group)
+    assert b.update(rewards) == 2 / 3
+    assert b.update(torch.tensor([3.0]) if rank == world - 1 else torch.empty(0)) == 0.5 * 2 / 3 + 0.5 * 3.0
+    # no reward on any rank: every rank raises (none waits in a collective)
+    try:
+        b.update(torch.empty(0))
+        raise AssertionError("expected an error")
+    except ValueError as e:
+        assert "no rewards" in str(e)
+    # one entry in the whole group: normalised to 0 as in one process, not NaN
+    one = torch.tensor([2.5], dtype=torch.float64) if rank == 0 else torch.empty(0, dtype=torch.float64)
+    got = pgest.baselines.normalize(one, process_group=group)
+    assert torch.equal(got, pgest.baselines.normalize(torch.tensor([2.5], dtype=torch.float64))[:one.numel()])
+    assert torch.equal(got, torch.zeros_like(one))
+    dist.barrier()
 
 
 def _run(world: int, tmp_path) -> None:
