@@ -33,7 +33,8 @@ from torch import Tensor
 
 from . import _native as nat
 from .device_errors import checked_now
-from .log_prob import backward_rows, check_ignore_index, check_index_dtype, index_tensor, traced
+from .log_prob import (backward_rows, check_ignore_index, check_index_dtype, creating_graph, differentiable_rows,
+                       grads_with_graph, index_tensor, refuse_double_backward, traced)
 from .philox import cpu_seed, seed_tensor, uniforms as philox_uniforms
 from .row_merge import Merged, piece_masses, piece_stats, place_draws
 from .sample import check_num_samples, sample_native
@@ -434,11 +435,26 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[2])
 
 
+def head_rows_with_graph(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor,
+                         ignore_index: Optional[int], temperature: float) -> Tuple[Tensor, Tensor]:
+    """(log_prob, entropy) of the materialised logits in torch ops: the
+    differentiable form a second derivative is taken through (see
+    log_prob.differentiable_rows); it builds the (N, V) logits."""
+    x = hidden @ weight.T
+    if bias is not None:
+        x = x + bias
+    return differentiable_rows(x / temperature, index_tensor(actions, weight.shape[0]), ignore_index)
+
+
 def _backward_fn(ctx, grad_lp, grad_ent, _grad_stats):
     hidden, weight, bias, actions, stats = ctx.saved_tensors
     ignore_index, temperature, token_tile, vocab_tile = ctx.args
     needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
              bool(ctx.has_bias and ctx.needs_input_grad[2])]
+    if creating_graph():
+        gh, gw, gb = grads_with_graph(lambda h, w, b: head_rows_with_graph(h, w, b, actions, ignore_index, temperature),
+                                      (hidden, weight, bias), needs, (grad_lp, grad_ent))
+        return gh, gw, gb, None, None, None, None, None
     gh, gw, gb = linear_log_prob_backward(grad_lp, grad_ent, hidden, weight, bias, actions, stats, ignore_index,
                                           temperature, token_tile, vocab_tile, needs)
     return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None,
@@ -468,6 +484,7 @@ class _ShardedLinearLogProb(torch.autograd.Function):
     def backward(ctx, grad_lp, grad_ent):
         hidden, weight, bias, actions, stats = ctx.saved_tensors
         ignore_index, temperature, tn, tv, shard, reduce_hidden = ctx.args
+        refuse_double_backward("pgest.linear_log_prob")
         needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
                  bool(ctx.has_bias and ctx.needs_input_grad[2])]
         _check_actions_range(actions, shard.total, ignore_index)

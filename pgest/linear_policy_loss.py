@@ -33,9 +33,9 @@ from torch import Tensor
 
 from . import _native as nat
 from .linear_head import (NEVER_BUILT, _check_actions_range, _check_head, _check_rows, _check_tile, _chosen_logits,
-                          _live_rows, _logits_tile, _rows, _tiles, _token_tile_grads, _token_tile_stats,
+                          head_rows_with_graph, _live_rows, _logits_tile, _rows, _tiles, _token_tile_grads, _token_tile_stats,
                           check_token_actions, linear_log_prob)
-from .log_prob import check_ignore_index, index_tensor, traced
+from .log_prob import check_ignore_index, creating_graph, grads_with_graph, index_tensor, traced
 from .policy_loss import REDUCTIONS, _check_weights, _count, check_entropy_weight, weighted_log_probs
 
 # The fused route keeps one token tile's logits over the whole vocabulary,
@@ -152,14 +152,29 @@ def _(hidden, weight, bias, actions, advantages, entropy_weight, ignore_index, t
             bias.new_empty(bias.shape) if needs[2] and bias is not None else hidden.new_empty((0,)))
 
 
+def _loss_with_graph(hidden, weight, bias, actions, advantages, entropy_weight, ignore_index, temperature, scale):
+    """The loss in torch ops on the materialised logits: what a second
+    derivative is taken through (log_prob.differentiable_rows)."""
+    lp, ent = head_rows_with_graph(hidden, weight, bias, actions, ignore_index, temperature)
+    return (-weighted_log_probs(advantages, lp).sum() - entropy_weight * ent.sum()) * scale
+
+
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*output[1:])
+    hidden, weight, bias, actions, advantages, entropy_weight, ignore_index, temperature, reduction = inputs[:9]
+    ctx.save_for_backward(*output[1:], hidden, weight, bias, actions, advantages)
+    ctx.args = (entropy_weight, ignore_index, temperature, reduction)
     ctx.has_bias = inputs[2] is not None
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward_op(ctx, grad_loss, _gh, _gw, _gb):
-    gh, gw, gb = ctx.saved_tensors
+    gh, gw, gb, hidden, weight, bias, actions, advantages = ctx.saved_tensors
+    if creating_graph():  # the saved gradients are constants: recompute them differentiably
+        entropy_weight, ignore_index, temperature, reduction = ctx.args
+        a = index_tensor(actions, weight.shape[0])
+        scale = _scale(a, ignore_index, reduction, advantages.dtype)
+        return _grads_with_graph(ctx.needs_input_grad, grad_loss, hidden, weight, bias, a, advantages, entropy_weight,
+                                 ignore_index, temperature, scale) + (None,) * 9
     pick = lambda g, i: g * grad_loss.to(g.dtype) if ctx.needs_input_grad[i] and g.numel() else None
     return (pick(gh, 0), pick(gw, 1), pick(gb, 2) if ctx.has_bias else None,
             None, None, None, None, None, None, None, None, None)
@@ -184,6 +199,11 @@ class _LinearPolicyLossFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if creating_graph():  # the forward's gradients are constants: recompute them differentiably
+            ctx.grads = None
+            a2, w2, beta, ii, temperature, _, _, scale, _ = ctx.aux
+            return _grads_with_graph(ctx.needs_input_grad, grad_loss, *ctx.saved_tensors, a2, w2, beta, ii,
+                                     temperature, scale) + (None,)
         grads, ctx.grads = ctx.grads, None
         if grads is None:
             grads = _fused(*ctx.saved_tensors, *ctx.aux)[1:]
@@ -197,6 +217,14 @@ class _LinearPolicyLossFn(torch.autograd.Function):
             out.append(g)
         del grads
         return out[0], out[1], out[2], None
+
+
+def _grads_with_graph(needs, grad_loss, hidden, weight, bias, actions, advantages, entropy_weight, ignore_index,
+                      temperature, scale) -> tuple:
+    wanted = [bool(needs[0]), bool(needs[1]), bias is not None and bool(needs[2])]
+    loss = lambda h, w, b: (_loss_with_graph(h, w, b, actions, advantages, entropy_weight, ignore_index, temperature,
+                                             scale),)
+    return tuple(grads_with_graph(loss, (hidden, weight, bias), wanted, (grad_loss,)))
 
 
 _apply_fused = super(torch.autograd.Function, _LinearPolicyLossFn).apply  # see log_prob._apply_log_prob

@@ -182,6 +182,74 @@ def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
     return grad
 
 
+# ---- second derivatives -------------------------------------------------------
+#
+# The kernels' backward is a pass of their own, not a function autograd can
+# differentiate. When a backward runs with create_graph=True (Hessians,
+# gradient penalties, meta-gradients) grad mode is on inside it: the gradient
+# is then taken through the same mathematics written in torch ops, which
+# materialises a softmax of the rows (what the kernels avoid, and what a
+# second derivative needs anyway). First derivatives never take this route.
+
+def differentiable_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """(R, K) logits -> (log_prob (R, S), entropy (R,)) in torch ops, with the
+    kernels' conventions: an ignored action has log_prob 0, a row whose every
+    action is ignored has entropy 0, p log p is 0 where p is 0."""
+    acc = nat.stats_dtype(x.dtype)
+    ls = torch.log_softmax(x.to(acc), -1)
+    p = ls.exp()
+    # masked_fill before the product: 0 * -inf would be NaN, in the gradient too
+    ent = -(p * ls.masked_fill(p == 0, 0.0)).sum(-1)
+    if actions is None:
+        return ls.new_zeros((x.shape[0], 0)), ent
+    zero = torch.zeros((), dtype=acc, device=x.device)
+    if ignore_index is None:
+        return ls.gather(1, actions), ent
+    keep = actions != ignore_index
+    lp = torch.where(keep, ls.gather(1, torch.where(keep, actions, 0)), zero)
+    if actions.shape[1]:
+        ent = torch.where(keep.any(1), ent, zero)
+    return lp, ent
+
+
+def creating_graph() -> bool:
+    """Whether this backward is itself to be differentiated (create_graph=True)."""
+    return torch.is_grad_enabled()
+
+
+def grads_with_graph(fn, args, wanted, upstream) -> list:
+    """Differentiable gradients of sum_i upstream[i] * fn(*args)[i] with
+    respect to the args flagged in ``wanted`` (None for the others); outputs
+    whose upstream is None count for nothing. An arg that does not require
+    grad still gets its gradient (as a function of the upstream gradients)."""
+    args = [a.detach().requires_grad_() if w and not a.requires_grad else a for a, w in zip(args, wanted)]
+    targets = [a for a, w in zip(args, wanted) if w]
+    with torch.enable_grad():
+        outs = fn(*args)
+        pairs = [(o, u.reshape(o.shape).to(o.dtype)) for o, u in zip(outs, upstream) if u is not None]
+        if not pairs or not targets:
+            return [None] * len(args)
+        got = iter(torch.autograd.grad([o for o, _ in pairs], targets, [u for _, u in pairs], create_graph=True,
+                                       allow_unused=True, materialize_grads=True))
+    return [next(got) if w else None for w in wanted]
+
+
+def log_prob_grad_with_graph(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int],
+                             grad_log_prob: Optional[Tensor], grad_entropy: Optional[Tensor]) -> Tensor:
+    """The gradient backward_rows computes, as a differentiable function of
+    the logits and of the upstream gradients."""
+    return grads_with_graph(lambda t: differentiable_rows(t, actions, ignore_index), (x,), (True,),
+                            (grad_log_prob if actions is not None else None, grad_entropy))[0]
+
+
+def refuse_double_backward(what: str) -> None:
+    """For routes whose backward has no differentiable form (process groups)."""
+    if creating_graph():
+        raise NotImplementedError(
+            f"{what}: second derivatives (backward with create_graph=True) are not supported across a process "
+            "group; compute them on one process")
+
+
 # ---- the registered ops (torch.compile, opcheck, functorch) -----------------
 
 @torch.library.custom_op("pgest::log_prob", mutates_args=())
@@ -229,6 +297,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_lp, grad_ent, _grad_stats):
     logits, actions, stats, entropy = ctx.saved_tensors
+    if creating_graph():
+        return log_prob_grad_with_graph(logits, index_tensor(actions, logits.shape[1]), ctx.ignore_index, grad_lp,
+                                        grad_ent), None, None
     grad = log_prob_backward(grad_lp, grad_ent, logits, actions, stats, entropy, ctx.ignore_index)
     return grad, None, None
 
@@ -264,6 +335,8 @@ class _LogProbFn(torch.autograd.Function):
         logits, actions, st, ent = ctx.saved_tensors
         if grad_lp is None and grad_ent is None:
             return None, None
+        if creating_graph():
+            return log_prob_grad_with_graph(logits, actions, ctx.ignore_index, grad_lp, grad_ent), None
         grad = backward_rows(logits, actions, ctx.ignore_index, st, ent, grad_log_prob=grad_lp,
                              grad_entropy=grad_ent)
         return grad, None

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from . import _native as nat
 from .log_prob import (actions_per_row, backward_rows, check_ignore_index, check_logits, check_rows, check_stats,
-                       forward_rows, index_tensor, rows_of, traced)
+                       creating_graph, differentiable_rows, forward_rows, grads_with_graph, index_tensor, rows_of,
+                       traced)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -92,6 +93,16 @@ def _backward_rows(grad_loss, logits, actions, weights, stats, entropy, entropy_
                          row_scale=grad_loss, log_prob_scale=-1.0, entropy_scale=-entropy_weight)
 
 
+def _grad_with_graph(grad_loss, logits, actions, weights, entropy_weight, ignore_index):
+    """_backward_rows's gradient in torch ops, differentiable (a second
+    derivative is wanted: see log_prob.differentiable_rows)."""
+    def rows(x):
+        lp, ent = differentiable_rows(x, actions, ignore_index)
+        return (-weighted_log_probs(weights, lp).sum(1) - entropy_weight * ent,)
+
+    return grads_with_graph(rows, (logits,), (True,), (grad_loss,))[0]
+
+
 def _setup_context(ctx, inputs, output):
     logits, actions, weights, entropy_weight, ignore_index, _, _ = inputs
     _, stats, entropy = output
@@ -102,6 +113,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_stats, _grad_entropy):
     logits, actions, weights, stats, entropy = ctx.saved_tensors
+    if creating_graph():  # not through the op: its output would be a constant
+        grad = _grad_with_graph(grad_loss, logits, index_tensor(actions, logits.shape[1]), weights, ctx.entropy_weight,
+                                ctx.ignore_index)
+        return grad, None, None, None, None, None, None
     grad = policy_loss_backward(grad_loss, logits, actions, weights, stats, entropy,
                                 ctx.entropy_weight, ctx.ignore_index)
     return grad, None, None, None, None, None, None
@@ -141,6 +156,8 @@ class _PolicyLossFn(torch.autograd.Function):
             scale = grad_out
         else:  # the rows' common upstream gradient, read with stride 0
             scale = (grad_out if ctx.count is None else grad_out / ctx.count).expand(R)
+        if creating_graph():
+            return _grad_with_graph(scale, logits, actions, weights, ctx.entropy_weight, ctx.ignore_index), None
         grad = _backward_rows(scale, logits, actions, weights, st, ent, ctx.entropy_weight, ctx.ignore_index)
         return grad, None
 

@@ -34,7 +34,8 @@ from torch import Tensor
 
 from . import _native as nat
 from .device_errors import checked_now
-from .log_prob import actions_per_row, backward_rows, check_ignore_index, check_logits, index_tensor, rows_of
+from .log_prob import (actions_per_row, backward_rows, check_ignore_index, check_logits, index_tensor,
+                       refuse_double_backward, rows_of)
 from .philox import cpu_seed, seed_tensor, uniforms as philox_uniforms
 from .row_merge import Merged, piece_masses, piece_stats, place_draws, sums
 from .sample import check_num_samples, sample_native
@@ -234,6 +235,7 @@ class _VocabParallelLogProb(torch.autograd.Function):
         x, actions, stats = ctx.saved_tensors
         if grad_lp is None and grad_ent is None:
             return None, None, None, None
+        refuse_double_backward("pgest.log_prob")
         # the shard's columns of the global row: no communication
         with checked_now():
             grad = backward_rows(x, actions, ctx.ignore_index, stats[:2].contiguous(), stats[2],

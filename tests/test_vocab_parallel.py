@@ -254,6 +254,14 @@ def _padding_ids(rank: int, world: int) -> None:
         want = torch.where(keep, ls.gather(1, actions.clamp(0, V - 1)), torch.zeros(()))
         torch.testing.assert_close(lp, want, rtol=1e-12, atol=1e-12)
         assert ent[2].item() == 0.0 and (lp <= 0).all()
+    # second derivatives across a group: refused on every rank, never zeros
+    x = full[:, mine].clone().requires_grad_()
+    lp, _ = pgest.log_prob(x, actions, ignore_index=pad, process_group=dist.group.WORLD)
+    try:
+        torch.autograd.grad(lp.sum(), x, create_graph=True)
+        raise AssertionError("expected an error")
+    except NotImplementedError as e:
+        assert "create_graph" in str(e)
 
 
 def _empty_shard(rank: int, world: int) -> None:
