@@ -373,6 +373,12 @@ def _check_rows(hidden, weight, bias, actions, temperature):
     nat.check_device(actions, "actions", hidden.device, "hidden")
 
 
+def check_needs(needs) -> None:
+    """The registered head ops' ``needs``: which of (hidden, weight, bias) want a gradient."""
+    if len(needs) != 3:
+        raise ValueError(f"needs must hold 3 flags (hidden, weight, bias), got {len(needs)}")
+
+
 @torch.library.custom_op("pgest::linear_log_prob", mutates_args=())
 def linear_log_prob_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor,
                          ignore_index: Optional[int], temperature: float, token_tile: int,
@@ -400,6 +406,8 @@ def linear_log_prob_backward(grad_log_prob: Optional[Tensor], grad_entropy: Opti
     """Gradients for hidden, weight and bias (an empty tensor where ``needs``
     says it is not wanted or there is no bias)."""
     _check_rows(hidden, weight, bias, actions, temperature)
+    check_needs(needs)
+    nat.check_tensor(stats, "stats")
     N, S = actions.shape
     acc = nat.stats_dtype(hidden.dtype)
     if stats.shape != (3, N) or stats.dtype != acc:
@@ -422,6 +430,7 @@ def linear_log_prob_backward(grad_log_prob: Optional[Tensor], grad_entropy: Opti
 @linear_log_prob_backward.register_fake
 def _(grad_log_prob, grad_entropy, hidden, weight, bias, actions, stats, ignore_index, temperature, token_tile,
       vocab_tile, needs):
+    check_needs(needs)
     return (hidden.new_empty(hidden.shape) if needs[0] else hidden.new_empty((0,)),
             weight.new_empty(weight.shape) if needs[1] else hidden.new_empty((0,)),
             bias.new_empty(bias.shape) if needs[2] and bias is not None else hidden.new_empty((0,)))

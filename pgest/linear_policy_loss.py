@@ -33,8 +33,8 @@ from torch import Tensor
 
 from . import _native as nat
 from .linear_head import (NEVER_BUILT, _check_actions_range, _check_head, _check_rows, _check_tile, _chosen_logits,
-                          head_rows_with_graph, _live_rows, _logits_tile, _rows, _tiles, _token_tile_grads, _token_tile_stats,
-                          check_token_actions, linear_log_prob)
+                          _live_rows, _logits_tile, _rows, _tiles, _token_tile_grads, _token_tile_stats, check_needs,
+                          check_token_actions, head_rows_with_graph, linear_log_prob)
 from .log_prob import check_ignore_index, creating_graph, grads_with_graph, index_tensor, traced
 from .policy_loss import REDUCTIONS, _check_weights, _count, check_entropy_weight, weighted_log_probs
 
@@ -129,8 +129,7 @@ def linear_policy_loss_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
     _check_weights(hidden, actions, advantages, "advantages", "hidden")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' here, got {reduction!r}")
-    if len(needs) != 3:
-        raise ValueError(f"needs must hold 3 flags (hidden, weight, bias), got {len(needs)}")
+    check_needs(needs)
     a = index_tensor(actions, weight.shape[0])
     ii = check_ignore_index(ignore_index)
     loss, gh, gw, gb = _fused(hidden, weight, bias, a, advantages.contiguous(), check_entropy_weight(entropy_weight),
@@ -145,6 +144,7 @@ def linear_policy_loss_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
 @linear_policy_loss_rows.register_fake
 def _(hidden, weight, bias, actions, advantages, entropy_weight, ignore_index, temperature, reduction, token_tile,
       vocab_tile, needs):
+    check_needs(needs)
     acc = nat.stats_dtype(hidden.dtype)
     return (hidden.new_empty((), dtype=acc),
             hidden.new_empty(hidden.shape) if needs[0] else hidden.new_empty((0,)),

@@ -413,6 +413,8 @@ def check_rows(logits, actions) -> None:
 
 
 def check_stats(logits, stats, entropy) -> None:
+    nat.check_tensor(stats, "stats")
+    nat.check_tensor(entropy, "entropy")
     R = logits.shape[0]
     acc = nat.stats_dtype(logits.dtype)
     if stats.shape != (2, R) or stats.dtype != acc:

@@ -28,6 +28,7 @@ REDUCTIONS = ("mean", "sum", "none")
 def _check_weights(logits, actions, weights, name: str = "weights", ref_name: str = "logits") -> None:
     """(R, S) weights of (R, S) actions in the accumulation dtype of the
     (R, ...) rows ``logits`` (or hidden states), on their device."""
+    nat.check_tensor(weights, name)
     R = logits.shape[0]
     acc = nat.stats_dtype(logits.dtype)
     S = actions.shape[1]
@@ -53,6 +54,11 @@ def policy_loss_rows(logits: Tensor, actions: Tensor, weights: Tensor, entropy_w
     ``stats`` and ``entropy`` from ``pgest::sample`` the logits are not read again."""
     check_rows(logits, actions)
     _check_weights(logits, actions, weights)
+    entropy_weight = check_entropy_weight(entropy_weight)
+    if (stats is None) != (entropy is None):
+        raise ValueError("stats and entropy go together (both from pgest::sample of these logits) or are both None, "
+                         f"got stats={'None' if stats is None else 'a tensor'}, "
+                         f"entropy={'None' if entropy is None else 'a tensor'}")
     if stats is not None:
         check_stats(logits, stats, entropy)
     _, ent, st, loss = forward_rows(logits, index_tensor(actions, logits.shape[1]), ignore_index,
@@ -76,6 +82,8 @@ def policy_loss_backward(grad_loss: Tensor, logits: Tensor, actions: Tensor, wei
     check_rows(logits, actions)
     _check_weights(logits, actions, weights)
     check_stats(logits, stats, entropy)
+    entropy_weight = check_entropy_weight(entropy_weight)
+    nat.check_float_tensor(grad_loss, "grad_loss")
     if grad_loss.shape != (logits.shape[0],):
         raise ValueError(f"grad_loss must have shape ({logits.shape[0]},), got {tuple(grad_loss.shape)}")
     return _backward_rows(grad_loss, logits, index_tensor(actions, logits.shape[1]), weights, stats, entropy,

@@ -121,6 +121,7 @@ def _(rewards, dones, gamma, last_value):
 
 def _gae_impl(rewards: Tensor, values: Tensor, dones: Tensor, gamma: float, lam: float,
               last_value: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    nat.check_tensor(values, "values")  # None would pass _check_rollout as "no values"
     _check_rollout(rewards, dones, last_value, values)
     rewards, dones, last_value = _prepared(rewards, dones, last_value, gamma, lam)
     values = values.detach().contiguous()
@@ -136,6 +137,7 @@ _gae_op = torch.library.custom_op("pgest::gae", mutates_args=())(_gae_impl)
 
 @_gae_op.register_fake
 def _(rewards, values, dones, gamma, lam, last_value):
+    nat.check_tensor(values, "values")
     _check_rollout(rewards, dones, last_value, values)
     return (torch.empty_like(rewards, memory_format=torch.contiguous_format),
             torch.empty_like(rewards, memory_format=torch.contiguous_format))
