@@ -649,9 +649,9 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
         lead = hidden.shape[:-1]
         shape = lead if S == 1 else lead + (S,)
         dev = hidden.device
-        if lead.numel():
-            # The seed as pgest.sample takes it from the generator (one draw per call).
-            seed = cpu_seed(generator) if dev.type == "cpu" else int(seed_tensor(generator, dev)[0])
+        # The seed as pgest.sample takes it from the generator: one draw per
+        # call, an empty batch included (every sampling op's rule)
+        seed = cpu_seed(generator) if dev.type == "cpu" else int(seed_tensor(generator, dev)[0])
     except (ValueError, TypeError, IndexError, NotImplementedError, RuntimeError) as e:
         if process_group is None:
             raise

@@ -2,7 +2,8 @@
 
 Every draw is Philox4x32-10 keyed by (seed, offset, row, sample): sample ``s``
 of row ``i`` is the 53-bit uniform from counter ``(i, offset + s // 2)`` and key
-``seed``. A call takes one (seed, offset) from the generator, so
+``seed``. A call takes one (seed, offset) from the generator, whatever its
+batch size (an empty batch included: ops that draw alike stay alike), so
 ``torch.manual_seed`` reproduces it and the next call draws afresh; the draw of
 a row depends on nothing else (thread count, batch split, instruction set).
 """

@@ -290,15 +290,15 @@ def reinforce_grad(
     nat.check_float_tensor(log_probs, "log_probs")
     if log_probs.dim() != 2:
         raise ValueError(f"log_probs must be 2-D (B, K), got shape {tuple(log_probs.shape)}")
-    rows = log_probs.shape[0]
-    kind, constant, baseline_t = _resolve_baseline(baseline, rows, S, log_probs.device)
+    kind, constant, baseline_t = _resolve_baseline(baseline, log_probs.shape[0], S, log_probs.device)
     if traced() or log_probs.device.type != "cpu":
         actions, rewards, grad = reinforce_grad_rows(log_probs, labels, reward_table, kind, constant, baseline_t, S,
                                                      seed_tensor(generator, log_probs.device))
     else:
         # Eager CPU: the kernel directly (no torch.library dispatch), after the op's own checks.
         labels, reward_table, baseline_t = _check_call(log_probs, labels, reward_table, kind, constant, baseline_t, S)
-        seed = next_seed_offset(generator, log_probs.device, S)[0] if rows else 0
+        # one draw from the generator per call, an empty batch included (every sampling op's rule)
+        seed = next_seed_offset(generator, log_probs.device, S)[0]
         actions, rewards, grad = _native(log_probs.detach(), labels, reward_table, kind, constant, baseline_t, S, seed)
     if S == 1:
         actions, rewards = actions.view(-1), rewards.view(-1)

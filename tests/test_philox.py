@@ -96,3 +96,31 @@ def test_uniforms_arguments():
             pgest.philox.uniforms(2, 3, **kw)
     with pytest.raises(ValueError, match="rows must be in"):
         pgest.philox.uniforms(-1, 3, seed=0)
+
+
+def test_every_sampling_op_takes_one_seed_per_call_even_on_an_empty_batch():
+    # ops the README says draw alike must stay alike after an empty call:
+    # each call advances the generator by one draw, whatever the batch size
+    import pgest as pg
+
+    def calls(n):
+        x = torch.randn(n, 5)
+        h, w = torch.randn(n, 3), torch.randn(5, 3)
+        lab = torch.zeros(n, dtype=torch.int64)
+        return {
+            "sample": lambda g: pg.sample(x, generator=g),
+            "reinforce": lambda g: pg.reinforce(x, lab, generator=g),
+            "reinforce_grad": lambda g: pg.reinforce_grad(x.log_softmax(-1), lab, generator=g),
+            "linear_sample": lambda g: pg.linear_sample(h, w, generator=g),
+            "Categorical.sample": lambda g: pg.Categorical(logits=x).sample(generator=g),
+        }
+
+    reference = torch.Generator().manual_seed(5)
+    reference.manual_seed(5)
+    pg.sample(torch.randn(1, 5), generator=reference)
+    advanced = reference.get_state()
+    for n in (0, 3):
+        for name, call in calls(n).items():
+            g = torch.Generator().manual_seed(5)
+            call(g)
+            assert torch.equal(g.get_state(), advanced), (name, n)
