@@ -111,13 +111,15 @@ inline int narrow_walk(const NarrowGroup<Acc>& g, int l, int cols, double t) {
       if (t < w) return j;
     }
   }
-  // t caught between the walk's sum and the chunk mass by rounding: the
-  // last live group's first entry, or its last live one if that is dead.
-  if (last_positive >= 0 && !(g.e[last_positive][l] > Acc(0))) {
-    for (int j = last_positive; j < cols && j < last_positive + kLanes; ++j)
-      if (g.e[j][l] > Acc(0)) last_positive = j;
-  }
-  return last_positive;
+  // t caught between the walk's sum w and the row's mass by rounding:
+  // placed in proportion to the masses (sampler.h's place_in_gap; the row
+  // max's entry has e = 1, so w > 0).
+  Acc e[kNarrowCols];
+  for (int j = 0; j < cols; ++j) e[j] = g.e[j][l];
+  const Threshold th{t, 0};
+  int64_t i = 0, action = last_positive;
+  place_in_gap(e, cols, 0.0, w, double(g.sum[l]), &th, i, 1, &action, 0);
+  return int(action);
 }
 
 // Rows [begin, end) through `group(i0)` W at a time where `narrow`, the rest

@@ -115,7 +115,7 @@ __device__ DevRowStats<Acc> block_row_stats(const T* x, int64_t cols, int64_t cs
 
 struct DrawShared {
   typename cub::BlockScan<double, kThreads>::TempStorage scan;
-  double t, before;
+  double t, before, tile_end, target;
   int64_t tile, found, last_live;
 };
 
@@ -135,6 +135,7 @@ __device__ void block_draw(const T* x, int64_t cols, int64_t cs, int64_t tile, c
       sh.t = t;
       sh.tile = lo;
       sh.before = lo > 0 ? double(prefix[lo - 1]) : 0.0;
+      sh.tile_end = double(prefix[lo]);
       sh.found = -1;
       sh.last_live = -1;
     }
@@ -149,19 +150,31 @@ __device__ void block_draw(const T* x, int64_t cols, int64_t cs, int64_t tile, c
       seg += double(e);
       if (e > Acc(0)) live = k;
     }
-    double excl;
-    cub::BlockScan<double, kThreads>(sh.scan).ExclusiveSum(seg, excl);
-    double w = sh.before + excl;
-    if (sh.t >= w && sh.t < w + seg) {
-      for (int64_t k = a; k < b; ++k) {
-        w += double(exp_nonpos(load<Acc>(x[k * cs]) - st.max));
-        if (sh.t < w) { sh.found = k; break; }
+    double excl, walked;
+    cub::BlockScan<double, kThreads>(sh.scan).ExclusiveSum(seg, excl, walked);
+    const double w0 = sh.before + excl;
+    auto walk_to = [&](double t) {
+      if (t >= w0 && t < w0 + seg) {
+        double w = w0;
+        for (int64_t k = a; k < b; ++k) {
+          w += double(exp_nonpos(load<Acc>(x[k * cs]) - st.max));
+          if (t < w) { sh.found = k; break; }
+        }
       }
-    }
+    };
+    walk_to(sh.t);
     if (live >= 0) atomicMax(reinterpret_cast<long long*>(&sh.last_live), static_cast<long long>(live));
     __syncthreads();
-    // The scan's sum and the tile weight may differ in the last bits; a
-    // threshold caught between them belongs to the tile's last live entry.
+    // The scan's sum and the tile weight may differ in the last bits: a
+    // threshold caught between them is mapped to the same fraction of the
+    // scan and placed again, in proportion to the masses (sampler.h's
+    // place_in_gap), not handed whole to one entry.
+    if (sh.found < 0 && walked > 0.0) {
+      walked += sh.before;
+      walk_to(sh.before + (sh.t - walked) / (sh.tile_end - walked) * (walked - sh.before));
+      __syncthreads();
+    }
+    // a target rounded up to the scan's total: the tile's last live entry
     if (threadIdx.x == 0) actions[s] = sh.found >= 0 ? sh.found : sh.last_live;
     __syncthreads();
   }
