@@ -13,7 +13,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributions as td
 from torch import Tensor
+from torch.distributions import constraints
 
 from . import _native as nat
 from .log_prob import (check_index_dtype, check_logits, entropy as _entropy, index_tensor, log_prob as _log_prob,
@@ -21,17 +23,38 @@ from .log_prob import (check_index_dtype, check_logits, entropy as _entropy, ind
 from .sample import draw_rows, sample as _sample
 
 
-class Categorical:
-    """Categorical distribution over the last dimension of ``logits``.
+class ValueOutOfSupport(IndexError, ValueError):
+    """An action outside [0, K): an IndexError as everywhere in pgest, and the
+    ValueError torch's validated distributions raise for it."""
+
+
+def _masked_log(probs: Tensor) -> Tensor:
+    """log(probs) with -inf, and a zero gradient, where probs is 0: an action
+    masked out by a zero probability is never drawn, and the gradient of the
+    row stays finite (log's 1/p would turn the softmax's 0 into 0 * inf)."""
+    live = probs > 0
+    return torch.where(live, probs, torch.ones((), dtype=probs.dtype, device=probs.device)).log().masked_fill(
+        ~live, float("-inf"))
+
+
+class Categorical(td.Categorical):
+    """Categorical distribution over the last dimension of ``logits``: a
+    ``torch.distributions.Categorical`` (``isinstance`` holds, so
+    ``MixtureSameFamily``, ``kl_divergence``, Stable-Baselines3's and
+    TorchRL's checks accept it) whose work runs on pgest's kernels.
 
     Args:
         logits: (..., K) unnormalised log-probabilities; leading dimensions are
             the batch shape. Kept as given (no copy, no normalisation).
         probs: instead of logits, (..., K) non-negative weights (need not sum
-            to 1); they are turned into ``probs.log()`` once, which does
-            materialise a (..., K) tensor.
-        validate_args: accepted for compatibility; pgest always validates
-            (bad actions raise ``IndexError``, NaN rows ``ValueError``).
+            to 1); they are turned into ``log(probs)`` once, which does
+            materialise a (..., K) tensor. A zero entry (action masking) is
+            never drawn, has log-probability -inf and a finite gradient.
+        validate_args: ``True`` checks the parameters at construction as
+            torch does (one pass over them: ``ValueError`` for NaN logits,
+            negative or all-zero probs). Whatever it is, pgest checks what it
+            reads: an action outside [0, K) raises ``ValueOutOfSupport`` (an
+            ``IndexError`` and a ``ValueError``), a NaN row ``ValueError``.
 
     Differences from ``torch.distributions.Categorical``:
       - samples come from pgest's Philox sampler (exact inverse CDF), so the
@@ -39,35 +62,48 @@ class Categorical:
         distribution is the same (tested by chi-square).
       - ``log_prob`` and ``entropy`` are float32 for 16-bit logits.
       - ``.logits`` and ``.probs`` are computed on first access (normalised,
-        as torch's are), not at construction.
-      - ``expand``, ``enumerate_support``, ``cdf``-style methods and
-        ``torch.distributions.kl_divergence`` registration are not provided.
+        as torch's are), not at construction; with ``probs=`` a zero
+        probability gives ``.logits`` -inf where torch clamps it to
+        log(eps).
+      - ``kl_divergence`` with another Categorical (pgest's or torch's) is
+        registered; ``cdf``, ``icdf`` and ``rsample`` raise
+        ``NotImplementedError`` as torch's do.
     """
 
-    # Fixed attributes: faster to set, read and free than an instance dict,
-    # which counts when one object is made per step at RL sizes.
-    __slots__ = ("_given_probs", "_probs", "_x", "_logits", "_entropy", "_drawn", "_drawn_out", "_group")
-
+    arg_constraints = {"probs": constraints.simplex, "logits": constraints.real_vector}
     has_enumerate_support = True
     has_rsample = False  # a categorical has no reparameterised sample
-    arg_constraints = {}
 
     def __init__(self, probs: Optional[Tensor] = None, logits: Optional[Tensor] = None,
                  validate_args: Optional[bool] = None, *, process_group=None):
         if (probs is None) == (logits is None):
-            raise ValueError("pass exactly one of probs and logits")
+            raise ValueError("Either `probs` or `logits` must be specified, but not both.")
+        given = probs if probs is not None else logits
+        if isinstance(given, Tensor) and given.dim() < 1:
+            raise ValueError(f"`{'probs' if probs is not None else 'logits'}` parameter must be at least "
+                             "one-dimensional.")
         if probs is not None:
             check_logits(probs, "probs")
-            if probs.dtype.is_floating_point and probs.numel() and bool((probs < 0).any()):
-                raise ValueError("probs must be non-negative")
+            if validate_args or (probs.numel() and bool((probs < 0).any())):
+                _check_probs(probs)
             self._given_probs = probs
-            logits = probs.log()
+            logits = _masked_log(probs)
         else:
             check_logits(logits)
+            if validate_args and bool(torch.isnan(logits).any()):
+                raise ValueError("Expected parameter logits to satisfy the constraint RealVector(): it holds NaN")
             self._given_probs = None
-        self._probs = None
+        # The Distribution base, set up without its __init__: that would read
+        # (and so build) the normalised parameters to validate them.
+        self._batch_shape = logits.shape[:-1]
+        self._event_shape = torch.Size()
+        if validate_args is not None:
+            self._validate_args = validate_args
+        self._param = given
+        self._num_events = given.shape[-1]
+        self._norm_probs = None
         self._x = logits
-        self._logits = None
+        self._norm_logits = None
         self._entropy = None
         self._drawn = None  # (stats, entropy, logits version) of the last sample()
         # (actions, their log-probs, entropy, its version) of the last
@@ -77,15 +113,24 @@ class Categorical:
         # holds its shard (..., K_r)); see pgest.log_prob.
         self._group = process_group
 
+    def expand(self, batch_shape, _instance=None):
+        """The same distribution broadcast to ``batch_shape`` (a view of the
+        logits, no copy)."""
+        batch_shape = torch.Size(batch_shape)
+        K = self._x.shape[-1]
+        try:
+            x = self._x.expand(batch_shape + (K,))
+        except RuntimeError as e:
+            raise ValueError(f"cannot expand batch shape {tuple(self.batch_shape)} to {tuple(batch_shape)}: {e}") \
+                from None
+        new = type(self).__new__(type(self)) if _instance is None else _instance
+        Categorical.__init__(new, logits=x, validate_args=False, process_group=self._group)
+        new._validate_args = self._validate_args
+        if self._given_probs is not None:
+            new._given_probs = self._given_probs.expand(batch_shape + (K,))
+        return new
+
     # --- shapes, as torch.distributions ---------------------------------------
-    @property
-    def batch_shape(self) -> torch.Size:
-        return self._x.shape[:-1]
-
-    @property
-    def event_shape(self) -> torch.Size:
-        return torch.Size()
-
     @property
     def param_shape(self) -> torch.Size:
         return self._x.shape
@@ -94,25 +139,29 @@ class Categorical:
     def num_events(self) -> int:
         return self._x.shape[-1]
 
+    @constraints.dependent_property(is_discrete=True, event_dim=0)
+    def support(self):
+        return constraints.integer_interval(0, self._num_events - 1)
+
     # --- parameters, lazily ----------------------------------------------------
     @property
     def logits(self) -> Tensor:
         """Normalised log-probabilities (..., K), as torch's ``.logits``; built on
         first access."""
         self._whole_rows("logits")
-        if self._logits is None:
-            self._logits = torch.log_softmax(self._x, -1)
-        return self._logits
+        if self._norm_logits is None:
+            self._norm_logits = torch.log_softmax(self._x, -1)
+        return self._norm_logits
 
     @property
     def probs(self) -> Tensor:
         """Normalised probabilities (..., K), as torch's ``.probs``; built on
         first access."""
         self._whole_rows("probs")
-        if self._probs is None:
-            self._probs = (self._given_probs / self._given_probs.sum(-1, keepdim=True)
-                           if self._given_probs is not None else torch.softmax(self._x, -1))
-        return self._probs
+        if self._norm_probs is None:
+            self._norm_probs = (self._given_probs / self._given_probs.sum(-1, keepdim=True)
+                                if self._given_probs is not None else torch.softmax(self._x, -1))
+        return self._norm_probs
 
     @property
     def mode(self) -> Tensor:
@@ -129,7 +178,14 @@ class Categorical:
     def mean(self) -> Tensor:
         return torch.full(self.batch_shape, float("nan"), dtype=self._x.dtype, device=self._x.device)
 
-    variance = mean
+    @property
+    def variance(self) -> Tensor:
+        return self.mean
+
+    @property
+    def deterministic_sample(self) -> Tensor:
+        """The mode (TorchRL's name for the action of a deterministic policy)."""
+        return self.mode
 
     # --- sampling ---------------------------------------------------------------
     def sample(self, sample_shape=torch.Size(), *, num_samples: Optional[int] = None,
@@ -166,6 +222,8 @@ class Categorical:
             return actions
         shape = torch.Size(sample_shape)
         n = shape.numel()
+        if n == 0:  # an empty sample_shape product: no draw (and no seed taken)
+            return torch.empty(shape + self.batch_shape, dtype=torch.int64, device=self._x.device)
         a = _sample(self._x, n, generator).actions if n > 1 else _sample(self._x, 1, generator).actions.unsqueeze(-1)
         # (..., n) -> (n, ...) -> sample_shape + batch_shape
         a = a.movedim(-1, 0) if a.dim() > 1 else a
@@ -187,7 +245,7 @@ class Categorical:
             lp, self._entropy = rows_pair(rows_of(self._x), value.view(-1, 1), None, (batch, batch),
                                           given=(stats, ent), outputs=out[1:3])
             return lp
-        check_index_dtype(value, "value")
+        value = _as_actions(value)
         nat.check_device(value, "value", self._x, "logits")
         batch = self.batch_shape
         nb = len(batch)
@@ -207,17 +265,23 @@ class Categorical:
                 lp, self._entropy = rows_pair(x, index_tensor(value, x.shape[1], "value").reshape(-1, 1), None,
                                               (batch, batch), given=given)
             except (ValueError, IndexError) as e:
-                msg = nat.unflatten_message(str(e), batch)
-                raise type(e)("value" + msg[len("actions"):] if msg.startswith("actions[") else msg) from None
+                raise _value_error(e, batch) from None
             return lp
-        shape = torch.broadcast_shapes(value.shape, batch)
-        if shape[len(shape) - nb:] != batch:
+        try:
+            shape = torch.broadcast_shapes(value.shape, batch)
+        except RuntimeError:
             raise ValueError(f"value of shape {tuple(value.shape)} does not broadcast against the batch "
-                             f"shape {tuple(batch)}")
+                             f"shape {tuple(batch)}") from None
+        rows = shape[len(shape) - nb:]  # the batch, or the batch broadcast up where it has 1s
         lead = shape[:len(shape) - nb]
-        v = value.expand(shape).reshape((lead.numel(),) + batch)
-        out = _log_prob(self._x, v.movedim(0, -1), ignore_index=None)  # (..., n): n values of each row
-        self._entropy = out.entropy
+        x = self._x if rows == batch else self._x.expand(rows + self._x.shape[-1:])
+        v = value.expand(shape).reshape((lead.numel(),) + rows)
+        try:
+            out = _log_prob(x, v.movedim(0, -1), ignore_index=None)  # (..., n): n values of each row
+        except (ValueError, IndexError) as e:
+            raise _value_error(e, rows) from None
+        if rows == batch:
+            self._entropy = out.entropy
         return out.log_prob.movedim(-1, 0).reshape(shape)
 
     def entropy(self) -> Tensor:
@@ -238,4 +302,62 @@ class Categorical:
         return values.expand((-1,) + self.batch_shape) if expand else values
 
     def __repr__(self) -> str:
-        return f"pgest.Categorical(logits: {tuple(self._x.shape)} {self._x.dtype})"
+        name = "probs" if self._given_probs is not None else "logits"
+        p = self._param
+        return f"{type(self).__name__}({name}: {p if p.numel() == 1 else p.size()})"
+
+
+def _check_probs(probs: Tensor) -> None:
+    """torch's constraints on probs (non-negative, finite, a positive sum per
+    row) as ValueErrors naming the argument."""
+    if bool((probs < 0).any()):
+        raise ValueError("probs must be non-negative")
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError("probs must be finite")
+    if probs.numel() and not bool((probs.sum(-1) > 0).all()):
+        raise ValueError("probs must have a positive sum in every row")
+
+
+def _as_actions(value) -> Tensor:
+    """Integer actions from what torch's Categorical accepts: integer tensors,
+    and float tensors holding whole numbers (Stable-Baselines3's buffers)."""
+    if isinstance(value, Tensor) and (value.dtype.is_floating_point or value.dtype == torch.bool):
+        if value.dtype.is_floating_point and value.numel() and not bool((value == value.trunc()).all()):
+            raise ValueOutOfSupport("value must hold whole numbers (action indices), got a fractional or NaN entry")
+        return value.to(torch.int64)
+    check_index_dtype(value, "value")
+    return value
+
+
+def _value_error(e: Exception, batch) -> Exception:
+    """A kernel's error in the caller's terms: ``value[...]`` at the caller's
+    indices; an action out of range is a ValueOutOfSupport."""
+    msg = nat.unflatten_message(str(e), batch)
+    msg = "value" + msg[len("actions"):] if msg.startswith("actions[") else msg
+    return ValueOutOfSupport(msg) if isinstance(e, IndexError) else type(e)(msg)
+
+
+# ---- kl_divergence -------------------------------------------------------------------
+
+def _kl_logits(p_logits: Tensor, q_logits: Tensor) -> Tensor:
+    """KL(p || q) per row from two (normalised) log-probability tensors:
+    0 where p is 0 (whatever q holds), inf where q is 0 and p is not."""
+    pp = p_logits.exp()
+    live = pp > 0
+    d = torch.where(live, p_logits - q_logits, torch.zeros((), dtype=pp.dtype, device=pp.device))  # no -inf - -inf
+    return (pp * d).sum(-1)
+
+
+@td.register_kl(Categorical, Categorical)
+def _kl_pgest_pgest(p, q):
+    return _kl_logits(p.logits, q.logits)
+
+
+@td.register_kl(Categorical, td.Categorical)
+def _kl_pgest_torch(p, q):
+    return _kl_logits(p.logits, q.logits)
+
+
+@td.register_kl(td.Categorical, Categorical)
+def _kl_torch_pgest(p, q):
+    return _kl_logits(p.logits, q.logits)

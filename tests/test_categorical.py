@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from scipy import stats
@@ -37,7 +39,8 @@ def test_log_prob_then_entropy_share_one_backward_node():
 def test_construction_materialises_nothing():
     x = torch.randn(64, 1000)
     d = pgest.Categorical(logits=x)
-    assert d._x is x and d._probs is None and d._logits is None
+    assert d._x is x and d._norm_probs is None and d._norm_logits is None
+    assert "logits" not in d.__dict__ and "probs" not in d.__dict__  # torch's lazy_property caches stay unbuilt
 
 
 def test_sample_shapes_and_log_prob_broadcast():
@@ -77,7 +80,7 @@ def test_probs_constructor_matches_torch():
     torch.testing.assert_close(d.probs, t.probs)
     with pytest.raises(ValueError, match="non-negative"):
         pgest.Categorical(probs=torch.tensor([[0.5, -0.1]]))
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="must be specified"):
         pgest.Categorical()
 
 
@@ -220,3 +223,159 @@ def test_log_prob_errors_name_value_and_the_callers_indices():
     x[1, 0, 4] = float("nan")
     with pytest.raises(ValueError, match=r"^logits\[1, 0, 4\] is nan"):
         pgest.Categorical(logits=x).log_prob(torch.zeros(2, 3, dtype=torch.int64))
+
+
+# ---- a real torch.distributions.Categorical -------------------------------------
+
+def test_is_a_torch_categorical_with_torchs_attributes():
+    from torch.distributions import Distribution, constraints
+
+    x = torch.randn(2, 3)
+    d = pgest.Categorical(logits=x)
+    assert isinstance(d, TorchCategorical) and isinstance(d, Distribution)
+    assert repr(d) == "Categorical(logits: torch.Size([2, 3]))"
+    assert repr(pgest.Categorical(probs=torch.ones(3))) == "Categorical(probs: torch.Size([3]))"
+    assert d.arg_constraints == TorchCategorical.arg_constraints
+    assert d.support.check(torch.tensor([0, 2, 3, -1])).tolist() == [True, True, False, False]
+    assert constraints.is_dependent(type(d).support) is True
+    assert d.batch_shape == (2,) and d.event_shape == () and d.param_shape == (2, 3)
+    for meth in ("cdf", "icdf"):
+        with pytest.raises(NotImplementedError):
+            getattr(d, meth)(torch.zeros(2))
+    with pytest.raises(NotImplementedError):
+        d.rsample()
+    assert d.deterministic_sample.tolist() == x.argmax(-1).tolist()
+    e = d.expand((4, 2))
+    assert isinstance(e, pgest.Categorical) and e.batch_shape == (4, 2)
+    torch.testing.assert_close(e.log_prob(torch.ones(4, 2, dtype=torch.long)),
+                               TorchCategorical(logits=x).expand((4, 2)).log_prob(torch.ones(4, 2, dtype=torch.long)))
+    with pytest.raises(ValueError):
+        d.log_prob(torch.zeros(3, dtype=torch.long))  # (3,) does not broadcast against (2,)
+
+
+def test_float_actions_as_stable_baselines3_hands_them():
+    x = torch.randn(5, 4, requires_grad=True)
+    a = torch.tensor([0.0, 3.0, 1.0, 2.0, 2.0])  # a float buffer of whole numbers
+    d, t = pgest.Categorical(logits=x), TorchCategorical(logits=x)
+    torch.testing.assert_close(d.log_prob(a), t.log_prob(a))
+    torch.testing.assert_close(d.log_prob(a[None].expand(3, 5)), t.log_prob(a[None].expand(3, 5)))
+    with pytest.raises(ValueError, match="whole numbers"):
+        d.log_prob(torch.tensor([0.5, 1, 1, 1, 1]))
+    with pytest.raises(ValueError, match="out of range"):  # torch's validated class raises ValueError too
+        d.log_prob(torch.tensor([0, 1, 7, 1, 1]))
+
+
+def test_probs_with_exact_zeros_give_finite_gradients():
+    # action masking by a zero probability: torch's gradients are finite, and
+    # so are pgest's (they were NaN for the whole row); live entries agree
+    p = torch.tensor([[0.2, 0.0, 0.8], [0.5, 0.5, 0.0]], dtype=torch.float64, requires_grad=True)
+    pt = p.detach().clone().requires_grad_()
+    a = torch.tensor([2, 0])
+    d, t = pgest.Categorical(probs=p), TorchCategorical(probs=pt)
+    (d.log_prob(a).sum() + d.entropy().sum()).backward()
+    (t.log_prob(a).sum() + t.entropy().sum()).backward()
+    assert torch.isfinite(p.grad).all()
+    live = p.detach() > 0
+    torch.testing.assert_close(p.grad[live], pt.grad[live], rtol=1e-6, atol=1e-9)
+    assert (p.grad[~live] == 0).all()  # a masked entry's gradient is 0, as for a -inf logit
+    s = pgest.Categorical(probs=p.detach()).sample((2000,))
+    assert not (s == torch.tensor([1, 2])).any()  # never drawn
+
+
+def test_kl_divergence_registered_both_ways_and_with_masks():
+    from torch.distributions import kl_divergence
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    want = kl_divergence(TorchCategorical(logits=x), TorchCategorical(logits=y))
+    for p, q in ((pgest.Categorical(logits=x), pgest.Categorical(logits=y)),
+                 (pgest.Categorical(logits=x), TorchCategorical(logits=y)),
+                 (TorchCategorical(logits=x), pgest.Categorical(logits=y))):
+        torch.testing.assert_close(kl_divergence(p, q), want)
+    # closed form on a hand case with masked actions: p = (1/2, 1/2, 0), q = (1/4, 1/4, 1/2)
+    p = pgest.Categorical(probs=torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64))
+    q = pgest.Categorical(probs=torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64))
+    assert abs(kl_divergence(p, q).item() - math.log(2)) < 1e-12
+    assert kl_divergence(q, p).item() == math.inf
+
+
+def test_mixture_same_family_takes_it():
+    from torch.distributions import MixtureSameFamily, Normal
+
+    torch.manual_seed(1)
+    w = torch.randn(3, 4)
+    mix = MixtureSameFamily(pgest.Categorical(logits=w), Normal(torch.randn(3, 4), torch.rand(3, 4) + 0.5))
+    ref = MixtureSameFamily(TorchCategorical(logits=w), Normal(mix.component_distribution.loc,
+                                                               mix.component_distribution.scale))
+    v = torch.randn(5, 3)
+    torch.testing.assert_close(mix.log_prob(v), ref.log_prob(v))
+    assert mix.sample((7,)).shape == (7, 3)
+
+
+def test_validate_args_checks_parameters_at_construction():
+    with pytest.raises(ValueError):
+        pgest.Categorical(logits=torch.tensor([0.0, float("nan")]), validate_args=True)
+    with pytest.raises(ValueError):
+        pgest.Categorical(probs=torch.tensor([0.0, 0.0]), validate_args=True)
+    with pytest.raises(ValueError):
+        pgest.Categorical(probs=torch.tensor([-1.0, 2.0]))
+    with pytest.raises(ValueError, match="one-dimensional"):
+        pgest.Categorical(logits=torch.tensor(1.0))
+    assert pgest.Categorical(logits=torch.zeros(3), validate_args=False)._validate_args is False
+
+
+def test_torchrl_probabilistic_actor_takes_it():
+    pytest.importorskip("torchrl")
+    from tensordict import TensorDict
+    from tensordict.nn import TensorDictModule
+    from torchrl.envs.utils import ExplorationType, set_exploration_type
+    from torchrl.modules import ProbabilisticActor
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    actor = ProbabilisticActor(TensorDictModule(net, in_keys=["obs"], out_keys=["logits"]), in_keys=["logits"],
+                               distribution_class=pgest.Categorical, return_log_prob=True)
+    td = TensorDict({"obs": torch.randn(64, 4)}, batch_size=[64])
+    with set_exploration_type(ExplorationType.RANDOM):
+        out = actor(td.clone())
+    want = TorchCategorical(logits=net(td["obs"])).log_prob(out["action"])
+    torch.testing.assert_close(out["action_log_prob"], want)
+    with set_exploration_type(ExplorationType.DETERMINISTIC):
+        assert torch.equal(actor(td.clone())["action"], net(td["obs"]).argmax(-1))
+    dist = actor.get_dist(td)
+    assert isinstance(dist, pgest.Categorical)
+    torch.testing.assert_close(dist.log_prob(out["action"].float()), want)
+
+
+def test_stable_baselines3_ppo_on_multidiscrete_actions(monkeypatch):
+    # SB3 hands float actions from its rollout buffer to Categorical.log_prob
+    # and asserts its distributions are torch Distributions
+    pytest.importorskip("stable_baselines3")
+    import gymnasium as gym
+    import numpy as np
+    import stable_baselines3.common.distributions as sb3_dist
+    from stable_baselines3 import A2C, PPO
+
+    class Env(gym.Env):
+        observation_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+        action_space = gym.spaces.MultiDiscrete([3, 4])
+
+        def reset(self, seed=None, options=None):
+            super().reset(seed=seed)
+            self.t = 0
+            return self.observation_space.sample(), {}
+
+        def step(self, action):
+            self.t += 1
+            return self.observation_space.sample(), float(action[0] == 1) + float(action[1] == 2), self.t >= 16, \
+                False, {}
+
+    monkeypatch.setattr(sb3_dist, "Categorical", pgest.Categorical)
+    for algo in (PPO, A2C):
+        kw = dict(n_steps=32, batch_size=32, n_epochs=2) if algo is PPO else dict(n_steps=8)
+        model = algo("MlpPolicy", Env(), seed=0, device="cpu", **kw)
+        model.learn(64)
+        dist = model.policy.get_distribution(torch.zeros(2, 3))
+        assert all(isinstance(d, pgest.Categorical) for d in dist.distribution)
+        acts = torch.tensor([[0.0, 1.0], [2.0, 3.0]])  # floats, as from the buffer
+        assert torch.isfinite(dist.log_prob(acts)).all()
