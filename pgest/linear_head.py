@@ -33,8 +33,9 @@ from torch import Tensor
 
 from . import _native as nat
 from .device_errors import checked_now
-from .log_prob import (backward_rows, check_ignore_index, check_index_dtype, creating_graph, differentiable_rows,
-                       grads_with_graph, index_tensor, refuse_double_backward, traced)
+from ._vmap import register_per_element
+from .log_prob import (backward_rows, check_ignore_index, check_index_dtype, creating_graph, functorch_active,
+                       grad_in_torch_ops, index_tensor, refuse_double_backward, tangent_in_torch_ops, traced)
 from .philox import cpu_seed, seed_tensor, uniforms as philox_uniforms
 from .row_merge import Merged, piece_masses, piece_stats, place_draws
 from .sample import check_num_samples, sample_native
@@ -444,15 +445,19 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[2])
 
 
-def head_rows_with_graph(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor,
-                         ignore_index: Optional[int], temperature: float) -> Tuple[Tensor, Tensor]:
-    """(log_prob, entropy) of the materialised logits in torch ops: the
-    differentiable form a second derivative is taken through (see
-    log_prob.differentiable_rows); it builds the (N, V) logits."""
+def head_grads_in_torch_ops(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor,
+                           ignore_index: Optional[int], temperature: float, grad_log_prob: Optional[Tensor],
+                           grad_entropy: Optional[Tensor], needs) -> Tuple[Optional[Tensor], ...]:
+    """The gradients of hidden, weight and bias (those ``needs`` asks for) in
+    differentiable torch ops, through the materialised (N, V) logits: a
+    second derivative or a torch.func transform (log_prob.grad_in_torch_ops)."""
     x = hidden @ weight.T
     if bias is not None:
         x = x + bias
-    return differentiable_rows(x / temperature, index_tensor(actions, weight.shape[0]), ignore_index)
+    g = grad_in_torch_ops(x / temperature, index_tensor(actions, weight.shape[0]), ignore_index, grad_log_prob,
+                          grad_entropy) / temperature
+    return (g @ weight if needs[0] else None, g.T @ hidden if needs[1] else None,
+            g.sum(0) if needs[2] and bias is not None else None)
 
 
 def _backward_fn(ctx, grad_lp, grad_ent, _grad_stats):
@@ -461,8 +466,8 @@ def _backward_fn(ctx, grad_lp, grad_ent, _grad_stats):
     needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
              bool(ctx.has_bias and ctx.needs_input_grad[2])]
     if creating_graph():
-        gh, gw, gb = grads_with_graph(lambda h, w, b: head_rows_with_graph(h, w, b, actions, ignore_index, temperature),
-                                      (hidden, weight, bias), needs, (grad_lp, grad_ent))
+        gh, gw, gb = head_grads_in_torch_ops(hidden, weight, bias, actions, ignore_index, temperature, grad_lp,
+                                             grad_ent, needs)
         return gh, gw, gb, None, None, None, None, None
     gh, gw, gb = linear_log_prob_backward(grad_lp, grad_ent, hidden, weight, bias, actions, stats, ignore_index,
                                           temperature, token_tile, vocab_tile, needs)
@@ -471,6 +476,51 @@ def _backward_fn(ctx, grad_lp, grad_ent, _grad_stats):
 
 
 linear_log_prob_rows.register_autograd(_backward_fn, setup_context=_setup_context)
+# a vmapped weight needs its own gradient per batch element: no folding into the tokens
+register_per_element(linear_log_prob_rows)
+register_per_element(linear_log_prob_backward)
+
+
+class _FuncLinearLogProb(torch.autograd.Function):
+    """The route under torch.func transforms (see log_prob._FuncLogProb): the
+    registered op forward, the gradients in torch ops through the logits."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(hidden, weight, bias, actions, ignore_index, temperature, token_tile, vocab_tile):
+        lp, ent, _ = linear_log_prob_rows(hidden, weight, bias, actions, ignore_index, temperature, token_tile,
+                                          vocab_tile)
+        return lp, ent
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        hidden, weight, bias, actions, ignore_index, temperature = inputs[:6]
+        ctx.save_for_backward(hidden, weight, bias, actions)
+        ctx.save_for_forward(hidden, weight, bias, actions)
+        ctx.args = (ignore_index, temperature)
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_ent):
+        hidden, weight, bias, actions = ctx.saved_tensors
+        grads = head_grads_in_torch_ops(hidden, weight, bias, actions, *ctx.args, grad_lp, grad_ent,
+                                        ctx.needs_input_grad[:3])
+        return grads + (None,) * 5
+
+    @staticmethod
+    def jvp(ctx, t_hidden, t_weight, t_bias, *_):
+        hidden, weight, bias, actions = ctx.saved_tensors
+        ignore_index, temperature = ctx.args
+        x, t = hidden @ weight.T, 0
+        if bias is not None:
+            x = x + bias
+        for term in (None if t_hidden is None else t_hidden @ weight.T, None if t_weight is None else hidden @ t_weight.T,
+                     t_bias):
+            if term is not None:
+                t = t + term
+        t = t if isinstance(t, Tensor) else torch.zeros_like(x)
+        return tangent_in_torch_ops(x / temperature, index_tensor(actions, weight.shape[0]), ignore_index,
+                                    t.expand_as(x) / temperature)
 
 
 class _ShardedLinearLogProb(torch.autograd.Function):
@@ -579,6 +629,8 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
             shard = _shard(weight, process_group, hidden, error)
             lp, ent = _ShardedLinearLogProb.apply(_rows(hidden), weight, bias, a2, ii, temperature, tn, tv, shard,
                                                   bool(reduce_hidden_grad))
+        elif functorch_active():
+            lp, ent = _FuncLinearLogProb.apply(_rows(hidden), weight, bias, a2, ii, temperature, tn, tv)
         else:
             lp, ent, _ = linear_log_prob_rows(_rows(hidden), weight, bias, a2, ii, temperature, tn, tv)
     except (ValueError, IndexError) as e:

@@ -34,8 +34,9 @@ from torch import Tensor
 from . import _native as nat
 from .linear_head import (NEVER_BUILT, _check_actions_range, _check_head, _check_rows, _check_tile, _chosen_logits,
                           _live_rows, _logits_tile, _rows, _tiles, _token_tile_grads, _token_tile_stats, check_needs,
-                          check_token_actions, head_rows_with_graph, linear_log_prob)
-from .log_prob import check_ignore_index, creating_graph, grads_with_graph, index_tensor, traced
+                          check_token_actions, head_grads_in_torch_ops, linear_log_prob)
+from ._vmap import register_per_element
+from .log_prob import batched_upstream, check_ignore_index, creating_graph, functorch_active, index_tensor, traced
 from .policy_loss import REDUCTIONS, _check_weights, _count, check_entropy_weight, weighted_log_probs
 
 # The fused route keeps one token tile's logits over the whole vocabulary,
@@ -152,13 +153,6 @@ def _(hidden, weight, bias, actions, advantages, entropy_weight, ignore_index, t
             bias.new_empty(bias.shape) if needs[2] and bias is not None else hidden.new_empty((0,)))
 
 
-def _loss_with_graph(hidden, weight, bias, actions, advantages, entropy_weight, ignore_index, temperature, scale):
-    """The loss in torch ops on the materialised logits: what a second
-    derivative is taken through (log_prob.differentiable_rows)."""
-    lp, ent = head_rows_with_graph(hidden, weight, bias, actions, ignore_index, temperature)
-    return (-weighted_log_probs(advantages, lp).sum() - entropy_weight * ent.sum()) * scale
-
-
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, actions, advantages, entropy_weight, ignore_index, temperature, reduction = inputs[:9]
     ctx.save_for_backward(*output[1:], hidden, weight, bias, actions, advantages)
@@ -181,6 +175,7 @@ def _backward_op(ctx, grad_loss, _gh, _gw, _gb):
 
 
 linear_policy_loss_rows.register_autograd(_backward_op, setup_context=_setup_context)
+register_per_element(linear_policy_loss_rows)
 
 
 class _LinearPolicyLossFn(torch.autograd.Function):
@@ -207,6 +202,8 @@ class _LinearPolicyLossFn(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         if grads is None:
             grads = _fused(*ctx.saved_tensors, *ctx.aux)[1:]
+        if batched_upstream(grad_loss):  # vmapped upstream (batched gradients): no host read, no in-place
+            return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in grads) + (None,)
         # On the CPU a unit upstream (loss.backward()) is read for free and
         # skips a pass over weight's gradient; on a GPU that read would sync.
         unit = not grad_loss.is_cuda and float(grad_loss) == 1.0
@@ -221,10 +218,11 @@ class _LinearPolicyLossFn(torch.autograd.Function):
 
 def _grads_with_graph(needs, grad_loss, hidden, weight, bias, actions, advantages, entropy_weight, ignore_index,
                       temperature, scale) -> tuple:
-    wanted = [bool(needs[0]), bool(needs[1]), bias is not None and bool(needs[2])]
-    loss = lambda h, w, b: (_loss_with_graph(h, w, b, actions, advantages, entropy_weight, ignore_index, temperature,
-                                             scale),)
-    return tuple(grads_with_graph(loss, (hidden, weight, bias), wanted, (grad_loss,)))
+    """The loss's gradients in differentiable torch ops (a second derivative:
+    see linear_head.head_grads_in_torch_ops)."""
+    up = (grad_loss * scale).to(advantages.dtype)
+    return head_grads_in_torch_ops(hidden, weight, bias, actions, ignore_index, temperature, -advantages * up,
+                                   (-entropy_weight * up).expand(actions.shape[0]), needs)
 
 
 _apply_fused = super(torch.autograd.Function, _LinearPolicyLossFn).apply  # see log_prob._apply_log_prob
@@ -281,11 +279,14 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantag
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     beta = check_entropy_weight(entropy_weight)
     ii = check_ignore_index(ignore_index)
-    if reduction == "none":
+    if reduction == "none" or functorch_active():  # torch.func: through linear_log_prob's route for it
         lp, ent = linear_log_prob(hidden, weight, actions, bias=bias, temperature=temperature, ignore_index=ii,
                                   token_tile=token_tile, vocab_tile=vocab_tile)
         wlp = weighted_log_probs(advantages.detach().to(lp.dtype), lp)
-        return -(wlp if S == 1 and actions.shape == lead else wlp.sum(-1)) - beta * ent
+        per = -(wlp if S == 1 and actions.shape == lead else wlp.sum(-1)) - beta * ent
+        if reduction == "none":
+            return per
+        return per.sum() if reduction == "sum" else per.sum() / _count(actions, ii)
     _, tv = _tiles(hidden, None, vocab_tile)
     h2 = _rows(hidden)
     N = h2.shape[0]

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import _C
 from . import _native as nat
+from ._vmap import ROWS, STATS, register_rows
 
 
 class LogProb(NamedTuple):
@@ -182,64 +183,81 @@ def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
     return grad
 
 
-# ---- second derivatives -------------------------------------------------------
+# ---- the gradient in torch ops ------------------------------------------------
 #
-# The kernels' backward is a pass of their own, not a function autograd can
-# differentiate. When a backward runs with create_graph=True (Hessians,
-# gradient penalties, meta-gradients) grad mode is on inside it: the gradient
-# is then taken through the same mathematics written in torch ops, which
-# materialises a softmax of the rows (what the kernels avoid, and what a
-# second derivative needs anyway). First derivatives never take this route.
-
-def differentiable_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int]) -> Tuple[Tensor, Tensor]:
-    """(R, K) logits -> (log_prob (R, S), entropy (R,)) in torch ops, with the
-    kernels' conventions: an ignored action has log_prob 0, a row whose every
-    action is ignored has entropy 0, p log p is 0 where p is 0."""
-    acc = nat.stats_dtype(x.dtype)
-    ls = torch.log_softmax(x.to(acc), -1)
-    p = ls.exp()
-    # masked_fill before the product: 0 * -inf would be NaN, in the gradient too
-    ent = -(p * ls.masked_fill(p == 0, 0.0)).sum(-1)
-    if actions is None:
-        return ls.new_zeros((x.shape[0], 0)), ent
-    zero = torch.zeros((), dtype=acc, device=x.device)
-    if ignore_index is None:
-        return ls.gather(1, actions), ent
-    keep = actions != ignore_index
-    lp = torch.where(keep, ls.gather(1, torch.where(keep, actions, 0)), zero)
-    if actions.shape[1]:
-        ent = torch.where(keep.any(1), ent, zero)
-    return lp, ent
-
+# The kernels' backward is a pass of their own, which autograd cannot
+# differentiate and torch.func cannot transform. Where either is needed (a
+# backward run with create_graph=True: Hessians, gradient penalties; and
+# torch.func.grad / vmap / jacrev) the gradient is written once more in
+# torch ops, a function of the logits and of the upstream gradients that
+# both can go through. It materialises a softmax of the rows (what the
+# kernels avoid, and what a second derivative needs anyway).
 
 def creating_graph() -> bool:
     """Whether this backward is itself to be differentiated (create_graph=True)."""
     return torch.is_grad_enabled()
 
 
-def grads_with_graph(fn, args, wanted, upstream) -> list:
-    """Differentiable gradients of sum_i upstream[i] * fn(*args)[i] with
-    respect to the args flagged in ``wanted`` (None for the others); outputs
-    whose upstream is None count for nothing. An arg that does not require
-    grad still gets its gradient (as a function of the upstream gradients)."""
-    args = [a.detach().requires_grad_() if w and not a.requires_grad else a for a, w in zip(args, wanted)]
-    targets = [a for a, w in zip(args, wanted) if w]
-    with torch.enable_grad():
-        outs = fn(*args)
-        pairs = [(o, u.reshape(o.shape).to(o.dtype)) for o, u in zip(outs, upstream) if u is not None]
-        if not pairs or not targets:
-            return [None] * len(args)
-        got = iter(torch.autograd.grad([o for o, _ in pairs], targets, [u for _, u in pairs], create_graph=True,
-                                       allow_unused=True, materialize_grads=True))
-    return [next(got) if w else None for w in wanted]
+def grad_in_torch_ops(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int],
+                      grad_log_prob: Optional[Tensor], grad_entropy: Optional[Tensor]) -> Tensor:
+    """The gradient backward_rows computes (log_prob.h), in differentiable
+    torch ops: for log p_s = x_{a_s} - log Z and H = -sum p log p,
+
+        d/dx [sum_s g_s log p_s + g_H H] = sum_s g_s (onehot(a_s) - p) - g_H p (log p + H),
+
+    with the kernels' conventions: an ignored action contributes nothing, a
+    row whose every action is ignored gets no gradient, p log p is 0 where p
+    is 0 (no 0 * -inf)."""
+    R = x.shape[0]
+    acc = nat.stats_dtype(x.dtype)
+    ls = torch.log_softmax(x.to(acc), -1)
+    p = ls.exp()
+    ls0 = ls.masked_fill(p == 0, 0.0)
+    zero = torch.zeros((), dtype=acc, device=x.device)
+    live = None
+    grad = torch.zeros_like(ls)
+    if actions is not None:
+        keep = None if ignore_index is None else actions != ignore_index
+        if keep is not None and actions.shape[1]:
+            live = keep.any(1)
+        if grad_log_prob is not None:
+            g = grad_log_prob.reshape(R, actions.shape[1]).to(acc)
+            idx = actions
+            if keep is not None:
+                g, idx = torch.where(keep, g, zero), torch.where(keep, actions, 0)
+            grad = grad.scatter_add(1, idx, g) - g.sum(1, keepdim=True) * p
+    if grad_entropy is not None:
+        gh = grad_entropy.reshape(R).to(acc)
+        if live is not None:
+            gh = torch.where(live, gh, zero)
+        H = -(p * ls0).sum(-1, keepdim=True)
+        grad = grad - gh[:, None] * p * (ls0 + H)
+    return grad.to(x.dtype)
 
 
-def log_prob_grad_with_graph(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int],
-                             grad_log_prob: Optional[Tensor], grad_entropy: Optional[Tensor]) -> Tensor:
-    """The gradient backward_rows computes, as a differentiable function of
-    the logits and of the upstream gradients."""
-    return grads_with_graph(lambda t: differentiable_rows(t, actions, ignore_index), (x,), (True,),
-                            (grad_log_prob if actions is not None else None, grad_entropy))[0]
+def tangent_in_torch_ops(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int],
+                         tangent: Tensor) -> Tuple[Tensor, Tensor]:
+    """Forward-mode derivatives (jvp) of (log_prob (R, S), entropy (R,)) for a
+    tangent t of the logits: d log p_s = t_{a_s} - <p, t>,
+    dH = -<p (log p + H), t>, with the conventions of grad_in_torch_ops."""
+    acc = nat.stats_dtype(x.dtype)
+    ls = torch.log_softmax(x.to(acc), -1)
+    p = ls.exp()
+    ls0 = ls.masked_fill(p == 0, 0.0)
+    t = tangent.to(acc)
+    H = -(p * ls0).sum(-1, keepdim=True)
+    d_ent = -(p * (ls0 + H) * t).sum(-1)
+    if actions is None:
+        return t.new_zeros((x.shape[0], 0)), d_ent
+    zero = torch.zeros((), dtype=acc, device=x.device)
+    pt = (p * t).sum(-1, keepdim=True)
+    if ignore_index is None:
+        return t.gather(1, actions) - pt, d_ent
+    keep = actions != ignore_index
+    d_lp = torch.where(keep, t.gather(1, torch.where(keep, actions, 0)) - pt, zero)
+    if actions.shape[1]:
+        d_ent = torch.where(keep.any(1), d_ent, zero)
+    return d_lp, d_ent
 
 
 def refuse_double_backward(what: str) -> None:
@@ -298,13 +316,49 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_lp, grad_ent, _grad_stats):
     logits, actions, stats, entropy = ctx.saved_tensors
     if creating_graph():
-        return log_prob_grad_with_graph(logits, index_tensor(actions, logits.shape[1]), ctx.ignore_index, grad_lp,
-                                        grad_ent), None, None
+        return grad_in_torch_ops(logits, index_tensor(actions, logits.shape[1]), ctx.ignore_index, grad_lp,
+                                 grad_ent), None, None
     grad = log_prob_backward(grad_lp, grad_ent, logits, actions, stats, entropy, ctx.ignore_index)
     return grad, None, None
 
 
 log_prob_rows.register_autograd(_backward, setup_context=_setup_context)
+register_rows(log_prob_rows, (ROWS, ROWS, None), (ROWS, ROWS, STATS))
+register_rows(log_prob_backward, (ROWS, ROWS, ROWS, ROWS, STATS, ROWS, None), (ROWS,))
+
+
+# ---- torch.func (grad, vmap, jacrev) ----------------------------------------------
+
+class _FuncLogProb(torch.autograd.Function):
+    """The route under torch.func transforms, which take autograd.Functions
+    only in this form (no ctx in forward, a vmap rule): the forward is the
+    registered op (its vmap rule folds a vmapped batch into the rows), the
+    backward the same gradient in torch ops, which every transform (nested
+    ones too) goes through."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, actions, ignore_index):
+        lp, ent, _ = log_prob_rows(logits, actions, ignore_index)
+        return lp, ent
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, actions, ignore_index = inputs
+        ctx.save_for_backward(logits, actions)
+        ctx.save_for_forward(logits, actions)
+        ctx.ignore_index = ignore_index
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_ent):
+        logits, actions = ctx.saved_tensors
+        return grad_in_torch_ops(logits, actions, ctx.ignore_index, grad_lp, grad_ent), None, None
+
+    @staticmethod
+    def jvp(ctx, tangent, _t_actions, _t_ignore_index):
+        logits, actions = ctx.saved_tensors
+        return tangent_in_torch_ops(logits, actions, ctx.ignore_index, tangent)
 
 
 # ---- the eager route ---------------------------------------------------------
@@ -336,31 +390,47 @@ class _LogProbFn(torch.autograd.Function):
         if grad_lp is None and grad_ent is None:
             return None, None
         if creating_graph():
-            return log_prob_grad_with_graph(logits, actions, ctx.ignore_index, grad_lp, grad_ent), None
+            return grad_in_torch_ops(logits, actions, ctx.ignore_index, grad_lp, grad_ent), None
+        if batched_upstream(grad_lp, grad_ent):  # the registered op has the vmap rule
+            R = logits.shape[0]
+            S = 0 if actions is None else actions.shape[1]
+            return log_prob_backward(None if grad_lp is None else grad_lp.reshape(R, S),
+                                     None if grad_ent is None else grad_ent.reshape(R), logits, actions, st,
+                                     ent, ctx.ignore_index), None
         grad = backward_rows(logits, actions, ctx.ignore_index, st, ent, grad_log_prob=grad_lp,
                              grad_entropy=grad_ent)
         return grad, None
 
 
 # Function.apply's Python wrapper binds default arguments, checks for
-# functorch transforms (traced() has raised already under those) and maps
+# functorch transforms (traced() routes those to the registered ops) and maps
 # unwrap_dead_wrappers over every argument, aux's tensors included: about as
 # much as the rest of a 64-row step's forward. The C entry point it ends in
 # is called directly.
 _apply_log_prob = super(torch.autograd.Function, _LogProbFn).apply
 
 
-def traced() -> bool:
-    """Whether the registered ops must be used (under torch.compile). Raises
-    under functorch transforms (torch.func.grad, vmap), which neither route
-    supports yet, with what to do instead of torch's internal message."""
-    if torch.compiler.is_compiling():
+def functorch_active() -> bool:
+    """Under torch.func transforms (grad, vmap, jacrev), including the
+    batched gradients of gradcheck(check_batched_grad=True)."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def batched_upstream(*grads) -> bool:
+    """Whether a backward's upstream gradients are vmapped (torch.func.vmap,
+    or the legacy vmap of gradcheck's batched gradients): the kernels cannot
+    read those, the registered backward ops' vmap rules can."""
+    if functorch_active():
         return True
-    if torch._C._are_functorch_transforms_active():
-        raise NotImplementedError(
-            "pgest ops do not support torch.func transforms (grad, vmap, jacrev) yet: compute gradients "
-            "with loss.backward() or torch.autograd.grad, and batch by adding leading dimensions")
-    return False
+    f = torch._C._functorch
+    return any(g is not None and f.is_legacy_batchedtensor(g) for g in grads)
+
+
+def traced() -> bool:
+    """Whether the registered ops must be used: under torch.compile, and under
+    torch.func transforms (their autograd formulas and vmap rules are what
+    those transforms run)."""
+    return torch.compiler.is_compiling() or functorch_active()
 
 
 def rows_pair(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], shapes,
@@ -373,7 +443,10 @@ def rows_pair(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int],
     ``outputs``: with ``given``, the draw's own (log_prob, entropy) of exactly
     these actions, fresh tensors of ``shapes`` that become the results: no
     forward pass at all."""
-    if traced():
+    if functorch_active():
+        lp, ent = _FuncLogProb.apply(x, actions, ignore_index)
+        return lp.view(shapes[0]), ent.view(shapes[1])
+    if torch.compiler.is_compiling():
         lp, ent, _ = log_prob_rows(x, actions, ignore_index)
         return lp.view(shapes[0]), ent.view(shapes[1])
     stats, entropy = given if given is not None else (None, None)

@@ -18,9 +18,10 @@ import torch
 from torch import Tensor
 
 from . import _native as nat
-from .log_prob import (actions_per_row, backward_rows, check_ignore_index, check_logits, check_rows, check_stats,
-                       creating_graph, differentiable_rows, forward_rows, grads_with_graph, index_tensor, rows_of,
-                       traced)
+from .log_prob import (actions_per_row, backward_rows, batched_upstream, check_ignore_index, check_logits, check_rows,
+                       check_stats, creating_graph, forward_rows, functorch_active, grad_in_torch_ops, index_tensor,
+                       rows_of, tangent_in_torch_ops, traced)
+from ._vmap import ROWS, STATS, register_rows
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -102,13 +103,10 @@ def _backward_rows(grad_loss, logits, actions, weights, stats, entropy, entropy_
 
 
 def _grad_with_graph(grad_loss, logits, actions, weights, entropy_weight, ignore_index):
-    """_backward_rows's gradient in torch ops, differentiable (a second
-    derivative is wanted: see log_prob.differentiable_rows)."""
-    def rows(x):
-        lp, ent = differentiable_rows(x, actions, ignore_index)
-        return (-weighted_log_probs(weights, lp).sum(1) - entropy_weight * ent,)
-
-    return grads_with_graph(rows, (logits,), (True,), (grad_loss,))[0]
+    """_backward_rows's gradient in differentiable torch ops (a second
+    derivative or a torch.func transform: see log_prob.grad_in_torch_ops)."""
+    up = grad_loss.reshape(-1, 1)
+    return grad_in_torch_ops(logits, actions, ignore_index, -weights * up, -entropy_weight * up)
 
 
 def _setup_context(ctx, inputs, output):
@@ -131,6 +129,38 @@ def _backward(ctx, grad_loss, _grad_stats, _grad_entropy):
 
 
 policy_loss_rows.register_autograd(_backward, setup_context=_setup_context)
+register_rows(policy_loss_rows, (ROWS, ROWS, ROWS, None, None, STATS, ROWS), (ROWS, STATS, ROWS))
+register_rows(policy_loss_backward, (ROWS, ROWS, ROWS, ROWS, STATS, ROWS, None, None), (ROWS,))
+
+
+class _FuncPolicyLoss(torch.autograd.Function):
+    """The route under torch.func transforms (see log_prob._FuncLogProb):
+    per-row losses from the registered op, the gradient in torch ops."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, actions, weights, entropy_weight, ignore_index):
+        return policy_loss_rows(logits, actions, weights, entropy_weight, ignore_index, None, None)[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, actions, weights, entropy_weight, ignore_index = inputs
+        ctx.save_for_backward(logits, actions, weights)
+        ctx.save_for_forward(logits, actions, weights)
+        ctx.entropy_weight, ctx.ignore_index = entropy_weight, ignore_index
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, actions, weights = ctx.saved_tensors
+        return _grad_with_graph(grad_loss, logits, actions, weights, ctx.entropy_weight, ctx.ignore_index), \
+            None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tangent, *_):
+        logits, actions, weights = ctx.saved_tensors
+        d_lp, d_ent = tangent_in_torch_ops(logits, actions, ctx.ignore_index, tangent)
+        return -weighted_log_probs(weights, d_lp).sum(1) - ctx.entropy_weight * d_ent
 
 
 class _PolicyLossFn(torch.autograd.Function):
@@ -166,6 +196,9 @@ class _PolicyLossFn(torch.autograd.Function):
             scale = (grad_out if ctx.count is None else grad_out / ctx.count).expand(R)
         if creating_graph():
             return _grad_with_graph(scale, logits, actions, weights, ctx.entropy_weight, ctx.ignore_index), None
+        if batched_upstream(grad_out):  # the registered op has the vmap rule
+            return policy_loss_backward(scale.reshape(R), logits, actions, weights, st, ent, ctx.entropy_weight,
+                                        ctx.ignore_index), None
         grad = _backward_rows(scale, logits, actions, weights, st, ent, ctx.entropy_weight, ctx.ignore_index)
         return grad, None
 
@@ -190,7 +223,9 @@ def loss_rows(x: Tensor, actions: Tensor, weights: Tensor, entropy_weight: float
     "mean": over ``divisor``, or else over the actions that count), by the
     cheapest route that applies (int64 contiguous actions, contiguous weights
     in the accumulation dtype)."""
-    if traced():
+    if functorch_active():
+        rows = _FuncPolicyLoss.apply(x, actions, weights, entropy_weight, ignore_index)
+    elif traced():
         rows = policy_loss_rows(x, actions, weights, entropy_weight, ignore_index, stats, entropy)[0]
     elif x.requires_grad and torch.is_grad_enabled():
         return _apply_policy_loss(x, (actions, weights, entropy_weight, ignore_index, stats, entropy, reduction,

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import _C
 from . import _native as nat
+from ._vmap import register_refusal
 from .log_prob import traced
 from .philox import next_seed_offset, seed_tensor
 from .sample import check_num_samples, check_seed
@@ -232,6 +233,9 @@ def reinforce_grad_rows(log_probs: Tensor, labels: Optional[Tensor], reward_tabl
     if x.device.type == "cpu":
         return _native(x, labels, reward_table, baseline_kind, baseline_value, baseline, num_samples, int(seed[0]))
     return _native(x, labels, reward_table, baseline_kind, baseline_value, baseline, num_samples, 0, seed_t=seed)
+
+
+register_refusal(reinforce_grad_rows, "pgest.reinforce_grad")
 
 
 @reinforce_grad_rows.register_fake

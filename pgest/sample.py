@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import _C
 from . import _native as nat
+from ._vmap import register_refusal
 from .log_prob import traced, check_logits, check_rows, rows_of
 from .philox import cpu_seed, seed_tensor
 
@@ -72,6 +73,9 @@ def sample_rows(logits: Tensor, num_samples: int, seed: Tensor) -> Tuple[Tensor,
     if logits.device.type == "cpu":
         return sample_native(logits, num_samples, int(seed[0]), int(seed[1]))
     return sample_native(logits, num_samples, 0, 0, seed_t=seed)
+
+
+register_refusal(sample_rows, "pgest.sample")
 
 
 @sample_rows.register_fake

@@ -252,15 +252,6 @@ def test_policy_loss_is_minus_weighted_log_prob():
     torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-14)
 
 
-def test_functorch_transforms_get_a_message_with_the_fix():
-    x = torch.randn(4, 5, dtype=torch.float64)
-    a = torch.tensor([0, 1, 2, 3])
-    with pytest.raises(NotImplementedError, match="torch.autograd.grad"):
-        torch.func.grad(lambda t: pgest.log_prob(t, a).log_prob.sum())(x)
-    with pytest.raises(NotImplementedError, match="torch.func"):
-        torch.func.grad(lambda t: pgest.policy_loss(t, a, torch.ones(4, dtype=torch.float64)))(x)
-
-
 def test_many_actions_per_row_group_like_a_bincount():
     # S above the pairwise limit of action_groups.h: the one-hot part of the
     # gradient is grouped by sorting; it must equal a bincount of g_s.

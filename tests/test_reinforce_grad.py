@@ -504,7 +504,7 @@ def test_opcheck_and_compile_fullgraph():
 
 def test_transforms_and_sparse_inputs_get_a_message():
     x, l = _ok()
-    with pytest.raises(NotImplementedError, match="torch.func transforms"):
+    with pytest.raises(NotImplementedError, match="draws random actions and does not run under torch.func.vmap"):
         torch.vmap(lambda x: pgest.reinforce_grad(x, l).grad, randomness="different")(x.unsqueeze(0))
     with pytest.raises(TypeError, match="log_probs must be a dense tensor.*to_dense"):
         pgest.reinforce_grad(x.to_sparse(), l)
