@@ -33,12 +33,12 @@ from torch import Tensor
 
 from . import _native as nat
 from .device_errors import checked_now
-from ._vmap import register_per_element
+from ._vmap import register_per_element, register_refusal
 from .log_prob import (backward_rows, check_ignore_index, check_index_dtype, creating_graph, functorch_active,
                        grad_in_torch_ops, index_tensor, refuse_double_backward, tangent_in_torch_ops, traced)
 from .philox import cpu_seed, seed_tensor, uniforms as philox_uniforms
 from .row_merge import Merged, piece_masses, piece_stats, place_draws
-from .sample import check_num_samples, sample_native
+from .sample import check_num_samples, check_seed, sample_native
 
 # Tile sizes (tokens, vocabulary); override per call with token_tile= /
 # vocab_tile=. CPU: measured at (2048 tokens, H 1024, V 32000) fp32 fwd+bwd on
@@ -86,10 +86,12 @@ def _check_head(hidden, weight, bias, temperature, sharded: bool = False) -> flo
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
         nat.check_device(bias, "bias", hidden.device, "hidden")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+    if isinstance(temperature, bool) or not isinstance(temperature, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    temperature = float(temperature)
-    if not (temperature > 0 and math.isfinite(temperature)):
+    if not isinstance(temperature, torch.SymFloat):  # symbolic under torch.compile(dynamic=True): kept so
+        temperature = float(temperature)
+    # comparisons, not math.isfinite: they also hold for a symbolic float (NaN fails the first)
+    if not (temperature > 0 and temperature < math.inf):
         raise ValueError(f"temperature must be positive and finite, got {temperature}")
     return temperature
 
@@ -285,13 +287,16 @@ def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, tempe
     col0, total = (0, 0) if shard is None else (shard.offset, shard.total)
     dev = h2.device
     acc = nat.stats_dtype(h2.dtype)
-    grad_h = torch.zeros_like(h2, dtype=torch.float64 if shard is not None else h2.dtype) if need_h else None
+    # contiguous whatever the inputs' strides (zeros_like would copy a
+    # transposed layout): what the fake kernels report under torch.compile
+    grad_h = torch.zeros(h2.shape, dtype=torch.float64 if shard is not None else h2.dtype,
+                         device=h2.device) if need_h else None
     # Token tiles outer: weight's gradient accumulates over N / tn tiles (few
     # roundings in 16-bit), hidden's over all vocabulary tiles in a float64
     # tile accumulator: rounded once, so a sum split into tiles or over ranks
     # in another order gives the same bits (a (token tile, H) conversion per
     # vocabulary tile, against a (token tile, vocabulary tile, H) product).
-    grad_w = torch.zeros_like(weight) if need_w else None
+    grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
     grad_b = torch.zeros((V,), dtype=acc, device=dev) if need_b else None  # bias has hidden's dtype
     live = _live_rows(actions, ignore_index)
     for n0 in range(0, N if live is None else live.shape[0], tn):
@@ -692,6 +697,7 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
     """
     error = None
     seed = 0
+    compiled = process_group is None and traced()
     try:
         temperature = _check_head(hidden, weight, bias, temperature, process_group is not None)
         S = check_num_samples(num_samples)
@@ -702,25 +708,39 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
         shape = lead if S == 1 else lead + (S,)
         dev = hidden.device
         # The seed as pgest.sample takes it from the generator: one draw per
-        # call, an empty batch included (every sampling op's rule)
-        seed = cpu_seed(generator) if dev.type == "cpu" else int(seed_tensor(generator, dev)[0])
+        # call, an empty batch included (every sampling op's rule); under
+        # torch.compile as a tensor, into the registered op
+        if compiled:
+            seed = seed_tensor(generator, dev)
+        else:
+            seed = cpu_seed(generator) if dev.type == "cpu" else int(seed_tensor(generator, dev)[0])
     except (ValueError, TypeError, IndexError, NotImplementedError, RuntimeError) as e:
         if process_group is None:
             raise
         error = e
+    if compiled:
+        actions, lp, H = linear_sample_rows(_rows(hidden.detach()), weight.detach(),
+                                            None if bias is None else bias.detach(), temperature, S, seed, tn, tv)
+        return LinearSample(actions.view(shape), lp.view(shape), H.view(lead))
     shard = None
     if process_group is not None:
         shard = _shard(weight, process_group, hidden, error, seed)
         seed = shard.seed  # rank 0's: every rank draws the same uniforms
+    actions, lp, H = _sample_tokens(_rows(hidden.detach()), weight.detach(), None if bias is None else bias.detach(),
+                                    temperature, S, seed, tn, tv, shard)
+    return LinearSample(actions.view(shape), lp.view(shape), H.view(lead))
+
+
+def _sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], temperature: float, S: int, seed: int, tn: int,
+                   tv: int, shard=None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(N, H) tokens -> actions (N, S), log_prob (N, S), entropy (N,) of
+    linear_sample, for a Philox seed already taken (rank 0's with ``shard``)."""
+    N, dev = h2.shape[0], h2.device
+    acc = nat.stats_dtype(h2.dtype)
     with torch.no_grad():
-        h2 = _rows(hidden.detach())
-        w, b = weight.detach(), None if bias is None else bias.detach()
-        N = h2.shape[0]
-        acc = nat.stats_dtype(h2.dtype)
         if N == 0:
-            z = torch.empty(shape, dtype=acc, device=dev)
-            return LinearSample(torch.empty(shape, dtype=torch.int64, device=dev), z, torch.empty(lead, dtype=acc,
-                                                                                                device=dev))
+            return (torch.empty((0, S), dtype=torch.int64, device=dev), torch.empty((0, S), dtype=acc, device=dev),
+                    torch.empty((0,), dtype=acc, device=dev))
         u = philox_uniforms(N, S, seed).to(dev)
         if shard is None:
             M, LZ, H, tiles = _row_stats(h2, w, b, temperature, tn, tv, keep_tiles=True)
@@ -747,4 +767,30 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
             actions = shard.sum_(actions).to(torch.int64)  # one owner per draw: one value and zeros
             x = _chosen_logits(h2, w, b, actions, temperature, tn, shard=shard)
         lp = (x - M[:, None]) - LZ[:, None]
-    return LinearSample(actions.view(shape), lp.view(shape), H.view(lead))
+    return actions, lp, H
+
+
+@torch.library.custom_op("pgest::linear_sample", mutates_args=())
+def linear_sample_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, num_samples: int,
+                       seed: Tensor, token_tile: int, vocab_tile: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(N, H) hidden, (V, H) weight -> (actions (N, S), log_prob (N, S),
+    entropy (N,)): linear_sample under torch.compile. ``seed`` is the (2,)
+    int64 (seed, offset) of pgest.philox.seed_tensor (offset 0 on the CPU)."""
+    temperature = _check_head(hidden, weight, bias, temperature)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D (N, H) here, got shape {tuple(hidden.shape)}")
+    S = check_num_samples(num_samples)
+    check_seed(seed, hidden.device)
+    return _sample_tokens(hidden, weight, bias, temperature, S, int(seed[0]), _check_tile(token_tile, "token_tile", 1),
+                          _check_tile(vocab_tile, "vocab_tile", 1))
+
+
+@linear_sample_rows.register_fake
+def _(hidden, weight, bias, temperature, num_samples, seed, token_tile, vocab_tile):
+    N = hidden.shape[0]
+    acc = nat.stats_dtype(hidden.dtype)
+    return (hidden.new_empty((N, num_samples), dtype=torch.int64), hidden.new_empty((N, num_samples), dtype=acc),
+            hidden.new_empty((N,), dtype=acc))
+
+
+register_refusal(linear_sample_rows, "pgest.linear_sample")

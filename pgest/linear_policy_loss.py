@@ -75,8 +75,9 @@ def _fused(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, 
     acc = nat.stats_dtype(h2.dtype)
     _check_actions_range(actions, V, ignore_index)
     need_h, need_w, need_b = needs
-    grad_h = torch.zeros_like(h2) if need_h else None
-    grad_w = torch.zeros_like(weight) if need_w else None
+    # contiguous whatever the inputs' strides, as the fake kernel reports
+    grad_h = torch.zeros(h2.shape, dtype=h2.dtype, device=h2.device) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
     grad_b = torch.zeros((V,), dtype=acc, device=dev) if need_b else None
     total = torch.zeros((), dtype=acc, device=dev)
     live = _live_rows(actions, ignore_index)

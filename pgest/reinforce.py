@@ -85,7 +85,9 @@ def reinforce_weights(actions: Tensor, labels: Optional[Tensor], reward_table: O
         reward_table = reward_table.reshape(R, num_actions)
     labels, reward_table, baseline = check_reward_args(labels, reward_table, baseline_kind, baseline_value, baseline,
                                                        R, num_actions, S, actions.device, "actions")
-    actions = nat.as_int64(actions, "actions", num_actions)
+    # contiguous: the outputs follow the actions' layout, and the fake kernel
+    # reports contiguous ones
+    actions = nat.as_int64(actions, "actions", num_actions).contiguous()
     acc = dtype
     # On the GPU the checks stay on the device by default (no read-back):
     # refused entries get NaN rewards and their first error word is deferred
