@@ -117,12 +117,45 @@ def _tiles(hidden: Tensor, token_tile, vocab_tile) -> Tuple[int, int]:
 
 # ---- tiles -------------------------------------------------------------------
 
+HALF = (torch.float16, torch.bfloat16)
+# cuBLAS takes 16-bit inputs with a float32 output at the speed of a 16-bit
+# one; torch's CPU matmul has no such kernel (aten::mm.dtype)
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+_F32_ROWS = 8192
+
+
+def logits_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The logits of 16-bit inputs are kept in float32: the products'
+    float32 accumulators are not rounded to 16 bits (which moved log Z and
+    the entropy by 0.06-0.08 at logits of std 4, bf16, H = 1024)."""
+    return torch.float32 if dtype in HALF else dtype
+
+
+def _products(h: Tensor, w: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """h @ w.T in logits_dtype (into ``out`` when given)."""
+    if h.dtype not in HALF:
+        return h @ w.T if out is None else torch.mm(h, w.T, out=out)
+    if h.is_cuda and _MM_OUT_DTYPE:
+        x = torch.mm(h, w.T, out_dtype=torch.float32)
+        return x if out is None else out.copy_(x)
+    # the CPU: products of float32 copies (about 3x a bf16 product's time), of
+    # at most _F32_ROWS rows of w at a time (a whole head's copy is twice its size)
+    hf = h.float()
+    if out is None and w.shape[0] <= _F32_ROWS:
+        return hf @ w.float().T
+    if out is None:
+        out = torch.empty((h.shape[0], w.shape[0]), dtype=torch.float32, device=h.device)
+    for c0 in range(0, w.shape[0], _F32_ROWS):
+        out[:, c0:c0 + _F32_ROWS] = hf @ w[c0:c0 + _F32_ROWS].float().T
+    return out
+
+
 def _logits_tile(h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int, temperature: float,
                  out: Optional[Tensor] = None) -> Tensor:
-    """(hidden @ weight[v0:v1].T + bias[v0:v1]) / temperature, rounded as the
-    materialised formula rounds it (product, then the bias, then the scale);
-    into ``out`` (a reused buffer) when given."""
-    x = h @ weight[v0:v1].T if out is None else torch.mm(h, weight[v0:v1].T, out=out)
+    """(hidden @ weight[v0:v1].T + bias[v0:v1]) / temperature in
+    logits_dtype, rounded as the materialised formula rounds it (product,
+    then the bias, then the scale); into ``out`` (a reused buffer) when given."""
+    x = _products(h, weight[v0:v1], out)
     if bias is not None:
         x += bias[v0:v1]
     if temperature != 1.0:
@@ -206,7 +239,10 @@ def _chosen_logits(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: 
     for n0 in range(0, N, tn):
         n1 = min(N, n0 + tn)
         a = actions[n0:n1]
-        x = torch.bmm(weight[a], h2[n0:n1].unsqueeze(-1)).squeeze(-1)  # (n, S), dtype of the inputs
+        wa, hn = weight[a], h2[n0:n1].unsqueeze(-1)
+        if h2.dtype in HALF:  # the tiles' float32 logits (logits_dtype), to the same bits where products agree
+            wa, hn = wa.float(), hn.float()
+        x = torch.bmm(wa, hn).squeeze(-1)  # (n, S)
         if bias is not None:
             x += bias[a]
         if temperature != 1.0:
@@ -315,7 +351,7 @@ def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, tempe
 
 
 def _token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_index, temperature, tv, col0, total,
-                      need_h, grad_w, grad_b, full=None):
+                      need_h, grad_w, grad_b, full=None, grads16=None):
     """One token tile's share of the three gradients: each vocabulary tile's
     logits (recomputed, or views of ``full``) turned into their gradient by
     the native backward (``upstream``: its weighting arguments), then the two
@@ -323,8 +359,10 @@ def _token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_i
     tile is returned (or None): in float64, or with ``full`` in h's dtype.
 
     With ``full`` (the tile's logits over the whole vocabulary, which are
-    not needed again) each vocabulary tile's gradient replaces its logits,
-    and the two products then run once over the whole vocabulary: a tile of
+    not needed again) each vocabulary tile's gradient replaces its logits
+    (or, for 16-bit inputs, whose logits are float32, goes into ``grads16``
+    of the inputs' dtype), and the two products then run once over the
+    whole vocabulary: a tile of
     a few thousand columns runs the matmul library below its rate, and
     weight's gradient is read and written once per token tile instead of
     once per (token, vocabulary) tile pair (the three products for 8192 x
@@ -338,15 +376,22 @@ def _token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_i
             with checked_now():
                 g = backward_rows(x, a, ignore_index, row_stats, entropy, col_offset=col0 + v0, total_cols=total,
                                   out=scratch[:x.numel()].view(x.shape), **upstream)
-            x.copy_(g)
+            if grads16 is None:
+                x.copy_(g)
+            else:
+                grads16[:, v0:v1].copy_(g)
+                if grad_b is not None:  # from the float32 gradient, before its 16-bit rounding
+                    grad_b[v0:v1] += g.sum(0, dtype=grad_b.dtype) / temperature
             del x, g
-        # one product rounded once (16-bit: fewer roundings than per-tile sums)
-        gh = full @ weight if need_h else None
+        # the products in the inputs' dtype, each rounded once (16-bit: fewer
+        # roundings than per-tile sums)
+        g_all = full if grads16 is None else grads16
+        gh = g_all @ weight if need_h else None
         if gh is not None and temperature != 1.0:
             gh /= temperature
         if grad_w is not None:
-            grad_w.addmm_(full.T, h, alpha=1.0 / temperature)
-        if grad_b is not None:
+            grad_w.addmm_(g_all.T, h, alpha=1.0 / temperature)
+        if grad_b is not None and grads16 is None:
             grad_b += full.sum(0, dtype=grad_b.dtype) / temperature
         return gh
     gh = torch.zeros((h.shape[0], weight.shape[1]), dtype=torch.float64, device=h.device) if need_h else None
@@ -357,12 +402,14 @@ def _token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_i
         del x
         if temperature != 1.0:
             g /= temperature
+        if grad_b is not None:
+            grad_b[v0:v1] += g.sum(0, dtype=grad_b.dtype)
+        if g.dtype != h.dtype:  # float32 logits of 16-bit inputs: the products in the inputs' dtype
+            g = g.to(h.dtype)
         if need_h:
             gh += g @ weight[v0:v1]  # promoted in place: no float64 copy of the product
         if grad_w is not None:
             grad_w[v0:v1].addmm_(g.T, h)
-        if grad_b is not None:
-            grad_b[v0:v1] += g.sum(0, dtype=grad_b.dtype)
         del g
     return gh
 
@@ -614,8 +661,10 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
     Returns:
         ``LinearLogProb(log_prob, entropy)``, float32 (float64 for float64
         inputs), differentiable with respect to hidden, weight and bias; the
-        backward recomputes each logits tile once. Statistics are accumulated
-        in float32 within a tile and merged across tiles in float64.
+        backward recomputes each logits tile once. For 16-bit inputs the
+        logits are the products' float32 results, never rounded to 16 bits
+        (the gradients' products run in the inputs' dtype). Statistics are
+        accumulated in float32 within a tile and merged across tiles in float64.
     """
     error = None
     try:
@@ -685,7 +734,8 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
     logits; no gradient.
 
     The draws are those of ``pgest.sample(logits, num_samples, generator)`` on
-    the materialised logits for the same generator state (the same Philox
+    the materialised logits (float32 products for 16-bit inputs, as
+    linear_log_prob keeps them) for the same generator state (the same Philox
     uniforms, placed on the same cumulative mass; a uniform within rounding of
     a boundary between two tokens may land on the neighbour). The returned
     ``log_prob`` and ``entropy`` equal ``linear_log_prob``'s for the drawn

@@ -34,7 +34,7 @@ from torch import Tensor
 from . import _native as nat
 from .linear_head import (NEVER_BUILT, _check_actions_range, _check_head, _check_rows, _check_tile, _chosen_logits,
                           _live_rows, _logits_tile, _rows, _tiles, _token_tile_grads, _token_tile_stats, check_needs,
-                          check_token_actions, head_grads_in_torch_ops, linear_log_prob)
+                          check_token_actions, head_grads_in_torch_ops, linear_log_prob, logits_dtype)
 from ._vmap import register_per_element
 from .log_prob import batched_upstream, check_ignore_index, creating_graph, functorch_active, index_tensor, traced
 from .policy_loss import REDUCTIONS, _check_weights, _count, check_entropy_weight, weighted_log_probs
@@ -58,8 +58,13 @@ FUSED_MIN_TOKENS = 128
 
 def _fused_token_tile(n_tokens: int, V: int, H: int, tv: int, dtype: torch.dtype, device: torch.device) -> int:
     size = torch.empty((), dtype=dtype).element_size()
+    lsize = torch.empty((), dtype=logits_dtype(dtype)).element_size()
     budget = min(FUSED_BYTES.get(device.type, FUSED_BYTES["cpu"]), n_tokens * V * size // FUSED_FRACTION)
-    tn = budget // ((V + min(V, tv) + H) * size) // 32 * 32
+    # per token: its logits (float32 for 16-bit inputs) and, for 16-bit
+    # inputs, their gradient in the inputs' dtype; a vocabulary tile's
+    # gradient; hidden's gradient
+    per_token = V * lsize + (V * size if lsize != size else 0) + min(V, tv) * lsize + H * size
+    tn = budget // per_token // 32 * 32
     return max(1, min(n_tokens, max(FUSED_MIN_TOKENS, tn)))
 
 
@@ -84,7 +89,10 @@ def _fused(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, 
     n_live = N if live is None else live.shape[0]
     # one buffer for every token tile: a fresh (tile, V) tensor per tile would
     # pay its page faults each time on the CPU (most of a product's time)
-    full = torch.empty((min(tn, n_live), V), dtype=h2.dtype, device=dev) if n_live else None
+    full = torch.empty((min(tn, n_live), V), dtype=logits_dtype(h2.dtype), device=dev) if n_live else None
+    # 16-bit inputs: the gradient of the float32 logits, in the inputs' dtype for the products
+    grads16 = (torch.empty((min(tn, n_live), V), dtype=h2.dtype, device=dev)
+               if n_live and full.dtype != h2.dtype and any(needs) else None)
     zero = torch.zeros((), dtype=acc, device=dev)
     for n0 in range(0, n_live, tn):
         rows = slice(n0, n0 + tn) if live is None else live[n0:n0 + tn]
@@ -100,7 +108,8 @@ def _fused(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, 
             upstream = {"grad_log_prob": w, "row_scale": scale.expand(h.shape[0]), "log_prob_scale": -1.0,
                         "entropy_scale": -beta}
             gh = _token_tile_grads(h, a, torch.stack([M, LZ]), H, upstream, weight, bias, ignore_index, temperature,
-                                   tv, 0, V, need_h, grad_w, grad_b, full=x)
+                                   tv, 0, V, need_h, grad_w, grad_b, full=x,
+                                   grads16=None if grads16 is None else grads16[:h.shape[0]])
             if need_h:
                 grad_h[rows] = gh.to(grad_h.dtype)
         del x

@@ -192,7 +192,9 @@ def test_sample_matches_sample_on_materialised_logits(dtype, S):
     g1 = torch.Generator().manual_seed(42)
     g2 = torch.Generator().manual_seed(42)
     s = pgest.linear_sample(hidden, weight, bias=bias, num_samples=S, generator=g1, token_tile=128, vocab_tile=512)
-    logits = hidden @ weight.T + bias
+    # 16-bit inputs: the logits the head samples from are the float32 products (not rounded to 16 bits)
+    f = (lambda t: t.float()) if dtype == torch.bfloat16 else (lambda t: t)
+    logits = f(hidden) @ f(weight).T + f(bias)
     ref = pgest.sample(logits, num_samples=S, generator=g2)
     mismatched = (s.actions != ref.actions).sum().item()
     # a uniform within rounding of a boundary may land on the neighbour: count
@@ -326,3 +328,27 @@ def test_a_token_whose_logits_are_all_minus_inf_raises():
     s = pgest.linear_sample(hidden, weight, bias=masked, num_samples=50, vocab_tile=4,
                             generator=torch.Generator().manual_seed(0))
     assert (s.actions < 4).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_inputs_keep_float32_logits(dtype):
+    # verl's linear-cross-entropy tolerances (1e-3 log-prob, 5e-3 entropy)
+    # against float64 logits of the same 16-bit inputs; rounding the tile
+    # products to bfloat16 was off by 0.06 / 0.08 at logits of std 4
+    torch.manual_seed(0)
+    N, H, V = 256, 512, 8000
+    hidden = torch.randn(N, H).to(dtype)
+    weight = (torch.randn(V, H) * 4 / H ** 0.5).to(dtype)
+    actions = torch.randint(0, V, (N,))
+    x = hidden.double() @ weight.double().T
+    ls = x.log_softmax(-1)
+    want_lp, want_ent = ls.gather(1, actions[:, None]).squeeze(1), -(ls.exp() * ls).sum(-1)
+    lp, ent = pgest.linear_log_prob(hidden, weight, actions, vocab_tile=2048)
+    assert (lp.double() - want_lp).abs().max() < 1e-3
+    assert (ent.double() - want_ent).abs().max() < 5e-3
+    loss = pgest.linear_policy_loss(hidden, weight, actions, torch.ones(N), reduction="sum", entropy_weight=0.1)
+    assert abs(loss.item() - (-want_lp.sum() - 0.1 * want_ent.sum()).item()) < 1e-3 * N
+    s = pgest.linear_sample(hidden, weight, generator=torch.Generator().manual_seed(2), vocab_tile=2048)
+    lp2, _ = pgest.linear_log_prob(hidden, weight, s.actions, vocab_tile=2048)
+    assert torch.equal(s.log_prob, lp2)
+    assert (s.log_prob.double() - ls.gather(1, s.actions[:, None]).squeeze(1)).abs().max() < 1e-3
