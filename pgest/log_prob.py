@@ -396,7 +396,7 @@ class _LogProbFn(torch.autograd.Function):
             S = 0 if actions is None else actions.shape[1]
             return log_prob_backward(None if grad_lp is None else grad_lp.reshape(R, S),
                                      None if grad_ent is None else grad_ent.reshape(R), logits, actions, st,
-                                     ent, ctx.ignore_index), None
+                                     ent.reshape(R), ctx.ignore_index), None
         grad = backward_rows(logits, actions, ctx.ignore_index, st, ent, grad_log_prob=grad_lp,
                              grad_entropy=grad_ent)
         return grad, None

@@ -379,3 +379,60 @@ def test_stable_baselines3_ppo_on_multidiscrete_actions(monkeypatch):
         assert all(isinstance(d, pgest.Categorical) for d in dist.distribution)
         acts = torch.tensor([[0.0, 1.0], [2.0, 3.0]])  # floats, as from the buffer
         assert torch.isfinite(dist.log_prob(acts)).all()
+
+
+# torch's Categorical examples (test_distributions.py registers these three
+# parameter sets for its generic tests): every method against torch's class
+EXAMPLES = [
+    {"probs": torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.3, 0.2]], dtype=torch.float64, requires_grad=True)},
+    {"probs": torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64, requires_grad=True)},
+    {"logits": torch.tensor([[0.0, 0.0], [0.0, 0.0]], dtype=torch.float64, requires_grad=True)},
+    {"probs": torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64, requires_grad=True)},  # 1-D: batch ()
+]
+
+
+@pytest.mark.parametrize("params", EXAMPLES, ids=["probs", "one-hot probs", "logits", "1-d probs"])
+def test_conformance_with_torch_on_its_examples(params):
+    d, t = pgest.Categorical(**params), TorchCategorical(**params)
+    assert d.batch_shape == t.batch_shape and d.event_shape == t.event_shape and d.param_shape == t.param_shape
+    assert torch.isnan(d.mean).all() and torch.isnan(d.variance).all() and d.mean.shape == t.mean.shape
+    torch.testing.assert_close(d.probs, t.probs)
+    torch.testing.assert_close(d.mode, t.mode)
+    for shape in [(), (1,), (2, 2), (6,), (3, 4)]:
+        s = d.sample(shape)
+        assert s.shape == t.sample(shape).shape and not s.requires_grad and s.dtype == torch.int64
+        assert d.support.check(s).all()
+        assert (t.probs.expand(s.shape + t.probs.shape[-1:]).gather(-1, s[..., None]) > 0).all()  # never p = 0
+    values = d.enumerate_support()
+    torch.testing.assert_close(values, t.enumerate_support())
+    torch.testing.assert_close(d.enumerate_support(expand=False), t.enumerate_support(expand=False))
+    # a zero probability: -inf here, log(eps) in torch's (it clamps); the rest agrees
+    live = t.probs.expand(values.shape + t.probs.shape[-1:]).gather(-1, values[..., None]).squeeze(-1) > 0
+    torch.testing.assert_close(d.log_prob(values)[live], t.log_prob(values)[live])
+    assert (d.log_prob(values)[~live] == -math.inf).all()
+    torch.testing.assert_close(d.entropy(), t.entropy())
+    torch.testing.assert_close(d.perplexity(), t.perplexity())
+    # log_prob of values broadcast with torch's rules: (n, 1) against a batch of (2,)
+    v = torch.tensor([[0], [1]])
+    if d.batch_shape:
+        ok = d.log_prob(v) > -math.inf
+        torch.testing.assert_close(d.log_prob(v)[ok], t.log_prob(v)[ok])
+    e, te = d.expand((3,) + d.batch_shape), t.expand((3,) + t.batch_shape)
+    assert e.batch_shape == te.batch_shape and e.sample().shape == te.sample().shape
+    assert torch.distributions.kl_divergence(d, t).shape == d.batch_shape
+    x = next(iter(params.values()))
+    if torch.all(x > 0):
+        s = d.sample()
+        assert torch.autograd.gradcheck(lambda p: pgest.Categorical(**{next(iter(params)): p}).log_prob(s),
+                                        (x,), check_batched_grad=True)
+
+
+def test_invalid_examples_raise_value_errors_with_validation():
+    # torch's bad Categorical examples: negative probabilities; a row of zeros
+    for bad in (torch.tensor([[-1.0, 10.0], [0.0, -1.0]]), torch.tensor([[0.0, 0.0], [1.0, 1.0]])):
+        with pytest.raises(ValueError):
+            TorchCategorical(probs=bad, validate_args=True)
+        with pytest.raises(ValueError):
+            pgest.Categorical(probs=bad, validate_args=True)
+    with pytest.raises(ValueError):  # a value outside the support, validated as torch does
+        pgest.Categorical(logits=torch.zeros(2, 3), validate_args=True).log_prob(torch.tensor([0, 3]))
