@@ -264,7 +264,8 @@ def policy_gradient_loss(log_prob: Tensor, advantages: Tensor, *, mask: Optional
                      process_group=process_group)
 
 
-def kl_penalty(log_prob: Tensor, ref_log_prob: Tensor, estimator: str = "k3") -> Tensor:
+def kl_penalty(log_prob: Tensor, ref_log_prob: Tensor, estimator: str = "k3", *,
+               clamp: Optional[float] = None) -> Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi, with
     delta = ref - lp (Schulman 2020, "Approximating KL Divergence"):
 
@@ -273,8 +274,13 @@ def kl_penalty(log_prob: Tensor, ref_log_prob: Tensor, estimator: str = "k3") ->
       - ``k3``: exp(delta) - delta - 1 (unbiased, >= 0; GRPO's choice)
 
     Differentiable in ``log_prob``; ``ref_log_prob`` is a constant. Aggregate
-    with :func:`aggregate` and add ``beta *`` it to the loss.
+    with :func:`aggregate` and add ``beta *`` it to the loss. ``clamp``: the
+    estimate is clipped to [-clamp, clamp] (no gradient outside); verl's
+    ``low_var_kl`` is k3 with ``clamp=10``, TRL's and Liger-Kernel's k3 are
+    unclamped (the default).
     """
+    if clamp is not None and (isinstance(clamp, bool) or not isinstance(clamp, numbers.Real) or not clamp > 0):
+        raise ValueError(f"clamp must be a number > 0 or None, got {clamp!r}")
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"estimator must be one of {', '.join(KL_ESTIMATORS)}; got {estimator!r}")
     if not isinstance(log_prob, Tensor) or not log_prob.dtype.is_floating_point:
@@ -282,10 +288,12 @@ def kl_penalty(log_prob: Tensor, ref_log_prob: Tensor, estimator: str = "k3") ->
     _check_like(ref_log_prob, log_prob, "ref_log_prob")
     delta = ref_log_prob.detach() - log_prob
     if estimator == "k1":
-        return -delta
-    if estimator == "k2":
-        return 0.5 * delta * delta
-    return torch.expm1(delta) - delta
+        kl = -delta
+    elif estimator == "k2":
+        kl = 0.5 * delta * delta
+    else:
+        kl = torch.expm1(delta) - delta
+    return kl if clamp is None else torch.clamp(kl, -clamp, clamp)
 
 
 def importance_weights(log_prob: Tensor, behaviour_log_prob: Tensor, *, level: str = "token",

@@ -207,3 +207,16 @@ def test_float16_counts_and_sums_do_not_overflow():
         assert got.dtype == torch.float16 and torch.isfinite(got), mode
     got = obj.aggregate(v, mask)
     torch.testing.assert_close(got.double(), v.double().mean(), rtol=1e-3, atol=0)
+
+
+def test_kl_clamp_as_verl_low_var_kl():
+    lp = torch.tensor([-1.0, -20.0, -0.5], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([-1.2, -1.0, -0.5], dtype=torch.float64)
+    k = obj.kl_penalty(lp, ref, "k3", clamp=10.0)
+    d = ref - lp.detach()
+    want = (torch.exp(d) - d - 1).clamp(-10, 10)  # e^19 - 20: clipped to 10
+    torch.testing.assert_close(k.detach(), want)
+    k.sum().backward()
+    assert lp.grad[1] == 0 and lp.grad[0] != 0
+    with pytest.raises(ValueError, match="clamp"):
+        obj.kl_penalty(lp, ref, clamp=0)
