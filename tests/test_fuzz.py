@@ -298,3 +298,84 @@ def test_linear_head_ops(case, S):
     assert torch.equal(lp.log_prob, s.log_prob) and torch.equal(lp.entropy, s.entropy)
     loss = pgest.linear_policy_loss(h, w, s.actions, torch.ones(s.actions.shape), bias=b, reduction="sum", **tiles)
     torch.testing.assert_close(loss, -lp.log_prob.sum(), rtol=1e-5, atol=1e-5)
+
+
+@FUZZ
+@given(x=logits_cases(allow_bad=False), S=st.integers(1, 2), data=st.data())
+def test_second_derivatives_and_padding_ids_inside_the_vocabulary(x, S, data):
+    # create_graph=True through log_prob and policy_loss, with ignore_index
+    # anywhere (0, an id inside the vocabulary, or outside): a Hessian-vector
+    # product against float64 torch
+    R, K = x.shape
+    ii = data.draw(st.sampled_from([-100, 0, K - 1, K // 2]))
+    acts = data.draw(st.lists(st.integers(0, K - 1) | st.just(ii), min_size=R * S, max_size=R * S))
+    actions = torch.tensor(acts, dtype=torch.int64).view(R, S)
+    keep = actions != ii
+    live = keep.any(1)
+    x64 = x.detach().double()
+    w = torch.randn(R, S, dtype=torch.float64)
+    v = torch.randn(R, K, dtype=torch.float64)
+
+    def ref(t):
+        lsm = t.log_softmax(-1)
+        p = lsm.exp()
+        ent = -(p * torch.where(p > 0, lsm, torch.zeros_like(lsm))).sum(-1)
+        lp = torch.where(keep, lsm.gather(1, torch.where(keep, actions, 0)), torch.zeros(()).double())
+        return (lp * w).sum() + (torch.where(live, ent, torch.zeros(()).double()) * 0.3).sum()
+
+    def mine(t):
+        lp, ent = pgest.log_prob(t, actions, ignore_index=ii)
+        return (lp.double() * w).sum() + (ent.double() * 0.3).sum()
+
+    def policy(t):
+        return pgest.policy_loss(t, actions, w, entropy_weight=0.3, ignore_index=ii, reduction="sum").double()
+
+    def policy_ref(t):
+        lsm = t.log_softmax(-1)
+        p = lsm.exp()
+        ent = -(p * torch.where(p > 0, lsm, torch.zeros_like(lsm))).sum(-1)
+        lp = torch.where(keep, lsm.gather(1, torch.where(keep, actions, 0)), torch.zeros(()).double())
+        return (-(lp * w).sum(1) - 0.3 * torch.where(live, ent, torch.zeros(()).double())).sum()
+
+    for f, fr in ((mine, ref), (policy, policy_ref)):
+        t = x64.clone().requires_grad_()
+        (g,) = torch.autograd.grad(f(t), t, create_graph=True)
+        (hv,) = torch.autograd.grad((g * v).sum(), t, allow_unused=True, materialize_grads=True)
+        tr = x64.clone().requires_grad_()
+        (gr,) = torch.autograd.grad(fr(tr), tr, create_graph=True)
+        (hvr,) = torch.autograd.grad((gr * v).sum(), tr, allow_unused=True, materialize_grads=True)
+        torch.testing.assert_close(g, gr, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(hv, hvr, rtol=1e-8, atol=1e-10)
+
+
+@FUZZ
+@given(rows=st.integers(0, 4), T=st.integers(1, 5), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+       mode=st.sampled_from(["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]),
+       density=st.sampled_from([0.0, 0.3, 1.0]))
+def test_objectives_with_masked_poison_and_all_masked(rows, T, seed, dtype, mode, density):
+    # whatever masked positions hold (NaN, inf, an old log-prob of -100),
+    # the loss and the gradients are those of the unmasked tokens alone, and
+    # all-masked inputs give 0, never NaN
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, T, generator=g) < density
+    lp = (-torch.rand(rows, T, generator=g, dtype=torch.float64) * 3)
+    old = lp - 0.1 * torch.randn(rows, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(rows, T, generator=g, dtype=torch.float64)
+    poison = [math.nan, math.inf, -100.0]
+    lp_p, old_p, adv_p = lp.clone(), old.clone(), adv.clone()
+    for i, t in enumerate((lp_p, old_p, adv_p)):
+        t[~mask] = poison[i]
+    x = lp_p.to(dtype).requires_grad_()
+    loss, metrics = pgest.objectives.ppo_loss(x, old_p.to(dtype), adv_p.to(dtype), mask=mask, aggregation=mode)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all() and (x.grad[~mask] == 0).all()
+    assert all(torch.isfinite(m) for m in metrics.values())
+    # the same tokens with harmless values where masked: the same loss
+    y = lp.to(dtype).requires_grad_()
+    ref, _ = pgest.objectives.ppo_loss(y, old.to(dtype), adv.to(dtype), mask=mask, aggregation=mode)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(x.grad, y.grad)
+    if not mask.any():
+        assert loss.item() == 0.0
