@@ -198,6 +198,15 @@ def creating_graph() -> bool:
     return torch.is_grad_enabled()
 
 
+def _softmax_parts(x: Tensor):
+    """(accumulation dtype, log p, p, log p with 0 where p is 0, H (R, 1))."""
+    acc = nat.stats_dtype(x.dtype)
+    ls = torch.log_softmax(x.to(acc), -1)
+    p = ls.exp()
+    ls0 = ls.masked_fill(p == 0, 0.0)
+    return acc, ls, p, ls0, -(p * ls0).sum(-1, keepdim=True)
+
+
 def grad_in_torch_ops(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int],
                       grad_log_prob: Optional[Tensor], grad_entropy: Optional[Tensor]) -> Tensor:
     """The gradient backward_rows computes (log_prob.h), in differentiable
@@ -209,10 +218,7 @@ def grad_in_torch_ops(x: Tensor, actions: Optional[Tensor], ignore_index: Option
     row whose every action is ignored gets no gradient, p log p is 0 where p
     is 0 (no 0 * -inf)."""
     R = x.shape[0]
-    acc = nat.stats_dtype(x.dtype)
-    ls = torch.log_softmax(x.to(acc), -1)
-    p = ls.exp()
-    ls0 = ls.masked_fill(p == 0, 0.0)
+    acc, ls, p, ls0, H = _softmax_parts(x)
     zero = torch.zeros((), dtype=acc, device=x.device)
     live = None
     grad = torch.zeros_like(ls)
@@ -230,7 +236,6 @@ def grad_in_torch_ops(x: Tensor, actions: Optional[Tensor], ignore_index: Option
         gh = grad_entropy.reshape(R).to(acc)
         if live is not None:
             gh = torch.where(live, gh, zero)
-        H = -(p * ls0).sum(-1, keepdim=True)
         grad = grad - gh[:, None] * p * (ls0 + H)
     return grad.to(x.dtype)
 
@@ -240,12 +245,8 @@ def tangent_in_torch_ops(x: Tensor, actions: Optional[Tensor], ignore_index: Opt
     """Forward-mode derivatives (jvp) of (log_prob (R, S), entropy (R,)) for a
     tangent t of the logits: d log p_s = t_{a_s} - <p, t>,
     dH = -<p (log p + H), t>, with the conventions of grad_in_torch_ops."""
-    acc = nat.stats_dtype(x.dtype)
-    ls = torch.log_softmax(x.to(acc), -1)
-    p = ls.exp()
-    ls0 = ls.masked_fill(p == 0, 0.0)
+    acc, _, p, ls0, H = _softmax_parts(x)
     t = tangent.to(acc)
-    H = -(p * ls0).sum(-1, keepdim=True)
     d_ent = -(p * (ls0 + H) * t).sum(-1)
     if actions is None:
         return t.new_zeros((x.shape[0], 0)), d_ent
