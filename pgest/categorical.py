@@ -17,7 +17,7 @@ import torch.distributions as td
 from torch import Tensor
 from torch.distributions import constraints
 
-from . import _native as nat
+from . import _checks, _status
 from .log_prob import (check_index_dtype, check_logits, entropy as _entropy, index_tensor, log_prob as _log_prob,
                        rows_of, rows_pair)
 from .sample import draw_rows, sample as _sample
@@ -213,7 +213,7 @@ class Categorical(td.Categorical):
             try:
                 actions, lp, ent, stats = draw_rows(rows_of(self._x.detach()), 1, generator, (batch, batch))
             except ValueError as e:
-                raise ValueError(nat.unflatten_message(str(e), batch)) from None
+                raise ValueError(_status.unflatten_message(str(e), batch)) from None
             if not torch.compiler.is_compiling():
                 # Reuse is keyed on tensor versions, which a traced graph has no
                 # value for: under torch.compile log_prob takes the registered op.
@@ -246,7 +246,7 @@ class Categorical(td.Categorical):
                                           given=(stats, ent), outputs=out[1:3])
             return lp
         value = _as_actions(value)
-        nat.check_device(value, "value", self._x, "logits")
+        _checks.check_device(value, "value", self._x, "logits")
         batch = self.batch_shape
         nb = len(batch)
         if self._group is not None:
@@ -332,7 +332,7 @@ def _as_actions(value) -> Tensor:
 def _value_error(e: Exception, batch) -> Exception:
     """A kernel's error in the caller's terms: ``value[...]`` at the caller's
     indices; an action out of range is a ValueOutOfSupport."""
-    msg = nat.unflatten_message(str(e), batch)
+    msg = _status.unflatten_message(str(e), batch)
     msg = "value" + msg[len("actions"):] if msg.startswith("actions[") else msg
     return ValueOutOfSupport(msg) if isinstance(e, IndexError) else type(e)(msg)
 

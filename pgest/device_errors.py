@@ -36,6 +36,8 @@ from typing import Deque, Dict, List, Optional, Tuple
 
 import torch
 
+from ._status import raise_for_status
+
 # Launches whose words are gathered and copied to the host at once: one small
 # stack kernel and one copy per this many launches.
 FLUSH_EVERY = 64
@@ -106,7 +108,7 @@ def defers(t: torch.Tensor) -> bool:
 def defer(words: torch.Tensor, stream, op: str, report: dict) -> None:
     """Keep the (2,) int64 error word of one launch of ``op`` on ``stream``
     (a torch.cuda.Stream, or None for CPU words); ``report`` holds the
-    keyword arguments of _native.raise_for_status for its message."""
+    keyword arguments of _status.raise_for_status for its message."""
     key = (str(words.device), 0 if stream is None else stream.cuda_stream)
     with _lock:
         _, words_list, reports = _pending.setdefault(key, (stream, [], []))
@@ -207,8 +209,6 @@ def _read_landed(wait: bool):
 
 
 def _raise(op: str, report: dict, status: int, row: int, col: int) -> None:
-    from ._native import raise_for_status
-
     try:
         raise_for_status((status, row, col, None, None), **report)
     except (ValueError, IndexError, TypeError, RuntimeError) as e:

@@ -31,7 +31,7 @@ from typing import List, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _native as nat
+from . import _checks, _status
 from .device_errors import checked_now
 from ._vmap import register_per_element, register_refusal
 from .log_prob import (backward_rows, check_ignore_index, check_index_dtype, creating_graph, functorch_active,
@@ -66,11 +66,11 @@ class LinearSample(NamedTuple):
 
 def _check_head(hidden, weight, bias, temperature, sharded: bool = False) -> float:
     """``sharded``: weight is a rank's vocabulary shard, which may be empty."""
-    nat.check_float_tensor(hidden, "hidden")
+    _checks.check_float_tensor(hidden, "hidden")
     if hidden.dim() < 1:
         raise ValueError("hidden must have at least 1 dimension (..., H), got a scalar")
-    nat.check_device_supported(hidden, "hidden")
-    nat.check_float_tensor(weight, "weight")
+    _checks.check_device_supported(hidden, "hidden")
+    _checks.check_float_tensor(weight, "weight")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be (V, H) with H = {hidden.shape[-1]} (the nn.Linear layout), "
                          f"got {tuple(weight.shape)}")
@@ -78,14 +78,14 @@ def _check_head(hidden, weight, bias, temperature, sharded: bool = False) -> flo
         raise ValueError("weight has V = 0 rows: there is no vocabulary")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
-    nat.check_device(weight, "weight", hidden.device, "hidden")
+    _checks.check_device(weight, "weight", hidden.device, "hidden")
     if bias is not None:
-        nat.check_float_tensor(bias, "bias")
+        _checks.check_float_tensor(bias, "bias")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
-        nat.check_device(bias, "bias", hidden.device, "hidden")
+        _checks.check_device(bias, "bias", hidden.device, "hidden")
     if isinstance(temperature, bool) or not isinstance(temperature, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not isinstance(temperature, torch.SymFloat):  # symbolic under torch.compile(dynamic=True): kept so
@@ -199,7 +199,7 @@ def _row_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: 
     (max, Z). ``index``: the caller's token index of each row of ``h2`` (a
     gather of the live tokens), for the errors."""
     N, V = h2.shape[0], weight.shape[0]
-    acc = nat.stats_dtype(h2.dtype)
+    acc = _checks.stats_dtype(h2.dtype)
     dev = h2.device
     out_dtype = torch.float64 if raw else acc
     M = torch.empty((N,), dtype=out_dtype, device=dev)
@@ -225,7 +225,7 @@ def _chosen_logits(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: 
     actions its rows of weight own and the group sums them (one nonzero
     term each: exact)."""
     if shard is not None and weight.shape[0] == 0:  # an empty shard owns no token
-        return shard.sum_(torch.zeros(actions.shape, dtype=nat.stats_dtype(h2.dtype), device=h2.device))
+        return shard.sum_(torch.zeros(actions.shape, dtype=_checks.stats_dtype(h2.dtype), device=h2.device))
     if shard is not None or keep is not None:
         lo = 0 if shard is None else shard.offset
         own = (actions >= lo) & (actions < lo + weight.shape[0])
@@ -235,7 +235,7 @@ def _chosen_logits(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: 
         x = torch.where(own, x, torch.zeros((), dtype=x.dtype, device=x.device))
         return x if shard is None else shard.sum_(x)
     N, S = actions.shape
-    out = torch.empty((N, S), dtype=nat.stats_dtype(h2.dtype), device=h2.device)
+    out = torch.empty((N, S), dtype=_checks.stats_dtype(h2.dtype), device=h2.device)
     for n0 in range(0, N, tn):
         n1 = min(N, n0 + tn)
         a = actions[n0:n1]
@@ -283,7 +283,7 @@ def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, tv, shard
     logit comes from the rank that owns it."""
     N, S = actions.shape
     V = weight.shape[0] if shard is None else shard.total
-    acc = nat.stats_dtype(h2.dtype)
+    acc = _checks.stats_dtype(h2.dtype)
     _check_actions_range(actions, V, ignore_index)  # actions are the same on every rank: all raise alike
     stats = torch.zeros((3, N), dtype=acc, device=h2.device)
     lp = torch.zeros((N, S), dtype=acc, device=h2.device)
@@ -322,7 +322,7 @@ def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, tempe
     V = weight.shape[0]
     col0, total = (0, 0) if shard is None else (shard.offset, shard.total)
     dev = h2.device
-    acc = nat.stats_dtype(h2.dtype)
+    acc = _checks.stats_dtype(h2.dtype)
     # contiguous whatever the inputs' strides (zeros_like would copy a
     # transposed layout): what the fake kernels report under torch.compile
     grad_h = torch.zeros(h2.shape, dtype=torch.float64 if shard is not None else h2.dtype,
@@ -423,7 +423,7 @@ def _check_rows(hidden, weight, bias, actions, temperature):
     check_index_dtype(actions)
     if actions.dim() != 2 or actions.shape[0] != hidden.shape[0]:
         raise ValueError(f"actions must be 2-D ({hidden.shape[0]}, S), got {tuple(actions.shape)}")
-    nat.check_device(actions, "actions", hidden.device, "hidden")
+    _checks.check_device(actions, "actions", hidden.device, "hidden")
 
 
 def check_needs(needs) -> None:
@@ -446,7 +446,7 @@ def linear_log_prob_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
 @linear_log_prob_rows.register_fake
 def _(hidden, weight, bias, actions, ignore_index, temperature, token_tile, vocab_tile):
     N, S = actions.shape
-    acc = nat.stats_dtype(hidden.dtype)
+    acc = _checks.stats_dtype(hidden.dtype)
     return (hidden.new_empty((N, S), dtype=acc), hidden.new_empty((N,), dtype=acc),
             hidden.new_empty((3, N), dtype=acc))
 
@@ -460,9 +460,9 @@ def linear_log_prob_backward(grad_log_prob: Optional[Tensor], grad_entropy: Opti
     says it is not wanted or there is no bias)."""
     _check_rows(hidden, weight, bias, actions, temperature)
     check_needs(needs)
-    nat.check_tensor(stats, "stats")
+    _checks.check_tensor(stats, "stats")
     N, S = actions.shape
-    acc = nat.stats_dtype(hidden.dtype)
+    acc = _checks.stats_dtype(hidden.dtype)
     if stats.shape != (3, N) or stats.dtype != acc:
         raise ValueError(f"stats must be (3, {N}) {acc} from pgest::linear_log_prob, got {tuple(stats.shape)} "
                          f"{stats.dtype}")
@@ -621,7 +621,7 @@ def check_token_actions(hidden: Tensor, actions) -> Tuple[torch.Size, int]:
     else:
         raise ValueError(f"actions must have shape {tuple(lead)} (or {tuple(lead)} + (S,)) to match hidden "
                          f"{tuple(hidden.shape)}, got {tuple(actions.shape)}")
-    nat.check_device(actions, "actions", hidden.device, "hidden")
+    _checks.check_device(actions, "actions", hidden.device, "hidden")
     return lead, S
 
 
@@ -688,7 +688,7 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
         else:
             lp, ent, _ = linear_log_prob_rows(_rows(hidden), weight, bias, a2, ii, temperature, tn, tv)
     except (ValueError, IndexError) as e:
-        raise type(e)(nat.unflatten_message(str(e), lead)) from None
+        raise type(e)(_status.unflatten_message(str(e), lead)) from None
     return LinearLogProb(lp.view(actions.shape), ent.view(lead))
 
 
@@ -786,7 +786,7 @@ def _sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], temperature: floa
     """(N, H) tokens -> actions (N, S), log_prob (N, S), entropy (N,) of
     linear_sample, for a Philox seed already taken (rank 0's with ``shard``)."""
     N, dev = h2.shape[0], h2.device
-    acc = nat.stats_dtype(h2.dtype)
+    acc = _checks.stats_dtype(h2.dtype)
     with torch.no_grad():
         if N == 0:
             return (torch.empty((0, S), dtype=torch.int64, device=dev), torch.empty((0, S), dtype=acc, device=dev),
@@ -838,7 +838,7 @@ def linear_sample_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
 @linear_sample_rows.register_fake
 def _(hidden, weight, bias, temperature, num_samples, seed, token_tile, vocab_tile):
     N = hidden.shape[0]
-    acc = nat.stats_dtype(hidden.dtype)
+    acc = _checks.stats_dtype(hidden.dtype)
     return (hidden.new_empty((N, num_samples), dtype=torch.int64), hidden.new_empty((N, num_samples), dtype=acc),
             hidden.new_empty((N,), dtype=acc))
 

@@ -31,7 +31,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _native as nat
+from . import _checks, _status
 from .linear_head import (NEVER_BUILT, _check_actions_range, _check_head, _check_rows, _check_tile, _chosen_logits,
                           _live_rows, _logits_tile, _rows, _tiles, _token_tile_grads, _token_tile_stats, check_needs,
                           check_token_actions, head_grads_in_torch_ops, linear_log_prob, logits_dtype)
@@ -77,7 +77,7 @@ def _fused(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, 
     N, S = actions.shape
     V = weight.shape[0]
     dev = h2.device
-    acc = nat.stats_dtype(h2.dtype)
+    acc = _checks.stats_dtype(h2.dtype)
     _check_actions_range(actions, V, ignore_index)
     need_h, need_w, need_b = needs
     # contiguous whatever the inputs' strides, as the fake kernel reports
@@ -156,7 +156,7 @@ def linear_policy_loss_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
 def _(hidden, weight, bias, actions, advantages, entropy_weight, ignore_index, temperature, reduction, token_tile,
       vocab_tile, needs):
     check_needs(needs)
-    acc = nat.stats_dtype(hidden.dtype)
+    acc = _checks.stats_dtype(hidden.dtype)
     return (hidden.new_empty((), dtype=acc),
             hidden.new_empty(hidden.shape) if needs[0] else hidden.new_empty((0,)),
             weight.new_empty(weight.shape) if needs[1] else hidden.new_empty((0,)),
@@ -280,11 +280,11 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantag
     """
     temperature = _check_head(hidden, weight, bias, temperature)
     lead, S = check_token_actions(hidden, actions)
-    nat.check_float_tensor(advantages, "advantages")
+    _checks.check_float_tensor(advantages, "advantages")
     if advantages.shape != actions.shape:
         raise ValueError(f"advantages must have shape {tuple(actions.shape)} like actions, "
                          f"got {tuple(advantages.shape)}")
-    nat.check_device(advantages, "advantages", hidden.device, "hidden")
+    _checks.check_device(advantages, "advantages", hidden.device, "hidden")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     beta = check_entropy_weight(entropy_weight)
@@ -303,7 +303,7 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantag
     tn = (_check_tile(token_tile, "token_tile", 1) if token_tile is not None
           else _fused_token_tile(N, weight.shape[0], weight.shape[1], tv, hidden.dtype, hidden.device))
     traced()  # under torch.func transforms: raises with what to do instead
-    acc = nat.stats_dtype(hidden.dtype)
+    acc = _checks.stats_dtype(hidden.dtype)
     a2 = index_tensor(actions, weight.shape[0]).reshape(-1, S)
     w2 = advantages.detach().reshape(-1, S)
     if w2.dtype != acc or not w2.is_contiguous():
@@ -318,4 +318,4 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantag
         return _apply_fused(h2, weight, bias, (a2, w2, beta, ii, temperature, tn, tv, _scale(a2, ii, reduction, acc),
                                                needs))
     except (ValueError, IndexError) as e:
-        raise type(e)(nat.unflatten_message(str(e), lead)) from None
+        raise type(e)(_status.unflatten_message(str(e), lead)) from None

@@ -23,8 +23,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _C
-from . import _native as nat
+from . import _C, _checks, _native, _status
 from ._vmap import ROWS, STATS, register_rows
 
 
@@ -36,7 +35,7 @@ class LogProb(NamedTuple):
 def _args(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int]) -> "_C.LogProbArgs":
     a = _C.LogProbArgs()
     a.logits = x.data_ptr()
-    a.dtype = nat.DTYPE_CODES[x.dtype]
+    a.dtype = _checks.DTYPE_CODES[x.dtype]
     a.rows, a.cols = x.shape
     a.row_stride, a.col_stride = x.stride()
     if actions is not None:
@@ -57,13 +56,13 @@ def _run(kernel: str, a, x: Tensor, actions: Optional[Tensor], ignore_index: Opt
          num_actions: int = -1) -> None:
     if not x.is_cuda:
         res = _CPU_KERNELS[kernel](a)
-        if res[0]:  # nat.OK is 0
-            nat.raise_for_status(res, **_report(x, actions, ignore_index, num_actions))
+        if res[0]:  # _status.OK is 0
+            _status.raise_for_status(res, **_report(x, actions, ignore_index, num_actions))
         return
     report = _report(x, actions, ignore_index, num_actions)
-    res = nat.cuda_call(kernel, a, x.device, report=report, values=x if values else None, actions=actions)
+    res = _native.cuda_call(kernel, a, x.device, report=report, values=x if values else None, actions=actions)
     if res[0]:
-        nat.raise_for_status(res, **report)
+        _status.raise_for_status(res, **report)
 
 
 def _report(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], num_actions: int) -> dict:
@@ -85,9 +84,9 @@ def forward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[in
     view node in the autograd graph) is needed afterwards."""
     R = x.shape[0]
     S = 0 if actions is None else actions.shape[1]
-    acc = nat.stats_dtype(x.dtype)
-    dev = nat.device_of(x)
-    lp = nat.empty((R, S) if shapes is None else shapes[0], acc, dev)
+    acc = _checks.stats_dtype(x.dtype)
+    dev = _native.device_of(x)
+    lp = _native.empty((R, S) if shapes is None else shapes[0], acc, dev)
     if stats is not None:
         # fresh tensors: a custom op's outputs may not alias its inputs (the
         # eager route only saves the statistics: no copy needed there)
@@ -98,7 +97,7 @@ def forward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[in
             ent = ent.view(shapes[1])
     else:
         st = torch.empty(2, R, dtype=acc, device=dev)
-        ent = nat.empty((R,) if shapes is None else shapes[1], acc, dev)
+        ent = _native.empty((R,) if shapes is None else shapes[1], acc, dev)
     loss = torch.empty(R, dtype=acc, device=dev) if weights is not None else None
     if R:
         a = _args(x, actions, ignore_index)
@@ -140,10 +139,10 @@ def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
     ``out``: a contiguous (R, K) buffer of x's dtype to write into (not
     ``x`` itself: an action's entry rereads x after the dense pass)."""
     R, K = x.shape
-    grad = torch.empty(R, K, dtype=x.dtype, device=nat.device_of(x)) if out is None else out
+    grad = torch.empty(R, K, dtype=x.dtype, device=_native.device_of(x)) if out is None else out
     if not R or not K:  # K = 0: an empty vocabulary shard or tile has no gradient to write
         return grad
-    acc = nat.stats_dtype(x.dtype)
+    acc = _checks.stats_dtype(x.dtype)
     a = _args(x, actions, ignore_index)
     # Upstream gradients are read where they lie, with strides: from a sum or
     # a mean they are expanded scalars (stride 0), and copying them would
@@ -176,7 +175,7 @@ def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
     if total_cols:
         a.col_offset, a.total_cols = col_offset, total_cols
     a.grad = grad.data_ptr()
-    if x.is_cuda and actions is not None and actions.shape[1] > nat.PAIRWISE_SAMPLES:
+    if x.is_cuda and actions is not None and actions.shape[1] > _native.PAIRWISE_SAMPLES:
         keep.append(torch.empty(actions.shape, dtype=torch.int64, device=x.device))  # for_each_action scratch
         a.order = keep[-1].data_ptr()
     _run("log_prob_backward", a, x, actions, ignore_index, values=False, num_actions=total_cols or K)
@@ -200,7 +199,7 @@ def creating_graph() -> bool:
 
 def _softmax_parts(x: Tensor):
     """(accumulation dtype, log p, p, log p with 0 where p is 0, H (R, 1))."""
-    acc = nat.stats_dtype(x.dtype)
+    acc = _checks.stats_dtype(x.dtype)
     ls = torch.log_softmax(x.to(acc), -1)
     p = ls.exp()
     ls0 = ls.masked_fill(p == 0, 0.0)
@@ -285,7 +284,7 @@ def _(logits, actions, ignore_index):
     check_rows(logits, actions)
     R = logits.shape[0]
     S = 0 if actions is None else actions.shape[1]
-    acc = nat.stats_dtype(logits.dtype)
+    acc = _checks.stats_dtype(logits.dtype)
     return logits.new_empty((R, S), dtype=acc), logits.new_empty((R,), dtype=acc), logits.new_empty((2, R), dtype=acc)
 
 
@@ -466,57 +465,57 @@ def index_tensor(actions: Optional[Tensor], num_actions: int, name: str = "actio
     if actions is None:
         return None
     if actions.dtype != torch.int64 or not actions.is_contiguous():
-        actions = nat.as_int64(actions, name, num_actions).contiguous()
+        actions = _checks.as_int64(actions, name, num_actions).contiguous()
     return actions
 
 
 def check_rows(logits, actions) -> None:
     """What the registered ops need for memory safety, checked by the ops
     themselves (they are public: torch.compile and users call them directly)."""
-    nat.check_float_tensor(logits, "logits")
+    _checks.check_float_tensor(logits, "logits")
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (rows, K) here, got shape {tuple(logits.shape)}")
-    nat.check_device_supported(logits, "logits")
+    _checks.check_device_supported(logits, "logits")
     if actions is None:
         return
     check_index_dtype(actions)
     if actions.dim() != 2 or actions.shape[0] != logits.shape[0]:
         raise ValueError(f"actions must be 2-D ({logits.shape[0]}, S) to match logits {tuple(logits.shape)}, "
                          f"got {tuple(actions.shape)}")
-    nat.check_device(actions, "actions", logits, "logits")
+    _checks.check_device(actions, "actions", logits, "logits")
 
 
 def check_stats(logits, stats, entropy) -> None:
-    nat.check_tensor(stats, "stats")
-    nat.check_tensor(entropy, "entropy")
+    _checks.check_tensor(stats, "stats")
+    _checks.check_tensor(entropy, "entropy")
     R = logits.shape[0]
-    acc = nat.stats_dtype(logits.dtype)
+    acc = _checks.stats_dtype(logits.dtype)
     if stats.shape != (2, R) or stats.dtype != acc:
         raise ValueError(f"stats must be (2, {R}) {acc} (row max, log Z) from pgest::log_prob, "
                          f"got {tuple(stats.shape)} {stats.dtype}")
     if entropy.shape != (R,):
         raise ValueError(f"entropy must have shape ({R},), got {tuple(entropy.shape)}")
-    nat.check_device(stats, "stats", logits, "logits")
-    nat.check_device(entropy, "entropy", logits, "logits")
+    _checks.check_device(stats, "stats", logits, "logits")
+    _checks.check_device(entropy, "entropy", logits, "logits")
 
 
 def check_upstream(logits, actions, grad_log_prob, grad_entropy) -> None:
     R = logits.shape[0]
     if grad_log_prob is not None:
         S = 0 if actions is None else actions.shape[1]
-        nat.check_float_tensor(grad_log_prob, "grad_log_prob")
+        _checks.check_float_tensor(grad_log_prob, "grad_log_prob")
         if grad_log_prob.shape != (R, S):
             raise ValueError(f"grad_log_prob must have shape ({R}, {S}) like log_prob, got {tuple(grad_log_prob.shape)}")
-        nat.check_device(grad_log_prob, "grad_log_prob", logits, "logits")
+        _checks.check_device(grad_log_prob, "grad_log_prob", logits, "logits")
     if grad_entropy is not None:
-        nat.check_float_tensor(grad_entropy, "grad_entropy")
+        _checks.check_float_tensor(grad_entropy, "grad_entropy")
         if grad_entropy.shape != (R,):
             raise ValueError(f"grad_entropy must have shape ({R},) like entropy, got {tuple(grad_entropy.shape)}")
-        nat.check_device(grad_entropy, "grad_entropy", logits, "logits")
+        _checks.check_device(grad_entropy, "grad_entropy", logits, "logits")
 
 
 def check_index_dtype(actions, name: str = "actions") -> None:
-    nat.check_tensor(actions, name, "a torch.Tensor of integers")
+    _checks.check_tensor(actions, name, "a torch.Tensor of integers")
     if actions.dtype.is_floating_point or actions.dtype.is_complex or actions.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {actions.dtype}")
 
@@ -547,13 +546,13 @@ def actions_per_row(logits: Tensor, actions) -> int:
 
 def check_logits(logits, name: str = "logits", empty_ok: bool = False) -> None:
     """``empty_ok``: K = 0 is legal (a rank's empty vocabulary shard)."""
-    if (type(logits) is Tensor and logits.is_cpu and logits.dtype in nat.DTYPE_CODES
+    if (type(logits) is Tensor and logits.is_cpu and logits.dtype in _checks.DTYPE_CODES
             and logits.layout == torch.strided and logits.dim() >= 1 and logits.shape[-1]):
         return  # the common case in one expression: a call per step at RL sizes
-    nat.check_float_tensor(logits, name)
+    _checks.check_float_tensor(logits, name)
     if logits.dim() < 1:
         raise ValueError(f"{name} must have at least 1 dimension (..., K), got a scalar")
-    nat.check_device_supported(logits, name)
+    _checks.check_device_supported(logits, name)
     if logits.shape[-1] == 0 and logits.shape[:-1].numel() > 0 and not empty_ok:
         raise ValueError(f"{name} has K = 0 actions: there is no distribution over them")
 
@@ -604,13 +603,13 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
     check_logits(logits)
     S = actions_per_row(logits, actions)
     ii = check_ignore_index(ignore_index)
-    nat.check_device(actions, "actions", logits, "logits")
+    _checks.check_device(actions, "actions", logits, "logits")
     lead = logits.shape[:-1]
     try:
         lp, ent = rows_pair(rows_of(logits), index_tensor(actions, logits.shape[-1]).reshape(-1, S), ii,
                             (actions.shape, lead))
     except (ValueError, IndexError) as e:
-        raise type(e)(nat.unflatten_message(str(e), lead)) from None
+        raise type(e)(_status.unflatten_message(str(e), lead)) from None
     return LogProb(lp, ent)
 
 
@@ -627,5 +626,5 @@ def entropy(logits: Tensor, *, process_group=None) -> Tensor:
     try:
         _, ent = rows_pair(rows_of(logits), None, None, ((lead.numel(), 0), lead))
     except (ValueError, IndexError) as e:
-        raise type(e)(nat.unflatten_message(str(e), lead)) from None
+        raise type(e)(_status.unflatten_message(str(e), lead)) from None
     return ent

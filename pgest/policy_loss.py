@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _native as nat
+from . import _checks, _status
 from .log_prob import (actions_per_row, backward_rows, batched_upstream, check_ignore_index, check_logits, check_rows,
                        check_stats, creating_graph, forward_rows, functorch_active, grad_in_torch_ops, index_tensor,
                        rows_of, tangent_in_torch_ops, traced)
@@ -29,13 +29,13 @@ REDUCTIONS = ("mean", "sum", "none")
 def _check_weights(logits, actions, weights, name: str = "weights", ref_name: str = "logits") -> None:
     """(R, S) weights of (R, S) actions in the accumulation dtype of the
     (R, ...) rows ``logits`` (or hidden states), on their device."""
-    nat.check_tensor(weights, name)
+    _checks.check_tensor(weights, name)
     R = logits.shape[0]
-    acc = nat.stats_dtype(logits.dtype)
+    acc = _checks.stats_dtype(logits.dtype)
     S = actions.shape[1]
     if weights.shape != (R, S) or weights.dtype != acc:
         raise ValueError(f"{name} must be ({R}, {S}) {acc} like actions, got {tuple(weights.shape)} {weights.dtype}")
-    nat.check_device(weights, name, logits, ref_name)
+    _checks.check_device(weights, name, logits, ref_name)
 
 
 def weighted_log_probs(weights: Tensor, log_prob: Tensor) -> Tensor:
@@ -71,7 +71,7 @@ def policy_loss_rows(logits: Tensor, actions: Tensor, weights: Tensor, entropy_w
 @policy_loss_rows.register_fake
 def _(logits, actions, weights, entropy_weight, ignore_index, stats, entropy):
     R = logits.shape[0]
-    acc = nat.stats_dtype(logits.dtype)
+    acc = _checks.stats_dtype(logits.dtype)
     return logits.new_empty((R,), dtype=acc), logits.new_empty((2, R), dtype=acc), logits.new_empty((R,), dtype=acc)
 
 
@@ -84,7 +84,7 @@ def policy_loss_backward(grad_loss: Tensor, logits: Tensor, actions: Tensor, wei
     _check_weights(logits, actions, weights)
     check_stats(logits, stats, entropy)
     entropy_weight = check_entropy_weight(entropy_weight)
-    nat.check_float_tensor(grad_loss, "grad_loss")
+    _checks.check_float_tensor(grad_loss, "grad_loss")
     if grad_loss.shape != (logits.shape[0],):
         raise ValueError(f"grad_loss must have shape ({logits.shape[0]},), got {tuple(grad_loss.shape)}")
     return _backward_rows(grad_loss, logits, index_tensor(actions, logits.shape[1]), weights, stats, entropy,
@@ -282,18 +282,18 @@ def policy_loss(
     check_logits(logits)
     lead = logits.shape[:-1]
     S = actions_per_row(logits, actions)
-    nat.check_float_tensor(advantages, "advantages")
+    _checks.check_float_tensor(advantages, "advantages")
     if advantages.shape != actions.shape:
         raise ValueError(f"advantages must have shape {tuple(actions.shape)} like actions, "
                          f"got {tuple(advantages.shape)}")
-    nat.check_device(actions, "actions", logits, "logits")
-    nat.check_device(advantages, "advantages", logits, "logits")
+    _checks.check_device(actions, "actions", logits, "logits")
+    _checks.check_device(advantages, "advantages", logits, "logits")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     beta = check_entropy_weight(entropy_weight)
     ii = check_ignore_index(ignore_index)
 
-    acc = nat.stats_dtype(logits.dtype)
+    acc = _checks.stats_dtype(logits.dtype)
     a2 = index_tensor(actions, logits.shape[-1]).reshape(-1, S)
     w2 = advantages.detach().reshape(-1, S)
     if w2.dtype != acc or not w2.is_contiguous():
@@ -301,5 +301,5 @@ def policy_loss(
     try:
         loss = loss_rows(rows_of(logits), a2, w2, beta, ii, reduction=reduction)
     except (ValueError, IndexError) as e:
-        raise type(e)(nat.unflatten_message(str(e), lead)) from None
+        raise type(e)(_status.unflatten_message(str(e), lead)) from None
     return loss.view(tuple(lead)) if reduction == "none" else loss

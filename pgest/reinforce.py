@@ -16,8 +16,7 @@ from typing import List, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _native as nat
-from . import device_errors
+from . import _checks, _status, device_errors
 from .log_prob import check_index_dtype, check_logits, rows_of
 from .policy_loss import check_entropy_weight, loss_rows
 from .reinforce_grad import _resolve_baseline, check_reward_args
@@ -42,7 +41,7 @@ def _check_labels(labels, lead) -> None:
 
 
 def _check_table(table, lead, K) -> None:
-    nat.check_float_tensor(table, "reward_table")
+    _checks.check_float_tensor(table, "reward_table")
     if table.shape != (K,) and table.shape != tuple(lead) + (K,):
         raise ValueError(f"reward_table must have shape {tuple(lead) + (K,)} or ({K},), got {tuple(table.shape)}")
 
@@ -87,7 +86,7 @@ def reinforce_weights(actions: Tensor, labels: Optional[Tensor], reward_table: O
                                                        R, num_actions, S, actions.device, "actions")
     # contiguous: the outputs follow the actions' layout, and the fake kernel
     # reports contiguous ones
-    actions = nat.as_int64(actions, "actions", num_actions).contiguous()
+    actions = _checks.as_int64(actions, "actions", num_actions).contiguous()
     acc = dtype
     # On the GPU the checks stay on the device by default (no read-back):
     # refused entries get NaN rewards and their first error word is deferred
@@ -97,8 +96,8 @@ def reinforce_weights(actions: Tensor, labels: Optional[Tensor], reward_table: O
     if labels is not None:
         flat = labels.view(-1, 1)  # int64 (checked above)
         bad = (flat < 0) | (flat >= num_actions)
-        rewards = _refuse_rows((actions == flat).to(acc), bad, deferred, words, nat.LABEL_OUT_OF_RANGE, flat,
-                               lambda row: IndexError(f"labels[{nat.row_index(row, lead)}] = {int(flat[row])} is "
+        rewards = _refuse_rows((actions == flat).to(acc), bad, deferred, words, _status.LABEL_OUT_OF_RANGE, flat,
+                               lambda row: IndexError(f"labels[{_status.row_index(row, lead)}] = {int(flat[row])} is "
                                                       f"out of range for {num_actions} actions"))
     else:
         # the actions index the table: out-of-range ones are read clamped and
@@ -111,7 +110,7 @@ def reinforce_weights(actions: Tensor, labels: Optional[Tensor], reward_table: O
         if deferred:
             samples = torch.arange(S, device=actions.device).expand(R, S)
             words.append(device_errors.first_error(
-                bad, torch.where(out, nat.ACTION_OUT_OF_RANGE, nat.NONFINITE_REWARD),
+                bad, torch.where(out, _status.ACTION_OUT_OF_RANGE, _status.NONFINITE_REWARD),
                 torch.where(out, samples, actions)))
             rewards = rewards.masked_fill(bad, math.nan)
         else:
@@ -121,7 +120,7 @@ def reinforce_weights(actions: Tensor, labels: Optional[Tensor], reward_table: O
                 col = int(actions[row, s])
                 if bool(out[row, s]):
                     raise IndexError(f"actions[{row}, {s}] = {col} is out of range for {num_actions} actions")
-                where = f"{col}" if table.dim() == 1 else f"{nat.row_index(row, lead)}, {col}"
+                where = f"{col}" if table.dim() == 1 else f"{_status.row_index(row, lead)}, {col}"
                 raise ValueError(f"reward_table[{where}] is {float(rewards[row, s])} (sampled in row {row}): "
                                  "rewards must be finite")
     if baseline_kind == 0:
@@ -130,8 +129,8 @@ def reinforce_weights(actions: Tensor, labels: Optional[Tensor], reward_table: O
         b = torch.full_like(rewards, baseline_value)
     elif baseline_kind == 2:
         b = baseline.reshape(-1, 1).to(acc)
-        b = _refuse_rows(b, ~torch.isfinite(b), deferred, words, nat.NONFINITE_BASELINE, 0,
-                         lambda row: ValueError(f"baseline[{nat.row_index(row, lead)}] is {float(b[row])}: "
+        b = _refuse_rows(b, ~torch.isfinite(b), deferred, words, _status.NONFINITE_BASELINE, 0,
+                         lambda row: ValueError(f"baseline[{_status.row_index(row, lead)}] is {float(b[row])}: "
                                                 "baselines must be finite")).expand_as(rewards)
     elif baseline_kind == 3:
         b = rewards.mean().expand_as(rewards)
@@ -196,18 +195,18 @@ def reinforce(
     kind, constant, b_tensor = _resolve_baseline(baseline, R, S, logits.device)
     if labels is not None:
         _check_labels(labels, lead)
-        nat.check_device(labels, "labels", logits, "logits")
+        _checks.check_device(labels, "labels", logits, "logits")
     else:
         _check_table(reward_table, lead, K)
-        nat.check_device(reward_table, "reward_table", logits, "logits")
+        _checks.check_device(reward_table, "reward_table", logits, "logits")
         reward_table = reward_table.detach()
-    acc = nat.stats_dtype(logits.dtype)
+    acc = _checks.stats_dtype(logits.dtype)
     x = rows_of(logits)
 
     try:
         actions, log_prob, entropy, stats = draw_rows(x.detach(), S, generator)
     except ValueError as e:
-        raise ValueError(nat.unflatten_message(str(e), lead)) from None
+        raise ValueError(_status.unflatten_message(str(e), lead)) from None
     rewards, weights = reinforce_weights(actions, labels, reward_table, kind, constant, b_tensor, K,
                                          list(lead), acc)
     # Nothing is ignored: not even the -1 of a row the GPU sampler refused

@@ -14,8 +14,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _C
-from . import _native as nat
+from . import _C, _checks, _native, _status
 from ._vmap import register_refusal
 from .log_prob import traced
 from .philox import next_seed_offset, seed_tensor
@@ -42,23 +41,23 @@ class ReinforceGrad(NamedTuple):
 
 
 def _check_labels(labels, rows: int, cols: int, device: torch.device, ref: str = "log_probs") -> torch.Tensor:
-    nat.check_tensor(labels, "labels", "a torch.Tensor of integers")
+    _checks.check_tensor(labels, "labels", "a torch.Tensor of integers")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if labels.dim() != 1 or labels.shape[0] != rows:
         raise ValueError(f"labels must have shape ({rows},) to match {ref}, got {tuple(labels.shape)}")
-    nat.check_device(labels, "labels", device, ref)
-    return nat.as_int64(labels.detach(), "labels", cols)
+    _checks.check_device(labels, "labels", device, ref)
+    return _checks.as_int64(labels.detach(), "labels", cols)
 
 
 def _check_reward_table(table, rows: int, cols: int, device: torch.device, ref: str = "log_probs") -> torch.Tensor:
-    nat.check_float_tensor(table, "reward_table")
+    _checks.check_float_tensor(table, "reward_table")
     if tuple(table.shape) not in ((rows, cols), (cols,)):
         raise ValueError(
             f"reward_table must have shape ({rows}, {cols}) or ({cols},) to match {ref}, "
             f"got {tuple(table.shape)}"
         )
-    nat.check_device(table, "reward_table", device, ref)
+    _checks.check_device(table, "reward_table", device, ref)
     return table.detach()
 
 
@@ -92,10 +91,10 @@ def _resolve_baseline(baseline, rows: int, num_samples: int, device: torch.devic
 
 
 def _check_baseline_tensor(baseline, rows: int, device: torch.device, ref: str = "log_probs") -> torch.Tensor:
-    nat.check_float_tensor(baseline, "baseline")
+    _checks.check_float_tensor(baseline, "baseline")
     if baseline.dim() != 1 or baseline.shape[0] != rows:
         raise ValueError(f"baseline tensor must have shape ({rows},), one value per row, got {tuple(baseline.shape)}")
-    nat.check_device(baseline, "baseline", device, ref)
+    _checks.check_device(baseline, "baseline", device, ref)
     # A learned value head: used as a constant, never differentiated through.
     return baseline.detach()
 
@@ -104,12 +103,12 @@ def _check_call(log_probs, labels, reward_table, kind: int, constant: float, bas
     """Everything the kernel needs for memory safety and meaningful numbers,
     checked once on every route (the registered op is public). Returns the
     labels as int64 and the detached table and baseline."""
-    nat.check_float_tensor(log_probs, "log_probs")
+    _checks.check_float_tensor(log_probs, "log_probs")
     if log_probs.dim() != 2:
         raise ValueError(f"log_probs must be 2-D (B, K), got shape {tuple(log_probs.shape)}")
     rows, cols = log_probs.shape
     device = log_probs.device
-    nat.check_device_supported(log_probs, "log_probs")
+    _checks.check_device_supported(log_probs, "log_probs")
     check_num_samples(num_samples)
     if rows > 0 and cols == 0:
         raise ValueError("log_probs has K = 0 actions: there is nothing to sample")
@@ -159,7 +158,7 @@ def _report(cols: int, reward_table) -> dict:
                 table_is_vector=reward_table is not None and reward_table.dim() == 1)
 
 
-def _native(x, labels, reward_table, kind, constant, baseline_t, num_samples, seed: int, seed_t=None):
+def _run_kernel(x, labels, reward_table, kind, constant, baseline_t, num_samples, seed: int, seed_t=None):
     """The kernel on checked arguments: (actions (B, S), rewards (B, S), grad (B, K))."""
     rows, cols = x.shape
     device = x.device
@@ -170,7 +169,7 @@ def _native(x, labels, reward_table, kind, constant, baseline_t, num_samples, se
         return actions, rewards, grad
     a = _C.ReinforceGradArgs()
     a.log_probs = x.data_ptr()
-    a.dtype = nat.DTYPE_CODES[x.dtype]
+    a.dtype = _checks.DTYPE_CODES[x.dtype]
     a.rows, a.cols = rows, cols
     a.row_stride, a.col_stride = x.stride()
     if labels is not None:
@@ -178,7 +177,7 @@ def _native(x, labels, reward_table, kind, constant, baseline_t, num_samples, se
         a.label_stride = labels.stride(0)
     else:
         a.reward_table = reward_table.data_ptr()
-        a.reward_dtype = nat.DTYPE_CODES[reward_table.dtype]
+        a.reward_dtype = _checks.DTYPE_CODES[reward_table.dtype]
         if reward_table.dim() == 1:
             a.reward_row_stride, a.reward_col_stride = 0, reward_table.stride(0)
         else:
@@ -187,24 +186,24 @@ def _native(x, labels, reward_table, kind, constant, baseline_t, num_samples, se
     a.baseline_value = constant
     if baseline_t is not None:
         a.baseline = baseline_t.data_ptr()
-        a.baseline_dtype = nat.DTYPE_CODES[baseline_t.dtype]
+        a.baseline_dtype = _checks.DTYPE_CODES[baseline_t.dtype]
         a.baseline_stride = baseline_t.stride(0)
     a.num_samples = num_samples
     a.seed = seed & (2**64 - 1)
     a.actions = actions.data_ptr()
     a.rewards = rewards.data_ptr()
     a.grad = grad.data_ptr()
-    a.num_threads = nat.num_threads()
+    a.num_threads = _native.num_threads()
     flag = None
     if device.type == "cuda":
-        if num_samples > nat.PAIRWISE_SAMPLES:
+        if num_samples > _native.PAIRWISE_SAMPLES:
             order = torch.empty((rows, num_samples), dtype=torch.int64, device=device)  # noqa: F841 (kept alive)
             a.order = order.data_ptr()
-        res = nat.cuda_call("reinforce_grad", a, device, report=_report(cols, reward_table), seed=seed_t, scratch=True,
+        res = _native.cuda_call("reinforce_grad", a, device, report=_report(cols, reward_table), seed=seed_t, scratch=True,
                             values=x)
-        if res[0] == nat.NONFINITE_REWARD:
+        if res[0] == _status.NONFINITE_REWARD:
             res = res[:4] + (float(reward_table[res[2]] if reward_table.dim() == 1 else reward_table[res[1], res[2]]),)
-        if res[0] == nat.NONFINITE_BASELINE:
+        if res[0] == _status.NONFINITE_BASELINE:
             res = res[:4] + (float(baseline_t[res[1]]),)
     else:
         if not _warned_unnormalised:
@@ -213,7 +212,7 @@ def _native(x, labels, reward_table, kind, constant, baseline_t, num_samples, se
             a.normalised_tol = _NORMALISED_TOL[x.dtype]
         res = _C.reinforce_grad_cpu(a)
     if res[0]:
-        nat.raise_for_status(res, **_report(cols, reward_table))
+        _status.raise_for_status(res, **_report(cols, reward_table))
     if flag is not None and int(flag[0]):
         _warn_unnormalised()
     return actions, rewards, grad
@@ -231,8 +230,8 @@ def reinforce_grad_rows(log_probs: Tensor, labels: Optional[Tensor], reward_tabl
     check_seed(seed, log_probs.device)
     x = log_probs.detach()
     if x.device.type == "cpu":
-        return _native(x, labels, reward_table, baseline_kind, baseline_value, baseline, num_samples, int(seed[0]))
-    return _native(x, labels, reward_table, baseline_kind, baseline_value, baseline, num_samples, 0, seed_t=seed)
+        return _run_kernel(x, labels, reward_table, baseline_kind, baseline_value, baseline, num_samples, int(seed[0]))
+    return _run_kernel(x, labels, reward_table, baseline_kind, baseline_value, baseline, num_samples, 0, seed_t=seed)
 
 
 register_refusal(reinforce_grad_rows, "pgest.reinforce_grad")
@@ -291,7 +290,7 @@ def reinforce_grad(
     arguments itself.
     """
     S = check_num_samples(num_samples)
-    nat.check_float_tensor(log_probs, "log_probs")
+    _checks.check_float_tensor(log_probs, "log_probs")
     if log_probs.dim() != 2:
         raise ValueError(f"log_probs must be 2-D (B, K), got shape {tuple(log_probs.shape)}")
     kind, constant, baseline_t = _resolve_baseline(baseline, log_probs.shape[0], S, log_probs.device)
@@ -303,7 +302,7 @@ def reinforce_grad(
         labels, reward_table, baseline_t = _check_call(log_probs, labels, reward_table, kind, constant, baseline_t, S)
         # one draw from the generator per call, an empty batch included (every sampling op's rule)
         seed = next_seed_offset(generator, log_probs.device, S)[0]
-        actions, rewards, grad = _native(log_probs.detach(), labels, reward_table, kind, constant, baseline_t, S, seed)
+        actions, rewards, grad = _run_kernel(log_probs.detach(), labels, reward_table, kind, constant, baseline_t, S, seed)
     if S == 1:
         actions, rewards = actions.view(-1), rewards.view(-1)
     return ReinforceGrad(actions, rewards, grad)

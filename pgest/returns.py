@@ -14,8 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _C
-from . import _native as nat
+from . import _C, _checks, _native, _status
 from .log_prob import traced
 
 _DTYPES = {torch.float32: 0, torch.float64: 1}
@@ -33,29 +32,29 @@ def _check_rate(value, name: str) -> float:
 def _check_rollout(rewards, dones, last_value, values=None):
     """Everything the kernels need for memory safety, checked by the
     registered ops themselves (they are public)."""
-    nat.check_tensor(rewards, "rewards")
+    _checks.check_tensor(rewards, "rewards")
     if rewards.dtype not in _DTYPES:
         raise TypeError(f"rewards must be float32 or float64, got {rewards.dtype}")
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be time-major (T, B), got shape {tuple(rewards.shape)}")
-    nat.check_device_supported(rewards, "rewards")
+    _checks.check_device_supported(rewards, "rewards")
     tensors = [("dones", dones)] + ([("values", values)] if values is not None else [])
     for name, t in tensors:
-        nat.check_tensor(t, name)
+        _checks.check_tensor(t, name)
         if t.shape != rewards.shape:
             raise ValueError(f"{name} must have the shape of rewards {tuple(rewards.shape)}, got {tuple(t.shape)}")
-        nat.check_device(t, name, rewards.device, "rewards")
+        _checks.check_device(t, name, rewards.device, "rewards")
     if values is not None and values.dtype != rewards.dtype:
         raise TypeError(f"values must have the dtype of rewards ({rewards.dtype}), got {values.dtype}")
     if dones.dtype.is_complex:
         raise TypeError(f"dones must be bool or 0/1 numbers, got {dones.dtype}")
     if last_value is not None:
-        nat.check_tensor(last_value, "last_value", "a torch.Tensor or None")
+        _checks.check_tensor(last_value, "last_value", "a torch.Tensor or None")
         if last_value.shape != rewards.shape[1:]:
             raise ValueError(f"last_value must have shape ({rewards.shape[1]},), got {tuple(last_value.shape)}")
         if last_value.dtype.is_complex:
             raise TypeError(f"last_value must be a real tensor, got {last_value.dtype}")
-        nat.check_device(last_value, "last_value", rewards.device, "rewards")
+        _checks.check_device(last_value, "last_value", rewards.device, "rewards")
 
 
 def _args(rewards: Tensor, dones: Tensor, last_value: Optional[Tensor], gamma: float) -> "_C.ReturnsArgs":
@@ -67,14 +66,14 @@ def _args(rewards: Tensor, dones: Tensor, last_value: Optional[Tensor], gamma: f
     a.dones_type = _DONES_TYPES[dones.dtype]
     a.last_value = 0 if last_value is None else last_value.data_ptr()
     a.gamma = gamma
-    a.num_threads = nat.num_threads()
+    a.num_threads = _native.num_threads()
     return a
 
 
 def _launch(kernel: str, a, device: torch.device) -> None:
     # The scans check nothing in the data (NaN flows through as in torch): no error word.
-    res = nat.cuda_call(kernel, a, device) if device.type == "cuda" else getattr(_C, kernel + "_cpu")(a)
-    nat.raise_for_status(res, input_name="rewards", num_actions=0)
+    res = _native.cuda_call(kernel, a, device) if device.type == "cuda" else getattr(_C, kernel + "_cpu")(a)
+    _status.raise_for_status(res, input_name="rewards", num_actions=0)
 
 
 _DONES_TYPES = {torch.uint8: 0, torch.float32: 1, torch.float64: 2}
@@ -121,7 +120,7 @@ def _(rewards, dones, gamma, last_value):
 
 def _gae_impl(rewards: Tensor, values: Tensor, dones: Tensor, gamma: float, lam: float,
               last_value: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    nat.check_tensor(values, "values")  # None would pass _check_rollout as "no values"
+    _checks.check_tensor(values, "values")  # None would pass _check_rollout as "no values"
     _check_rollout(rewards, dones, last_value, values)
     rewards, dones, last_value = _prepared(rewards, dones, last_value, gamma, lam)
     values = values.detach().contiguous()
@@ -137,7 +136,7 @@ _gae_op = torch.library.custom_op("pgest::gae", mutates_args=())(_gae_impl)
 
 @_gae_op.register_fake
 def _(rewards, values, dones, gamma, lam, last_value):
-    nat.check_tensor(values, "values")
+    _checks.check_tensor(values, "values")
     _check_rollout(rewards, dones, last_value, values)
     return (torch.empty_like(rewards, memory_format=torch.contiguous_format),
             torch.empty_like(rewards, memory_format=torch.contiguous_format))

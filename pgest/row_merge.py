@@ -21,7 +21,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _native as nat
+from . import _checks
 from .device_errors import checked_now
 from .log_prob import forward_rows
 
@@ -38,7 +38,7 @@ def piece_stats(x: Tensor, row0: Union[int, Tensor] = 0, col0: int = 0, what: st
     not, as in pgest.log_prob); the others give zeros."""
     if x.shape[1] == 0:
         # an empty piece (a rank's empty vocabulary shard) is legal and carries no mass
-        acc = nat.stats_dtype(x.dtype)
+        acc = _checks.stats_dtype(x.dtype)
         m = torch.full((x.shape[0],), -math.inf, dtype=acc, device=x.device)
         if probe is not None:
             m.masked_fill_(~probe, 0.0)
@@ -80,7 +80,7 @@ def _masked_piece_stats(x: Tensor, row0: Union[int, Tensor], col0: int, what: st
     if probe is not None:
         read &= probe
     rows = read.nonzero().squeeze(1)
-    acc = nat.stats_dtype(x.dtype)
+    acc = _checks.stats_dtype(x.dtype)
     m = torch.full((x.shape[0],), -math.inf, dtype=acc, device=x.device)
     if probe is not None:
         m.masked_fill_(~probe, 0.0)

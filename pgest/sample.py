@@ -11,8 +11,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _C
-from . import _native as nat
+from . import _C, _checks, _native, _status
 from ._vmap import register_refusal
 from .log_prob import traced, check_logits, check_rows, rows_of
 from .philox import cpu_seed, seed_tensor
@@ -32,17 +31,17 @@ def sample_native(x: Tensor, num_samples: int, seed: int, offset: int = 0, seed_
     ``uniforms``: (R, S) float64 in [0, 1), contiguous, on x's device, drawn
     from instead of Philox (the fused linear head places draws in a tile)."""
     R, K = x.shape
-    acc = nat.stats_dtype(x.dtype)
-    dev = nat.device_of(x)
+    acc = _checks.stats_dtype(x.dtype)
+    dev = _native.device_of(x)
     a_shape, e_shape = ((R, num_samples), (R,)) if shapes is None else shapes
-    actions = nat.empty(a_shape, torch.int64, dev)
-    log_prob = nat.empty(a_shape, acc, dev)
-    entropy = nat.empty(e_shape, acc, dev)
+    actions = _native.empty(a_shape, torch.int64, dev)
+    log_prob = _native.empty(a_shape, acc, dev)
+    entropy = _native.empty(e_shape, acc, dev)
     stats = torch.empty(2, R, dtype=acc, device=dev)
     if R:
         a = _C.SampleArgs()
         a.logits = x.data_ptr()
-        a.dtype = nat.DTYPE_CODES[x.dtype]
+        a.dtype = _checks.DTYPE_CODES[x.dtype]
         a.rows, a.cols = R, K
         a.row_stride, a.col_stride = x.stride()
         a.num_samples = num_samples
@@ -54,12 +53,12 @@ def sample_native(x: Tensor, num_samples: int, seed: int, offset: int = 0, seed_
         a.log_z = a.row_max + R * stats.element_size()
         a.num_threads = torch.get_num_threads()
         if x.is_cuda:
-            res = nat.cuda_call("sample", a, dev, report=dict(input_name="logits", num_actions=K), seed=seed_t,
+            res = _native.cuda_call("sample", a, dev, report=dict(input_name="logits", num_actions=K), seed=seed_t,
                                 values=x)
         else:
             res = _C.sample_cpu(a)
         if res[0]:
-            nat.raise_for_status(res, input_name="logits", num_actions=K)
+            _status.raise_for_status(res, input_name="logits", num_actions=K)
     return actions, log_prob, entropy, stats
 
 
@@ -81,7 +80,7 @@ register_refusal(sample_rows, "pgest.sample")
 @sample_rows.register_fake
 def _(logits, num_samples, seed):
     R = logits.shape[0]
-    acc = nat.stats_dtype(logits.dtype)
+    acc = _checks.stats_dtype(logits.dtype)
     return (logits.new_empty((R, num_samples), dtype=torch.int64), logits.new_empty((R, num_samples), dtype=acc),
             logits.new_empty((R,), dtype=acc), logits.new_empty((2, R), dtype=acc))
 
@@ -89,7 +88,7 @@ def _(logits, num_samples, seed):
 def check_seed(seed, device) -> None:
     if not isinstance(seed, Tensor) or seed.shape != (2,) or seed.dtype != torch.int64:
         raise ValueError("seed must be a (2,) int64 tensor (seed, offset), as pgest.philox.seed_tensor makes")
-    nat.check_device(seed, "seed", device, "logits")
+    _checks.check_device(seed, "seed", device, "logits")
     if device.type == "cpu" and int(seed[1]) < 0:
         raise ValueError(f"seed offset must be >= 0, got {int(seed[1])}")
 
@@ -160,5 +159,5 @@ def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Gener
     try:
         actions, log_prob, entropy, _ = draw_rows(rows_of(logits.detach()), S, generator, (shape, lead))
     except ValueError as e:
-        raise ValueError(nat.unflatten_message(str(e), lead)) from None
+        raise ValueError(_status.unflatten_message(str(e), lead)) from None
     return Sample(actions, log_prob, entropy)

@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _native as nat
+from . import _checks, _status
 from .device_errors import checked_now
 from .log_prob import (actions_per_row, backward_rows, check_ignore_index, check_logits, index_tensor,
                        refuse_double_backward, rows_of)
@@ -168,10 +168,10 @@ def _chosen(x: Tensor, actions: Tensor, layout: _Layout, keep: Tensor, group) ->
 
 
 def _check_local(x: Tensor, actions: Optional[Tensor]) -> None:
-    nat.check_float_tensor(x, "logits")
+    _checks.check_float_tensor(x, "logits")
     if x.dim() != 2:
         raise ValueError(f"logits must be 2-D (rows, V_r) here, got {tuple(x.shape)}")
-    nat.check_device_supported(x, "logits")
+    _checks.check_device_supported(x, "logits")
     if actions is not None and (actions.dim() != 2 or actions.shape[0] != x.shape[0]):
         raise ValueError(f"actions must be ({x.shape[0]}, S), got {tuple(actions.shape)}")
 
@@ -188,7 +188,7 @@ def forward(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], g
             error = e
     layout, _ = _exchange(x, group, error)
     R = x.shape[0]
-    acc = nat.stats_dtype(x.dtype)
+    acc = _checks.stats_dtype(x.dtype)
     S = 0 if actions is None else actions.shape[1]
     keep = (actions != ignore_index) if (actions is not None and ignore_index is not None) else None
     live = None if keep is None else keep.any(1)
@@ -255,7 +255,7 @@ def log_prob(logits: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
         x = rows_of(logits)
         if with_actions:
             S = actions_per_row(logits, actions)
-            nat.check_device(actions, "actions", logits, "logits")
+            _checks.check_device(actions, "actions", logits, "logits")
             a2 = index_tensor(actions, -1).reshape(-1, S)
         ii = check_ignore_index(ignore_index)
     except (ValueError, TypeError, IndexError, NotImplementedError, RuntimeError) as e:
@@ -266,7 +266,7 @@ def log_prob(logits: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
         else:
             lp, ent, _, _ = forward(x, a2, ii, group, error)
     except (ValueError, IndexError) as e:
-        raise type(e)(nat.unflatten_message(str(e), lead)) from None
+        raise type(e)(_status.unflatten_message(str(e), lead)) from None
     return (lp.view(actions.shape) if with_actions else None), ent.view(lead)
 
 
@@ -288,7 +288,7 @@ def sample(logits: Tensor, num_samples: int, generator: Optional[torch.Generator
     layout, table = _exchange(x, group, error, extra=seed)
     seed = int(table[0, 2])  # rank 0's: every rank draws the same uniforms
     R, S = x.shape[0], num_samples
-    acc = nat.stats_dtype(x.dtype)
+    acc = _checks.stats_dtype(x.dtype)
     stats = _gathered_stats(x, group, layout, None)
     M, LZ, H = _merge(stats, acc)
     u = philox_uniforms(R, S, seed).to(x.device)
