@@ -18,8 +18,20 @@ actions + entropy, no sampling) against the same providers.
 import pytest
 import torch
 
-from pgest.benchmarks import RL_KS as KS, RL_OP, RL_ROWS as ROWS, RL_UPDATE_OP, compiled, record_interleaved, \
-    rl_providers, rl_step_log_softmax, rl_update_log_softmax, rl_update_pgest, rl_update_torch, train_step
+from pgest.benchmarks import RL_KS as KS
+from pgest.benchmarks import (
+    RL_OP,
+    RL_UPDATE_OP,
+    compiled,
+    record_interleaved,
+    rl_providers,
+    rl_step_log_softmax,
+    rl_update_log_softmax,
+    rl_update_pgest,
+    rl_update_torch,
+    train_step,
+)
+from pgest.benchmarks import RL_ROWS as ROWS
 
 # one compiled function is traced at 16 static shapes
 torch._dynamo.config.recompile_limit = 128

@@ -11,8 +11,15 @@ import pytest
 import torch
 
 import pgest
-from pgest.benchmarks import (ce_policy_loss, compiled, eager_policy_loss, eager_reinforce, pgest_reinforce,
-                              record_interleaved, train_step)
+from pgest.benchmarks import (
+    ce_policy_loss,
+    compiled,
+    eager_policy_loss,
+    eager_reinforce,
+    pgest_reinforce,
+    record_interleaved,
+    train_step,
+)
 
 # no pool of compile workers busy in the background while timing
 torch._inductor.config.compile_threads = 1

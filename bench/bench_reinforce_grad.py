@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import pgest
-
 from pgest.benchmarks import compiled, gumbel_formulation, record_interleaved, seed_listing
 
 # no pool of compile workers busy in the background while timing

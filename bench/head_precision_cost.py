@@ -6,8 +6,14 @@ Run it alternately on two checkouts to compare them on a drifting machine:
     for r in 1 2 3; do PYTHONPATH=/path/to/older/tree python bench/head_precision_cost.py; \
                        python bench/head_precision_cost.py; done
 """
-import sys, time, statistics, torch, json
+import json
+import statistics
+import time
+
+import torch
+
 import pgest
+
 torch.manual_seed(0)
 N, H, V = 1024, 1024, 32000
 dtype = torch.bfloat16
@@ -30,6 +36,8 @@ for name, f in [("linear_log_prob fwd", fwd), ("linear_log_prob fwd+bwd", fwdbwd
     f()
     ts = []
     for _ in range(3):
-        t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
     out[name] = statistics.median(ts)
 print(json.dumps(out))

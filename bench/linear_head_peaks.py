@@ -9,8 +9,8 @@ import json
 import sys
 
 import torch
-
 from bench_linear_head import DTYPES, PROVIDERS, SHAPES, eager_pg, make
+
 from pgest.benchmarks import compiled, peak_allocated_bytes
 
 
@@ -23,7 +23,7 @@ def main() -> None:
                 hidden, weight, actions, adv = make(*shape, DTYPES[dtype])
                 fn = compiled(eager_pg) if provider == "compiled" else PROVIDERS[provider]
 
-                def run():
+                def run(hidden=hidden, weight=weight, actions=actions, adv=adv, fn=fn):
                     hidden.grad = weight.grad = None
                     fn(hidden, weight, actions, adv).backward()
 

@@ -6,9 +6,10 @@ __version__ = "0.1.0"
 
 import torch as _torch
 
-from . import _native  # noqa: F401  (first: a clear error if _C is missing)
-from . import _C, baselines, philox, reference
-from . import objectives
+from . import _native  # noqa: F401, I001  (first: a clear error if the native module is missing)
+
+# isort: split
+from . import _C, baselines, objectives, philox
 from .categorical import Categorical
 from .device_errors import check_errors, set_sync_errors, sync_errors
 from .linear_head import LinearLogProb, LinearSample, linear_log_prob, linear_sample
@@ -31,9 +32,41 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "Categorical", "LogProb", "check_errors", "set_sync_errors", "sync_errors", "Reinforce", "ReinforceGrad", "Sample", "baselines", "build_info", "discounted_returns", "entropy",
-    "LinearLogProb", "LinearSample", "gae", "linear_log_prob", "linear_policy_loss", "linear_sample", "log_prob",
-    "objectives", "philox",
+    "__version__",
+    "baselines",
+    "build_info",
+    "Categorical",
+    "check_errors",
+    "discounted_returns",
+    "entropy",
+    "gae",
+    "linear_log_prob",
+    "linear_policy_loss",
+    "linear_sample",
+    "LinearLogProb",
+    "LinearSample",
+    "log_prob",
+    "LogProb",
+    "objectives",
+    "philox",
     "policy_loss",
-    "reference", "reinforce", "reinforce_grad", "sample", "__version__",
+    "reference",
+    "Reinforce",
+    "reinforce",
+    "reinforce_grad",
+    "ReinforceGrad",
+    "Sample",
+    "sample",
+    "set_sync_errors",
+    "sync_errors",
 ]
+
+
+def __getattr__(name: str):
+    # pgest.reference (the float64 PyTorch reference) is public but imported
+    # on first use: no ordinary call needs it
+    if name == "reference":
+        import importlib
+
+        return importlib.import_module(".reference", __name__)
+    raise AttributeError(f"module 'pgest' has no attribute {name!r}")

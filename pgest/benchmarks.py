@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 import pgest
 
-
 # ---- providers ----------------------------------------------------------------
 
 def seed_listing(log_probs, labels, baseline):
@@ -370,7 +369,8 @@ def table(rows: List[Dict]) -> str:
                 return f"{g[name]['seconds'] * 1e3:.3f}" if name in g else "-"
 
             def mib(name):
-                return f"{g[name]['alloc_bytes'] / 2**20:.1f}" if name in g and g[name].get("alloc_bytes") is not None else "-"
+                alloc = g[name].get("alloc_bytes") if name in g else None
+                return f"{alloc / 2**20:.1f}" if alloc is not None else "-"
 
             cells = [f"{shape[0]} x {shape[1]}", dtype, ms("pgest")] + [ms(q) for q in providers] + [ms("copy")]
             cells += [f"{g[q]['seconds'] / p:.1f}x" if q in g else "-" for q in providers]
@@ -399,8 +399,8 @@ def plot(rows: List[Dict], path: str) -> None:
         labels = list(groups)
         width = 0.8 / max(1, len(providers))
         for j, prov in enumerate(providers):
-            vals = [groups[l][prov]["seconds"] / groups[l]["pgest"]["seconds"] if prov in groups[l] else 0
-                    for l in labels]
+            vals = [groups[label][prov]["seconds"] / groups[label]["pgest"]["seconds"] if prov in groups[label] else 0
+                    for label in labels]
             ax.bar([i + j * width for i in range(len(labels))], vals, width, label=prov)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_yscale("log")

@@ -18,9 +18,12 @@ from torch import Tensor
 from torch.distributions import constraints
 
 from . import _checks, _status
-from .log_prob import (check_index_dtype, check_logits, entropy as _entropy, index_tensor, log_prob as _log_prob,
-                       rows_of, rows_pair)
-from .sample import draw_rows, sample as _sample
+from ._checks import check_index_dtype, check_logits, index_tensor
+from .log_prob import entropy as _entropy
+from .log_prob import log_prob as _log_prob
+from .log_prob import rows_of, rows_pair
+from .sample import draw_rows
+from .sample import sample as _sample
 
 
 class ValueOutOfSupport(IndexError, ValueError):

@@ -24,21 +24,40 @@ whatever the vocabulary and the number of tokens.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import _checks, _status
-from .device_errors import checked_now
+from ._checks import (
+    check_actions_range,
+    check_generator,
+    check_head,
+    check_head_rows,
+    check_ignore_index,
+    check_needs,
+    check_num_samples,
+    check_seed,
+    check_tile,
+    check_token_actions,
+    index_tensor,
+)
 from ._vmap import register_per_element, register_refusal
-from .log_prob import (backward_rows, check_ignore_index, check_index_dtype, creating_graph, functorch_active,
-                       grad_in_torch_ops, index_tensor, refuse_double_backward, tangent_in_torch_ops, traced)
-from .philox import cpu_seed, seed_tensor, uniforms as philox_uniforms
+from .device_errors import checked_now
+from .log_prob import (
+    backward_rows,
+    creating_graph,
+    functorch_active,
+    grad_in_torch_ops,
+    refuse_double_backward,
+    tangent_in_torch_ops,
+    traced,
+)
+from .philox import cpu_seed, seed_tensor
+from .philox import uniforms as philox_uniforms
 from .row_merge import Merged, piece_masses, piece_stats, place_draws
-from .sample import check_num_samples, check_seed, sample_native
+from .sample import sample_native
 
 # Tile sizes (tokens, vocabulary); override per call with token_tile= /
 # vocab_tile=. CPU: measured at (2048 tokens, H 1024, V 32000) fp32 fwd+bwd on
@@ -64,55 +83,13 @@ class LinearSample(NamedTuple):
 
 # ---- checks ------------------------------------------------------------------
 
-def _check_head(hidden, weight, bias, temperature, sharded: bool = False) -> float:
-    """``sharded``: weight is a rank's vocabulary shard, which may be empty."""
-    _checks.check_float_tensor(hidden, "hidden")
-    if hidden.dim() < 1:
-        raise ValueError("hidden must have at least 1 dimension (..., H), got a scalar")
-    _checks.check_device_supported(hidden, "hidden")
-    _checks.check_float_tensor(weight, "weight")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be (V, H) with H = {hidden.shape[-1]} (the nn.Linear layout), "
-                         f"got {tuple(weight.shape)}")
-    if weight.shape[0] == 0 and not sharded:
-        raise ValueError("weight has V = 0 rows: there is no vocabulary")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
-    _checks.check_device(weight, "weight", hidden.device, "hidden")
-    if bias is not None:
-        _checks.check_float_tensor(bias, "bias")
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
-        _checks.check_device(bias, "bias", hidden.device, "hidden")
-    if isinstance(temperature, bool) or not isinstance(temperature, (numbers.Real, torch.SymFloat, torch.SymInt)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not isinstance(temperature, torch.SymFloat):  # symbolic under torch.compile(dynamic=True): kept so
-        temperature = float(temperature)
-    # comparisons, not math.isfinite: they also hold for a symbolic float (NaN fails the first)
-    if not (temperature > 0 and temperature < math.inf):
-        raise ValueError(f"temperature must be positive and finite, got {temperature}")
-    return temperature
-
-
-def _check_tile(value, name: str, default: int) -> int:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
-
 def _tiles(hidden: Tensor, token_tile, vocab_tile) -> Tuple[int, int]:
     tn, tv = DEFAULT_TILES.get(hidden.device.type, DEFAULT_TILES["cpu"])
     if token_tile is None and hidden.dim() >= 1 and hidden.shape[-1] > 0:
         # hidden's float64 gradient accumulator (token tile x H) and its
         # conversion buffer stay within 8 MiB: large H, fewer tokens a tile
         tn = max(128, min(tn, 2**19 // hidden.shape[-1]))
-    return _check_tile(token_tile, "token_tile", tn), _check_tile(vocab_tile, "vocab_tile", tv)
+    return check_tile(token_tile, "token_tile", tn), check_tile(vocab_tile, "vocab_tile", tv)
 
 
 # ---- tiles -------------------------------------------------------------------
@@ -264,18 +241,6 @@ def _live_rows(actions: Tensor, ignore_index: Optional[int]) -> Optional[Tensor]
     return live.nonzero().squeeze(1)
 
 
-def _check_actions_range(actions: Tensor, V: int, ignore_index: Optional[int]) -> None:
-    bad = (actions < 0) | (actions >= V)
-    if ignore_index is not None:
-        bad &= actions != ignore_index
-    where = bad.nonzero()
-    if where.numel():
-        r, s = int(where[0, 0]), int(where[0, 1])
-        at = f"{r}, {s}" if actions.shape[1] > 1 else f"{r}"
-        also = f" and is not ignore_index ({ignore_index})" if ignore_index is not None else ""
-        raise IndexError(f"actions[{at}] = {int(actions[r, s])} is out of range for {V} actions{also}")
-
-
 def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, tv, shard=None):
     """-> log_prob (N, S), entropy (N,), stats (3, N) = [max, log Z, H].
     ``shard`` (vocab_parallel.Shard): weight and bias are this rank's rows of
@@ -284,7 +249,7 @@ def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, tv, shard
     N, S = actions.shape
     V = weight.shape[0] if shard is None else shard.total
     acc = _checks.stats_dtype(h2.dtype)
-    _check_actions_range(actions, V, ignore_index)  # actions are the same on every rank: all raise alike
+    check_actions_range(actions, V, ignore_index)  # actions are the same on every rank: all raise alike
     stats = torch.zeros((3, N), dtype=acc, device=h2.device)
     lp = torch.zeros((N, S), dtype=acc, device=h2.device)
     live = _live_rows(actions, ignore_index)
@@ -416,31 +381,15 @@ def _token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_i
 
 # ---- registered ops (torch.compile) and autograd ---------------------------------
 
-def _check_rows(hidden, weight, bias, actions, temperature):
-    _check_head(hidden, weight, bias, temperature)
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden must be 2-D (N, H) here, got shape {tuple(hidden.shape)}")
-    check_index_dtype(actions)
-    if actions.dim() != 2 or actions.shape[0] != hidden.shape[0]:
-        raise ValueError(f"actions must be 2-D ({hidden.shape[0]}, S), got {tuple(actions.shape)}")
-    _checks.check_device(actions, "actions", hidden.device, "hidden")
-
-
-def check_needs(needs) -> None:
-    """The registered head ops' ``needs``: which of (hidden, weight, bias) want a gradient."""
-    if len(needs) != 3:
-        raise ValueError(f"needs must hold 3 flags (hidden, weight, bias), got {len(needs)}")
-
-
 @torch.library.custom_op("pgest::linear_log_prob", mutates_args=())
 def linear_log_prob_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor,
                          ignore_index: Optional[int], temperature: float, token_tile: int,
                          vocab_tile: int) -> Tuple[Tensor, Tensor, Tensor]:
     """(N, H) hidden, (V, H) weight, (N, S) actions -> (log_prob (N, S),
     entropy (N,), stats (3, N) = [max, log Z, H])."""
-    _check_rows(hidden, weight, bias, actions, temperature)
+    check_head_rows(hidden, weight, bias, actions, temperature)
     return _forward(hidden, weight, bias, index_tensor(actions, weight.shape[0]), ignore_index, temperature,
-                    _check_tile(token_tile, "token_tile", 1), _check_tile(vocab_tile, "vocab_tile", 1))
+                    check_tile(token_tile, "token_tile", 1), check_tile(vocab_tile, "vocab_tile", 1))
 
 
 @linear_log_prob_rows.register_fake
@@ -458,7 +407,7 @@ def linear_log_prob_backward(grad_log_prob: Optional[Tensor], grad_entropy: Opti
                              needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients for hidden, weight and bias (an empty tensor where ``needs``
     says it is not wanted or there is no bias)."""
-    _check_rows(hidden, weight, bias, actions, temperature)
+    check_head_rows(hidden, weight, bias, actions, temperature)
     check_needs(needs)
     _checks.check_tensor(stats, "stats")
     N, S = actions.shape
@@ -471,10 +420,10 @@ def linear_log_prob_backward(grad_log_prob: Optional[Tensor], grad_entropy: Opti
     if grad_entropy is not None and grad_entropy.shape != (N,):
         raise ValueError(f"grad_entropy must have shape ({N},), got {tuple(grad_entropy.shape)}")
     acts = index_tensor(actions, weight.shape[0])
-    _check_actions_range(acts, weight.shape[0], ignore_index)  # the saved actions may have changed since
+    check_actions_range(acts, weight.shape[0], ignore_index)  # the saved actions may have changed since
     gh, gw, gb = _backward(grad_log_prob, grad_entropy, hidden, weight, bias, acts, stats, ignore_index,
-                           temperature, _check_tile(token_tile, "token_tile", 1),
-                           _check_tile(vocab_tile, "vocab_tile", 1), needs[0], needs[1], needs[2] and bias is not None)
+                           temperature, check_tile(token_tile, "token_tile", 1),
+                           check_tile(vocab_tile, "vocab_tile", 1), needs[0], needs[1], needs[2] and bias is not None)
     empty = hidden.new_empty((0,))
     return (gh if gh is not None else empty, gw if gw is not None else empty.clone(),
             gb if gb is not None else empty.clone())
@@ -566,8 +515,8 @@ class _FuncLinearLogProb(torch.autograd.Function):
         x, t = hidden @ weight.T, 0
         if bias is not None:
             x = x + bias
-        for term in (None if t_hidden is None else t_hidden @ weight.T, None if t_weight is None else hidden @ t_weight.T,
-                     t_bias):
+        for term in (None if t_hidden is None else t_hidden @ weight.T,
+                     None if t_weight is None else hidden @ t_weight.T, t_bias):
             if term is not None:
                 t = t + term
         t = t if isinstance(t, Tensor) else torch.zeros_like(x)
@@ -598,7 +547,7 @@ class _ShardedLinearLogProb(torch.autograd.Function):
         refuse_double_backward("pgest.linear_log_prob")
         needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
                  bool(ctx.has_bias and ctx.needs_input_grad[2])]
-        _check_actions_range(actions, shard.total, ignore_index)
+        check_actions_range(actions, shard.total, ignore_index)
         gh, gw, gb = _backward(grad_lp, grad_ent, hidden, weight, bias, actions, stats, ignore_index, temperature,
                                tn, tv, needs[0], needs[1], needs[2], shard)
         if gh is not None:
@@ -609,21 +558,6 @@ class _ShardedLinearLogProb(torch.autograd.Function):
 
 
 # ---- the public functions ----------------------------------------------------------
-
-def check_token_actions(hidden: Tensor, actions) -> Tuple[torch.Size, int]:
-    """(leading shape of hidden, actions per token) for (...,) or (..., S) actions."""
-    lead = hidden.shape[:-1]
-    check_index_dtype(actions)
-    if actions.shape == lead:
-        S = 1
-    elif actions.dim() == len(lead) + 1 and actions.shape[:-1] == lead:
-        S = actions.shape[-1]
-    else:
-        raise ValueError(f"actions must have shape {tuple(lead)} (or {tuple(lead)} + (S,)) to match hidden "
-                         f"{tuple(hidden.shape)}, got {tuple(actions.shape)}")
-    _checks.check_device(actions, "actions", hidden.device, "hidden")
-    return lead, S
-
 
 def _rows(hidden: Tensor) -> Tensor:
     return hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1])
@@ -668,7 +602,7 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
     """
     error = None
     try:
-        temperature = _check_head(hidden, weight, bias, temperature, process_group is not None)
+        temperature = check_head(hidden, weight, bias, temperature, process_group is not None)
         lead, S = check_token_actions(hidden, actions)
         ii = check_ignore_index(ignore_index)
         tn, tv = _tiles(hidden, token_tile, vocab_tile)
@@ -749,11 +683,10 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
     seed = 0
     compiled = process_group is None and traced()
     try:
-        temperature = _check_head(hidden, weight, bias, temperature, process_group is not None)
+        temperature = check_head(hidden, weight, bias, temperature, process_group is not None)
         S = check_num_samples(num_samples)
         tn, tv = _tiles(hidden, token_tile, vocab_tile)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        check_generator(generator, hidden.device)
         lead = hidden.shape[:-1]
         shape = lead if S == 1 else lead + (S,)
         dev = hidden.device
@@ -826,13 +759,13 @@ def linear_sample_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
     """(N, H) hidden, (V, H) weight -> (actions (N, S), log_prob (N, S),
     entropy (N,)): linear_sample under torch.compile. ``seed`` is the (2,)
     int64 (seed, offset) of pgest.philox.seed_tensor (offset 0 on the CPU)."""
-    temperature = _check_head(hidden, weight, bias, temperature)
+    temperature = check_head(hidden, weight, bias, temperature)
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D (N, H) here, got shape {tuple(hidden.shape)}")
     S = check_num_samples(num_samples)
     check_seed(seed, hidden.device)
-    return _sample_tokens(hidden, weight, bias, temperature, S, int(seed[0]), _check_tile(token_tile, "token_tile", 1),
-                          _check_tile(vocab_tile, "vocab_tile", 1))
+    return _sample_tokens(hidden, weight, bias, temperature, S, int(seed[0]), check_tile(token_tile, "token_tile", 1),
+                          check_tile(vocab_tile, "vocab_tile", 1))
 
 
 @linear_sample_rows.register_fake

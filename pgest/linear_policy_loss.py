@@ -32,12 +32,29 @@ import torch
 from torch import Tensor
 
 from . import _checks, _status
-from .linear_head import (NEVER_BUILT, _check_actions_range, _check_head, _check_rows, _check_tile, _chosen_logits,
-                          _live_rows, _logits_tile, _rows, _tiles, _token_tile_grads, _token_tile_stats, check_needs,
-                          check_token_actions, head_grads_in_torch_ops, linear_log_prob, logits_dtype)
+from ._apply import fast_apply
+from ._checks import check_actions_range as check_actions_range
+from ._checks import check_entropy_weight, check_ignore_index, check_needs, check_token_actions, index_tensor
+from ._checks import check_head as check_head
+from ._checks import check_head_rows as check_head_rows
+from ._checks import check_tile as check_tile
+from ._checks import check_weights as check_weights
 from ._vmap import register_per_element
-from .log_prob import batched_upstream, check_ignore_index, creating_graph, functorch_active, index_tensor, traced
-from .policy_loss import REDUCTIONS, _check_weights, _count, check_entropy_weight, weighted_log_probs
+from .linear_head import (
+    NEVER_BUILT,
+    _chosen_logits,
+    _live_rows,
+    _logits_tile,
+    _rows,
+    _tiles,
+    _token_tile_grads,
+    _token_tile_stats,
+    head_grads_in_torch_ops,
+    linear_log_prob,
+    logits_dtype,
+)
+from .log_prob import batched_upstream, creating_graph, functorch_active, traced
+from .policy_loss import REDUCTIONS, _count, weighted_log_probs
 
 # The fused route keeps one token tile's logits over the whole vocabulary,
 # a vocabulary tile's gradient and the tile's hidden gradient (all in the
@@ -78,7 +95,7 @@ def _fused(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, 
     V = weight.shape[0]
     dev = h2.device
     acc = _checks.stats_dtype(h2.dtype)
-    _check_actions_range(actions, V, ignore_index)
+    check_actions_range(actions, V, ignore_index)
     need_h, need_w, need_b = needs
     # contiguous whatever the inputs' strides, as the fake kernel reports
     grad_h = torch.zeros(h2.shape, dtype=h2.dtype, device=h2.device) if need_h else None
@@ -136,16 +153,16 @@ def linear_policy_loss_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
     """(N, H) hidden, (V, H) weight, (N, S) actions and advantages (the
     accumulation dtype) -> (loss (), and the gradients of hidden, weight and
     bias for an upstream 1, an empty tensor where ``needs`` says no)."""
-    _check_rows(hidden, weight, bias, actions, temperature)
-    _check_weights(hidden, actions, advantages, "advantages", "hidden")
+    check_head_rows(hidden, weight, bias, actions, temperature)
+    check_weights(hidden, actions, advantages, "advantages", "hidden")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' here, got {reduction!r}")
     check_needs(needs)
     a = index_tensor(actions, weight.shape[0])
     ii = check_ignore_index(ignore_index)
     loss, gh, gw, gb = _fused(hidden, weight, bias, a, advantages.contiguous(), check_entropy_weight(entropy_weight),
-                              ii, temperature, _check_tile(token_tile, "token_tile", 1),
-                              _check_tile(vocab_tile, "vocab_tile", 1), _scale(a, ii, reduction, advantages.dtype),
+                              ii, temperature, check_tile(token_tile, "token_tile", 1),
+                              check_tile(vocab_tile, "vocab_tile", 1), _scale(a, ii, reduction, advantages.dtype),
                               [bool(needs[0]), bool(needs[1]), bool(needs[2]) and bias is not None])
     empty = hidden.new_empty((0,))
     return (loss, gh if gh is not None else empty, gw if gw is not None else empty.clone(),
@@ -179,7 +196,8 @@ def _backward_op(ctx, grad_loss, _gh, _gw, _gb):
         scale = _scale(a, ignore_index, reduction, advantages.dtype)
         return _grads_with_graph(ctx.needs_input_grad, grad_loss, hidden, weight, bias, a, advantages, entropy_weight,
                                  ignore_index, temperature, scale) + (None,) * 9
-    pick = lambda g, i: g * grad_loss.to(g.dtype) if ctx.needs_input_grad[i] and g.numel() else None
+    def pick(g, i):
+        return g * grad_loss.to(g.dtype) if ctx.needs_input_grad[i] and g.numel() else None
     return (pick(gh, 0), pick(gw, 1), pick(gb, 2) if ctx.has_bias else None,
             None, None, None, None, None, None, None, None, None)
 
@@ -235,7 +253,7 @@ def _grads_with_graph(needs, grad_loss, hidden, weight, bias, actions, advantage
                                    (-entropy_weight * up).expand(actions.shape[0]), needs)
 
 
-_apply_fused = super(torch.autograd.Function, _LinearPolicyLossFn).apply  # see log_prob._apply_log_prob
+_apply_fused = fast_apply(_LinearPolicyLossFn)
 
 
 # ---- the public function ------------------------------------------------------------
@@ -278,7 +296,7 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantag
 
     Returns the loss, float32 for 16-bit inputs (float64 for float64).
     """
-    temperature = _check_head(hidden, weight, bias, temperature)
+    temperature = check_head(hidden, weight, bias, temperature)
     lead, S = check_token_actions(hidden, actions)
     _checks.check_float_tensor(advantages, "advantages")
     if advantages.shape != actions.shape:
@@ -300,7 +318,7 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantag
     _, tv = _tiles(hidden, None, vocab_tile)
     h2 = _rows(hidden)
     N = h2.shape[0]
-    tn = (_check_tile(token_tile, "token_tile", 1) if token_tile is not None
+    tn = (check_tile(token_tile, "token_tile", 1) if token_tile is not None
           else _fused_token_tile(N, weight.shape[0], weight.shape[1], tv, hidden.dtype, hidden.device))
     traced()  # under torch.func transforms: raises with what to do instead
     acc = _checks.stats_dtype(hidden.dtype)

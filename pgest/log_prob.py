@@ -17,13 +17,22 @@ the same code (``forward_rows`` / ``backward_rows``).
 """
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _C, _checks, _native, _status
+from ._apply import fast_apply
+from ._checks import (
+    actions_per_row,
+    check_ignore_index,
+    check_logits,
+    check_rows,
+    check_stats,
+    check_upstream,
+    index_tensor,
+)
 from ._vmap import ROWS, STATS, register_rows
 
 
@@ -271,7 +280,8 @@ def refuse_double_backward(what: str) -> None:
 # ---- the registered ops (torch.compile, opcheck, functorch) -----------------
 
 @torch.library.custom_op("pgest::log_prob", mutates_args=())
-def log_prob_rows(logits: Tensor, actions: Optional[Tensor], ignore_index: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+def log_prob_rows(logits: Tensor, actions: Optional[Tensor],
+                  ignore_index: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
     """(R, K) logits, (R, S) integer actions (or None: entropy only) ->
     (log_prob (R, S), entropy (R,), stats (2, R) = [row max, log Z])."""
     check_rows(logits, actions)
@@ -402,12 +412,7 @@ class _LogProbFn(torch.autograd.Function):
         return grad, None
 
 
-# Function.apply's Python wrapper binds default arguments, checks for
-# functorch transforms (traced() routes those to the registered ops) and maps
-# unwrap_dead_wrappers over every argument, aux's tensors included: about as
-# much as the rest of a 64-row step's forward. The C entry point it ends in
-# is called directly.
-_apply_log_prob = super(torch.autograd.Function, _LogProbFn).apply
+_apply_log_prob = fast_apply(_LogProbFn)
 
 
 def functorch_active() -> bool:
@@ -459,103 +464,6 @@ def rows_pair(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int],
 
 
 # ---- argument checks ---------------------------------------------------------
-
-def index_tensor(actions: Optional[Tensor], num_actions: int, name: str = "actions") -> Optional[Tensor]:
-    """Contiguous int64 actions (the kernels range-check every value)."""
-    if actions is None:
-        return None
-    if actions.dtype != torch.int64 or not actions.is_contiguous():
-        actions = _checks.as_int64(actions, name, num_actions).contiguous()
-    return actions
-
-
-def check_rows(logits, actions) -> None:
-    """What the registered ops need for memory safety, checked by the ops
-    themselves (they are public: torch.compile and users call them directly)."""
-    _checks.check_float_tensor(logits, "logits")
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be 2-D (rows, K) here, got shape {tuple(logits.shape)}")
-    _checks.check_device_supported(logits, "logits")
-    if actions is None:
-        return
-    check_index_dtype(actions)
-    if actions.dim() != 2 or actions.shape[0] != logits.shape[0]:
-        raise ValueError(f"actions must be 2-D ({logits.shape[0]}, S) to match logits {tuple(logits.shape)}, "
-                         f"got {tuple(actions.shape)}")
-    _checks.check_device(actions, "actions", logits, "logits")
-
-
-def check_stats(logits, stats, entropy) -> None:
-    _checks.check_tensor(stats, "stats")
-    _checks.check_tensor(entropy, "entropy")
-    R = logits.shape[0]
-    acc = _checks.stats_dtype(logits.dtype)
-    if stats.shape != (2, R) or stats.dtype != acc:
-        raise ValueError(f"stats must be (2, {R}) {acc} (row max, log Z) from pgest::log_prob, "
-                         f"got {tuple(stats.shape)} {stats.dtype}")
-    if entropy.shape != (R,):
-        raise ValueError(f"entropy must have shape ({R},), got {tuple(entropy.shape)}")
-    _checks.check_device(stats, "stats", logits, "logits")
-    _checks.check_device(entropy, "entropy", logits, "logits")
-
-
-def check_upstream(logits, actions, grad_log_prob, grad_entropy) -> None:
-    R = logits.shape[0]
-    if grad_log_prob is not None:
-        S = 0 if actions is None else actions.shape[1]
-        _checks.check_float_tensor(grad_log_prob, "grad_log_prob")
-        if grad_log_prob.shape != (R, S):
-            raise ValueError(f"grad_log_prob must have shape ({R}, {S}) like log_prob, got {tuple(grad_log_prob.shape)}")
-        _checks.check_device(grad_log_prob, "grad_log_prob", logits, "logits")
-    if grad_entropy is not None:
-        _checks.check_float_tensor(grad_entropy, "grad_entropy")
-        if grad_entropy.shape != (R,):
-            raise ValueError(f"grad_entropy must have shape ({R},) like entropy, got {tuple(grad_entropy.shape)}")
-        _checks.check_device(grad_entropy, "grad_entropy", logits, "logits")
-
-
-def check_index_dtype(actions, name: str = "actions") -> None:
-    _checks.check_tensor(actions, name, "a torch.Tensor of integers")
-    if actions.dtype.is_floating_point or actions.dtype.is_complex or actions.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {actions.dtype}")
-
-
-def check_ignore_index(ignore_index) -> Optional[int]:
-    if ignore_index is None:
-        return None
-    if type(ignore_index) is int and -2**63 <= ignore_index < 2**63:
-        return ignore_index  # the common case without the numbers ABCs (a call per step)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not -2**63 <= ignore_index < 2**63:
-        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    return int(ignore_index)
-
-
-def actions_per_row(logits: Tensor, actions) -> int:
-    """S for (...,) actions (1) or (..., S) actions matching logits (..., K)."""
-    check_index_dtype(actions)
-    lead = logits.shape[:-1]
-    if actions.shape == lead:
-        return 1
-    if actions.dim() == len(lead) + 1 and actions.shape[:-1] == lead:
-        return actions.shape[-1]
-    raise ValueError(f"actions must have shape {tuple(lead)} (or {tuple(lead)} + (S,)) to match logits "
-                     f"{tuple(logits.shape)}, got {tuple(actions.shape)}")
-
-
-def check_logits(logits, name: str = "logits", empty_ok: bool = False) -> None:
-    """``empty_ok``: K = 0 is legal (a rank's empty vocabulary shard)."""
-    if (type(logits) is Tensor and logits.is_cpu and logits.dtype in _checks.DTYPE_CODES
-            and logits.layout == torch.strided and logits.dim() >= 1 and logits.shape[-1]):
-        return  # the common case in one expression: a call per step at RL sizes
-    _checks.check_float_tensor(logits, name)
-    if logits.dim() < 1:
-        raise ValueError(f"{name} must have at least 1 dimension (..., K), got a scalar")
-    _checks.check_device_supported(logits, name)
-    if logits.shape[-1] == 0 and logits.shape[:-1].numel() > 0 and not empty_ok:
-        raise ValueError(f"{name} has K = 0 actions: there is no distribution over them")
-
 
 def rows_of(logits: Tensor) -> Tensor:
     """(..., K) -> (R, K), a view whenever the leading dimensions allow one."""

@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _C
+from ._checks import check_generator
 
 
 def _draw_seed(generator: Optional[torch.Generator], device=None) -> torch.Tensor:
@@ -46,10 +47,7 @@ def next_seed_offset(generator: Optional[torch.Generator], device: torch.device,
     63-bit draw from it (``torch.randint``) becomes the Philox seed (offset 0),
     which advances it exactly as any other random op would.
     """
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(f"generator is on {generator.device} but the input is on {device}")
+    check_generator(generator, device)
     if device.type != "cpu":
         raise NotImplementedError(f"no Philox seeding for {device} yet")
     return cpu_seed(generator), 0
@@ -61,10 +59,7 @@ def seed_tensor(generator: Optional[torch.Generator], device: torch.device) -> t
     and on a GPU the kernels read it from device memory, so a captured CUDA
     graph draws a fresh seed at every replay. On the CPU it draws exactly what
     :func:`next_seed_offset` draws."""
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(f"generator is on {generator.device} but the input is on {device}")
+    check_generator(generator, device)
     return torch.stack([_draw_seed(generator, device), torch.zeros((), dtype=torch.int64, device=device)])
 
 

@@ -11,31 +11,37 @@ torch.compile; eager calls go to the native code directly.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _checks, _status
-from .log_prob import (actions_per_row, backward_rows, batched_upstream, check_ignore_index, check_logits, check_rows,
-                       check_stats, creating_graph, forward_rows, functorch_active, grad_in_torch_ops, index_tensor,
-                       rows_of, tangent_in_torch_ops, traced)
+from ._apply import fast_apply
+from ._checks import (
+    actions_per_row,
+    check_entropy_weight,
+    check_ignore_index,
+    check_logits,
+    check_rows,
+    check_stats,
+    check_weights,
+    index_tensor,
+)
 from ._vmap import ROWS, STATS, register_rows
+from .log_prob import (
+    backward_rows,
+    batched_upstream,
+    creating_graph,
+    forward_rows,
+    functorch_active,
+    grad_in_torch_ops,
+    rows_of,
+    tangent_in_torch_ops,
+    traced,
+)
 
 REDUCTIONS = ("mean", "sum", "none")
-
-
-def _check_weights(logits, actions, weights, name: str = "weights", ref_name: str = "logits") -> None:
-    """(R, S) weights of (R, S) actions in the accumulation dtype of the
-    (R, ...) rows ``logits`` (or hidden states), on their device."""
-    _checks.check_tensor(weights, name)
-    R = logits.shape[0]
-    acc = _checks.stats_dtype(logits.dtype)
-    S = actions.shape[1]
-    if weights.shape != (R, S) or weights.dtype != acc:
-        raise ValueError(f"{name} must be ({R}, {S}) {acc} like actions, got {tuple(weights.shape)} {weights.dtype}")
-    _checks.check_device(weights, name, logits, ref_name)
 
 
 def weighted_log_probs(weights: Tensor, log_prob: Tensor) -> Tensor:
@@ -54,7 +60,7 @@ def policy_loss_rows(logits: Tensor, actions: Tensor, weights: Tensor, entropy_w
     Returns (loss (R,), stats (2, R) = [row max, log Z], entropy (R,)). With
     ``stats`` and ``entropy`` from ``pgest::sample`` the logits are not read again."""
     check_rows(logits, actions)
-    _check_weights(logits, actions, weights)
+    check_weights(logits, actions, weights)
     entropy_weight = check_entropy_weight(entropy_weight)
     if (stats is None) != (entropy is None):
         raise ValueError("stats and entropy go together (both from pgest::sample of these logits) or are both None, "
@@ -81,7 +87,7 @@ def policy_loss_backward(grad_loss: Tensor, logits: Tensor, actions: Tensor, wei
     """d loss / d logits for upstream (R,) grad_loss: one read of the logits,
     every gradient entry written once (no zero-fill)."""
     check_rows(logits, actions)
-    _check_weights(logits, actions, weights)
+    check_weights(logits, actions, weights)
     check_stats(logits, stats, entropy)
     entropy_weight = check_entropy_weight(entropy_weight)
     _checks.check_float_tensor(grad_loss, "grad_loss")
@@ -203,7 +209,7 @@ class _PolicyLossFn(torch.autograd.Function):
         return grad, None
 
 
-_apply_policy_loss = super(torch.autograd.Function, _PolicyLossFn).apply  # see log_prob._apply_log_prob
+_apply_policy_loss = fast_apply(_PolicyLossFn)
 
 
 def _count(actions: Tensor, ignore_index: Optional[int], divisor: Optional[int] = None):
@@ -236,17 +242,6 @@ def loss_rows(x: Tensor, actions: Tensor, weights: Tensor, entropy_weight: float
     if reduction == "none":
         return rows
     return rows.sum() if reduction == "sum" else rows.sum() / _count(actions, ignore_index, divisor)
-
-
-def check_entropy_weight(entropy_weight) -> float:
-    if (type(entropy_weight) is float or type(entropy_weight) is int) and -1e308 < entropy_weight < 1e308:
-        return float(entropy_weight)  # the common case without the numbers ABCs (a call per step)
-    if isinstance(entropy_weight, bool) or not isinstance(entropy_weight, numbers.Real):
-        raise TypeError(f"entropy_weight must be a float, got {type(entropy_weight).__name__}")
-    value = float(entropy_weight)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"entropy_weight must be finite, got {value}")
-    return value
 
 
 def policy_loss(

@@ -17,10 +17,12 @@ import torch
 from torch import Tensor
 
 from . import _checks, _status, device_errors
-from .log_prob import check_index_dtype, check_logits, rows_of
-from .policy_loss import check_entropy_weight, loss_rows
-from .reinforce_grad import _resolve_baseline, check_reward_args
-from .sample import check_num_samples, draw_rows
+from ._checks import check_entropy_weight, check_index_dtype, check_logits, check_num_samples
+from ._rewards import check_reward_args
+from ._rewards import resolve_baseline as resolve_baseline
+from .log_prob import rows_of
+from .policy_loss import loss_rows
+from .sample import draw_rows
 
 
 class Reinforce(NamedTuple):
@@ -192,7 +194,7 @@ def reinforce(
             raise ValueError(f"baseline tensor must have shape {tuple(lead)}, one value per row, "
                              f"got {tuple(baseline.shape)}")
         baseline = baseline.reshape(-1)
-    kind, constant, b_tensor = _resolve_baseline(baseline, R, S, logits.device)
+    kind, constant, b_tensor = resolve_baseline(baseline, R, S, logits.device)
     if labels is not None:
         _check_labels(labels, lead)
         _checks.check_device(labels, "labels", logits, "logits")

@@ -7,7 +7,6 @@ gradient itself.
 """
 from __future__ import annotations
 
-import numbers
 import warnings
 from typing import NamedTuple, Optional, Tuple, Union
 
@@ -15,14 +14,12 @@ import torch
 from torch import Tensor
 
 from . import _C, _checks, _native, _status
+from ._checks import check_num_samples, check_seed
+from ._rewards import check_reward_args, resolve_baseline
 from ._vmap import register_refusal
 from .log_prob import traced
 from .philox import next_seed_offset, seed_tensor
-from .sample import check_num_samples, check_seed
 
-BASELINE_NAMES = ("mean", "rloo")
-_KIND = {"none": 0, "constant": 1, "tensor": 2, "mean": 3, "rloo": 4}
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 # How far log sum exp of a row may be from 0 before the input is taken for
 # unnormalised logits: far above the rounding of a log_softmax output in the
 # dtype (|log p| <= ~20 at 2^-8 relative for bfloat16), far below log 2.
@@ -40,65 +37,6 @@ class ReinforceGrad(NamedTuple):
     grad: torch.Tensor     # (B, K), dtype of log_probs
 
 
-def _check_labels(labels, rows: int, cols: int, device: torch.device, ref: str = "log_probs") -> torch.Tensor:
-    _checks.check_tensor(labels, "labels", "a torch.Tensor of integers")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.dim() != 1 or labels.shape[0] != rows:
-        raise ValueError(f"labels must have shape ({rows},) to match {ref}, got {tuple(labels.shape)}")
-    _checks.check_device(labels, "labels", device, ref)
-    return _checks.as_int64(labels.detach(), "labels", cols)
-
-
-def _check_reward_table(table, rows: int, cols: int, device: torch.device, ref: str = "log_probs") -> torch.Tensor:
-    _checks.check_float_tensor(table, "reward_table")
-    if tuple(table.shape) not in ((rows, cols), (cols,)):
-        raise ValueError(
-            f"reward_table must have shape ({rows}, {cols}) or ({cols},) to match {ref}, "
-            f"got {tuple(table.shape)}"
-        )
-    _checks.check_device(table, "reward_table", device, ref)
-    return table.detach()
-
-
-def _check_baseline_value(value: float) -> float:
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"baseline must be finite, got {value}")
-    if abs(value) > FLOAT32_MAX:
-        raise ValueError(f"baseline {value} overflows float32, the type rewards are kept in")
-    return value
-
-
-def _resolve_baseline(baseline, rows: int, num_samples: int, device: torch.device):
-    """-> (kind, constant, tensor or None)."""
-    if baseline is None:
-        return _KIND["none"], 0.0, None
-    if isinstance(baseline, str):
-        if baseline not in BASELINE_NAMES:
-            raise ValueError(f"baseline must be None, a float, a (B,) tensor, 'mean' or 'rloo'; got {baseline!r}")
-        if baseline == "rloo" and num_samples < 2:
-            raise ValueError("baseline='rloo' (leave-one-out) needs num_samples >= 2")
-        return _KIND[baseline], 0.0, None
-    if isinstance(baseline, bool):
-        raise TypeError("baseline must be None, a float, a (B,) tensor, 'mean' or 'rloo'; got a bool")
-    if isinstance(baseline, numbers.Real):
-        return _KIND["constant"], _check_baseline_value(float(baseline)), None
-    if isinstance(baseline, torch.Tensor):
-        return _KIND["tensor"], 0.0, _check_baseline_tensor(baseline, rows, device)
-    raise TypeError(
-        f"baseline must be None, a float, a (B,) tensor, 'mean' or 'rloo'; got {type(baseline).__name__}"
-    )
-
-
-def _check_baseline_tensor(baseline, rows: int, device: torch.device, ref: str = "log_probs") -> torch.Tensor:
-    _checks.check_float_tensor(baseline, "baseline")
-    if baseline.dim() != 1 or baseline.shape[0] != rows:
-        raise ValueError(f"baseline tensor must have shape ({rows},), one value per row, got {tuple(baseline.shape)}")
-    _checks.check_device(baseline, "baseline", device, ref)
-    # A learned value head: used as a constant, never differentiated through.
-    return baseline.detach()
-
-
 def _check_call(log_probs, labels, reward_table, kind: int, constant: float, baseline, num_samples):
     """Everything the kernel needs for memory safety and meaningful numbers,
     checked once on every route (the registered op is public). Returns the
@@ -113,31 +51,6 @@ def _check_call(log_probs, labels, reward_table, kind: int, constant: float, bas
     if rows > 0 and cols == 0:
         raise ValueError("log_probs has K = 0 actions: there is nothing to sample")
     return check_reward_args(labels, reward_table, kind, constant, baseline, rows, cols, num_samples, device)
-
-
-def check_reward_args(labels, reward_table, kind: int, constant: float, baseline, rows: int, cols: int,
-                      num_samples: int, device: torch.device, ref: str = "log_probs"):
-    """The rewards' and the baseline's arguments of (rows, cols) logits with
-    num_samples draws a row, checked alike on every route that takes them
-    (pgest::reinforce_grad, pgest::reinforce_weights: the registered ops are
-    public) -> the labels as int64, the detached table and baseline."""
-    if (labels is None) == (reward_table is None):
-        raise ValueError("pass exactly one of labels and reward_table")
-    if labels is not None:
-        labels = _check_labels(labels, rows, cols, device, ref)
-    else:
-        reward_table = _check_reward_table(reward_table, rows, cols, device, ref)
-    if kind not in _KIND.values():
-        raise ValueError(f"baseline_kind must be one of 0-4 ({', '.join(_KIND)}), got {kind}")
-    if kind == _KIND["rloo"] and num_samples < 2:
-        raise ValueError("baseline='rloo' (leave-one-out) needs num_samples >= 2")
-    if kind == _KIND["constant"]:
-        _check_baseline_value(float(constant))
-    if (baseline is not None) != (kind == _KIND["tensor"]):
-        raise ValueError("a baseline tensor goes with baseline_kind 2 (tensor), and baseline_kind 2 needs one")
-    if baseline is not None:
-        baseline = _check_baseline_tensor(baseline, rows, device, ref)
-    return labels, reward_table, baseline
 
 
 def _warn_unnormalised() -> None:
@@ -199,8 +112,8 @@ def _run_kernel(x, labels, reward_table, kind, constant, baseline_t, num_samples
         if num_samples > _native.PAIRWISE_SAMPLES:
             order = torch.empty((rows, num_samples), dtype=torch.int64, device=device)  # noqa: F841 (kept alive)
             a.order = order.data_ptr()
-        res = _native.cuda_call("reinforce_grad", a, device, report=_report(cols, reward_table), seed=seed_t, scratch=True,
-                            values=x)
+        res = _native.cuda_call("reinforce_grad", a, device, report=_report(cols, reward_table), seed=seed_t,
+                                scratch=True, values=x)
         if res[0] == _status.NONFINITE_REWARD:
             res = res[:4] + (float(reward_table[res[2]] if reward_table.dim() == 1 else reward_table[res[1], res[2]]),)
         if res[0] == _status.NONFINITE_BASELINE:
@@ -293,7 +206,7 @@ def reinforce_grad(
     _checks.check_float_tensor(log_probs, "log_probs")
     if log_probs.dim() != 2:
         raise ValueError(f"log_probs must be 2-D (B, K), got shape {tuple(log_probs.shape)}")
-    kind, constant, baseline_t = _resolve_baseline(baseline, log_probs.shape[0], S, log_probs.device)
+    kind, constant, baseline_t = resolve_baseline(baseline, log_probs.shape[0], S, log_probs.device)
     if traced() or log_probs.device.type != "cpu":
         actions, rewards, grad = reinforce_grad_rows(log_probs, labels, reward_table, kind, constant, baseline_t, S,
                                                      seed_tensor(generator, log_probs.device))
@@ -302,7 +215,8 @@ def reinforce_grad(
         labels, reward_table, baseline_t = _check_call(log_probs, labels, reward_table, kind, constant, baseline_t, S)
         # one draw from the generator per call, an empty batch included (every sampling op's rule)
         seed = next_seed_offset(generator, log_probs.device, S)[0]
-        actions, rewards, grad = _run_kernel(log_probs.detach(), labels, reward_table, kind, constant, baseline_t, S, seed)
+        actions, rewards, grad = _run_kernel(log_probs.detach(), labels, reward_table, kind, constant, baseline_t, S,
+                                             seed)
     if S == 1:
         actions, rewards = actions.view(-1), rewards.view(-1)
     return ReinforceGrad(actions, rewards, grad)

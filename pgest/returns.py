@@ -187,8 +187,8 @@ def gae(rewards: Tensor, values: Tensor, dones: Tensor, gamma: float, lam: float
     an episode end never reaches the steps before it.
     """
     op = _gae_op if traced() else _gae_impl
-    return op(_detached(rewards), _detached(values), _detached(dones), _check_rate(gamma, "gamma"), _check_rate(lam, "lam"),
-              _detached(last_value))
+    return op(_detached(rewards), _detached(values), _detached(dones), _check_rate(gamma, "gamma"),
+              _check_rate(lam, "lam"), _detached(last_value))
 
 
 def _detached(t):

@@ -5,15 +5,15 @@ Registered as the torch op ``pgest::sample``.
 """
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _C, _checks, _native, _status
+from ._checks import check_generator, check_logits, check_num_samples, check_rows, check_seed
 from ._vmap import register_refusal
-from .log_prob import traced, check_logits, check_rows, rows_of
+from .log_prob import rows_of, traced
 from .philox import cpu_seed, seed_tensor
 
 
@@ -85,14 +85,6 @@ def _(logits, num_samples, seed):
             logits.new_empty((R,), dtype=acc), logits.new_empty((2, R), dtype=acc))
 
 
-def check_seed(seed, device) -> None:
-    if not isinstance(seed, Tensor) or seed.shape != (2,) or seed.dtype != torch.int64:
-        raise ValueError("seed must be a (2,) int64 tensor (seed, offset), as pgest.philox.seed_tensor makes")
-    _checks.check_device(seed, "seed", device, "logits")
-    if device.type == "cpu" and int(seed[1]) < 0:
-        raise ValueError(f"seed offset must be >= 0, got {int(seed[1])}")
-
-
 def draw_rows(x: Tensor, num_samples: int, generator: Optional[torch.Generator], shapes=None):
     """Sample (R, K) rows by the cheapest route: the registered op under
     torch.compile or on CUDA (the seed stays on the device), else a direct call
@@ -100,23 +92,12 @@ def draw_rows(x: Tensor, num_samples: int, generator: Optional[torch.Generator],
     sample_native) the outputs come in those shapes on every route."""
     if not x.is_cuda and not traced():
         if generator is not None:
-            if not isinstance(generator, torch.Generator):
-                raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-            if generator.device.type != "cpu":
-                raise ValueError(f"generator is on {generator.device} but the input is on cpu")
+            check_generator(generator, x.device)
         return sample_native(x, num_samples, cpu_seed(generator), shapes=shapes)
     out = sample_rows(x, num_samples, seed_tensor(generator, x.device))
     if shapes is None:
         return out
     return out[0].view(shapes[0]), out[1].view(shapes[0]), out[2].view(shapes[1]), out[3]
-
-
-def check_num_samples(num_samples) -> int:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
-        raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    return int(num_samples)
 
 
 def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Generator] = None, *,

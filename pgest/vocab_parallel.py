@@ -33,12 +33,13 @@ import torch
 from torch import Tensor
 
 from . import _checks, _status
+from ._checks import actions_per_row, check_generator, check_ignore_index, check_logits, check_num_samples, index_tensor
 from .device_errors import checked_now
-from .log_prob import (actions_per_row, backward_rows, check_ignore_index, check_logits, index_tensor,
-                       refuse_double_backward, rows_of)
-from .philox import cpu_seed, seed_tensor, uniforms as philox_uniforms
+from .log_prob import backward_rows, refuse_double_backward, rows_of
+from .philox import cpu_seed, seed_tensor
+from .philox import uniforms as philox_uniforms
 from .row_merge import Merged, piece_masses, piece_stats, place_draws, sums
-from .sample import check_num_samples, sample_native
+from .sample import sample_native
 
 
 def _dist():
@@ -280,8 +281,7 @@ def sample(logits: Tensor, num_samples: int, generator: Optional[torch.Generator
         check_logits(logits, empty_ok=True)
         x = rows_of(logits.detach())
         num_samples = check_num_samples(num_samples)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        check_generator(generator, x.device)
         seed = cpu_seed(generator) if x.device.type == "cpu" else int(seed_tensor(generator, x.device)[0])
     except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
         error = e

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_linear_head import make, memory_case  # (N, H, V) hidden, weight, bias; the memory tests' inputs
 
 import pgest
-from test_linear_head import make, memory_case  # (N, H, V) hidden, weight, bias; the memory tests' inputs
 
 
 def reference(hidden, weight, actions, adv, bias=None, temperature=1.0, beta=0.0, ignore_index=-100,

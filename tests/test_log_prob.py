@@ -3,11 +3,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FLOAT_DTYPES
 
 import pgest
 from pgest.log_prob import log_prob_backward, log_prob_rows
-
-from conftest import FLOAT_DTYPES
 
 # log_prob/entropy of 16-bit logits are computed in fp32 from the rounded
 # inputs, so compare with the float64 reference on the same rounded values.

@@ -6,12 +6,11 @@ import math
 
 import pytest
 import torch
+from conftest import FLOAT_DTYPES
 
 import pgest
 from pgest import _C, reference
 from pgest.sample import sample_native
-
-from conftest import FLOAT_DTYPES
 
 ROWS = 16 * 3 + 5  # whole groups for W = 4, 8, 16, and a tail
 

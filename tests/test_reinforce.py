@@ -9,7 +9,6 @@ import torch
 import pgest
 
 
-
 def _seed_gradient(logits, actions, rewards, baseline_values, entropy_weight):
     """Steps 1-4 of the seed in autograd, for given (B, S) actions and rewards."""
     x = logits.detach().double().requires_grad_()

@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FLOAT_DTYPES, TOL, run_with_noise
 
 import pgest
 from pgest import _C, reference
-
-from conftest import FLOAT_DTYPES, TOL, run_with_noise
 
 BASELINES = [None, 0.3, "tensor", "mean", "rloo"]
 REWARDS = ["labels", "table", "vector"]

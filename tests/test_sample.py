@@ -3,11 +3,10 @@ import math
 
 import pytest
 import torch
+from conftest import FLOAT_DTYPES
 
 import pgest
 from pgest import reference
-
-from conftest import FLOAT_DTYPES
 
 STAT_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
 

@@ -154,7 +154,8 @@ def report(result: Dict) -> str:
     us = result["estimator_us"]
     return (f"test accuracy: policy gradient {result['policy_gradient_accuracy']:.3f}, "
             f"cross entropy {result['cross_entropy_accuracy']:.3f} ({result['seconds']:.1f} s)\n"
-            f"estimator step (sample, reward, one-hot gradient; batch {result['batch_size']} x 10): pgest {us['pgest']:.1f} us, "
+            f"estimator step (sample, reward, one-hot gradient; batch {result['batch_size']} x 10): "
+            f"pgest {us['pgest']:.1f} us, "
             f"seed's listing {us['seed']:.1f} us ({us['seed'] / us['pgest']:.1f}x faster)")
 
 
