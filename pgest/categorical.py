@@ -21,8 +21,8 @@ from . import _checks, _status
 from ._checks import check_index_dtype, check_logits, index_tensor
 from .log_prob import entropy as _entropy
 from .log_prob import log_prob as _log_prob
-from .log_prob import rows_of, rows_pair
-from .sample import draw_rows
+from .ops.log_prob import rows_of, rows_pair
+from .ops.sample import draw_rows
 from .sample import sample as _sample
 
 

@@ -45,7 +45,7 @@ from ._checks import (
 )
 from ._vmap import register_per_element, register_refusal
 from .device_errors import checked_now
-from .log_prob import (
+from .ops.log_prob import (
     backward_rows,
     creating_graph,
     functorch_active,
@@ -54,10 +54,10 @@ from .log_prob import (
     tangent_in_torch_ops,
     traced,
 )
+from .ops.sample import sample_native
 from .philox import cpu_seed, seed_tensor
 from .philox import uniforms as philox_uniforms
 from .row_merge import Merged, piece_masses, piece_stats, place_draws
-from .sample import sample_native
 
 # Tile sizes (tokens, vocabulary); override per call with token_tile= /
 # vocab_tile=. CPU: measured at (2048 tokens, H 1024, V 32000) fp32 fwd+bwd on
@@ -65,7 +65,7 @@ from .sample import sample_native
 # 16384} ran within 0.95-1.10x of the matmul floor, so the small workspace
 # wins. CUDA: larger tiles keep cuBLAS busy; a guess until a GPU measures it.
 # Vocabulary tiles are multiples of the sampler's 256-entry chunk. The token
-# tile shrinks for large H (see _tiles) to bound the workspace.
+# tile shrinks for large H (see tile_sizes) to bound the workspace.
 DEFAULT_TILES = {"cpu": (1024, 2048), "cuda": (4096, 8192)}
 NEVER_BUILT = " (hidden @ weight.T + bias, never built)"  # what an error's logits[...] are
 
@@ -83,7 +83,7 @@ class LinearSample(NamedTuple):
 
 # ---- checks ------------------------------------------------------------------
 
-def _tiles(hidden: Tensor, token_tile, vocab_tile) -> Tuple[int, int]:
+def tile_sizes(hidden: Tensor, token_tile, vocab_tile) -> Tuple[int, int]:
     tn, tv = DEFAULT_TILES.get(hidden.device.type, DEFAULT_TILES["cpu"])
     if token_tile is None and hidden.dim() >= 1 and hidden.shape[-1] > 0:
         # hidden's float64 gradient accumulator (token tile x H) and its
@@ -127,7 +127,7 @@ def _products(h: Tensor, w: Tensor, out: Optional[Tensor] = None) -> Tensor:
     return out
 
 
-def _logits_tile(h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int, temperature: float,
+def logits_tile(h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int, temperature: float,
                  out: Optional[Tensor] = None) -> Tensor:
     """(hidden @ weight[v0:v1].T + bias[v0:v1]) / temperature in
     logits_dtype, rounded as the materialised formula rounds it (product,
@@ -148,10 +148,10 @@ def _vocab_tiles(h: Tensor, weight: Tensor, bias: Optional[Tensor], temperature:
     V = weight.shape[0]
     for v0 in range(0, V, tv):
         v1 = min(V, v0 + tv)
-        yield v0, v1, full[:, v0:v1] if full is not None else _logits_tile(h, weight, bias, v0, v1, temperature)
+        yield v0, v1, full[:, v0:v1] if full is not None else logits_tile(h, weight, bias, v0, v1, temperature)
 
 
-def _token_tile_stats(h: Tensor, row0: Union[int, Tensor], weight: Tensor, bias: Optional[Tensor],
+def token_tile_stats(h: Tensor, row0: Union[int, Tensor], weight: Tensor, bias: Optional[Tensor],
                       temperature: float, tv: int, tiles: Optional[Tensor] = None,
                       full: Optional[Tensor] = None) -> Merged:
     """The merged float64 statistics of these tokens over the vocabulary
@@ -187,13 +187,13 @@ def _row_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: 
     for n0 in range(0, N, tn):
         n1 = min(N, n0 + tn)
         rows = n0 if index is None else index[n0:n1]
-        merged = _token_tile_stats(h2[n0:n1], rows, weight, bias, temperature, tv,
+        merged = token_tile_stats(h2[n0:n1], rows, weight, bias, temperature, tv,
                                    None if tiles is None else tiles[n0:n1])
         M[n0:n1], LZ[n0:n1], H[n0:n1] = merged.raw() if raw else merged.result(acc, rows, NEVER_BUILT)
     return M, LZ, H, tiles
 
 
-def _chosen_logits(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, temperature: float,
+def chosen_logits(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, temperature: float,
                    tn: int, keep: Optional[Tensor] = None, shard=None) -> Tensor:
     """x[i, s] = (hidden[i] . weight[a_is] + bias[a_is]) / temperature for (N, S)
     global int64 actions, in the accumulation type: one dot product per
@@ -207,7 +207,7 @@ def _chosen_logits(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: 
         lo = 0 if shard is None else shard.offset
         own = (actions >= lo) & (actions < lo + weight.shape[0])
         own = own if keep is None else own & keep
-        x = _chosen_logits(h2, weight, bias, torch.where(own, actions - lo, torch.zeros_like(actions)),
+        x = chosen_logits(h2, weight, bias, torch.where(own, actions - lo, torch.zeros_like(actions)),
                            temperature, tn)
         x = torch.where(own, x, torch.zeros((), dtype=x.dtype, device=x.device))
         return x if shard is None else shard.sum_(x)
@@ -230,7 +230,7 @@ def _chosen_logits(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: 
 
 # ---- forward and backward on (N, H) rows ----------------------------------------
 
-def _live_rows(actions: Tensor, ignore_index: Optional[int]) -> Optional[Tensor]:
+def live_rows(actions: Tensor, ignore_index: Optional[int]) -> Optional[Tensor]:
     """Indices of rows with at least one action that is not ignore_index, or
     None when every row counts (padding rows are skipped everywhere)."""
     if ignore_index is None or actions.shape[1] == 0:
@@ -252,7 +252,7 @@ def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, tv, shard
     check_actions_range(actions, V, ignore_index)  # actions are the same on every rank: all raise alike
     stats = torch.zeros((3, N), dtype=acc, device=h2.device)
     lp = torch.zeros((N, S), dtype=acc, device=h2.device)
-    live = _live_rows(actions, ignore_index)
+    live = live_rows(actions, ignore_index)
     hl, al = (h2, actions) if live is None else (h2[live], actions[live])
     if hl.shape[0]:
         if shard is None:
@@ -265,7 +265,7 @@ def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, tv, shard
                 error = e
             M, LZ, H = shard.merge(mine, hl.shape[0], h2.device, acc, error, 0 if live is None else live, NEVER_BUILT)
         keep = al != ignore_index if ignore_index is not None else torch.ones_like(al, dtype=torch.bool)
-        x = _chosen_logits(hl, weight, bias, al, temperature, tn, keep, shard)
+        x = chosen_logits(hl, weight, bias, al, temperature, tn, keep, shard)
         lpl = torch.where(keep, (x - M[:, None]) - LZ[:, None], torch.zeros((), dtype=acc, device=h2.device))
         if live is None:
             stats[0], stats[1], stats[2], lp = M, LZ, H, lpl
@@ -299,14 +299,14 @@ def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, tempe
     # vocabulary tile, against a (token tile, vocabulary tile, H) product).
     grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
     grad_b = torch.zeros((V,), dtype=acc, device=dev) if need_b else None  # bias has hidden's dtype
-    live = _live_rows(actions, ignore_index)
+    live = live_rows(actions, ignore_index)
     for n0 in range(0, N if live is None else live.shape[0], tn):
         # a slice (views) when every token counts, else the live tokens' indices
         rows = slice(n0, n0 + tn) if live is None else live[n0:n0 + tn]
         st = stats[:, rows]
         upstream = {"grad_log_prob": None if g_lp is None else g_lp[rows],
                     "grad_entropy": None if g_ent is None else g_ent[rows]}
-        gh = _token_tile_grads(h2[rows], actions[rows], st[:2].contiguous(), st[2], upstream, weight, bias,
+        gh = token_tile_grads(h2[rows], actions[rows], st[:2].contiguous(), st[2], upstream, weight, bias,
                                ignore_index, temperature, tv, col0, total or V, need_h, grad_w, grad_b)
         if need_h:
             grad_h[rows] = gh.to(grad_h.dtype)
@@ -315,7 +315,7 @@ def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, tempe
     return grad_h, grad_w, grad_b
 
 
-def _token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_index, temperature, tv, col0, total,
+def token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_index, temperature, tv, col0, total,
                       need_h, grad_w, grad_b, full=None, grads16=None):
     """One token tile's share of the three gradients: each vocabulary tile's
     logits (recomputed, or views of ``full``) turned into their gradient by
@@ -382,7 +382,7 @@ def _token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_i
 # ---- registered ops (torch.compile) and autograd ---------------------------------
 
 @torch.library.custom_op("pgest::linear_log_prob", mutates_args=())
-def linear_log_prob_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor,
+def linear_log_prob_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor,
                          ignore_index: Optional[int], temperature: float, token_tile: int,
                          vocab_tile: int) -> Tuple[Tensor, Tensor, Tensor]:
     """(N, H) hidden, (V, H) weight, (N, S) actions -> (log_prob (N, S),
@@ -392,7 +392,7 @@ def linear_log_prob_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                     check_tile(token_tile, "token_tile", 1), check_tile(vocab_tile, "vocab_tile", 1))
 
 
-@linear_log_prob_rows.register_fake
+@linear_log_prob_op.register_fake
 def _(hidden, weight, bias, actions, ignore_index, temperature, token_tile, vocab_tile):
     N, S = actions.shape
     acc = _checks.stats_dtype(hidden.dtype)
@@ -401,7 +401,7 @@ def _(hidden, weight, bias, actions, ignore_index, temperature, token_tile, voca
 
 
 @torch.library.custom_op("pgest::linear_log_prob_backward", mutates_args=())
-def linear_log_prob_backward(grad_log_prob: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor,
+def linear_log_prob_backward_op(grad_log_prob: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor,
                              weight: Tensor, bias: Optional[Tensor], actions: Tensor, stats: Tensor,
                              ignore_index: Optional[int], temperature: float, token_tile: int, vocab_tile: int,
                              needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
@@ -429,7 +429,7 @@ def linear_log_prob_backward(grad_log_prob: Optional[Tensor], grad_entropy: Opti
             gb if gb is not None else empty.clone())
 
 
-@linear_log_prob_backward.register_fake
+@linear_log_prob_backward_op.register_fake
 def _(grad_log_prob, grad_entropy, hidden, weight, bias, actions, stats, ignore_index, temperature, token_tile,
       vocab_tile, needs):
     check_needs(needs)
@@ -470,16 +470,16 @@ def _backward_fn(ctx, grad_lp, grad_ent, _grad_stats):
         gh, gw, gb = head_grads_in_torch_ops(hidden, weight, bias, actions, ignore_index, temperature, grad_lp,
                                              grad_ent, needs)
         return gh, gw, gb, None, None, None, None, None
-    gh, gw, gb = linear_log_prob_backward(grad_lp, grad_ent, hidden, weight, bias, actions, stats, ignore_index,
+    gh, gw, gb = linear_log_prob_backward_op(grad_lp, grad_ent, hidden, weight, bias, actions, stats, ignore_index,
                                           temperature, token_tile, vocab_tile, needs)
     return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None,
             None, None, None, None, None)
 
 
-linear_log_prob_rows.register_autograd(_backward_fn, setup_context=_setup_context)
+linear_log_prob_op.register_autograd(_backward_fn, setup_context=_setup_context)
 # a vmapped weight needs its own gradient per batch element: no folding into the tokens
-register_per_element(linear_log_prob_rows)
-register_per_element(linear_log_prob_backward)
+register_per_element(linear_log_prob_op)
+register_per_element(linear_log_prob_backward_op)
 
 
 class _FuncLinearLogProb(torch.autograd.Function):
@@ -490,7 +490,7 @@ class _FuncLinearLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(hidden, weight, bias, actions, ignore_index, temperature, token_tile, vocab_tile):
-        lp, ent, _ = linear_log_prob_rows(hidden, weight, bias, actions, ignore_index, temperature, token_tile,
+        lp, ent, _ = linear_log_prob_op(hidden, weight, bias, actions, ignore_index, temperature, token_tile,
                                           vocab_tile)
         return lp, ent
 
@@ -559,7 +559,7 @@ class _ShardedLinearLogProb(torch.autograd.Function):
 
 # ---- the public functions ----------------------------------------------------------
 
-def _rows(hidden: Tensor) -> Tensor:
+def token_rows(hidden: Tensor) -> Tensor:
     return hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1])
 
 
@@ -605,7 +605,7 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
         temperature = check_head(hidden, weight, bias, temperature, process_group is not None)
         lead, S = check_token_actions(hidden, actions)
         ii = check_ignore_index(ignore_index)
-        tn, tv = _tiles(hidden, token_tile, vocab_tile)
+        tn, tv = tile_sizes(hidden, token_tile, vocab_tile)
         traced()  # under torch.func transforms: raises with what to do instead
         a2 = index_tensor(actions, weight.shape[0]).reshape(-1, S)
     except (ValueError, TypeError, IndexError, NotImplementedError, RuntimeError) as e:
@@ -615,12 +615,12 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
     try:
         if process_group is not None:
             shard = _shard(weight, process_group, hidden, error)
-            lp, ent = _ShardedLinearLogProb.apply(_rows(hidden), weight, bias, a2, ii, temperature, tn, tv, shard,
+            lp, ent = _ShardedLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, temperature, tn, tv, shard,
                                                   bool(reduce_hidden_grad))
         elif functorch_active():
-            lp, ent = _FuncLinearLogProb.apply(_rows(hidden), weight, bias, a2, ii, temperature, tn, tv)
+            lp, ent = _FuncLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, temperature, tn, tv)
         else:
-            lp, ent, _ = linear_log_prob_rows(_rows(hidden), weight, bias, a2, ii, temperature, tn, tv)
+            lp, ent, _ = linear_log_prob_op(token_rows(hidden), weight, bias, a2, ii, temperature, tn, tv)
     except (ValueError, IndexError) as e:
         raise type(e)(_status.unflatten_message(str(e), lead)) from None
     return LinearLogProb(lp.view(actions.shape), ent.view(lead))
@@ -651,7 +651,7 @@ def _draw_in_tiles(h2, w, b, temperature, tn, tv, tiles, row_max, u, rows, ss, o
             # Several draws of one token in one tile: its logits once, then copied
             # per draw (a copy is H times cheaper than the product).
             ur, inv = torch.unique(r, return_inverse=True)
-            x = _logits_tile(h2[ur], w, b, v0, v1, temperature)
+            x = logits_tile(h2[ur], w, b, v0, v1, temperature)
             if ur.shape[0] != r.shape[0]:
                 x = x[inv]
             with checked_now():
@@ -685,7 +685,7 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
     try:
         temperature = check_head(hidden, weight, bias, temperature, process_group is not None)
         S = check_num_samples(num_samples)
-        tn, tv = _tiles(hidden, token_tile, vocab_tile)
+        tn, tv = tile_sizes(hidden, token_tile, vocab_tile)
         check_generator(generator, hidden.device)
         lead = hidden.shape[:-1]
         shape = lead if S == 1 else lead + (S,)
@@ -702,15 +702,15 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
             raise
         error = e
     if compiled:
-        actions, lp, H = linear_sample_rows(_rows(hidden.detach()), weight.detach(),
+        actions, lp, H = linear_sample_op(token_rows(hidden.detach()), weight.detach(),
                                             None if bias is None else bias.detach(), temperature, S, seed, tn, tv)
         return LinearSample(actions.view(shape), lp.view(shape), H.view(lead))
     shard = None
     if process_group is not None:
         shard = _shard(weight, process_group, hidden, error, seed)
         seed = shard.seed  # rank 0's: every rank draws the same uniforms
-    actions, lp, H = _sample_tokens(_rows(hidden.detach()), weight.detach(), None if bias is None else bias.detach(),
-                                    temperature, S, seed, tn, tv, shard)
+    actions, lp, H = _sample_tokens(token_rows(hidden.detach()), weight.detach(),
+                                    None if bias is None else bias.detach(), temperature, S, seed, tn, tv, shard)
     return LinearSample(actions.view(shape), lp.view(shape), H.view(lead))
 
 
@@ -731,7 +731,7 @@ def _sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], temperature: floa
             rows, ss = torch.meshgrid(torch.arange(N, device=dev), torch.arange(S, device=dev), indexing="ij")
             _draw_in_tiles(h2, w, b, temperature, tn, tv, tiles, M, u.reshape(-1), rows.reshape(-1), ss.reshape(-1),
                            actions)
-            x = _chosen_logits(h2, w, b, actions, temperature, tn)
+            x = chosen_logits(h2, w, b, actions, temperature, tn)
         else:
             local, error = None, None
             try:
@@ -748,13 +748,13 @@ def _sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], temperature: floa
                 _draw_in_tiles(h2, w, b, temperature, tn, tv, local[3], local[0], inner[rows, ss], rows, ss, actions,
                                shard.offset)
             actions = shard.sum_(actions).to(torch.int64)  # one owner per draw: one value and zeros
-            x = _chosen_logits(h2, w, b, actions, temperature, tn, shard=shard)
+            x = chosen_logits(h2, w, b, actions, temperature, tn, shard=shard)
         lp = (x - M[:, None]) - LZ[:, None]
     return actions, lp, H
 
 
 @torch.library.custom_op("pgest::linear_sample", mutates_args=())
-def linear_sample_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, num_samples: int,
+def linear_sample_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, num_samples: int,
                        seed: Tensor, token_tile: int, vocab_tile: int) -> Tuple[Tensor, Tensor, Tensor]:
     """(N, H) hidden, (V, H) weight -> (actions (N, S), log_prob (N, S),
     entropy (N,)): linear_sample under torch.compile. ``seed`` is the (2,)
@@ -768,7 +768,7 @@ def linear_sample_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
                           check_tile(vocab_tile, "vocab_tile", 1))
 
 
-@linear_sample_rows.register_fake
+@linear_sample_op.register_fake
 def _(hidden, weight, bias, temperature, num_samples, seed, token_tile, vocab_tile):
     N = hidden.shape[0]
     acc = _checks.stats_dtype(hidden.dtype)
@@ -776,4 +776,4 @@ def _(hidden, weight, bias, temperature, num_samples, seed, token_tile, vocab_ti
             hidden.new_empty((N,), dtype=acc))
 
 
-register_refusal(linear_sample_rows, "pgest.linear_sample")
+register_refusal(linear_sample_op, "pgest.linear_sample")

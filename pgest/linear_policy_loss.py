@@ -42,19 +42,19 @@ from ._checks import check_weights as check_weights
 from ._vmap import register_per_element
 from .linear_head import (
     NEVER_BUILT,
-    _chosen_logits,
-    _live_rows,
-    _logits_tile,
-    _rows,
-    _tiles,
-    _token_tile_grads,
-    _token_tile_stats,
+    chosen_logits,
     head_grads_in_torch_ops,
     linear_log_prob,
+    live_rows,
     logits_dtype,
+    logits_tile,
+    tile_sizes,
+    token_rows,
+    token_tile_grads,
+    token_tile_stats,
 )
-from .log_prob import batched_upstream, creating_graph, functorch_active, traced
-from .policy_loss import REDUCTIONS, _count, weighted_log_probs
+from .ops.log_prob import batched_upstream, creating_graph, functorch_active, traced
+from .ops.policy_loss import REDUCTIONS, count_actions, weighted_log_probs
 
 # The fused route keeps one token tile's logits over the whole vocabulary,
 # a vocabulary tile's gradient and the tile's hidden gradient (all in the
@@ -102,7 +102,7 @@ def _fused(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, 
     grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
     grad_b = torch.zeros((V,), dtype=acc, device=dev) if need_b else None
     total = torch.zeros((), dtype=acc, device=dev)
-    live = _live_rows(actions, ignore_index)
+    live = live_rows(actions, ignore_index)
     n_live = N if live is None else live.shape[0]
     # one buffer for every token tile: a fresh (tile, V) tensor per tile would
     # pay its page faults each time on the CPU (most of a product's time)
@@ -114,17 +114,17 @@ def _fused(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, 
     for n0 in range(0, n_live, tn):
         rows = slice(n0, n0 + tn) if live is None else live[n0:n0 + tn]
         h, a, w = h2[rows], actions[rows], adv[rows]
-        x = _logits_tile(h, weight, bias, 0, V, temperature, out=full[:h.shape[0]])
+        x = logits_tile(h, weight, bias, 0, V, temperature, out=full[:h.shape[0]])
         where = n0 if live is None else rows
-        M, LZ, H = _token_tile_stats(h, where, weight, bias, temperature, tv, full=x).result(acc, where, NEVER_BUILT)
+        M, LZ, H = token_tile_stats(h, where, weight, bias, temperature, tv, full=x).result(acc, where, NEVER_BUILT)
         keep = a != ignore_index if ignore_index is not None else torch.ones_like(a, dtype=torch.bool)
-        lp = torch.where(keep, (_chosen_logits(h, weight, bias, a, temperature, h.shape[0], keep) - M[:, None])
+        lp = torch.where(keep, (chosen_logits(h, weight, bias, a, temperature, h.shape[0], keep) - M[:, None])
                          - LZ[:, None], zero)
         total += -weighted_log_probs(w, lp).sum() - beta * H.sum()
         if any(needs):
             upstream = {"grad_log_prob": w, "row_scale": scale.expand(h.shape[0]), "log_prob_scale": -1.0,
                         "entropy_scale": -beta}
-            gh = _token_tile_grads(h, a, torch.stack([M, LZ]), H, upstream, weight, bias, ignore_index, temperature,
+            gh = token_tile_grads(h, a, torch.stack([M, LZ]), H, upstream, weight, bias, ignore_index, temperature,
                                    tv, 0, V, need_h, grad_w, grad_b, full=x,
                                    grads16=None if grads16 is None else grads16[:h.shape[0]])
             if need_h:
@@ -140,13 +140,13 @@ def _scale(actions: Tensor, ignore_index: Optional[int], reduction: str, acc: to
     count: a sync on a GPU); a mean over nothing is nan, as cross_entropy's."""
     if reduction == "sum":
         return torch.ones((), dtype=acc, device=actions.device)
-    return 1.0 / torch.as_tensor(_count(actions, ignore_index), dtype=acc, device=actions.device)
+    return 1.0 / torch.as_tensor(count_actions(actions, ignore_index), dtype=acc, device=actions.device)
 
 
 # ---- the registered op (torch.compile) and its autograd -----------------------------
 
 @torch.library.custom_op("pgest::linear_policy_loss", mutates_args=())
-def linear_policy_loss_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor,
+def linear_policy_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor,
                             advantages: Tensor, entropy_weight: float, ignore_index: Optional[int],
                             temperature: float, reduction: str, token_tile: int, vocab_tile: int,
                             needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -169,7 +169,7 @@ def linear_policy_loss_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
             gb if gb is not None else empty.clone())
 
 
-@linear_policy_loss_rows.register_fake
+@linear_policy_loss_op.register_fake
 def _(hidden, weight, bias, actions, advantages, entropy_weight, ignore_index, temperature, reduction, token_tile,
       vocab_tile, needs):
     check_needs(needs)
@@ -202,8 +202,8 @@ def _backward_op(ctx, grad_loss, _gh, _gw, _gb):
             None, None, None, None, None, None, None, None, None)
 
 
-linear_policy_loss_rows.register_autograd(_backward_op, setup_context=_setup_context)
-register_per_element(linear_policy_loss_rows)
+linear_policy_loss_op.register_autograd(_backward_op, setup_context=_setup_context)
+register_per_element(linear_policy_loss_op)
 
 
 class _LinearPolicyLossFn(torch.autograd.Function):
@@ -314,9 +314,9 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantag
         per = -(wlp if S == 1 and actions.shape == lead else wlp.sum(-1)) - beta * ent
         if reduction == "none":
             return per
-        return per.sum() if reduction == "sum" else per.sum() / _count(actions, ii)
-    _, tv = _tiles(hidden, None, vocab_tile)
-    h2 = _rows(hidden)
+        return per.sum() if reduction == "sum" else per.sum() / count_actions(actions, ii)
+    _, tv = tile_sizes(hidden, None, vocab_tile)
+    h2 = token_rows(hidden)
     N = h2.shape[0]
     tn = (check_tile(token_tile, "token_tile", 1) if token_tile is not None
           else _fused_token_tile(N, weight.shape[0], weight.shape[1], tv, hidden.dtype, hidden.device))
@@ -331,7 +331,7 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantag
              grad_on and bias is not None and bias.requires_grad]
     try:
         if torch.compiler.is_compiling() or not any(needs):
-            return linear_policy_loss_rows(h2, weight, bias, a2, w2, beta, ii, temperature, reduction, tn, tv,
+            return linear_policy_loss_op(h2, weight, bias, a2, w2, beta, ii, temperature, reduction, tn, tv,
                                            needs)[0]
         return _apply_fused(h2, weight, bias, (a2, w2, beta, ii, temperature, tn, tv, _scale(a2, ii, reduction, acc),
                                                needs))

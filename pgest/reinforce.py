@@ -20,9 +20,9 @@ from . import _checks, _status, device_errors
 from ._checks import check_entropy_weight, check_index_dtype, check_logits, check_num_samples
 from ._rewards import check_reward_args
 from ._rewards import resolve_baseline as resolve_baseline
-from .log_prob import rows_of
-from .policy_loss import loss_rows
-from .sample import draw_rows
+from .ops.log_prob import rows_of
+from .ops.policy_loss import loss_rows
+from .ops.sample import draw_rows
 
 
 class Reinforce(NamedTuple):
@@ -61,7 +61,7 @@ def _refuse_rows(t: Tensor, bad: Tensor, deferred: bool, words: list, status: in
 
 
 @torch.library.custom_op("pgest::reinforce_weights", mutates_args=())
-def reinforce_weights(actions: Tensor, labels: Optional[Tensor], reward_table: Optional[Tensor],
+def reinforce_weights_op(actions: Tensor, labels: Optional[Tensor], reward_table: Optional[Tensor],
                       baseline_kind: int, baseline_value: float, baseline: Optional[Tensor],
                       num_actions: int, lead: List[int], dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     """(R, S) actions -> (rewards, weights = (rewards - baseline) / S) in
@@ -145,7 +145,7 @@ def reinforce_weights(actions: Tensor, labels: Optional[Tensor], reward_table: O
     return rewards, (rewards - b) / S
 
 
-@reinforce_weights.register_fake
+@reinforce_weights_op.register_fake
 def _(actions, labels, reward_table, baseline_kind, baseline_value, baseline, num_actions, lead, dtype):
     return actions.new_empty(actions.shape, dtype=dtype), actions.new_empty(actions.shape, dtype=dtype)
 
@@ -209,7 +209,7 @@ def reinforce(
         actions, log_prob, entropy, stats = draw_rows(x.detach(), S, generator)
     except ValueError as e:
         raise ValueError(_status.unflatten_message(str(e), lead)) from None
-    rewards, weights = reinforce_weights(actions, labels, reward_table, kind, constant, b_tensor, K,
+    rewards, weights = reinforce_weights_op(actions, labels, reward_table, kind, constant, b_tensor, K,
                                          list(lead), acc)
     # Nothing is ignored: not even the -1 of a row the GPU sampler refused
     # (deferred error), which must poison the loss, not drop out of it.

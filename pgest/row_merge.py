@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import _checks
 from .device_errors import checked_now
-from .log_prob import forward_rows
+from .ops.log_prob import forward_rows
 
 
 def piece_stats(x: Tensor, row0: Union[int, Tensor] = 0, col0: int = 0, what: str = "", probe: Optional[Tensor] = None

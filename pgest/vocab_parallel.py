@@ -35,11 +35,11 @@ from torch import Tensor
 from . import _checks, _status
 from ._checks import actions_per_row, check_generator, check_ignore_index, check_logits, check_num_samples, index_tensor
 from .device_errors import checked_now
-from .log_prob import backward_rows, refuse_double_backward, rows_of
+from .ops.log_prob import backward_rows, refuse_double_backward, rows_of
+from .ops.sample import sample_native
 from .philox import cpu_seed, seed_tensor
 from .philox import uniforms as philox_uniforms
 from .row_merge import Merged, piece_masses, piece_stats, place_draws, sums
-from .sample import sample_native
 
 
 def _dist():

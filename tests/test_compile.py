@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import pgest
-from pgest.linear_head import linear_log_prob_backward, linear_log_prob_rows, linear_sample_rows
-from pgest.linear_policy_loss import linear_policy_loss_rows
-from pgest.log_prob import log_prob_backward, log_prob_rows
-from pgest.policy_loss import policy_loss_backward, policy_loss_rows
-from pgest.reinforce import reinforce_weights
-from pgest.reinforce_grad import reinforce_grad_rows
-from pgest.returns import _gae_op, _returns_op
-from pgest.sample import sample_rows
+from pgest.linear_head import linear_log_prob_backward_op, linear_log_prob_op, linear_sample_op
+from pgest.linear_policy_loss import linear_policy_loss_op
+from pgest.ops.log_prob import log_prob_backward_op, log_prob_op
+from pgest.ops.policy_loss import policy_loss_backward_op, policy_loss_op
+from pgest.ops.reinforce_grad import reinforce_grad_op
+from pgest.ops.returns import gae_op, returns_op
+from pgest.ops.sample import sample_op
+from pgest.reinforce import reinforce_weights_op
 
 N, H, V = 6, 4, 10
 
@@ -48,29 +48,29 @@ def test_opcheck_every_registered_op(layout):
     f = (lambda t: t) if layout == "contiguous" else _t
     x, a, w, st, ent = _row_inputs()
     xd = f(x.detach()).requires_grad_()
-    torch.library.opcheck(log_prob_rows, (xd, f(a), -100))
-    torch.library.opcheck(log_prob_backward, (f(torch.ones(N, 2)), torch.ones(N), f(x.detach()), f(a), st, ent, -100))
-    torch.library.opcheck(policy_loss_rows, (xd, f(a), f(w), 0.1, -100, None, None))
-    torch.library.opcheck(policy_loss_backward, (torch.ones(N), f(x.detach()), f(a), f(w), st, ent, 0.1, -100))
-    torch.library.opcheck(sample_rows, (f(x.detach()), 3, torch.tensor([5, 0])))
-    torch.library.opcheck(reinforce_grad_rows, (f(x.detach().log_softmax(-1)), a[:, 0], None, 3, 0.0, None, 2,
+    torch.library.opcheck(log_prob_op, (xd, f(a), -100))
+    torch.library.opcheck(log_prob_backward_op, (f(torch.ones(N, 2)), torch.ones(N), f(x.detach()), f(a), st, ent, -100))
+    torch.library.opcheck(policy_loss_op, (xd, f(a), f(w), 0.1, -100, None, None))
+    torch.library.opcheck(policy_loss_backward_op, (torch.ones(N), f(x.detach()), f(a), f(w), st, ent, 0.1, -100))
+    torch.library.opcheck(sample_op, (f(x.detach()), 3, torch.tensor([5, 0])))
+    torch.library.opcheck(reinforce_grad_op, (f(x.detach().log_softmax(-1)), a[:, 0], None, 3, 0.0, None, 2,
                                                 torch.tensor([5, 0])))
-    torch.library.opcheck(reinforce_weights, (f(a), a[:, 0], None, 3, 0.0, None, V, [N], torch.float32))
-    torch.library.opcheck(reinforce_weights, (f(a), None, f(torch.randn(N, V)), 0, 0.0, None, V, [N], torch.float64))
+    torch.library.opcheck(reinforce_weights_op, (f(a), a[:, 0], None, 3, 0.0, None, V, [N], torch.float32))
+    torch.library.opcheck(reinforce_weights_op, (f(a), None, f(torch.randn(N, V)), 0, 0.0, None, V, [N], torch.float64))
     h, wt, b, ha = _head_inputs()
     hd, wd = f(h.detach()).requires_grad_(), f(wt.detach()).requires_grad_()
-    torch.library.opcheck(linear_log_prob_rows, (hd, wd, b, f(ha), -100, 1.0, 4, 3))
-    _, _, hst = linear_log_prob_rows(h.detach(), wt.detach(), b.detach(), ha, -100, 1.0, 4, 3)
-    torch.library.opcheck(linear_log_prob_backward, (f(torch.ones(N, 2)), torch.ones(N), f(h.detach()),
+    torch.library.opcheck(linear_log_prob_op, (hd, wd, b, f(ha), -100, 1.0, 4, 3))
+    _, _, hst = linear_log_prob_op(h.detach(), wt.detach(), b.detach(), ha, -100, 1.0, 4, 3)
+    torch.library.opcheck(linear_log_prob_backward_op, (f(torch.ones(N, 2)), torch.ones(N), f(h.detach()),
                                                      f(wt.detach()), b.detach(), f(ha), hst, -100, 1.0, 4, 3,
                                                      [True, True, True]))
-    torch.library.opcheck(linear_policy_loss_rows, (hd, wd, b, f(ha), f(torch.randn(N, 2)), 0.1, -100, 1.0, "mean",
+    torch.library.opcheck(linear_policy_loss_op, (hd, wd, b, f(ha), f(torch.randn(N, 2)), 0.1, -100, 1.0, "mean",
                                                     4, 3, [True, True, True]))
-    torch.library.opcheck(linear_sample_rows, (f(h.detach()), f(wt.detach()), b.detach(), 0.7, 3,
+    torch.library.opcheck(linear_sample_op, (f(h.detach()), f(wt.detach()), b.detach(), 0.7, 3,
                                                torch.tensor([5, 0]), 4, 3))
     r = f(torch.randn(5, 3))
-    torch.library.opcheck(_returns_op, (r, torch.zeros(5, 3), 0.9, None))
-    torch.library.opcheck(_gae_op, (r, f(torch.randn(5, 3)), torch.zeros(5, 3), 0.9, 0.95, None))
+    torch.library.opcheck(returns_op, (r, torch.zeros(5, 3), 0.9, None))
+    torch.library.opcheck(gae_op, (r, f(torch.randn(5, 3)), torch.zeros(5, 3), 0.9, 0.95, None))
 
 
 def _public_steps():

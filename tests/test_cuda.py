@@ -8,8 +8,8 @@ import torch
 
 import pgest
 from pgest import reference
-from pgest.policy_loss import policy_loss_rows
-from pgest.sample import sample_rows
+from pgest.ops.policy_loss import policy_loss_op
+from pgest.ops.sample import sample_op
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and pgest.build_info()["cuda_compiled"]),
@@ -28,8 +28,8 @@ def _seed(value, device):
 def test_sample_same_draws_as_cpu(dtype, shape):
     x = (torch.randn(shape) * 2).to(dtype)
     x[:, 3] = -math.inf
-    cpu = sample_rows(x, 4, _seed(12345, "cpu"))
-    gpu = sample_rows(x.cuda(), 4, _seed(12345, "cuda"))
+    cpu = sample_op(x, 4, _seed(12345, "cpu"))
+    gpu = sample_op(x.cuda(), 4, _seed(12345, "cuda"))
     differ = (cpu[0] != gpu[0].cpu()).any(1).sum().item()
     assert differ <= max(2, 1e-3 * shape[0]), f"{differ} rows drew other actions (float-boundary ties)"
     same = (cpu[0] == gpu[0].cpu()).all(1)
@@ -74,10 +74,10 @@ def test_policy_loss_backward_same_as_cpu():
     x = torch.randn(64, 3000, dtype=torch.float64)
     a = torch.randint(0, 3000, (64, 2))
     w = torch.randn(64, 2, dtype=torch.float64)
-    cpu = policy_loss_rows(x.requires_grad_(), a, w, 0.1, -100, None, None)[0].sum()
+    cpu = policy_loss_op(x.requires_grad_(), a, w, 0.1, -100, None, None)[0].sum()
     cpu.backward()
     xg = x.detach().cuda().requires_grad_()
-    gpu = policy_loss_rows(xg, a.cuda(), w.cuda(), 0.1, -100, None, None)[0].sum()
+    gpu = policy_loss_op(xg, a.cuda(), w.cuda(), 0.1, -100, None, None)[0].sum()
     gpu.backward()
     torch.testing.assert_close(gpu.cpu(), cpu.detach())
     torch.testing.assert_close(xg.grad.cpu(), x.grad)

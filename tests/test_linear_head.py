@@ -254,13 +254,13 @@ def test_never_allocates_the_logits():
 
 
 def test_opcheck_and_compile():
-    from pgest.linear_head import linear_log_prob_backward, linear_log_prob_rows
+    from pgest.linear_head import linear_log_prob_backward_op, linear_log_prob_op
 
     hidden, weight, bias = make(6, 4, 10, dtype=torch.float32)
     a = torch.randint(0, 10, (6, 2))
-    torch.library.opcheck(linear_log_prob_rows, (hidden, weight, bias, a, -100, 1.0, 4, 3))
-    lp, ent, st = linear_log_prob_rows(hidden, weight, bias, a, -100, 1.0, 4, 3)
-    torch.library.opcheck(linear_log_prob_backward, (torch.ones(6, 2), torch.ones(6), hidden, weight, bias, a, st,
+    torch.library.opcheck(linear_log_prob_op, (hidden, weight, bias, a, -100, 1.0, 4, 3))
+    lp, ent, st = linear_log_prob_op(hidden, weight, bias, a, -100, 1.0, 4, 3)
+    torch.library.opcheck(linear_log_prob_backward_op, (torch.ones(6, 2), torch.ones(6), hidden, weight, bias, a, st,
                                                      -100, 1.0, 4, 3, [True, True, True]))
 
     @torch.compile(fullgraph=True, backend="aot_eager")

@@ -226,17 +226,17 @@ def test_bad_input_messages():
 
 
 def test_registered_op_opcheck_and_compile():
-    from pgest.linear_policy_loss import linear_policy_loss_rows
+    from pgest.linear_policy_loss import linear_policy_loss_op
 
     hidden, weight, bias = make(6, 4, 10, dtype=torch.float32)
     a = torch.randint(0, 10, (6, 2))
     adv = torch.randn(6, 2)
-    torch.library.opcheck(linear_policy_loss_rows, (hidden, weight, bias, a, adv, 0.1, -100, 1.0, "mean", 4, 3,
+    torch.library.opcheck(linear_policy_loss_op, (hidden, weight, bias, a, adv, 0.1, -100, 1.0, "mean", 4, 3,
                                                     [True, True, True]))
     with pytest.raises(ValueError, match="advantages must be"):
-        linear_policy_loss_rows(hidden, weight, bias, a, adv.double(), 0.1, -100, 1.0, "mean", 4, 3, [True] * 3)
+        linear_policy_loss_op(hidden, weight, bias, a, adv.double(), 0.1, -100, 1.0, "mean", 4, 3, [True] * 3)
     with pytest.raises(ValueError, match="reduction"):
-        linear_policy_loss_rows(hidden, weight, bias, a, adv, 0.1, -100, 1.0, "none", 4, 3, [True] * 3)
+        linear_policy_loss_op(hidden, weight, bias, a, adv, 0.1, -100, 1.0, "none", 4, 3, [True] * 3)
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def f(h, w, b):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import FLOAT_DTYPES
 
 import pgest
-from pgest.log_prob import log_prob_backward, log_prob_rows
+from pgest.ops.log_prob import log_prob_backward_op, log_prob_op
 
 # log_prob/entropy of 16-bit logits are computed in fp32 from the rounded
 # inputs, so compare with the float64 reference on the same rounded values.
@@ -202,11 +202,11 @@ def test_opcheck_and_compile():
     torch.manual_seed(5)
     x = torch.randn(8, 37, requires_grad=True)
     a = torch.randint(0, 37, (8, 2))
-    torch.library.opcheck(log_prob_rows, (x, a, -100))
-    torch.library.opcheck(log_prob_rows, (x, None, None))
-    lp, ent, stats = log_prob_rows(x.detach(), a, -100)
-    torch.library.opcheck(log_prob_backward, (torch.ones(8, 2), torch.ones(8), x.detach(), a, stats, ent, -100))
-    torch.library.opcheck(log_prob_backward, (None, torch.ones(8), x.detach(), a, stats, ent, -100))
+    torch.library.opcheck(log_prob_op, (x, a, -100))
+    torch.library.opcheck(log_prob_op, (x, None, None))
+    lp, ent, stats = log_prob_op(x.detach(), a, -100)
+    torch.library.opcheck(log_prob_backward_op, (torch.ones(8, 2), torch.ones(8), x.detach(), a, stats, ent, -100))
+    torch.library.opcheck(log_prob_backward_op, (None, torch.ones(8), x.detach(), a, stats, ent, -100))
 
     def step(t, acts):
         lp, ent = pgest.log_prob(t, acts)
@@ -282,18 +282,18 @@ def test_sparse_and_uint64_inputs_get_a_message():
 
 
 def test_backward_op_checks_upstream_shapes():
-    from pgest.log_prob import log_prob_backward, log_prob_rows
+    from pgest.ops.log_prob import log_prob_backward_op, log_prob_op
 
     x = torch.randn(5, 4)
     a = torch.randint(0, 4, (5, 2))
-    lp, ent, st = log_prob_rows(x, a, -100)
+    lp, ent, st = log_prob_op(x, a, -100)
     with pytest.raises(ValueError, match=r"grad_log_prob must have shape \(5, 2\)"):
-        log_prob_backward(torch.ones(3), None, x, a, st, ent, -100)
+        log_prob_backward_op(torch.ones(3), None, x, a, st, ent, -100)
     with pytest.raises(ValueError, match=r"grad_entropy must have shape \(5,\)"):
-        log_prob_backward(None, torch.ones(5, 1), x, a, st, ent, -100)
+        log_prob_backward_op(None, torch.ones(5, 1), x, a, st, ent, -100)
     # a broadcast upstream gradient (stride 0) is read in place and equals the dense one
-    g_b = log_prob_backward(torch.ones(()).expand(5, 2), torch.full((), 0.5).expand(5), x, a, st, ent, -100)
-    g_d = log_prob_backward(torch.ones(5, 2), torch.full((5,), 0.5), x, a, st, ent, -100)
+    g_b = log_prob_backward_op(torch.ones(()).expand(5, 2), torch.full((), 0.5).expand(5), x, a, st, ent, -100)
+    g_d = log_prob_backward_op(torch.ones(5, 2), torch.full((5,), 0.5), x, a, st, ent, -100)
     assert torch.equal(g_b, g_d)
 
 

@@ -10,7 +10,7 @@ from conftest import FLOAT_DTYPES
 
 import pgest
 from pgest import _C, reference
-from pgest.sample import sample_native
+from pgest.ops.sample import sample_native
 
 ROWS = 16 * 3 + 5  # whole groups for W = 4, 8, 16, and a tail
 
@@ -152,8 +152,8 @@ def test_bad_action_inside_a_group_is_reported():
     actions2 = actions.clone()
     actions2[40] = 9
     # the backward checks the actions again (the registered op, called directly)
-    from pgest.log_prob import log_prob_rows
-    lp2, ent2, st = log_prob_rows(x.detach(), actions.view(-1, 1), None)
+    from pgest.ops.log_prob import log_prob_op
+    lp2, ent2, st = log_prob_op(x.detach(), actions.view(-1, 1), None)
     with pytest.raises(IndexError, match=r"actions\[40\] = 9"):
         torch.ops.pgest.log_prob_backward(torch.ones(ROWS, 1), None, x.detach(), actions2.view(-1, 1), st, ent2,
                                           None)

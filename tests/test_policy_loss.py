@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import pgest
-from pgest.policy_loss import policy_loss_backward, policy_loss_rows
+from pgest.ops.policy_loss import policy_loss_backward_op, policy_loss_op
 
 GRAD_TOL = {torch.float64: (1e-12, 1e-14), torch.float32: (1e-5, 1e-7),
             torch.float16: (1e-2, 1e-5), torch.bfloat16: (2e-2, 1e-4)}
@@ -48,12 +48,12 @@ def test_gradcheck_float64_with_entropy_and_samples():
     weights = torch.randn(5, 2, dtype=torch.float64)
 
     def f(x):
-        return policy_loss_rows(x, actions, weights, 0.3, -100, None, None)[0]
+        return policy_loss_op(x, actions, weights, 0.3, -100, None, None)[0]
 
     x = logits.detach().clone()
     x[1, 3] = -5.0  # gradcheck perturbs entries, so keep them finite here
     assert torch.autograd.gradcheck(f, (x.requires_grad_(),), eps=1e-6, atol=1e-8)
-    loss = policy_loss_rows(logits, actions, weights, 0.3, -100, None, None)[0].sum()
+    loss = policy_loss_op(logits, actions, weights, 0.3, -100, None, None)[0].sum()
     loss.backward()
     assert logits.grad[1, 3] == 0
     assert torch.isfinite(logits.grad).all()
@@ -139,11 +139,11 @@ def test_compile_fullgraph():
 def test_opcheck():
     logits, actions, adv = _inputs((8, 300))
     a2, w2 = actions[:, None], adv[:, None]
-    torch.library.opcheck(policy_loss_rows, (logits, a2, w2, 0.1, -100, None, None))
+    torch.library.opcheck(policy_loss_op, (logits, a2, w2, 0.1, -100, None, None))
     m = logits.detach().amax(-1)
     stats = torch.stack([m, torch.logsumexp(logits.detach() - m[:, None], -1)])
     ent = torch.distributions.Categorical(logits=logits.detach()).entropy()
-    torch.library.opcheck(policy_loss_backward, (torch.ones(8), logits.detach(), a2, w2, stats, ent, 0.1, -100))
+    torch.library.opcheck(policy_loss_backward_op, (torch.ones(8), logits.detach(), a2, w2, stats, ent, 0.1, -100))
 
 
 @pytest.mark.parametrize(

@@ -150,13 +150,13 @@ def test_bad_arguments(kw, exc, match):
 
 
 def test_opcheck_reinforce_weights():
-    from pgest.reinforce import reinforce_weights
+    from pgest.reinforce import reinforce_weights_op
 
     actions = torch.randint(0, 6, (5, 3))
     labels = torch.randint(0, 6, (5,))
     for kind, b in [(0, None), (2, torch.rand(5)), (3, None), (4, None)]:
-        torch.library.opcheck(reinforce_weights, (actions, labels, None, kind, 0.0, b, 6, [5], torch.float32))
-    torch.library.opcheck(reinforce_weights, (actions, None, torch.randn(6), 1, 0.5, None, 6, [5], torch.float64))
+        torch.library.opcheck(reinforce_weights_op, (actions, labels, None, kind, 0.0, b, 6, [5], torch.float32))
+    torch.library.opcheck(reinforce_weights_op, (actions, None, torch.randn(6), 1, 0.5, None, 6, [5], torch.float64))
 
 
 def test_registered_reinforce_weights_rejects_bad_arguments():

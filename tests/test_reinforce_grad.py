@@ -398,7 +398,7 @@ def test_rows_whose_max_moves_between_chunks(profile):
 
 def _rg_module():
     import sys
-    return sys.modules["pgest.reinforce_grad"]
+    return sys.modules["pgest.ops.reinforce_grad"]  # its warn-once state
 
 
 def test_float64_values_beyond_float32_say_so():
@@ -481,13 +481,13 @@ def test_registered_op_checks_its_arguments():
 
 
 def test_opcheck_and_compile_fullgraph():
-    from pgest.reinforce_grad import reinforce_grad_rows
+    from pgest.ops.reinforce_grad import reinforce_grad_op
 
     x = torch.randn(6, 5).log_softmax(-1)
     l = torch.randint(0, 5, (6,))
     seed = torch.tensor([123, 0])
-    torch.library.opcheck(reinforce_grad_rows, (x, l, None, 3, 0.0, None, 2, seed))
-    torch.library.opcheck(reinforce_grad_rows, (x, None, torch.rand(5), 2, 0.0, torch.rand(6), 1, seed))
+    torch.library.opcheck(reinforce_grad_op, (x, l, None, 3, 0.0, None, 2, seed))
+    torch.library.opcheck(reinforce_grad_op, (x, None, torch.rand(5), 2, 0.0, torch.rand(6), 1, seed))
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def step(x, l):

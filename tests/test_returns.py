@@ -121,10 +121,10 @@ def test_bad_input(call, exc, match):
 
 def test_opcheck():
     r, v, d, last = make(6, 4, torch.float32, "random")
-    from pgest.returns import _gae_op, _returns_op
+    from pgest.ops.returns import gae_op, returns_op
 
-    torch.library.opcheck(_returns_op, (r, d.to(torch.uint8), 0.9, last))
-    torch.library.opcheck(_gae_op, (r, v, d.to(torch.uint8), 0.9, 0.8, None))
+    torch.library.opcheck(returns_op, (r, d.to(torch.uint8), 0.9, last))
+    torch.library.opcheck(gae_op, (r, v, d.to(torch.uint8), 0.9, 0.8, None))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -74,7 +74,7 @@ def test_errors_name_the_row():
 def test_opcheck():
     x = torch.randn(6, 300)
     seed = pgest.philox.seed_tensor(None, x.device)
-    torch.library.opcheck(pgest.sample.__globals__["sample_rows"], (x, 3, seed))
+    torch.library.opcheck(pgest.ops.sample.sample_op, (x, 3, seed))
 
 
 @pytest.mark.parametrize("profile", ["rising", "late_jump"])
@@ -108,7 +108,7 @@ def test_rounding_gap_is_spread_by_mass_not_handed_to_one_entry(K, tiny_at, devi
     # in that gap on many rows. Here the chunk's last live group starts with a
     # token of probability ~1e-36 relative to the row: it must never be drawn
     # (the gap used to go to that group's first entry: thousands of draws).
-    from pgest.sample import sample_native
+    from pgest.ops.sample import sample_native
 
     torch.manual_seed(0)
     R = 4000
