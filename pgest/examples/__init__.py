@@ -1,6 +1,7 @@
 """Runnable examples of pgest inside training loops (also used by the
 ``pgest`` command and, at small sizes, by the tests). Their heavier
-dependencies live in the ``examples`` extra: ``pip install "pgest[examples]"``."""
+dependencies live in the ``examples`` extra: ``pip install ".[examples]"`` from
+a checkout (pgest is not on a package index)."""
 from __future__ import annotations
 
 import importlib
@@ -13,5 +14,5 @@ def require(module: str, extra: str = "examples"):
     except ImportError:
         raise SystemExit(
             f"this needs the optional dependency '{module.split('.')[0]}': "
-            f'pip install "pgest[{extra}]"  (or: pip install ".[{extra}]" in a checkout)'
+            f'pip install ".[{extra}]" in a checkout of pgest (or pip install {module.split(".")[0]})'
         ) from None
