@@ -82,6 +82,7 @@ def aggregate(values: Tensor, mask: Optional[Tensor] = None, mode: str = "token-
     """Reduce per-token values ``l`` (rows,) or (rows, T) to a scalar loss.
 
     Modes (names as in verl and TRL), with ``n`` rows (sequences) and ``m`` the mask:
+
       - ``token-mean``: sum(l m) / sum(m) (DAPO, Yu et al. 2025: every token
         weighs the same). ``normalizer``: the token count to divide by instead,
         e.g. the global count across data-parallel ranks.
@@ -94,6 +95,7 @@ def aggregate(values: Tensor, mask: Optional[Tensor] = None, mode: str = "token-
         constant L (Dr. GRPO, Liu et al. 2025: no length bias). L is
         ``normalizer``, or T (the padded length) when it is None; with a
         ``process_group`` T is the longest padded length over the ranks.
+
     An unknown mode, a non-positive normalizer, or a mask of another shape raises.
 
     Masked positions are selected out, never multiplied by 0: NaN or inf
