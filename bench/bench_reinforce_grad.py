@@ -1,4 +1,4 @@
-"""reinforce_grad vs the seed's listing, the compiled formulation and a copy,
+"""reinforce_grad vs the reference recipe, the compiled formulation and a copy,
 timed in alternation (pgest.benchmarks.interleaved_medians: this machine's
 speed drifts by more than the gaps between tests).
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import pgest
-from pgest.benchmarks import compiled, gumbel_formulation, record_interleaved, seed_listing
+from pgest.benchmarks import compiled, gumbel_formulation, record_interleaved
+from pgest.reference import recipe_step
 
 # no pool of compile workers busy in the background while timing
 torch._inductor.config.compile_threads = 1
@@ -34,7 +35,7 @@ def test_reinforce_grad(benchmark, shape, dtype):
     log_probs, labels, baseline = make(*shape, DTYPES[dtype])
     f = compiled(gumbel_formulation)
     fns = {"pgest": lambda: pgest.reinforce_grad(log_probs, labels, baseline=baseline),
-           "seed": lambda: seed_listing(log_probs, labels, baseline),
+           "recipe": lambda: recipe_step(log_probs, labels, baseline),
            "compiled": lambda: f(log_probs, labels, baseline),
            "copy": lambda: log_probs.clone()}
     record_interleaved(benchmark, "reinforce_grad", shape, dtype, fns)

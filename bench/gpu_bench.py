@@ -1,4 +1,4 @@
-"""GPU benchmarks of every op against the seed's listing (eager, on the GPU),
+"""GPU benchmarks of every op against the reference recipe (eager, on the GPU),
 the compiled pure-PyTorch formulation and, for policy_loss, Liger-Kernel's
 cross entropy where it is installed; plus the device-to-device copy bandwidth.
 Bytes moved count every input read once and every output written once.
@@ -14,6 +14,7 @@ import torch
 
 import pgest
 from pgest import benchmarks as B
+from pgest.reference import recipe_step
 
 SHAPES = [((256, 32000), "fp32"), ((8192, 128256), "bf16"), ((4096, 10), "fp32")]
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -59,7 +60,7 @@ def main():
         lp = x.float().log_softmax(-1).to(dt)
         cases = {
             ("reinforce_grad", "pgest"): (lambda: pgest.reinforce_grad(lp, labels, baseline=base), 2 * nbytes),
-            ("reinforce_grad", "seed"): (lambda: B.seed_listing(lp, labels, base), 2 * nbytes),
+            ("reinforce_grad", "recipe"): (lambda: recipe_step(lp, labels, base), 2 * nbytes),
             ("reinforce_grad", "compiled"): (lambda: B.compiled(B.gumbel_formulation)(lp, labels, base), 2 * nbytes),
             ("sample", "pgest"): (lambda: pgest.sample(x), nbytes),
             ("policy_loss fwd", "pgest"): (lambda: pgest.policy_loss(x, labels, adv), nbytes),

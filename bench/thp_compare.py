@@ -19,7 +19,8 @@ def measure() -> list:
     import torch
 
     import pgest
-    from pgest.benchmarks import eager_policy_loss, median_seconds, seed_listing, train_step
+    from pgest.benchmarks import eager_policy_loss, median_seconds, train_step
+    from pgest.reference import recipe_step
 
     rows = []
     for B, K in SHAPES:
@@ -31,14 +32,14 @@ def measure() -> list:
         x = logits.clone().requires_grad_()
         cases = {
             ("reinforce_grad", "pgest"): lambda: pgest.reinforce_grad(log_probs, labels, baseline=baseline),
-            ("reinforce_grad", "seed"): lambda: seed_listing(log_probs, labels, baseline),
+            ("reinforce_grad", "recipe"): lambda: recipe_step(log_probs, labels, baseline),
             ("policy_loss fwd+bwd", "pgest"): train_step(lambda a, b, c: pgest.policy_loss(a, b, c), x, labels, adv),
             ("policy_loss fwd+bwd", "eager"): train_step(eager_policy_loss, x, labels, adv),
             ("copy", "clone"): lambda: logits.clone(),
         }
         for (op, provider), fn in cases.items():
-            if op == "reinforce_grad" and provider == "seed" and B * K > 8_000_000:
-                continue  # the seed's listing at 4096 x 32000 takes seconds a call
+            if op == "reinforce_grad" and provider == "recipe" and B * K > 8_000_000:
+                continue  # the reference recipe at 4096 x 32000 takes seconds a call
             rows.append({"op": op, "provider": provider, "shape": [B, K], "dtype": "fp32",
                          "seconds": median_seconds(fn, repeats=9)})
     return rows

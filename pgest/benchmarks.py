@@ -2,7 +2,7 @@
 
 Providers (the same ones the pytest-benchmark files in ``bench/`` record):
 
-- ``seed``: the seed's listing, steps 2-3, in eager PyTorch (multinomial, one_hot).
+- ``recipe``: the reference recipe (pgest.reference.recipe_step), in eager PyTorch (multinomial, one_hot).
 - ``compiled``: the best pure-PyTorch formulation we know, under torch.compile
   (Gumbel-max sampling and a comparison one-hot; log_softmax + gather for losses).
 - ``eager``: log_softmax + gather + backward in eager PyTorch.
@@ -24,18 +24,9 @@ import torch
 import torch.nn.functional as F
 
 import pgest
+from pgest.reference import recipe_step
 
 # ---- providers ----------------------------------------------------------------
-
-def seed_listing(log_probs, labels, baseline):
-    batch_size, n_classes = log_probs.shape
-    with torch.no_grad():
-        actions = torch.multinomial(torch.exp(log_probs.float()), 1).view(-1)
-        rewards = (actions == labels).float()
-        gradients = (baseline - rewards) / batch_size
-        one_hot_gradients = gradients[:, None] * F.one_hot(actions, n_classes)
-    return actions, rewards, one_hot_gradients.to(log_probs.dtype)
-
 
 def gumbel_formulation(log_probs, labels, baseline):
     u = torch.rand(log_probs.shape, dtype=torch.float32, device=log_probs.device)
@@ -57,7 +48,7 @@ def ce_policy_loss(logits, actions, adv):
 
 
 def eager_reinforce(logits, labels, num_samples: int = 4):
-    """The seed's steps 1-3 on logits with S samples and a leave-one-out baseline."""
+    """The reference recipe's steps 1-3 on logits with S samples and a leave-one-out baseline."""
     log_probs = torch.log_softmax(logits.float(), -1)
     with torch.no_grad():
         actions = torch.multinomial(log_probs.exp(), num_samples, replacement=True)
@@ -308,7 +299,7 @@ def run(quick: bool = False, with_compiled: Optional[bool] = None, repeats: int 
             f = compiled(gumbel_formulation) if with_compiled else None
             record("reinforce_grad", shape, dname, {
                 "pgest": lambda: pgest.reinforce_grad(log_probs, labels, baseline=baseline),
-                "seed": lambda: seed_listing(log_probs, labels, baseline),
+                "recipe": lambda: recipe_step(log_probs, labels, baseline),
                 "compiled": f and (lambda: f(log_probs, labels, baseline)),
                 "copy": lambda: log_probs.clone()})
     for shape in (QUICK_SHAPES if quick else LOSS_SHAPES):

@@ -3,10 +3,10 @@
     pgest info                      what this build contains and what it runs on
     pgest demo [--steps N] [--plot FILE.png]
                                     guess-the-label training: policy gradient through
-                                    pgest vs cross entropy, and pgest's step vs the seed's
+                                    pgest vs cross entropy, and pgest's step vs the reference recipe's
     pgest bench [--quick] [--json FILE] [--plot FILE.png]
                                     the microbenchmarks as a table
-    pgest compare                   reinforce_grad vs the seed's listing, four shapes
+    pgest compare                   reinforce_grad vs the reference recipe, four shapes
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def bench(args) -> None:
 
 
 def compare(args) -> None:
-    from pgest.reference import seed_step
+    from pgest.reference import recipe_step
 
     def median_ms(fn):
         fn()
@@ -86,7 +86,7 @@ def compare(args) -> None:
             times.append(time.perf_counter() - t0)
         return statistics.median(times) * 1e3
 
-    print("reinforce_grad vs the seed's listing (multinomial + one_hot), fp32, medians:")
+    print("reinforce_grad vs the reference recipe (multinomial + one_hot), fp32, medians:")
     print(f"{'shape (B, K)':>16} {'pgest':>10} {'seed':>10} {'speed-up':>9}  same gradient formula")
     for B, K in [(4096, 10), (1024, 1000), (256, 32000), (64, 128000)]:
         g = torch.Generator().manual_seed(0)
@@ -94,7 +94,7 @@ def compare(args) -> None:
         labels = torch.randint(0, K, (B,), generator=g)
         baseline = torch.rand(B, generator=g)
         ours = median_ms(lambda: pgest.reinforce_grad(log_probs, labels, baseline=baseline))
-        seed = median_ms(lambda: seed_step(log_probs, labels, baseline))
+        seed = median_ms(lambda: recipe_step(log_probs, labels, baseline))
         out = pgest.reinforce_grad(log_probs, labels, baseline=baseline)
         expected = ((baseline - out.rewards) / B)[:, None] * torch.nn.functional.one_hot(out.actions, K)
         same = torch.allclose(out.grad, expected, rtol=1e-6, atol=0)
@@ -116,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart")
     p.add_argument("-v", "--verbose", action="store_true", help="say what is being measured")
     p.set_defaults(fn=bench)
-    p = sub.add_parser("compare", help="reinforce_grad vs the seed's listing on four shapes")
+    p = sub.add_parser("compare", help="reinforce_grad vs the reference recipe on four shapes")
     p.add_argument("--repeats", type=int, default=7)
     p.set_defaults(fn=compare)
     args = parser.parse_args(argv)

@@ -37,7 +37,7 @@ def policy_loss(
     reduction: str = "mean",
 ) -> Tensor:
     """Policy-gradient surrogate loss: ``-advantage * log softmax(logits)[action]``
-    per row, plus ``entropy_weight * sum(p log p)`` (the seed's regulariser),
+    per row, plus ``entropy_weight * sum(p log p)`` (the reference recipe's regulariser),
     reduced like :func:`torch.nn.functional.cross_entropy`.
 
     With advantages all 1 and actions = labels this is cross entropy, gradient

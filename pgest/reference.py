@@ -1,4 +1,4 @@
-"""The seed's algorithm in plain PyTorch, written for clarity, not speed.
+"""The reference recipe's algorithm in plain PyTorch, written for clarity, not speed.
 
 Everything here is computed in float64 from the row-normalised
 log-probabilities. Given the uniforms a kernel drew
@@ -62,7 +62,7 @@ def reinforce_grad(
     generator: Optional[torch.Generator] = None,
 ) -> ReinforceGrad:
     """Reference for :func:`pgest.reinforce_grad`. With ``uniforms`` (B, S)
-    it samples by inverse CDF; without, by ``torch.multinomial`` like the seed."""
+    it samples by inverse CDF; without, by ``torch.multinomial`` like the reference recipe."""
     B, K = log_probs.shape
     lp = log_probs.detach()
     if uniforms is None:
@@ -72,7 +72,7 @@ def reinforce_grad(
         actions = sample_inverse_cdf(lp, uniforms.view(B, num_samples))
     rewards = rewards_of(actions, labels, reward_table)
     b = baseline_values(rewards, baseline)
-    # The seed's step 3: (baseline - reward) / batch_size at the sampled action,
+    # The reference recipe's step 3: (baseline - reward) / batch_size at the sampled action,
     # summed over samples (scatter_add: two samples may pick the same action).
     coef = (b - rewards) / (B * num_samples)
     grad = torch.zeros((B, K), dtype=torch.float64).scatter_add_(1, actions, coef).to(log_probs.dtype)
@@ -81,14 +81,21 @@ def reinforce_grad(
     return ReinforceGrad(actions, rewards.float(), grad)
 
 
-def seed_step(log_probs: torch.Tensor, labels: torch.Tensor, baseline: torch.Tensor,
-              generator: Optional[torch.Generator] = None):
-    """The seed's listing, steps 2-3, verbatim in spirit: multinomial sampling,
-    label reward, one-hot gradient. Returns (actions, rewards, one_hot_gradients)."""
+def recipe_step(log_probs: torch.Tensor, labels: torch.Tensor, baseline: torch.Tensor,
+                generator: Optional[torch.Generator] = None):
+    """The reference recipe: the four-step PyTorch listing pgest.reinforce_grad
+    replaces (the project's source document), steps 1-3 as written there:
+    multinomial sampling of exp(log_probs), label reward, one-hot gradient
+    (baseline - reward) / B. Returns (actions, rewards, one_hot_gradients),
+    the gradient in the dtype of ``log_probs`` (the sampling in float32 for
+    16-bit inputs, which multinomial does not take)."""
     batch_size, n_classes = log_probs.shape
     with torch.no_grad():
-        actions = torch.multinomial(torch.exp(log_probs), 1, generator=generator).view(-1)
+        actions = torch.multinomial(torch.exp(log_probs.float()), 1, generator=generator).view(-1)
         rewards = (actions == labels).float()
         gradients = (baseline - rewards) / batch_size
         one_hot_gradients = gradients[:, None] * torch.nn.functional.one_hot(actions, n_classes)
-    return actions, rewards, one_hot_gradients
+    return actions, rewards, one_hot_gradients.to(log_probs.dtype)
+
+
+seed_step = recipe_step  # the name it had before "seed" meant only random seeds

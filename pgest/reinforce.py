@@ -5,7 +5,7 @@ writes the gradient once.
 
 The loss is  mean_i [ sum_s (b_is - r_is) / S * log p(a_is) ] - entropy_weight * mean_i H_i,
 whose gradient w.r.t. the logits is the mean over rows and samples of
-(b - r)(onehot(a) - softmax) plus the entropy term: what the seed's steps 1-4
+(b - r)(onehot(a) - softmax) plus the entropy term: what the reference recipe's steps 1-4
 produce through log_softmax.
 """
 from __future__ import annotations
@@ -167,7 +167,7 @@ def reinforce(
     (...,) or ``reward_table`` (..., K) / (K,); ``baseline`` None, a float, a
     (...,) tensor (not differentiated), ``"mean"`` or ``"rloo"``;
     ``entropy_weight`` adds ``entropy_weight * sum(p log p)`` averaged over rows
-    (the seed's regulariser).
+    (the reference recipe's regulariser).
 
     Returns:
         ``Reinforce(loss, actions, rewards, log_prob, entropy)``:

@@ -1,4 +1,4 @@
-"""pgest.reinforce_grad: the seed's policy-gradient step, fused.
+"""pgest.reinforce_grad: the reference recipe's policy-gradient step, fused.
 
 Samples actions from each row of log-probabilities, rewards them, subtracts a
 baseline and returns the one-hot score gradient that ``log_probs.backward``
@@ -46,7 +46,7 @@ def reinforce_grad(
             rows are not normalised; use :func:`pgest.reinforce` to work on
             logits.
         labels: (B,) integer labels; reward 1.0 where the action equals the
-            label, else 0.0 (the seed's "guess the label" reward).
+            label, else 0.0 (the reference recipe's "guess the label" reward).
         reward_table: instead of labels, a (B, K) or (K,) float table; the
             reward of action a in row i is ``reward_table[i, a]``.
         baseline: None (0), a float, a (B,) tensor (a value head's output, used
@@ -63,7 +63,7 @@ def reinforce_grad(
         rewards of shape (B,) when S == 1, else (B, S); ``grad`` (B, K) in the
         dtype of ``log_probs`` holding ``sum_s (b_is - r_is) / (B * S)`` at each
         sampled action and 0 elsewhere. ``log_probs.backward(grad)`` is then the
-        seed's step 3.
+        reference recipe's step 4.
 
     Under ``torch.compile`` (``fullgraph=True`` included) and on CUDA the call
     goes through the registered op ``pgest::reinforce_grad``, which checks its

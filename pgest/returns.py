@@ -24,7 +24,7 @@ def discounted_returns(rewards: Tensor, dones: Tensor, gamma: float,
         rewards: (T, B) float32/float64, time-major.
         dones: (T, B) bool (or 0/1): the episode ended after rewards[t].
         gamma: discount in [0, 1]; with gamma = 1 and no dones this is the plain
-            reward-to-go of the seed.
+            reward-to-go of the reference recipe.
         last_value: (B,) value of the state after the last step, for a rollout
             cut off mid-episode; 0 when None.
 

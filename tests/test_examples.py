@@ -77,7 +77,7 @@ def test_cli_bench_quick(tmp_path):
     import json
 
     rows = json.loads(js.read_text())["rows"]
-    assert {r["provider"] for r in rows} >= {"pgest", "seed", "eager", "copy"}
+    assert {r["provider"] for r in rows} >= {"pgest", "recipe", "eager", "copy"}
 
 
 def test_console_script_is_installed():

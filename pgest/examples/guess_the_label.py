@@ -1,10 +1,10 @@
-"""Guess the label: the seed's policy-gradient experiment on scikit-learn's
+"""Guess the label: the reference recipe's policy-gradient experiment on scikit-learn's
 8x8 digits.
 
 An MLP with n_classes + 1 outputs plays a bandit: it samples a class, is told
 only whether it was right (reward 1 or 0), subtracts a learned sigmoid
 baseline (trained with binary cross entropy), adds an entropy regulariser, and
-trains through ``pgest.reinforce_grad`` exactly as the seed's listing does. The
+trains through ``pgest.reinforce_grad`` exactly as the reference recipe does. The
 same MLP trained with cross entropy on the labels runs beside it.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import pgest
 from pgest.examples import require
-from pgest.reference import seed_step
+from pgest.reference import recipe_step
 
 N_CLASSES = 10
 
@@ -49,8 +49,8 @@ def accuracy(model, x, y) -> float:
 
 
 def pg_step(model, opt, inputs, labels, entropy_weight: float, estimator: str = "pgest") -> float:
-    """One training step of the seed's listing; the estimator (steps 2-3) is
-    pgest.reinforce_grad or, for comparison, the seed's own PyTorch code.
+    """One training step of the reference recipe; the estimator (steps 2-3) is
+    pgest.reinforce_grad or, for comparison, the reference recipe's own PyTorch code.
     Returns the seconds spent in the estimator."""
     batch_size = labels.shape[0]
     # 1. log-probabilities and the baseline
@@ -62,7 +62,7 @@ def pg_step(model, opt, inputs, labels, entropy_weight: float, estimator: str = 
     if estimator == "pgest":
         actions, rewards, grad = pgest.reinforce_grad(log_probs, labels, baseline=baseline)
     else:
-        actions, rewards, grad = seed_step(log_probs.detach(), labels, baseline.detach())
+        actions, rewards, grad = recipe_step(log_probs.detach(), labels, baseline.detach())
     spent = time.perf_counter() - t0
     opt.zero_grad()
     log_probs.backward(grad, retain_graph=True)
@@ -83,7 +83,7 @@ def ce_step(model, opt, inputs, labels) -> None:
 def run(steps: int = 3000, batch_size: int = 256, lr: float = 1e-3, entropy_weight: float = 0.01,
         seed: int = 0, eval_every: int = 100, progress: bool = False) -> Dict:
     """Train both models for ``steps`` minibatches; returns accuracies, curves
-    and the estimator's time against the seed's listing."""
+    and the estimator's time against the reference recipe."""
     x_tr, y_tr, x_te, y_te = load_digits(seed)
     pg_model, ce_model = make_model(seed), make_model(seed)
     pg_opt = torch.optim.Adam(pg_model.parameters(), lr=lr)
@@ -114,7 +114,7 @@ def run(steps: int = 3000, batch_size: int = 256, lr: float = 1e-3, entropy_weig
         bar.close()
     wall = time.perf_counter() - t_start
 
-    # The estimator alone, pgest against the seed's listing, on the same batches.
+    # The estimator alone, pgest against the reference recipe, on the same batches.
     seed_model = make_model(seed)
     seed_opt = torch.optim.Adam(seed_model.parameters(), lr=lr)
     reps = min(steps, 300)
@@ -156,7 +156,7 @@ def report(result: Dict) -> str:
             f"cross entropy {result['cross_entropy_accuracy']:.3f} ({result['seconds']:.1f} s)\n"
             f"estimator step (sample, reward, one-hot gradient; batch {result['batch_size']} x 10): "
             f"pgest {us['pgest']:.1f} us, "
-            f"seed's listing {us['seed']:.1f} us ({us['seed'] / us['pgest']:.1f}x faster)")
+            f"reference recipe {us['seed']:.1f} us ({us['seed'] / us['pgest']:.1f}x faster)")
 
 
 def main(argv: Optional[list] = None) -> Dict:
