@@ -12,8 +12,8 @@ from . import _native  # noqa: F401, I001  (first: a clear error if the native m
 from . import _C, baselines, objectives, philox
 from .categorical import Categorical
 from .device_errors import check_errors, set_sync_errors, sync_errors
-from .linear_head import LinearLogProb, LinearSample, linear_log_prob, linear_sample
-from .linear_policy_loss import linear_policy_loss
+from .linear.head import LinearLogProb, LinearSample, linear_log_prob, linear_sample
+from .linear.policy_loss import linear_policy_loss
 from .log_prob import LogProb, entropy, log_prob
 from .policy_loss import policy_loss
 from .reinforce import Reinforce, reinforce

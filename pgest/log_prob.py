@@ -53,7 +53,7 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
             vocabulary is split: each rank passes its contiguous shard
             (..., V_r) in rank order (sizes may differ) and the same global
             ``actions``; every rank gets the same results, and the gradient
-            of its shard (pgest/vocab_parallel.py). None: no torch.distributed.
+            of its shard (pgest/distributed/vocab_parallel.py). None: no torch.distributed.
 
     Returns:
         ``LogProb(log_prob, entropy)``: ``log_prob`` of the shape of
@@ -67,7 +67,7 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
     lanes merged in fp64 (fp64 throughout for fp64 logits).
     """
     if process_group is not None:
-        from .vocab_parallel import log_prob as vocab_parallel
+        from .distributed.vocab_parallel import log_prob as vocab_parallel
 
         return LogProb(*vocab_parallel(logits, actions, ignore_index, process_group, True))
     check_logits(logits)
@@ -88,7 +88,7 @@ def entropy(logits: Tensor, *, process_group=None) -> Tensor:
     in one read of the logits (float32 for 16-bit logits). ``process_group``:
     vocabulary shards, as for :func:`log_prob`."""
     if process_group is not None:
-        from .vocab_parallel import log_prob as vocab_parallel
+        from .distributed.vocab_parallel import log_prob as vocab_parallel
 
         return vocab_parallel(logits, None, None, process_group, False)[1]
     check_logits(logits)

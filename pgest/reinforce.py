@@ -18,8 +18,7 @@ from torch import Tensor
 
 from . import _checks, _status, device_errors
 from ._checks import check_entropy_weight, check_index_dtype, check_logits, check_num_samples
-from ._rewards import check_reward_args
-from ._rewards import resolve_baseline as resolve_baseline
+from ._rewards import check_reward_args, resolve_baseline
 from .ops.log_prob import rows_of
 from .ops.policy_loss import loss_rows
 from .ops.sample import draw_rows

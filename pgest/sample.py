@@ -49,7 +49,7 @@ def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Gener
     every rank gets the same actions (global ids), log-probs and entropies.
     """
     if process_group is not None:
-        from .vocab_parallel import sample as vocab_parallel
+        from .distributed.vocab_parallel import sample as vocab_parallel
 
         lead = logits.shape[:-1] if isinstance(logits, Tensor) else ()
         actions, log_prob, entropy = vocab_parallel(logits, num_samples, generator, process_group)

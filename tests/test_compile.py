@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import pgest
-from pgest.linear_head import linear_log_prob_backward_op, linear_log_prob_op, linear_sample_op
-from pgest.linear_policy_loss import linear_policy_loss_op
+from pgest.linear.head import linear_log_prob_backward_op, linear_log_prob_op, linear_sample_op
+from pgest.linear.policy_loss import linear_policy_loss_op
 from pgest.ops.log_prob import log_prob_backward_op, log_prob_op
 from pgest.ops.policy_loss import policy_loss_backward_op, policy_loss_op
 from pgest.ops.reinforce_grad import reinforce_grad_op

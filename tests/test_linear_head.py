@@ -254,7 +254,7 @@ def test_never_allocates_the_logits():
 
 
 def test_opcheck_and_compile():
-    from pgest.linear_head import linear_log_prob_backward_op, linear_log_prob_op
+    from pgest.linear.head import linear_log_prob_backward_op, linear_log_prob_op
 
     hidden, weight, bias = make(6, 4, 10, dtype=torch.float32)
     a = torch.randint(0, 10, (6, 2))

@@ -226,7 +226,7 @@ def test_bad_input_messages():
 
 
 def test_registered_op_opcheck_and_compile():
-    from pgest.linear_policy_loss import linear_policy_loss_op
+    from pgest.linear.policy_loss import linear_policy_loss_op
 
     hidden, weight, bias = make(6, 4, 10, dtype=torch.float32)
     a = torch.randint(0, 10, (6, 2))

@@ -405,5 +405,5 @@ def test_no_group_never_imports_torch_distributed_path(tmp_path):
 
     code = ("import sys, torch, pgest; x = torch.randn(4, 5, requires_grad=True); "
             "lp, e = pgest.log_prob(x, torch.zeros(4, dtype=torch.long)); (lp.sum() + e.sum()).backward(); "
-            "pgest.sample(x); assert 'pgest.vocab_parallel' not in sys.modules")
+            "pgest.sample(x); assert 'pgest.distributed.vocab_parallel' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)  # the installed pgest, not a checkout's

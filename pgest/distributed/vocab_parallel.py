@@ -8,7 +8,7 @@ vocabulary:
    any rank raises on every rank instead of leaving the others waiting;
 2. an all_gather of each rank's per-row (max, log Z, entropy) of its shard
    (pgest's native row kernel), merged on every rank in rank order
-   (pgest/row_merge.py), so every rank holds the same bits;
+   (row_merge.py), so every rank holds the same bits;
 3. one all_reduce (sum) of the chosen tokens' logits, nonzero only on the
    rank that owns each token (a sum of one value and zeros: exact).
 
@@ -32,13 +32,20 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _checks, _status
-from ._checks import actions_per_row, check_generator, check_ignore_index, check_logits, check_num_samples, index_tensor
-from .device_errors import checked_now
-from .ops.log_prob import backward_rows, refuse_double_backward, rows_of
-from .ops.sample import sample_native
-from .philox import cpu_seed, seed_tensor
-from .philox import uniforms as philox_uniforms
+from .. import _checks, _status
+from .._checks import (
+    actions_per_row,
+    check_generator,
+    check_ignore_index,
+    check_logits,
+    check_num_samples,
+    index_tensor,
+)
+from ..device_errors import checked_now
+from ..ops.log_prob import backward_rows, refuse_double_backward, rows_of
+from ..ops.sample import sample_native
+from ..philox import cpu_seed, seed_tensor
+from ..philox import uniforms as philox_uniforms
 from .row_merge import Merged, piece_masses, piece_stats, place_draws, sums
 
 

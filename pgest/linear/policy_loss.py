@@ -31,16 +31,24 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _checks, _status
-from ._apply import fast_apply
-from ._checks import check_actions_range as check_actions_range
-from ._checks import check_entropy_weight, check_ignore_index, check_needs, check_token_actions, index_tensor
-from ._checks import check_head as check_head
-from ._checks import check_head_rows as check_head_rows
-from ._checks import check_tile as check_tile
-from ._checks import check_weights as check_weights
-from ._vmap import register_per_element
-from .linear_head import (
+from .. import _checks, _status
+from .._apply import fast_apply
+from .._checks import (
+    check_actions_range,
+    check_entropy_weight,
+    check_head,
+    check_head_rows,
+    check_ignore_index,
+    check_needs,
+    check_tile,
+    check_token_actions,
+    check_weights,
+    index_tensor,
+)
+from .._vmap import register_per_element
+from ..ops.log_prob import batched_upstream, creating_graph, functorch_active, traced
+from ..ops.policy_loss import REDUCTIONS, count_actions, weighted_log_probs
+from .head import (
     NEVER_BUILT,
     chosen_logits,
     head_grads_in_torch_ops,
@@ -53,8 +61,6 @@ from .linear_head import (
     token_tile_grads,
     token_tile_stats,
 )
-from .ops.log_prob import batched_upstream, creating_graph, functorch_active, traced
-from .ops.policy_loss import REDUCTIONS, count_actions, weighted_log_probs
 
 # The fused route keeps one token tile's logits over the whole vocabulary,
 # a vocabulary tile's gradient and the tile's hidden gradient (all in the

@@ -1,6 +1,6 @@
 """Row statistics of a vocabulary split into pieces, merged: the tiles of the
-fused linear head (pgest/linear_head.py) and the shards of a
-vocabulary-parallel head (pgest/vocab_parallel.py) both reduce to this.
+fused linear head (pgest/linear/head.py) and the shards of a
+vocabulary-parallel head (pgest/distributed/vocab_parallel.py) both reduce to this.
 
 Each piece of a row gives (max m_p, log Z_p, entropy H_p) from pgest's native
 row kernel. With D = sum e^(x - M) (x - M), so that D_p = Z_p (log Z_p - H_p):
@@ -21,9 +21,9 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _checks
-from .device_errors import checked_now
-from .ops.log_prob import forward_rows
+from .. import _checks
+from ..device_errors import checked_now
+from ..ops.log_prob import forward_rows
 
 
 def piece_stats(x: Tensor, row0: Union[int, Tensor] = 0, col0: int = 0, what: str = "", probe: Optional[Tensor] = None

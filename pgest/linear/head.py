@@ -29,8 +29,8 @@ from typing import List, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _checks, _status
-from ._checks import (
+from .. import _checks, _status
+from .._checks import (
     check_actions_range,
     check_generator,
     check_head,
@@ -43,9 +43,10 @@ from ._checks import (
     check_token_actions,
     index_tensor,
 )
-from ._vmap import register_per_element, register_refusal
-from .device_errors import checked_now
-from .ops.log_prob import (
+from .._vmap import register_per_element, register_refusal
+from ..device_errors import checked_now
+from ..distributed.row_merge import Merged, piece_masses, piece_stats, place_draws
+from ..ops.log_prob import (
     backward_rows,
     creating_graph,
     functorch_active,
@@ -54,10 +55,9 @@ from .ops.log_prob import (
     tangent_in_torch_ops,
     traced,
 )
-from .ops.sample import sample_native
-from .philox import cpu_seed, seed_tensor
-from .philox import uniforms as philox_uniforms
-from .row_merge import Merged, piece_masses, piece_stats, place_draws
+from ..ops.sample import sample_native
+from ..philox import cpu_seed, seed_tensor
+from ..philox import uniforms as philox_uniforms
 
 # Tile sizes (tokens, vocabulary); override per call with token_tile= /
 # vocab_tile=. CPU: measured at (2048 tokens, H 1024, V 32000) fp32 fwd+bwd on
@@ -627,7 +627,7 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
 
 
 def _shard(weight, group, hidden, error, seed: int = 0):
-    from .vocab_parallel import Shard
+    from ..distributed.vocab_parallel import Shard
 
     size = weight.shape[0] if error is None else 0
     dev = hidden.device if isinstance(hidden, Tensor) else torch.device("cpu")
