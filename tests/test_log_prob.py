@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FLOAT_DTYPES
+from helpers import FLOAT_DTYPES, devices
 
 import pgest
 from pgest.ops.log_prob import log_prob_backward_op, log_prob_op
@@ -34,33 +34,35 @@ def _reference(x64, actions, ignore_index=-100):
     return (lp if actions.dim() == x64.dim() else lp.squeeze(-1)), ent
 
 
+@devices()
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape,S", [((16, 7), None), ((4, 3, 300), None), ((9, 1000), 3), ((5, 1), 2)])
-def test_values_and_weighted_gradients_match_log_softmax(dtype, shape, S):
+def test_values_and_weighted_gradients_match_log_softmax(dtype, shape, S, device):
     torch.manual_seed(0)
-    x = (torch.randn(shape, dtype=torch.float64) * 3).to(dtype)
+    x_cpu = (torch.randn(shape, dtype=torch.float64) * 3).to(dtype)
     K = shape[-1]
     actions = torch.randint(0, K, shape[:-1] + ((S,) if S else ()))
-    xr = x.detach().to(torch.float64).requires_grad_()
+    xr = x_cpu.detach().to(torch.float64).requires_grad_()
     lp_ref, ent_ref = _reference(xr, actions)
-    x.requires_grad_()
-    lp, ent = pgest.log_prob(x, actions)
-    assert lp.shape == actions.shape and ent.shape == shape[:-1]
+    x = x_cpu.to(device).requires_grad_()
+    a = actions.to(device)
+    lp, ent = pgest.log_prob(x, a)
+    assert lp.shape == actions.shape and ent.shape == shape[:-1] and lp.device == x.device
     assert lp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    torch.testing.assert_close(lp.double(), lp_ref.detach(), **TOL[dtype])
-    torch.testing.assert_close(ent.double(), ent_ref.detach(), **TOL[dtype])
+    torch.testing.assert_close(lp.double().cpu(), lp_ref.detach(), **TOL[dtype])
+    torch.testing.assert_close(ent.double().cpu(), ent_ref.detach(), **TOL[dtype])
     w_lp = torch.randn(lp.shape, dtype=torch.float64)
     w_h = torch.randn(ent.shape, dtype=torch.float64)
     for use_lp, use_h in [(True, True), (True, False), (False, True)]:
         x.grad, xr.grad = None, None
-        lp, ent = pgest.log_prob(x, actions)
+        lp, ent = pgest.log_prob(x, a)
         lp_ref, ent_ref = _reference(xr, actions)
-        loss = (lp.double() * w_lp).sum() * use_lp + (ent.double() * w_h).sum() * use_h
+        loss = (lp.double().cpu() * w_lp).sum() * use_lp + (ent.double().cpu() * w_h).sum() * use_h
         ref = (lp_ref * w_lp).sum() * use_lp + (ent_ref * w_h).sum() * use_h
         loss.backward()
         ref.backward()
         assert x.grad.dtype == dtype
-        torch.testing.assert_close(x.grad.double(), xr.grad, **GRAD_TOL[dtype])
+        torch.testing.assert_close(x.grad.double().cpu(), xr.grad, **GRAD_TOL[dtype])
 
 
 def test_gradcheck_float64_both_outputs():

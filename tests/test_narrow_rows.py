@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import FLOAT_DTYPES
+from helpers import FLOAT_DTYPES
 
 import pgest
 from pgest import _C, reference

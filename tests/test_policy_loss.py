@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import devices
 
 import pgest
 from pgest.ops.policy_loss import policy_loss_backward_op, policy_loss_op
@@ -22,14 +23,16 @@ def _inputs(shape, dtype=torch.float32, seed=0, requires_grad=True):
     return logits, actions, adv
 
 
+@devices()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", [(64, 10), (4, 6, 1000), (3, 2500)])
-def test_equals_cross_entropy_with_unit_advantages(dtype, reduction, shape):
+def test_equals_cross_entropy_with_unit_advantages(dtype, reduction, shape, device):
     logits, labels, _ = _inputs(shape, dtype)
-    labels = labels.clone()
+    logits = logits.detach().to(device).requires_grad_()
+    labels = labels.to(device)
     labels.view(-1)[::5] = -100  # ignored rows
-    ours = pgest.policy_loss(logits, labels, torch.ones(labels.shape), reduction=reduction)
+    ours = pgest.policy_loss(logits, labels, torch.ones(labels.shape, device=device), reduction=reduction)
     (ours.sum()).backward()
     g_ours, logits.grad = logits.grad.clone(), None
     x = logits.float() if dtype != torch.float64 else logits

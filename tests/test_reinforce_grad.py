@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FLOAT_DTYPES, TOL, run_with_noise
+from helpers import FLOAT_DTYPES, TOL, run_with_noise
 
 import pgest
 from pgest import _C, reference

@@ -1,0 +1,40 @@
+"""What the tests share: dtypes, tolerances, the devices present, and the
+uniforms an op drew. (Fixtures and options are in conftest.py.)"""
+import pytest
+import torch
+
+import pgest
+
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+# Gradient tolerances per dtype, in one place: kernel and reference both form
+# each entry in float64 and round once, so they differ only where a float64
+# sum (the batch mean) is taken in another order.
+TOL = {
+    torch.float64: dict(rtol=1e-12, atol=1e-15),
+    torch.float32: dict(rtol=1e-6, atol=1e-9),
+    torch.float16: dict(rtol=1e-3, atol=1e-7),
+    torch.bfloat16: dict(rtol=8e-3, atol=1e-7),
+}
+
+
+# The devices present: every op test parametrised over DEVICES runs on the
+# GPU too wherever one is (the CUDA kernels' only test bed).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def devices():
+    """pytest.mark.parametrize over DEVICES, with the device in the test id."""
+    return pytest.mark.parametrize("device", DEVICES, ids=[f"on-{d}" for d in DEVICES])
+
+
+def run_with_noise(fn, *args, generator_seed=0, num_samples=1, **kwargs):
+    """Run a pgest op with a fresh generator and return (output, uniforms):
+    the uniforms the kernel drew, recovered from the same generator state."""
+    g = torch.Generator().manual_seed(generator_seed)
+    state = g.get_state()
+    out = fn(*args, num_samples=num_samples, generator=g, **kwargs)
+    g.set_state(state)
+    x = args[0]
+    seed, offset = pgest.philox.next_seed_offset(g, x.device, num_samples)
+    return out, pgest.philox.uniforms(x.shape[0], num_samples, seed, offset)
