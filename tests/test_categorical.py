@@ -2,23 +2,25 @@ import math
 
 import pytest
 import torch
+from helpers import devices
 from scipy import stats
 from torch.distributions import Categorical as TorchCategorical
 
 import pgest
 
 
-def test_same_log_prob_entropy_and_gradients_as_torch():
+@devices()
+def test_same_log_prob_entropy_and_gradients_as_torch(device):
     torch.manual_seed(0)
-    x = torch.randn(32, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(32, 6, dtype=torch.float64).to(device).requires_grad_()
     xt = x.detach().clone().requires_grad_()
-    a = torch.randint(0, 6, (32,))
+    a = torch.randint(0, 6, (32,)).to(device)
     ours, theirs = pgest.Categorical(logits=x), TorchCategorical(logits=xt)
     lp, ent = ours.log_prob(a), ours.entropy()
     lpt, entt = theirs.log_prob(a), theirs.entropy()
     torch.testing.assert_close(lp, lpt, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ent, entt, rtol=1e-12, atol=1e-12)
-    w = torch.randn(32, dtype=torch.float64)
+    w = torch.randn(32, dtype=torch.float64).to(device)
     ((lp * w).sum() - 0.01 * ent.sum()).backward()
     ((lpt * w).sum() - 0.01 * entt.sum()).backward()
     torch.testing.assert_close(x.grad, xt.grad, rtol=1e-10, atol=1e-13)

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from helpers import FLOAT_DTYPES
+from helpers import FLOAT_DTYPES, devices
 
 import pgest
 from pgest import reference
@@ -11,18 +11,20 @@ from pgest import reference
 STAT_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
 
 
+@devices()
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", [(37, 11), (5, 7, 300), (3, 4097)])
-def test_log_prob_and_entropy_match_categorical(dtype, shape):
+def test_log_prob_and_entropy_match_categorical(dtype, shape, device):
     logits = (torch.randn(shape) * 3).to(dtype)
     logits[..., 2] = -math.inf
-    s = pgest.sample(logits, num_samples=4, generator=torch.Generator().manual_seed(0))
+    s = pgest.sample(logits.to(device), num_samples=4, generator=torch.Generator(device).manual_seed(0))
     assert s.actions.shape == shape[:-1] + (4,) and s.entropy.shape == shape[:-1]
+    actions = s.actions.cpu()
     d = torch.distributions.Categorical(logits=logits.double())
-    expected = d.log_prob(s.actions.movedim(-1, 0)).movedim(0, -1)
-    torch.testing.assert_close(s.log_prob.double(), expected, rtol=STAT_TOL[dtype], atol=STAT_TOL[dtype])
-    torch.testing.assert_close(s.entropy.double(), d.entropy(), rtol=STAT_TOL[dtype], atol=STAT_TOL[dtype])
-    assert (s.actions != 2).all()
+    expected = d.log_prob(actions.movedim(-1, 0)).movedim(0, -1)
+    torch.testing.assert_close(s.log_prob.double().cpu(), expected, rtol=STAT_TOL[dtype], atol=STAT_TOL[dtype])
+    torch.testing.assert_close(s.entropy.double().cpu(), d.entropy(), rtol=STAT_TOL[dtype], atol=STAT_TOL[dtype])
+    assert (actions != 2).all()
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
