@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import devices
 
 import pgest
 
@@ -32,19 +33,20 @@ def make(N, H, V, dtype=torch.float64, seed=0, scale=1.0):
     return hidden, weight, bias
 
 
+@devices()
 @pytest.mark.parametrize("V", [1, 7, 1000, 5001])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_matches_materialised_float64(V, with_bias, temperature):
+def test_matches_materialised_float64(V, with_bias, temperature, device):
     N, H = 37, 16
-    hidden, weight, bias = make(N, H, V, scale=3.0)
+    hidden, weight, bias = (t.to(device) for t in make(N, H, V, scale=3.0))
     bias = bias if with_bias else None
     g = torch.Generator().manual_seed(1)
-    actions = torch.randint(0, V, (N, 3), generator=g)
+    actions = torch.randint(0, V, (N, 3), generator=g).to(device)
     actions[5, 1] = -100
     actions[9, :] = -100  # a padding token: skipped, entropy 0, no gradient
-    wlp = torch.randn(N, 3, dtype=torch.float64, generator=g)
-    went = torch.randn(N, dtype=torch.float64, generator=g)
+    wlp = torch.randn(N, 3, dtype=torch.float64, generator=g).to(device)
+    went = torch.randn(N, dtype=torch.float64, generator=g).to(device)
     ins = [t.clone().requires_grad_() for t in (hidden, weight)] + ([bias.clone().requires_grad_()] if with_bias else [])
     lp, ent = pgest.linear_log_prob(ins[0], ins[1], actions, bias=ins[2] if with_bias else None,
                                     temperature=temperature, token_tile=16, vocab_tile=300)
