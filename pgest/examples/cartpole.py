@@ -181,6 +181,7 @@ def run_ppo(seed: int = 0, dist: str = "pgest", max_episodes: int = 1000, envs: 
                         returns.append(ep_return[i])
                         if bar is not None:
                             bar.update(1)
+                            bar.set_postfix(mean100=f"{sum(returns[-100:]) / min(len(returns), 100):.0f}")
                         if solved_at is None and len(returns) >= 100 and sum(returns[-100:]) / 100 >= SOLVED_AT:
                             solved_at = len(returns)
                     ep_return[i] = 0.0
@@ -226,11 +227,15 @@ def run_ppo(seed: int = 0, dist: str = "pgest", max_episodes: int = 1000, envs: 
 def main(argv: Optional[list] = None) -> List[Dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--max-episodes", type=int, default=1000)
+    p.add_argument("--max-episodes", type=int, default=None,
+                   help="episodes before giving up (default: 1000 for reinforce, 2500 for ppo, which solved "
+                        "CartPole after 1116-1697 episodes on the seeds 0-4)")
     p.add_argument("--algo", choices=["reinforce", "ppo"], default="reinforce")
     p.add_argument("--dist", choices=["pgest", "torch", "both"], default="both",
                    help="PPO only: pgest.Categorical + pgest.gae + ppo_loss, or the same in plain PyTorch")
     args = p.parse_args(argv)
+    if args.max_episodes is None:
+        args.max_episodes = 1000 if args.algo == "reinforce" else 2500
     results = []
     variants = [None] if args.algo == "reinforce" else (["pgest", "torch"] if args.dist == "both" else [args.dist])
     for variant in variants:
