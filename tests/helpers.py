@@ -38,3 +38,13 @@ def run_with_noise(fn, *args, generator_seed=0, num_samples=1, **kwargs):
     x = args[0]
     seed, offset = pgest.philox.next_seed_offset(g, x.device, num_samples)
     return out, pgest.philox.uniforms(x.shape[0], num_samples, seed, offset)
+
+
+def head_case(N: int, H: int, V: int, pad: int):
+    """float64 hidden (N, H), weight (V, H), bias (V,), actions (N,) with
+    token ``pad`` ignored (-100), advantages (N,): a small fused-head case."""
+    h, w, b = (torch.randn(N, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64),
+               torch.randn(V, dtype=torch.float64))
+    a = torch.randint(0, V, (N,))
+    a[pad] = -100
+    return h, w, b, a, torch.randn(N, dtype=torch.float64)

@@ -3,6 +3,7 @@ gradients) and gradcheck's batched gradients over every differentiable op,
 against the same functions written in torch ops. They used to raise."""
 import pytest
 import torch
+from helpers import head_case
 from torch.autograd import gradcheck
 from torch.func import grad, hessian, jacfwd, jacrev, vmap
 
@@ -72,11 +73,7 @@ def test_gradcheck_with_batched_gradients(name):
 
 def test_fused_head_under_transforms():
     N, H, V = 5, 3, 7
-    h, w, b = (torch.randn(N, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64),
-               torch.randn(V, dtype=torch.float64))
-    a = torch.randint(0, V, (N,))
-    a[1] = -100
-    adv = torch.randn(N, dtype=torch.float64)
+    h, w, b, a, adv = head_case(N, H, V, pad=1)
 
     def ref(h, w, b):
         lp, ent = _ref_lp((h @ w.T + b) / 0.7, a)

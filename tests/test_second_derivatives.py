@@ -4,6 +4,7 @@ torch ops: Hessians, gradgradcheck, and a gradient penalty through a network.
 Before they were supported the eager route returned zeros silently."""
 import pytest
 import torch
+from helpers import head_case
 
 import pgest
 
@@ -86,11 +87,7 @@ def test_gradient_penalty_through_a_network():
 def test_linear_head_second_derivatives(reduction):
     torch.manual_seed(4)
     N, H, V = 5, 3, 9
-    h, w, b = (torch.randn(N, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64),
-               torch.randn(V, dtype=torch.float64))
-    a = torch.randint(0, V, (N,))
-    a[2] = -100
-    adv = torch.randn(N, dtype=torch.float64)
+    h, w, b, a, adv = head_case(N, H, V, pad=2)
     keep = a != -100
 
     def ref(h, w, b):
