@@ -10,10 +10,10 @@ from pgest.linear.head import linear_log_prob_backward_op, linear_log_prob_op, l
 from pgest.linear.policy_loss import linear_policy_loss_op
 from pgest.ops.log_prob import log_prob_backward_op, log_prob_op
 from pgest.ops.policy_loss import policy_loss_backward_op, policy_loss_op
+from pgest.ops.reinforce import reinforce_weights_op
 from pgest.ops.reinforce_grad import reinforce_grad_op
 from pgest.ops.returns import gae_op, returns_op
 from pgest.ops.sample import sample_op
-from pgest.reinforce import reinforce_weights_op
 
 N, H, V = 6, 4, 10
 

@@ -150,7 +150,7 @@ def test_bad_arguments(kw, exc, match):
 
 
 def test_opcheck_reinforce_weights():
-    from pgest.reinforce import reinforce_weights_op
+    from pgest.ops.reinforce import reinforce_weights_op
 
     actions = torch.randint(0, 6, (5, 3))
     labels = torch.randint(0, 6, (5,))
