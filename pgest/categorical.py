@@ -76,6 +76,13 @@ class Categorical(td.Categorical):
     arg_constraints = {"probs": constraints.simplex, "logits": constraints.real_vector}
     has_enumerate_support = True
     has_rsample = False  # a categorical has no reparameterised sample
+    _event_shape = torch.Size()
+
+    # Fixed attributes: faster to set, read and free than the instance dict,
+    # which counts when one object is made per step at RL sizes (the
+    # Distribution base's own fields are properties below, read from the
+    # logits: nothing to set for them).
+    __slots__ = ("_given_probs", "_x", "_norm_probs", "_norm_logits", "_entropy", "_drawn", "_drawn_out", "_group")
 
     def __init__(self, probs: Optional[Tensor] = None, logits: Optional[Tensor] = None,
                  validate_args: Optional[bool] = None, *, process_group=None):
@@ -96,14 +103,11 @@ class Categorical(td.Categorical):
             if validate_args and bool(torch.isnan(logits).any()):
                 raise ValueError("Expected parameter logits to satisfy the constraint RealVector(): it holds NaN")
             self._given_probs = None
-        # The Distribution base, set up without its __init__: that would read
-        # (and so build) the normalised parameters to validate them.
-        self._batch_shape = logits.shape[:-1]
-        self._event_shape = torch.Size()
+        # The Distribution base is not initialised by its __init__: that would
+        # read (and so build) the normalised parameters to validate them; its
+        # fields are properties of the logits below.
         if validate_args is not None:
             self._validate_args = validate_args
-        self._param = given
-        self._num_events = given.shape[-1]
         self._norm_probs = None
         self._x = logits
         self._norm_logits = None
@@ -134,6 +138,18 @@ class Categorical(td.Categorical):
         return new
 
     # --- shapes, as torch.distributions ---------------------------------------
+    @property
+    def _batch_shape(self) -> torch.Size:
+        return self._x.shape[:-1]
+
+    @property
+    def _num_events(self) -> int:
+        return self._x.shape[-1]
+
+    @property
+    def _param(self) -> Tensor:
+        return self._x if self._given_probs is None else self._given_probs
+
     @property
     def param_shape(self) -> torch.Size:
         return self._x.shape

@@ -387,14 +387,17 @@ def functorch_active() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
-def batched_upstream(*grads) -> bool:
+_transforms_active = torch._C._are_functorch_transforms_active
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
+def batched_upstream(g1: Optional[Tensor], g2: Optional[Tensor] = None) -> bool:
     """Whether a backward's upstream gradients are vmapped (torch.func.vmap,
     or the legacy vmap of gradcheck's batched gradients): the kernels cannot
-    read those, the registered backward ops' vmap rules can."""
-    if functorch_active():
-        return True
-    f = torch._C._functorch
-    return any(g is not None and f.is_legacy_batchedtensor(g) for g in grads)
+    read those, the registered backward ops' vmap rules can. Called at every
+    eager backward: bound C functions, no generator."""
+    return (_transforms_active() or (g1 is not None and _legacy_batched(g1))
+            or (g2 is not None and _legacy_batched(g2)))
 
 
 def traced() -> bool:
