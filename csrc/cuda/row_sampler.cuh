@@ -115,7 +115,7 @@ __device__ DevRowStats<Acc> block_row_stats(const T* x, int64_t cols, int64_t cs
 
 struct DrawShared {
   typename cub::BlockScan<double, kThreads>::TempStorage scan;
-  double t, before, tile_end, target;
+  double t, before, tile_end;
   int64_t tile, found, last_live;
 };
 

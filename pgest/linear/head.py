@@ -109,8 +109,9 @@ def logits_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _products(h: Tensor, w: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """h @ w.T in logits_dtype (into ``out`` when given)."""
-    if h.dtype not in HALF:
+    """h @ w.T in logits_dtype (into ``out`` when given). ``h`` may already
+    be the float32 copy of 16-bit hidden states (see _vocab_tiles)."""
+    if w.dtype not in HALF:
         return h @ w.T if out is None else torch.mm(h, w.T, out=out)
     if h.is_cuda and _MM_OUT_DTYPE:
         x = torch.mm(h, w.T, out_dtype=torch.float32)
@@ -146,6 +147,8 @@ def _vocab_tiles(h: Tensor, weight: Tensor, bias: Optional[Tensor], temperature:
     product each, or, with ``full`` (these tokens' logits over the whole
     vocabulary, computed once by the caller), views of it."""
     V = weight.shape[0]
+    if full is None and h.dtype in HALF and not (h.is_cuda and _MM_OUT_DTYPE):
+        h = h.float()  # the CPU's float32 products: one copy of the tokens for all their vocabulary tiles
     for v0 in range(0, V, tv):
         v1 = min(V, v0 + tv)
         yield v0, v1, full[:, v0:v1] if full is not None else logits_tile(h, weight, bias, v0, v1, temperature)

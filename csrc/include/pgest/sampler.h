@@ -133,15 +133,14 @@ inline void row_inverse_cdf(const T* x, int64_t cols, Acc max, const Acc* weight
     // Two levels keep the dependent chain of additions short: whole groups of
     // kLanes entries first, then the entries of the group a threshold is in.
     double w = cum;
-    int last_positive = -1;
+    bool has_mass = false;  // some e of the chunk is positive (a walked group always is)
     for (int g = 0; g < m && i < n; g += kLanes) {
       const int end = g + kLanes < m ? g + kLanes : m;
       double gs = 0.0;
       for (int j = g; j < end; ++j) gs += double(e[j]);
-      if (gs > 0.0) last_positive = g;  // some entry has mass
+      has_mass = has_mass || gs > 0.0;
       if (!(th[i].t < w + gs)) { w += gs; continue; }
       for (int j = g; j < end; ++j) {
-        if (e[j] > Acc(0)) last_positive = j;
         w += double(e[j]);
         while (i < n && th[i].t < w) actions[th[i++].sample] = k + j;
       }
@@ -150,15 +149,15 @@ inline void row_inverse_cdf(const T* x, int64_t cols, Acc max, const Acc* weight
     // threshold caught between them (the loop above then ran to the chunk's
     // end, so w is the walk's total) is placed in proportion to the masses.
     if (i < n && th[i].t < next) {
-      if (last_positive >= 0) {
+      if (has_mass) {
         place_in_gap(e, m, cum, w, next, th, i, n, actions, k);
       } else {
         // Every e underflowed relative to the row max while the chunk weight
         // did not (a mass near 1e-38 of the row): take the chunk's largest.
-        last_positive = 0;
+        int largest = 0;
         for (int j = 1; j < m; ++j)
-          if (load<Acc>(x[k + j]) > load<Acc>(x[k + last_positive])) last_positive = j;
-        while (i < n && th[i].t < next) actions[th[i++].sample] = k + last_positive;
+          if (load<Acc>(x[k + j]) > load<Acc>(x[k + largest])) largest = j;
+        while (i < n && th[i].t < next) actions[th[i++].sample] = k + largest;
       }
     }
     cum = next;
