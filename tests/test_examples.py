@@ -1,6 +1,5 @@
 """Each example at a small size: learning must happen (well above chance).
 And the pgest command's subcommands run."""
-import json
 import os
 import shutil
 import subprocess
@@ -32,20 +31,18 @@ def test_cartpole_improves():
 
 
 def test_large_vocab_learns():
-    # in a fresh interpreter: the peaks compared below moved by 8 MiB with
-    # what earlier tests had left in this process (torch's peak was once below
-    # pgest's after the whole suite, never in a fresh process)
-    code = ("import json; from pgest.examples import large_vocab; "
-            "print(json.dumps(large_vocab.run(steps=60, prompts=4, length=8, group=4)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                         cwd=os.path.dirname(__file__))
-    assert out.returncode == 0, out.stderr
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    from pgest.examples import large_vocab
+
+    r = large_vocab.run(steps=60, prompts=4, length=8, group=4)
     for name in ["pgest", "pgest_fused", "torch"]:
         assert r[name]["final_reward"] > 0.08  # chance is 1/64
-    assert r["pgest"]["peak_mib"] < r["torch"]["peak_mib"]
-    assert r["pgest_fused"]["peak_mib"] < r["torch"]["peak_mib"]  # (at 32 tokens the fused tiles are as large as the logits)
     assert r["pgest_fused"]["sampler_trainer_logprob_gap"] == 0.0  # the same numbers, by construction
+    # No peak comparison at this toy size (32 tokens: the fused tiles are as
+    # large as the logits): torch's measured peak moved between 23.6 and
+    # 31.4 MiB from run to run of the same process, below and above pgest's
+    # 27.5. The memory claims are tested at sizes where they hold by
+    # construction (test_linear_head, test_linear_policy_loss: under 1/20 of
+    # the logits) and measured by bench/linear_head_peaks.py.
 
 
 def test_require_names_the_extra():
