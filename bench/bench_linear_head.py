@@ -19,9 +19,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import compiled, interleaved_medians, peak_allocated_bytes
 
 import pgest
-from pgest.benchmarks import compiled, interleaved_medians, peak_allocated_bytes
 
 SHAPES = [tuple(int(v) for v in s.split(",")) for s in
           os.environ.get("PGEST_LINEAR_SHAPES", "4096,1024,128256;8192,2048,32000").split(";")]
@@ -109,7 +109,7 @@ def test_linear_head_interleaved(benchmark, shape, dtype):
     # A step here takes 10-40 s and this machine's speed drifts by more than
     # the gaps between providers over the minutes a sequential run takes:
     # one call of each provider per round, in a fresh random order
-    # (pgest.benchmarks.interleaved_medians); only time is measured.
+    # (bench/harness.py: interleaved_medians); only time is measured.
     hidden, weight, actions, adv = make(*shape, DTYPES[dtype])
     fns = {p: step(p, hidden, weight, actions, adv) for p in PROVIDERS if not ONLY or p in ONLY}
     medians = interleaved_medians(fns, rounds=INTERLEAVED, round_seconds=0.0)

@@ -6,7 +6,7 @@ multinomial + gather, eager and under torch.compile.
 
 At the small end the providers are tens of microseconds apart and this
 machine's speed drifts by more than that between tests, so each shape is one
-test that times all providers in alternation (pgest.benchmarks.
+test that times all providers in alternation (bench/harness.py:
 record_interleaved) and records their medians in ``extra_info``; report.py
 turns them into the table. pytest-benchmark's own statistics are pgest's.
 
@@ -17,9 +17,8 @@ actions + entropy, no sampling) against the same providers.
 """
 import pytest
 import torch
-
-from pgest.benchmarks import RL_KS as KS
-from pgest.benchmarks import (
+from harness import RL_KS as KS
+from harness import (
     RL_OP,
     RL_UPDATE_OP,
     compiled,
@@ -31,7 +30,7 @@ from pgest.benchmarks import (
     rl_update_torch,
     train_step,
 )
-from pgest.benchmarks import RL_ROWS as ROWS
+from harness import RL_ROWS as ROWS
 
 # one compiled function is traced at 16 static shapes
 torch._dynamo.config.recompile_limit = 128

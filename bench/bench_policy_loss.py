@@ -9,9 +9,7 @@ providers of a shape are timed in alternation (interleaved_medians).
 """
 import pytest
 import torch
-
-import pgest
-from pgest.benchmarks import (
+from harness import (
     ce_policy_loss,
     compiled,
     eager_policy_loss,
@@ -20,6 +18,8 @@ from pgest.benchmarks import (
     record_interleaved,
     train_step,
 )
+
+import pgest
 
 # no pool of compile workers busy in the background while timing
 torch._inductor.config.compile_threads = 1

@@ -1,5 +1,5 @@
 """reinforce_grad vs the reference recipe, the compiled formulation and a copy,
-timed in alternation (pgest.benchmarks.interleaved_medians: this machine's
+timed in alternation (bench/harness.py: interleaved_medians: this machine's
 speed drifts by more than the gaps between tests).
 
     pytest bench/bench_reinforce_grad.py --benchmark-json bench/results/cpu.json
@@ -7,9 +7,9 @@ speed drifts by more than the gaps between tests).
 """
 import pytest
 import torch
+from harness import compiled, gumbel_formulation, record_interleaved
 
 import pgest
-from pgest.benchmarks import compiled, gumbel_formulation, record_interleaved
 from pgest.reference import recipe_step
 
 # no pool of compile workers busy in the background while timing

@@ -10,10 +10,10 @@ import datetime
 import json
 import os
 
+import harness as B
 import torch
 
 import pgest
-from pgest import benchmarks as B
 from pgest.reference import recipe_step
 
 SHAPES = [((256, 32000), "fp32"), ((8192, 128256), "bf16"), ((4096, 10), "fp32")]

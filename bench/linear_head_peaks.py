@@ -10,8 +10,7 @@ import sys
 
 import torch
 from bench_linear_head import DTYPES, PROVIDERS, SHAPES, eager_pg, make
-
-from pgest.benchmarks import compiled, peak_allocated_bytes
+from harness import compiled, peak_allocated_bytes
 
 
 def main() -> None:

@@ -2,13 +2,13 @@
 
     python bench/report.py bench/results/cpu-2026-11-21.json [more.json ...]
 
-The tables are pgest.benchmarks.table's (the same as `pgest bench` prints):
+The tables are harness.table's (the same as `pgest bench` prints):
 medians of the recorded rounds, every ratio between providers of one run.
 """
 import json
 import sys
 
-from pgest.benchmarks import table
+from harness import table
 
 
 def rows_of(paths):

@@ -1,5 +1,5 @@
 """What a provider's call costs right after another provider ran: the reason
-pgest.benchmarks.interleaved_medians uses long rounds.
+bench/harness.py: interleaved_medians uses long rounds.
 
 For every ordered pair (A, B) of the RL-matrix providers at one shape: run B
 for ``--lead`` seconds, then time A's next ``--calls`` calls one by one;
@@ -13,8 +13,7 @@ import statistics
 import time
 
 import torch
-
-from pgest.benchmarks import rl_providers
+from harness import rl_providers
 
 
 def after(fns, a, b, lead, calls, repeats):

@@ -17,9 +17,9 @@ SHAPES = [(256, 32000), (64, 128000), (4096, 32000)]
 
 def measure() -> list:
     import torch
+    from harness import eager_policy_loss, median_seconds, train_step
 
     import pgest
-    from pgest.benchmarks import eager_policy_loss, median_seconds, train_step
     from pgest.reference import recipe_step
 
     rows = []

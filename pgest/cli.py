@@ -11,7 +11,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
+import pathlib
 import statistics
 import sys
 import time
@@ -50,9 +53,30 @@ def demo(args) -> None:
     guess_the_label.main(argv)
 
 
-def bench(args) -> None:
-    from pgest import benchmarks
+def find_harness(env: Optional[str] = None, cwd: Optional[pathlib.Path] = None):
+    """Load bench/harness.py, the benchmarks' providers and runner. It is
+    development tooling, not part of the installed package, so it is looked
+    for in $PGEST_BENCH_DIR, then in ./bench (a checkout's root), then beside
+    the package (an editable install)."""
+    env = os.environ.get("PGEST_BENCH_DIR") if env is None else env
+    cwd = pathlib.Path.cwd() if cwd is None else cwd
+    beside_package = pathlib.Path(pgest.__file__).parents[1] / "bench"
+    candidates = ([pathlib.Path(env)] if env else []) + [cwd / "bench", beside_package]
+    for d in candidates:
+        f = d / "harness.py"
+        if f.is_file():
+            spec = importlib.util.spec_from_file_location("harness", f)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+    where = ", ".join(str(d) for d in candidates)
+    raise SystemExit(f"pgest bench: the benchmarks live in the repository's bench/ folder, not in the installed "
+                     f"package, and no bench/harness.py was found (looked in {where}). Run `pgest bench` from the "
+                     f"root of a pgest checkout, or set PGEST_BENCH_DIR to its bench/ folder.")
 
+
+def bench(args) -> None:
+    benchmarks = find_harness()
     if args.plot:  # before minutes of measuring, not after
         from pgest.examples import require
 
@@ -109,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--steps", type=int, default=3000, help="training steps of 256 examples (default 3000)")
     p.add_argument("--plot", metavar="FILE.png", help="write the learning curves to this file")
     p.set_defaults(fn=demo)
-    p = sub.add_parser("bench", help="the microbenchmarks as a table")
+    p = sub.add_parser("bench", help="the microbenchmarks as a table (run from a checkout: they live in bench/)")
     p.add_argument("--quick", action="store_true", help="two small shapes, fp32, no torch.compile (seconds)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile provider")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")

@@ -1,6 +1,7 @@
 """Each example at a small size: learning must happen (well above chance).
 And the pgest command's subcommands run."""
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -102,3 +103,17 @@ def test_vocab_parallel_example_matches_single_process(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "identical rewards at 8 of 8 steps" in out.stdout, out.stdout
+
+
+def test_cli_bench_finds_the_harness_or_says_where_to_run(tmp_path):
+    from pgest.cli import find_harness
+
+    checkout_bench = pathlib.Path(__file__).resolve().parents[1] / "bench"
+    assert callable(find_harness(env=str(checkout_bench), cwd=tmp_path).run)
+    assert callable(find_harness(env="", cwd=checkout_bench.parent).run)
+    import pgest
+
+    if not (pathlib.Path(pgest.__file__).parents[1] / "bench" / "harness.py").is_file():  # an installed package
+        with pytest.raises(SystemExit, match="PGEST_BENCH_DIR") as e:
+            find_harness(env=str(tmp_path / "nowhere"), cwd=tmp_path)
+        assert "checkout" in str(e.value)

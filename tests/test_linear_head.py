@@ -238,7 +238,7 @@ def test_never_allocates_the_logits():
         lp, ent = pgest.linear_log_prob(hidden, weight, actions, token_tile=512, vocab_tile=2048)
         (-(lp.sum()) - 0.01 * ent.sum()).backward()
 
-    from pgest.benchmarks import largest_allocation_bytes, peak_allocated_bytes
+    from pgest.examples.memory import largest_allocation_bytes, peak_allocated_bytes
 
     step()  # warm up (first-call allocations of the matmul library)
     hidden.grad = weight.grad = None

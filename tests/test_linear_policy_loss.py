@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import devices
 from test_linear_head import make, memory_case  # (N, H, V) hidden, weight, bias; the memory tests' inputs
 
 import pgest
@@ -42,7 +43,8 @@ def grads_of(fn, tensors):
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("S", [1, 3])
-def test_matches_the_formula_in_float64(V, with_bias, reduction, S):
+@devices()
+def test_matches_the_formula_in_float64(V, with_bias, reduction, S, device):
     N, H = 37, 16
     hidden, weight, bias = make(N, H, V, scale=3.0)
     g = torch.Generator().manual_seed(1)
@@ -55,8 +57,9 @@ def test_matches_the_formula_in_float64(V, with_bias, reduction, S):
     tensors = (hidden, weight) + ((bias,) if with_bias else ())
     kw = dict(temperature=0.7, beta=0.03, reduction=reduction)
     got, ggot = grads_of(lambda h, w, *b: pgest.linear_policy_loss(
-        h, w, actions, adv, bias=b[0] if b else None, temperature=0.7, entropy_weight=0.03, reduction=reduction,
-        token_tile=16, vocab_tile=300), tensors)
+        h, w, actions.to(device), adv.to(device), bias=b[0] if b else None, temperature=0.7, entropy_weight=0.03,
+        reduction=reduction, token_tile=16, vocab_tile=300), [t.to(device) for t in tensors])
+    got, ggot = got.cpu(), [t.cpu() for t in ggot]
     ref, gref = grads_of(lambda h, w, *b: reference(h, w, actions, adv, b[0] if b else None, **kw), tensors)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
     for a, b in zip(ggot, gref):
@@ -259,7 +262,7 @@ def test_workspace_is_a_small_part_of_the_logits():
         # default token tile (its buffers within 1/22 of the logits)
         pgest.linear_policy_loss(hidden, weight, actions, adv, entropy_weight=0.01, vocab_tile=8192).backward()
 
-    from pgest.benchmarks import largest_allocation_bytes, peak_allocated_bytes
+    from pgest.examples.memory import largest_allocation_bytes, peak_allocated_bytes
 
     step()
     hidden.grad = weight.grad = None

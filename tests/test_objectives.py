@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import devices
 
 from pgest import objectives as obj
 
@@ -129,14 +130,16 @@ def test_bad_arguments(call, exc, match):
         call()
 
 
-def test_composes_with_log_prob_through_one_backward():
+@devices()
+def test_composes_with_log_prob_through_one_backward(device):
     import pgest
     torch.manual_seed(2)
     x = torch.randn(4, 3, 20, dtype=torch.float64, requires_grad=True)  # 4 sequences of 3 tokens
     a = torch.randint(0, 20, (4, 3))
     old = torch.log_softmax(x.detach(), -1).gather(-1, a[..., None]).squeeze(-1) + 0.1
     adv = torch.randn(4, 1, dtype=torch.float64).expand(4, 3)
-    lp, ent = pgest.log_prob(x, a)
+    lp, ent = pgest.log_prob(x.to(device), a.to(device))
+    lp, ent = lp.cpu(), ent.cpu()  # the objectives on the CPU; log_prob's backward on the device
     loss, _ = obj.ppo_loss(lp, old, adv, aggregation="seq-mean-token-mean")
     loss = loss + obj.entropy_bonus(ent, 0.01) + 0.1 * obj.aggregate(obj.kl_penalty(lp, old))
     (g,) = torch.autograd.grad(loss, x)

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from helpers import devices
 
 import pgest
 
@@ -24,15 +25,19 @@ def _seed_gradient(logits, actions, rewards, baseline_values, entropy_weight):
 @pytest.mark.parametrize("baseline", [None, 0.25, "tensor", "mean", "rloo"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("reward_kind", ["labels", "table"])
-def test_gradient_is_the_seeds(baseline, dtype, reward_kind):
+@devices()
+def test_gradient_is_the_seeds(baseline, dtype, reward_kind, device):
     B, K, S = 40, 33, 3
     g = torch.Generator().manual_seed(1)
     logits = (torch.randn(B, K, generator=g) * 2).to(dtype).requires_grad_()
     kw = {"labels": torch.randint(0, K, (B,), generator=g)} if reward_kind == "labels" else \
         {"reward_table": torch.randn(B, K, generator=g)}
     b = torch.rand(B, generator=g) if baseline == "tensor" else baseline
-    out = pgest.reinforce(logits, baseline=b, num_samples=S, entropy_weight=0.05, **kw)
+    on_device = {k: v.to(device) for k, v in kw.items()}
+    b_on_device = b.to(device) if isinstance(b, torch.Tensor) else b
+    out = pgest.reinforce(logits.to(device), baseline=b_on_device, num_samples=S, entropy_weight=0.05, **on_device)
     out.loss.backward()
+    out = out._replace(actions=out.actions.cpu(), rewards=out.rewards.cpu())
     rewards = out.rewards.double()
     bvals = pgest.reference.baseline_values(rewards, b)
     expected = _seed_gradient(logits, out.actions, rewards, bvals, 0.05)

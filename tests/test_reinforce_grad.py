@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FLOAT_DTYPES, TOL, run_with_noise
+from helpers import FLOAT_DTYPES, TOL, devices, run_with_noise
 
 import pgest
 from pgest import _C, reference
@@ -58,6 +58,40 @@ def test_matches_reference(dtype, baseline, reward_kind, num_samples):
     expected_shape = (B,) if num_samples == 1 else (B, num_samples)
     assert out.actions.shape == expected_shape and out.rewards.shape == expected_shape
     assert_matches_reference(out, ref, dtype)
+
+
+@devices()
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("baseline,reward_kind,num_samples",
+                         [(None, "labels", 1), ("tensor", "table", 1), ("mean", "vector", 3), ("rloo", "labels", 4)])
+def test_gradient_is_the_formula_of_its_own_draws(device, dtype, baseline, reward_kind, num_samples):
+    """On every device (the GPU draws from its own generator, so no shared
+    uniforms): rewards and the one-hot gradient follow, written out here in
+    float64, from the actions the kernel drew."""
+    B, K = 97, 300
+    args, kw = make_inputs(B, K, dtype, reward_kind, baseline)
+    on = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    out = pgest.reinforce_grad(*map(on, args), num_samples=num_samples,
+                               generator=torch.Generator(device).manual_seed(5), **{k: on(v) for k, v in kw.items()})
+    a = out.actions.cpu().view(B, num_samples)
+    assert ((a >= 0) & (a < K)).all()
+    if reward_kind == "labels":
+        r = (a == args[1][:, None]).double()
+    else:
+        table = kw["reward_table"].double()
+        r = table.expand(B, K).gather(1, a)
+    torch.testing.assert_close(out.rewards.cpu().view(B, num_samples).double(), r, rtol=1e-6, atol=1e-7)
+    b = kw["baseline"]
+    if b is None:
+        bv = torch.zeros_like(r)
+    elif b == "mean":
+        bv = r.mean().expand_as(r)  # over the whole batch and its samples
+    elif b == "rloo":
+        bv = (r.sum(1, keepdim=True) - r) / (num_samples - 1)
+    else:
+        bv = b.double()[:, None].expand_as(r)
+    grad = torch.zeros(B, K, dtype=torch.float64).scatter_add_(1, a, (bv - r) / (B * num_samples))
+    torch.testing.assert_close(out.grad.cpu(), grad.to(dtype), **TOL[dtype])
 
 
 @pytest.mark.parametrize("shape", [(4096, 10), (1024, 1000), (16, 32000), (3, 128000), (5, 257), (7, 1)])

@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+from helpers import devices
 
 import pgest
 
@@ -54,20 +55,23 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12
 @pytest.mark.parametrize("dtype,dones,shape,with_last",
                          list(itertools.product([torch.float32, torch.float64], DONES,
                                                 [(1, 5), (7, 1), (50, 9), (300, 300)], [False, True])))
-def test_returns_match_loop(dtype, dones, shape, with_last):
+@devices()
+def test_returns_match_loop(dtype, dones, shape, with_last, device):
     r, _, d, last = make(*shape, dtype, dones)
     last = last if with_last else None
-    out = pgest.discounted_returns(r, d, 0.97, last)
+    out = pgest.discounted_returns(r.to(device), d.to(device), 0.97, None if last is None else last.to(device)).cpu()
     torch.testing.assert_close(out, returns_loop(r.double(), d, 0.97, last).to(dtype), **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype,dones,shape,with_last",
                          list(itertools.product([torch.float32, torch.float64], DONES,
                                                 [(1, 5), (7, 1), (50, 9), (300, 300)], [False, True])))
-def test_gae_matches_sb3(dtype, dones, shape, with_last):
+@devices()
+def test_gae_matches_sb3(dtype, dones, shape, with_last, device):
     r, v, d, last = make(*shape, dtype, dones)
     last = last if with_last else None
-    adv, ret = pgest.gae(r, v, d, 0.99, 0.95, last)
+    adv, ret = (t.cpu() for t in pgest.gae(r.to(device), v.to(device), d.to(device), 0.99, 0.95,
+                                           None if last is None else last.to(device)))
     ref_adv, ref_ret = gae_sb3(r.double(), v.double(), d, 0.99, 0.95, None if last is None else last.double())
     torch.testing.assert_close(adv, ref_adv.to(dtype), **TOL[dtype])
     torch.testing.assert_close(ret, ref_ret.to(dtype), **TOL[dtype])

@@ -32,7 +32,7 @@ import torch
 
 import pgest
 from pgest.baselines import group_normalize
-from pgest.benchmarks import peak_allocated_bytes
+from pgest.examples.memory import peak_allocated_bytes
 
 VOCAB = 32000
 CHARS = 64
