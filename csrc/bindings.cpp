@@ -12,6 +12,7 @@
 #include <pgest/reinforce_grad.h>
 #include <pgest/returns.h>
 #include <pgest/sample.h>
+#include <pgest/truncation.h>
 
 #include "cpu/dispatch.h"
 #ifdef PGEST_WITH_CUDA
@@ -220,6 +221,29 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("num_threads", &ReturnsArgs::num_threads);
   m.def("discounted_returns_cpu", [](const ReturnsArgs& args) { return run_kernel(cpu::discounted_returns, args); });
   m.def("gae_cpu", [](const ReturnsArgs& args) { return run_kernel(cpu::gae, args); });
+
+  py::class_<TruncationArgs>(m, "TruncationArgs")
+      .def(py::init<>())
+      .PTR_PROPERTY(TruncationArgs, logits, const void*)
+      .def_readwrite("dtype", &TruncationArgs::dtype)
+      .def_readwrite("rows", &TruncationArgs::rows)
+      .def_readwrite("cols", &TruncationArgs::cols)
+      .def_readwrite("row_stride", &TruncationArgs::row_stride)
+      .def_readwrite("col_stride", &TruncationArgs::col_stride)
+      .PTR_PROPERTY(TruncationArgs, temperature, const double*)
+      .def_readwrite("temperature_stride", &TruncationArgs::temperature_stride)
+      .PTR_PROPERTY(TruncationArgs, top_k, const int64_t*)
+      .def_readwrite("top_k_stride", &TruncationArgs::top_k_stride)
+      .PTR_PROPERTY(TruncationArgs, top_p, const double*)
+      .def_readwrite("top_p_stride", &TruncationArgs::top_p_stride)
+      .PTR_PROPERTY(TruncationArgs, min_p, const double*)
+      .def_readwrite("min_p_stride", &TruncationArgs::min_p_stride)
+      .PTR_PROPERTY(TruncationArgs, threshold, void*)
+      .PTR_PROPERTY(TruncationArgs, kept, int64_t*)
+      .PTR_PROPERTY(TruncationArgs, kept_mass, double*)
+      .PTR_PROPERTY(TruncationArgs, argmax, int64_t*)
+      .def_readwrite("num_threads", &TruncationArgs::num_threads);
+  m.def("truncation_cpu", [](const TruncationArgs& args) { return run_kernel(cpu::truncation, args); });
 
   m.def("sample_cpu", [](const SampleArgs& args) { return run_kernel(cpu::sample, args); });
   m.def("log_prob_forward_cpu", [](const LogProbArgs& args) { return run_kernel(cpu::log_prob_forward, args); });

@@ -19,7 +19,8 @@ from .policy_loss import policy_loss
 from .reinforce import Reinforce, reinforce
 from .reinforce_grad import ReinforceGrad, reinforce_grad
 from .returns import discounted_returns, gae
-from .sample import Sample, sample
+from .sample import Sample, TruncatedSample, sample
+from .truncation import Truncation, truncation
 
 
 def build_info() -> dict:
@@ -59,6 +60,9 @@ __all__ = [
     "sample",
     "set_sync_errors",
     "sync_errors",
+    "TruncatedSample",
+    "Truncation",
+    "truncation",
 ]
 
 

@@ -29,6 +29,7 @@ from ._checks import (
     index_tensor,
 )
 from .ops.log_prob import rows_of, rows_pair
+from .truncation import check_kept, filters, kept_logits
 
 
 class LogProb(NamedTuple):
@@ -36,7 +37,9 @@ class LogProb(NamedTuple):
     entropy: Tensor   # (...,) entropy of softmax(logits) per row
 
 
-def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -100, process_group=None) -> LogProb:
+def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -100, temperature=None, top_k=None,
+             top_p=None, min_p=None, threshold: Optional[Tensor] = None, kept_tokens=None,
+             process_group=None) -> LogProb:
     """Differentiable ``log softmax(logits)[actions]`` and the entropy of
     ``softmax(logits)`` per row, from one read of the logits.
 
@@ -54,6 +57,22 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
             (..., V_r) in rank order (sizes may differ) and the same global
             ``actions``; every rank gets the same results, and the gradient
             of its shard (pgest/distributed/vocab_parallel.py). None: no torch.distributed.
+        temperature, top_k, top_p, min_p: score under the truncated,
+            renormalised distribution :func:`pgest.sample` draws from with the
+            same parameters (numbers or one value per row; a per-token
+            temperature is a tensor of the rows' shape): ``log p = z_a -
+            logsumexp over the kept set`` of ``z = logits / temperature``, and
+            the entropy of that distribution. The kept set is a constant of
+            the step: the gradient is ``(1[k = a] - q_k) / temperature`` on
+            kept entries (plus the entropy term) and 0 elsewhere.
+        threshold: the sampler's ``truncation.threshold`` (one per row):
+            keep ``logits / temperature >= threshold`` instead of recomputing
+            the set (top_k, top_p and min_p are then not used).
+        kept_tokens: ``(token_ids, row_offsets)``, an outside sampler's kept
+            set in the compressed layout of vLLM's mask replay: row i keeps
+            ``token_ids[row_offsets[i]:row_offsets[i + 1]]``.
+
+        An action outside its row's kept set raises ``ValueError`` naming the row.
 
     Returns:
         ``LogProb(log_prob, entropy)``: ``log_prob`` of the shape of
@@ -66,7 +85,12 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
     (a large common offset in a row loses nothing), sums over a row in fp32
     lanes merged in fp64 (fp64 throughout for fp64 logits).
     """
+    truncated = not (temperature is None and top_k is None and top_p is None and min_p is None and
+                     threshold is None and kept_tokens is None)
     if process_group is not None:
+        if truncated:
+            raise NotImplementedError("temperature, top_k, top_p, min_p, threshold and kept_tokens are not supported "
+                                      "with process_group yet")
         from .distributed.vocab_parallel import log_prob as vocab_parallel
 
         return LogProb(*vocab_parallel(logits, actions, ignore_index, process_group, True))
@@ -76,8 +100,13 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
     _checks.check_device(actions, "actions", logits, "logits")
     lead = logits.shape[:-1]
     try:
-        lp, ent = rows_pair(rows_of(logits), index_tensor(actions, logits.shape[-1]).reshape(-1, S), ii,
-                            (actions.shape, lead))
+        a = index_tensor(actions, logits.shape[-1]).reshape(-1, S)
+        x = rows_of(logits)
+        if truncated:
+            f = filters(lead, temperature, top_k, top_p, min_p) or filters(lead, 1.0)
+            x, _ = kept_logits(x, f, threshold=threshold, kept_tokens=kept_tokens)
+            check_kept(x, a, ii, lead)
+        lp, ent = rows_pair(x, a, ii, (actions.shape, lead))
     except (ValueError, IndexError) as e:
         raise type(e)(_status.unflatten_message(str(e), lead)) from None
     return LogProb(lp, ent)

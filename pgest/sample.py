@@ -14,6 +14,7 @@ from . import _status
 from ._checks import check_logits, check_num_samples
 from .ops.log_prob import rows_of
 from .ops.sample import draw_rows
+from .truncation import Truncation, filters, kept_logits
 
 
 class Sample(NamedTuple):
@@ -22,9 +23,17 @@ class Sample(NamedTuple):
     entropy: Tensor   # (...,) entropy of softmax(logits) per row
 
 
+class TruncatedSample(NamedTuple):
+    actions: Tensor     # int64 (...,) or (..., S)
+    log_prob: Tensor    # log-probability under the truncated, renormalised distribution
+    entropy: Tensor     # (...,) entropy of that distribution
+    truncation: Truncation  # the kept set of each row: threshold, kept count, kept mass
+
+
 def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Generator] = None, *,
-           process_group=None) -> Sample:
-    """Draw ``num_samples`` actions from softmax(logits) per row.
+           temperature=None, top_k=None, top_p=None, min_p=None, process_group=None):
+    """Draw ``num_samples`` actions from softmax(logits) per row, or from
+    its truncation by temperature, top-k, top-p and min-p.
 
     Args:
         logits: (..., K) float32/float64/float16/bfloat16; leading dimensions
@@ -41,6 +50,19 @@ def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Gener
         logits). Nothing here is differentiable: use :func:`pgest.log_prob`
         (or :class:`pgest.Categorical`) for gradients.
 
+    With any of ``temperature``, ``top_k``, ``top_p``, ``min_p`` given (a
+    number or one value per row; see :func:`pgest.truncation` for their
+    definitions, 0 temperature being greedy), the draws follow softmax of
+    ``logits / temperature`` over each row's kept set, with the same Philox
+    uniforms as the plain sampler; ``log_prob`` and ``entropy`` are those of
+    that renormalised distribution, and the result is a
+    ``TruncatedSample(actions, log_prob, entropy, truncation)`` whose
+    :class:`~pgest.truncation.Truncation` record (threshold, kept count, kept
+    mass) lets the trainer replay the set: ``pgest.log_prob(logits, actions,
+    temperature=..., threshold=s.truncation.threshold)``. Recomputed by
+    :func:`pgest.log_prob` from the same logits and parameters, the set and
+    the log-probabilities equal the sampler's bit for bit.
+
     With ``process_group`` (torch.distributed), each rank passes its
     contiguous vocabulary shard (..., V_r), in rank order: the draws are those
     of the call on the concatenated logits for the same generator state (the
@@ -48,7 +70,12 @@ def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Gener
     e.g. ``torch.manual_seed(s)`` on all, so that they advance alike), and
     every rank gets the same actions (global ids), log-probs and entropies.
     """
+    f = filters(logits.shape[:-1] if isinstance(logits, Tensor) else (), temperature, top_k, top_p, min_p) \
+        if isinstance(logits, Tensor) else None
     if process_group is not None:
+        if f is not None:
+            raise NotImplementedError("temperature, top_k, top_p and min_p are not supported with process_group "
+                                      "yet (the kept set needs a selection across the vocabulary shards)")
         from .distributed.vocab_parallel import sample as vocab_parallel
 
         lead = logits.shape[:-1] if isinstance(logits, Tensor) else ()
@@ -60,7 +87,10 @@ def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Gener
     lead = logits.shape[:-1]
     shape = lead if S == 1 else lead + (S,)
     try:
-        actions, log_prob, entropy, _ = draw_rows(rows_of(logits.detach()), S, generator, (shape, lead))
+        x = rows_of(logits.detach())
+        if f is None:
+            return Sample(*draw_rows(x, S, generator, (shape, lead))[:3])
+        z, record = kept_logits(x, f, lead=lead)
+        return TruncatedSample(*draw_rows(z, S, generator, (shape, lead))[:3], record)
     except ValueError as e:
         raise ValueError(_status.unflatten_message(str(e), lead)) from None
-    return Sample(actions, log_prob, entropy)

@@ -55,7 +55,10 @@ def test_require_names_the_extra():
 
 
 def _pgest(*args):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    # from tests/ (the checkout's root would import its uncompiled pgest/ first), so
+    # `pgest bench` is told where the checkout's bench/ is
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PGEST_BENCH_DIR=bench)
     return subprocess.run([sys.executable, "-m", "pgest", *args], capture_output=True, text=True, env=env,
                           timeout=600, cwd=os.path.dirname(__file__))
 

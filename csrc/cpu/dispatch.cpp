@@ -9,6 +9,7 @@
 #include <pgest/reinforce_grad.h>
 #include <pgest/returns.h>
 #include <pgest/sample.h>
+#include <pgest/truncation.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -23,6 +24,7 @@
   Status log_prob_backward_cpu(const LogProbArgs& args, ErrorInfo* err);         \
   Status discounted_returns_cpu(const ReturnsArgs& args, ErrorInfo* err);        \
   Status gae_cpu(const ReturnsArgs& args, ErrorInfo* err);                       \
+  Status truncation_cpu(const TruncationArgs& args, ErrorInfo* err);             \
   }                                                                              \
   }
 
@@ -141,6 +143,7 @@ PGEST_DISPATCH(log_prob_forward, LogProbArgs, log_prob_forward_cpu)
 PGEST_DISPATCH(log_prob_backward, LogProbArgs, log_prob_backward_cpu)
 PGEST_DISPATCH(discounted_returns, ReturnsArgs, discounted_returns_cpu)
 PGEST_DISPATCH(gae, ReturnsArgs, gae_cpu)
+PGEST_DISPATCH(truncation, TruncationArgs, truncation_cpu)
 
 }  // namespace cpu
 }  // namespace pgest

@@ -1,0 +1,139 @@
+"""The truncation kernel's launch (csrc/include/pgest/truncation.h), its
+registration as the torch op ``pgest::truncation`` with a fake kernel, and the
+route for devices without a kernel; the public functions are in
+pgest/truncation.py."""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _C, _checks, _native, _status
+from .._checks import check_rows
+
+
+def _param(t: Tensor, R: int) -> Tuple[int, int]:
+    """(address, element stride) of a per-row parameter: (R,) or one value."""
+    return t.data_ptr(), (0 if t.numel() == 1 else t.stride(0))
+
+
+def truncation_native(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor):
+    """(R, K) logits and per-row parameters ((R,) or one element; float64,
+    int64 for top_k) -> threshold (R,) in the accumulation type, kept (R,)
+    int64, kept_mass (R,) float64, argmax (R,) int64."""
+    R, K = x.shape
+    acc = _checks.stats_dtype(x.dtype)
+    threshold = torch.empty(R, dtype=acc)
+    kept = torch.empty(R, dtype=torch.int64)
+    kept_mass = torch.empty(R, dtype=torch.float64)
+    argmax = torch.empty(R, dtype=torch.int64)
+    if R:
+        a = _C.TruncationArgs()
+        a.logits = x.data_ptr()
+        a.dtype = _checks.DTYPE_CODES[x.dtype]
+        a.rows, a.cols = R, K
+        a.row_stride, a.col_stride = x.stride()
+        a.temperature, a.temperature_stride = _param(temperature, R)
+        a.top_k, a.top_k_stride = _param(top_k, R)
+        a.top_p, a.top_p_stride = _param(top_p, R)
+        a.min_p, a.min_p_stride = _param(min_p, R)
+        a.threshold, a.kept = threshold.data_ptr(), kept.data_ptr()
+        a.kept_mass, a.argmax = kept_mass.data_ptr(), argmax.data_ptr()
+        a.num_threads = _native.num_threads()
+        res = _C.truncation_cpu(a)
+        if res[0] == _status.NONFINITE_INPUT and math.isfinite(res[4]):
+            raise ValueError(f"logits[{res[1]}, {res[2]}] / temperature overflows ({res[4]} / "
+                             f"{float(temperature[res[1] if temperature.numel() > 1 else 0])}): "
+                             "the temperature is too small for these logits")
+        if res[0]:
+            _status.raise_for_status(res, input_name="logits", num_actions=K)
+    return threshold, kept, kept_mass, argmax
+
+
+def truncation_in_torch_ops(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor):
+    """The same definitions on devices without a truncation kernel (CUDA, for
+    now): a sort of each row, so O(K log K) and a (R, K) workspace. The kept
+    set equals the kernel's except where a cumulative mass is within rounding
+    of top_p (the sums run in another order)."""
+    R, K = x.shape
+    acc = _checks.stats_dtype(x.dtype)
+    dev = x.device
+    t = temperature.to(dev).expand(R)
+    greedy = t == 0
+    z = x.to(acc) / torch.where(greedy, torch.ones_like(t), t).to(acc)[:, None]
+    if torch.isnan(z).any() or (z == float("inf")).any():
+        row, col = (torch.isnan(z) | (z == float("inf"))).nonzero()[0].tolist()
+        raise ValueError(f"logits[{row}, {col}] / temperature is {z[row, col].item()} (logits[{row}, {col}] = "
+                         f"{x[row, col].item()}): scores must be finite or -inf")
+    finite = z > float("-inf")
+    if not finite.any(-1).all():
+        row = int((~finite.any(-1)).nonzero()[0])
+        raise ValueError(f"every entry of logits row {row} is -inf: nothing can be sampled")
+    zs, _ = torch.sort(z, dim=-1, descending=True)
+    zmax = zs[:, :1]
+    live = finite.sum(-1)
+    k = top_k.to(dev).expand(R)
+    k_eff = torch.where((k > 0) & (k < live), k, live)
+    t_k = zs.gather(1, (k_eff - 1)[:, None])
+    in_k = zs >= t_k
+    m = torch.where(in_k, torch.exp(zs.double() - zmax.double()), torch.zeros((), dtype=torch.float64, device=dev))
+    # mass strictly above each sorted entry: the cumulative sum before its tie group
+    before = torch.cumsum(m, -1) - m
+    first_of_tie = torch.ones_like(in_k)
+    first_of_tie[:, 1:] = zs[:, 1:] != zs[:, :-1]
+    group_start = torch.cummax(torch.where(first_of_tie, torch.arange(K, device=dev).expand(R, K), 0), -1).values
+    strictly_above = before.gather(1, group_start)
+    p = top_p.to(dev).expand(R)
+    target = p[:, None].double() * m.sum(-1, keepdim=True)
+    in_p = (strictly_above < target) | (zs == zmax) | (p[:, None] >= 1)
+    minp = min_p.to(dev).expand(R)
+    t_m = torch.where(minp > 0, zmax.squeeze(1).double() + torch.log(minp.double().clamp_min(1e-300)),
+                      torch.full_like(minp, float("-inf"), dtype=torch.float64)).to(acc)
+    keep = in_k & in_p & (zs >= t_m[:, None]) & (zs > float("-inf"))
+    kept = keep.sum(-1)
+    threshold = torch.where(keep, zs, torch.full_like(zs, float("inf"))).min(-1).values
+    total = torch.exp(zs.double() - zmax.double()).sum(-1)
+    kept_mass = torch.where(keep, torch.exp(zs.double() - zmax.double()), 0.0).sum(-1) / total
+    argmax = x.to(acc).argmax(-1)
+    raw_max = x.to(acc).amax(-1)
+    threshold = torch.where(greedy, raw_max, threshold)
+    kept = torch.where(greedy, torch.ones_like(kept), kept)
+    kept_mass = torch.where(greedy, torch.ones_like(kept_mass), kept_mass)
+    return threshold, kept, kept_mass, argmax
+
+
+@torch.library.custom_op("pgest::truncation", mutates_args=())
+def truncation_op(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+                  min_p: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(R, K) logits, per-row (R,) or one-element parameters (temperature,
+    top_p, min_p float64; top_k int64) -> threshold, kept, kept_mass, argmax."""
+    check_rows(logits, None)
+    R = logits.shape[0]
+    for t, name, dtype in ((temperature, "temperature", torch.float64), (top_k, "top_k", torch.int64),
+                           (top_p, "top_p", torch.float64), (min_p, "min_p", torch.float64)):
+        _checks.check_tensor(t, name)
+        if t.dtype != dtype or t.dim() != 1 or t.numel() not in (1, R):
+            raise ValueError(f"{name} must be a (rows,) or (1,) {dtype} tensor, got {tuple(t.shape)} {t.dtype}")
+    if logits.device.type == "cpu":
+        return truncation_native(logits, *(t.cpu() for t in (temperature, top_k, top_p, min_p)))
+    return truncation_in_torch_ops(logits, temperature, top_k, top_p, min_p)
+
+
+@truncation_op.register_fake
+def _(logits, temperature, top_k, top_p, min_p):
+    R = logits.shape[0]
+    acc = _checks.stats_dtype(logits.dtype)
+    return (logits.new_empty((R,), dtype=acc), logits.new_empty((R,), dtype=torch.int64),
+            logits.new_empty((R,), dtype=torch.float64), logits.new_empty((R,), dtype=torch.int64))
+
+
+def truncation_rows(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor):
+    """The cheapest route to the kernel: a direct call on the CPU in eager
+    mode, the registered op otherwise."""
+    from .log_prob import traced
+
+    if x.device.type == "cpu" and not traced():
+        return truncation_native(x, temperature, top_k, top_p, min_p)
+    return truncation_op(x, temperature, top_k, top_p, min_p)

@@ -1,0 +1,201 @@
+"""Truncated sampling distributions: temperature, top-k, top-p, min-p and
+greedy, as one kept set per row that the sampler and the trainer share.
+
+The kept set of a row is ``z >= threshold`` on the tempered logits
+``z = logits / temperature`` (csrc/include/pgest/truncation.h has the
+definitions and the selection that finds the threshold without sorting the
+row). :func:`pgest.sample` draws from softmax over the kept set;
+:func:`pgest.log_prob` scores under the same renormalised distribution,
+recomputing the set from the same parameters (bit for bit the sampler's on the
+same logits), replaying the sampler's ``threshold``, or taking an outside
+sampler's kept token ids (``kept_tokens``, the compressed layout vLLM's mask
+replay uses).
+
+The filters apply in transformers' order: temperature, then top-k, then top-p
+on the top-k distribution, then min-p. min-p compares each probability with
+the largest, a ratio the renormalisation does not change, so only top-p
+depends on the order: vLLM applies min-p before top-k and top-p, so its top-p
+mass is taken over the min-p set, and where min-p removes mass the two keep
+different sets.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._checks import check_logits, check_tensor, stats_dtype
+from .ops.log_prob import rows_of
+from .ops.truncation import truncation_rows
+
+
+class Truncation(NamedTuple):
+    threshold: Tensor  # (...,) smallest kept logit / temperature (greedy rows: the largest logit)
+    kept: Tensor       # (...,) int64 number of kept tokens
+    kept_mass: Tensor  # (...,) float64 mass of the kept set under softmax(logits / temperature) (greedy: 1)
+
+
+class Filters(NamedTuple):
+    """Per-row parameters as the kernel takes them: (R,) or (1,) tensors."""
+    temperature: Tensor  # float64
+    top_k: Tensor        # int64
+    top_p: Tensor        # float64
+    min_p: Tensor        # float64
+
+
+def _param(value, name: str, lead: torch.Size, default, dtype: torch.dtype, low: float, high: float) -> Tensor:
+    R = lead.numel()
+    if value is None:
+        return torch.tensor([default], dtype=dtype)
+    if isinstance(value, Tensor):
+        if value.dtype == torch.bool or value.is_complex() or (dtype == torch.int64 and value.is_floating_point()):
+            raise TypeError(f"{name} must be {'an integer' if dtype == torch.int64 else 'a real'} tensor, "
+                            f"got {value.dtype}")
+        if value.dim() == 0 or value.numel() == 1 and value.dim() <= 1:
+            t = value.detach().reshape(1)
+        elif tuple(value.shape) in (tuple(lead), (R,)):
+            t = value.detach().reshape(R)
+        else:
+            raise ValueError(f"{name} must be a number or a tensor of the rows' shape {tuple(lead)}, got "
+                             f"{tuple(value.shape)}")
+        t = t.to("cpu", dtype)
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+    elif dtype == torch.int64 and not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    else:
+        t = torch.tensor([value], dtype=dtype)
+    if dtype == torch.float64 and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite, got {t[~torch.isfinite(t)][0].item()}")
+    if bool((t < low).any()) or bool((t > high).any()):
+        bad = t[(t < low) | (t > high)][0].item()
+        raise ValueError(f"{name} must be in [{low}, {high}], got {bad}")
+    return t
+
+
+def filters(lead: torch.Size, temperature=None, top_k=None, top_p=None, min_p=None) -> Optional[Filters]:
+    """The checked per-row parameters, or None when none was given (the plain
+    softmax: today's kernels, bit for bit)."""
+    if temperature is None and top_k is None and top_p is None and min_p is None:
+        return None
+    return Filters(_param(temperature, "temperature", lead, 1.0, torch.float64, 0.0, math.inf),
+                   _param(top_k, "top_k", lead, 0, torch.int64, 0, math.inf),
+                   _param(top_p, "top_p", lead, 1.0, torch.float64, 0.0, 1.0),
+                   _param(min_p, "min_p", lead, 0.0, torch.float64, 0.0, 1.0))
+
+
+def _kept_token_mask(kept_tokens, R: int, K: int, device) -> Tensor:
+    if not isinstance(kept_tokens, (tuple, list)) or len(kept_tokens) != 2:
+        raise TypeError("kept_tokens must be a pair (token_ids, row_offsets): the kept ids of all rows, "
+                        "concatenated, and the (rows + 1,) offsets where each row's ids begin")
+    ids, offsets = kept_tokens
+    check_tensor(ids, "kept_tokens[0] (token_ids)")
+    check_tensor(offsets, "kept_tokens[1] (row_offsets)")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or offsets.dtype.is_floating_point or \
+            offsets.dtype == torch.bool:
+        raise TypeError("kept_tokens must hold integer tensors")
+    ids, offsets = ids.reshape(-1).to(device, torch.int64), offsets.reshape(-1).to(device, torch.int64)
+    if offsets.numel() != R + 1:
+        raise ValueError(f"kept_tokens row_offsets must have rows + 1 = {R + 1} entries, got {offsets.numel()}")
+    counts = offsets[1:] - offsets[:-1]
+    if int(offsets[0]) != 0 or int(offsets[-1]) != ids.numel() or bool((counts < 0).any()):
+        raise ValueError(f"kept_tokens row_offsets must rise from 0 to the number of token ids ({ids.numel()})")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= K):
+        raise IndexError(f"kept_tokens token ids must be in [0, {K})")
+    mask = torch.zeros(R, K, dtype=torch.bool, device=device)
+    rows = torch.repeat_interleave(torch.arange(R, device=device), counts)
+    mask[rows, ids] = True
+    if R and bool((counts == 0).any()):
+        raise ValueError(f"kept_tokens keeps no token of row {int((counts == 0).nonzero()[0])}")
+    return mask
+
+
+def kept_logits(x: Tensor, f: Filters, *, threshold: Optional[Tensor] = None, kept_tokens=None,
+                lead: Optional[torch.Size] = None) -> Tuple[Tensor, Optional[Truncation]]:
+    """(R, K) logits -> (R, K) tempered logits with -inf outside the kept set,
+    in the accumulation type and differentiable with respect to ``x`` (the set
+    is a constant of the step), and the truncation record when the set was
+    computed here (None when replayed)."""
+    R, K = x.shape
+    acc = stats_dtype(x.dtype)
+    dev = x.device
+    record = None
+    greedy = f.temperature == 0
+    any_greedy = bool(greedy.any())
+    argmax = None
+    if threshold is None and kept_tokens is None:
+        th, kept, mass, argmax = truncation_rows(x.detach(), *f)
+        shape = lead if lead is not None else (R,)
+        record = Truncation(th.view(shape), kept.view(shape), mass.view(shape))
+        th = th.to(dev)
+    elif threshold is not None:
+        if kept_tokens is not None:
+            raise ValueError("pass threshold or kept_tokens, not both")
+        check_tensor(threshold, "threshold")
+        if threshold.numel() != R:
+            raise ValueError(f"threshold must have one value per row ({R}), got shape {tuple(threshold.shape)}")
+        th = threshold.detach().reshape(R).to(dev, acc)
+    t = f.temperature.to(dev, acc)
+    z = x.to(acc) / torch.where(t == 0, torch.ones_like(t), t)[:, None] if (t != 1).any() else x.to(acc)
+    if kept_tokens is not None:
+        z = z.masked_fill(~_kept_token_mask(kept_tokens, R, K, dev), float("-inf"))
+    else:
+        z = z.masked_fill(z < th[:, None], float("-inf"))
+    if any_greedy:
+        if argmax is None:
+            argmax = x.detach().to(acc).argmax(-1)
+        only = torch.full((R, K), float("-inf"), dtype=acc, device=dev)
+        only.scatter_(1, argmax.to(dev).view(R, 1), 0.0)
+        z = torch.where(greedy.to(dev).expand(R)[:, None], only, z)
+    return z, record
+
+
+def check_kept(z: Tensor, actions: Tensor, ignore_index: Optional[int], lead) -> None:
+    """An action outside the kept set has no probability: an error naming the row."""
+    R, K = z.shape
+    a = actions.reshape(R, -1)
+    valid = a != ignore_index if ignore_index is not None else torch.ones_like(a, dtype=torch.bool)
+    valid &= (a >= 0) & (a < K)  # out-of-range ids are the kernel's to report
+    at = z.detach().gather(1, torch.where(valid, a, torch.zeros_like(a)))
+    bad = valid & (at == float("-inf"))
+    if bool(bad.any()):
+        row, col = bad.nonzero()[0].tolist()
+        from ._status import row_index
+
+        where = row_index(row, lead) if lead is not None else str(row)
+        which = f"{where}, {col}" if a.shape[1] > 1 else where
+        raise ValueError(f"actions[{which}] = {int(a[row, col])} is outside the kept set of its row (truncated by "
+                         f"temperature / top_k / top_p / min_p, or not among the kept tokens): it has no probability")
+
+
+def truncation(logits: Tensor, *, temperature=None, top_k=None, top_p=None, min_p=None) -> Truncation:
+    """The kept set of each row under temperature, top-k, top-p and min-p
+    (what :func:`pgest.sample` reports with its draws), without sampling.
+
+    Args:
+        logits: (..., K) float32/float64/float16/bfloat16; leading dimensions are rows.
+        temperature: >= 0; 0 is greedy (the first maximum alone). Default 1.
+        top_k: keep the tokens whose logit is >= the k-th largest (ties
+            kept); 0 or None: off.
+        top_p: in [0, 1]; keep the tokens whose strictly more probable kept
+            tokens hold less than top_p of the top-k distribution's mass; 1
+            or None: off.
+        min_p: in [0, 1]; keep the tokens with p >= min_p * p_max; 0 or None: off.
+
+        Each is a Python number or a tensor with one value per row (a batch
+        of requests with different settings).
+
+    Returns:
+        ``Truncation(threshold, kept, kept_mass)`` of the leading shape: the
+        smallest kept ``logits / temperature`` (the largest logit for greedy
+        rows), the number of kept tokens and the kept mass of the full
+        ``softmax(logits / temperature)`` (float64; 1 for greedy rows).
+    """
+    check_logits(logits)
+    lead = logits.shape[:-1]
+    f = filters(lead, temperature, top_k, top_p, min_p) or filters(lead, 1.0)
+    th, kept, mass, _ = truncation_rows(rows_of(logits.detach()), *f)
+    return Truncation(th.view(lead), kept.view(lead), mass.view(lead))

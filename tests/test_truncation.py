@@ -1,0 +1,323 @@
+"""Truncated sampling and scoring (temperature, top-k, top-p, min-p, greedy):
+kept sets against a float64 definition written here and against
+transformers' warpers, the draws' frequencies, the sampler's and the trainer's
+log-probabilities bit for bit, replay by threshold and by token lists,
+gradients, edge values and errors."""
+import math
+
+import pytest
+import torch
+from helpers import FLOAT_DTYPES
+from scipy import stats
+
+import pgest
+from pgest.ops.truncation import truncation_in_torch_ops, truncation_op
+
+MINUS_INF = float("-inf")
+
+
+def mass_above(z, q):
+    """Per entry, the mass q of the entries with a strictly larger z (ties grouped)."""
+    zs, order = z.sort(-1)
+    csum = q.gather(-1, order).cumsum(-1)
+    at_or_below = torch.searchsorted(zs.contiguous(), z.contiguous(), right=True)
+    below = torch.where(at_or_below > 0, csum.gather(-1, (at_or_below - 1).clamp_min(0)), 0.0)
+    return csum[..., -1:] - below
+
+
+def reference_keep(x, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """(R, K) bool: the definitions, one row at a time, in float64 masses over
+    the tempered values the kernels form (x / T in float32)."""
+    z = (x.float() / torch.tensor(temperature, dtype=torch.float32)).double()
+    keep = z > MINUS_INF
+    zmax = z.max(-1, keepdim=True).values
+    if 0 < top_k < x.shape[-1]:
+        kth = z.topk(top_k, -1).values[:, -1:]
+        keep &= z >= kth
+    if top_p < 1.0:
+        q = torch.where(keep, torch.exp(z - zmax), 0.0)
+        q = q / q.sum(-1, keepdim=True)
+        keep &= (mass_above(z, q) < top_p) | (z == zmax)
+    if min_p > 0.0:
+        keep &= z >= zmax + math.log(min_p)
+    return keep
+
+
+def kept_of(x, **kw):
+    """The set pgest.sample/log_prob use: where the truncated logits are finite."""
+    from pgest.truncation import filters, kept_logits
+
+    z, _ = kept_logits(x, filters(x.shape[:-1], **kw))
+    return z > MINUS_INF
+
+
+def near_top_p_boundary(x, temperature, top_k, top_p, tol=1e-5):
+    """Rows where some cumulative mass is within float rounding of top_p."""
+    z = (x.float() / temperature).double()
+    keep = reference_keep(x, temperature, top_k)
+    q = torch.where(keep, torch.exp(z - z.max(-1, keepdim=True).values), 0.0)
+    q = q / q.sum(-1, keepdim=True)
+    return ((mass_above(z, q) - top_p).abs() < tol).any(-1)
+
+
+CASES = [dict(top_k=5), dict(top_k=1), dict(top_p=0.9), dict(top_p=0.3), dict(min_p=0.1),
+         dict(temperature=0.7, top_k=50, top_p=0.95), dict(temperature=1.5, top_p=0.8, min_p=0.05),
+         dict(temperature=0.5, top_k=20, min_p=0.2), dict(top_k=10**6), dict(top_p=1.0), dict(min_p=0.0)]
+
+
+@pytest.mark.parametrize("kw", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("K", [7, 300, 5000])
+def test_kept_set_matches_the_definition(kw, K):
+    g = torch.Generator().manual_seed(K)
+    x = torch.randn(40, K, generator=g) * 2
+    x[3, : K // 2] = x[3, 0]  # a tie across half the row
+    x[4, 1:] = -30.0  # one token holds nearly all the mass
+    x[5, K // 3:] = MINUS_INF
+    full = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) | kw
+    expected = reference_keep(x, **full)
+    got = kept_of(x, **kw)
+    rows = ~near_top_p_boundary(x, full["temperature"], full["top_k"], full["top_p"]) \
+        if full["top_p"] < 1 else torch.ones(40, dtype=torch.bool)
+    assert rows.sum() >= 36
+    assert torch.equal(got[rows], expected[rows])
+    rec = pgest.truncation(x, **kw)
+    assert torch.equal(rec.kept[rows], expected.sum(-1)[rows])
+    z = x.float() / full["temperature"]
+    smallest = torch.where(expected, z, float("inf")).min(-1).values
+    assert torch.equal(rec.threshold[rows], smallest[rows])
+    zd = z.double()
+    full_p = torch.softmax(zd, -1)
+    torch.testing.assert_close(rec.kept_mass[rows], torch.where(expected, full_p, 0.0).sum(-1)[rows],
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_each_filter_keeps_what_transformers_warpers_keep():
+    tf = pytest.importorskip("transformers")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3000, generator=g) * 3
+    warpers = {
+        "top_k": (dict(top_k=40), [tf.TopKLogitsWarper(40)]),
+        "top_p": (dict(top_p=0.9), [tf.TopPLogitsWarper(0.9)]),
+        "min_p": (dict(min_p=0.05), [tf.MinPLogitsWarper(0.05)]),
+        "all, transformers' order": (
+            dict(temperature=0.8, top_k=100, top_p=0.7, min_p=0.02),
+            [tf.TemperatureLogitsWarper(0.8), tf.TopKLogitsWarper(100), tf.TopPLogitsWarper(0.7),
+             tf.MinPLogitsWarper(0.02)]),
+    }
+    for name, (kw, ws) in warpers.items():
+        scores = x.clone()
+        for w in ws:
+            scores = w(None, scores)
+        theirs = scores > MINUS_INF
+        ours = kept_of(x, **kw)
+        differ = (theirs != ours).any(-1)
+        if "top_p" in kw:
+            differ &= ~near_top_p_boundary(x, kw.get("temperature", 1.0), kw.get("top_k", 0), kw["top_p"])
+        assert not differ.any(), (name, differ.nonzero().flatten().tolist())
+
+
+def test_min_p_order_differs_from_vllm_where_min_p_removes_mass():
+    # the docs' claim: vLLM's order (min-p before top-p) can keep another set
+    x = torch.tensor([[0.30, 0.28, 0.26] + [0.01] * 16]).log()
+    ours = kept_of(x, top_p=0.65, min_p=0.2)
+    p = torch.softmax(x.double(), -1)
+    vllm_first = p >= 0.2 * p.max()
+    q = torch.where(vllm_first, p, 0.0) / torch.where(vllm_first, p, 0.0).sum()
+    vllm = vllm_first & (mass_above(x.double(), q) < 0.65)
+    assert ours.sum() == 3 and vllm.sum() == 2
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("S", [1, 4])
+def test_sampler_and_trainer_agree_bit_for_bit(dtype, S):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 5, 700, generator=g) * 2).to(dtype)
+    T = torch.rand(3, 5, generator=g) + 0.3  # per-token temperature
+    top_p = torch.tensor([0.5, 0.9, 1.0, 0.95, 0.7]).repeat(3, 1)
+    s = pgest.sample(x, num_samples=S, temperature=T, top_k=64, top_p=top_p, min_p=0.01,
+                     generator=torch.Generator().manual_seed(2))
+    assert isinstance(s, pgest.TruncatedSample) and s.truncation.kept.shape == (3, 5)
+    lp, ent = pgest.log_prob(x, s.actions, temperature=T, top_k=64, top_p=top_p, min_p=0.01)
+    assert torch.equal(lp, s.log_prob) and torch.equal(ent, s.entropy)
+    lp2, ent2 = pgest.log_prob(x, s.actions, temperature=T, threshold=s.truncation.threshold)
+    assert torch.equal(lp2, s.log_prob) and torch.equal(ent2, s.entropy)
+    assert torch.equal(pgest.entropy(x) if False else ent, s.entropy)
+
+
+def test_log_prob_is_the_renormalised_distribution_in_float64():
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(30, 200, generator=g) * 2).double()
+    kw = dict(temperature=0.6, top_k=30, top_p=0.85, min_p=0.02)
+    keep = reference_keep(x, **kw)
+    z = torch.where(keep, x / 0.6, MINUS_INF)
+    s = pgest.sample(x, num_samples=3, generator=torch.Generator().manual_seed(4), **kw)
+    ls = torch.log_softmax(z, -1)
+    torch.testing.assert_close(s.log_prob, ls.gather(1, s.actions), rtol=1e-12, atol=1e-12)
+    ent = -(torch.where(keep, ls.exp() * ls, 0.0)).sum(-1)
+    torch.testing.assert_close(s.entropy, ent, rtol=1e-12, atol=1e-12)
+    assert keep.gather(1, s.actions).all()
+
+
+def test_gradient_treats_the_kept_set_as_a_constant():
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(6, 40, generator=g) * 2).double().requires_grad_()
+    a = torch.randint(0, 40, (6,), generator=g)
+    kw = dict(temperature=0.8, top_k=25, min_p=0.01)
+    keep = reference_keep(x.detach(), **kw)
+    a = torch.where(keep.gather(1, a[:, None]).squeeze(1), a, keep.float().argmax(-1))
+    lp, ent = pgest.log_prob(x, a, **kw)
+    w = torch.randn(6, dtype=torch.float64, generator=g)
+    (gx,) = torch.autograd.grad((w * lp).sum() + 0.3 * ent.sum(), x)
+    xr = x.detach().clone().requires_grad_()
+    ls = torch.log_softmax(torch.where(keep, xr / 0.8, MINUS_INF), -1)
+    ls_kept = torch.where(keep, ls, 0.0)  # no 0 * -inf, in value or in gradient
+    ref = (w * ls.gather(1, a[:, None]).squeeze(1)).sum() - 0.3 * (ls_kept.exp() * ls_kept * keep).sum()
+    (gr,) = torch.autograd.grad(ref, xr)
+    torch.testing.assert_close(gx, gr, rtol=1e-10, atol=1e-12)
+    assert (gx[~keep] == 0).all()
+    assert torch.autograd.gradcheck(lambda t: pgest.log_prob(t, a, **kw), (x,), eps=1e-7)
+
+
+def test_chi_square_on_adversarial_rows():
+    # ties at the top-k boundary (all kept), a long tail under top-p at 128k entries
+    K = 128_000
+    g = torch.Generator().manual_seed(6)
+    tail = torch.randn(K, generator=g) - 4
+    tail[:5] = torch.tensor([6.0, 5.5, 5.0, 4.0, 4.0])
+    ties = torch.full((K,), -5.0)
+    ties[:6] = torch.tensor([3.0, 2.0, 1.0, 1.0, 1.0, 1.0])
+    x = torch.stack([tail, ties])
+    N = 40_000
+    for row, kw in ((0, dict(top_p=0.95, temperature=1.3)), (1, dict(top_k=3))):
+        s = pgest.sample(x[row:row + 1], num_samples=N, generator=torch.Generator().manual_seed(7), **kw)
+        full = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) | kw
+        keep = reference_keep(x[row:row + 1], **full)[0]
+        assert keep.gather(0, s.actions[0]).all()
+        q = torch.softmax(torch.where(keep, x[row].double() / full["temperature"], MINUS_INF), -1)
+        # the five most probable kept tokens one by one, the rest of the kept set lumped
+        top = q.topk(5).indices
+        counts = torch.stack([(s.actions[0] == t).sum() for t in top] + [torch.tensor(0)]).double()
+        counts[-1] = N - counts[:-1].sum()
+        expected = torch.cat([q[top], (1 - q[top].sum()).view(1)]) * N
+        if expected[-1] < 5:
+            counts, expected = counts[:-1], expected[:-1] * N / expected[:-1].sum()
+        p = stats.chisquare(counts.numpy(), expected.numpy()).pvalue
+        assert p > 1e-4, (row, p)  # fails by chance once in 10^4 runs
+
+
+def test_one_token_with_all_the_mass_and_greedy():
+    x = torch.tensor([[0.0, 50.0, 0.0, 49.99], [1.0, 3.0, 3.0, 2.0], [5.0, -1.0, 5.0, 5.0]])
+    s = pgest.sample(x, num_samples=8, top_p=0.5, generator=torch.Generator().manual_seed(0))
+    assert (s.actions[0] == 1).all() and (s.truncation.kept[0] == 1)
+    g = pgest.sample(x, num_samples=3, temperature=0.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(g.actions, torch.tensor([[1] * 3, [1] * 3, [0] * 3]))  # ties: the lowest index
+    assert (g.log_prob == 0).all() and (g.entropy == 0).all()
+    assert torch.equal(g.truncation.kept, torch.ones(3, dtype=torch.int64))
+    assert torch.equal(g.truncation.threshold, torch.tensor([50.0, 3.0, 5.0]))
+    xr = x.clone().requires_grad_()
+    lp, ent = pgest.log_prob(xr, g.actions, temperature=0.0)
+    assert (lp == 0).all()
+    (lp.sum() + ent.sum()).backward()
+    assert (xr.grad == 0).all()
+    with pytest.raises(ValueError, match=r"actions\[2(, 0)?\] = 2 is outside the kept set"):
+        pgest.log_prob(x, torch.tensor([[1], [1], [2]]), temperature=0.0)
+    # a batch that mixes greedy and sampled rows
+    m = pgest.sample(x, temperature=torch.tensor([0.0, 1.0, 0.0]), generator=torch.Generator().manual_seed(0))
+    assert m.actions[0] == 1 and m.actions[2] == 0 and m.log_prob[0] == 0 and m.log_prob[1] < 0
+
+
+def test_no_filter_draws_are_todays_bit_for_bit():
+    g = torch.Generator().manual_seed(8)
+    for dtype in FLOAT_DTYPES:
+        x = (torch.randn(50, 3001, generator=g) * 3).to(dtype)
+        plain = pgest.sample(x, num_samples=3, generator=torch.Generator().manual_seed(9))
+        for kw in (dict(temperature=1.0), dict(top_k=0, top_p=1.0, min_p=0.0), dict(top_k=5000)):
+            t = pgest.sample(x, num_samples=3, generator=torch.Generator().manual_seed(9), **kw)
+            assert torch.equal(t.actions, plain.actions), (dtype, kw)
+            assert torch.equal(t.log_prob, plain.log_prob) and torch.equal(t.entropy, plain.entropy)
+            assert (t.truncation.kept == 3001).all() and torch.allclose(t.truncation.kept_mass,
+                                                                        torch.ones(50, dtype=torch.float64))
+
+
+def test_replay_by_threshold_and_by_token_lists():
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(9, 400, generator=g) * 2
+    kw = dict(temperature=0.9, top_p=0.8)
+    s = pgest.sample(x, num_samples=2, generator=torch.Generator().manual_seed(11), **kw)
+    keep = kept_of(x, **kw)
+    ids = keep.nonzero()[:, 1]
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(-1).cumsum(0)])
+    lp, ent = pgest.log_prob(x, s.actions, temperature=0.9, kept_tokens=(ids, offsets))
+    assert torch.equal(lp, s.log_prob) and torch.equal(ent, s.entropy)
+    # the trainer's logits differ by rounding: the replayed threshold keeps the
+    # sampler's set wherever no kept value sits within that rounding of it
+    y = x + torch.randn(x.shape, generator=g) * 1e-6
+    lp_y, _ = pgest.log_prob(y, s.actions, temperature=0.9, threshold=s.truncation.threshold - 1e-4)
+    ref = torch.log_softmax(torch.where(keep, y / 0.9, MINUS_INF), -1).gather(1, s.actions)
+    torch.testing.assert_close(lp_y, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_torch_route_matches_the_kernel():
+    # the route of devices without a truncation kernel (CUDA), run here on the CPU
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(32, 1000, generator=g) * 2
+    x[0, 500:] = MINUS_INF
+    R = 32
+    params = (torch.rand(R, dtype=torch.float64, generator=g) + 0.5, torch.randint(0, 300, (R,), generator=g),
+              torch.rand(R, dtype=torch.float64, generator=g) * 0.5 + 0.5,
+              torch.rand(R, dtype=torch.float64, generator=g) * 0.05)
+    params[0][3] = 0.0  # greedy
+    ours = truncation_op(x, *params)
+    theirs = truncation_in_torch_ops(x, *params)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1]) and torch.equal(ours[3], theirs[3])
+    torch.testing.assert_close(ours[2], theirs[2], rtol=1e-9, atol=1e-12)
+
+
+def test_registered_op_opcheck():
+    x = torch.randn(5, 50)
+    args = (torch.tensor([0.7], dtype=torch.float64), torch.tensor([10]), torch.full((5,), 0.9, dtype=torch.float64),
+            torch.tensor([0.0], dtype=torch.float64))
+    torch.library.opcheck(truncation_op, (x, *args))
+    with pytest.raises(ValueError, match="top_k must be a"):
+        truncation_op(x, args[0], torch.tensor([1.0]), args[2], args[3])
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(temperature=-1.0), ValueError, r"temperature must be in \[0"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be finite"),
+    (dict(top_k=-3), ValueError, r"top_k must be in \[0"),
+    (dict(top_k=2.5), TypeError, "top_k must be an integer"),
+    (dict(top_p=1.5), ValueError, r"top_p must be in \[0.0, 1.0\]"),
+    (dict(top_p=float("nan")), ValueError, "top_p must be finite"),
+    (dict(min_p=-0.1), ValueError, r"min_p must be in"),
+    (dict(top_p=torch.ones(3)), ValueError, "top_p must be a number or a tensor of the rows' shape"),
+    (dict(temperature="hot"), TypeError, "temperature must be a number or a tensor"),
+    (dict(temperature=1e-40), ValueError, "temperature overflows|too small"),
+])
+def test_bad_parameters_name_the_argument(kw, exc, match):
+    x = torch.randn(4, 10) * 10
+    with pytest.raises(exc, match=match):
+        pgest.sample(x, **kw)
+
+
+def test_bad_scoring_inputs():
+    x = torch.randn(4, 10)
+    a = torch.zeros(4, dtype=torch.int64)
+    x[:, 0] = 10.0
+    x[2, 0] = -5.0
+    with pytest.raises(ValueError, match=r"actions\[2\] = 0 is outside the kept set"):
+        pgest.log_prob(x, a, top_k=3)
+    with pytest.raises(ValueError, match="rows \\+ 1 = 5"):
+        pgest.log_prob(x, a, kept_tokens=(torch.tensor([0]), torch.tensor([0, 1])))
+    with pytest.raises(IndexError, match=r"kept_tokens token ids must be in \[0, 10\)"):
+        pgest.log_prob(x, a, kept_tokens=(torch.tensor([0, 1, 2, 10]), torch.tensor([0, 1, 2, 3, 4])))
+    with pytest.raises(ValueError, match="threshold or kept_tokens, not both"):
+        pgest.log_prob(x, a, threshold=torch.zeros(4), kept_tokens=(torch.tensor([0] * 4), torch.arange(5)))
+    with pytest.raises(ValueError, match="one value per row"):
+        pgest.log_prob(x, a, threshold=torch.zeros(3))
+    nan = torch.randn(4, 10)
+    nan[1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"logits\[1, 3\] is nan"):
+        pgest.sample(nan, top_p=0.9)
+    with pytest.raises(NotImplementedError, match="process_group"):
+        pgest.sample(x, top_p=0.9, process_group=object())
