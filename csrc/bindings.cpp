@@ -166,6 +166,7 @@ PYBIND11_MODULE(_C, m) {
       .PTR_PROPERTY(SampleArgs, entropy, void*)
       .PTR_PROPERTY(SampleArgs, row_max, void*)
       .PTR_PROPERTY(SampleArgs, log_z, void*)
+      .def_readwrite("truncation", &SampleArgs::truncation)
       .def_readwrite("num_threads", &SampleArgs::num_threads);
 
   py::class_<LogProbArgs>(m, "LogProbArgs")
@@ -222,6 +223,21 @@ PYBIND11_MODULE(_C, m) {
   m.def("discounted_returns_cpu", [](const ReturnsArgs& args) { return run_kernel(cpu::discounted_returns, args); });
   m.def("gae_cpu", [](const ReturnsArgs& args) { return run_kernel(cpu::gae, args); });
 
+  py::class_<TruncationParams>(m, "TruncationParams")
+      .def(py::init<>())
+      .PTR_PROPERTY(TruncationParams, temperature, const double*)
+      .def_readwrite("temperature_stride", &TruncationParams::temperature_stride)
+      .PTR_PROPERTY(TruncationParams, top_k, const int64_t*)
+      .def_readwrite("top_k_stride", &TruncationParams::top_k_stride)
+      .PTR_PROPERTY(TruncationParams, top_p, const double*)
+      .def_readwrite("top_p_stride", &TruncationParams::top_p_stride)
+      .PTR_PROPERTY(TruncationParams, min_p, const double*)
+      .def_readwrite("min_p_stride", &TruncationParams::min_p_stride)
+      .PTR_PROPERTY(TruncationParams, given_threshold, const void*)
+      .PTR_PROPERTY(TruncationParams, threshold, void*)
+      .PTR_PROPERTY(TruncationParams, kept, int64_t*)
+      .PTR_PROPERTY(TruncationParams, kept_mass, double*)
+      .PTR_PROPERTY(TruncationParams, kept_logits, void*);
   py::class_<TruncationArgs>(m, "TruncationArgs")
       .def(py::init<>())
       .PTR_PROPERTY(TruncationArgs, logits, const void*)
@@ -230,18 +246,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("cols", &TruncationArgs::cols)
       .def_readwrite("row_stride", &TruncationArgs::row_stride)
       .def_readwrite("col_stride", &TruncationArgs::col_stride)
-      .PTR_PROPERTY(TruncationArgs, temperature, const double*)
-      .def_readwrite("temperature_stride", &TruncationArgs::temperature_stride)
-      .PTR_PROPERTY(TruncationArgs, top_k, const int64_t*)
-      .def_readwrite("top_k_stride", &TruncationArgs::top_k_stride)
-      .PTR_PROPERTY(TruncationArgs, top_p, const double*)
-      .def_readwrite("top_p_stride", &TruncationArgs::top_p_stride)
-      .PTR_PROPERTY(TruncationArgs, min_p, const double*)
-      .def_readwrite("min_p_stride", &TruncationArgs::min_p_stride)
-      .PTR_PROPERTY(TruncationArgs, threshold, void*)
-      .PTR_PROPERTY(TruncationArgs, kept, int64_t*)
-      .PTR_PROPERTY(TruncationArgs, kept_mass, double*)
-      .PTR_PROPERTY(TruncationArgs, argmax, int64_t*)
+      .def_readwrite("params", &TruncationArgs::params)
       .def_readwrite("num_threads", &TruncationArgs::num_threads);
   m.def("truncation_cpu", [](const TruncationArgs& args) { return run_kernel(cpu::truncation, args); });
 

@@ -11,9 +11,10 @@ import torch
 from torch import Tensor
 
 from . import _status
-from ._checks import check_logits, check_num_samples
-from .ops.log_prob import rows_of
-from .ops.sample import draw_rows
+from ._checks import check_generator, check_logits, check_num_samples, stats_dtype
+from .ops.log_prob import rows_of, traced
+from .ops.sample import draw_rows, sample_native
+from .philox import cpu_seed
 from .truncation import Truncation, filters, kept_logits
 
 
@@ -90,6 +91,14 @@ def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Gener
         x = rows_of(logits.detach())
         if f is None:
             return Sample(*draw_rows(x, S, generator, (shape, lead))[:3])
+        if not x.is_cuda and not traced():  # the kept set found and drawn from in one read of each row
+            if generator is not None:
+                check_generator(generator, x.device)
+            R = x.shape[0]
+            record = (torch.empty(R, dtype=stats_dtype(x.dtype)), torch.empty(R, dtype=torch.int64),
+                      torch.empty(R, dtype=torch.float64))
+            out = sample_native(x, S, cpu_seed(generator), shapes=(shape, lead), truncation=(*f, record))
+            return TruncatedSample(*out[:3], Truncation(*(t.view(lead) for t in record)))
         z, record = kept_logits(x, f, lead=lead)
         return TruncatedSample(*draw_rows(z, S, generator, (shape, lead))[:3], record)
     except ValueError as e:

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from ._checks import check_logits, check_tensor, stats_dtype
-from .ops.log_prob import rows_of
-from .ops.truncation import truncation_rows
+from .ops.log_prob import rows_of, traced
+from .ops.truncation import truncation_native, truncation_rows
 
 
 class Truncation(NamedTuple):
@@ -113,6 +113,27 @@ def _kept_token_mask(kept_tokens, R: int, K: int, device) -> Tensor:
     return mask
 
 
+class _KeptLogits(torch.autograd.Function):
+    """z = logits / temperature on the kept set, -inf elsewhere, from the
+    native pass; the set is a constant, so dz/dx = 1 / temperature there (0
+    on greedy rows, whose z does not depend on the logits)."""
+
+    @staticmethod
+    def forward(ctx, x, z, inv_temperature):
+        ctx.save_for_backward(inv_temperature)
+        ctx.dtype = x.dtype
+        return z
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        (inv_t,) = ctx.saved_tensors
+        return (grad_z * inv_t[:, None]).to(ctx.dtype), None, None
+
+
+def _record(threshold, kept, kept_mass, shape) -> Truncation:
+    return Truncation(threshold.view(shape), kept.view(shape), kept_mass.view(shape))
+
+
 def kept_logits(x: Tensor, f: Filters, *, threshold: Optional[Tensor] = None, kept_tokens=None,
                 lead: Optional[torch.Size] = None) -> Tuple[Tensor, Optional[Truncation]]:
     """(R, K) logits -> (R, K) tempered logits with -inf outside the kept set,
@@ -122,33 +143,39 @@ def kept_logits(x: Tensor, f: Filters, *, threshold: Optional[Tensor] = None, ke
     R, K = x.shape
     acc = stats_dtype(x.dtype)
     dev = x.device
-    record = None
+    shape = lead if lead is not None else (R,)
     greedy = f.temperature == 0
-    any_greedy = bool(greedy.any())
-    argmax = None
-    if threshold is None and kept_tokens is None:
-        th, kept, mass, argmax = truncation_rows(x.detach(), *f)
-        shape = lead if lead is not None else (R,)
-        record = Truncation(th.view(shape), kept.view(shape), mass.view(shape))
-        th = th.to(dev)
-    elif threshold is not None:
+    if threshold is not None:
         if kept_tokens is not None:
             raise ValueError("pass threshold or kept_tokens, not both")
         check_tensor(threshold, "threshold")
         if threshold.numel() != R:
             raise ValueError(f"threshold must have one value per row ({R}), got shape {tuple(threshold.shape)}")
-        th = threshold.detach().reshape(R).to(dev, acc)
+        threshold = threshold.detach().reshape(R).to(dev, acc)
+    if dev.type == "cpu" and kept_tokens is None and not traced():
+        # one native pass: the set, its record and z
+        th, kept, mass, z = truncation_native(x.detach(), *f, with_logits=True,
+                                              given_threshold=None if threshold is None else threshold.contiguous())
+        record = None if threshold is not None else _record(th, kept, mass, shape)
+        if x.requires_grad and torch.is_grad_enabled():
+            t = f.temperature.to(torch.float64)
+            inv_t = torch.where(t == 0, torch.zeros_like(t), 1.0 / torch.where(t == 0, torch.ones_like(t), t))
+            z = _KeptLogits.apply(x, z, inv_t.to(acc).expand(R))
+        return z, record
+    record = None
+    if threshold is None and kept_tokens is None:
+        th, kept, mass = truncation_rows(x.detach(), *f)
+        record = _record(th, kept, mass, shape)
+        threshold = th.to(dev)
     t = f.temperature.to(dev, acc)
     z = x.to(acc) / torch.where(t == 0, torch.ones_like(t), t)[:, None] if (t != 1).any() else x.to(acc)
     if kept_tokens is not None:
         z = z.masked_fill(~_kept_token_mask(kept_tokens, R, K, dev), float("-inf"))
     else:
-        z = z.masked_fill(z < th[:, None], float("-inf"))
-    if any_greedy:
-        if argmax is None:
-            argmax = x.detach().to(acc).argmax(-1)
+        z = z.masked_fill(z < threshold[:, None], float("-inf"))
+    if bool(greedy.any()):
         only = torch.full((R, K), float("-inf"), dtype=acc, device=dev)
-        only.scatter_(1, argmax.to(dev).view(R, 1), 0.0)
+        only.scatter_(1, x.detach().to(acc).argmax(-1).view(R, 1), 0.0)
         z = torch.where(greedy.to(dev).expand(R)[:, None], only, z)
     return z, record
 
@@ -197,5 +224,4 @@ def truncation(logits: Tensor, *, temperature=None, top_k=None, top_p=None, min_
     check_logits(logits)
     lead = logits.shape[:-1]
     f = filters(lead, temperature, top_k, top_p, min_p) or filters(lead, 1.0)
-    th, kept, mass, _ = truncation_rows(rows_of(logits.detach()), *f)
-    return Truncation(th.view(lead), kept.view(lead), mass.view(lead))
+    return _record(*truncation_rows(rows_of(logits.detach()), *f), lead)

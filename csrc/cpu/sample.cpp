@@ -9,6 +9,7 @@
 #include "narrow_rows.h"
 #include "parallel.h"
 #include "row_scratch.h"
+#include "truncated_row.h"
 
 PGEST_NS_BEGIN
 namespace {
@@ -26,8 +27,10 @@ Status run(const SampleArgs& a, ErrorInfo* out_err) {
   const ErrorInfo first = parallel_rows(a.rows, threads, [&](int64_t begin, int64_t end,
                                                             const std::atomic<int64_t>& lowest_failed) {
     ErrorInfo err;
-    RowScratch<Acc> sc(K, S, a.col_stride != 1);
-    if (!sc.ok) { err.status = kOutOfMemory; err.row = begin; return err; }
+    const bool truncated = a.truncation.temperature != nullptr;
+    RowScratch<Acc> sc(K, S, a.col_stride != 1 && !truncated);
+    TruncationScratch<Acc> tsc(truncated ? K : 0);
+    if (!sc.ok || !tsc.ok) { err.status = kOutOfMemory; err.row = begin; return err; }
     NarrowGroup<Acc> g;
     // One draw per row from rows of <= kLanes entries: W rows at a time.
     auto group = [&](int64_t i0) {
@@ -42,20 +45,28 @@ Status run(const SampleArgs& a, ErrorInfo* out_err) {
       }
       return true;
     };
+    auto draw = [&](int64_t i, const auto* x) {
+      const RowStats<Acc> rs = row_stats<true>(x, K, sc.weights, sc.chunk_max, sc.e);
+      if (const Status bad = row_status(rs, x, err)) return bad;
+      int64_t* actions = a.actions + i * S;
+      draw_row(x, K, rs, a.seed, a.offset, i, S, sc, actions, a.uniforms);
+      const Acc lz = store_row_stats(rs, true, i, row_max, log_z, entropy);
+      for (int64_t s = 0; s < S; ++s) log_prob[i * S + s] = log_prob_of(load<Acc>(x[actions[s]]), rs.max, lz);
+      return kOk;
+    };
     auto row = [&](int64_t i) {
-      const Status st = with_row(base, i, a.row_stride, a.col_stride, K, sc, [&](const auto* x) {
-        const RowStats<Acc> rs = row_stats<true>(x, K, sc.weights, sc.chunk_max, sc.e);
-        if (const Status bad = row_status(rs, x, err)) return bad;
-        int64_t* actions = a.actions + i * S;
-        draw_row(x, K, rs, a.seed, a.offset, i, S, sc, actions, a.uniforms);
-        const Acc lz = store_row_stats(rs, true, i, row_max, log_z, entropy);
-        for (int64_t s = 0; s < S; ++s) log_prob[i * S + s] = log_prob_of(load<Acc>(x[actions[s]]), rs.max, lz);
-        return kOk;
-      });
+      Status st;
+      if (truncated) {  // the kept set in scratch, from the same read of the row
+        st = truncate_row<T, Acc>(base + i * a.row_stride, K, a.col_stride, a.truncation, i, tsc, err);
+        if (st == kOk) st = draw(i, static_cast<const Acc*>(tsc.z));
+      } else {
+        st = with_row(base, i, a.row_stride, a.col_stride, K, sc, [&](const auto* x) { return draw(i, x); });
+      }
       if (st != kOk) { err.status = st; err.row = i; }
       return st;
     };
-    narrow_or_rows<NarrowGroup<Acc>::W>(S == 1 && narrow_rows(K, a.col_stride), begin, end, lowest_failed, group, row);
+    narrow_or_rows<NarrowGroup<Acc>::W>(!truncated && S == 1 && narrow_rows(K, a.col_stride), begin, end,
+                                        lowest_failed, group, row);
     return err;
   });
   if (first.status != kOk) { *out_err = first; return Status(first.status); }

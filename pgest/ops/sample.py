@@ -13,15 +13,19 @@ from .._checks import check_generator, check_num_samples, check_rows, check_seed
 from .._vmap import register_refusal
 from ..philox import cpu_seed, seed_tensor
 from .log_prob import traced
+from .truncation import fill_params, raise_for
 
 
 def sample_native(x: Tensor, num_samples: int, seed: int, offset: int = 0, seed_t: Optional[Tensor] = None,
-                  shapes=None, uniforms: Optional[Tensor] = None):
+                  shapes=None, uniforms: Optional[Tensor] = None, truncation=None):
     """(R, K) logits -> actions (R, S), log_prob (R, S), entropy (R,), stats
     (2, R) = [row max, log Z] (what a later log_prob backward needs).
     ``shapes``: (actions shape, entropy shape) to allocate in instead.
     ``uniforms``: (R, S) float64 in [0, 1), contiguous, on x's device, drawn
-    from instead of Philox (the fused linear head places draws in a tile)."""
+    from instead of Philox (the fused linear head places draws in a tile).
+    ``truncation`` (CPU): (temperature, top_k, top_p, min_p, record) with the
+    per-row parameters of ops/truncation.fill_params and the record's
+    (threshold, kept, kept_mass) tensors to fill: draw from each row's kept set."""
     R, K = x.shape
     acc = _checks.stats_dtype(x.dtype)
     dev = _native.device_of(x)
@@ -44,11 +48,16 @@ def sample_native(x: Tensor, num_samples: int, seed: int, offset: int = 0, seed_
         a.row_max = stats.data_ptr()
         a.log_z = a.row_max + R * stats.element_size()
         a.num_threads = torch.get_num_threads()
+        if truncation is not None:
+            *params, (threshold, kept, kept_mass) = truncation
+            fill_params(a.truncation, *params, threshold=threshold, kept=kept, kept_mass=kept_mass)
         if x.is_cuda:
             res = _native.cuda_call("sample", a, dev, report=dict(input_name="logits", num_actions=K), seed=seed_t,
                                 values=x)
         else:
             res = _C.sample_cpu(a)
+        if truncation is not None:
+            raise_for(res, truncation[0], K)
         if res[0]:
             _status.raise_for_status(res, input_name="logits", num_actions=K)
     return actions, log_prob, entropy, stats

@@ -5,7 +5,7 @@ pgest/truncation.py."""
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -14,42 +14,60 @@ from .. import _C, _checks, _native, _status
 from .._checks import check_rows
 
 
-def _param(t: Tensor, R: int) -> Tuple[int, int]:
+def _param(t: Tensor) -> Tuple[int, int]:
     """(address, element stride) of a per-row parameter: (R,) or one value."""
     return t.data_ptr(), (0 if t.numel() == 1 else t.stride(0))
 
 
-def truncation_native(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor):
-    """(R, K) logits and per-row parameters ((R,) or one element; float64,
-    int64 for top_k) -> threshold (R,) in the accumulation type, kept (R,)
-    int64, kept_mass (R,) float64, argmax (R,) int64."""
+def fill_params(pp, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, *,
+                given_threshold: Optional[Tensor] = None, threshold: Optional[Tensor] = None,
+                kept: Optional[Tensor] = None, kept_mass: Optional[Tensor] = None,
+                kept_logits: Optional[Tensor] = None) -> None:
+    """Point a ``_C.TruncationParams`` at the per-row parameters ((R,) or one
+    element, CPU: float64, int64 for top_k) and the outputs wanted."""
+    pp.temperature, pp.temperature_stride = _param(temperature)
+    pp.top_k, pp.top_k_stride = _param(top_k)
+    pp.top_p, pp.top_p_stride = _param(top_p)
+    pp.min_p, pp.min_p_stride = _param(min_p)
+    for name, t in (("given_threshold", given_threshold), ("threshold", threshold), ("kept", kept),
+                    ("kept_mass", kept_mass), ("kept_logits", kept_logits)):
+        if t is not None:
+            setattr(pp, name, t.data_ptr())
+
+
+def raise_for(res, temperature: Tensor, K: int) -> None:
+    """The exception for a kernel result of a truncated row pass."""
+    if res[0] == _status.NONFINITE_INPUT and math.isfinite(res[4]):
+        raise ValueError(f"logits[{res[1]}, {res[2]}] / temperature overflows ({res[4]} / "
+                         f"{float(temperature[res[1] if temperature.numel() > 1 else 0])}): "
+                         "the temperature is too small for these logits")
+    if res[0]:
+        _status.raise_for_status(res, input_name="logits", num_actions=K)
+
+
+def truncation_native(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, *,
+                      with_logits: bool = False, given_threshold: Optional[Tensor] = None):
+    """(R, K) CPU logits and per-row parameters -> threshold (R,) in the
+    accumulation type, kept (R,) int64, kept_mass (R,) float64 and, with
+    ``with_logits``, the (R, K) tempered logits with -inf outside the kept set
+    (else None). ``given_threshold``: replay it instead of selecting."""
     R, K = x.shape
     acc = _checks.stats_dtype(x.dtype)
     threshold = torch.empty(R, dtype=acc)
     kept = torch.empty(R, dtype=torch.int64)
     kept_mass = torch.empty(R, dtype=torch.float64)
-    argmax = torch.empty(R, dtype=torch.int64)
+    z = torch.empty(R, K, dtype=acc) if with_logits else None
     if R:
         a = _C.TruncationArgs()
         a.logits = x.data_ptr()
         a.dtype = _checks.DTYPE_CODES[x.dtype]
         a.rows, a.cols = R, K
         a.row_stride, a.col_stride = x.stride()
-        a.temperature, a.temperature_stride = _param(temperature, R)
-        a.top_k, a.top_k_stride = _param(top_k, R)
-        a.top_p, a.top_p_stride = _param(top_p, R)
-        a.min_p, a.min_p_stride = _param(min_p, R)
-        a.threshold, a.kept = threshold.data_ptr(), kept.data_ptr()
-        a.kept_mass, a.argmax = kept_mass.data_ptr(), argmax.data_ptr()
+        fill_params(a.params, temperature, top_k, top_p, min_p, given_threshold=given_threshold,
+                    threshold=threshold, kept=kept, kept_mass=kept_mass, kept_logits=z)
         a.num_threads = _native.num_threads()
-        res = _C.truncation_cpu(a)
-        if res[0] == _status.NONFINITE_INPUT and math.isfinite(res[4]):
-            raise ValueError(f"logits[{res[1]}, {res[2]}] / temperature overflows ({res[4]} / "
-                             f"{float(temperature[res[1] if temperature.numel() > 1 else 0])}): "
-                             "the temperature is too small for these logits")
-        if res[0]:
-            _status.raise_for_status(res, input_name="logits", num_actions=K)
-    return threshold, kept, kept_mass, argmax
+        raise_for(_C.truncation_cpu(a), temperature, K)
+    return threshold, kept, kept_mass, z
 
 
 def truncation_in_torch_ops(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor):
@@ -96,19 +114,18 @@ def truncation_in_torch_ops(x: Tensor, temperature: Tensor, top_k: Tensor, top_p
     threshold = torch.where(keep, zs, torch.full_like(zs, float("inf"))).min(-1).values
     total = torch.exp(zs.double() - zmax.double()).sum(-1)
     kept_mass = torch.where(keep, torch.exp(zs.double() - zmax.double()), 0.0).sum(-1) / total
-    argmax = x.to(acc).argmax(-1)
     raw_max = x.to(acc).amax(-1)
     threshold = torch.where(greedy, raw_max, threshold)
     kept = torch.where(greedy, torch.ones_like(kept), kept)
     kept_mass = torch.where(greedy, torch.ones_like(kept_mass), kept_mass)
-    return threshold, kept, kept_mass, argmax
+    return threshold, kept, kept_mass
 
 
 @torch.library.custom_op("pgest::truncation", mutates_args=())
 def truncation_op(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
-                  min_p: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                  min_p: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """(R, K) logits, per-row (R,) or one-element parameters (temperature,
-    top_p, min_p float64; top_k int64) -> threshold, kept, kept_mass, argmax."""
+    top_p, min_p float64; top_k int64) -> threshold, kept, kept_mass."""
     check_rows(logits, None)
     R = logits.shape[0]
     for t, name, dtype in ((temperature, "temperature", torch.float64), (top_k, "top_k", torch.int64),
@@ -117,7 +134,7 @@ def truncation_op(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Ten
         if t.dtype != dtype or t.dim() != 1 or t.numel() not in (1, R):
             raise ValueError(f"{name} must be a (rows,) or (1,) {dtype} tensor, got {tuple(t.shape)} {t.dtype}")
     if logits.device.type == "cpu":
-        return truncation_native(logits, *(t.cpu() for t in (temperature, top_k, top_p, min_p)))
+        return truncation_native(logits, *(t.cpu() for t in (temperature, top_k, top_p, min_p)))[:3]
     return truncation_in_torch_ops(logits, temperature, top_k, top_p, min_p)
 
 
@@ -126,14 +143,14 @@ def _(logits, temperature, top_k, top_p, min_p):
     R = logits.shape[0]
     acc = _checks.stats_dtype(logits.dtype)
     return (logits.new_empty((R,), dtype=acc), logits.new_empty((R,), dtype=torch.int64),
-            logits.new_empty((R,), dtype=torch.float64), logits.new_empty((R,), dtype=torch.int64))
+            logits.new_empty((R,), dtype=torch.float64))
 
 
 def truncation_rows(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor):
-    """The cheapest route to the kernel: a direct call on the CPU in eager
-    mode, the registered op otherwise."""
+    """threshold, kept, kept_mass by the cheapest route: a direct call on the
+    CPU in eager mode, the registered op otherwise."""
     from .log_prob import traced
 
     if x.device.type == "cpu" and not traced():
-        return truncation_native(x, temperature, top_k, top_p, min_p)
+        return truncation_native(x, temperature, top_k, top_p, min_p)[:3]
     return truncation_op(x, temperature, top_k, top_p, min_p)

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "status.h"
+#include "truncation.h"
 
 namespace pgest {
 
@@ -20,6 +21,10 @@ struct SampleArgs {
   void* entropy = nullptr;     // (R,)
   void* row_max = nullptr;     // (R,)  max and log sum exp(x - max): the statistics
   void* log_z = nullptr;       // (R,)  a later log_prob backward needs (log_prob.h)
+  // With truncation.temperature set: draw from each row's kept set
+  // (truncation.h), found and applied in the same read of the row; the
+  // statistics above are then those of the tempered, truncated row.
+  TruncationParams truncation;
   int32_t num_threads = 1;
 };
 

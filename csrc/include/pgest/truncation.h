@@ -29,11 +29,10 @@ namespace pgest {
 
 // Per-row parameters are float64 (temperature, top_p, min_p) or int64 (top_k)
 // with an element stride (0: one value for every row). Disabled filters:
-// top_k <= 0, top_p >= 1, min_p <= 0.
-struct TruncationArgs {
-  const void* logits = nullptr;
-  int32_t dtype = 0;
-  int64_t rows = 0, cols = 0, row_stride = 0, col_stride = 1;
+// top_k <= 0, top_p >= 1, min_p <= 0. The same block rides in the sample
+// kernel's arguments, which then draw from the kept set in the same read of
+// the row (a null temperature: no truncation).
+struct TruncationParams {
   const double* temperature = nullptr;
   int64_t temperature_stride = 0;
   const int64_t* top_k = nullptr;
@@ -42,10 +41,19 @@ struct TruncationArgs {
   int64_t top_p_stride = 0;
   const double* min_p = nullptr;
   int64_t min_p_stride = 0;
-  void* threshold = nullptr;  // (R,) accumulation type: the smallest kept z (greedy: the max logit)
-  int64_t* kept = nullptr;    // (R,) entries kept
+  const void* given_threshold = nullptr;  // (R,) accumulation type: keep z >= it instead of selecting
+  // Outputs, each optional: the record of every row.
+  void* threshold = nullptr;    // (R,) accumulation type: the smallest kept z (greedy: the max logit)
+  int64_t* kept = nullptr;      // (R,) entries kept
   double* kept_mass = nullptr;  // (R,) mass of the kept set under softmax(z) (greedy: 1)
-  int64_t* argmax = nullptr;  // (R,) first maximum of the row (what greedy draws)
+  void* kept_logits = nullptr;  // (R, K) accumulation type, contiguous: z, -inf outside the kept set
+};
+
+struct TruncationArgs {
+  const void* logits = nullptr;
+  int32_t dtype = 0;
+  int64_t rows = 0, cols = 0, row_stride = 0, col_stride = 1;
+  TruncationParams params;
   int32_t num_threads = 1;
 };
 
@@ -57,91 +65,67 @@ Status truncation(const TruncationArgs& args, ErrorInfo* err);
 
 PGEST_NS_BEGIN
 
-template <class Acc>
-struct RowTruncation {
-  Acc threshold;
-  int64_t kept;
-  double kept_mass;
-  int64_t argmax;
-};
-
 // The tempered value every op uses: one correctly rounded division in Acc.
 template <class Acc>
 PGEST_HD Acc tempered(Acc x, Acc temperature) { return x / temperature; }
 
+// One entry of a row in a selection: its tempered value and its mass exp(z - max)
+// (the CPU forms the mass once per row, with the exponential the row passes use).
+template <class Acc>
+struct Entry {
+  Acc z;
+  Acc mass;
+};
+
 namespace detail {
 
-// The smallest value v of z[0, n) whose strictly larger entries hold less
-// than `target` of the mass exp(z - max) (target > 0). Quickselect by mass:
-// each step partitions around a pivot into (> pivot, == pivot, < pivot) and
-// keeps the side that holds the boundary, so the expected work is O(n).
-// `above` is the mass of the entries known to be larger than every entry of
-// the range. The pivot is the median of three fixed positions, so the result
-// depends on the row alone; a range that will not shrink (a pivot sequence
-// built to defeat the median of three) is finished by a sort of what is left.
+// The smallest z among v[0, n) whose strictly larger entries hold less than
+// `target` of the mass, when `above` is the mass of the entries larger than
+// every entry given and `best` the smallest of those (kept: their mass is
+// under the target), so a caller may pass only the entries near the
+// boundary. Quickselect by mass: each step partitions around a pivot into
+// (> pivot, == pivot, < pivot) and keeps the side that holds the boundary, so
+// the expected work is O(n). The pivot is the median of three fixed
+// positions, so the result depends on the row alone; a range that will not
+// shrink (a pivot sequence built to defeat the median of three) is finished
+// by a sort of what is left.
 template <class Acc>
-inline double mass_of(Acc v, Acc max) { return std::exp(double(v) - double(max)); }
-
-template <class Acc>
-inline Acc select_by_mass(Acc* z, int64_t n, Acc max, double target) {
-  double above = 0.0;
+inline Acc select_by_mass(Entry<Acc>* v, int64_t n, double target, double above, Acc best) {
   int64_t lo = 0, hi = n;
-  Acc best = max;
   for (int steps = 0; hi > lo; ++steps) {
     if (steps == 64) {
-      std::sort(z + lo, z + hi, [](Acc l, Acc r) { return l > r; });
+      std::sort(v + lo, v + hi, [](const Entry<Acc>& l, const Entry<Acc>& r) { return l.z > r.z; });
       for (int64_t j = lo; j < hi;) {
         int64_t e = j;
         double equal = 0.0;
-        for (; e < hi && z[e] == z[j]; ++e) equal += mass_of(z[e], max);
+        for (; e < hi && v[e].z == v[j].z; ++e) equal += double(v[e].mass);
         if (!(above < target)) break;
-        best = z[j];
+        best = v[j].z;
         above += equal;
         j = e;
       }
       break;
     }
-    const Acc a = z[lo], b = z[lo + (hi - lo) / 2], c = z[hi - 1];
+    const Acc a = v[lo].z, b = v[lo + (hi - lo) / 2].z, c = v[hi - 1].z;
     const Acc pivot = std::max(std::min(a, b), std::min(std::max(a, b), c));
-    Acc* first = z + lo;
-    Acc* mid = std::partition(first, z + hi, [&](Acc v) { return v > pivot; });
-    Acc* last = std::partition(mid, z + hi, [&](Acc v) { return v == pivot; });
+    Entry<Acc>* first = v + lo;
+    Entry<Acc>* mid = std::partition(first, v + hi, [&](const Entry<Acc>& x) { return x.z > pivot; });
+    Entry<Acc>* last = std::partition(mid, v + hi, [&](const Entry<Acc>& x) { return x.z == pivot; });
     double larger = 0.0, equal = 0.0;
-    for (Acc* p = first; p < mid; ++p) larger += mass_of(*p, max);
-    for (Acc* p = mid; p < last; ++p) equal += mass_of(*p, max);
+    for (Entry<Acc>* q = first; q < mid; ++q) larger += double(q->mass);
+    for (Entry<Acc>* q = mid; q < last; ++q) equal += double(q->mass);
     if (above + larger < target) {
       best = pivot;  // the pivot is kept; entries below it may be too
       above += larger + equal;
       if (!(above < target)) break;
-      lo = int64_t(last - z);
+      lo = int64_t(last - v);
     } else {
-      hi = int64_t(mid - z);  // the boundary lies among the larger entries (not empty: they hold mass)
+      hi = int64_t(mid - v);  // the boundary lies among the larger entries (not empty: they hold mass)
     }
   }
   return best;
 }
 
 }  // namespace detail
-
-// The threshold of one row: z[0, n) holds the row's finite tempered values
-// (any order; they are permuted), max the largest of them.
-template <class Acc>
-inline Acc row_threshold(Acc* z, int64_t n, Acc max, int64_t top_k, double top_p, double min_p) {
-  Acc t = -Acc(INFINITY);
-  int64_t live = n;
-  if (top_k > 0 && top_k < n) {
-    std::nth_element(z, z + (top_k - 1), z + n, [](Acc l, Acc r) { return l > r; });
-    t = z[top_k - 1];
-    live = int64_t(std::partition(z, z + n, [&](Acc v) { return v >= t; }) - z);
-  }
-  if (top_p < 1.0) {
-    double mass = 0.0;
-    for (int64_t j = 0; j < live; ++j) mass += detail::mass_of(z[j], max);
-    const double target = top_p * mass;
-    t = std::max(t, target > 0.0 ? detail::select_by_mass(z, live, max, target) : max);
-  }
-  if (min_p > 0.0) t = std::max(t, Acc(double(max) + std::log(min_p)));
-  return t;
-}
 
 PGEST_NS_END
