@@ -112,18 +112,31 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
     return LogProb(lp, ent)
 
 
-def entropy(logits: Tensor, *, process_group=None) -> Tensor:
+def entropy(logits: Tensor, *, temperature=None, top_k=None, top_p=None, min_p=None, threshold: Optional[Tensor] = None,
+            kept_tokens=None, process_group=None) -> Tensor:
     """Differentiable entropy of ``softmax(logits)`` per row, (..., K) -> (...,),
     in one read of the logits (float32 for 16-bit logits). ``process_group``:
-    vocabulary shards, as for :func:`log_prob`."""
+    vocabulary shards, as for :func:`log_prob`. With ``temperature``,
+    ``top_k``, ``top_p``, ``min_p``, ``threshold`` or ``kept_tokens``: the
+    entropy of the truncated, renormalised distribution, as :func:`log_prob`
+    gives it."""
+    truncated = not (temperature is None and top_k is None and top_p is None and min_p is None and
+                     threshold is None and kept_tokens is None)
     if process_group is not None:
+        if truncated:
+            raise NotImplementedError("temperature, top_k, top_p, min_p, threshold and kept_tokens are not supported "
+                                      "with process_group yet")
         from .distributed.vocab_parallel import log_prob as vocab_parallel
 
         return vocab_parallel(logits, None, None, process_group, False)[1]
     check_logits(logits)
     lead = logits.shape[:-1]
     try:
-        _, ent = rows_pair(rows_of(logits), None, None, ((lead.numel(), 0), lead))
+        x = rows_of(logits)
+        if truncated:
+            f = filters(lead, temperature, top_k, top_p, min_p) or filters(lead, 1.0)
+            x, _ = kept_logits(x, f, threshold=threshold, kept_tokens=kept_tokens)
+        _, ent = rows_pair(x, None, None, ((lead.numel(), 0), lead))
     except (ValueError, IndexError) as e:
         raise type(e)(_status.unflatten_message(str(e), lead)) from None
     return ent

@@ -141,7 +141,7 @@ def test_sampler_and_trainer_agree_bit_for_bit(dtype, S):
     assert torch.equal(lp, s.log_prob) and torch.equal(ent, s.entropy)
     lp2, ent2 = pgest.log_prob(x, s.actions, temperature=T, threshold=s.truncation.threshold)
     assert torch.equal(lp2, s.log_prob) and torch.equal(ent2, s.entropy)
-    assert torch.equal(pgest.entropy(x) if False else ent, s.entropy)
+    assert torch.equal(pgest.entropy(x, temperature=T, top_k=64, top_p=top_p, min_p=0.01), s.entropy)
 
 
 def test_log_prob_is_the_renormalised_distribution_in_float64():
@@ -339,3 +339,79 @@ def test_traced_route_forms_the_same_kept_logits(dtype, monkeypatch):
     assert torch.equal(native, traced)
     for a, b in zip(rec, rec2):
         assert torch.equal(a, b)
+
+
+# ---- the fused head ----------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_linear_head_sampler_and_trainer_agree_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(20)
+    N, H, V = 45, 16, 2000
+    h = torch.randn(N, H, generator=g).to(dtype)
+    w = torch.randn(V, H, generator=g).to(dtype)
+    b = torch.randn(V, generator=g).to(dtype)
+    T = torch.rand(N, generator=g) + 0.5  # per-token temperature
+    kw = dict(temperature=T, top_k=200, top_p=0.9, min_p=0.001)
+    s = pgest.linear_sample(h, w, bias=b, num_samples=3, generator=torch.Generator().manual_seed(21), token_tile=7,
+                            **kw)
+    assert isinstance(s, pgest.TruncatedSample)
+    lp, ent = pgest.linear_log_prob(h, w, s.actions, bias=b, token_tile=7, **kw)
+    assert torch.equal(lp, s.log_prob) and torch.equal(ent, s.entropy)
+    lp2, ent2 = pgest.linear_log_prob(h, w, s.actions, bias=b, temperature=T, threshold=s.truncation.threshold)
+    assert torch.equal(lp2, s.log_prob) and torch.equal(ent2, s.entropy)
+    # the draws: pgest.sample's on the materialised logits (float32 products), for the same generator state
+    x = (h.double() @ w.double().T + b.double()).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    ref = pgest.sample(x, num_samples=3, generator=torch.Generator().manual_seed(21), **kw)
+    assert (ref.actions == s.actions).float().mean() > 0.97  # a uniform within rounding of a boundary may move
+    assert torch.equal(ref.truncation.kept, s.truncation.kept) or dtype != torch.float64
+
+
+def test_linear_head_gradients_in_float64():
+    g = torch.Generator().manual_seed(22)
+    N, H, V = 30, 8, 400
+    h = torch.randn(N, H, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, generator=g, dtype=torch.float64, requires_grad=True)
+    kw = dict(temperature=0.7, top_p=0.8, min_p=0.01)
+    s = pgest.linear_sample(h, w, bias=b, num_samples=2, generator=torch.Generator().manual_seed(23), **kw)
+    lp, ent = pgest.linear_log_prob(h, w, s.actions, bias=b, token_tile=4, **kw)
+    c = torch.randn(N, 2, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad((c * lp).sum() + 0.2 * ent.sum(), (h, w, b))
+    keep = reference_keep((h @ w.T + b).detach(), **(dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) | kw))
+    z = torch.where(keep, (h @ w.T + b) / 0.7, MINUS_INF)
+    ls = torch.log_softmax(z, -1)
+    ls_kept = torch.where(keep, ls, 0.0)
+    ref = (c * ls.gather(1, s.actions)).sum() - 0.2 * (ls_kept.exp() * ls_kept * keep).sum()
+    want = torch.autograd.grad(ref, (h, w, b))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(lp, ls.gather(1, s.actions).detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_linear_head_greedy_and_block_memory():
+    from pgest.examples.memory import peak_allocated_bytes
+    from pgest.linear.truncated import BLOCK_SHARE, block_tokens
+
+    g = torch.Generator().manual_seed(24)
+    N, H, V = 400, 32, 20000
+    h, w = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
+    greedy = pgest.linear_sample(h, w, temperature=0.0)
+    assert torch.equal(greedy.actions, (h @ w.T).argmax(-1)) and (greedy.log_prob == 0).all()
+    assert block_tokens(N, 1024) * BLOCK_SHARE <= N + BLOCK_SHARE
+    logits_bytes = N * V * 4
+    peak = peak_allocated_bytes(lambda: pgest.linear_sample(h, w, top_p=0.9))
+    # a block's logits, the outputs and per-block copies: a small part of the logits never built
+    assert peak < logits_bytes / 20, (peak, logits_bytes)  # the bound linear_sample keeps without truncation
+
+
+def test_linear_head_truncation_errors():
+    h, w = torch.randn(5, 4), torch.randn(30, 4)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        pgest.linear_sample(h, w, top_p=2.0)
+    with pytest.raises(ValueError, match="temperature must be in"):
+        pgest.linear_log_prob(h, w, torch.zeros(5, dtype=torch.int64), temperature=torch.full((5,), -1.0))
+    a = (h @ w.T).argmin(-1)
+    with pytest.raises(ValueError, match="outside the kept set"):
+        pgest.linear_log_prob(h, w, a, top_k=2)
+    with pytest.raises(NotImplementedError, match="process_group"):
+        pgest.linear_sample(h, w, top_k=3, process_group=object())

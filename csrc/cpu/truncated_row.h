@@ -2,7 +2,7 @@
 // is read once, tempered into per-thread scratch, and every later pass (the
 // selections, the mask, then the sampler's own passes) runs on that scratch,
 // which stays in cache at vocabulary sizes. No pass sorts the row: top-k and
-// top-p first estimate their boundary from a strided sample of about 1024
+// top-p first estimate their boundary from a strided sample of about 256
 // entries, check the estimate in one vector pass, and select exactly among
 // the entries between the two checked bounds; a failed check falls back to
 // selection over the whole row.
@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <utility>
 
@@ -41,7 +42,7 @@ struct TruncationScratch {
 
 namespace trunc_detail {
 
-constexpr int kSample = 1024;  // entries in the strided sample
+constexpr int kSample = 256;  // entries in the strided sample
 constexpr int kMargin = 8;     // sample ranks either side of the estimated boundary
 
 template <class V, class Acc>
@@ -58,6 +59,29 @@ inline Acc lane_min(V v) {
   return m;
 }
 
+// Whether any lane of a comparison's mask is set: the mask's bytes ORed as
+// words (a lane-by-lane test compiles to one extraction per lane).
+template <class M>
+inline bool any_lane(M m) {
+#if defined(__AVX512F__)
+  static_assert(sizeof(M) == 64, "one AVX-512 register");
+  const __m512i v = reinterpret_cast<__m512i>(m);
+  return _mm512_test_epi64_mask(v, v) != 0;
+#elif defined(__AVX2__)
+  static_assert(sizeof(M) == 32, "one AVX2 register");
+  const __m256i v = reinterpret_cast<__m256i>(m);
+  return !_mm256_testz_si256(v, v);
+#elif defined(__SSE2__)
+  return _mm_movemask_epi8(reinterpret_cast<__m128i>(m)) != 0;
+#else
+  uint64_t w[sizeof(M) / 8];
+  std::memcpy(w, &m, sizeof(M));
+  uint64_t r = 0;
+  for (size_t j = 0; j < sizeof(M) / 8; ++j) r |= w[j];
+  return r != 0;
+#endif
+}
+
 template <class V>
 inline double lane_sum(V v, int width) {
   double s = 0.0;
@@ -66,8 +90,9 @@ inline double lane_sum(V v, int width) {
 }
 
 // Sums of e over z > bound for up to kBounds bounds in one vector pass:
-// lanes per chunk of kChunk entries, chunks added in double.
+// lanes per block of kBlock entries, blocks added in double.
 constexpr int kBounds = 4;
+constexpr int kBlock = 2048;
 
 template <class Acc>
 inline void mass_above(const Acc* z, const Acc* e, int64_t K, const Acc* bounds, int nb, double* out) {
@@ -78,9 +103,9 @@ inline void mass_above(const Acc* z, const Acc* e, int64_t K, const Acc* bounds,
   for (int b = 0; b < nb; ++b) out[b] = 0.0;
   const V zero{};
   int64_t k = 0;
-  for (; k + kChunk <= K; k += kChunk) {
+  for (; k + kBlock <= K; k += kBlock) {
     V s[kBounds] = {};
-    for (int j = 0; j < kChunk; j += W) {
+    for (int j = 0; j < kBlock; j += W) {
       const V zv = loadv(z + k + j), ev = loadv(e + k + j);
       for (int b = 0; b < kBounds; ++b) s[b] += select(zv > vb[b], ev, zero);
     }
@@ -106,9 +131,7 @@ inline int64_t gather_between(const Acc* z, const Acc* e, int64_t K, Acc lo, Acc
     const V zv = loadv(z + k);
     const auto in = (zv > vlo) & (zv <= vhi);
     vmin = select(zv > vhi, select(zv < vmin, zv, vmin), vmin);
-    bool any = false;
-    for (int l = 0; l < W; ++l) any |= in[l] != 0;
-    if (!any) continue;
+    if (!any_lane(in)) continue;
     for (int l = 0; l < W; ++l) {
       out[n] = Entry<Acc>{z[k + l], e[k + l]};
       n += in[l] != 0;
@@ -167,32 +190,28 @@ inline Acc top_p_threshold(const Acc* z, const Acc* e, int64_t K, Acc max, doubl
   for (int64_t j = 0; j < K && n <= kSample; j += stride)
     if (z[j] > -inf) s[n++] = {z[j], e[j]};
   std::sort(s, s + n, [](const std::pair<Acc, Acc>& l, const std::pair<Acc, Acc>& r) { return l.first > r.first; });
-  // rank r stands for the sample value s[r] (-1: +inf, n: -inf)
+  // rank r stands for the sample value s[r] (-1: +inf, n: -inf); f(r), the
+  // row's mass above value(r), rises with r. Bracket: f(a) < target <= f(b).
   auto value = [&](int r) { return r < 0 ? inf : (r >= n ? -inf : s[r].first); };
+  double cum[kSample + 2];  // cum[r]: the sample's mass above rank r (ties aside)
+  cum[0] = 0.0;
+  for (int j = 0; j < n; ++j) cum[j + 1] = cum[j] + double(s[j].second);
   int a = -1, b = n;
-  double mass_a = 0.0;
-  // the first probes around the sample's own estimate of the boundary
-  double sample_total = 0.0;
-  for (int j = 0; j < n; ++j) sample_total += double(s[j].second);
-  const double goal = target / total * sample_total;
-  int idx = 0;
-  for (double c = 0.0; idx < n - 1; ++idx) {
-    c += double(s[idx].second);
-    if (c >= goal) break;
-  }
+  double mass_a = 0.0, mass_b = total;
   for (int pass = 0; b - a > 1 && pass < 12; ++pass) {
+    // interpolation: where the sample's mass curve, scaled to the bracket's
+    // measured ends, reaches the target; probes either side of that rank
+    const double ga = cum[std::max(a, 0)], gb = cum[b];
+    int guess = b;
+    if (gb > ga && mass_b > mass_a) {
+      const double want = ga + (target - mass_a) / (mass_b - mass_a) * (gb - ga);
+      guess = int(std::lower_bound(cum + a + 1, cum + b, want) - cum);
+    }
+    const int w = std::max(2, (b - a) / 8);
     int probes[kBounds];
     int np = 0;
-    if (pass == 0) {
-      for (int r : {idx - 2 * kMargin, idx - kMargin / 2, idx + kMargin / 2, idx + 2 * kMargin})
-        if (r > a && r < b && (np == 0 || r > probes[np - 1])) probes[np++] = r;
-    }
-    if (np == 0) {
-      for (int q = 1; q <= kBounds; ++q) {
-        const int r = a + int(int64_t(b - a) * q / (kBounds + 1));
-        if (r > a && r < b && (np == 0 || r > probes[np - 1])) probes[np++] = r;
-      }
-    }
+    for (int r : {guess - 1 - w, guess - 1, guess, guess + w})
+      if (r > a && r < b && (np == 0 || r > probes[np - 1])) probes[np++] = r;
     if (np == 0) break;
     Acc bounds[kBounds];
     double mass[kBounds];
@@ -200,7 +219,7 @@ inline Acc top_p_threshold(const Acc* z, const Acc* e, int64_t K, Acc max, doubl
     mass_above(z, e, K, bounds, np, mass);
     for (int q = 0; q < np; ++q) {
       if (mass[q] < target) { a = probes[q]; mass_a = mass[q]; }
-      else { b = probes[q]; break; }
+      else { b = probes[q]; mass_b = mass[q]; break; }
     }
   }
   // the entries in (value(b), value(a)], and the smallest above value(a) (kept:
@@ -224,9 +243,10 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
   const double temperature = p.temperature[i * p.temperature_stride];
   const bool greedy = temperature == 0.0;
   const Acc t = greedy ? Acc(1) : Acc(temperature);
+  const bool unit = t == Acc(1);
   Acc* z = sc.z;
   // The one read of the row: tempered, its maximum, any NaN or +inf.
-  V vmax = splat<V>(-inf), vlive{};
+  V vmax = splat<V>(-inf), vlive{}, vlow = splat<V>(inf);
   bool bad = false;
   int64_t k = 0;
   if (cs == 1) {
@@ -235,23 +255,26 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
     M vbad{};
     for (; k + W <= K; k += W) {
       const V v = loadv(x + k);
-      const V zv = greedy ? v : v / vt;
+      const V zv = unit ? v : v / vt;  // x / 1 is x: no division
       storev(z + k, zv);
       vbad |= (zv != zv) | (zv == splat<V>(inf));
       vmax = select(zv > vmax, zv, vmax);
       vlive += select(zv > splat<V>(-inf), one, zero);
+      vlow = select((zv < vlow) & (zv > splat<V>(-inf)), zv, vlow);
     }
     for (int l = 0; l < W; ++l) bad |= vbad[l] != 0;
   }
   Acc max = trunc_detail::lane_max<V, Acc>(vmax);
+  Acc low = trunc_detail::lane_min<V, Acc>(vlow);  // the smallest finite entry
   int64_t live = int64_t(trunc_detail::lane_sum(vlive, W));
   for (; k < K; ++k) {
     const Acc v = load<Acc>(x[k * cs]);
-    const Acc zv = greedy ? v : tempered(v, t);
+    const Acc zv = unit ? v : tempered(v, t);
     z[k] = zv;
     bad |= std::isnan(zv) || zv == inf;
     max = std::max(max, zv);
     live += zv > -inf;
+    if (zv > -inf) low = std::min(low, zv);
   }
   if (bad) {
     for (int64_t j = 0; j < K; ++j) {
@@ -276,6 +299,17 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
     return kOk;
   }
   const bool given = p.given_threshold != nullptr;
+  const int64_t top_k = p.top_k ? p.top_k[i * p.top_k_stride] : 0;
+  const double top_p = p.top_p ? p.top_p[i * p.top_p_stride] : 1.0;
+  const double min_p = p.min_p ? p.min_p[i * p.min_p_stride] : 0.0;
+  const bool by_k = top_k > 0 && top_k < live;
+  if (!given && !by_k && !(top_p < 1.0) && !(min_p > 0.0)) {  // temperature alone: every finite entry kept
+    if (p.threshold) static_cast<Acc*>(p.threshold)[i] = low;
+    if (p.kept) p.kept[i] = live;
+    if (p.kept_mass) p.kept_mass[i] = 1.0;
+    if (p.kept_logits) std::copy(z, z + K, static_cast<Acc*>(p.kept_logits) + i * K);
+    return kOk;
+  }
   double total = 0.0;
   if (given) {
     cut = static_cast<const Acc*>(p.given_threshold)[i];
@@ -296,10 +330,6 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
       sc.e[j] = exp_nonpos(z[j] - max);
       total += double(sc.e[j]);
     }
-    const int64_t top_k = p.top_k ? p.top_k[i * p.top_k_stride] : 0;
-    const double top_p = p.top_p ? p.top_p[i * p.top_p_stride] : 1.0;
-    const double min_p = p.min_p ? p.min_p[i * p.min_p_stride] : 0.0;
-    const bool by_k = top_k > 0 && top_k < live;
     if (by_k) cut = trunc_detail::kth_largest(z, sc.e, K, top_k, live, sc.work);
     if (top_p < 1.0) {
       if (by_k) {  // top-p over the top-k distribution: its few entries, exactly

@@ -58,6 +58,7 @@ from ..ops.log_prob import (
 from ..ops.sample import sample_native
 from ..philox import cpu_seed, seed_tensor
 from ..philox import uniforms as philox_uniforms
+from .tiles import HALF, MM_OUT_DTYPE, logits_tile
 
 # Tile sizes (tokens, vocabulary); override per call with token_tile= /
 # vocab_tile=. CPU: measured at (2048 tokens, H 1024, V 32000) fp32 fwd+bwd on
@@ -94,60 +95,13 @@ def tile_sizes(hidden: Tensor, token_tile, vocab_tile) -> Tuple[int, int]:
 
 # ---- tiles -------------------------------------------------------------------
 
-HALF = (torch.float16, torch.bfloat16)
-# cuBLAS takes 16-bit inputs with a float32 output at the speed of a 16-bit
-# one; torch's CPU matmul has no such kernel (aten::mm.dtype)
-_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
-_F32_ROWS = 8192
-
-
-def logits_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The logits of 16-bit inputs are kept in float32: the products'
-    float32 accumulators are not rounded to 16 bits (which moved log Z and
-    the entropy by 0.06-0.08 at logits of std 4, bf16, H = 1024)."""
-    return torch.float32 if dtype in HALF else dtype
-
-
-def _products(h: Tensor, w: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """h @ w.T in logits_dtype (into ``out`` when given). ``h`` may already
-    be the float32 copy of 16-bit hidden states (see _vocab_tiles)."""
-    if w.dtype not in HALF:
-        return h @ w.T if out is None else torch.mm(h, w.T, out=out)
-    if h.is_cuda and _MM_OUT_DTYPE:
-        x = torch.mm(h, w.T, out_dtype=torch.float32)
-        return x if out is None else out.copy_(x)
-    # the CPU: products of float32 copies (about 3x a bf16 product's time), of
-    # at most _F32_ROWS rows of w at a time (a whole head's copy is twice its size)
-    hf = h.float()
-    if out is None and w.shape[0] <= _F32_ROWS:
-        return hf @ w.float().T
-    if out is None:
-        out = torch.empty((h.shape[0], w.shape[0]), dtype=torch.float32, device=h.device)
-    for c0 in range(0, w.shape[0], _F32_ROWS):
-        out[:, c0:c0 + _F32_ROWS] = hf @ w[c0:c0 + _F32_ROWS].float().T
-    return out
-
-
-def logits_tile(h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int, temperature: float,
-                 out: Optional[Tensor] = None) -> Tensor:
-    """(hidden @ weight[v0:v1].T + bias[v0:v1]) / temperature in
-    logits_dtype, rounded as the materialised formula rounds it (product,
-    then the bias, then the scale); into ``out`` (a reused buffer) when given."""
-    x = _products(h, weight[v0:v1], out)
-    if bias is not None:
-        x += bias[v0:v1]
-    if temperature != 1.0:
-        x /= temperature
-    return x
-
-
 def _vocab_tiles(h: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, tv: int,
                  full: Optional[Tensor] = None):
     """(v0, v1, logits tile) for each vocabulary tile of these tokens: a fresh
     product each, or, with ``full`` (these tokens' logits over the whole
     vocabulary, computed once by the caller), views of it."""
     V = weight.shape[0]
-    if full is None and h.dtype in HALF and not (h.is_cuda and _MM_OUT_DTYPE):
+    if full is None and h.dtype in HALF and not (h.is_cuda and MM_OUT_DTYPE):
         h = h.float()  # the CPU's float32 products: one copy of the tokens for all their vocabulary tiles
     for v0 in range(0, V, tv):
         v1 = min(V, v0 + tv)
@@ -569,7 +523,8 @@ def token_rows(hidden: Tensor) -> Tensor:
 def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Optional[Tensor] = None,
                     temperature: float = 1.0, ignore_index: Optional[int] = -100,
                     token_tile: Optional[int] = None, vocab_tile: Optional[int] = None,
-                    process_group=None, reduce_hidden_grad: bool = True) -> LinearLogProb:
+                    process_group=None, reduce_hidden_grad: bool = True, top_k=None, top_p=None, min_p=None,
+                    threshold: Optional[Tensor] = None) -> LinearLogProb:
     """Differentiable ``log softmax(logits)[actions]`` and the entropy per token
     for ``logits = (hidden @ weight.T + bias) / temperature``, without building
     the logits.
@@ -602,7 +557,19 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
         logits are the products' float32 results, never rounded to 16 bits
         (the gradients' products run in the inputs' dtype). Statistics are
         accumulated in float32 within a tile and merged across tiles in float64.
+
+    With ``top_k``, ``top_p``, ``min_p``, a replayed ``threshold``, a
+    temperature of 0 (greedy) or one temperature per token (a tensor of the
+    tokens' shape): log p and entropy of the truncated, renormalised
+    distribution that :func:`linear_sample` draws from with the same
+    parameters (definitions in :func:`pgest.truncation`), bit for bit its
+    log-probabilities; the logits are then built one block of tokens at a
+    time over the whole vocabulary, at most 1/40 of them once there are 40
+    tokens or more (pgest/linear/truncated.py). Not with ``process_group`` yet.
     """
+    if _truncating(temperature, top_k, top_p, min_p, threshold):
+        return _truncated_log_prob(hidden, weight, actions, bias, temperature, top_k, top_p, min_p, threshold,
+                                   ignore_index, token_tile, process_group)
     error = None
     try:
         temperature = check_head(hidden, weight, bias, temperature, process_group is not None)
@@ -624,6 +591,45 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
             lp, ent = _FuncLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, temperature, tn, tv)
         else:
             lp, ent, _ = linear_log_prob_op(token_rows(hidden), weight, bias, a2, ii, temperature, tn, tv)
+    except (ValueError, IndexError) as e:
+        raise type(e)(_status.unflatten_message(str(e), lead)) from None
+    return LinearLogProb(lp.view(actions.shape), ent.view(lead))
+
+
+def _truncating(temperature, *given) -> bool:
+    """Whether a call takes the truncated route (pgest/linear/truncated.py)."""
+    return any(g is not None for g in given) or isinstance(temperature, Tensor) or \
+        (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature == 0)
+
+
+def _truncation_setup(hidden, weight, bias, process_group, what: str):
+    if process_group is not None:
+        raise NotImplementedError(f"{what} with temperature tensors, top_k, top_p, min_p or threshold is not "
+                                  "supported with process_group yet")
+    check_head(hidden, weight, bias, 1.0)
+    if traced():
+        raise NotImplementedError(f"{what} with truncation runs eagerly only (not under torch.compile) for now")
+
+
+def _truncated_log_prob(hidden, weight, actions, bias, temperature, top_k, top_p, min_p, threshold, ignore_index,
+                        token_tile, process_group) -> LinearLogProb:
+    from ..truncation import filters
+    from .truncated import TruncatedLinearLogProb
+
+    _truncation_setup(hidden, weight, bias, process_group, "linear_log_prob")
+    lead, S = check_token_actions(hidden, actions)
+    ii = check_ignore_index(ignore_index)
+    tn, _ = tile_sizes(hidden, token_tile, None)
+    a2 = index_tensor(actions, weight.shape[0]).reshape(-1, S)
+    f = filters(lead, temperature, top_k, top_p, min_p)
+    if threshold is not None:
+        _checks.check_tensor(threshold, "threshold")
+        if threshold.numel() != lead.numel():
+            raise ValueError(f"threshold must have one value per token ({lead.numel()}), got shape "
+                             f"{tuple(threshold.shape)}")
+        threshold = threshold.detach().reshape(-1).to(hidden.device, _checks.stats_dtype(hidden.dtype))
+    try:
+        lp, ent = TruncatedLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, f, threshold, tn)
     except (ValueError, IndexError) as e:
         raise type(e)(_status.unflatten_message(str(e), lead)) from None
     return LinearLogProb(lp.view(actions.shape), ent.view(lead))
@@ -665,7 +671,7 @@ def _draw_in_tiles(h2, w, b, temperature, tn, tv, tiles, row_max, u, rows, ss, o
 def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = None, temperature: float = 1.0,
                   num_samples: int = 1, generator: Optional[torch.Generator] = None,
                   token_tile: Optional[int] = None, vocab_tile: Optional[int] = None,
-                  process_group=None) -> LinearSample:
+                  process_group=None, top_k=None, top_p=None, min_p=None):
     """Draw ``num_samples`` tokens per row from softmax(logits),
     ``logits = (hidden @ weight.T + bias) / temperature``, without building the
     logits; no gradient.
@@ -681,7 +687,18 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
 
     Cost: the logits tiles once for the statistics, then for each draw only
     the one vocabulary tile it falls in, for that token.
+
+    With ``top_k``, ``top_p``, ``min_p``, a temperature of 0 (greedy) or one
+    temperature per token (a tensor of the tokens' shape): the draws of
+    :func:`pgest.sample` with those parameters on the logits, returned as a
+    ``TruncatedSample(actions, log_prob, entropy, truncation)``;
+    :func:`linear_log_prob` with the same parameters (or the record's
+    threshold) gives the same log-probabilities bit for bit. The logits are
+    then built one block of tokens at a time (see linear_log_prob).
     """
+    if _truncating(temperature, top_k, top_p, min_p):
+        return _truncated_sample(hidden, weight, bias, temperature, top_k, top_p, min_p, num_samples, generator,
+                                 token_tile, process_group)
     error = None
     seed = 0
     compiled = process_group is None and traced()
@@ -715,6 +732,30 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
     actions, lp, H = _sample_tokens(token_rows(hidden.detach()), weight.detach(),
                                     None if bias is None else bias.detach(), temperature, S, seed, tn, tv, shard)
     return LinearSample(actions.view(shape), lp.view(shape), H.view(lead))
+
+
+def _truncated_sample(hidden, weight, bias, temperature, top_k, top_p, min_p, num_samples, generator, token_tile,
+                      process_group):
+    from ..sample import TruncatedSample
+    from ..truncation import Truncation, filters
+    from .truncated import sample_tokens
+
+    _truncation_setup(hidden, weight, bias, process_group, "linear_sample")
+    S = check_num_samples(num_samples)
+    tn, _ = tile_sizes(hidden, token_tile, None)
+    check_generator(generator, hidden.device)
+    lead = hidden.shape[:-1]
+    shape = lead if S == 1 else lead + (S,)
+    f = filters(lead, temperature, top_k, top_p, min_p)
+    dev = hidden.device
+    seed = cpu_seed(generator) if dev.type == "cpu" else int(seed_tensor(generator, dev)[0])
+    try:
+        actions, lp, ent, rec = sample_tokens(token_rows(hidden.detach()), weight.detach(),
+                                              None if bias is None else bias.detach(), f, S, seed, tn)
+    except ValueError as e:
+        raise ValueError(_status.unflatten_message(str(e), lead)) from None
+    record = Truncation(*(t.view(lead) for t in rec))
+    return TruncatedSample(actions.view(shape), lp.view(shape), ent.view(lead), record)
 
 
 def _sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], temperature: float, S: int, seed: int, tn: int,

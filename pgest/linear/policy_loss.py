@@ -54,13 +54,12 @@ from .head import (
     head_grads_in_torch_ops,
     linear_log_prob,
     live_rows,
-    logits_dtype,
-    logits_tile,
     tile_sizes,
     token_rows,
     token_tile_grads,
     token_tile_stats,
 )
+from .tiles import logits_dtype, logits_tile
 
 # The fused route keeps one token tile's logits over the whole vocabulary,
 # a vocabulary tile's gradient and the tile's hidden gradient (all in the

@@ -1,0 +1,150 @@
+"""Truncated sampling and scoring in the fused head: linear_sample and
+linear_log_prob with temperature (a number or one per token), top_k, top_p,
+min_p or a replayed threshold (pgest/truncation.py has the definitions).
+
+The kept set of a token needs its whole row of logits, so this route builds
+the logits one block of tokens at a time, over the whole vocabulary, in one
+reused buffer: a block holds at most 1/40 of the (tokens, V) logits it never
+builds once there are 40 tokens or more (the trainer's kept logits of a block
+are a second block-sized tensor). Each block goes through the same native
+row pass as ``pgest.sample``
+and ``pgest.log_prob`` (tempered, truncated and drawn from, or scored, in one
+read), so the head's sampler and trainer agree bit for bit, and the draws are
+those of ``pgest.sample`` on the block's logits for the same generator state
+(the same Philox uniforms of the same global rows).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _checks
+from ..ops.log_prob import backward_rows, forward_rows
+from ..ops.sample import sample_native
+from ..philox import uniforms as philox_uniforms
+from ..truncation import Filters, Truncation, check_kept, kept_logits
+from .tiles import logits_dtype, logits_tile
+
+BLOCK_SHARE = 40  # a block of tokens holds at most 1/40 of the logits
+
+
+def block_tokens(N: int, token_tile: int) -> int:
+    return max(1, min(token_tile, math.ceil(N / BLOCK_SHARE)))
+
+
+def _rows(f: Filters, r0: int, r1: int) -> Filters:
+    return Filters(*(t if t.numel() == 1 else t[r0:r1] for t in f))
+
+
+def _inverse_temperature(f: Filters, r0: int, r1: int, acc: torch.dtype, device) -> Tensor:
+    """d z / d logits per row: 1 / temperature, 0 for greedy rows."""
+    t = _rows(f, r0, r1).temperature.to(torch.float64)
+    inv = torch.where(t == 0, torch.zeros_like(t), 1.0 / torch.where(t == 0, torch.ones_like(t), t))
+    return inv.to(device, acc).expand(r1 - r0)
+
+
+def _block_logits(h: Tensor, w: Tensor, b: Optional[Tensor], buffer: Tensor) -> Tensor:
+    """hidden @ weight.T + bias for a block of tokens, in the head's logits
+    dtype (float32 for 16-bit inputs), not yet tempered, written into the
+    one block buffer a call reuses."""
+    return logits_tile(h, w, b, 0, w.shape[0], 1.0, out=buffer[:h.shape[0]])
+
+
+def _buffer(h2: Tensor, w: Tensor, tb: int) -> Tensor:
+    return torch.empty((min(tb, h2.shape[0]), w.shape[0]), dtype=logits_dtype(h2.dtype), device=h2.device)
+
+
+def sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], f: Filters, S: int, seed: int,
+                  token_tile: int) -> Tuple[Tensor, Tensor, Tensor, Truncation]:
+    """(N, H) tokens -> actions (N, S), log_prob (N, S), entropy (N,) and the
+    truncation record (N,) of the tokens' kept sets."""
+    N, dev = h2.shape[0], h2.device
+    acc = _checks.stats_dtype(h2.dtype)
+    actions = torch.empty((N, S), dtype=torch.int64, device=dev)
+    lp = torch.empty((N, S), dtype=acc, device=dev)
+    ent = torch.empty((N,), dtype=acc, device=dev)
+    record = (torch.empty(N, dtype=acc, device=dev), torch.empty(N, dtype=torch.int64, device=dev),
+              torch.empty(N, dtype=torch.float64, device=dev))
+    u = philox_uniforms(N, S, seed).to(dev)
+    tb = block_tokens(N, token_tile)
+    buffer = _buffer(h2, w, tb)
+    with torch.no_grad():
+        for r0 in range(0, N, tb):
+            r1 = min(N, r0 + tb)
+            x = _block_logits(h2[r0:r1], w, b, buffer)
+            fb = _rows(f, r0, r1)
+            if x.device.type == "cpu":
+                rec = tuple(t[r0:r1] for t in record)
+                out = sample_native(x, S, 0, uniforms=u[r0:r1].contiguous(), truncation=(*fb, rec))
+            else:
+                z, rec = kept_logits(x, fb)
+                out = sample_native(z, S, 0, uniforms=u[r0:r1].contiguous())
+                for dst, src in zip(record, rec):
+                    dst[r0:r1] = src
+            actions[r0:r1], lp[r0:r1], ent[r0:r1] = out[0], out[1], out[2]
+    return actions, lp, ent, Truncation(*record)
+
+
+class TruncatedLinearLogProb(torch.autograd.Function):
+    """log p and entropy of the truncated distribution per token, through
+    blocks of tokens; the backward rebuilds each block's kept logits from the
+    thresholds the forward found (the set is a constant of the step)."""
+
+    @staticmethod
+    def forward(ctx, h2, w, b, actions, ignore_index, f: Filters, threshold, token_tile):
+        N = h2.shape[0]
+        acc = _checks.stats_dtype(h2.dtype)
+        dev = h2.device
+        S = actions.shape[1]
+        lp = torch.empty((N, S), dtype=acc, device=dev)
+        ent = torch.empty((N,), dtype=acc, device=dev)
+        stats = torch.empty((2, N), dtype=acc, device=dev)
+        found = torch.empty((N,), dtype=acc, device=dev)
+        tb = block_tokens(N, token_tile)
+        buffer = _buffer(h2, w, tb)
+        for r0 in range(0, N, tb):
+            r1 = min(N, r0 + tb)
+            x = _block_logits(h2[r0:r1].detach(), w.detach(), None if b is None else b.detach(), buffer)
+            given = None if threshold is None else threshold[r0:r1]
+            z, rec = kept_logits(x, _rows(f, r0, r1), threshold=given)
+            a = actions[r0:r1]
+            check_kept(z, a, ignore_index, None)
+            lp[r0:r1], ent[r0:r1], stats[:, r0:r1], _ = forward_rows(z, a, ignore_index)
+            found[r0:r1] = rec.threshold if rec is not None else given
+        ctx.save_for_backward(h2, w, b, actions, stats, ent, found)
+        ctx.f, ctx.ignore_index, ctx.tb = f, ignore_index, tb
+        ctx.mark_non_differentiable(stats)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_ent):
+        h2, w, b, actions, stats, ent, found = ctx.saved_tensors
+        N = h2.shape[0]
+        acc = _checks.stats_dtype(h2.dtype)
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and \
+            ctx.needs_input_grad[2]
+        gh = torch.zeros_like(h2) if need_h else None
+        gw = torch.zeros(w.shape, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32,
+                         device=w.device) if need_w else None
+        gb = torch.zeros(w.shape[0], dtype=gw.dtype if gw is not None else torch.float32,
+                         device=w.device) if need_b else None
+        buffer = _buffer(h2, w, ctx.tb)
+        for r0 in range(0, N, ctx.tb):
+            r1 = min(N, r0 + ctx.tb)
+            x = _block_logits(h2[r0:r1], w, b, buffer)
+            z, _ = kept_logits(x, _rows(ctx.f, r0, r1), threshold=found[r0:r1])
+            dz = backward_rows(z, actions[r0:r1], ctx.ignore_index, stats[:, r0:r1], ent[r0:r1],
+                               grad_log_prob=None if grad_lp is None else grad_lp[r0:r1],
+                               grad_entropy=None if grad_ent is None else grad_ent[r0:r1],
+                               row_scale=_inverse_temperature(ctx.f, r0, r1, acc, z.device))
+            if need_h:
+                gh[r0:r1] = (dz.to(w.dtype) @ w).to(h2.dtype)
+            if need_w:
+                gw += (dz.to(h2.dtype).T @ h2[r0:r1]).to(gw.dtype)
+            if need_b:
+                gb += dz.sum(0).to(gb.dtype)
+        return (gh, None if gw is None else gw.to(w.dtype), None if gb is None else gb.to(b.dtype),
+                None, None, None, None, None)
