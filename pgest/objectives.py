@@ -341,3 +341,62 @@ def entropy_bonus(entropy: Tensor, coef: float, *, mask: Optional[Tensor] = None
     if isinstance(coef, bool) or not isinstance(coef, numbers.Real):
         raise TypeError(f"coef must be a number, got {type(coef).__name__}")
     return -coef * aggregate(entropy, mask, aggregation, normalizer, process_group=process_group)
+
+
+def mismatch(sampler_log_prob: Tensor, trainer_log_prob: Tensor, mask: Optional[Tensor] = None, *,
+             band: Tuple[float, float] = (0.9, 1.1)) -> Dict[str, Tensor]:
+    """The figures to log to watch the mismatch between the sampler's and the
+    trainer's log-probabilities of the same sampled tokens (training-inference
+    mismatch): 0-d float64 tensors, over the tokens ``mask`` keeps, nothing
+    differentiable and no host synchronisation.
+
+    With ``d = trainer_log_prob - sampler_log_prob`` and the importance ratio
+    ``r = exp(d)`` (trainer over sampler), before any truncation or clipping:
+
+      - ``identical``: the fraction of tokens whose two log-probabilities are
+        the same float (1.0 is the bit-for-bit agreement pgest's sampler and
+        trainer give when both see the same logits or the same fused head);
+      - ``max_abs_diff``, ``mean_abs_diff``: of ``d``;
+      - ``kl_k1``: ``mean(-d)``, and ``kl_k3``: ``mean(exp(d) - d - 1)``, the
+        estimates of KL(sampler || trainer) from the sampler's own draws
+        (Schulman 2020; k3 is never negative);
+      - ``ratio_mean``, ``ratio_std``, ``ratio_min``, ``ratio_max``;
+      - ``outside_band``: the fraction of tokens whose ratio lies outside
+        ``band`` (default [0.9, 1.1], the figure TRL's and verl's reports use);
+      - ``tokens``: how many tokens counted.
+
+    With no token kept every figure is 0 (``identical`` too).
+    """
+    if not isinstance(sampler_log_prob, Tensor) or not sampler_log_prob.dtype.is_floating_point:
+        raise TypeError("sampler_log_prob must be a float tensor")
+    _check_like(trainer_log_prob, sampler_log_prob, "trainer_log_prob")
+    if (not isinstance(band, (tuple, list)) or len(band) != 2 or
+            not all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in band) or
+            not 0 <= band[0] <= band[1]):
+        raise ValueError(f"band must be a pair (low, high) with 0 <= low <= high, got {band!r}")
+    m = _mask_of(mask, sampler_log_prob)
+    s = sampler_log_prob.detach().double()
+    t = trainer_log_prob.detach().double()
+    keep = torch.ones_like(s, dtype=torch.bool) if m is None else m
+    d = torch.where(keep, t - s, torch.zeros((), dtype=torch.float64, device=s.device))
+    r = torch.where(keep, torch.exp(d), torch.ones((), dtype=torch.float64, device=s.device))
+    n = keep.sum().to(torch.float64)
+    safe_n = n.clamp_min(1)
+    mean = lambda v: torch.where(keep, v, 0.0).sum() / safe_n  # noqa: E731
+    ratio_mean = mean(r)
+    out = {
+        "identical": torch.where(keep, (sampler_log_prob.detach() == trainer_log_prob.detach()).double(),
+                                 0.0).sum() / safe_n,
+        "max_abs_diff": d.abs().max() if d.numel() else torch.zeros((), dtype=torch.float64, device=s.device),
+        "mean_abs_diff": mean(d.abs()),
+        "kl_k1": mean(-d),
+        "kl_k3": mean(torch.expm1(d) - d),
+        "ratio_mean": ratio_mean,
+        "ratio_std": mean((r - ratio_mean) ** 2).sqrt(),
+        "ratio_min": torch.where(keep, r, torch.inf).amin() if r.numel() else torch.ones((), dtype=torch.float64),
+        "ratio_max": torch.where(keep, r, -torch.inf).amax() if r.numel() else torch.ones((), dtype=torch.float64),
+        "outside_band": mean(((r < band[0]) | (r > band[1])).double()),
+        "tokens": n,
+    }
+    none = n == 0
+    return {k: torch.where(none, torch.zeros((), dtype=torch.float64, device=v.device), v) for k, v in out.items()}

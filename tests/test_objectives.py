@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import devices
 
+import pgest
 from pgest import objectives as obj
 
 
@@ -223,3 +224,51 @@ def test_kl_clamp_as_verl_low_var_kl():
     assert lp.grad[1] == 0 and lp.grad[0] != 0
     with pytest.raises(ValueError, match="clamp"):
         obj.kl_penalty(lp, ref, clamp=0)
+
+
+# ---- the sampler/trainer mismatch figures ------------------------------------
+
+def test_mismatch_figures_against_a_plain_computation():
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(6, 9, generator=g, dtype=torch.float64) - 2
+    t = s + torch.randn(6, 9, generator=g, dtype=torch.float64) * 0.1
+    t[0, :3] = s[0, :3]  # three tokens agree exactly
+    mask = torch.rand(6, 9, generator=g) < 0.8
+    mask[0, :3] = True
+    s[~mask] = float("nan")  # padding never reaches a figure
+    got = obj.mismatch(s.float(), t.float(), mask)
+    sk, tk = s.float()[mask].double(), t.float()[mask].double()
+    d = tk - sk
+    r = d.exp()
+    want = {"identical": (s.float()[mask] == t.float()[mask]).double().mean(), "max_abs_diff": d.abs().max(),
+            "mean_abs_diff": d.abs().mean(), "kl_k1": (-d).mean(), "kl_k3": (r - d - 1).mean(),
+            "ratio_mean": r.mean(), "ratio_std": r.std(unbiased=False), "ratio_min": r.min(), "ratio_max": r.max(),
+            "outside_band": ((r < 0.9) | (r > 1.1)).double().mean(), "tokens": torch.tensor(float(mask.sum()))}
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k].double(), rtol=1e-12, atol=1e-12, msg=k)
+    assert got["identical"] * mask.sum() >= 3 - 1e-9
+
+
+def test_mismatch_of_known_ratios_and_of_nothing():
+    s = torch.zeros(4, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.0, math.log(1.2), math.log(1.2)], dtype=torch.float64)
+    got = obj.mismatch(s, t, band=(0.95, 1.15))
+    assert got["outside_band"] == 0.5 and got["identical"] == 0.5
+    torch.testing.assert_close(got["ratio_mean"], torch.tensor(1.1, dtype=torch.float64))
+    torch.testing.assert_close(got["kl_k1"], torch.tensor(-math.log(1.2) / 2, dtype=torch.float64))
+    none = obj.mismatch(s, t, torch.zeros(4, dtype=torch.bool))
+    assert all(v == 0 for v in none.values())
+    with pytest.raises(ValueError, match="band must be a pair"):
+        obj.mismatch(s, t, band=(1.1, 0.9))
+    with pytest.raises(TypeError, match="sampler_log_prob must be a float tensor"):
+        obj.mismatch(torch.zeros(4, dtype=torch.int64), t)
+
+
+def test_mismatch_is_zero_between_pgest_sampler_and_trainer():
+    g = torch.Generator().manual_seed(4)
+    h, w = torch.randn(64, 16, generator=g), torch.randn(500, 16, generator=g)
+    s = pgest.linear_sample(h, w, temperature=0.8, top_p=0.9, generator=g)
+    lp, _ = pgest.linear_log_prob(h, w, s.actions, temperature=0.8, top_p=0.9)
+    m = obj.mismatch(s.log_prob, lp)
+    assert m["identical"] == 1 and m["max_abs_diff"] == 0 and m["kl_k3"] == 0
