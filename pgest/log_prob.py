@@ -88,11 +88,11 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
     truncated = not (temperature is None and top_k is None and top_p is None and min_p is None and
                      threshold is None and kept_tokens is None)
     if process_group is not None:
-        if truncated:
-            raise NotImplementedError("temperature, top_k, top_p, min_p, threshold and kept_tokens are not supported "
-                                      "with process_group yet")
         from .distributed.vocab_parallel import log_prob as vocab_parallel
 
+        if truncated:
+            logits = _kept_shard(logits, actions, ignore_index, temperature, top_k, top_p, min_p, threshold,
+                                 kept_tokens, process_group)
         return LogProb(*vocab_parallel(logits, actions, ignore_index, process_group, True))
     check_logits(logits)
     S = actions_per_row(logits, actions)
@@ -123,11 +123,11 @@ def entropy(logits: Tensor, *, temperature=None, top_k=None, top_p=None, min_p=N
     truncated = not (temperature is None and top_k is None and top_p is None and min_p is None and
                      threshold is None and kept_tokens is None)
     if process_group is not None:
-        if truncated:
-            raise NotImplementedError("temperature, top_k, top_p, min_p, threshold and kept_tokens are not supported "
-                                      "with process_group yet")
         from .distributed.vocab_parallel import log_prob as vocab_parallel
 
+        if truncated:
+            logits = _kept_shard(logits, None, None, temperature, top_k, top_p, min_p, threshold, kept_tokens,
+                                 process_group)
         return vocab_parallel(logits, None, None, process_group, False)[1]
     check_logits(logits)
     lead = logits.shape[:-1]
@@ -140,3 +140,32 @@ def entropy(logits: Tensor, *, temperature=None, top_k=None, top_p=None, min_p=N
     except (ValueError, IndexError) as e:
         raise type(e)(_status.unflatten_message(str(e), lead)) from None
     return ent
+
+
+def _kept_shard(logits, actions, ignore_index, temperature, top_k, top_p, min_p, threshold, kept_tokens, group):
+    """This rank's shard of the truncated logits (differentiable), with the
+    global kept set; an action outside it raises on every rank."""
+    from .distributed.truncation import check_kept_shard, kept_shard
+
+    if kept_tokens is not None:
+        raise NotImplementedError("kept_tokens is not supported with process_group yet: pass threshold")
+    x, a, error = None, None, None
+    try:
+        check_logits(logits, empty_ok=True)
+        lead = logits.shape[:-1]
+        x = rows_of(logits)
+        f = filters(lead, temperature, top_k, top_p, min_p) or filters(lead, 1.0)
+        if actions is not None:
+            _checks.check_index_dtype(actions)
+            a = actions.reshape(x.shape[0], actions_per_row(logits, actions))
+        if threshold is not None:
+            _checks.check_tensor(threshold, "threshold")
+            if threshold.numel() != x.shape[0]:
+                raise ValueError(f"threshold must have one value per row ({x.shape[0]}), got shape "
+                                 f"{tuple(threshold.shape)}")
+    except (ValueError, TypeError, IndexError) as e:
+        error, f = e, None
+    z, _, layout = kept_shard(x, f, group, threshold=threshold, error=error)
+    if a is not None:
+        check_kept_shard(z, a, check_ignore_index(ignore_index), layout, group)
+    return z.view(logits.shape[:-1] + (z.shape[-1],))

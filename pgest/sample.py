@@ -74,14 +74,24 @@ def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Gener
     f = filters(logits.shape[:-1] if isinstance(logits, Tensor) else (), temperature, top_k, top_p, min_p) \
         if isinstance(logits, Tensor) else None
     if process_group is not None:
-        if f is not None:
-            raise NotImplementedError("temperature, top_k, top_p and min_p are not supported with process_group "
-                                      "yet (the kept set needs a selection across the vocabulary shards)")
         from .distributed.vocab_parallel import sample as vocab_parallel
 
         lead = logits.shape[:-1] if isinstance(logits, Tensor) else ()
-        actions, log_prob, entropy = vocab_parallel(logits, num_samples, generator, process_group)
         shape = tuple(lead) if num_samples == 1 else tuple(lead) + (num_samples,)
+        if f is not None:  # the global kept set first, then the plain vocabulary-parallel draw from it
+            from .distributed.truncation import kept_shard
+
+            x, error = None, None
+            try:
+                check_logits(logits, empty_ok=True)
+                x = rows_of(logits.detach())
+            except (ValueError, TypeError) as e:
+                error = e
+            z, record, _ = kept_shard(x, f, process_group, error=error)
+            actions, log_prob, entropy = vocab_parallel(z, num_samples, generator, process_group)
+            return TruncatedSample(actions.view(shape), log_prob.view(shape), entropy.view(tuple(lead)),
+                                   Truncation(*(t.view(tuple(lead)) for t in record)))
+        actions, log_prob, entropy = vocab_parallel(logits, num_samples, generator, process_group)
         return Sample(actions.view(shape), log_prob.view(shape), entropy.view(tuple(lead)))
     check_logits(logits)
     S = check_num_samples(num_samples)

@@ -156,6 +156,54 @@ def _checks(rank: int, world: int) -> None:
     _empty_shard(rank, world)
     _empty_ranks(rank, world)
     _random_layouts(rank, world)
+    _truncation(rank, world)
+
+
+def _truncation(rank: int, world: int) -> None:
+    """Truncated sampling over vocabulary shards: the kept sets and records of
+    a single process on the concatenated logits, the same draws, and the
+    group's sampler and trainer agreeing bit for bit."""
+    g = torch.Generator().manual_seed(7)
+    R, V = 23, 3000 + world
+    full = torch.randn(R, V, generator=g) * 3
+    full[2, : V // 2] = float("-inf")
+    full[3, 10:14] = full[3].max() + 1  # tied maxima for greedy: the lowest id wins
+    sizes, offs = _shards(V, world)
+    mine = slice(offs[rank], offs[rank] + sizes[rank])
+    T = torch.rand(R, generator=g) + 0.4
+    T[3] = 0.0
+    group = dist.group.WORLD
+    for kw in (dict(top_p=0.9), dict(top_k=40), dict(top_k=300, top_p=0.8, min_p=0.01), dict(min_p=0.05),
+               dict(top_p=0.999), dict(top_k=2 * V)):
+        kw = dict(kw, temperature=T)
+        s = pgest.sample(full[:, mine], num_samples=2, generator=torch.Generator().manual_seed(8), process_group=group,
+                         **kw)
+        ref = pgest.sample(full, num_samples=2, generator=torch.Generator().manual_seed(8), **kw)
+        assert torch.equal(s.truncation.kept, ref.truncation.kept), kw
+        assert torch.equal(s.truncation.threshold, ref.truncation.threshold), kw
+        torch.testing.assert_close(s.truncation.kept_mass, ref.truncation.kept_mass, rtol=1e-6, atol=1e-9)
+        assert (s.actions != ref.actions).sum() <= 1, kw  # a uniform within rounding of a boundary may move
+        torch.testing.assert_close(s.log_prob, ref.log_prob, rtol=1e-5, atol=1e-5)
+        assert s.actions[3].tolist() == [10, 10]
+        x = full[:, mine].clone().requires_grad_()
+        lp, ent = pgest.log_prob(x, s.actions, process_group=group, **kw)
+        assert torch.equal(lp, s.log_prob) and torch.equal(ent, s.entropy), kw
+        lp2, _ = pgest.log_prob(full[:, mine], s.actions, process_group=group, temperature=T,
+                                threshold=s.truncation.threshold)
+        assert torch.equal(lp2, s.log_prob), kw
+        (lp.sum() + ent.sum()).backward()
+        xr = full.clone().requires_grad_()
+        lpr, entr = pgest.log_prob(xr, s.actions, **kw)
+        (lpr.sum() + entr.sum()).backward()
+        torch.testing.assert_close(x.grad, xr.grad[:, mine], rtol=1e-5, atol=1e-6)
+    outside = s.actions.clone()
+    outside[4, 0] = int((full[4] / T[4]).argmin())
+    try:
+        pgest.log_prob(full[:, mine], outside, process_group=group, temperature=T, top_k=2)
+    except (ValueError, RuntimeError) as e:  # the owner names the row; the others stop with it
+        assert "outside the kept set" in str(e) or "rank(s)" in str(e), str(e)
+    else:
+        raise AssertionError("an action outside the kept set did not raise")
 
 
 def _linear_head(rank: int, world: int) -> None:

@@ -49,13 +49,13 @@ from ..philox import uniforms as philox_uniforms
 from .row_merge import Merged, piece_masses, piece_stats, place_draws, sums
 
 
-def _dist():
+def dist_module():
     import torch.distributed as dist
 
     return dist
 
 
-class _Layout:
+class Layout:
     def __init__(self, sizes, rank: int):
         self.sizes = sizes
         self.rank = rank
@@ -68,11 +68,11 @@ def _device(x) -> torch.device:
     return x.device if isinstance(x, Tensor) else torch.device("cpu")
 
 
-def _exchange(x, group, error: Optional[BaseException], extra: int = 0) -> Tuple[_Layout, Tensor]:
+def exchange(x, group, error: Optional[BaseException], extra: int = 0) -> Tuple[Layout, Tensor]:
     """Collective 1: every rank's (ok, shard size, extra). Raises on every
     rank if any rank failed (that rank re-raises its own error), so a bad
     input on one rank never leaves the others waiting in a later collective."""
-    dist = _dist()
+    dist = dist_module()
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     mine = torch.tensor([0 if error is None else 1, x.shape[-1] if error is None else 0, extra], dtype=torch.int64,
@@ -80,11 +80,11 @@ def _exchange(x, group, error: Optional[BaseException], extra: int = 0) -> Tuple
     got = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(got, mine, group=group)
     table = torch.stack(got).cpu()
-    _raise_if_failed(table[:, 0], rank, error)
-    return _Layout([int(v) for v in table[:, 1]], rank), table
+    raise_if_failed(table[:, 0], rank, error)
+    return Layout([int(v) for v in table[:, 1]], rank), table
 
 
-def _raise_if_failed(flags: Tensor, rank: int, error: Optional[BaseException]) -> None:
+def raise_if_failed(flags: Tensor, rank: int, error: Optional[BaseException]) -> None:
     bad = [i for i, f in enumerate(flags.tolist()) if f]
     if not bad:
         return
@@ -94,7 +94,7 @@ def _raise_if_failed(flags: Tensor, rank: int, error: Optional[BaseException]) -
                        "says why); this rank stopped with them")
 
 
-def _gathered_stats(x: Tensor, group, layout: _Layout, probe: Optional[Tensor]) -> Tensor:
+def _gathered_stats(x: Tensor, group, layout: Layout, probe: Optional[Tensor]) -> Tensor:
     """Collective 2: (world, 3, rows) float64 (max, log Z, entropy) of every
     rank's shard. A local error travels as a flag in the same gather."""
     error = mine = None
@@ -106,11 +106,11 @@ def _gathered_stats(x: Tensor, group, layout: _Layout, probe: Optional[Tensor]) 
     return gather_stats(mine, x.shape[0], x.device, group, layout, error)
 
 
-def gather_stats(mine, rows: int, device, group, layout: _Layout, error: Optional[BaseException]) -> Tensor:
+def gather_stats(mine, rows: int, device, group, layout: Layout, error: Optional[BaseException]) -> Tensor:
     """Float64 (max, Z, D) of this rank's shard (row_merge.sums; None after
     ``error``) -> (world, 3, rows) of every rank's; raises on every rank if
     any rank failed."""
-    dist = _dist()
+    dist = dist_module()
     if error is None:
         mine = torch.stack([t.double() for t in mine])
     else:
@@ -120,7 +120,7 @@ def gather_stats(mine, rows: int, device, group, layout: _Layout, error: Optiona
     got = [torch.empty_like(mine) for _ in range(layout.world)]
     dist.all_gather(got, mine, group=group)
     table = torch.stack(got)
-    _raise_if_failed(table[:, 0, -1].cpu(), layout.rank, error)
+    raise_if_failed(table[:, 0, -1].cpu(), layout.rank, error)
     return table[:, :, :-1]
 
 
@@ -132,7 +132,7 @@ class Shard:
     def __init__(self, local_size: int, group, device, error: Optional[BaseException] = None, extra: int = 0):
         probe = torch.empty((0, local_size), device=device)
         self.group = group
-        self.layout, table = _exchange(probe, group, error, extra)
+        self.layout, table = exchange(probe, group, error, extra)
         self.offset, self.total = self.layout.offset, self.layout.total
         self.seed = int(table[0, 2])  # rank 0's ``extra``
 
@@ -150,7 +150,7 @@ class Shard:
         return _merge(self.gather(mine, rows, device, error), acc, index, what)
 
     def sum_(self, t: Tensor) -> Tensor:
-        _dist().all_reduce(t, group=self.group)
+        dist_module().all_reduce(t, group=self.group)
         return t
 
 
@@ -161,7 +161,7 @@ def _merge(table: Tensor, acc: torch.dtype, index=0, what: str = "") -> Tuple[Te
     return merged.result(acc, index, what)  # the same table on every rank: all raise alike
 
 
-def _chosen(x: Tensor, actions: Tensor, layout: _Layout, keep: Tensor, group) -> Tensor:
+def _chosen(x: Tensor, actions: Tensor, layout: Layout, keep: Tensor, group) -> Tensor:
     """Collective 3: the logit of each (row, action), from its owner."""
     lo, hi = layout.offset, layout.offset + x.shape[1]
     own = keep & (actions >= lo) & (actions < hi)
@@ -171,7 +171,7 @@ def _chosen(x: Tensor, actions: Tensor, layout: _Layout, keep: Tensor, group) ->
     else:
         local = torch.where(own, actions - lo, torch.zeros_like(actions))
         val = torch.where(own, x.gather(1, local).double(), zero)
-    _dist().all_reduce(val, group=group)
+    dist_module().all_reduce(val, group=group)
     return val
 
 
@@ -194,7 +194,7 @@ def forward(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], g
             _check_local(x, actions)
         except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
             error = e
-    layout, _ = _exchange(x, group, error)
+    layout, _ = exchange(x, group, error)
     R = x.shape[0]
     acc = _checks.stats_dtype(x.dtype)
     S = 0 if actions is None else actions.shape[1]
@@ -281,7 +281,7 @@ def log_prob(logits: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
 def sample(logits: Tensor, num_samples: int, generator: Optional[torch.Generator], group):
     """pgest.sample with ``process_group`` -> (actions, log_prob, entropy),
     flat (R, S), (R, S), (R,); the same on every rank."""
-    dist = _dist()
+    dist = dist_module()
     x = error = None
     seed = 0
     try:
@@ -292,7 +292,7 @@ def sample(logits: Tensor, num_samples: int, generator: Optional[torch.Generator
         seed = cpu_seed(generator) if x.device.type == "cpu" else int(seed_tensor(generator, x.device)[0])
     except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
         error = e
-    layout, table = _exchange(x, group, error, extra=seed)
+    layout, table = exchange(x, group, error, extra=seed)
     seed = int(table[0, 2])  # rank 0's: every rank draws the same uniforms
     R, S = x.shape[0], num_samples
     acc = _checks.stats_dtype(x.dtype)
