@@ -319,8 +319,8 @@ def test_bad_scoring_inputs():
     nan[1, 3] = float("nan")
     with pytest.raises(ValueError, match=r"logits\[1, 3\] is nan"):
         pgest.sample(nan, top_p=0.9)
-    with pytest.raises(NotImplementedError, match="process_group"):
-        pgest.sample(x, top_p=0.9, process_group=object())
+    with pytest.raises(NotImplementedError, match="kept_tokens is not supported with process_group"):
+        pgest.log_prob(x, a, kept_tokens=(torch.arange(4), torch.arange(5)), process_group=object())
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
