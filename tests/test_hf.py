@@ -1,0 +1,117 @@
+"""pgest.integrations.hf on tiny randomly initialised transformers models
+(built from configs, no weights downloaded), in float64, against the model's
+own logits + log_softmax + gather: values, entropies and every parameter's
+gradient."""
+import pytest
+import torch
+
+tf = pytest.importorskip("transformers")
+
+from pgest.integrations import hf  # noqa: E402
+
+V = 300
+
+
+def tiny(kind: str):
+    torch.manual_seed(0)
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+    if kind == "qwen2-tied":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, tie_word_embeddings=True))
+    if kind == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, tie_word_embeddings=False))
+    if kind == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**common))
+    if kind == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                bos_token_id=0, eos_token_id=0))
+    if kind == "gemma2":
+        return tf.Gemma2ForCausalLM(tf.Gemma2Config(**common, head_dim=8))
+    raise ValueError(kind)
+
+
+def reference(model, ids, mask, keep, temperature):
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1] / temperature
+    ls = logits.log_softmax(-1)
+    lp = ls.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    ent = -(ls.exp() * ls).sum(-1)
+    return (lp, ent) if keep is None else (lp[:, -keep:], ent[:, -keep:])
+
+
+@pytest.mark.parametrize("kind", ["qwen2-tied", "qwen2", "llama", "gpt2"])
+@pytest.mark.parametrize("keep", [None, 4])
+def test_token_log_probs_match_the_models_logits(kind, keep):
+    model = tiny(kind).double().eval()  # GPT-2's dropout would draw other masks in the two forwards
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, V, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    ids[0, :3] = 0
+    T = 0.7
+    lp, ent = hf.token_log_probs(model, ids, mask, logits_to_keep=keep, temperature=T)
+    w = torch.randn(lp.shape, dtype=torch.float64, generator=g)
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad((w * lp).sum() + 0.1 * ent.sum(), params, allow_unused=True)
+    rlp, rent = reference(model, ids, mask, keep, T)
+    want = torch.autograd.grad((w * rlp).sum() + 0.1 * rent.sum(), params, allow_unused=True)
+    torch.testing.assert_close(lp, rlp, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ent, rent, rtol=1e-10, atol=1e-10)
+    assert lp.shape == (3, 10 if keep is None else keep)
+    for a, b in zip(got, want):
+        if b is None:
+            assert a is None or (a == 0).all()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_models_whose_logits_are_transformed_are_refused():
+    with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
+        hf.token_log_probs(tiny("gemma2"), torch.randint(0, V, (1, 5)))
+
+
+def test_bad_arguments():
+    model = tiny("llama")
+    with pytest.raises(ValueError, match="logits_to_keep must be an int"):
+        hf.token_log_probs(model, torch.randint(0, V, (1, 5)), logits_to_keep=5)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        hf.token_log_probs(model, torch.randint(0, V, (1, 1)))
+    with pytest.raises(ValueError, match=r"\(batch, seq_len\)"):
+        hf.token_log_probs(model, torch.randint(0, V, (5,)))
+    with pytest.raises(NotImplementedError, match="not a causal LM"):
+        hf.token_log_probs(torch.nn.Linear(3, 3), torch.randint(0, V, (1, 5)))
+
+
+def test_a_transform_hidden_in_forward_is_caught():
+    class Scaled(tf.Qwen2ForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2.0
+            return out
+
+    torch.manual_seed(0)
+    model = Scaled(tf.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(NotImplementedError, match="not its output embedding applied"):
+        hf.token_log_probs(model, torch.randint(0, V, (1, 5)))
+
+
+def test_peak_memory_is_a_fraction_of_the_logits_at_a_152k_vocabulary():
+    from pgest.examples.memory import peak_allocated_bytes
+
+    torch.manual_seed(0)
+    model = tf.Qwen2ForCausalLM(tf.Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    ids = torch.randint(0, 151936, (2, 257))
+    hf.token_log_probs(model, ids)  # the once-per-class check, outside the measurement
+
+    def ours():
+        lp, ent = hf.token_log_probs(model, ids)
+        (lp.sum() + ent.sum()).backward()
+
+    def materialised():
+        lp, ent = reference(model, ids, None, None, 1.0)
+        (lp.sum() + ent.sum()).backward()
+
+    mine, theirs = peak_allocated_bytes(ours), peak_allocated_bytes(materialised)
+    logits = 2 * 256 * 151936 * 4
+    assert mine <= theirs / 4 and mine < logits / 2, (mine, theirs, logits)
