@@ -147,32 +147,73 @@ inline int64_t gather_between(const Acc* z, const Acc* e, int64_t K, Acc lo, Acc
   return n;
 }
 
+// The values of z at or above v into out (how many: the return value). With
+// AVX-512 a vector's hits go out in one compressing store.
+template <class Acc>
+inline int64_t gather_at_least(const Acc* z, int64_t K, Acc v, Acc* out) {
+  using V = typename Vec<Acc>::type;
+  constexpr int W = Vec<Acc>::width;
+  const V vv = splat<V>(v);
+  int64_t n = 0, k = 0;
+  for (; k + W <= K; k += W) {
+    const V zv = loadv(z + k);
+#if defined(__AVX512F__)
+    if constexpr (sizeof(Acc) == 4) {
+      const __mmask16 m = _mm512_cmp_ps_mask(reinterpret_cast<__m512>(zv), reinterpret_cast<__m512>(vv), _CMP_GE_OQ);
+      if (m) {
+        _mm512_mask_compressstoreu_ps(out + n, m, reinterpret_cast<__m512>(zv));
+        n += __builtin_popcount(m);
+      }
+      continue;
+    } else {
+      const __mmask8 m = _mm512_cmp_pd_mask(reinterpret_cast<__m512d>(zv), reinterpret_cast<__m512d>(vv), _CMP_GE_OQ);
+      if (m) {
+        _mm512_mask_compressstoreu_pd(out + n, m, reinterpret_cast<__m512d>(zv));
+        n += __builtin_popcount(m);
+      }
+      continue;
+    }
+#else
+    if (!any_lane(zv >= vv)) continue;
+    for (int l = 0; l < W; ++l) {
+      out[n] = z[k + l];
+      n += z[k + l] >= v;
+    }
+#endif
+  }
+  for (; k < K; ++k) {
+    out[n] = z[k];
+    n += z[k] >= v;
+  }
+  return n;
+}
+
 // The k-th largest of the `live` finite entries of z (0 < k < live): its
 // boundary estimated from the strided sample (twice the expected rank, so the
 // check rarely fails), then an exact selection among the entries above.
 template <class Acc>
-inline Acc kth_largest(const Acc* z, const Acc* e, int64_t K, int64_t k, int64_t live, Entry<Acc>* work) {
-  const auto desc = [](const Entry<Acc>& l, const Entry<Acc>& r) { return l.z > r.z; };
+inline Acc kth_largest(const Acc* z, int64_t K, int64_t k, int64_t live, Entry<Acc>* scratch) {
+  const auto desc = [](Acc l, Acc r) { return l > r; };
   const Acc inf = Acc(INFINITY);
+  Acc* work = reinterpret_cast<Acc*>(scratch);  // K values fit in the K entries' room
   if (k * 8 < live) {
     const int64_t stride = std::max<int64_t>(1, K / kSample);
     int64_t n = 0;
     for (int64_t j = 0; j < K; j += stride)
-      if (z[j] > -inf) work[n++] = Entry<Acc>{z[j], Acc(0)};
+      if (z[j] > -inf) work[n++] = z[j];
     if (n > 0) {
       const int64_t r = std::min<int64_t>(n, 2 * k * n / live + kMargin);
       std::nth_element(work, work + (r - 1), work + n, desc);
-      const Acc v = work[r - 1].z;
-      const int64_t c = gather_between(z, e, K, std::nextafter(v, -inf), inf, work);
+      const int64_t c = gather_at_least(z, K, work[r - 1], work);
       if (c >= k) {
         std::nth_element(work, work + (k - 1), work + c, desc);
-        return work[k - 1].z;
+        return work[k - 1];
       }
     }
   }
-  const int64_t n = gather_between(z, e, K, -inf, inf, work);
+  const int64_t n = gather_at_least(z, K, std::nextafter(-inf, inf), work);
   std::nth_element(work, work + (k - 1), work + n, desc);
-  return work[k - 1].z;
+  return work[k - 1];
 }
 
 // The top-p threshold over the whole row (mass target = p * total). The
@@ -330,7 +371,7 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
       sc.e[j] = exp_nonpos(z[j] - max);
       total += double(sc.e[j]);
     }
-    if (by_k) cut = trunc_detail::kth_largest(z, sc.e, K, top_k, live, sc.work);
+    if (by_k) cut = trunc_detail::kth_largest(z, K, top_k, live, sc.work);
     if (top_p < 1.0) {
       if (by_k) {  // top-p over the top-k distribution: its few entries, exactly
         const int64_t n = trunc_detail::gather_between(z, sc.e, K, std::nextafter(cut, -inf), inf, sc.work);
