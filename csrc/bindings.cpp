@@ -237,6 +237,7 @@ PYBIND11_MODULE(_C, m) {
       .PTR_PROPERTY(TruncationParams, threshold, void*)
       .PTR_PROPERTY(TruncationParams, kept, int64_t*)
       .PTR_PROPERTY(TruncationParams, kept_mass, double*)
+      .PTR_PROPERTY(TruncationParams, cut, void*)
       .PTR_PROPERTY(TruncationParams, kept_logits, void*);
   py::class_<TruncationArgs>(m, "TruncationArgs")
       .def(py::init<>())

@@ -65,9 +65,11 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
             the entropy of that distribution. The kept set is a constant of
             the step: the gradient is ``(1[k = a] - q_k) / temperature`` on
             kept entries (plus the entropy term) and 0 elsewhere.
-        threshold: the sampler's ``truncation.threshold`` (one per row):
-            keep ``logits / temperature >= threshold`` instead of recomputing
-            the set (top_k, top_p and min_p are then not used).
+        threshold: one value per row: keep ``logits / temperature >=
+            threshold`` instead of recomputing the set (top_k, top_p and
+            min_p are then not used). Pass the sampler's ``truncation.cut``
+            (robust to logits that differ by rounding) or its
+            ``truncation.threshold`` (exact on the same logits only).
         kept_tokens: ``(token_ids, row_offsets)``, an outside sampler's kept
             set in the compressed layout of vLLM's mask replay: row i keeps
             ``token_ids[row_offsets[i]:row_offsets[i + 1]]``.

@@ -59,8 +59,8 @@ def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Gener
     that renormalised distribution, and the result is a
     ``TruncatedSample(actions, log_prob, entropy, truncation)`` whose
     :class:`~pgest.truncation.Truncation` record (threshold, kept count, kept
-    mass) lets the trainer replay the set: ``pgest.log_prob(logits, actions,
-    temperature=..., threshold=s.truncation.threshold)``. Recomputed by
+    mass, cut) lets the trainer replay the set: ``pgest.log_prob(logits,
+    actions, temperature=..., threshold=s.truncation.cut)``. Recomputed by
     :func:`pgest.log_prob` from the same logits and parameters, the set and
     the log-probabilities equal the sampler's bit for bit.
 
@@ -106,7 +106,7 @@ def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Gener
                 check_generator(generator, x.device)
             R = x.shape[0]
             record = (torch.empty(R, dtype=stats_dtype(x.dtype)), torch.empty(R, dtype=torch.int64),
-                      torch.empty(R, dtype=torch.float64))
+                      torch.empty(R, dtype=torch.float64), torch.empty(R, dtype=stats_dtype(x.dtype)))
             out = sample_native(x, S, cpu_seed(generator), shapes=(shape, lead), truncation=(*f, record))
             return TruncatedSample(*out[:3], Truncation(*(t.view(lead) for t in record)))
         z, record = kept_logits(x, f, lead=lead)

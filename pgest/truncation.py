@@ -36,6 +36,7 @@ class Truncation(NamedTuple):
     threshold: Tensor  # (...,) smallest kept logit / temperature (greedy rows: the largest logit)
     kept: Tensor       # (...,) int64 number of kept tokens
     kept_mass: Tensor  # (...,) float64 mass of the kept set under softmax(logits / temperature) (greedy: 1)
+    cut: Tensor        # (...,) midway between threshold and the largest value left out (-inf: none): replay with it
 
 
 class Filters(NamedTuple):
@@ -130,8 +131,8 @@ class _KeptLogits(torch.autograd.Function):
         return (grad_z * inv_t[:, None]).to(ctx.dtype), None, None
 
 
-def _record(threshold, kept, kept_mass, shape) -> Truncation:
-    return Truncation(threshold.view(shape), kept.view(shape), kept_mass.view(shape))
+def _record(threshold, kept, kept_mass, cut, shape) -> Truncation:
+    return Truncation(threshold.view(shape), kept.view(shape), kept_mass.view(shape), cut.view(shape))
 
 
 def kept_logits(x: Tensor, f: Filters, *, threshold: Optional[Tensor] = None, kept_tokens=None,
@@ -154,9 +155,9 @@ def kept_logits(x: Tensor, f: Filters, *, threshold: Optional[Tensor] = None, ke
         threshold = threshold.detach().reshape(R).to(dev, acc)
     if dev.type == "cpu" and kept_tokens is None and not traced():
         # one native pass: the set, its record and z
-        th, kept, mass, z = truncation_native(x.detach(), *f, with_logits=True,
-                                              given_threshold=None if threshold is None else threshold.contiguous())
-        record = None if threshold is not None else _record(th, kept, mass, shape)
+        *rec, z = truncation_native(x.detach(), *f, with_logits=True,
+                                    given_threshold=None if threshold is None else threshold.contiguous())
+        record = None if threshold is not None else _record(*rec, shape)
         if x.requires_grad and torch.is_grad_enabled():
             t = f.temperature.to(torch.float64)
             inv_t = torch.where(t == 0, torch.zeros_like(t), 1.0 / torch.where(t == 0, torch.ones_like(t), t))
@@ -164,9 +165,9 @@ def kept_logits(x: Tensor, f: Filters, *, threshold: Optional[Tensor] = None, ke
         return z, record
     record = None
     if threshold is None and kept_tokens is None:
-        th, kept, mass = truncation_rows(x.detach(), *f)
-        record = _record(th, kept, mass, shape)
-        threshold = th.to(dev)
+        rec = truncation_rows(x.detach(), *f)
+        record = _record(*rec, shape)
+        threshold = rec[0].to(dev)
     t = f.temperature.to(dev, acc)
     z = x.to(acc) / torch.where(t == 0, torch.ones_like(t), t)[:, None] if (t != 1).any() else x.to(acc)
     if kept_tokens is not None:
@@ -216,10 +217,14 @@ def truncation(logits: Tensor, *, temperature=None, top_k=None, top_p=None, min_
         of requests with different settings).
 
     Returns:
-        ``Truncation(threshold, kept, kept_mass)`` of the leading shape: the
-        smallest kept ``logits / temperature`` (the largest logit for greedy
-        rows), the number of kept tokens and the kept mass of the full
-        ``softmax(logits / temperature)`` (float64; 1 for greedy rows).
+        ``Truncation(threshold, kept, kept_mass, cut)`` of the leading shape:
+        the smallest kept ``logits / temperature`` (the largest logit for
+        greedy rows), the number of kept tokens, the kept mass of the full
+        ``softmax(logits / temperature)`` (float64; 1 for greedy rows), and
+        ``cut``, midway between ``threshold`` and the largest value left out
+        (-inf when nothing is): pass it as ``threshold=`` to replay the set
+        on logits that differ by rounding (a cached and a full forward of a
+        model); ``threshold`` itself replays it only on the same logits.
     """
     check_logits(logits)
     lead = logits.shape[:-1]

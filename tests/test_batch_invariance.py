@@ -75,8 +75,9 @@ def test_the_draw_for_a_given_uniform_does_not_depend_on_the_batch(K, batch, dat
         from pgest.truncation import filters
 
         f = filters(rows.shape[:-1], **truncate)
-        rec = lambda n: (torch.empty(n, dtype=torch.float64 if dtype == torch.float64 else torch.float32),  # noqa: E731
-                         torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.float64))
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        rec = lambda n: (torch.empty(n, dtype=acc), torch.empty(n, dtype=torch.int64),  # noqa: E731
+                         torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=acc))
         trunc = lambda n: (*f, rec(n))  # noqa: E731
     all_rows = sample_native(rows, 2, 0, uniforms=u, truncation=trunc(batch) if trunc else None)
     alone = sample_native(rows[position:position + 1].contiguous(), 2, 0, uniforms=u[position:position + 1].contiguous(),

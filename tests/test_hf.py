@@ -31,10 +31,14 @@ def tiny(kind: str):
 
 
 def reference(model, ids, mask, keep, temperature):
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1] / temperature
+    pos = None if mask is None else (mask.cumsum(-1) - 1).clamp_min(0)  # generate()'s positions
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1] / temperature
     ls = logits.log_softmax(-1)
     lp = ls.gather(-1, ids[:, 1:, None]).squeeze(-1)
     ent = -(ls.exp() * ls).sum(-1)
+    if mask is not None:  # a padding token is not scored
+        scored = mask[:, 1:] != 0
+        lp, ent = torch.where(scored, lp, 0.0), torch.where(scored, ent, 0.0)
     return (lp, ent) if keep is None else (lp[:, -keep:], ent[:, -keep:])
 
 
@@ -115,3 +119,62 @@ def test_peak_memory_is_a_fraction_of_the_logits_at_a_152k_vocabulary():
     mine, theirs = peak_allocated_bytes(ours), peak_allocated_bytes(materialised)
     logits = 2 * 256 * 151936 * 4
     assert mine <= theirs / 4 and mine < logits / 2, (mine, theirs, logits)
+
+
+# ---- generation through the fused sampler ------------------------------------
+
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
+def test_generate_then_score_gives_the_samplers_log_probs(kind):
+    import warnings
+
+    model = tiny(kind).double().eval()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, V, (4, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    ids[1, :2] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        gen = hf.generate(model, ids, mask, max_new_tokens=7, temperature=0.8, top_p=0.9, top_k=50,
+                          eos_token_id=list(range(1, 40)), pad_token_id=0, generator=torch.Generator().manual_seed(3))
+    n = gen.completion_ids.shape[1]
+    assert gen.completion_ids.shape == gen.completion_mask.shape == gen.log_probs.shape == (4, n)
+    for b in range(4):  # 1 up to and including the end-of-sequence token, then padding
+        m = gen.completion_mask[b].tolist()
+        ends = [i for i, t in enumerate(gen.completion_ids[b].tolist()) if 1 <= t < 40 and m[i]]
+        assert m == [1] * (ends[0] + 1) + [0] * (n - ends[0] - 1) if ends else m == [1] * n
+        assert (gen.completion_ids[b][torch.tensor(m) == 0] == 0).all()
+    full = torch.cat([ids, gen.completion_ids], 1)
+    fmask = torch.cat([mask, gen.completion_mask], 1)
+    lp, ent = hf.token_log_probs(model, full, fmask, logits_to_keep=n, temperature=0.8, top_p=0.9, top_k=50)
+    live = gen.completion_mask.bool()
+    torch.testing.assert_close(lp[live], gen.log_probs[live], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ent[live], gen.entropy[live], rtol=1e-10, atol=1e-10)
+    lp2, _ = hf.token_log_probs(model, full, fmask, logits_to_keep=n, temperature=0.8,
+                                threshold=gen.truncation.cut)  # the full forward rounds otherwise than the cached one
+    torch.testing.assert_close(lp2[live], gen.log_probs[live], rtol=1e-10, atol=1e-10)
+
+
+def test_greedy_generation_is_transformers_greedy_search():
+    import warnings
+
+    model = tiny("llama").double().eval()
+    ids = torch.randint(1, V, (2, 5), generator=torch.Generator().manual_seed(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = hf.generate(model, ids, max_new_tokens=6, temperature=0.0)
+        theirs = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+                                min_new_tokens=6, pad_token_id=0)
+    assert torch.equal(ours.completion_ids, theirs[:, 5:])
+    assert (ours.log_probs == 0).all() and ours.truncation is not None
+
+
+def test_generate_bad_arguments():
+    model = tiny("llama")
+    ids = torch.randint(0, V, (1, 3))
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+        hf.generate(model, ids, max_new_tokens=0)
+    with pytest.raises(TypeError, match="eos_token_id must be an int"):
+        hf.generate(model, ids, max_new_tokens=2, eos_token_id="</s>")
+    with pytest.raises(ValueError, match="top_p must be in"):
+        hf.generate(model, ids, max_new_tokens=2, top_p=1.5)

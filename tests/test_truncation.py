@@ -249,10 +249,14 @@ def test_replay_by_threshold_and_by_token_lists():
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(-1).cumsum(0)])
     lp, ent = pgest.log_prob(x, s.actions, temperature=0.9, kept_tokens=(ids, offsets))
     assert torch.equal(lp, s.log_prob) and torch.equal(ent, s.entropy)
-    # the trainer's logits differ by rounding: the replayed threshold keeps the
-    # sampler's set wherever no kept value sits within that rounding of it
+    # the trainer's logits differ by rounding: replayed with the record's cut
+    # (midway to the largest value left out) the set is the sampler's, while
+    # the smallest kept value itself, at the boundary, may fall out
     y = x + torch.randn(x.shape, generator=g) * 1e-6
-    lp_y, _ = pgest.log_prob(y, s.actions, temperature=0.9, threshold=s.truncation.threshold - 1e-4)
+    lp_y, _ = pgest.log_prob(y, s.actions, temperature=0.9, threshold=s.truncation.cut)
+    assert (s.truncation.cut < s.truncation.threshold).all()
+    dropped = torch.where(keep, float("-inf"), x / 0.9).amax(-1)
+    assert (s.truncation.cut > dropped).all()
     ref = torch.log_softmax(torch.where(keep, y / 0.9, MINUS_INF), -1).gather(1, s.actions)
     torch.testing.assert_close(lp_y, ref, rtol=1e-6, atol=1e-6)
 
@@ -269,7 +273,7 @@ def test_torch_route_matches_the_kernel():
     params[0][3] = 0.0  # greedy
     ours = truncation_op(x, *params)
     theirs = truncation_in_torch_ops(x, *params)
-    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1]) and torch.equal(ours[3], theirs[3])
     torch.testing.assert_close(ours[2], theirs[2], rtol=1e-6, atol=1e-9)  # float32 exponentials
 
 

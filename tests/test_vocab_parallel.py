@@ -181,6 +181,7 @@ def _truncation(rank: int, world: int) -> None:
         ref = pgest.sample(full, num_samples=2, generator=torch.Generator().manual_seed(8), **kw)
         assert torch.equal(s.truncation.kept, ref.truncation.kept), kw
         assert torch.equal(s.truncation.threshold, ref.truncation.threshold), kw
+        assert torch.equal(s.truncation.cut, ref.truncation.cut), kw
         torch.testing.assert_close(s.truncation.kept_mass, ref.truncation.kept_mass, rtol=1e-6, atol=1e-9)
         assert (s.actions != ref.actions).sum() <= 1, kw  # a uniform within rounding of a boundary may move
         torch.testing.assert_close(s.log_prob, ref.log_prob, rtol=1e-5, atol=1e-5)

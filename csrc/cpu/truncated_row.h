@@ -336,6 +336,7 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
     if (p.threshold) static_cast<Acc*>(p.threshold)[i] = max;
     if (p.kept) p.kept[i] = 1;
     if (p.kept_mass) p.kept_mass[i] = 1.0;
+    if (p.cut) static_cast<Acc*>(p.cut)[i] = max;
     if (p.kept_logits) std::copy(z, z + K, static_cast<Acc*>(p.kept_logits) + i * K);
     return kOk;
   }
@@ -348,6 +349,7 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
     if (p.threshold) static_cast<Acc*>(p.threshold)[i] = low;
     if (p.kept) p.kept[i] = live;
     if (p.kept_mass) p.kept_mass[i] = 1.0;
+    if (p.cut) static_cast<Acc*>(p.cut)[i] = -inf;
     if (p.kept_logits) std::copy(z, z + K, static_cast<Acc*>(p.kept_logits) + i * K);
     return kOk;
   }
@@ -389,11 +391,11 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
   }
   // The mask, in place, with what it keeps.
   int64_t kept = 0;
-  Acc smallest = inf;
+  Acc smallest = inf, dropped = -inf;
   double mass = 0.0;
   {
     const V vc = splat<V>(cut), ninf = splat<V>(-inf), vinf = splat<V>(inf), one = splat<V>(Acc(1)), zero{};
-    V vmin = vinf, vkept{};
+    V vmin = vinf, vkept{}, vdrop = ninf;
     int64_t j = 0;
     for (; j + kChunk <= K; j += kChunk) {
       V s{};
@@ -402,12 +404,14 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
         const auto keep = (zv >= vc) & (zv > ninf);
         storev(z + j + l, select(keep, zv, ninf));
         vmin = select(keep, select(zv < vmin, zv, vmin), vmin);
+        vdrop = select(keep, vdrop, select(zv > vdrop, zv, vdrop));
         vkept += select(keep, one, zero);
         if (!given) s += select(keep, loadv(sc.e + j + l), zero);
       }
       mass += trunc_detail::lane_sum(s, W);
     }
     smallest = trunc_detail::lane_min<V, Acc>(vmin);
+    dropped = trunc_detail::lane_max<V, Acc>(vdrop);
     kept = int64_t(trunc_detail::lane_sum(vkept, W));
     for (; j < K; ++j) {
       if (z[j] >= cut && z[j] > -inf) {
@@ -415,6 +419,7 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
         smallest = std::min(smallest, z[j]);
         if (!given) mass += double(sc.e[j]);
       } else {
+        dropped = std::max(dropped, z[j]);
         z[j] = -inf;
       }
     }
@@ -423,6 +428,10 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
   if (p.threshold) static_cast<Acc*>(p.threshold)[i] = smallest;
   if (p.kept) p.kept[i] = kept;
   if (p.kept_mass) p.kept_mass[i] = kept_mass;
+  if (p.cut) {  // midway, or the smallest kept value where the two are neighbouring floats
+    const Acc mid = smallest / 2 + dropped / 2;
+    static_cast<Acc*>(p.cut)[i] = dropped == -inf ? -inf : (mid > dropped ? mid : smallest);
+  }
   if (p.kept_logits) std::copy(z, z + K, static_cast<Acc*>(p.kept_logits) + i * K);
   return kept > 0 ? kOk : kAllNegInf;
 }

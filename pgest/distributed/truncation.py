@@ -170,9 +170,15 @@ def kept_shard(x: Tensor, f: Filters, group, *, threshold: Optional[Tensor] = No
     smallest = _reduce(torch.where(keep, zd, torch.full_like(zd, float("inf"))).amin(-1) if Vr else
                        torch.full((R,), float("inf"), dtype=acc, device=dev), dist.ReduceOp.MIN, group)
     mass = _sum_in_rank_order(torch.where(keep, e_all, 0.0).sum(-1), group, world) / Z
+    left_out = torch.where(~keep & finite, zd, torch.full_like(zd, NEG)).amax(-1) if Vr else \
+        torch.full((R,), NEG, dtype=acc, device=dev)
+    dropped = _reduce(left_out, dist.ReduceOp.MAX, group)
+    mid = smallest / 2 + dropped / 2
+    cut = torch.where(dropped == NEG, dropped, torch.where(mid > dropped, mid, smallest))
     smallest = torch.where(greedy, M, smallest)
+    cut = torch.where(greedy, M, cut)
     mass = torch.where(greedy, torch.ones_like(mass), mass)
-    return z, Truncation(smallest, kept, mass), layout
+    return z, Truncation(smallest, kept, mass, cut), layout
 
 
 def check_kept_shard(z: Tensor, actions: Tensor, ignore_index: Optional[int], layout: Layout, group) -> None:

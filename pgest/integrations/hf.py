@@ -12,6 +12,7 @@ for each model class checks the identity on a two-token input.
 """
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple, Optional
 
 import torch
@@ -57,6 +58,17 @@ def decoder_and_head(model):
     return decoder, head
 
 
+def _positions(decoder, mask: Optional[Tensor], first: int = 0, length: Optional[int] = None) -> dict:
+    """position_ids counted from each sequence's first real token (what
+    transformers' generate() and vLLM use with left padding), for the
+    columns [first, first + length) of ``mask``; {} when there is no mask or
+    the model takes no position ids."""
+    if mask is None or "position_ids" not in inspect.signature(decoder.forward).parameters:
+        return {}
+    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    return {"position_ids": pos[:, first:] if length is None else pos[:, first:first + length]}
+
+
 def _verify(model, decoder, head, input_ids: Tensor) -> None:
     """Once per model class: the model's own logits on two tokens equal its
     head applied to the decoder's last hidden state."""
@@ -81,7 +93,8 @@ def _verify(model, decoder, head, input_ids: Tensor) -> None:
 
 
 def token_log_probs(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *,
-                    logits_to_keep: Optional[int] = None, temperature: float = 1.0) -> TokenLogProbs:
+                    logits_to_keep: Optional[int] = None, temperature=1.0, top_k=None, top_p=None, min_p=None,
+                    threshold: Optional[Tensor] = None) -> TokenLogProbs:
     """Per-token log-probabilities and entropies of ``input_ids`` under a
     ``transformers`` causal LM, without the logits.
 
@@ -90,18 +103,26 @@ def token_log_probs(model, input_ids: Tensor, attention_mask: Optional[Tensor] =
             GPT-2 and the like), in training or eval mode.
         input_ids: (batch, seq_len) token ids.
         attention_mask: (batch, seq_len), 1 for tokens and 0 for padding
-            (left padding included), passed to the model.
+            (left padding included), passed to the model; positions are then
+            counted from each sequence's first token, as transformers'
+            ``generate()`` and vLLM count them (and as :func:`generate` does).
         logits_to_keep: score only the last ``logits_to_keep`` tokens (a
             prompt's tokens are not scored), as TRL's
             ``_get_per_token_logps_and_entropies`` does.
-        temperature: the logits are divided by it.
+        temperature: the logits are divided by it (a number, or one per
+            scored position).
+        top_k, top_p, min_p, threshold: score under the truncated,
+            renormalised distribution :func:`generate` samples with the same
+            parameters (or its recorded ``truncation.cut``), as
+            :func:`pgest.linear_log_prob` does.
 
     Returns:
         ``TokenLogProbs(log_prob, entropy)``, each (batch, seq_len - 1), or
         (batch, logits_to_keep): position t scores ``input_ids[:, t + 1]``
         (the next token). float32 (float64 for a float64 model);
-        differentiable into every parameter of the model. Padding positions
-        are scored like any other; mask them in the loss.
+        differentiable into every parameter of the model. A position whose
+        next token is padding (``attention_mask`` 0) gets log_prob 0 and
+        entropy 0, and no gradient.
     """
     decoder, head = decoder_and_head(model)
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
@@ -114,9 +135,105 @@ def token_log_probs(model, input_ids: Tensor, attention_mask: Optional[Tensor] =
     if L < 2:
         raise ValueError("input_ids needs at least 2 tokens per sequence: position t scores token t + 1")
     _verify(model, decoder, head, input_ids)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                     **_positions(decoder, attention_mask)).last_hidden_state
     keep = L - 1 if logits_to_keep is None else logits_to_keep
     h = hidden[:, L - 1 - keep:L - 1]
     labels = input_ids[:, L - keep:]
-    lp, ent = linear_log_prob(h, head.weight, labels, bias=head.bias, temperature=temperature, ignore_index=None)
+    if attention_mask is not None:  # a padding token is not scored (nor checked against a kept set)
+        labels = torch.where(attention_mask[:, L - keep:] == 0, torch.full_like(labels, -100), labels)
+    lp, ent = linear_log_prob(h, head.weight, labels, bias=head.bias, temperature=temperature, ignore_index=-100,
+                              top_k=top_k, top_p=top_p, min_p=min_p, threshold=threshold)
     return TokenLogProbs(lp, ent)
+
+
+class Generation(NamedTuple):
+    completion_ids: Tensor   # (batch, new tokens) int64; after a sequence's end-of-sequence token: pad_token_id
+    completion_mask: Tensor  # (batch, new tokens) int64, 1 up to and including the end-of-sequence token
+    log_probs: Tensor        # (batch, new tokens): the sampler's log-probabilities (0 where masked)
+    entropy: Tensor          # (batch, new tokens): the entropy of each step's distribution (0 where masked)
+    truncation: Optional[object]  # pgest.Truncation of (batch, new tokens) when a filter was given, else None
+
+
+def _as_id_set(eos_token_id) -> Optional[Tensor]:
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool) else eos_token_id
+    if not isinstance(ids, (list, tuple)) or not ids or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                                 for i in ids):
+        raise TypeError(f"eos_token_id must be an int, a list of ints or None, got {eos_token_id!r}")
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k=None, top_p=None, min_p=None, eos_token_id=None,
+             pad_token_id: int = 0, generator: Optional[torch.Generator] = None) -> Generation:
+    """Token-by-token sampling from a ``transformers`` causal LM with its KV
+    cache and pgest's fused sampler (:func:`pgest.linear_sample`): no
+    (batch, vocab) logits per step. No gradient.
+
+    Args:
+        model, input_ids, attention_mask: as for :func:`token_log_probs`
+            (left-padded prompts; positions count from each sequence's first
+            token, as in :func:`token_log_probs`, which on prompt + completion
+            then scores the same distributions).
+        max_new_tokens: the number of steps.
+        temperature, top_k, top_p, min_p: the sampling distribution
+            (:func:`pgest.truncation`; temperature 0 is greedy).
+        eos_token_id: an id or a list of ids that end a sequence (kept in the
+            completion, masked 1); a finished sequence is padded with
+            ``pad_token_id`` and masked 0 afterwards. None: every sequence runs
+            ``max_new_tokens`` steps.
+        generator: a torch.Generator of the model's device.
+
+    Returns:
+        ``Generation(completion_ids, completion_mask, log_probs, entropy,
+        truncation)``, each (batch, new tokens); scored again with
+        :func:`token_log_probs` on ``cat([input_ids, completion_ids], 1)``,
+        the log-probabilities equal the sampler's to float rounding (bit for
+        bit where the model's hidden states agree between the cached and the
+        full forward).
+    """
+    decoder, head = decoder_and_head(model)
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError("input_ids must be a (batch, prompt_len) tensor with at least one token per sequence")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    from ..linear.head import linear_sample
+
+    eos = _as_id_set(eos_token_id)
+    B, dev = input_ids.shape[0], input_ids.device
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
+    filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    ids, lps, ents, records = [], [], [], []
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    alive = []
+    # the KV cache's argument and output: `cache` in recent transformers, `past_key_values` before
+    cache_name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    past = None
+    step_ids = input_ids
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            out = decoder(input_ids=step_ids, attention_mask=mask, use_cache=True, **{cache_name: past},
+                          **_positions(decoder, mask, mask.shape[1] - step_ids.shape[1]))
+            past = getattr(out, cache_name)
+            h = out.last_hidden_state[:, -1]
+            s = linear_sample(h, head.weight, bias=head.bias, generator=generator, **filters)
+            tok = torch.where(done, torch.full_like(s.actions, pad_token_id), s.actions)
+            alive.append(~done)
+            ids.append(tok)
+            lps.append(torch.where(done, torch.zeros_like(s.log_prob), s.log_prob))
+            ents.append(torch.where(done, torch.zeros_like(s.entropy), s.entropy))
+            if len(s) == 4:
+                records.append(s[3])
+            if eos is not None:
+                done = done | torch.isin(tok, eos.to(dev))
+            step_ids = tok[:, None]
+            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=dev)], 1)
+            if bool(done.all()):
+                break
+    truncation = None
+    if records:
+        truncation = type(records[0])(*(torch.stack(f, 1) for f in zip(*records)))
+    return Generation(torch.stack(ids, 1), torch.stack(alive, 1).to(torch.int64), torch.stack(lps, 1),
+                      torch.stack(ents, 1), truncation)

@@ -67,7 +67,7 @@ def sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], f: Filters, S: int
     lp = torch.empty((N, S), dtype=acc, device=dev)
     ent = torch.empty((N,), dtype=acc, device=dev)
     record = (torch.empty(N, dtype=acc, device=dev), torch.empty(N, dtype=torch.int64, device=dev),
-              torch.empty(N, dtype=torch.float64, device=dev))
+              torch.empty(N, dtype=torch.float64, device=dev), torch.empty(N, dtype=acc, device=dev))
     u = philox_uniforms(N, S, seed).to(dev)
     tb = block_tokens(N, token_tile)
     buffer = _buffer(h2, w, tb)

@@ -25,7 +25,7 @@ def sample_native(x: Tensor, num_samples: int, seed: int, offset: int = 0, seed_
     from instead of Philox (the fused linear head places draws in a tile).
     ``truncation`` (CPU): (temperature, top_k, top_p, min_p, record) with the
     per-row parameters of ops/truncation.fill_params and the record's
-    (threshold, kept, kept_mass) tensors to fill: draw from each row's kept set."""
+    (threshold, kept, kept_mass, cut) tensors to fill: draw from each row's kept set."""
     R, K = x.shape
     acc = _checks.stats_dtype(x.dtype)
     dev = _native.device_of(x)
@@ -49,8 +49,8 @@ def sample_native(x: Tensor, num_samples: int, seed: int, offset: int = 0, seed_
         a.log_z = a.row_max + R * stats.element_size()
         a.num_threads = torch.get_num_threads()
         if truncation is not None:
-            *params, (threshold, kept, kept_mass) = truncation
-            fill_params(a.truncation, *params, threshold=threshold, kept=kept, kept_mass=kept_mass)
+            *params, (threshold, kept, kept_mass, cut) = truncation
+            fill_params(a.truncation, *params, threshold=threshold, kept=kept, kept_mass=kept_mass, cut=cut)
         if x.is_cuda:
             res = _native.cuda_call("sample", a, dev, report=dict(input_name="logits", num_actions=K), seed=seed_t,
                                 values=x)

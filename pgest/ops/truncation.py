@@ -21,7 +21,7 @@ def _param(t: Tensor) -> Tuple[int, int]:
 
 def fill_params(pp, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, *,
                 given_threshold: Optional[Tensor] = None, threshold: Optional[Tensor] = None,
-                kept: Optional[Tensor] = None, kept_mass: Optional[Tensor] = None,
+                kept: Optional[Tensor] = None, kept_mass: Optional[Tensor] = None, cut: Optional[Tensor] = None,
                 kept_logits: Optional[Tensor] = None) -> None:
     """Point a ``_C.TruncationParams`` at the per-row parameters ((R,) or one
     element, CPU: float64, int64 for top_k) and the outputs wanted."""
@@ -30,7 +30,7 @@ def fill_params(pp, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Te
     pp.top_p, pp.top_p_stride = _param(top_p)
     pp.min_p, pp.min_p_stride = _param(min_p)
     for name, t in (("given_threshold", given_threshold), ("threshold", threshold), ("kept", kept),
-                    ("kept_mass", kept_mass), ("kept_logits", kept_logits)):
+                    ("kept_mass", kept_mass), ("cut", cut), ("kept_logits", kept_logits)):
         if t is not None:
             setattr(pp, name, t.data_ptr())
 
@@ -48,7 +48,8 @@ def raise_for(res, temperature: Tensor, K: int) -> None:
 def truncation_native(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, *,
                       with_logits: bool = False, given_threshold: Optional[Tensor] = None):
     """(R, K) CPU logits and per-row parameters -> threshold (R,) in the
-    accumulation type, kept (R,) int64, kept_mass (R,) float64 and, with
+    accumulation type, kept (R,) int64, kept_mass (R,) float64, cut (R,) in
+    the accumulation type (truncation.h) and, with
     ``with_logits``, the (R, K) tempered logits with -inf outside the kept set
     (else None). ``given_threshold``: replay it instead of selecting."""
     R, K = x.shape
@@ -56,6 +57,7 @@ def truncation_native(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tens
     threshold = torch.empty(R, dtype=acc)
     kept = torch.empty(R, dtype=torch.int64)
     kept_mass = torch.empty(R, dtype=torch.float64)
+    cut = torch.empty(R, dtype=acc)
     z = torch.empty(R, K, dtype=acc) if with_logits else None
     if R:
         a = _C.TruncationArgs()
@@ -64,10 +66,10 @@ def truncation_native(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tens
         a.rows, a.cols = R, K
         a.row_stride, a.col_stride = x.stride()
         fill_params(a.params, temperature, top_k, top_p, min_p, given_threshold=given_threshold,
-                    threshold=threshold, kept=kept, kept_mass=kept_mass, kept_logits=z)
+                    threshold=threshold, kept=kept, kept_mass=kept_mass, cut=cut, kept_logits=z)
         a.num_threads = _native.num_threads()
         raise_for(_C.truncation_cpu(a), temperature, K)
-    return threshold, kept, kept_mass, z
+    return threshold, kept, kept_mass, cut, z
 
 
 def truncation_in_torch_ops(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor):
@@ -114,18 +116,22 @@ def truncation_in_torch_ops(x: Tensor, temperature: Tensor, top_k: Tensor, top_p
     threshold = torch.where(keep, zs, torch.full_like(zs, float("inf"))).min(-1).values
     total = torch.exp(zs.double() - zmax.double()).sum(-1)
     kept_mass = torch.where(keep, torch.exp(zs.double() - zmax.double()), 0.0).sum(-1) / total
+    dropped = torch.where(~keep & (zs > float("-inf")), zs, torch.full_like(zs, float("-inf"))).amax(-1)
+    mid = threshold / 2 + dropped / 2
+    cut = torch.where(dropped == float("-inf"), dropped, torch.where(mid > dropped, mid, threshold))
     raw_max = x.to(acc).amax(-1)
+    cut = torch.where(greedy, raw_max, cut)
     threshold = torch.where(greedy, raw_max, threshold)
     kept = torch.where(greedy, torch.ones_like(kept), kept)
     kept_mass = torch.where(greedy, torch.ones_like(kept_mass), kept_mass)
-    return threshold, kept, kept_mass
+    return threshold, kept, kept_mass, cut
 
 
 @torch.library.custom_op("pgest::truncation", mutates_args=())
 def truncation_op(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
-                  min_p: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+                  min_p: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(R, K) logits, per-row (R,) or one-element parameters (temperature,
-    top_p, min_p float64; top_k int64) -> threshold, kept, kept_mass."""
+    top_p, min_p float64; top_k int64) -> threshold, kept, kept_mass, cut."""
     check_rows(logits, None)
     R = logits.shape[0]
     for t, name, dtype in ((temperature, "temperature", torch.float64), (top_k, "top_k", torch.int64),
@@ -134,7 +140,7 @@ def truncation_op(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Ten
         if t.dtype != dtype or t.dim() != 1 or t.numel() not in (1, R):
             raise ValueError(f"{name} must be a (rows,) or (1,) {dtype} tensor, got {tuple(t.shape)} {t.dtype}")
     if logits.device.type == "cpu":
-        return truncation_native(logits, *(t.cpu() for t in (temperature, top_k, top_p, min_p)))[:3]
+        return truncation_native(logits, *(t.cpu() for t in (temperature, top_k, top_p, min_p)))[:4]
     return truncation_in_torch_ops(logits, temperature, top_k, top_p, min_p)
 
 
@@ -143,14 +149,14 @@ def _(logits, temperature, top_k, top_p, min_p):
     R = logits.shape[0]
     acc = _checks.stats_dtype(logits.dtype)
     return (logits.new_empty((R,), dtype=acc), logits.new_empty((R,), dtype=torch.int64),
-            logits.new_empty((R,), dtype=torch.float64))
+            logits.new_empty((R,), dtype=torch.float64), logits.new_empty((R,), dtype=acc))
 
 
 def truncation_rows(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor):
-    """threshold, kept, kept_mass by the cheapest route: a direct call on the
+    """threshold, kept, kept_mass, cut by the cheapest route: a direct call on the
     CPU in eager mode, the registered op otherwise."""
     from .log_prob import traced
 
     if x.device.type == "cpu" and not traced():
-        return truncation_native(x, temperature, top_k, top_p, min_p)[:3]
+        return truncation_native(x, temperature, top_k, top_p, min_p)[:4]
     return truncation_op(x, temperature, top_k, top_p, min_p)

@@ -46,6 +46,13 @@ struct TruncationParams {
   void* threshold = nullptr;    // (R,) accumulation type: the smallest kept z (greedy: the max logit)
   int64_t* kept = nullptr;      // (R,) entries kept
   double* kept_mass = nullptr;  // (R,) mass of the kept set under softmax(z) (greedy: 1)
+  // (R,) accumulation type: midway between the smallest kept z and the
+  // largest z left out (-inf: nothing left out; greedy: the max logit). A
+  // replay that compares with it keeps the same set when the replayer's z
+  // differ from these by less than half that gap (a cached and a full
+  // forward of a model round differently); comparing with `threshold`
+  // itself keeps it only on the same logits.
+  void* cut = nullptr;
   void* kept_logits = nullptr;  // (R, K) accumulation type, contiguous: z, -inf outside the kept set
 };
 
