@@ -361,8 +361,12 @@ def test_linear_head_sampler_and_trainer_agree_bit_for_bit(dtype):
     assert isinstance(s, pgest.TruncatedSample)
     lp, ent = pgest.linear_log_prob(h, w, s.actions, bias=b, token_tile=7, **kw)
     assert torch.equal(lp, s.log_prob) and torch.equal(ent, s.entropy)
-    lp2, ent2 = pgest.linear_log_prob(h, w, s.actions, bias=b, temperature=T, threshold=s.truncation.threshold)
+    lp2, ent2 = pgest.linear_log_prob(h, w, s.actions, bias=b, temperature=T, threshold=s.truncation.threshold,
+                                      token_tile=7)
     assert torch.equal(lp2, s.log_prob) and torch.equal(ent2, s.entropy)
+    # other tiles: other matmul shapes, whose products may differ in the last bit; the cut replays the set
+    lp3, _ = pgest.linear_log_prob(h, w, s.actions, bias=b, temperature=T, threshold=s.truncation.cut)
+    torch.testing.assert_close(lp3, s.log_prob, rtol=1e-4 if dtype != torch.float64 else 1e-12, atol=1e-5)
     # the draws: pgest.sample's on the materialised logits (float32 products), for the same generator state
     x = (h.double() @ w.double().T + b.double()).to(torch.float64 if dtype == torch.float64 else torch.float32)
     ref = pgest.sample(x, num_samples=3, generator=torch.Generator().manual_seed(21), **kw)
@@ -401,11 +405,16 @@ def test_linear_head_greedy_and_block_memory():
     h, w = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
     greedy = pgest.linear_sample(h, w, temperature=0.0)
     assert torch.equal(greedy.actions, (h @ w.T).argmax(-1)) and (greedy.log_prob == 0).all()
-    assert block_tokens(N, 1024) * BLOCK_SHARE <= N + BLOCK_SHARE
+    assert block_tokens(N, V, 8, 256) * BLOCK_SHARE <= N + BLOCK_SHARE  # small tiles: 1/40 of the tokens
+    assert block_tokens(64, 32000, 1024, 2048) == 64  # a decode batch: one block
     logits_bytes = N * V * 4
-    peak = peak_allocated_bytes(lambda: pgest.linear_sample(h, w, top_p=0.9))
-    # a block's logits, the outputs and per-block copies: a small part of the logits never built
-    assert peak < logits_bytes / 20, (peak, logits_bytes)  # the bound linear_sample keeps without truncation
+    # tiles whose workspace is small against the logits: the 1/40 rule holds the peak
+    small = peak_allocated_bytes(lambda: pgest.linear_sample(h, w, top_p=0.9, token_tile=8, vocab_tile=256))
+    assert small < logits_bytes / 20, (small, logits_bytes)
+    # default tiles: no more than the untruncated sampler's own workspace allows
+    plain = peak_allocated_bytes(lambda: pgest.linear_sample(h, w))
+    default = peak_allocated_bytes(lambda: pgest.linear_sample(h, w, top_p=0.9))
+    assert default < 2 * plain + logits_bytes / 20, (default, plain, logits_bytes)
 
 
 def test_linear_head_truncation_errors():

@@ -564,12 +564,13 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
     distribution that :func:`linear_sample` draws from with the same
     parameters (definitions in :func:`pgest.truncation`), bit for bit its
     log-probabilities; the logits are then built one block of tokens at a
-    time over the whole vocabulary, at most 1/40 of them once there are 40
-    tokens or more (pgest/linear/truncated.py). Not with ``process_group`` yet.
+    time over the whole vocabulary, as many as the untruncated workspace of
+    token_tile x vocab_tile logits holds or 1/40 of them, whichever is more
+    (pgest/linear/truncated.py). Not with ``process_group`` yet.
     """
     if _truncating(temperature, top_k, top_p, min_p, threshold):
         return _truncated_log_prob(hidden, weight, actions, bias, temperature, top_k, top_p, min_p, threshold,
-                                   ignore_index, token_tile, process_group)
+                                   ignore_index, token_tile, vocab_tile, process_group)
     error = None
     try:
         temperature = check_head(hidden, weight, bias, temperature, process_group is not None)
@@ -612,14 +613,14 @@ def _truncation_setup(hidden, weight, bias, process_group, what: str):
 
 
 def _truncated_log_prob(hidden, weight, actions, bias, temperature, top_k, top_p, min_p, threshold, ignore_index,
-                        token_tile, process_group) -> LinearLogProb:
+                        token_tile, vocab_tile, process_group) -> LinearLogProb:
     from ..truncation import filters
     from .truncated import TruncatedLinearLogProb
 
     _truncation_setup(hidden, weight, bias, process_group, "linear_log_prob")
     lead, S = check_token_actions(hidden, actions)
     ii = check_ignore_index(ignore_index)
-    tn, _ = tile_sizes(hidden, token_tile, None)
+    tn, tv = tile_sizes(hidden, token_tile, vocab_tile)
     a2 = index_tensor(actions, weight.shape[0]).reshape(-1, S)
     f = filters(lead, temperature, top_k, top_p, min_p)
     if threshold is not None:
@@ -629,7 +630,7 @@ def _truncated_log_prob(hidden, weight, actions, bias, temperature, top_k, top_p
                              f"{tuple(threshold.shape)}")
         threshold = threshold.detach().reshape(-1).to(hidden.device, _checks.stats_dtype(hidden.dtype))
     try:
-        lp, ent = TruncatedLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, f, threshold, tn)
+        lp, ent = TruncatedLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, f, threshold, tn, tv)
     except (ValueError, IndexError) as e:
         raise type(e)(_status.unflatten_message(str(e), lead)) from None
     return LinearLogProb(lp.view(actions.shape), ent.view(lead))
@@ -698,7 +699,7 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
     """
     if _truncating(temperature, top_k, top_p, min_p):
         return _truncated_sample(hidden, weight, bias, temperature, top_k, top_p, min_p, num_samples, generator,
-                                 token_tile, process_group)
+                                 token_tile, vocab_tile, process_group)
     error = None
     seed = 0
     compiled = process_group is None and traced()
@@ -735,14 +736,14 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
 
 
 def _truncated_sample(hidden, weight, bias, temperature, top_k, top_p, min_p, num_samples, generator, token_tile,
-                      process_group):
+                      vocab_tile, process_group):
     from ..sample import TruncatedSample
     from ..truncation import Truncation, filters
     from .truncated import sample_tokens
 
     _truncation_setup(hidden, weight, bias, process_group, "linear_sample")
     S = check_num_samples(num_samples)
-    tn, _ = tile_sizes(hidden, token_tile, None)
+    tn, tv = tile_sizes(hidden, token_tile, vocab_tile)
     check_generator(generator, hidden.device)
     lead = hidden.shape[:-1]
     shape = lead if S == 1 else lead + (S,)
@@ -751,7 +752,7 @@ def _truncated_sample(hidden, weight, bias, temperature, top_k, top_p, min_p, nu
     seed = cpu_seed(generator) if dev.type == "cpu" else int(seed_tensor(generator, dev)[0])
     try:
         actions, lp, ent, rec = sample_tokens(token_rows(hidden.detach()), weight.detach(),
-                                              None if bias is None else bias.detach(), f, S, seed, tn)
+                                              None if bias is None else bias.detach(), f, S, seed, tn, tv)
     except ValueError as e:
         raise ValueError(_status.unflatten_message(str(e), lead)) from None
     record = Truncation(*(t.view(lead) for t in rec))

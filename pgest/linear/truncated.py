@@ -4,9 +4,10 @@ min_p or a replayed threshold (pgest/truncation.py has the definitions).
 
 The kept set of a token needs its whole row of logits, so this route builds
 the logits one block of tokens at a time, over the whole vocabulary, in one
-reused buffer: a block holds at most 1/40 of the (tokens, V) logits it never
-builds once there are 40 tokens or more (the trainer's kept logits of a block
-are a second block-sized tensor). Each block goes through the same native
+reused buffer: a block holds as many logits as the untruncated head's
+token_tile x vocab_tile workspace, or 1/40 of the (tokens, V) logits it never
+builds when that is more (the trainer's kept logits of a block are a second
+block-sized tensor). Each block goes through the same native
 row pass as ``pgest.sample``
 and ``pgest.log_prob`` (tempered, truncated and drawn from, or scored, in one
 read), so the head's sampler and trainer agree bit for bit, and the draws are
@@ -31,8 +32,12 @@ from .tiles import logits_dtype, logits_tile
 BLOCK_SHARE = 40  # a block of tokens holds at most 1/40 of the logits
 
 
-def block_tokens(N: int, token_tile: int) -> int:
-    return max(1, min(token_tile, math.ceil(N / BLOCK_SHARE)))
+def block_tokens(N: int, V: int, token_tile: int, vocab_tile: int) -> int:
+    """Tokens per block: as many as the untruncated head's own workspace of
+    token_tile x vocab_tile logits holds, or 1/BLOCK_SHARE of the tokens
+    when that is more (every block rereads the whole head weight, so a few
+    tokens a block would make a decode step of 64 sequences 10x slower)."""
+    return max(1, min(N, max(math.ceil(N / BLOCK_SHARE), (token_tile * vocab_tile) // max(V, 1))))
 
 
 def _rows(f: Filters, r0: int, r1: int) -> Filters:
@@ -58,7 +63,7 @@ def _buffer(h2: Tensor, w: Tensor, tb: int) -> Tensor:
 
 
 def sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], f: Filters, S: int, seed: int,
-                  token_tile: int) -> Tuple[Tensor, Tensor, Tensor, Truncation]:
+                  token_tile: int, vocab_tile: int) -> Tuple[Tensor, Tensor, Tensor, Truncation]:
     """(N, H) tokens -> actions (N, S), log_prob (N, S), entropy (N,) and the
     truncation record (N,) of the tokens' kept sets."""
     N, dev = h2.shape[0], h2.device
@@ -69,7 +74,7 @@ def sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], f: Filters, S: int
     record = (torch.empty(N, dtype=acc, device=dev), torch.empty(N, dtype=torch.int64, device=dev),
               torch.empty(N, dtype=torch.float64, device=dev), torch.empty(N, dtype=acc, device=dev))
     u = philox_uniforms(N, S, seed).to(dev)
-    tb = block_tokens(N, token_tile)
+    tb = block_tokens(N, w.shape[0], token_tile, vocab_tile)
     buffer = _buffer(h2, w, tb)
     with torch.no_grad():
         for r0 in range(0, N, tb):
@@ -94,7 +99,7 @@ class TruncatedLinearLogProb(torch.autograd.Function):
     thresholds the forward found (the set is a constant of the step)."""
 
     @staticmethod
-    def forward(ctx, h2, w, b, actions, ignore_index, f: Filters, threshold, token_tile):
+    def forward(ctx, h2, w, b, actions, ignore_index, f: Filters, threshold, token_tile, vocab_tile):
         N = h2.shape[0]
         acc = _checks.stats_dtype(h2.dtype)
         dev = h2.device
@@ -103,7 +108,7 @@ class TruncatedLinearLogProb(torch.autograd.Function):
         ent = torch.empty((N,), dtype=acc, device=dev)
         stats = torch.empty((2, N), dtype=acc, device=dev)
         found = torch.empty((N,), dtype=acc, device=dev)
-        tb = block_tokens(N, token_tile)
+        tb = block_tokens(N, w.shape[0], token_tile, vocab_tile)
         buffer = _buffer(h2, w, tb)
         for r0 in range(0, N, tb):
             r1 = min(N, r0 + tb)
@@ -147,4 +152,4 @@ class TruncatedLinearLogProb(torch.autograd.Function):
             if need_b:
                 gb += dz.sum(0).to(gb.dtype)
         return (gh, None if gw is None else gw.to(w.dtype), None if gb is None else gb.to(b.dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
