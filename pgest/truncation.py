@@ -172,8 +172,8 @@ def kept_logits(x: Tensor, f: Filters, *, threshold: Optional[Tensor] = None, ke
     z = x.to(acc) / torch.where(t == 0, torch.ones_like(t), t)[:, None] if (t != 1).any() else x.to(acc)
     if kept_tokens is not None:
         z = z.masked_fill(~_kept_token_mask(kept_tokens, R, K, dev), float("-inf"))
-    else:
-        z = z.masked_fill(z < threshold[:, None], float("-inf"))
+    else:  # the row's maximum is always kept, whatever the replayed threshold
+        z = z.masked_fill(z < torch.minimum(threshold, z.detach().amax(-1))[:, None], float("-inf"))
     if bool(greedy.any()):
         only = torch.full((R, K), float("-inf"), dtype=acc, device=dev)
         only.scatter_(1, x.detach().to(acc).argmax(-1).view(R, 1), 0.0)

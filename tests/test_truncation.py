@@ -428,3 +428,14 @@ def test_linear_head_truncation_errors():
         pgest.linear_log_prob(h, w, a, top_k=2)
     with pytest.raises(NotImplementedError, match="process_group"):
         pgest.linear_sample(h, w, top_k=3, process_group=object())
+
+
+def test_a_replayed_threshold_above_the_maximum_keeps_the_maximum():
+    # logits that moved by rounding can put the row's maximum under the replayed
+    # value: the maximum is always kept, never an empty set
+    x = torch.tensor([[1.0, 0.5, -2.0], [3.0, 2.9, 0.0]])
+    a = torch.tensor([0, 0])
+    for f in (lambda: pgest.log_prob(x, a, threshold=torch.tensor([1.5, 2.95])),
+              lambda: pgest.log_prob(x.double(), a, threshold=torch.tensor([1.5, 2.95]))):
+        lp, ent = f()
+        assert (lp == 0).all() and (ent == 0).all()

@@ -355,7 +355,9 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
   }
   double total = 0.0;
   if (given) {
-    cut = static_cast<const Acc*>(p.given_threshold)[i];
+    // the row's maximum is always kept: a replayed value above it (logits
+    // that moved by rounding) keeps the maximum, never an empty set
+    cut = std::min(static_cast<const Acc*>(p.given_threshold)[i], max);
   } else {
     // exp(z - max) once, for every mass below; their sum in chunks of double
     const V vm = splat<V>(max);

@@ -127,8 +127,8 @@ def kept_shard(x: Tensor, f: Filters, group, *, threshold: Optional[Tensor] = No
     live = _reduce(finite.sum(-1), dist.ReduceOp.SUM, group)
     e_all = torch.where(finite, torch.exp(zd.double() - M.double()[:, None]), 0.0)
     Z = _sum_in_rank_order(e_all.sum(-1), group, world)
-    if threshold is not None:
-        cut = threshold.to(dev, acc).reshape(R)
+    if threshold is not None:  # the row's maximum is always kept, whatever the replayed threshold
+        cut = torch.minimum(threshold.to(dev, acc).reshape(R), M)
     else:
         cut = torch.full((R,), NEG, dtype=acc, device=dev)
         k = f.top_k.to(dev).expand(R)
