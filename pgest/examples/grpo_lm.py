@@ -91,8 +91,8 @@ def train(steps: int = 600, length: int = 3, prompts_per_step: int = 16, group: 
         optimizer.zero_grad(set_to_none=True)
         mismatch = objectives.mismatch(gen.log_probs, lp.detach(), cm)
         tokens += int(cm.sum())
-        row = {"step": step, "reward": float(r.mean()), "kl": float(kl), "mismatch_max": float(mismatch["max_abs_diff"]),
-               "identical": float(mismatch["identical"])}
+        row = {"step": step, "reward": float(r.mean()), "kl": float(kl),
+               "mismatch_max": float(mismatch["max_abs_diff"]), "identical": float(mismatch["identical"])}
         history.append(row)
         if progress and (step % 10 == 0 or step == steps - 1):
             print(f"step {step:4d}  reward {row['reward']:.3f}  kl {row['kl']:.4f}  "
