@@ -114,6 +114,14 @@ def _kept_token_mask(kept_tokens, R: int, K: int, device) -> Tensor:
     return mask
 
 
+def inverse_temperature(f: Filters, rows: int, dtype: torch.dtype, device) -> Tensor:
+    """d z / d logits per row: 1 / temperature, 0 on greedy rows (whose z
+    does not depend on the logits)."""
+    t = f.temperature.to(torch.float64)
+    inv = torch.where(t == 0, torch.zeros_like(t), 1.0 / torch.where(t == 0, torch.ones_like(t), t))
+    return inv.to(device, dtype).expand(rows)
+
+
 class _KeptLogits(torch.autograd.Function):
     """z = logits / temperature on the kept set, -inf elsewhere, from the
     native pass; the set is a constant, so dz/dx = 1 / temperature there (0
@@ -159,9 +167,7 @@ def kept_logits(x: Tensor, f: Filters, *, threshold: Optional[Tensor] = None, ke
                                     given_threshold=None if threshold is None else threshold.contiguous())
         record = None if threshold is not None else _record(*rec, shape)
         if x.requires_grad and torch.is_grad_enabled():
-            t = f.temperature.to(torch.float64)
-            inv_t = torch.where(t == 0, torch.zeros_like(t), 1.0 / torch.where(t == 0, torch.ones_like(t), t))
-            z = _KeptLogits.apply(x, z, inv_t.to(acc).expand(R))
+            z = _KeptLogits.apply(x, z, inverse_temperature(f, R, acc, dev))
         return z, record
     record = None
     if threshold is None and kept_tokens is None:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .._checks import stats_dtype
+from ..ops.truncation import mass_strictly_above, midway_cut
 from ..truncation import Filters, Truncation
 from .vocab_parallel import Layout, dist_module, exchange, raise_if_failed
 
@@ -53,18 +54,6 @@ def _reduce(t: Tensor, op, group) -> Tensor:
     return t
 
 
-def _mass_above(values: Tensor, masses: Tensor) -> Tensor:
-    """Per entry of rows sorted in descending order, the mass of the entries
-    strictly larger (ties grouped)."""
-    R, L = values.shape
-    before = torch.cumsum(masses, -1) - masses
-    first = torch.ones_like(values, dtype=torch.bool)
-    first[:, 1:] = values[:, 1:] != values[:, :-1]
-    cols = torch.arange(L, device=values.device).expand(R, L)
-    start = torch.cummax(torch.where(first, cols, torch.zeros_like(cols)), -1).values
-    return before.gather(1, start)
-
-
 def _top_p_cut(z: Tensor, M: Tensor, target: Tensor, rows: Tensor, layout: Layout, group) -> Tensor:
     """The smallest kept value of top-p per row (z: this rank's kept-so-far
     values, -inf elsewhere); -inf where ``rows`` is False."""
@@ -84,7 +73,7 @@ def _top_p_cut(z: Tensor, M: Tensor, target: Tensor, rows: Tensor, layout: Layou
         cut_out = _gather_cat(left_out[:, None], group, world, 1).amax(1)
         v, _ = torch.sort(allv, -1, descending=True)
         mass = torch.where(v > NEG, torch.exp(v.double() - M.double()[:, None]), 0.0)
-        kept = (_mass_above(v, mass) < target[:, None]) & (v > NEG)
+        kept = (mass_strictly_above(v, mass) < target[:, None]) & (v > NEG)
         kept |= v == M[:, None]
         tau = torch.where(kept, v, torch.full_like(v, float("inf"))).amin(1)
         dropped = torch.where(~kept & (v > NEG), v, torch.full_like(v, NEG)).amax(1)
@@ -173,8 +162,7 @@ def kept_shard(x: Tensor, f: Filters, group, *, threshold: Optional[Tensor] = No
     left_out = torch.where(~keep & finite, zd, torch.full_like(zd, NEG)).amax(-1) if Vr else \
         torch.full((R,), NEG, dtype=acc, device=dev)
     dropped = _reduce(left_out, dist.ReduceOp.MAX, group)
-    mid = smallest / 2 + dropped / 2
-    cut = torch.where(dropped == NEG, dropped, torch.where(mid > dropped, mid, smallest))
+    cut = midway_cut(smallest, dropped)
     smallest = torch.where(greedy, M, smallest)
     cut = torch.where(greedy, M, cut)
     mass = torch.where(greedy, torch.ones_like(mass), mass)

@@ -26,7 +26,7 @@ from .. import _checks
 from ..ops.log_prob import backward_rows, forward_rows
 from ..ops.sample import sample_native
 from ..philox import uniforms as philox_uniforms
-from ..truncation import Filters, Truncation, check_kept, kept_logits
+from ..truncation import Filters, Truncation, check_kept, inverse_temperature, kept_logits
 from .tiles import logits_dtype, logits_tile
 
 BLOCK_SHARE = 40  # a block of tokens holds at most 1/40 of the logits
@@ -42,13 +42,6 @@ def block_tokens(N: int, V: int, token_tile: int, vocab_tile: int) -> int:
 
 def _rows(f: Filters, r0: int, r1: int) -> Filters:
     return Filters(*(t if t.numel() == 1 else t[r0:r1] for t in f))
-
-
-def _inverse_temperature(f: Filters, r0: int, r1: int, acc: torch.dtype, device) -> Tensor:
-    """d z / d logits per row: 1 / temperature, 0 for greedy rows."""
-    t = _rows(f, r0, r1).temperature.to(torch.float64)
-    inv = torch.where(t == 0, torch.zeros_like(t), 1.0 / torch.where(t == 0, torch.ones_like(t), t))
-    return inv.to(device, acc).expand(r1 - r0)
 
 
 def _block_logits(h: Tensor, w: Tensor, b: Optional[Tensor], buffer: Tensor) -> Tensor:
@@ -144,7 +137,7 @@ class TruncatedLinearLogProb(torch.autograd.Function):
             dz = backward_rows(z, actions[r0:r1], ctx.ignore_index, stats[:, r0:r1], ent[r0:r1],
                                grad_log_prob=None if grad_lp is None else grad_lp[r0:r1],
                                grad_entropy=None if grad_ent is None else grad_ent[r0:r1],
-                               row_scale=_inverse_temperature(ctx.f, r0, r1, acc, z.device))
+                               row_scale=inverse_temperature(_rows(ctx.f, r0, r1), r1 - r0, acc, z.device))
             if need_h:
                 gh[r0:r1] = (dz.to(w.dtype) @ w).to(h2.dtype)
             if need_w:

@@ -72,6 +72,26 @@ def truncation_native(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tens
     return threshold, kept, kept_mass, cut, z
 
 
+def mass_strictly_above(values: Tensor, masses: Tensor) -> Tensor:
+    """Per entry of rows sorted in descending order, the mass of the entries
+    strictly larger: the cumulative sum before the entry's tie group (ties
+    are kept or left out together)."""
+    R, L = values.shape
+    before = torch.cumsum(masses, -1) - masses
+    first = torch.ones_like(values, dtype=torch.bool)
+    first[:, 1:] = values[:, 1:] != values[:, :-1]
+    cols = torch.arange(L, device=values.device).expand(R, L)
+    return before.gather(1, torch.cummax(torch.where(first, cols, torch.zeros_like(cols)), -1).values)
+
+
+def midway_cut(threshold: Tensor, dropped: Tensor) -> Tensor:
+    """The record's cut (truncation.h): midway between the smallest kept
+    value and the largest left out, the smallest kept value where the two
+    are neighbouring floats, -inf where nothing is left out."""
+    mid = threshold / 2 + dropped / 2
+    return torch.where(dropped == float("-inf"), dropped, torch.where(mid > dropped, mid, threshold))
+
+
 def truncation_in_torch_ops(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor):
     """The same definitions on devices without a truncation kernel (CUDA, for
     now): a sort of each row, so O(K log K) and a (R, K) workspace. The kept
@@ -99,12 +119,7 @@ def truncation_in_torch_ops(x: Tensor, temperature: Tensor, top_k: Tensor, top_p
     t_k = zs.gather(1, (k_eff - 1)[:, None])
     in_k = zs >= t_k
     m = torch.where(in_k, torch.exp(zs.double() - zmax.double()), torch.zeros((), dtype=torch.float64, device=dev))
-    # mass strictly above each sorted entry: the cumulative sum before its tie group
-    before = torch.cumsum(m, -1) - m
-    first_of_tie = torch.ones_like(in_k)
-    first_of_tie[:, 1:] = zs[:, 1:] != zs[:, :-1]
-    group_start = torch.cummax(torch.where(first_of_tie, torch.arange(K, device=dev).expand(R, K), 0), -1).values
-    strictly_above = before.gather(1, group_start)
+    strictly_above = mass_strictly_above(zs, m)
     p = top_p.to(dev).expand(R)
     target = p[:, None].double() * m.sum(-1, keepdim=True)
     in_p = (strictly_above < target) | (zs == zmax) | (p[:, None] >= 1)
@@ -117,8 +132,7 @@ def truncation_in_torch_ops(x: Tensor, temperature: Tensor, top_k: Tensor, top_p
     total = torch.exp(zs.double() - zmax.double()).sum(-1)
     kept_mass = torch.where(keep, torch.exp(zs.double() - zmax.double()), 0.0).sum(-1) / total
     dropped = torch.where(~keep & (zs > float("-inf")), zs, torch.full_like(zs, float("-inf"))).amax(-1)
-    mid = threshold / 2 + dropped / 2
-    cut = torch.where(dropped == float("-inf"), dropped, torch.where(mid > dropped, mid, threshold))
+    cut = midway_cut(threshold, dropped)
     raw_max = x.to(acc).amax(-1)
     cut = torch.where(greedy, raw_max, cut)
     threshold = torch.where(greedy, raw_max, threshold)
