@@ -439,3 +439,32 @@ def test_a_replayed_threshold_above_the_maximum_keeps_the_maximum():
               lambda: pgest.log_prob(x.double(), a, threshold=torch.tensor([1.5, 2.95]))):
         lp, ent = f()
         assert (lp == 0).all() and (ent == 0).all()
+
+
+def test_second_derivatives_on_logits_and_their_refusal_in_the_head():
+    g = torch.Generator().manual_seed(30)
+    x = torch.randn(5, 30, generator=g, dtype=torch.float64, requires_grad=True)
+    a = torch.randint(0, 30, (5,), generator=g)
+    kw = dict(temperature=0.9, top_k=12)
+    keep = reference_keep(x.detach(), **(dict(top_p=1.0, min_p=0.0) | kw))
+    a = torch.where(keep.gather(1, a[:, None]).squeeze(1), a, keep.float().argmax(-1))
+    v = torch.randn(5, 30, generator=g, dtype=torch.float64)
+
+    def hvp(f):
+        (gx,) = torch.autograd.grad(f(x), x, create_graph=True)
+        return torch.autograd.grad((gx * v).sum(), x)[0]
+
+    def ours(t):
+        lp, ent = pgest.log_prob(t, a, **kw)
+        return lp.sum() + 0.5 * ent.sum()
+
+    def plain(t):
+        ls = torch.log_softmax(torch.where(keep, t / 0.9, MINUS_INF), -1)
+        lk = torch.where(keep, ls, 0.0)
+        return ls.gather(1, a[:, None]).sum() - 0.5 * (lk.exp() * lk * keep).sum()
+
+    torch.testing.assert_close(hvp(ours), hvp(plain), rtol=1e-9, atol=1e-11)
+    h, w = torch.randn(4, 8, requires_grad=True), torch.randn(30, 8)
+    lp, _ = pgest.linear_log_prob(h, w, (h @ w.T).argmax(-1).detach(), top_k=3)
+    with pytest.raises(NotImplementedError, match="second derivatives"):
+        torch.autograd.grad(lp.sum(), h, create_graph=True)

@@ -199,12 +199,18 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
         raise ValueError("input_ids must be a (batch, prompt_len) tensor with at least one token per sequence")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    from ..linear.head import linear_sample
+    from ..linear.head import linear_sample, tile_sizes
 
     eos = _as_id_set(eos_token_id)
     B, dev = input_ids.shape[0], input_ids.device
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
     filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    tn, tv = tile_sizes(head.weight, None, None)
+    if all(v is None for v in (top_k, top_p, min_p)) and B * head.weight.shape[0] <= tn * tv:
+        # a decode step whose logits fit the head's workspace: one product and
+        # one native pass (the blocked route) beat the tiled one's many small
+        # operations (1 x 32000 at H 512 here: 6.7 against 9.6 ms)
+        filters["top_k"] = 0
     ids, lps, ents, records = [], [], [], []
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     alive = []

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from ..ops.log_prob import backward_rows, forward_rows
+from ..ops.log_prob import backward_rows, forward_rows, refuse_double_backward
 from ..ops.sample import sample_native
 from ..philox import uniforms as philox_uniforms
 from ..truncation import Filters, Truncation, check_kept, inverse_temperature, kept_logits
@@ -119,6 +119,8 @@ class TruncatedLinearLogProb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
+        refuse_double_backward("linear_log_prob with truncation (top_k, top_p, min_p, threshold or a temperature "
+                               "tensor)", "yet; use pgest.log_prob on the logits for them")
         h2, w, b, actions, stats, ent, found = ctx.saved_tensors
         N = h2.shape[0]
         acc = _checks.stats_dtype(h2.dtype)

@@ -237,12 +237,12 @@ def tangent_in_torch_ops(x: Tensor, actions: Optional[Tensor], ignore_index: Opt
     return d_lp, d_ent
 
 
-def refuse_double_backward(what: str) -> None:
-    """For routes whose backward has no differentiable form (process groups)."""
+def refuse_double_backward(what: str, where: str = "across a process group; compute them on one process") -> None:
+    """For routes whose backward has no differentiable form (process groups,
+    the head's truncated blocks)."""
     if creating_graph():
         raise NotImplementedError(
-            f"{what}: second derivatives (backward with create_graph=True) are not supported across a process "
-            "group; compute them on one process")
+            f"{what}: second derivatives (backward with create_graph=True) are not supported {where}")
 
 
 @torch.library.custom_op("pgest::log_prob", mutates_args=())
