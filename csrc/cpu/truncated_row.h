@@ -148,7 +148,9 @@ inline int64_t gather_between(const Acc* z, const Acc* e, int64_t K, Acc lo, Acc
 }
 
 // The values of z at or above v into out (how many: the return value). With
-// AVX-512 a vector's hits go out in one compressing store.
+// AVX-512 a vector's hits go out compressed in one whole-vector store, so out
+// needs room for a vector past the last value (the caller's has K entries'
+// room for K values at most: twice that).
 template <class Acc>
 inline int64_t gather_at_least(const Acc* z, int64_t K, Acc v, Acc* out) {
   using V = typename Vec<Acc>::type;
@@ -160,15 +162,15 @@ inline int64_t gather_at_least(const Acc* z, int64_t K, Acc v, Acc* out) {
 #if defined(__AVX512F__)
     if constexpr (sizeof(Acc) == 4) {
       const __mmask16 m = _mm512_cmp_ps_mask(reinterpret_cast<__m512>(zv), reinterpret_cast<__m512>(vv), _CMP_GE_OQ);
-      if (m) {
-        _mm512_mask_compressstoreu_ps(out + n, m, reinterpret_cast<__m512>(zv));
+      if (m) {  // compressed in a register, stored whole: a compressing store to memory is microcoded on Zen 4
+        _mm512_storeu_ps(out + n, _mm512_maskz_compress_ps(m, reinterpret_cast<__m512>(zv)));
         n += __builtin_popcount(m);
       }
       continue;
     } else {
       const __mmask8 m = _mm512_cmp_pd_mask(reinterpret_cast<__m512d>(zv), reinterpret_cast<__m512d>(vv), _CMP_GE_OQ);
       if (m) {
-        _mm512_mask_compressstoreu_pd(out + n, m, reinterpret_cast<__m512d>(zv));
+        _mm512_storeu_pd(out + n, _mm512_maskz_compress_pd(m, reinterpret_cast<__m512d>(zv)));
         n += __builtin_popcount(m);
       }
       continue;
@@ -195,7 +197,7 @@ template <class Acc>
 inline Acc kth_largest(const Acc* z, int64_t K, int64_t k, int64_t live, Entry<Acc>* scratch) {
   const auto desc = [](Acc l, Acc r) { return l > r; };
   const Acc inf = Acc(INFINITY);
-  Acc* work = reinterpret_cast<Acc*>(scratch);  // K values fit in the K entries' room
+  Acc* work = reinterpret_cast<Acc*>(scratch);  // K values in the room of K entries: a vector to spare
   if (k * 8 < live) {
     const int64_t stride = std::max<int64_t>(1, K / kSample);
     int64_t n = 0;
