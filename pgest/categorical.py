@@ -53,6 +53,15 @@ class Categorical(td.Categorical):
             to 1); they are turned into ``log(probs)`` once, which does
             materialise a (..., K) tensor. A zero entry (action masking) is
             never drawn, has log-probability -inf and a finite gradient.
+        temperature, top_k, top_p, min_p: the truncated, renormalised
+            distribution :func:`pgest.sample` draws from with these
+            parameters (definitions in :func:`pgest.truncation`): the logits
+            become ``logits / temperature`` with -inf outside each row's kept
+            set (differentiable; the set is a constant), so ``sample``,
+            ``log_prob`` (-inf outside the set), ``entropy``, ``probs`` and
+            ``kl_divergence`` all refer to it, and ``sample`` draws what
+            ``pgest.sample`` draws for the same generator state;
+            ``.truncation`` holds the record.
         validate_args: ``True`` checks the parameters at construction as
             torch does (one pass over them: ``ValueError`` for NaN logits,
             negative or all-zero probs). Whatever it is, pgest checks what it
@@ -82,10 +91,12 @@ class Categorical(td.Categorical):
     # which counts when one object is made per step at RL sizes (the
     # Distribution base's own fields are properties below, read from the
     # logits: nothing to set for them).
-    __slots__ = ("_given_probs", "_x", "_norm_probs", "_norm_logits", "_entropy", "_drawn", "_drawn_out", "_group")
+    __slots__ = ("_given_probs", "_x", "_norm_probs", "_norm_logits", "_entropy", "_drawn", "_drawn_out", "_group",
+                 "_truncation")
 
     def __init__(self, probs: Optional[Tensor] = None, logits: Optional[Tensor] = None,
-                 validate_args: Optional[bool] = None, *, process_group=None):
+                 validate_args: Optional[bool] = None, *, temperature=None, top_k=None, top_p=None, min_p=None,
+                 process_group=None):
         if (probs is None) == (logits is None):
             raise ValueError("Either `probs` or `logits` must be specified, but not both.")
         given = probs if probs is not None else logits
@@ -119,6 +130,35 @@ class Categorical(td.Categorical):
         # torch.distributed group over which the vocabulary is split (each rank
         # holds its shard (..., K_r)); see pgest.log_prob.
         self._group = process_group
+        self._truncation = None
+        if not (temperature is None and top_k is None and top_p is None and min_p is None):
+            self._truncate(temperature, top_k, top_p, min_p)
+
+    def _truncate(self, temperature, top_k, top_p, min_p) -> None:
+        """The truncated distribution is itself categorical: its logits are
+        logits / temperature with -inf outside each row's kept set (one native
+        pass, differentiable; pgest/truncation.py)."""
+        from .truncation import filters, kept_logits
+
+        x = self._x
+        lead = x.shape[:-1]
+        f = filters(lead, temperature, top_k, top_p, min_p)
+        if self._group is not None:
+            from .distributed.truncation import kept_shard
+
+            z, self._truncation, _ = kept_shard(rows_of(x), f, self._group)
+            self._truncation = type(self._truncation)(*(t.view(lead) for t in self._truncation))
+        else:
+            z, self._truncation = kept_logits(rows_of(x), f, lead=lead)
+        self._x = z.view(lead + (x.shape[-1],))
+        self._given_probs = None
+
+    @property
+    def truncation(self):
+        """The :class:`~pgest.truncation.Truncation` record of the rows' kept
+        sets when the distribution was built with temperature, top_k, top_p
+        or min_p, else None."""
+        return self._truncation
 
     def expand(self, batch_shape, _instance=None):
         """The same distribution broadcast to ``batch_shape`` (a view of the
@@ -133,6 +173,8 @@ class Categorical(td.Categorical):
         new = type(self).__new__(type(self)) if _instance is None else _instance
         Categorical.__init__(new, logits=x, validate_args=False, process_group=self._group)
         new._validate_args = self._validate_args
+        if self._truncation is not None:
+            new._truncation = type(self._truncation)(*(t.expand(batch_shape) for t in self._truncation))
         if self._given_probs is not None:
             new._given_probs = self._given_probs.expand(batch_shape + (K,))
         return new

@@ -468,3 +468,26 @@ def test_second_derivatives_on_logits_and_their_refusal_in_the_head():
     lp, _ = pgest.linear_log_prob(h, w, (h @ w.T).argmax(-1).detach(), top_k=3)
     with pytest.raises(NotImplementedError, match="second derivatives"):
         torch.autograd.grad(lp.sum(), h, create_graph=True)
+
+
+def test_categorical_with_truncation_is_the_truncated_distribution():
+    g = torch.Generator().manual_seed(31)
+    x = (torch.randn(3, 4, 60, generator=g) * 2).requires_grad_()
+    kw = dict(temperature=0.7, top_k=30, top_p=0.9)
+    d = pgest.Categorical(logits=x, **kw)
+    s = pgest.sample(x.detach(), num_samples=1, generator=torch.Generator().manual_seed(5), **kw)
+    a = d.sample(generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, s.actions)  # the same draws as pgest.sample with the parameters
+    assert torch.equal(d.log_prob(a), s.log_prob) and torch.equal(d.entropy(), s.entropy)
+    assert torch.equal(d.truncation.kept, s.truncation.kept)
+    keep = reference_keep(x.detach().reshape(12, 60), **(dict(min_p=0.0) | kw)).view(3, 4, 60)
+    torch.testing.assert_close(d.probs, torch.softmax(torch.where(keep, x.detach() / 0.7, MINUS_INF), -1))
+    outside = torch.where(keep, 0, 1).argmax(-1)  # an action left out: probability 0
+    assert (d.log_prob(outside) == MINUS_INF).all()
+    # the gradient flows into the logits, the set a constant
+    (d.log_prob(a).sum() + d.entropy().sum()).backward()
+    assert (x.grad[~keep] == 0).all() and x.grad.abs().sum() > 0
+    ref = torch.distributions.Categorical(logits=torch.where(keep, x.detach() / 0.7, MINUS_INF))
+    torch.testing.assert_close(torch.distributions.kl_divergence(d, ref), torch.zeros(3, 4), atol=1e-6, rtol=0)
+    e = d.expand((2, 3, 4))
+    assert e.truncation.kept.shape == (2, 3, 4)
