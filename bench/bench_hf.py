@@ -1,0 +1,85 @@
+"""Per-token log-probs + entropy + backward for a tiny Qwen2 at a 152k
+vocabulary: pgest.integrations.hf.token_log_probs against the route TRL's
+GRPOTrainer takes by default (the model's logits, then log_softmax + gather
+and the entropy from the logits, as its selective_log_softmax and
+entropy_from_logits compute them). Time (the two alternated, medians) and
+peak memory (each alone, torch.profiler's allocator events).
+
+    python bench/bench_hf.py --out bench/results/cpu-hf-<date>.json
+"""
+import argparse
+import json
+import platform
+import warnings
+
+import torch
+from harness import interleaved_medians
+
+from pgest.examples.memory import peak_allocated_bytes
+from pgest.integrations import hf
+
+
+def materialised(model, ids, keep):
+    logits = model(input_ids=ids, logits_to_keep=keep + 1).logits[:, :-1]
+    ls = logits.log_softmax(-1)
+    lp = ls.gather(-1, ids[:, -keep:, None]).squeeze(-1)
+    ent = -(ls.exp() * ls).sum(-1)
+    return lp, ent
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--sequences", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--completion", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args(argv)
+    import transformers
+
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                                   num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                                   tie_word_embeddings=True)
+    model = transformers.Qwen2ForCausalLM(cfg)
+    ids = torch.randint(0, args.vocab, (args.sequences, args.prompt + args.completion))
+    keep = args.completion
+
+    def step(fn):
+        def run():
+            model.zero_grad(set_to_none=True)
+            lp, ent = fn()
+            (lp.sum() + 0.01 * ent.sum()).backward()
+        return run
+
+    ours = step(lambda: hf.token_log_probs(model, ids, logits_to_keep=keep))
+    theirs = step(lambda: materialised(model, ids, keep))
+    lp1, _ = hf.token_log_probs(model, ids, logits_to_keep=keep)
+    lp2, _ = materialised(model, ids, keep)
+    err = float((lp1 - lp2).abs().max())
+    med = interleaved_medians({"pgest": ours, "materialised": theirs}, rounds=args.rounds, round_seconds=0.0)
+    peaks = {"pgest": peak_allocated_bytes(ours), "materialised": peak_allocated_bytes(theirs)}
+    tokens = args.sequences * keep
+    print(f"Qwen2 (hidden {args.hidden}, 2 layers, vocab {args.vocab}), {args.sequences} x ({args.prompt} + {keep}) "
+          f"tokens, {tokens} scored, fp32: pgest {med['pgest']:.3f} s, {peaks['pgest'] / 2**20:.0f} MiB peak; "
+          f"materialised {med['materialised']:.3f} s, {peaks['materialised'] / 2**20:.0f} MiB peak; "
+          f"max |log-prob difference| {err:.1e}")
+    out = {"machine": platform.machine(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "threads": torch.get_num_threads(), "shape": vars(args), "seconds": med, "peak_bytes": peaks,
+           "max_abs_log_prob_difference": err,
+           "method": f"the two alternated, medians of {args.rounds} rounds of one step each; peaks each alone"}
+    try:
+        with open("/proc/cpuinfo") as f:
+            out["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
