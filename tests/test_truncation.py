@@ -284,6 +284,12 @@ def test_registered_op_opcheck():
     torch.library.opcheck(truncation_op, (x, *args))
     with pytest.raises(ValueError, match="top_k must be a"):
         truncation_op(x, args[0], torch.tensor([1.0]), args[2], args[3])
+    with pytest.raises(ValueError, match="temperature must be finite and in"):
+        truncation_op(x, torch.tensor([-0.5], dtype=torch.float64), *args[1:])
+    with pytest.raises(ValueError, match="top_p must be finite and in"):
+        truncation_op(x, args[0], args[1], torch.tensor([1.5], dtype=torch.float64), args[3])
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        truncation_op(x, args[0], torch.tensor([-1]), args[2], args[3])
 
 
 @pytest.mark.parametrize("kw,exc,match", [

@@ -153,6 +153,13 @@ def truncation_op(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Ten
         _checks.check_tensor(t, name)
         if t.dtype != dtype or t.dim() != 1 or t.numel() not in (1, R):
             raise ValueError(f"{name} must be a (rows,) or (1,) {dtype} tensor, got {tuple(t.shape)} {t.dtype}")
+    # the values, as pgest.truncation checks them (a negative temperature would reverse the row's order)
+    for t, name, high in ((temperature, "temperature", math.inf), (top_p, "top_p", 1.0), (min_p, "min_p", 1.0)):
+        ok = (t >= 0) & (t <= high) & torch.isfinite(t)
+        if t.numel() and not bool(ok.all()):
+            raise ValueError(f"{name} must be finite and in [0, {high}], got {t[~ok][:1].tolist()}")
+    if top_k.numel() and bool((top_k < 0).any()):
+        raise ValueError(f"top_k must be >= 0, got {int(top_k.min())}")
     if logits.device.type == "cpu":
         return truncation_native(logits, *(t.cpu() for t in (temperature, top_k, top_p, min_p)))[:4]
     return truncation_in_torch_ops(logits, temperature, top_k, top_p, min_p)
