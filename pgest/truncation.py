@@ -7,9 +7,9 @@ definitions and the selection that finds the threshold without sorting the
 row). :func:`pgest.sample` draws from softmax over the kept set;
 :func:`pgest.log_prob` scores under the same renormalised distribution,
 recomputing the set from the same parameters (bit for bit the sampler's on the
-same logits), replaying the sampler's ``threshold``, or taking an outside
-sampler's kept token ids (``kept_tokens``, the compressed layout vLLM's mask
-replay uses).
+same logits), replaying the sampler's record (``threshold=record.cut``, which
+survives logits that differ by rounding), or taking an outside sampler's kept
+token ids (``kept_tokens``, the compressed layout vLLM's mask replay uses).
 
 The filters apply in transformers' order: temperature, then top-k, then top-p
 on the top-k distribution, then min-p. min-p compares each probability with
