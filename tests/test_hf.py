@@ -97,6 +97,8 @@ def test_a_transform_hidden_in_forward_is_caught():
                                   num_attention_heads=4, num_key_value_heads=2))
     with pytest.raises(NotImplementedError, match="not its output embedding applied"):
         hf.token_log_probs(model, torch.randint(0, V, (1, 5)))
+    with pytest.raises(NotImplementedError, match="not its output embedding applied"):
+        hf.generate(model, torch.randint(0, V, (1, 5)), max_new_tokens=2)
 
 
 def test_peak_memory_is_a_fraction_of_the_logits_at_a_152k_vocabulary():

@@ -201,6 +201,7 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     from ..linear.head import linear_sample, tile_sizes
 
+    _verify(model, decoder, head, input_ids)
     eos = _as_id_set(eos_token_id)
     B, dev = input_ids.shape[0], input_ids.device
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
