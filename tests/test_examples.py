@@ -139,3 +139,19 @@ def test_grpo_lm_learns_to_reverse_digits():
     # the sampler's and the trainer's log-probs of the same tokens: float32 rounding of
     # a cached against a full forward, never a different distribution
     assert max(r["mismatch_max"] for r in h) < 1e-4
+
+
+def test_grpo_lm_materialised_route_runs_and_shows_the_kept_mass():
+    pytest.importorskip("transformers")
+    import warnings
+
+    from pgest.examples import grpo_lm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = grpo_lm.train(steps=3, progress=False, route="materialised", top_p=0.8)
+    # the sampler drew from the top-p distribution, the trainer scores the full softmax:
+    # every kept token's log-prob is off by the log of its row's kept mass
+    assert max(r["mismatch_max"] for r in out["history"]) > 1e-3
+    with pytest.raises(ValueError, match="route must be"):
+        grpo_lm.train(steps=1, route="other")

@@ -13,8 +13,10 @@ with the digits reversed and an end token. Each step:
    penalty to the initial model, one backward.
 
 It prints the reward, the sampler/trainer log-prob mismatch (pgest's sampler
-and trainer see the same distributions, so it stays at float rounding),
-tokens per second and the peak memory; ``--plot`` draws the reward curve.
+and trainer see the same distributions, so it stays at float rounding) and
+tokens per second; ``--plot`` draws the reward curve. ``--route materialised``
+runs the same loop the common way, with the model's logits on both sides:
+the sampler truncated by top-p, the trainer scoring the full softmax.
 """
 from __future__ import annotations
 
@@ -53,10 +55,53 @@ def rewards(prompt: torch.Tensor, completion: torch.Tensor, length: int) -> torc
     return right + 0.2 * ends.float()
 
 
+def materialised_rollout(model, p: torch.Tensor, new_tokens: int, temperature: float, top_p: float,
+                         g: torch.Generator):
+    """The same rollout the common way: the model's logits each step, the
+    top-p warper of transformers (a sort), softmax and torch.multinomial;
+    the sampler's log-probs from the warped distribution."""
+    transformers = require("transformers", "hf")
+    warp = transformers.TopPLogitsWarper(top_p)
+    B = p.shape[0]
+    ids, lps = [], []
+    done = torch.zeros(B, dtype=torch.bool)
+    alive = []
+    cache, step_ids = None, p
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            out = model(input_ids=step_ids, use_cache=True, **({} if cache is None else {"past_key_values": cache}))
+            cache = out.past_key_values
+            scores = warp(None, out.logits[:, -1] / temperature)
+            tok = torch.multinomial(torch.softmax(scores, -1), 1, generator=g).squeeze(1)
+            lp = torch.log_softmax(scores, -1).gather(1, tok[:, None]).squeeze(1)
+            tok = torch.where(done, torch.full_like(tok, PAD), tok)
+            alive.append(~done)
+            ids.append(tok)
+            lps.append(torch.where(done, torch.zeros_like(lp), lp))
+            done = done | (tok == END)
+            step_ids = tok[:, None]
+            if bool(done.all()):
+                break
+    return torch.stack(ids, 1), torch.stack(alive, 1).to(torch.int64), torch.stack(lps, 1)
+
+
+def materialised_log_probs(model, full: torch.Tensor, n: int, temperature: float) -> torch.Tensor:
+    """The trainer the common way (TRL's default): the model's logits,
+    log_softmax over the whole vocabulary, gather."""
+    logits = model(input_ids=full, logits_to_keep=n + 1).logits[:, :-1] / temperature
+    return torch.log_softmax(logits, -1).gather(-1, full[:, -n:, None]).squeeze(-1)
+
+
 def train(steps: int = 600, length: int = 3, prompts_per_step: int = 16, group: int = 8, lr: float = 3e-3,
           beta: float = 0.01, temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
-          progress: bool = True) -> dict:
+          progress: bool = True, route: str = "pgest") -> dict:
+    """GRPO steps; ``route`` "pgest" (the fused sampler and head) or
+    "materialised" (the model's logits on both sides, the sampler truncated
+    by top-p, the trainer scoring the full softmax as is common)."""
     from pgest.integrations import hf
+
+    if route not in ("pgest", "materialised"):
+        raise ValueError(f"route must be 'pgest' or 'materialised', got {route!r}")
 
     model = make_model(seed)
     reference = copy.deepcopy(model).eval()
@@ -68,35 +113,45 @@ def train(steps: int = 600, length: int = 3, prompts_per_step: int = 16, group: 
     for step in range(steps):
         p = prompts(prompts_per_step, length, g).repeat_interleave(group, 0)
         model.eval()
-        gen = hf.generate(model, p, max_new_tokens=length + 1, temperature=temperature, top_p=top_p,
-                          eos_token_id=END, pad_token_id=PAD, generator=g)
+        if route == "pgest":
+            gen = hf.generate(model, p, max_new_tokens=length + 1, temperature=temperature, top_p=top_p,
+                              eos_token_id=END, pad_token_id=PAD, generator=g)
+            comp, comp_mask, sampler_lp = gen.completion_ids, gen.completion_mask, gen.log_probs
+        else:
+            comp, comp_mask, sampler_lp = materialised_rollout(model, p, length + 1, temperature, top_p, g)
         model.train()
-        comp = gen.completion_ids
         r = rewards(p, comp, length)
         adv = (r.view(-1, group) - r.view(-1, group).mean(1, keepdim=True)) / (r.view(-1, group).std(1, keepdim=True)
                                                                                  + 1e-4)
         adv = adv.view(-1, 1).expand_as(comp)
         full = torch.cat([p, comp], 1)
-        mask = torch.cat([torch.ones_like(p), gen.completion_mask], 1)
+        mask = torch.cat([torch.ones_like(p), comp_mask], 1)
         n = comp.shape[1]
-        kw = dict(logits_to_keep=n, temperature=temperature, threshold=gen.truncation.cut)
-        lp, _ = hf.token_log_probs(model, full, mask, **kw)
-        with torch.no_grad():
-            ref_lp, _ = hf.token_log_probs(reference, full, mask, logits_to_keep=n, temperature=temperature)
-        cm = gen.completion_mask.bool()
-        loss, metrics = objectives.ppo_loss(lp, gen.log_probs, adv, mask=cm, clip=0.2)
+        if route == "pgest":
+            kw = dict(logits_to_keep=n, temperature=temperature, threshold=gen.truncation.cut)
+            lp, _ = hf.token_log_probs(model, full, mask, **kw)
+            with torch.no_grad():
+                ref_lp, _ = hf.token_log_probs(reference, full, mask, logits_to_keep=n, temperature=temperature)
+        else:
+            lp = materialised_log_probs(model, full, n, temperature)
+            with torch.no_grad():
+                ref_lp = materialised_log_probs(reference, full, n, temperature)
+        cm = comp_mask.bool()
+        loss, metrics = objectives.ppo_loss(lp, sampler_lp, adv, mask=cm, clip=0.2)
         kl = objectives.aggregate(objectives.kl_penalty(lp, ref_lp), cm)
         (loss + beta * kl).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        mismatch = objectives.mismatch(gen.log_probs, lp.detach(), cm)
+        mismatch = objectives.mismatch(sampler_lp, lp.detach(), cm)
         tokens += int(cm.sum())
         row = {"step": step, "reward": float(r.mean()), "kl": float(kl),
-               "mismatch_max": float(mismatch["max_abs_diff"]), "identical": float(mismatch["identical"])}
+               "mismatch_max": float(mismatch["max_abs_diff"]), "identical": float(mismatch["identical"]),
+               "outside_band": float(mismatch["outside_band"])}
         history.append(row)
         if progress and (step % 10 == 0 or step == steps - 1):
             print(f"step {step:4d}  reward {row['reward']:.3f}  kl {row['kl']:.4f}  "
-                  f"sampler/trainer max |dlogp| {row['mismatch_max']:.1e}  "
+                  f"sampler/trainer max |dlogp| {row['mismatch_max']:.1e}, ratio outside [0.9, 1.1] "
+                  f"{row['outside_band']:.1%}  "
                   f"{tokens / (time.perf_counter() - t0):.0f} tokens/s", flush=True)
     return {"history": history, "seconds": time.perf_counter() - t0, "tokens": tokens}
 
@@ -107,13 +162,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
     ap.add_argument("--length", type=int, default=3, help="digits to reverse")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", metavar="FILE.png", help="draw the reward curve")
+    ap.add_argument("--route", choices=["pgest", "materialised"], default="pgest",
+                    help="materialised: the model's logits on both sides, as is common (for comparison)")
     args = ap.parse_args(argv)
-    out = train(steps=args.steps, length=args.length, seed=args.seed)
+    out = train(steps=args.steps, length=args.length, seed=args.seed, route=args.route)
     h = out["history"]
     first = sum(r["reward"] for r in h[:10]) / min(10, len(h))
     last = sum(r["reward"] for r in h[-10:]) / min(10, len(h))
-    print(f"mean reward: first 10 steps {first:.3f}, last 10 steps {last:.3f} (chance: {1 / DIGITS:.3f}); "
-          f"{out['tokens'] / out['seconds']:.0f} completion tokens/s")
+    outside = sum(r["outside_band"] for r in h) / len(h)
+    print(f"{args.route}: mean reward: first 10 steps {first:.3f}, last 10 steps {last:.3f} (chance: "
+          f"{1 / DIGITS:.3f}); {out['tokens'] / out['seconds']:.0f} completion tokens/s; sampler/trainer ratio "
+          f"outside [0.9, 1.1] for {outside:.1%} of tokens on average")
     if args.plot:
         plt = require("matplotlib.pyplot")
         plt.plot([r["reward"] for r in h])
