@@ -66,11 +66,14 @@ def materialised_rollout(model, p: torch.Tensor, new_tokens: int, temperature: f
     ids, lps = [], []
     done = torch.zeros(B, dtype=torch.bool)
     alive = []
+    from pgest.integrations.hf import cache_argument
+
+    name = cache_argument(model)
     cache, step_ids = None, p
     with torch.no_grad():
         for _ in range(new_tokens):
-            out = model(input_ids=step_ids, use_cache=True, **({} if cache is None else {"past_key_values": cache}))
-            cache = out.past_key_values
+            out = model(input_ids=step_ids, use_cache=True, **{name: cache})
+            cache = getattr(out, name)
             scores = warp(None, out.logits[:, -1] / temperature)
             tok = torch.multinomial(torch.softmax(scores, -1), 1, generator=g).squeeze(1)
             lp = torch.log_softmax(scores, -1).gather(1, tok[:, None]).squeeze(1)

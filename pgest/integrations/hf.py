@@ -58,6 +58,12 @@ def decoder_and_head(model):
     return decoder, head
 
 
+def cache_argument(module) -> str:
+    """The name of a transformers model's KV-cache argument and output field:
+    ``cache`` in recent transformers, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 def _positions(decoder, mask: Optional[Tensor], first: int = 0, length: Optional[int] = None) -> dict:
     """position_ids counted from each sequence's first real token (what
     transformers' generate() and vLLM use with left padding), for the
@@ -215,8 +221,7 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     ids, lps, ents, records = [], [], [], []
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     alive = []
-    # the KV cache's argument and output: `cache` in recent transformers, `past_key_values` before
-    cache_name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    cache_name = cache_argument(decoder)
     past = None
     step_ids = input_ids
     with torch.no_grad():
