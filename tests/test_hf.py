@@ -180,3 +180,20 @@ def test_generate_bad_arguments():
         hf.generate(model, ids, max_new_tokens=2, eos_token_id="</s>")
     with pytest.raises(ValueError, match="top_p must be in"):
         hf.generate(model, ids, max_new_tokens=2, top_p=1.5)
+
+
+def test_bf16_model_keeps_float32_logits():
+    # a bf16 model: pgest's head keeps the products' float32 results, so its log-probs are
+    # closer to float64 arithmetic on the same bf16 hidden states and weights than the
+    # model's own bf16-rounded logits are
+    model = tiny("qwen2").to(torch.bfloat16).eval()
+    ids = torch.randint(1, V, (2, 9), generator=torch.Generator().manual_seed(5))
+    lp, _ = hf.token_log_probs(model, ids)
+    decoder, head = hf.decoder_and_head(model)
+    with torch.no_grad():
+        h = decoder(input_ids=ids).last_hidden_state[:, :-1].double()
+        exact = (h @ head.weight.double().T).log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        theirs = model(input_ids=ids).logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    ours_err = (lp.double() - exact).abs().max()
+    assert lp.dtype == torch.float32 and ours_err < 1e-4
+    assert ours_err <= (theirs.double() - exact).abs().max()
