@@ -142,10 +142,27 @@ inline RowStats<Acc> small_row_stats(const T* x, int64_t cols, Acc* weights, Acc
   return r;
 }
 
+// Whether every entry of a whole chunk is -inf (a truncated row's masked
+// part): such a chunk adds exactly 0 to every lane and leaves the running
+// max, so skipping its exponentials changes no bit of the row's statistics.
+template <class Acc, class T>
+inline bool chunk_all_neg_inf(const T* x) {
+  using V = typename Vec<Acc>::type;
+  constexpr int W = Vec<Acc>::width;
+  const V ninf = splat<V>(-Acc(INFINITY));
+  V any{};
+  for (int j = 0; j < kChunk; j += W) any = select(loadv(x + j) != ninf, splat<V>(Acc(1)), any);
+  for (int l = 0; l < W; ++l)
+    if (any[l] != Acc(0)) return false;
+  return true;
+}
+
 // The single pass over a row of `cols` entries. `weights` needs
 // 2 * num_chunks(cols) entries and `chunk_max` num_chunks(cols); `pad` is
-// scratch for one chunk.
-template <bool kWithEntropy, class T, class Acc>
+// scratch for one chunk. kSkipMasked (rows mostly -inf, as truncated rows
+// are): whole chunks of -inf are recognised by a comparison and skipped,
+// with the same bits as the full pass.
+template <bool kWithEntropy, bool kSkipMasked = false, class T, class Acc>
 inline RowStats<Acc> row_stats(const T* x, int64_t cols, Acc* weights, Acc* chunk_max, Acc* pad) {
   if (cols <= kLanes) return small_row_stats<kWithEntropy>(x, cols, weights, chunk_max);
   const Acc kInf = Acc(INFINITY);
@@ -154,6 +171,14 @@ inline RowStats<Acc> row_stats(const T* x, int64_t cols, Acc* weights, Acc* chun
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t k = c * kChunk;
     ChunkStats<Acc> st;
+    if constexpr (kSkipMasked) {
+      if (cols - k >= kChunk && chunk_all_neg_inf<Acc>(x + k)) {
+        chunk_max[c] = r.max;
+        weights[c] = Acc(0);
+        if (kWithEntropy) weights[nc + c] = Acc(0);
+        continue;
+      }
+    }
     if (cols - k >= kChunk) {
       st = chunk_stats<kWithEntropy>(x + k, kChunk, r.max);
     } else {

@@ -46,7 +46,8 @@ Status run(const SampleArgs& a, ErrorInfo* out_err) {
       return true;
     };
     auto draw = [&](int64_t i, const auto* x) {
-      const RowStats<Acc> rs = row_stats<true>(x, K, sc.weights, sc.chunk_max, sc.e);
+      const RowStats<Acc> rs = truncated ? row_stats<true, true>(x, K, sc.weights, sc.chunk_max, sc.e)
+                                         : row_stats<true>(x, K, sc.weights, sc.chunk_max, sc.e);
       if (const Status bad = row_status(rs, x, err)) return bad;
       int64_t* actions = a.actions + i * S;
       draw_row(x, K, rs, a.seed, a.offset, i, S, sc, actions, a.uniforms);
