@@ -9,11 +9,10 @@ peak memory (each alone, torch.profiler's allocator events).
 """
 import argparse
 import json
-import platform
 import warnings
 
 import torch
-from harness import interleaved_medians
+from harness import interleaved_medians, machine_info
 
 from pgest.examples.memory import peak_allocated_bytes
 from pgest.integrations import hf
@@ -67,15 +66,9 @@ def main(argv=None):
           f"tokens, {tokens} scored, fp32: pgest {med['pgest']:.3f} s, {peaks['pgest'] / 2**20:.0f} MiB peak; "
           f"materialised {med['materialised']:.3f} s, {peaks['materialised'] / 2**20:.0f} MiB peak; "
           f"max |log-prob difference| {err:.1e}")
-    out = {"machine": platform.machine(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "threads": torch.get_num_threads(), "shape": vars(args), "seconds": med, "peak_bytes": peaks,
-           "max_abs_log_prob_difference": err,
-           "method": f"the two alternated, medians of {args.rounds} rounds of one step each; peaks each alone"}
-    try:
-        with open("/proc/cpuinfo") as f:
-            out["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    out = dict(machine_info(), transformers=transformers.__version__, shape=vars(args), seconds=med, peak_bytes=peaks,
+               max_abs_log_prob_difference=err,
+               method=f"the two alternated, medians of {args.rounds} rounds of one step each; peaks each alone")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)

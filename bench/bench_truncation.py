@@ -7,10 +7,9 @@ row timed in alternation (harness.interleaved_medians).
 """
 import argparse
 import json
-import platform
 
 import torch
-from harness import compiled, interleaved_medians
+from harness import compiled, interleaved_medians, machine_info
 
 import pgest
 
@@ -72,14 +71,8 @@ def main(argv=None):
                 print(f"{R} x {K} {dname} {fname}: pgest {p * 1e3:.1f} ms; unfiltered {p / med['pgest_unfiltered']:.2f}x"
                       + "".join(f"; {n} {med[n] / p:.1f}x slower" for n in med if n not in ("pgest", "pgest_unfiltered")),
                       flush=True)
-    info = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "logits": "randn * 3",
-            "method": f"medians of {args.rounds} alternating rounds of one call each", "rows": rows}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    info = dict(machine_info(), logits="randn * 3", rows=rows,
+                method=f"medians of {args.rounds} alternating rounds of one call each")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(info, f, indent=1)

@@ -169,6 +169,20 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], rounds: int = 15,
     return {n: statistics.median(v) for n, v in times.items()}
 
 
+def machine_info() -> Dict[str, object]:
+    """What a results file says of the machine it was measured on."""
+    import platform
+
+    info: Dict[str, object] = {"machine": platform.machine(), "torch": torch.__version__,
+                               "threads": torch.get_num_threads()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
 def record_interleaved(benchmark, op: str, shape, dtype: str, fns: Dict[str, Callable[[], object]],
                        rounds: int = 15, with_memory: bool = True) -> None:
     """One pytest-benchmark test for every provider of a (op, shape, dtype):
