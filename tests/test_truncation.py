@@ -497,3 +497,24 @@ def test_categorical_with_truncation_is_the_truncated_distribution():
     torch.testing.assert_close(torch.distributions.kl_divergence(d, ref), torch.zeros(3, 4), atol=1e-6, rtol=0)
     e = d.expand((2, 3, 4))
     assert e.truncation.kept.shape == (2, 3, 4)
+
+
+def test_under_torch_compile_the_sampler_and_trainer_still_agree():
+    # the traced route (registered pgest::truncation, kept logits by torch ops), with graph
+    # breaks at the parameter checks: not fullgraph, but the same numbers
+    import warnings
+
+    x = torch.randn(8, 100, generator=torch.Generator().manual_seed(40))
+
+    def step(x):
+        s = pgest.sample(x, top_p=0.9, temperature=0.7)
+        lp, ent = pgest.log_prob(x, s.actions, top_p=0.9, temperature=0.7)
+        return s, lp, ent
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        s, lp, ent = torch.compile(step)(x)
+    assert torch.equal(lp, s.log_prob) and torch.equal(ent, s.entropy)
+    keep = reference_keep(x, temperature=0.7, top_p=0.9)
+    assert keep.gather(1, s.actions[:, None]).all()
