@@ -29,7 +29,7 @@ from ._checks import (
     index_tensor,
 )
 from .ops.log_prob import rows_of, rows_pair
-from .truncation import check_kept, filters, kept_logits
+from .truncation import check_kept, filters, kept_logits, replayed_threshold
 
 
 class LogProb(NamedTuple):
@@ -161,10 +161,7 @@ def _kept_shard(logits, actions, ignore_index, temperature, top_k, top_p, min_p,
             _checks.check_index_dtype(actions)
             a = actions.reshape(x.shape[0], actions_per_row(logits, actions))
         if threshold is not None:
-            _checks.check_tensor(threshold, "threshold")
-            if threshold.numel() != x.shape[0]:
-                raise ValueError(f"threshold must have one value per row ({x.shape[0]}), got shape "
-                                 f"{tuple(threshold.shape)}")
+            threshold = replayed_threshold(threshold, x.shape[0], _checks.stats_dtype(x.dtype), x.device)
     except (ValueError, TypeError, IndexError) as e:
         error, f = e, None
     z, _, layout = kept_shard(x, f, group, threshold=threshold, error=error)

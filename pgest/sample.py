@@ -15,7 +15,7 @@ from ._checks import check_generator, check_logits, check_num_samples, stats_dty
 from .ops.log_prob import rows_of, traced
 from .ops.sample import draw_rows, sample_native
 from .philox import cpu_seed
-from .truncation import Truncation, filters, kept_logits
+from .truncation import Truncation, empty_record, filters, kept_logits
 
 
 class Sample(NamedTuple):
@@ -104,9 +104,7 @@ def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Gener
         if not x.is_cuda and not traced():  # the kept set found and drawn from in one read of each row
             if generator is not None:
                 check_generator(generator, x.device)
-            R = x.shape[0]
-            record = (torch.empty(R, dtype=stats_dtype(x.dtype)), torch.empty(R, dtype=torch.int64),
-                      torch.empty(R, dtype=torch.float64), torch.empty(R, dtype=stats_dtype(x.dtype)))
+            record = empty_record(x.shape[0], stats_dtype(x.dtype))
             out = sample_native(x, S, cpu_seed(generator), shapes=(shape, lead), truncation=(*f, record))
             return TruncatedSample(*out[:3], Truncation(*(t.view(lead) for t in record)))
         z, record = kept_logits(x, f, lead=lead)

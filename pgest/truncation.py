@@ -139,6 +139,22 @@ class _KeptLogits(torch.autograd.Function):
         return (grad_z * inv_t[:, None]).to(ctx.dtype), None, None
 
 
+def empty_record(rows: int, dtype: torch.dtype, device=None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The (threshold, kept, kept_mass, cut) tensors a kernel fills, for rows
+    of the accumulation type ``dtype``."""
+    return (torch.empty(rows, dtype=dtype, device=device), torch.empty(rows, dtype=torch.int64, device=device),
+            torch.empty(rows, dtype=torch.float64, device=device), torch.empty(rows, dtype=dtype, device=device))
+
+
+def replayed_threshold(threshold, rows: int, dtype: torch.dtype, device, what: str = "row") -> Tensor:
+    """A ``threshold=`` argument checked (one value per row) and as the
+    kernels take it: (rows,) of the accumulation type on the logits' device."""
+    check_tensor(threshold, "threshold")
+    if threshold.numel() != rows:
+        raise ValueError(f"threshold must have one value per {what} ({rows}), got shape {tuple(threshold.shape)}")
+    return threshold.detach().reshape(rows).to(device, dtype)
+
+
 def _record(threshold, kept, kept_mass, cut, shape) -> Truncation:
     return Truncation(threshold.view(shape), kept.view(shape), kept_mass.view(shape), cut.view(shape))
 
@@ -157,10 +173,7 @@ def kept_logits(x: Tensor, f: Filters, *, threshold: Optional[Tensor] = None, ke
     if threshold is not None:
         if kept_tokens is not None:
             raise ValueError("pass threshold or kept_tokens, not both")
-        check_tensor(threshold, "threshold")
-        if threshold.numel() != R:
-            raise ValueError(f"threshold must have one value per row ({R}), got shape {tuple(threshold.shape)}")
-        threshold = threshold.detach().reshape(R).to(dev, acc)
+        threshold = replayed_threshold(threshold, R, acc, dev)
     if dev.type == "cpu" and kept_tokens is None and not traced():
         # one native pass: the set, its record and z
         *rec, z = truncation_native(x.detach(), *f, with_logits=True,

@@ -15,7 +15,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <utility>
 
 #include "vec.h"
@@ -28,8 +27,10 @@ struct TruncationScratch {
   Acc* e = nullptr;     // exp(z - max)
   Entry<Acc>* work = nullptr;  // the selections' candidates
   bool ok = false;
+  // cols = 0: nothing allocated (the sample kernel's untruncated calls).
   explicit TruncationScratch(int64_t cols) {
-    const size_t n = size_t(cols > 0 ? cols : 1);
+    if (cols <= 0) { ok = true; return; }
+    const size_t n = size_t(cols);
     z = static_cast<Acc*>(std::malloc(sizeof(Acc) * n));
     e = static_cast<Acc*>(std::malloc(sizeof(Acc) * n));
     work = static_cast<Entry<Acc>*>(std::malloc(sizeof(Entry<Acc>) * n));
@@ -43,7 +44,7 @@ struct TruncationScratch {
 namespace trunc_detail {
 
 constexpr int kSample = 256;  // entries in the strided sample
-constexpr int kMargin = 8;     // sample ranks either side of the estimated boundary
+constexpr int kMargin = 8;    // sample ranks of slack on top-k's estimated boundary
 
 template <class V, class Acc>
 inline Acc lane_max(V v) {
@@ -59,8 +60,8 @@ inline Acc lane_min(V v) {
   return m;
 }
 
-// Whether any lane of a comparison's mask is set: the mask's bytes ORed as
-// words (a lane-by-lane test compiles to one extraction per lane).
+// Whether any lane of a comparison's mask is set, in one test instruction (a
+// lane-by-lane test compiles to one extraction per lane).
 template <class M>
 inline bool any_lane(M m) {
 #if defined(__AVX512F__)

@@ -614,7 +614,7 @@ def _truncation_setup(hidden, weight, bias, process_group, what: str):
 
 def _truncated_log_prob(hidden, weight, actions, bias, temperature, top_k, top_p, min_p, threshold, ignore_index,
                         token_tile, vocab_tile, process_group) -> LinearLogProb:
-    from ..truncation import filters
+    from ..truncation import filters, replayed_threshold
     from .truncated import TruncatedLinearLogProb
 
     _truncation_setup(hidden, weight, bias, process_group, "linear_log_prob")
@@ -624,11 +624,8 @@ def _truncated_log_prob(hidden, weight, actions, bias, temperature, top_k, top_p
     a2 = index_tensor(actions, weight.shape[0]).reshape(-1, S)
     f = filters(lead, temperature, top_k, top_p, min_p)
     if threshold is not None:
-        _checks.check_tensor(threshold, "threshold")
-        if threshold.numel() != lead.numel():
-            raise ValueError(f"threshold must have one value per token ({lead.numel()}), got shape "
-                             f"{tuple(threshold.shape)}")
-        threshold = threshold.detach().reshape(-1).to(hidden.device, _checks.stats_dtype(hidden.dtype))
+        threshold = replayed_threshold(threshold, lead.numel(), _checks.stats_dtype(hidden.dtype), hidden.device,
+                                       "token")
     try:
         lp, ent = TruncatedLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, f, threshold, tn, tv)
     except (ValueError, IndexError) as e:

@@ -26,7 +26,7 @@ from .. import _checks
 from ..ops.log_prob import backward_rows, forward_rows, refuse_double_backward
 from ..ops.sample import sample_native
 from ..philox import uniforms as philox_uniforms
-from ..truncation import Filters, Truncation, check_kept, inverse_temperature, kept_logits
+from ..truncation import Filters, Truncation, check_kept, empty_record, inverse_temperature, kept_logits
 from .tiles import logits_dtype, logits_tile
 
 BLOCK_SHARE = 40  # a block of tokens holds at most 1/40 of the logits
@@ -64,8 +64,7 @@ def sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], f: Filters, S: int
     actions = torch.empty((N, S), dtype=torch.int64, device=dev)
     lp = torch.empty((N, S), dtype=acc, device=dev)
     ent = torch.empty((N,), dtype=acc, device=dev)
-    record = (torch.empty(N, dtype=acc, device=dev), torch.empty(N, dtype=torch.int64, device=dev),
-              torch.empty(N, dtype=torch.float64, device=dev), torch.empty(N, dtype=acc, device=dev))
+    record = empty_record(N, acc, dev)
     u = philox_uniforms(N, S, seed).to(dev)
     tb = block_tokens(N, w.shape[0], token_tile, vocab_tile)
     buffer = _buffer(h2, w, tb)
