@@ -3,6 +3,11 @@ transformers' warpers + torch.multinomial (sort-based, what generate() runs)
 and the same sort-based formulation under torch.compile; the providers of a
 row timed in alternation (harness.interleaved_medians).
 
+Two kinds of logits: `flat` (randn * 3: top-p 0.95 keeps about 9% of the
+vocabulary, the hard case for a selection) and `peaked` (randn * 2 with 64
+tokens raised by 4 to 14, as a language model's next-token logits hold
+most of their mass in a few tokens: top-p 0.95 keeps about 15).
+
     python bench/bench_truncation.py --out bench/results/cpu-truncation-<date>.json
 """
 import argparse
@@ -17,6 +22,15 @@ torch._inductor.config.compile_threads = 1
 torch._dynamo.config.recompile_limit = 64
 
 SHAPES = [(256, 128256), (4096, 32000)]
+
+
+def logits(kind, R, K):
+    g = torch.Generator().manual_seed(0)
+    if kind == "flat":
+        return torch.randn(R, K, generator=g) * 3
+    x = torch.randn(R, K, generator=g) * 2
+    idx = torch.randint(0, K, (R, 64), generator=g)
+    return x.scatter_add_(1, idx, torch.rand(R, 64, generator=g) * 10 + 4)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FILTERS = {"top_p=0.95": dict(top_p=0.95), "top_k=50": dict(top_k=50)}
 
@@ -43,35 +57,64 @@ def warpers_route(warpers, x):
     return torch.multinomial(scores.softmax(-1), 1)
 
 
+def head(rounds, N=1024, H=1024, V=32000):
+    """linear_sample with top-p 0.95 and top-k 50 against itself unfiltered:
+    hidden randn, weight randn / sqrt(H) * 3 (logits of std about 3)."""
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for dname, dtype in DTYPES.items():
+        h = torch.randn(N, H, generator=g).to(dtype)
+        w = (torch.randn(V, H, generator=g) * (3 / H ** 0.5)).to(dtype)
+        gen = torch.Generator().manual_seed(1)
+        fns = {"unfiltered": lambda: pgest.linear_sample(h, w, generator=gen)}
+        for fname, kw in FILTERS.items():
+            fns[fname] = (lambda kw: lambda: pgest.linear_sample(h, w, generator=gen, **kw))(kw)
+        med = interleaved_medians(fns, rounds=rounds, round_seconds=0.0)
+        rows.append({"shape": [N, H, V], "dtype": dname, "seconds": med})
+        print(f"head {N} x {H} x {V} {dname}: unfiltered {med['unfiltered']:.3f} s"
+              + "".join(f"; {n} {med[n]:.3f} s ({med[n] / med['unfiltered']:.2f}x)" for n in FILTERS), flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--logits", nargs="+", default=["flat", "peaked"], choices=["flat", "peaked"])
+    ap.add_argument("--compile-logits", nargs="+", default=["flat"],
+                    help="the kinds the compiled sort route runs on (10 s a call at 4096 x 32000)")
+    ap.add_argument("--head-only", action="store_true", help="only the fused head's rows")
     args = ap.parse_args(argv)
     import transformers as tf
 
     rows = []
-    for (R, K) in SHAPES:
+    head_rows = head(args.rounds)
+    if args.head_only:
+        args.logits = []
+    for kind, (R, K) in ((kind, shape) for kind in args.logits for shape in SHAPES):
         for dname, dtype in DTYPES.items():
-            x = (torch.randn(R, K, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+            x = logits(kind, R, K).to(dtype)
             g = torch.Generator().manual_seed(1)
             for fname, kw in FILTERS.items():
                 ws = [tf.TopPLogitsWarper(kw["top_p"])] if "top_p" in kw else [tf.TopKLogitsWarper(kw["top_k"])]
                 fns = {"pgest": lambda: pgest.sample(x, generator=g, **kw),
                        "pgest_unfiltered": lambda: pgest.sample(x, generator=g),
                        "transformers_warpers": lambda: warpers_route(ws, x)}
-                if not args.no_compile:
+                if not args.no_compile and kind in args.compile_logits:
                     c = compiled(sorted_route)
                     fns["sorted_compiled"] = lambda: c(x, **kw)
                 med = interleaved_medians(fns, rounds=args.rounds, round_seconds=0.0)
-                row = {"shape": [R, K], "dtype": dname, "filter": fname, "seconds": med}
+                kept = pgest.truncation(x, **kw).kept.double().mean().item()
+                row = {"logits": kind, "shape": [R, K], "dtype": dname, "filter": fname, "mean_kept": kept,
+                       "seconds": med}
                 rows.append(row)
                 p = med["pgest"]
-                print(f"{R} x {K} {dname} {fname}: pgest {p * 1e3:.1f} ms; unfiltered {p / med['pgest_unfiltered']:.2f}x"
+                print(f"{kind} {R} x {K} {dname} {fname} (kept {kept:.0f}): pgest {p * 1e3:.1f} ms; unfiltered {p / med['pgest_unfiltered']:.2f}x"
                       + "".join(f"; {n} {med[n] / p:.1f}x slower" for n in med if n not in ("pgest", "pgest_unfiltered")),
                       flush=True)
-    info = dict(machine_info(), logits="randn * 3", rows=rows,
+    info = dict(machine_info(), logits="flat: randn * 3; peaked: randn * 2, 64 tokens + U(4, 14)", rows=rows,
+                head=head_rows,
                 method=f"medians of {args.rounds} alternating rounds of one call each")
     if args.out:
         with open(args.out, "w") as f:

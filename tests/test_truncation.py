@@ -91,6 +91,69 @@ def test_kept_set_matches_the_definition(kw, K):
                                rtol=1e-6, atol=1e-9)
 
 
+def long_rows(K, seed=0):
+    """Rows that the selections' shortcuts meet badly: ascending and
+    descending order (a running bound raised by every entry, or by none), a
+    constant row, ties at the k-th value, signed zeros, and peaked rows
+    (the mass in a few entries that a strided sample misses)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(10, K, generator=g) * 3
+    x[0] = x[0].sort().values
+    x[1] = x[1].sort(descending=True).values
+    x[2] = 1.25
+    x[3] = torch.randint(-3, 4, (K,), generator=g).float()  # seven values, thousands of ties each
+    x[4] = torch.where(torch.rand(K, generator=g) < 0.5, 0.0, -0.0)
+    x[4, :40] = torch.arange(40.0) / 10
+    for r in (5, 6, 7):
+        x[r] *= 2 / 3
+        idx = torch.randperm(K, generator=g)[:64]
+        x[r, idx] += torch.rand(64, generator=g) * 10 + 4
+    x[8, K // 2:] = MINUS_INF
+    return x
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=1), dict(top_k=50), dict(top_k=1000), dict(top_k=9999),
+                                dict(top_p=0.5), dict(top_p=0.95), dict(top_p=0.99995),
+                                dict(top_k=3000, top_p=0.9), dict(top_p=0.9, min_p=0.01)],
+                         ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_rows_in_adversarial_orders_and_ties(kw, dtype):
+    x = long_rows(40000).to(dtype)
+    full = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) | kw
+    expected = reference_keep(x, **full)
+    rows = ~near_top_p_boundary(x, 1.0, full["top_k"], full["top_p"], tol=2e-6) if full["top_p"] < 1 \
+        else torch.ones(10, dtype=torch.bool)
+    assert rows.sum() >= 3
+    got = kept_of(x, **kw)
+    assert torch.equal(got[rows], expected[rows])
+    rec = pgest.truncation(x, **kw)
+    if full["top_p"] < 1 and full["top_k"] == 0 and full["min_p"] == 0:
+        # rows within rounding of p: still a set of the largest entries that
+        # holds p of the mass to float rounding, and no more than it needs
+        q = torch.softmax(x.double(), -1)
+        t = rec.threshold.double()[:, None]
+        assert torch.equal(got, x.double() >= t)
+        assert bool(((q * got).sum(-1) >= full["top_p"] - 1e-5).all())
+        assert bool(((q * (x.double() > t)).sum(-1) < full["top_p"] + 1e-5).all())
+    z = x.float()
+    smallest = torch.where(expected, z, float("inf")).min(-1).values
+    largest_dropped = torch.where(expected, float("-inf"), z).max(-1).values
+    assert torch.equal(rec.kept[rows], expected.sum(-1)[rows])
+    assert torch.equal(rec.threshold[rows], smallest[rows])
+    # the cut lies strictly between the largest dropped and the smallest kept value (or is the latter)
+    dropped = rows & (largest_dropped > MINUS_INF)
+    assert bool((rec.cut[dropped] > largest_dropped[dropped]).all())
+    assert bool((rec.cut[dropped] <= smallest[dropped]).all())
+    assert bool((rec.cut[rows & ~dropped] == MINUS_INF).all())
+    torch.testing.assert_close(rec.kept_mass[rows], torch.where(expected, torch.softmax(z.double(), -1), 0.0)
+                               .sum(-1)[rows], rtol=1e-6, atol=1e-9)
+    # the draws stay in the kept set, and the sampler's log-probs are the trainer's
+    s = pgest.sample(x, generator=torch.Generator().manual_seed(3), num_samples=8, **kw)
+    assert bool(expected.gather(1, s.actions).all())
+    lp, _ = pgest.log_prob(x, s.actions, **kw)
+    assert torch.equal(lp, s.log_prob)
+
+
 def test_each_filter_keeps_what_transformers_warpers_keep():
     tf = pytest.importorskip("transformers")
     g = torch.Generator().manual_seed(0)

@@ -46,8 +46,8 @@ struct RowScratch {
 // ScalarChunkExps (exp_nonpos is one template for both), up to 256 of them
 // per drawn chunk, which one at a time cost more than the row pass at K ~ 100.
 struct VectorChunkExps {
-  template <class T, class Acc>
-  void operator()(const T* x, int m, Acc max, Acc* e) const {
+  template <class Row, class Acc>
+  void operator()(Row x, int m, Acc max, Acc* e) const {
     using V = typename Vec<Acc>::type;
     constexpr int W = Vec<Acc>::width;
     const V vm = splat<V>(max);
@@ -59,8 +59,8 @@ struct VectorChunkExps {
 
 // Row statistics, then S draws into actions[0..S). st must be a valid row
 // (no NaN, not all -inf).
-template <class T, class Acc>
-inline void draw_row(const T* x, int64_t cols, const RowStats<Acc>& st, uint64_t seed, uint64_t offset,
+template <class Row, class Acc>
+inline void draw_row(Row x, int64_t cols, const RowStats<Acc>& st, uint64_t seed, uint64_t offset,
                      int64_t row, int64_t S, RowScratch<Acc>& sc, int64_t* actions,
                      const double* given = nullptr) {
   for (int64_t s = 0; s < S; ++s) {

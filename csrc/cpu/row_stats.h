@@ -3,6 +3,11 @@
 // then exp(x - running max) summed into 16 lane
 // accumulators. Lane l holds entries l, l + 16, ... added in order, and the
 // lanes meet in tree_sum, so the sum is the same for every instruction set.
+//
+// A `Row` is a pointer to the entries, or a view that forms them on load
+// (truncated_row.h's KeptView: -inf outside a kept set) with a pointer's
+// `+ k` and `[k]` and a loadv overload, so a truncated row is summed and
+// walked without being written out.
 #pragma once
 
 #include <pgest/log_prob.h>
@@ -22,8 +27,8 @@ constexpr float kOptimisticRange = 64.0f;
 // One chunk of `len` entries, a multiple of kLanes (a short chunk is padded
 // with -inf to the next multiple, and the groups past it would add exactly
 // zero to every lane, so they are skipped).
-template <bool kWithEntropy, class T, class Acc>
-PGEST_HD ChunkStats<Acc> chunk_stats(const T* x, int len, Acc running_max) {
+template <bool kWithEntropy, class Row, class Acc>
+PGEST_HD ChunkStats<Acc> chunk_stats(Row x, int len, Acc running_max) {
   using V = typename Vec<Acc>::type;
   constexpr int W = Vec<Acc>::width, Q = kLanes / W;
   const Acc kInf = Acc(INFINITY);
@@ -105,8 +110,8 @@ PGEST_HD ChunkStats<Acc> chunk_stats(const T* x, int len, Acc running_max) {
 // tree_sum, and the rescale to the row max is by exp(0) = 1 exactly), in
 // scalar code without the vector pass's fixed cost, which is most of the
 // work at the action-space sizes of classic RL (K = 2 to 16).
-template <bool kWithEntropy, class T, class Acc>
-inline RowStats<Acc> small_row_stats(const T* x, int64_t cols, Acc* weights, Acc* chunk_max) {
+template <bool kWithEntropy, class Row, class Acc>
+inline RowStats<Acc> small_row_stats(Row x, int64_t cols, Acc* weights, Acc* chunk_max) {
   const Acc kInf = Acc(INFINITY);
   Acc v[kLanes], e[kLanes], dot[kLanes];
   Acc m = -kInf;
@@ -145,8 +150,8 @@ inline RowStats<Acc> small_row_stats(const T* x, int64_t cols, Acc* weights, Acc
 // Whether every entry of a whole chunk is -inf (a truncated row's masked
 // part): such a chunk adds exactly 0 to every lane and leaves the running
 // max, so skipping its exponentials changes no bit of the row's statistics.
-template <class Acc, class T>
-inline bool chunk_all_neg_inf(const T* x) {
+template <class Acc, class Row>
+inline bool chunk_all_neg_inf(Row x) {
   using V = typename Vec<Acc>::type;
   constexpr int W = Vec<Acc>::width;
   const V ninf = splat<V>(-Acc(INFINITY));
@@ -162,8 +167,8 @@ inline bool chunk_all_neg_inf(const T* x) {
 // scratch for one chunk. kSkipMasked (rows mostly -inf, as truncated rows
 // are): whole chunks of -inf are recognised by a comparison and skipped,
 // with the same bits as the full pass.
-template <bool kWithEntropy, bool kSkipMasked = false, class T, class Acc>
-inline RowStats<Acc> row_stats(const T* x, int64_t cols, Acc* weights, Acc* chunk_max, Acc* pad) {
+template <bool kWithEntropy, bool kSkipMasked = false, class Row, class Acc>
+inline RowStats<Acc> row_stats(Row x, int64_t cols, Acc* weights, Acc* chunk_max, Acc* pad) {
   if (cols <= kLanes) return small_row_stats<kWithEntropy>(x, cols, weights, chunk_max);
   const Acc kInf = Acc(INFINITY);
   const int64_t nc = num_chunks(cols);
@@ -204,8 +209,8 @@ inline RowStats<Acc> row_stats(const T* x, int64_t cols, Acc* weights, Acc* chun
 }
 
 // kOk for a row that can be sampled, else why not (err gets the culprit).
-template <class T, class Acc>
-inline Status row_status(const RowStats<Acc>& rs, const T* x, ErrorInfo& err) {
+template <class Row, class Acc>
+inline Status row_status(const RowStats<Acc>& rs, Row x, ErrorInfo& err) {
   if (rs.bad_col >= 0) {
     err.col = rs.bad_col;
     err.value = double(load<Acc>(x[rs.bad_col]));

@@ -45,9 +45,9 @@ Status run(const SampleArgs& a, ErrorInfo* out_err) {
       }
       return true;
     };
-    auto draw = [&](int64_t i, const auto* x) {
-      const RowStats<Acc> rs = truncated ? row_stats<true, true>(x, K, sc.weights, sc.chunk_max, sc.e)
-                                         : row_stats<true>(x, K, sc.weights, sc.chunk_max, sc.e);
+    // The draws from a row whose statistics are known (a truncated row's:
+    // its kept set's, read through the view the statistics were taken on).
+    auto draw_with = [&](int64_t i, auto x, const RowStats<Acc>& rs) {
       if (const Status bad = row_status(rs, x, err)) return bad;
       int64_t* actions = a.actions + i * S;
       draw_row(x, K, rs, a.seed, a.offset, i, S, sc, actions, a.uniforms);
@@ -57,11 +57,17 @@ Status run(const SampleArgs& a, ErrorInfo* out_err) {
     };
     auto row = [&](int64_t i) {
       Status st;
-      if (truncated) {  // the kept set in scratch, from the same read of the row
-        st = truncate_row<T, Acc>(base + i * a.row_stride, K, a.col_stride, a.truncation, i, tsc, err);
-        if (st == kOk) st = draw(i, static_cast<const Acc*>(tsc.z));
+      if (truncated) {
+        KeptRow<T, Acc> kr;
+        st = truncate_row<T, Acc>(base + i * a.row_stride, K, a.col_stride, a.truncation, i, tsc, sc, kr, err);
+        if (st == kOk) {
+          st = kr.z ? draw_with(i, KeptView<Acc, Acc>{kr.z, kr.cut}, kr.stats)
+                    : draw_with(i, KeptView<T, Acc>{kr.x, kr.cut}, kr.stats);
+        }
       } else {
-        st = with_row(base, i, a.row_stride, a.col_stride, K, sc, [&](const auto* x) { return draw(i, x); });
+        st = with_row(base, i, a.row_stride, a.col_stride, K, sc, [&](const auto* x) {
+          return draw_with(i, x, row_stats<true>(x, K, sc.weights, sc.chunk_max, sc.e));
+        });
       }
       if (st != kOk) { err.status = st; err.row = i; }
       return st;

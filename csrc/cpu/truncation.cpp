@@ -1,5 +1,6 @@
 // CPU schedule of truncation: threads over rows, each row through
-// truncate_row (truncated_row.h) for its record alone.
+// truncate_row (truncated_row.h) for its record alone (the kept set's
+// statistics it also takes give the kept mass).
 #include <pgest/truncation.h>
 
 #include "parallel.h"
@@ -18,9 +19,11 @@ Status run(const TruncationArgs& a, ErrorInfo* out_err) {
                                                             const std::atomic<int64_t>& lowest_failed) {
     ErrorInfo err;
     TruncationScratch<Acc> sc(K);
-    if (!sc.ok) { err.status = kOutOfMemory; err.row = begin; return err; }
+    RowScratch<Acc> rs(K, 1, false);
+    if (!sc.ok || !rs.ok) { err.status = kOutOfMemory; err.row = begin; return err; }
     for (int64_t i = begin; i < end && i < lowest_failed.load(std::memory_order_relaxed); ++i) {
-      const Status st = truncate_row<T, Acc>(base + i * a.row_stride, K, a.col_stride, a.params, i, sc, err);
+      KeptRow<T, Acc> kept;
+      const Status st = truncate_row<T, Acc>(base + i * a.row_stride, K, a.col_stride, a.params, i, sc, rs, kept, err);
       if (st != kOk) { err.status = st; err.row = i; return err; }
     }
     return err;

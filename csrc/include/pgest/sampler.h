@@ -85,8 +85,8 @@ struct Threshold {
 // exp(x[j] - max) for j < m, one at a time (a CPU caller passes a vector
 // version: exp_nonpos gives the same bits either way).
 struct ScalarChunkExps {
-  template <class T, class Acc>
-  void operator()(const T* x, int m, Acc max, Acc* e) const {
+  template <class Row, class Acc>
+  void operator()(Row x, int m, Acc max, Acc* e) const {
     for (int j = 0; j < m; ++j) e[j] = exp_nonpos(load<Acc>(x[j]) - max);
   }
 };
@@ -118,8 +118,8 @@ PGEST_HD void place_in_gap(const Acc* e, int m, double cum, double walked, doubl
 
 // `th` holds n thresholds sorted ascending, each < Z. Writes the column each
 // one falls on to actions[th[i].sample]. `e` is scratch for kChunk values.
-template <class T, class Acc, class Exps = ScalarChunkExps>
-inline void row_inverse_cdf(const T* x, int64_t cols, Acc max, const Acc* weights,
+template <class Row, class Acc, class Exps = ScalarChunkExps>
+inline void row_inverse_cdf(Row x, int64_t cols, Acc max, const Acc* weights,
                             const Threshold* th, int64_t n, int64_t* actions, Acc* e, const Exps& exps = Exps()) {
   double cum = 0;
   int64_t i = 0;
