@@ -26,11 +26,13 @@ import torch
 import pgest
 from pgest.baselines import group_normalize
 from pgest.examples.large_vocab import CHARS, VOCAB, ToyPolicy, reward
+from pgest.linear.tiles import PIECE
 
-# Vocabulary tiles that also divide every shard (V / world for world = 1, 2, 4,
-# 8): the sharded run then computes the very tiles of the single process, and
-# the two agree in every bit but the float64 merge order (rounded away).
-TILE = 2000
+# Shards split the vocabulary on the head's piece grid (pgest.linear.tiles.PIECE,
+# as Megatron pads its vocabulary to a multiple of 128 x the parallel degree):
+# the sharded run then computes the very pieces of the single process, and the
+# two agree in every bit but the float64 merge order of the ranks (rounded away).
+TILE = PIECE
 
 
 def _loop(steps: int, prompts: int, length: int, group: int, lr: float, seed: int, process_group) -> Dict:
@@ -41,7 +43,7 @@ def _loop(steps: int, prompts: int, length: int, group: int, lr: float, seed: in
     w_full, b_full = model.unembed.weight.detach(), model.unembed.bias.detach()
     if process_group is not None:
         rank, world = torch.distributed.get_rank(process_group), torch.distributed.get_world_size(process_group)
-        bounds = [VOCAB * r // world for r in range(world + 1)]
+        bounds = [VOCAB * r // world // PIECE * PIECE for r in range(world)] + [VOCAB]
         rows = slice(bounds[rank], bounds[rank + 1])
     else:
         rows = slice(0, VOCAB)

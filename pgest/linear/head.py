@@ -58,15 +58,16 @@ from ..ops.log_prob import (
 from ..ops.sample import sample_native
 from ..philox import cpu_seed, seed_tensor
 from ..philox import uniforms as philox_uniforms
-from .tiles import HALF, MM_OUT_DTYPE, logits_tile
+from .tiles import HALF, MM_OUT_DTYPE, PIECE, logits_tile, mm_rows, padded_rows
 
 # Tile sizes (tokens, vocabulary); override per call with token_tile= /
 # vocab_tile=. CPU: measured at (2048 tokens, H 1024, V 32000) fp32 fwd+bwd on
 # this project's 2-core machine, every pair of {512, 1024, 2048} x {1024 ..
 # 16384} ran within 0.95-1.10x of the matmul floor, so the small workspace
-# wins. CUDA: larger tiles keep cuBLAS busy; a guess until a GPU measures it.
-# Vocabulary tiles are multiples of the sampler's 256-entry chunk. The token
-# tile shrinks for large H (see tile_sizes) to bound the workspace.
+# wins. The token tile shrinks for large H (see tile_sizes) to bound the
+# workspace. The vocabulary is worked in fixed pieces of tiles.PIECE (2048)
+# entries whatever vocab_tile says (batch invariance: see _vocab_tiles); the
+# argument is accepted and checked, and shapes nothing else.
 DEFAULT_TILES = {"cpu": (1024, 2048), "cuda": (4096, 8192)}
 NEVER_BUILT = " (hidden @ weight.T + bias, never built)"  # what an error's logits[...] are
 
@@ -97,14 +98,20 @@ def tile_sizes(hidden: Tensor, token_tile, vocab_tile) -> Tuple[int, int]:
 
 def _vocab_tiles(h: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, tv: int,
                  full: Optional[Tensor] = None):
-    """(v0, v1, logits tile) for each vocabulary tile of these tokens: a fresh
-    product each, or, with ``full`` (these tokens' logits over the whole
-    vocabulary, computed once by the caller), views of it."""
+    """(v0, v1, logits) for each piece of the vocabulary grid (tiles.PIECE
+    entries from column 0) of these tokens: a product per piece, or, with
+    ``full`` (these tokens' logits over the whole vocabulary, computed once
+    by the caller), views of it. Products, statistics and the gradients'
+    products all run on the pieces, whatever ``tv``: the matmul's bits for a
+    column depend on the product's width (float64 on the CPU: the last 4-8
+    columns of a width), so a fixed grid is what keeps a token's numbers
+    independent of the vocabulary tile. ``tv`` is kept for the callers'
+    signatures and no longer shapes the work."""
     V = weight.shape[0]
     if full is None and h.dtype in HALF and not (h.is_cuda and MM_OUT_DTYPE):
         h = h.float()  # the CPU's float32 products: one copy of the tokens for all their vocabulary tiles
-    for v0 in range(0, V, tv):
-        v1 = min(V, v0 + tv)
+    for v0 in range(0, V, PIECE):
+        v1 = min(V, v0 + PIECE)
         yield v0, v1, full[:, v0:v1] if full is not None else logits_tile(h, weight, bias, v0, v1, temperature)
 
 
@@ -129,7 +136,7 @@ def _row_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: 
                keep_tiles: bool = False, raw: bool = False, index: Optional[Tensor] = None):
     """(max, log Z, H) of every row of the logits, tile by tile, in the
     accumulation type, or with ``raw`` the float64 (max, Z, D) to merge
-    further; with ``keep_tiles`` also each (row, vocabulary tile)'s float64
+    further; with ``keep_tiles`` also each (row, piece of the vocabulary)'s float64
     (max, Z). ``index``: the caller's token index of each row of ``h2`` (a
     gather of the live tokens), for the errors."""
     N, V = h2.shape[0], weight.shape[0]
@@ -139,7 +146,7 @@ def _row_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: 
     M = torch.empty((N,), dtype=out_dtype, device=dev)
     LZ = torch.empty((N,), dtype=out_dtype, device=dev)
     H = torch.empty((N,), dtype=out_dtype, device=dev)
-    nt = -(-V // tv)
+    nt = -(-V // PIECE)
     tiles = torch.empty((N, nt, 2), dtype=torch.float64, device=dev) if keep_tiles else None
     for n0 in range(0, N, tn):
         n1 = min(N, n0 + tn)
@@ -173,10 +180,14 @@ def chosen_logits(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: T
     for n0 in range(0, N, tn):
         n1 = min(N, n0 + tn)
         a = actions[n0:n1]
-        wa, hn = weight[a], h2[n0:n1].unsqueeze(-1)
+        # one (1, H) x (H, 1) product per (token, action), a multiple of 4 of
+        # them: a batch of one takes another kernel (other bits), and so
+        # would a token's S actions as one (S, H) product
+        wa = padded_rows(weight[a.reshape(-1)]).unsqueeze(1)
+        hn = padded_rows(h2[n0:n1].unsqueeze(1).expand(n1 - n0, S, h2.shape[1]).reshape(-1, h2.shape[1]))
         if h2.dtype in HALF:  # the tiles' float32 logits (logits_dtype), to the same bits where products agree
             wa, hn = wa.float(), hn.float()
-        x = torch.bmm(wa, hn).squeeze(-1)  # (n, S)
+        x = torch.bmm(wa, hn.unsqueeze(-1)).view(-1)[:(n1 - n0) * S].view(n1 - n0, S)
         if bias is not None:
             x += bias[a]
         if temperature != 1.0:
@@ -294,7 +305,7 @@ def token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_in
         scratch = None
         for v0, v1, x in _vocab_tiles(h, weight, bias, temperature, tv, full):
             if scratch is None:
-                scratch = torch.empty((x.shape[0] * min(tv, weight.shape[0]),), dtype=x.dtype, device=x.device)
+                scratch = torch.empty((x.shape[0] * min(PIECE, weight.shape[0]),), dtype=x.dtype, device=x.device)
             with checked_now():
                 g = backward_rows(x, a, ignore_index, row_stats, entropy, col_offset=col0 + v0, total_cols=total,
                                   out=scratch[:x.numel()].view(x.shape), **upstream)
@@ -308,7 +319,7 @@ def token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_in
         # the products in the inputs' dtype, each rounded once (16-bit: fewer
         # roundings than per-tile sums)
         g_all = full if grads16 is None else grads16
-        gh = g_all @ weight if need_h else None
+        gh = mm_rows(g_all, weight) if need_h else None
         if gh is not None and temperature != 1.0:
             gh /= temperature
         if grad_w is not None:
@@ -329,7 +340,7 @@ def token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_in
         if g.dtype != h.dtype:  # float32 logits of 16-bit inputs: the products in the inputs' dtype
             g = g.to(h.dtype)
         if need_h:
-            gh += g @ weight[v0:v1]  # promoted in place: no float64 copy of the product
+            gh += mm_rows(g, weight[v0:v1])  # promoted in place: no float64 copy of the product
         if grad_w is not None:
             grad_w[v0:v1].addmm_(g.T, h)
         del g
@@ -539,8 +550,10 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
         bias: optional (V,).
         temperature: positive; the logits are divided by it (as samplers do).
         token_tile, vocab_tile: tile sizes (defaults DEFAULT_TILES of the
-            device); the workspace is about 2 * token_tile * vocab_tile
-            logits-sized entries plus token_tile * H float32.
+            device); the workspace is about 2 * token_tile * 2048
+            logits-sized entries plus token_tile * H float32 (the vocabulary
+            goes in fixed pieces of 2048; vocab_tile sizes the truncated
+            route's blocks of tokens only).
         process_group: a ``torch.distributed`` group over which the head is
             split by vocabulary (Megatron's layout): each rank passes its
             contiguous rows of ``weight`` (V_r, H) and ``bias`` (V_r,) in rank
@@ -556,7 +569,11 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
         backward recomputes each logits tile once. For 16-bit inputs the
         logits are the products' float32 results, never rounded to 16 bits
         (the gradients' products run in the inputs' dtype). Statistics are
-        accumulated in float32 within a tile and merged across tiles in float64.
+        accumulated in float32 within a 2048-entry piece of the vocabulary
+        and merged across pieces, in order, in float64. A token's numbers
+        (log_prob, entropy, hidden's gradient) do not depend on the other
+        tokens of the call, the tiles or the threads (the LLM guide says
+        how, and what is not covered).
 
     With ``top_k``, ``top_p``, ``min_p``, a replayed ``threshold``, a
     temperature of 0 (greedy) or one temperature per token (a tensor of the
@@ -643,15 +660,16 @@ def _shard(weight, group, hidden, error, seed: int = 0):
 
 def _draw_in_tiles(h2, w, b, temperature, tn, tv, tiles, row_max, u, rows, ss, out, offset: int = 0) -> None:
     """Draws (rows[k], ss[k]) with uniforms u (n,) of their rows' mass over
-    this weight's vocabulary: the tile each falls in from the tiles' masses,
-    then that tile of that token recomputed and the draw placed by the native
-    sampler. Writes global ids (``offset`` + column) to out[rows, ss]."""
+    this weight's vocabulary: the piece (tiles.PIECE) each falls in from the
+    pieces' masses, then that piece of that token recomputed and the draw
+    placed by the native sampler. Writes global ids (``offset`` + column) to
+    out[rows, ss]."""
     j, inner = place_draws(piece_masses(tiles[rows, :, 0], tiles[rows, :, 1], row_max[rows]), u.view(-1, 1))
     j, inner = j.view(-1), inner.view(-1)
     V = w.shape[0]
     for jj in torch.unique(j).tolist():
         sel = (j == jj).nonzero().squeeze(1)
-        v0, v1 = jj * tv, min(V, (jj + 1) * tv)
+        v0, v1 = jj * PIECE, min(V, (jj + 1) * PIECE)
         for n0 in range(0, sel.shape[0], tn):
             k = sel[n0:n0 + tn]
             r = rows[k]

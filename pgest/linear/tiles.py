@@ -2,7 +2,18 @@
 the logits' dtype, with the bias and the temperature applied as the
 materialised formula applies them. Shared by the head's passes
 (pgest/linear/head.py, policy_loss.py) and its truncated route
-(truncated.py)."""
+(truncated.py).
+
+Batch invariance: a token's logits must not depend on the other tokens of
+the call. The CPU's matmul (oneDNN/MKL in torch 2.13) gives a row the same
+bits for any number of rows that is a multiple of 4, at any position, for
+any slice of the vocabulary and 1 or 2 threads, but computes the rows past
+a multiple of 4 by another kernel (other bits: 1-3 rows, and 5-7 or 9-11
+with 2 threads); measured on this project's machine, float32 and float64,
+H from 64 to 4096 (tests/test_batch_invariance.py checks it). So every
+product here runs on a multiple of 4 rows, padding with zero rows. The
+statistics are taken on a fixed grid of PIECE vocabulary entries, whatever
+the product tiles, and merged in that grid's order."""
 from __future__ import annotations
 
 from typing import Optional
@@ -15,6 +26,31 @@ HALF = (torch.float16, torch.bfloat16)
 # one; torch's CPU matmul has no such kernel (aten::mm.dtype)
 MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 F32_ROWS = 8192
+ROW_MULTIPLE = 4
+# The vocabulary grid of the head's statistics (and of its gradient
+# products): pieces of PIECE entries from column 0, merged in order, so a
+# token's numbers do not depend on the vocabulary tile; tiles are multiples.
+PIECE = 2048
+
+
+def padded_rows(h: Tensor) -> Tensor:
+    """h with zero rows appended up to a multiple of ROW_MULTIPLE rows."""
+    extra = -h.shape[0] % ROW_MULTIPLE
+    if extra == 0:
+        return h
+    return torch.cat([h, h.new_zeros((extra,) + tuple(h.shape[1:]))])
+
+
+def mm_rows(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b, each row's bits its own: the rows up to a multiple of
+    ROW_MULTIPLE in one product, the rest in a padded one (a copy of a few
+    rows, not of a)."""
+    n = a.shape[0]
+    tail = n % ROW_MULTIPLE
+    if tail == 0:
+        return a @ b
+    rest = (padded_rows(a[n - tail:]) @ b)[:tail]
+    return rest if n == tail else torch.cat([a[:n - tail] @ b, rest])
 
 
 def logits_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -27,6 +63,15 @@ def logits_dtype(dtype: torch.dtype) -> torch.dtype:
 def products(h: Tensor, w: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """h @ w.T in logits_dtype (into ``out`` when given). ``h`` may already
     be the float32 copy of 16-bit hidden states (see _vocab_tiles)."""
+    n = h.shape[0]
+    tail = n % ROW_MULTIPLE
+    if tail:  # the rows past a multiple of ROW_MULTIPLE in a padded product of their own
+        if out is None:
+            out = torch.empty((n, w.shape[0]), dtype=logits_dtype(w.dtype), device=h.device)
+        if n > tail:
+            products(h[:n - tail], w, out[:n - tail])
+        out[n - tail:] = products(padded_rows(h[n - tail:]), w)[:tail]
+        return out
     if w.dtype not in HALF:
         return h @ w.T if out is None else torch.mm(h, w.T, out=out)
     if h.is_cuda and MM_OUT_DTYPE:
@@ -38,7 +83,7 @@ def products(h: Tensor, w: Tensor, out: Optional[Tensor] = None) -> Tensor:
     if out is None and w.shape[0] <= F32_ROWS:
         return hf @ w.float().T
     if out is None:
-        out = torch.empty((h.shape[0], w.shape[0]), dtype=torch.float32, device=h.device)
+        out = torch.empty((n, w.shape[0]), dtype=torch.float32, device=h.device)
     for c0 in range(0, w.shape[0], F32_ROWS):
         out[:, c0:c0 + F32_ROWS] = hf @ w[c0:c0 + F32_ROWS].float().T
     return out
