@@ -147,6 +147,7 @@ def _checks(rank: int, world: int) -> None:
 
     # 5. the fused linear head split by vocabulary
     _linear_head(rank, world)
+    _linear_head_bits(rank, world)
 
     # 6. data parallel: token-mean over ranks with uneven valid tokens
     _data_parallel(rank, world)
@@ -240,6 +241,41 @@ def _linear_head(rank: int, world: int) -> None:
     lp2, ent2 = pgest.linear_log_prob(hidden, weight[mine], s.actions, bias=bias[mine], vocab_tile=64,
                                       process_group=dist.group.WORLD)
     assert torch.equal(lp2, s.log_prob) and torch.equal(ent2, s.entropy)
+
+
+def _linear_head_bits(rank: int, world: int) -> None:
+    # shards split on the head's piece grid, unevenly, and groups of 1: the
+    # group's log-probs, entropies and draws are one process's bit for bit
+    # (the tensor-parallel degree of a sampler and a trainer may differ)
+    from pgest.linear.tiles import PIECE
+
+    V = 4 * PIECE + 300
+    pieces = {1: [5], 2: [1, 4], 3: [2, 1, 2]}[world]
+    sizes = [p * PIECE for p in pieces[:-1]] + [V - PIECE * sum(pieces[:-1])]
+    offs = [sum(sizes[:i]) for i in range(world)]
+    mine = slice(offs[rank], offs[rank] + sizes[rank])
+    alone = None
+    for r in range(world):  # every rank takes part in creating every group
+        g1 = dist.new_group([r])
+        alone = g1 if r == rank else alone
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        g = torch.Generator().manual_seed(8)
+        N, H = 13, 24
+        hidden = torch.randn(N, H, generator=g).to(dtype)
+        weight = (torch.randn(V, H, generator=g) * 0.4).to(dtype)
+        bias = (torch.randn(V, generator=g) * 0.1).to(dtype)
+        actions = torch.randint(0, V, (N,), generator=g)
+        actions[3] = -100
+        ref = pgest.linear_log_prob(hidden, weight, actions, bias=bias)
+        for group, part in ((dist.group.WORLD, mine), (alone, slice(0, V))):
+            got = pgest.linear_log_prob(hidden, weight[part], actions, bias=bias[part], process_group=group)
+            assert torch.equal(got.log_prob, ref.log_prob) and torch.equal(got.entropy, ref.entropy), dtype
+            s = pgest.linear_sample(hidden, weight[part], bias=bias[part], num_samples=2, process_group=group,
+                                    generator=torch.Generator().manual_seed(9))
+            single = pgest.linear_sample(hidden, weight, bias=bias, num_samples=2,
+                                         generator=torch.Generator().manual_seed(9))
+            assert torch.equal(s.actions, single.actions), dtype
+            assert torch.equal(s.log_prob, single.log_prob) and torch.equal(s.entropy, single.entropy), dtype
 
 
 def _data_parallel(rank: int, world: int) -> None:

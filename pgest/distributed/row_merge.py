@@ -145,6 +145,18 @@ class Merged:
         return self.M.to(acc), lz.to(acc), (lz - self.D / self.Z).to(acc)
 
 
+def fold(table: Tensor, acc: torch.dtype, rows: Union[int, Tensor] = 0,
+         what: str = "") -> Tuple[Tensor, Tensor, Tensor]:
+    """(rows, P, 3) float64 pieces' (max, Z, D) folded in piece order, as
+    the fused head folds its pieces as it goes: the same bits for the same
+    pieces, wherever they were computed (the ranks of a group gather their
+    pieces and each folds all of them). -> (max, log Z, H) as Merged.result."""
+    merged = Merged(table.shape[0], table.device)
+    for j in range(table.shape[1]):
+        merged.add_sums(table[:, j, 0], table[:, j, 1], table[:, j, 2])
+    return merged.result(acc, rows, what)
+
+
 def piece_masses(piece_m: Tensor, piece_z: Tensor, row_max: Tensor) -> Tensor:
     """(rows, P) masses of pieces given as (max, Z relative to it), relative
     to the rows' max, float64."""

@@ -124,6 +124,28 @@ def gather_stats(mine, rows: int, device, group, layout: Layout, error: Optional
     return table[:, :, :-1]
 
 
+def gather_pieces(mine: Optional[Tensor], counts, rows: int, device, group, layout: Layout,
+                  error: Optional[BaseException]) -> Tensor:
+    """(rows, counts[rank], 3) float64 (max, Z, D) of this rank's pieces
+    (None after ``error``) -> (rows, sum(counts), 3) of every rank's, in rank
+    order (the global order of the pieces when each rank holds contiguous
+    ones); raises on every rank if any rank failed."""
+    dist = dist_module()
+    most = max(counts) if counts else 0
+    buf = torch.zeros((most, 3, rows + 1), dtype=torch.float64, device=device)
+    if error is None:
+        buf[:counts[layout.rank], :, :rows] = mine.permute(1, 2, 0)
+    else:
+        buf[:, :, rows] = 1.0
+    if most == 0:  # no rank has a piece: only the flags travel
+        buf = torch.full((1, 3, rows + 1), 0.0 if error is None else 1.0, dtype=torch.float64, device=device)
+    got = [torch.empty_like(buf) for _ in range(layout.world)]
+    dist.all_gather(got, buf, group=group)
+    raise_if_failed(torch.stack([g[0, 0, rows] for g in got]).cpu(), layout.rank, error)
+    table = torch.cat([got[r][:counts[r], :, :rows] for r in range(layout.world)], 0)
+    return table.permute(2, 0, 1)
+
+
 class Shard:
     """This rank's place in a vocabulary split over ``group`` (for the fused
     linear head): the layout exchange happens at construction, carrying
@@ -136,18 +158,13 @@ class Shard:
         self.offset, self.total = self.layout.offset, self.layout.total
         self.seed = int(table[0, 2])  # rank 0's ``extra``
 
-    def gather(self, mine, rows: int, device, error: Optional[BaseException] = None) -> Tensor:
-        """(world, 3, rows) float64: every rank's (max, log Z, H)."""
-        return gather_stats(mine, rows, device, self.group, self.layout, error)
-
-    def merge_table(self, table: Tensor, acc: torch.dtype, what: str = ""):
-        return _merge(table, acc, 0, what)
-
-    def merge(self, mine, rows: int, device, acc: torch.dtype, error: Optional[BaseException] = None,
-              index=0, what: str = ""):
-        """Every rank's (max, log Z, H) merged in rank order: the whole rows'
-        (``index``, ``what``: how an error names a row, see Merged.result)."""
-        return _merge(self.gather(mine, rows, device, error), acc, index, what)
+    def gather_pieces(self, mine: Optional[Tensor], piece: int, rows: int, device,
+                      error: Optional[BaseException] = None) -> Tensor:
+        """Every rank's pieces of ``piece`` entries (the last of a shard may be
+        short): (rows, pieces of the whole vocabulary, 3) float64 (max, Z, D)."""
+        counts = [-(-size // piece) for size in self.layout.sizes]
+        self.first_piece = sum(counts[:self.layout.rank])
+        return gather_pieces(mine, counts, rows, device, self.group, self.layout, error)
 
     def sum_(self, t: Tensor) -> Tensor:
         dist_module().all_reduce(t, group=self.group)

@@ -30,8 +30,10 @@ from pgest.linear.tiles import PIECE
 
 # Shards split the vocabulary on the head's piece grid (pgest.linear.tiles.PIECE,
 # as Megatron pads its vocabulary to a multiple of 128 x the parallel degree):
-# the sharded run then computes the very pieces of the single process, and the
-# two agree in every bit but the float64 merge order of the ranks (rounded away).
+# the sharded run then computes the very pieces of the single process and folds
+# them in the same order, so sampling and log-probs agree in every bit (the
+# weights' updates may still differ in the last bits: hidden's gradient is a
+# float64 all-reduce of the ranks' shares).
 TILE = PIECE
 
 

@@ -45,7 +45,7 @@ from .._checks import (
 )
 from .._vmap import register_per_element, register_refusal
 from ..device_errors import checked_now
-from ..distributed.row_merge import Merged, piece_masses, piece_stats, place_draws
+from ..distributed.row_merge import Merged, fold, piece_masses, piece_stats, place_draws, sums
 from ..ops.log_prob import (
     backward_rows,
     creating_graph,
@@ -118,16 +118,17 @@ def _vocab_tiles(h: Tensor, weight: Tensor, bias: Optional[Tensor], temperature:
 def token_tile_stats(h: Tensor, row0: Union[int, Tensor], weight: Tensor, bias: Optional[Tensor],
                       temperature: float, tv: int, tiles: Optional[Tensor] = None,
                       full: Optional[Tensor] = None) -> Merged:
-    """The merged float64 statistics of these tokens over the vocabulary
-    tiles, in tile order (the one order every route uses: the same bits);
-    with ``tiles`` (n, tiles, 2) also each tile's float64 (max, Z)."""
+    """The merged float64 statistics of these tokens over the vocabulary's
+    pieces, in piece order (the one order every route uses, row_merge.fold
+    included: the same bits); with ``tiles`` (n, pieces, 3) also each
+    piece's float64 (max, Z, D)."""
     merged = Merged(h.shape[0], h.device)
     for j, (v0, _, x) in enumerate(_vocab_tiles(h, weight, bias, temperature, tv, full)):
-        m, lz, ent = piece_stats(x, row0, v0, NEVER_BUILT)
-        merged.add(m, lz, ent)
+        piece = sums(*piece_stats(x, row0, v0, NEVER_BUILT))
+        merged.add_sums(*piece)
         if tiles is not None:
-            tiles[:, j, 0] = m
-            tiles[:, j, 1] = lz.double().exp()
+            for c in range(3):
+                tiles[:, j, c] = piece[c]
         del x
     return merged
 
@@ -137,7 +138,7 @@ def _row_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: 
     """(max, log Z, H) of every row of the logits, tile by tile, in the
     accumulation type, or with ``raw`` the float64 (max, Z, D) to merge
     further; with ``keep_tiles`` also each (row, piece of the vocabulary)'s float64
-    (max, Z). ``index``: the caller's token index of each row of ``h2`` (a
+    (max, Z, D). ``index``: the caller's token index of each row of ``h2`` (a
     gather of the live tokens), for the errors."""
     N, V = h2.shape[0], weight.shape[0]
     acc = _checks.stats_dtype(h2.dtype)
@@ -147,7 +148,7 @@ def _row_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: 
     LZ = torch.empty((N,), dtype=out_dtype, device=dev)
     H = torch.empty((N,), dtype=out_dtype, device=dev)
     nt = -(-V // PIECE)
-    tiles = torch.empty((N, nt, 2), dtype=torch.float64, device=dev) if keep_tiles else None
+    tiles = torch.empty((N, nt, 3), dtype=torch.float64, device=dev) if keep_tiles else None
     for n0 in range(0, N, tn):
         n1 = min(N, n0 + tn)
         rows = n0 if index is None else index[n0:n1]
@@ -155,6 +156,22 @@ def _row_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: 
                                    None if tiles is None else tiles[n0:n1])
         M[n0:n1], LZ[n0:n1], H[n0:n1] = merged.raw() if raw else merged.result(acc, rows, NEVER_BUILT)
     return M, LZ, H, tiles
+
+
+def _sharded_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, tn: int, tv: int,
+                   shard, acc: torch.dtype, index: Optional[Tensor] = None):
+    """(max, log Z, H) and the (rows, pieces, 3) table of every piece of the
+    whole vocabulary, for a head split over ``shard``'s group: each rank's
+    pieces gathered and folded by every rank in the order one process folds
+    them, so the group's numbers are one process's bit for bit wherever the
+    shards split on the piece grid (uneven shards included)."""
+    table, error = None, None
+    try:
+        table = _row_stats(h2, weight, bias, temperature, tn, tv, keep_tiles=True, raw=True, index=index)[3]
+    except ValueError as e:
+        error = e
+    table = shard.gather_pieces(table, PIECE, h2.shape[0], h2.device, error)
+    return (*fold(table, acc, 0 if index is None else index, NEVER_BUILT), table)
 
 
 def chosen_logits(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, temperature: float,
@@ -226,12 +243,7 @@ def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, tv, shard
         if shard is None:
             M, LZ, H, _ = _row_stats(hl, weight, bias, temperature, tn, tv, index=live)
         else:
-            mine, error = None, None
-            try:
-                mine = _row_stats(hl, weight, bias, temperature, tn, tv, raw=True, index=live)[:3]
-            except ValueError as e:
-                error = e
-            M, LZ, H = shard.merge(mine, hl.shape[0], h2.device, acc, error, 0 if live is None else live, NEVER_BUILT)
+            M, LZ, H, _ = _sharded_stats(hl, weight, bias, temperature, tn, tv, shard, acc, live)
         keep = al != ignore_index if ignore_index is not None else torch.ones_like(al, dtype=torch.bool)
         x = chosen_logits(hl, weight, bias, al, temperature, tn, keep, shard)
         lpl = torch.where(keep, (x - M[:, None]) - LZ[:, None], torch.zeros((), dtype=acc, device=h2.device))
@@ -658,14 +670,19 @@ def _shard(weight, group, hidden, error, seed: int = 0):
     return Shard(size, group, dev, error, extra=seed)
 
 
-def _draw_in_tiles(h2, w, b, temperature, tn, tv, tiles, row_max, u, rows, ss, out, offset: int = 0) -> None:
-    """Draws (rows[k], ss[k]) with uniforms u (n,) of their rows' mass over
-    this weight's vocabulary: the piece (tiles.PIECE) each falls in from the
-    pieces' masses, then that piece of that token recomputed and the draw
-    placed by the native sampler. Writes global ids (``offset`` + column) to
-    out[rows, ss]."""
-    j, inner = place_draws(piece_masses(tiles[rows, :, 0], tiles[rows, :, 1], row_max[rows]), u.view(-1, 1))
-    j, inner = j.view(-1), inner.view(-1)
+def _place(table: Tensor, row_max: Tensor, u: Tensor, rows: Tensor) -> Tuple[Tensor, Tensor]:
+    """The piece each draw (rows[k], uniform u[k]) falls in, from the
+    (rows, pieces, 3) table's masses, and its uniform within that piece:
+    one routine for one process and for a group (the same bits)."""
+    j, inner = place_draws(piece_masses(table[rows, :, 0], table[rows, :, 1], row_max[rows]), u.view(-1, 1))
+    return j.view(-1), inner.view(-1)
+
+
+def _draw_in_pieces(h2, w, b, temperature, tn, j, inner, rows, ss, out, offset: int = 0) -> None:
+    """Draws (rows[k], ss[k]) placed in this weight's piece j[k] with uniform
+    inner[k] within it: that piece of that token recomputed and the draw
+    placed by the native sampler. Writes global ids (``offset`` + column)
+    to out[rows, ss]."""
     V = w.shape[0]
     for jj in torch.unique(j).tolist():
         sel = (j == jj).nonzero().squeeze(1)
@@ -673,7 +690,7 @@ def _draw_in_tiles(h2, w, b, temperature, tn, tv, tiles, row_max, u, rows, ss, o
         for n0 in range(0, sel.shape[0], tn):
             k = sel[n0:n0 + tn]
             r = rows[k]
-            # Several draws of one token in one tile: its logits once, then copied
+            # Several draws of one token in one piece: its logits once, then copied
             # per draw (a copy is H times cheaper than the product).
             ur, inv = torch.unique(r, return_inverse=True)
             x = logits_tile(h2[ur], w, b, v0, v1, temperature)
@@ -785,29 +802,26 @@ def _sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], temperature: floa
             return (torch.empty((0, S), dtype=torch.int64, device=dev), torch.empty((0, S), dtype=acc, device=dev),
                     torch.empty((0,), dtype=acc, device=dev))
         u = philox_uniforms(N, S, seed).to(dev)
+        rows, ss = torch.meshgrid(torch.arange(N, device=dev), torch.arange(S, device=dev), indexing="ij")
+        rows, ss = rows.reshape(-1), ss.reshape(-1)
         if shard is None:
-            M, LZ, H, tiles = _row_stats(h2, w, b, temperature, tn, tv, keep_tiles=True)
+            M, LZ, H, table = _row_stats(h2, w, b, temperature, tn, tv, keep_tiles=True)
             actions = torch.empty((N, S), dtype=torch.int64, device=dev)
-            rows, ss = torch.meshgrid(torch.arange(N, device=dev), torch.arange(S, device=dev), indexing="ij")
-            _draw_in_tiles(h2, w, b, temperature, tn, tv, tiles, M, u.reshape(-1), rows.reshape(-1), ss.reshape(-1),
-                           actions)
+            j, inner = _place(table, M, u.reshape(-1), rows)
+            _draw_in_pieces(h2, w, b, temperature, tn, j, inner, rows, ss, actions)
             x = chosen_logits(h2, w, b, actions, temperature, tn)
         else:
-            local, error = None, None
-            try:
-                local = _row_stats(h2, w, b, temperature, tn, tv, keep_tiles=True, raw=True)
-            except ValueError as e:
-                error = e
-            table = shard.gather(None if local is None else local[:3], N, dev, error)
-            M, LZ, H = shard.merge_table(table, acc, NEVER_BUILT)
-            # the rank each draw falls in, then the tile within that rank's shard
-            rank_of, inner = place_draws(piece_masses(table[:, 0].T, table[:, 1].T, M), u)
+            # every rank places every draw on the whole vocabulary's pieces; the
+            # owner of the piece draws, the group sums (one nonzero each: exact)
+            M, LZ, H, table = _sharded_stats(h2, w, b, temperature, tn, tv, shard, acc)
+            j, inner = _place(table, M, u.reshape(-1), rows)
+            first, count = shard.first_piece, -(-w.shape[0] // PIECE)
+            mine = ((j >= first) & (j < first + count)).nonzero().squeeze(1)
             actions = torch.zeros((N, S), dtype=torch.float64, device=dev)
-            rows, ss = (rank_of == shard.layout.rank).nonzero(as_tuple=True)
-            if rows.numel():
-                _draw_in_tiles(h2, w, b, temperature, tn, tv, local[3], local[0], inner[rows, ss], rows, ss, actions,
-                               shard.offset)
-            actions = shard.sum_(actions).to(torch.int64)  # one owner per draw: one value and zeros
+            if mine.numel():
+                _draw_in_pieces(h2, w, b, temperature, tn, j[mine] - first, inner[mine], rows[mine], ss[mine],
+                                actions, shard.offset)
+            actions = shard.sum_(actions).to(torch.int64)
             x = chosen_logits(h2, w, b, actions, temperature, tn, shard=shard)
         lp = (x - M[:, None]) - LZ[:, None]
     return actions, lp, H
