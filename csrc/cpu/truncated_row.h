@@ -4,10 +4,10 @@
 // row through KeptView, which forms -inf outside the set on load. For the
 // vocabulary sizes of language models the row then stays in L2 after its
 // first read, which is the one from memory. No pass sorts the row: top-k
-// estimates its boundary from a strided sample and selects exactly among the
-// entries above the checked estimate; top-p selects among the entries that
-// can be kept at all (a bound from the row's total mass), narrowing large
-// candidate sets by vector passes over them first.
+// keeps the entries above a running bound in a buffer it cuts to the k
+// largest as it fills; top-p selects among the entries that can be kept at
+// all (a bound from the row's total mass), narrowing large candidate sets by
+// vector passes over them first.
 #pragma once
 
 #include <pgest/sampler.h>
@@ -81,13 +81,12 @@ struct KeptRow {
 
 namespace trunc_detail {
 
-constexpr int kSample = 256;  // entries in top-p's strided sample
+constexpr int kSample = 256;           // entries in top-p's strided sample of its candidates
+constexpr int64_t kDirect = 1024;      // top-p candidates few enough to select among at once
+constexpr double kNearOne = 1e-4;      // top-p this close to 1 takes every finite entry as a candidate
 constexpr int64_t kRankBuffer = 2048;  // top-k's buffer of candidates, at least
-constexpr int64_t kSmallSelect = 64;  // values few enough for a selection by partition
-constexpr int64_t kSparseKept = 256;  // kept sets under 1 / kSparseKept of the row skip empty chunks
-constexpr int kMargin = 8;    // sample ranks of slack on top-k's estimated boundary
-constexpr int64_t kDirect = 1024;  // top-p candidates few enough to select among at once
-constexpr double kNearOne = 1e-4;  // top-p this close to 1 gathers every finite entry
+constexpr int64_t kSmallSelect = 64;   // values few enough for a selection by partition
+constexpr int64_t kSparseKept = 256;   // kept sets under 1 / kSparseKept of the row skip empty chunks
 
 template <class V, class Acc>
 inline Acc lane_max(V v) {
