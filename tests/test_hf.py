@@ -197,3 +197,83 @@ def test_bf16_model_keeps_float32_logits():
     ours_err = (lp.double() - exact).abs().max()
     assert lp.dtype == torch.float32 and ours_err < 1e-4
     assert ours_err <= (theirs.double() - exact).abs().max()
+
+
+def _fsdp2_worker(rank: int, world: int, port: int, out_dir: str, kind: str) -> None:
+    import copy
+    import datetime
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        torch.set_num_threads(1)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        model = tiny(kind).double()
+        plain = copy.deepcopy(model)
+        data = [torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(10 + r)) for r in range(world)]
+        mask = torch.ones(2, 9, dtype=torch.long)
+        mask[1, :3] = 0  # left padding
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt, popt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(plain.parameters(), lr=0.1)
+        for _ in range(2):
+            # rollouts through the fused sampler: one process's tokens and log-probs
+            kw = dict(max_new_tokens=4, top_p=0.9)
+            got = hf.generate(model, data[rank], mask, generator=torch.Generator().manual_seed(3), **kw)
+            ref = hf.generate(plain, data[rank], mask, generator=torch.Generator().manual_seed(3), **kw)
+            assert torch.equal(got.completion_ids, ref.completion_ids) and torch.equal(got.log_probs, ref.log_probs)
+            got = hf.token_log_probs(model, data[rank], mask)
+            (got.log_prob.mean() + 0.3 * got.entropy.mean()).backward()
+            opt.step()
+            opt.zero_grad()
+            # one process: the ranks' losses averaged, as FSDP averages the gradients
+            loss = 0
+            for r in range(world):
+                ref = hf.token_log_probs(plain, data[r], mask)
+                loss = loss + (ref.log_prob.mean() + 0.3 * ref.entropy.mean()) / world
+                if r == rank:
+                    assert torch.equal(got.log_prob, ref.log_prob) and torch.equal(got.entropy, ref.entropy)
+            loss.backward()
+            popt.step()
+            popt.zero_grad()
+            for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+                torch.testing.assert_close(p.full_tensor(), q, rtol=1e-12, atol=1e-12, msg=name)
+        with open(os.path.join(out_dir, f"ok{rank}"), "w") as f:
+            f.write("ok")
+    except BaseException:
+        with open(os.path.join(out_dir, f"err{rank}"), "w") as f:
+            f.write(traceback.format_exc())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2-tied"])
+def test_fsdp2_sharded_model_gives_one_process_numbers_and_updates(kind, tmp_path):
+    # fully_shard on each layer and the root, 2 gloo ranks with their own data:
+    # rollouts, log-probs and entropies equal one process's, and after each SGD
+    # step every parameter equals one process's trained on the ranks' mean loss
+    # (float64)
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_fsdp2_worker, args=(2, port, str(tmp_path), kind), nprocs=2, start_method="spawn",
+                       join=True)
+    errors = [p.read_text() for p in sorted(tmp_path.glob("err*"))]
+    assert not errors, "\n".join(errors)
+    assert sorted(p.name for p in tmp_path.glob("ok*")) == ["ok0", "ok1"]

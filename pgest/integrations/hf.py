@@ -75,24 +75,80 @@ def _positions(decoder, mask: Optional[Tensor], first: int = 0, length: Optional
     return {"position_ids": pos[:, first:] if length is None else pos[:, first:first + length]}
 
 
+def _fsdp2(model) -> bool:
+    """Whether ``model`` is sharded by FSDP2's ``fully_shard``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _through_model(model, decoder, head, on_head=None, **kwargs):
+    """The model's own forward, with the decoder's output and the head's
+    input and output captured on the way: (model output, decoder output,
+    head input, head output, on_head(head input, head) or None). on_head
+    runs inside the forward, where FSDP2 has the head's parameters gathered."""
+    seen = {}
+
+    def head_hook(m, a, out):
+        seen.update(x=a[0], y=out, z=None if on_head is None else on_head(a[0], m))
+
+    hooks = [decoder.register_forward_hook(lambda m, a, out: seen.__setitem__("h", out)),
+             head.register_forward_hook(head_hook)]
+    try:
+        out = model(**kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out, seen["h"], seen["x"], seen["y"], seen["z"]
+
+
+def _last_hidden(model, decoder, head, input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """The decoder's final hidden states. Under FSDP2 through the model's own
+    forward, with the head's logits for one position only: the root
+    module's forward is what gathers the parameters it owns (embeddings,
+    final norm, head; kept gathered for the backward) and arranges their
+    gradients' reduce-scatter, where the decoder alone would meet them
+    sharded."""
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                  **_positions(decoder, attention_mask))
+    if not _fsdp2(model):
+        return decoder(**kwargs).last_hidden_state
+    return _through_model(model, decoder, head, logits_to_keep=1, **kwargs)[1].last_hidden_state
+
+
+def _decode_step(model, decoder, head, sample, **kwargs):
+    """(decoder output, sample(last position's hidden state, weight, bias))
+    of one decode step; under FSDP2 the sampler runs inside the model's
+    forward (on the head's input, with the head's gathered parameters)."""
+    if not _fsdp2(model):
+        out = decoder(**kwargs)
+        return out, sample(out.last_hidden_state[:, -1], head.weight, head.bias)
+    run = lambda x, m: sample(x[:, -1], m.weight, m.bias)  # noqa: E731
+    _, out, _, _, s = _through_model(model, decoder, head, run, logits_to_keep=1, **kwargs)
+    return out, s
+
+
 def _verify(model, decoder, head, input_ids: Tensor) -> None:
-    """Once per model class: the model's own logits on two tokens equal its
-    head applied to the decoder's last hidden state."""
+    """Once per model class: the model's logits on two tokens are its head
+    applied to the decoder's last hidden state (one forward, both seen on
+    the way)."""
     cls = type(model)
     if cls in _VERIFIED:
         return
     ids = input_ids[:1, :2]
     training = model.training
     try:
-        model.eval()  # no dropout: the two forwards must see the same network
+        model.eval()  # no dropout
         with torch.no_grad():
-            out = model(input_ids=ids, use_cache=False)
-            h = decoder(input_ids=ids, use_cache=False).last_hidden_state
-            mine = torch.nn.functional.linear(h, head.weight, head.bias)
+            out, dec, x, y, _ = _through_model(model, decoder, head, input_ids=ids, use_cache=False)
+            h = dec.last_hidden_state
     finally:
         model.train(training)
-    tol = 1e-4 if mine.dtype in (torch.float32, torch.float64) else 2e-2
-    if out.logits.shape != mine.shape or not torch.allclose(out.logits, mine, rtol=tol, atol=tol):
+    tol = 1e-4 if y.dtype in (torch.float32, torch.float64) else 2e-2
+    same = lambda a, b: a.shape == b.shape and torch.allclose(a, b, rtol=tol, atol=tol)  # noqa: E731
+    if not (same(x, h) and same(out.logits, y)):
         raise NotImplementedError(f"{cls.__name__}'s logits are not its output embedding applied to its last hidden "
                                   "state (a transform pgest's fused head does not reproduce): use the model's logits")
     _VERIFIED.add(cls)
@@ -141,8 +197,7 @@ def token_log_probs(model, input_ids: Tensor, attention_mask: Optional[Tensor] =
     if L < 2:
         raise ValueError("input_ids needs at least 2 tokens per sequence: position t scores token t + 1")
     _verify(model, decoder, head, input_ids)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                     **_positions(decoder, attention_mask)).last_hidden_state
+    hidden = _last_hidden(model, decoder, head, input_ids, attention_mask)
     keep = L - 1 if logits_to_keep is None else logits_to_keep
     h = hidden[:, L - 1 - keep:L - 1]
     labels = input_ids[:, L - keep:]
@@ -226,11 +281,11 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     step_ids = input_ids
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            out = decoder(input_ids=step_ids, attention_mask=mask, use_cache=True, **{cache_name: past},
-                          **_positions(decoder, mask, mask.shape[1] - step_ids.shape[1]))
+            out, s = _decode_step(model, decoder, head,
+                                  lambda h, w, b: linear_sample(h, w, bias=b, generator=generator, **filters),
+                                  input_ids=step_ids, attention_mask=mask, use_cache=True, **{cache_name: past},
+                                  **_positions(decoder, mask, mask.shape[1] - step_ids.shape[1]))
             past = getattr(out, cache_name)
-            h = out.last_hidden_state[:, -1]
-            s = linear_sample(h, head.weight, bias=head.bias, generator=generator, **filters)
             tok = torch.where(done, torch.full_like(s.actions, pad_token_id), s.actions)
             alive.append(~done)
             ids.append(tok)
