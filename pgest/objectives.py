@@ -252,6 +252,160 @@ def ppo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, *,
     return aggregate(loss, m, aggregation, normalizer, process_group=process_group), metrics
 
 
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+
+
+def _positive(v, name: str, allow_none: bool = False) -> Optional[float]:
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    return float(v)
+
+
+def grpo_loss(log_prob: Tensor, old_log_prob: Optional[Tensor], advantages: Tensor, mask: Optional[Tensor] = None,
+              *, loss_type: str = "dapo", importance_sampling_level: str = "token", epsilon: float = 0.2,
+              epsilon_high: Optional[float] = None, delta: Optional[float] = None, beta: float = 0.0,
+              ref_log_prob: Optional[Tensor] = None, sapo_temperature_pos: float = 1.0,
+              sapo_temperature_neg: float = 1.05, max_completion_length: Optional[int] = None,
+              num_items_in_batch=None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The GRPO family under TRL's names and with TRL's definitions
+    (``GRPOTrainer._compute_loss`` of TRL 1.16, one process, no gradient
+    accumulation), on (B, T) per-token log-probabilities of B completions.
+
+    With r = exp(lp - old) per token (``importance_sampling_level="token"``)
+    or r = exp(masked mean of lp - old over the sequence) per sequence
+    (``"sequence"``, GSPO: Zheng et al. 2025), A the advantages ((B,) or
+    (B, T)), eps_low = ``epsilon``, eps_high = ``epsilon_high`` (default
+    ``epsilon``; DAPO's clip-higher, Yu et al. 2025), the per-token loss:
+
+    - grpo, bnpo, dr_grpo, dapo, luspo: -min(r' A, clip(r, 1 - eps_low,
+      1 + eps_high) A), r' = min(r, ``delta``) when delta is set (the
+      two-sided clip of INTELLECT-2);
+    - cispo: -sg(min(r, eps_high)) A lp (MiniMax-M1, 2025: the clipped
+      ratio as a stopped weight of the REINFORCE term);
+    - sapo: -(4 / t) sigmoid(t (r - 1)) A, t = ``sapo_temperature_pos``
+      where A > 0 else ``sapo_temperature_neg`` (a soft gate for the clip);
+
+    plus ``beta`` * k3(ref || lp) = exp(ref - lp) - (ref - lp) - 1 per token
+    (Shao et al. 2024) when beta != 0. Aggregated over the mask as TRL
+    does: grpo and sapo: mean over sequences of each sequence's token mean
+    (Shao et al. 2024); bnpo: over all tokens; dr_grpo: sum over tokens /
+    (B * ``max_completion_length``) (Liu et al. 2025); dapo and cispo: sum
+    over tokens / ``num_items_in_batch`` (the generation batch's completion
+    tokens; default: this batch's); luspo: mean over sequences of each
+    sequence's token sum. ``old_log_prob`` None: the on-policy case (lp
+    detached).
+
+    Returns ``(loss, metrics)``: TRL's logged figures (``kl``;
+    ``clip_ratio/low_mean``, ``high_mean``, ``region_mean``: shares of
+    tokens (sequences at sequence level) whose ratio was clipped on the side
+    its advantage makes active; ``clip_ratio/low_min``, ``high_max``:
+    extremes of the per-sequence shares; ``cispo_clip_ratio``) and the raw
+    ratio before any clipping (``ratio_mean``, ``ratio_min``, ``ratio_max``).
+    Masked tokens are selected out, never multiplied by 0 (a NaN there
+    reaches neither loss nor gradient). The ``vespo`` loss is not provided.
+    """
+    if not isinstance(log_prob, Tensor) or not log_prob.dtype.is_floating_point or log_prob.dim() != 2:
+        raise TypeError("log_prob must be a (completions, tokens) float tensor")
+    if loss_type == "vespo":
+        raise NotImplementedError("grpo_loss: loss_type='vespo' is not provided")
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not 0 <= epsilon < 1:
+        raise ValueError(f"epsilon must be a number in [0, 1), got {epsilon!r}")
+    eps_high = float(epsilon) if epsilon_high is None else _positive(epsilon_high, "epsilon_high")
+    delta = _positive(delta, "delta", allow_none=True)
+    t_pos, t_neg = _positive(sapo_temperature_pos, "sapo_temperature_pos"), \
+        _positive(sapo_temperature_neg, "sapo_temperature_neg")
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not abs(beta) < float("inf"):
+        raise ValueError(f"beta must be a finite number, got {beta!r}")
+    old = log_prob.detach() if old_log_prob is None else old_log_prob
+    _check_like(old, log_prob, "old_log_prob")
+    if beta != 0:
+        if ref_log_prob is None:
+            raise ValueError("beta != 0 needs ref_log_prob (the reference policy's per-token log-probs)")
+        _check_like(ref_log_prob, log_prob, "ref_log_prob")
+    if not isinstance(advantages, Tensor) or not advantages.dtype.is_floating_point:
+        raise TypeError("advantages must be a float tensor")
+    if advantages.shape not in (log_prob.shape[:1], log_prob.shape):
+        raise ValueError(f"advantages must have shape ({log_prob.shape[0]},) or {tuple(log_prob.shape)}, got "
+                         f"{tuple(advantages.shape)}")
+    if loss_type == "dr_grpo" and (isinstance(max_completion_length, bool) or
+                                   not isinstance(max_completion_length, int) or max_completion_length < 1):
+        raise ValueError(f"loss_type='dr_grpo' needs max_completion_length, an int >= 1, got "
+                         f"{max_completion_length!r}")
+    m = _mask_of(mask, log_prob)
+    m = torch.ones_like(log_prob, dtype=torch.bool) if m is None else m
+    mf = m.to(_acc_dtype(log_prob))
+    adv = (advantages[:, None] if advantages.dim() == 1 else advantages).detach()
+    log_ratio = _select(log_prob - old.detach(), m)
+    if importance_sampling_level == "token":
+        log_w = log_ratio
+    else:
+        log_w = (log_ratio.sum(-1) / mf.sum(-1).clamp_min(1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_w)
+    if loss_type == "cispo":
+        per_token = -torch.clamp(coef_1, max=eps_high).detach() * adv * log_prob
+    elif loss_type == "sapo":
+        t = torch.where(adv > 0, t_pos, t_neg)
+        per_token = -(torch.sigmoid(t * (coef_1 - 1)) * 4 / t) * adv
+    else:
+        coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + eps_high)
+        capped = coef_1 if delta is None else torch.clamp(coef_1, max=delta)
+        per_token = -torch.minimum(capped * adv, coef_2 * adv)
+    if beta != 0:
+        d = _select(ref_log_prob.detach() - log_prob, m)
+        per_token_kl = torch.exp(d) - d - 1
+        per_token = per_token + beta * per_token_kl
+    per_token = _select(per_token.expand_as(log_prob), m).to(mf.dtype)
+    B = log_prob.shape[0]
+    if loss_type in ("grpo", "sapo"):
+        loss = (per_token.sum(-1) / mf.sum(-1).clamp_min(1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = per_token.sum() / mf.sum().clamp_min(1.0)
+    elif loss_type == "dr_grpo":
+        loss = per_token.sum() / (B * max_completion_length)
+    elif loss_type == "luspo":
+        loss = per_token.sum(-1).mean()
+    else:  # dapo, cispo
+        n = mf.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=mf.dtype,
+                                                                           device=mf.device)
+        loss = per_token.sum() / n.clamp_min(1.0)
+    metrics: Dict[str, Tensor] = {}
+    with torch.no_grad():
+        def global_mean(x):  # TRL's global_masked_mean, one process
+            if x.shape[1] == 1:
+                return x.to(mf.dtype).sum() / max(B, 1)
+            return _select(x.to(mf.dtype), m).sum() / mf.sum().clamp_min(1.0)
+
+        def seq_means(x):  # TRL's masked_seq_mean: NaN for a sequence without tokens
+            if x.shape[1] == 1:
+                return x.squeeze(1).to(mf.dtype)
+            return _select(x.to(mf.dtype), m).sum(-1) / mf.sum(-1)
+
+        if beta != 0:
+            metrics["kl"] = global_mean(per_token_kl)
+        if loss_type == "cispo":
+            metrics["cispo_clip_ratio"] = global_mean((coef_1 > eps_high) & (adv > 0))
+        elif loss_type != "sapo":
+            low = (coef_1 < 1 - epsilon) & (adv < 0)
+            high = (coef_1 > 1 + eps_high) & (adv > 0)
+            metrics["clip_ratio/low_mean"] = global_mean(low)
+            metrics["clip_ratio/high_mean"] = global_mean(high)
+            metrics["clip_ratio/region_mean"] = global_mean(low | high)
+            lows, highs = seq_means(low), seq_means(high)
+            metrics["clip_ratio/low_min"] = torch.where(lows.isnan(), torch.inf, lows).min()
+            metrics["clip_ratio/high_max"] = torch.where(highs.isnan(), -torch.inf, highs).max()
+        r = coef_1.expand_as(log_prob)
+        metrics["ratio_mean"] = global_mean(coef_1)
+        metrics["ratio_min"] = torch.where(m, r, torch.inf).min()
+        metrics["ratio_max"] = torch.where(m, r, -torch.inf).max()
+    return loss, metrics
+
+
 def policy_gradient_loss(log_prob: Tensor, advantages: Tensor, *, mask: Optional[Tensor] = None,
                          aggregation: str = "token-mean", normalizer: Optional[float] = None,
                          process_group=None) -> Tensor:

@@ -272,3 +272,108 @@ def test_mismatch_is_zero_between_pgest_sampler_and_trainer():
     lp, _ = pgest.linear_log_prob(h, w, s.actions, temperature=0.8, top_p=0.9)
     m = obj.mismatch(s.log_prob, lp)
     assert m["identical"] == 1 and m["max_abs_diff"] == 0 and m["kl_k3"] == 0
+
+
+# ---- the GRPO family against TRL's own loss ---------------------------------------------------
+
+
+def _trl_loss(loss_type, level, eps, eps_high, delta, beta, lp, old, ref, adv, mask, sapo=(1.0, 1.05)):
+    """TRL 1.16's GRPOTrainer._compute_loss, called on a stand-in trainer
+    whose model returns the given per-token log-probs (one process, no
+    accumulation): the loss and the metrics it logs."""
+    import collections
+    from types import SimpleNamespace
+
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    class Accelerator:
+        num_processes = 1
+
+        def reduce(self, t, reduction="sum"):
+            return t
+
+        def gather(self, t):
+            return t
+
+        gather_for_metrics = gather
+
+    B, T = lp.shape
+    metrics = {"train": collections.defaultdict(list), "eval": collections.defaultdict(list)}
+    fake = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (lp, torch.zeros_like(lp), None),
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level, beta=beta,
+        args=SimpleNamespace(delta=delta, use_bias_correction_kl=False, sapo_temperature_pos=sapo[0],
+                             sapo_temperature_neg=sapo[1], steps_per_generation=1),
+        loss_type=loss_type, epsilon_low=eps, epsilon_high=eps if eps_high is None else eps_high, use_vllm=False,
+        vllm_importance_sampling_correction=False, model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1, accelerator=Accelerator(), max_completion_length=T,
+        _entropy_bonus_enabled=False, aux_loss_enabled=False, use_adaptive_entropy=False, _metrics=metrics)
+    inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask.long(),
+              "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
+              "num_items_in_batch": mask.sum().double()}
+    loss = GRPOTrainer._compute_loss(fake, None, inputs)
+    return loss, {k: v[0] for k, v in metrics["train"].items()}
+
+
+@pytest.mark.parametrize("loss_type", obj.GRPO_LOSS_TYPES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_grpo_loss_is_trls_loss_and_metrics(loss_type, level):
+    # every combination of beta, delta and clip-higher: the loss, its gradient
+    # and the logged metrics of TRL's trainer, to float64 rounding
+    pytest.importorskip("trl")
+    g = torch.Generator().manual_seed(len(loss_type) + len(level))
+    B, T = 6, 7
+    lp0 = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5 - 1.0
+    old = lp0 + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3  # ratios well outside [0.8, 1.2]
+    ref = lp0 + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.2
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, T, generator=g) > 0.25
+    mask[2] = False  # a completion with no tokens
+    mask[0] = True
+    for beta in (0.0, 0.04):
+        for delta in (None, 1.4):
+            for eps_high in (None, 0.28):
+                kw = dict(loss_type=loss_type, importance_sampling_level=level, epsilon=0.2, epsilon_high=eps_high,
+                          delta=delta, beta=beta)
+                if loss_type == "cispo":
+                    kw["epsilon_high"] = 5.0 if eps_high is None else 1.3  # cispo's bound is on the ratio itself
+                a = lp0.clone().requires_grad_()
+                theirs, their_metrics = _trl_loss(loss_type, level, 0.2, kw["epsilon_high"], delta, beta, a, old,
+                                                  ref, adv, mask)
+                theirs.backward()
+                b = lp0.clone().requires_grad_()
+                ours, our_metrics = obj.grpo_loss(b, old, adv, mask, ref_log_prob=ref, max_completion_length=T,
+                                                         **kw)
+                ours.backward()
+                where = f"{kw}"
+                torch.testing.assert_close(ours, theirs.detach(), rtol=1e-12, atol=1e-14, msg=where)
+                torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-14, msg=where)
+                for k, v in their_metrics.items():
+                    if k in ("entropy",):
+                        continue
+                    assert k in our_metrics, (k, where)
+                    # TRL takes the clip shares of float32 flags: float32 rounding
+                    assert abs(float(our_metrics[k]) - v) <= 1e-6 * max(1e-3, abs(v)), (k, where)
+
+
+def test_grpo_loss_arguments_are_checked():
+    lp = torch.zeros(2, 3)
+    adv = torch.zeros(2)
+    for kw, exc, match in [(dict(loss_type="ppo"), ValueError, "loss_type"),
+                           (dict(loss_type="vespo"), NotImplementedError, "vespo"),
+                           (dict(importance_sampling_level="token-mean"), ValueError, "importance_sampling_level"),
+                           (dict(epsilon=1.5), ValueError, "epsilon"),
+                           (dict(epsilon_high=-0.1), ValueError, "epsilon_high"),
+                           (dict(delta=0), ValueError, "delta"),
+                           (dict(beta=0.1), ValueError, "ref_log_prob"),
+                           (dict(loss_type="dr_grpo"), ValueError, "max_completion_length")]:
+        with pytest.raises(exc, match=match):
+            obj.grpo_loss(lp, lp, adv, **kw)
+    with pytest.raises(ValueError, match="advantages"):
+        obj.grpo_loss(lp, lp, torch.zeros(3))
+    # NaN in masked positions reaches neither the loss nor the gradient
+    x = torch.tensor([[0.1, float("nan")], [0.2, 0.3]], requires_grad=True)
+    loss, _ = obj.grpo_loss(x, None, torch.tensor([1.0, -1.0]), torch.tensor([[1, 0], [1, 1]]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
