@@ -25,6 +25,13 @@ from .. import _checks
 from ..device_errors import checked_now
 from ..ops.log_prob import forward_rows
 
+# The vocabulary grid of split rows: pieces of PIECE entries from column 0
+# (from a shard's first column under a group), their statistics folded in
+# order. A fixed grid, not the callers' tiles or shards, is what keeps a
+# row's numbers the same however the vocabulary is split, wherever the
+# splits fall on the grid.
+PIECE = 2048
+
 
 def piece_stats(x: Tensor, row0: Union[int, Tensor] = 0, col0: int = 0, what: str = "", probe: Optional[Tensor] = None
                 ) -> Tuple[Tensor, Tensor, Tensor]:

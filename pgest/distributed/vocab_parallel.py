@@ -6,9 +6,11 @@ vocabulary:
 
 1. an all_gather of (shard size, ok) per rank: the layout, and an error on
    any rank raises on every rank instead of leaving the others waiting;
-2. an all_gather of each rank's per-row (max, log Z, entropy) of its shard
-   (pgest's native row kernel), merged on every rank in rank order
-   (row_merge.py), so every rank holds the same bits;
+2. an all_gather of each rank's per-row statistics of the pieces of its
+   shard (row_merge.PIECE columns from the shard's first, pgest's native
+   row kernel), folded on every rank in the global order of the pieces
+   (row_merge.fold), so every rank holds the same bits, and so do groups of
+   any size whose shards split on the piece grid;
 3. one all_reduce (sum) of the chosen tokens' logits, nonzero only on the
    rank that owns each token (a sum of one value and zeros: exact).
 
@@ -19,8 +21,8 @@ statistics (the vocabulary-tile form of log_prob.h).
 Sampling draws the same actions as pgest.sample on the concatenated logits
 for the same generator state: the Philox uniforms are keyed by a seed taken
 from rank 0's generator (every rank's generator still advances by one draw,
-so ranks seeded alike stay alike), the shard a draw falls in is found from
-the gathered shard masses, its owner places the draw inside its shard with
+so ranks seeded alike stay alike), the piece a draw falls in is found from
+the gathered pieces' masses, its owner places the draw inside that piece with
 the native sampler, and one all_reduce shares the actions.
 
 Nothing here is imported on the path of a call without a process group.
@@ -46,7 +48,7 @@ from ..ops.log_prob import backward_rows, refuse_double_backward, rows_of
 from ..ops.sample import sample_native
 from ..philox import cpu_seed, seed_tensor
 from ..philox import uniforms as philox_uniforms
-from .row_merge import Merged, piece_masses, piece_stats, place_draws, sums
+from .row_merge import PIECE, fold, piece_masses, piece_stats, place_draws, sums
 
 
 def dist_module():
@@ -94,34 +96,29 @@ def raise_if_failed(flags: Tensor, rank: int, error: Optional[BaseException]) ->
                        "says why); this rank stopped with them")
 
 
-def _gathered_stats(x: Tensor, group, layout: Layout, probe: Optional[Tensor]) -> Tensor:
-    """Collective 2: (world, 3, rows) float64 (max, log Z, entropy) of every
-    rank's shard. A local error travels as a flag in the same gather."""
-    error = mine = None
-    try:
-        mine = sums(*piece_stats(x, 0, layout.offset, " (this rank's vocabulary shard; the column is global)",
-                                 probe=probe))
-    except ValueError as e:
-        error = e
-    return gather_stats(mine, x.shape[0], x.device, group, layout, error)
+def _shard_pieces(x: Tensor, offset: int, probe: Optional[Tensor]) -> Tensor:
+    """(rows, pieces, 3) float64 (max, Z, D) of this shard's pieces of the
+    grid (row_merge.PIECE columns from the shard's first one)."""
+    pieces = [sums(*piece_stats(x[:, c0:c0 + PIECE], 0, offset + c0, " (this rank's vocabulary shard; the column "
+                                "is global)", probe=probe)) for c0 in range(0, x.shape[1], PIECE)]
+    if not pieces:
+        return torch.zeros((x.shape[0], 0, 3), dtype=torch.float64, device=x.device)
+    return torch.stack([torch.stack(p, -1) for p in pieces], 1)
 
 
-def gather_stats(mine, rows: int, device, group, layout: Layout, error: Optional[BaseException]) -> Tensor:
-    """Float64 (max, Z, D) of this rank's shard (row_merge.sums; None after
-    ``error``) -> (world, 3, rows) of every rank's; raises on every rank if
-    any rank failed."""
-    dist = dist_module()
+def _pieces_table(x: Tensor, group, layout: Layout, probe: Optional[Tensor],
+                  error: Optional[BaseException] = None) -> Tuple[Tensor, int]:
+    """Collective 2: every rank's pieces, (rows, all pieces, 3) in global
+    order, and this rank's first piece. A local error travels as a flag."""
+    mine = None
     if error is None:
-        mine = torch.stack([t.double() for t in mine])
-    else:
-        mine = torch.zeros((3, rows), dtype=torch.float64, device=device)
-    flag = torch.full((3, 1), 0.0 if error is None else 1.0, dtype=torch.float64, device=device)
-    mine = torch.cat([mine, flag], 1)
-    got = [torch.empty_like(mine) for _ in range(layout.world)]
-    dist.all_gather(got, mine, group=group)
-    table = torch.stack(got)
-    raise_if_failed(table[:, 0, -1].cpu(), layout.rank, error)
-    return table[:, :, :-1]
+        try:
+            mine = _shard_pieces(x, layout.offset, probe)
+        except ValueError as e:
+            error = e
+    counts = [-(-size // PIECE) for size in layout.sizes]
+    table = gather_pieces(mine, counts, x.shape[0], x.device, group, layout, error)
+    return table, sum(counts[:layout.rank])
 
 
 def gather_pieces(mine: Optional[Tensor], counts, rows: int, device, group, layout: Layout,
@@ -169,13 +166,6 @@ class Shard:
     def sum_(self, t: Tensor) -> Tensor:
         dist_module().all_reduce(t, group=self.group)
         return t
-
-
-def _merge(table: Tensor, acc: torch.dtype, index=0, what: str = "") -> Tuple[Tensor, Tensor, Tensor]:
-    merged = Merged(table.shape[2], table.device)
-    for r in range(table.shape[0]):  # rank order: the same bits on every rank
-        merged.add_sums(table[r, 0], table[r, 1], table[r, 2])
-    return merged.result(acc, index, what)  # the same table on every rank: all raise alike
 
 
 def _chosen(x: Tensor, actions: Tensor, layout: Layout, keep: Tensor, group) -> Tensor:
@@ -229,10 +219,10 @@ def forward(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], g
                                + (f" and is not ignore_index ({ignore_index})" if ignore_index is not None else ""))
     # padding rows (every action ignored) are not read, as in pgest.log_prob
     probe = None if live is None or bool(live.all()) else live
-    if error is not None:  # fail together: the range error travels as the statistics' flag
-        gather_stats(None, R, x.device, group, layout, error)
-    table = _gathered_stats(x, group, layout, probe)
-    M, LZ, H = _merge(table, acc)
+    # every rank folds every piece in one order: the same bits for any group
+    # whose shards split on the piece grid (a range error travels as the flag)
+    table, _ = _pieces_table(x, group, layout, probe, error)
+    M, LZ, H = fold(table, acc)
     stats = torch.stack([M, LZ, H])
     if live is not None:
         stats = torch.where(live[None, :], stats, torch.zeros((), dtype=acc, device=x.device))
@@ -313,18 +303,22 @@ def sample(logits: Tensor, num_samples: int, generator: Optional[torch.Generator
     seed = int(table[0, 2])  # rank 0's: every rank draws the same uniforms
     R, S = x.shape[0], num_samples
     acc = _checks.stats_dtype(x.dtype)
-    stats = _gathered_stats(x, group, layout, None)
-    M, LZ, H = _merge(stats, acc)
+    table, first = _pieces_table(x, group, layout, None)
+    M, LZ, H = fold(table, acc)
     u = philox_uniforms(R, S, seed).to(x.device)
-    j, inner = place_draws(piece_masses(stats[:, 0].T, stats[:, 1].T, M), u)
+    # every rank places every draw on the whole row's pieces; the owner draws
+    j, inner = place_draws(piece_masses(table[..., 0], table[..., 1], M), u)
     actions = torch.zeros((R, S), dtype=torch.float64, device=x.device)
-    rows, ss = (j == layout.rank).nonzero(as_tuple=True)
-    if rows.numel():
+    local = j - first
+    for p in torch.unique(local[(local >= 0) & (local * PIECE < x.shape[1])]).tolist():
+        rows, ss = (local == p).nonzero(as_tuple=True)
         ur, inv = torch.unique(rows, return_inverse=True)
-        xs = x[ur] if ur.shape[0] == rows.shape[0] else x[ur][inv]
+        c0 = p * PIECE
+        xs = x[ur, c0:c0 + PIECE]
+        xs = xs if ur.shape[0] == rows.shape[0] else xs[inv]
         with checked_now():
             got, _, _, _ = sample_native(xs.contiguous(), 1, 0, uniforms=inner[rows, ss].contiguous().view(-1, 1))
-        actions[rows, ss] = (got.view(-1) + layout.offset).double()
+        actions[rows, ss] = (got.view(-1) + layout.offset + c0).double()
     dist.all_reduce(actions, group=group)  # one owner per draw: a sum of one value and zeros
     actions = actions.to(torch.int64)
     xa = _chosen(x, actions, layout, torch.ones_like(actions, dtype=torch.bool), group)

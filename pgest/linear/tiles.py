@@ -21,16 +21,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+# the vocabulary grid the head's statistics and products run on (re-exported)
+from ..distributed.row_merge import PIECE  # noqa: F401
+
 HALF = (torch.float16, torch.bfloat16)
 # cuBLAS takes 16-bit inputs with a float32 output at the speed of a 16-bit
 # one; torch's CPU matmul has no such kernel (aten::mm.dtype)
 MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 F32_ROWS = 8192
 ROW_MULTIPLE = 4
-# The vocabulary grid of the head's statistics (and of its gradient
-# products): pieces of PIECE entries from column 0, merged in order, so a
-# token's numbers do not depend on the vocabulary tile; tiles are multiples.
-PIECE = 2048
 
 
 def padded_rows(h: Tensor) -> Tensor:
