@@ -29,6 +29,7 @@ import torch
 
 from pgest import objectives
 from pgest.examples import require
+from pgest.examples.memory import peak_allocated_bytes
 
 DIGITS, SEP, END, PAD = 10, 10, 11, 12
 VOCAB = 13
@@ -97,10 +98,12 @@ def materialised_log_probs(model, full: torch.Tensor, n: int, temperature: float
 
 def train(steps: int = 600, length: int = 3, prompts_per_step: int = 16, group: int = 8, lr: float = 3e-3,
           beta: float = 0.01, temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
-          progress: bool = True, route: str = "pgest") -> dict:
+          progress: bool = True, route: str = "pgest", measure_memory: bool = True) -> dict:
     """GRPO steps; ``route`` "pgest" (the fused sampler and head) or
     "materialised" (the model's logits on both sides, the sampler truncated
-    by top-p, the trainer scoring the full softmax as is common)."""
+    by top-p, the trainer scoring the full softmax as is common). With
+    ``measure_memory`` the first step's trainer forward and backward is run
+    under the allocation profiler: its peak is ``train_step_peak_bytes``."""
     from pgest.integrations import hf
 
     if route not in ("pgest", "materialised"):
@@ -113,6 +116,7 @@ def train(steps: int = 600, length: int = 3, prompts_per_step: int = 16, group: 
     history: List[dict] = []
     t0 = time.perf_counter()
     tokens = 0
+    peak = None
     for step in range(steps):
         p = prompts(prompts_per_step, length, g).repeat_interleave(group, 0)
         model.eval()
@@ -130,19 +134,29 @@ def train(steps: int = 600, length: int = 3, prompts_per_step: int = 16, group: 
         full = torch.cat([p, comp], 1)
         mask = torch.cat([torch.ones_like(p), comp_mask], 1)
         n = comp.shape[1]
-        if route == "pgest":
-            kw = dict(logits_to_keep=n, temperature=temperature, threshold=gen.truncation.cut)
-            lp, _ = hf.token_log_probs(model, full, mask, **kw)
-            with torch.no_grad():
-                ref_lp, _ = hf.token_log_probs(reference, full, mask, logits_to_keep=n, temperature=temperature)
-        else:
-            lp = materialised_log_probs(model, full, n, temperature)
-            with torch.no_grad():
-                ref_lp = materialised_log_probs(reference, full, n, temperature)
         cm = comp_mask.bool()
-        loss, metrics = objectives.ppo_loss(lp, sampler_lp, adv, mask=cm, clip=0.2)
-        kl = objectives.aggregate(objectives.kl_penalty(lp, ref_lp), cm)
-        (loss + beta * kl).backward()
+
+        def learn():  # the trainer's forward and backward
+            if route == "pgest":
+                kw = dict(logits_to_keep=n, temperature=temperature, threshold=gen.truncation.cut)
+                lp, _ = hf.token_log_probs(model, full, mask, **kw)
+                with torch.no_grad():
+                    ref_lp, _ = hf.token_log_probs(reference, full, mask, logits_to_keep=n, temperature=temperature)
+            else:
+                lp = materialised_log_probs(model, full, n, temperature)
+                with torch.no_grad():
+                    ref_lp = materialised_log_probs(reference, full, n, temperature)
+            loss, _ = objectives.ppo_loss(lp, sampler_lp, adv, mask=cm, clip=0.2)
+            kl = objectives.aggregate(objectives.kl_penalty(lp, ref_lp), cm)
+            (loss + beta * kl).backward()
+            return lp, kl
+
+        if step == 0 and measure_memory:  # measured once: the profiler's replay is slow
+            result = []
+            peak = peak_allocated_bytes(lambda: result.append(learn()))
+            lp, kl = result[0]
+        else:
+            lp, kl = learn()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         mismatch = objectives.mismatch(sampler_lp, lp.detach(), cm)
@@ -156,7 +170,8 @@ def train(steps: int = 600, length: int = 3, prompts_per_step: int = 16, group: 
                   f"sampler/trainer max |dlogp| {row['mismatch_max']:.1e}, ratio outside [0.9, 1.1] "
                   f"{row['outside_band']:.1%}  "
                   f"{tokens / (time.perf_counter() - t0):.0f} tokens/s", flush=True)
-    return {"history": history, "seconds": time.perf_counter() - t0, "tokens": tokens}
+    return {"history": history, "seconds": time.perf_counter() - t0, "tokens": tokens,
+            "train_step_peak_bytes": peak}
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -175,7 +190,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     outside = sum(r["outside_band"] for r in h) / len(h)
     print(f"{args.route}: mean reward: first 10 steps {first:.3f}, last 10 steps {last:.3f} (chance: "
           f"{1 / DIGITS:.3f}); {out['tokens'] / out['seconds']:.0f} completion tokens/s; sampler/trainer ratio "
-          f"outside [0.9, 1.1] for {outside:.1%} of tokens on average")
+          f"outside [0.9, 1.1] for {outside:.1%} of tokens on average; peak memory of a training step (the "
+          f"first) {out['train_step_peak_bytes'] / 2**20:.2f} MiB")
     if args.plot:
         plt = require("matplotlib.pyplot")
         plt.plot([r["reward"] for r in h])
