@@ -208,6 +208,28 @@ def test_linear_sampling_token_by_token_equals_scoring_the_sequence(dtype, tiles
     assert torch.equal(torch.cat([s.entropy for s in steps]), ent)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_truncated_head_gradient_of_a_token_alone_and_in_a_batch(dtype):
+    # the truncated route's blocks of tokens: log-prob, entropy and the hidden
+    # state's gradient of a token alone and inside batches of 13 and 37
+    V, H = 5000, 48
+    kw = dict(temperature=0.8, top_p=0.9)
+    for N, t in ((13, 5), (37, 36)):
+        hidden, weight, bias, _ = head_inputs(V, H, N, t, dtype, seed=N)
+        actions = pgest.linear_sample(hidden, weight, bias=bias, generator=torch.Generator().manual_seed(2),
+                                      **kw).actions
+
+        def run(h, a):
+            h = h.clone().requires_grad_()
+            lp, ent = pgest.linear_log_prob(h, weight, a, bias=bias, **kw)
+            (lp.sum() + 0.3 * ent.sum()).backward()
+            return lp, ent, h.grad
+
+        lp_all, ent_all, g_all = with_threads(2, lambda: run(hidden, actions))
+        lp1, ent1, g1 = with_threads(1, lambda: run(hidden[t:t + 1], actions[t:t + 1]))
+        assert same_bits(lp1[0], lp_all[t]) and same_bits(ent1[0], ent_all[t]) and same_bits(g1[0], g_all[t])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_linear_policy_loss_gradient_of_a_token_alone_and_in_a_batch(dtype):
     # with reduction="sum" a token's share of the loss and its hidden-state

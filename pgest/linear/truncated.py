@@ -27,7 +27,7 @@ from ..ops.log_prob import backward_rows, forward_rows, refuse_double_backward
 from ..ops.sample import sample_native
 from ..philox import uniforms as philox_uniforms
 from ..truncation import Filters, Truncation, check_kept, empty_record, inverse_temperature, kept_logits
-from .tiles import logits_dtype, logits_tile
+from .tiles import logits_dtype, logits_tile, mm_rows
 
 BLOCK_SHARE = 40  # a block of tokens holds at most 1/40 of the logits
 
@@ -140,7 +140,7 @@ class TruncatedLinearLogProb(torch.autograd.Function):
                                grad_entropy=None if grad_ent is None else grad_ent[r0:r1],
                                row_scale=inverse_temperature(_rows(ctx.f, r0, r1), r1 - r0, acc, z.device))
             if need_h:
-                gh[r0:r1] = (dz.to(w.dtype) @ w).to(h2.dtype)
+                gh[r0:r1] = mm_rows(dz.to(w.dtype), w).to(h2.dtype)  # a token's rows its own bits (tiles.py)
             if need_w:
                 gw += (dz.to(h2.dtype).T @ h2[r0:r1]).to(gw.dtype)
             if need_b:
