@@ -96,17 +96,16 @@ def tile_sizes(hidden: Tensor, token_tile, vocab_tile) -> Tuple[int, int]:
 
 # ---- tiles -------------------------------------------------------------------
 
-def _vocab_tiles(h: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, tv: int,
+def _vocab_tiles(h: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float,
                  full: Optional[Tensor] = None):
     """(v0, v1, logits) for each piece of the vocabulary grid (tiles.PIECE
     entries from column 0) of these tokens: a product per piece, or, with
     ``full`` (these tokens' logits over the whole vocabulary, computed once
     by the caller), views of it. Products, statistics and the gradients'
-    products all run on the pieces, whatever ``tv``: the matmul's bits for a
-    column depend on the product's width (float64 on the CPU: the last 4-8
-    columns of a width), so a fixed grid is what keeps a token's numbers
-    independent of the vocabulary tile. ``tv`` is kept for the callers'
-    signatures and no longer shapes the work."""
+    products all run on the pieces, whatever vocab_tile the caller took:
+    the matmul's bits for a column depend on the product's width (float64
+    on the CPU: the last 4-8 columns of a width), so a fixed grid is what
+    keeps a token's numbers independent of the vocabulary tile."""
     V = weight.shape[0]
     if full is None and h.dtype in HALF and not (h.is_cuda and MM_OUT_DTYPE):
         h = h.float()  # the CPU's float32 products: one copy of the tokens for all their vocabulary tiles
@@ -116,28 +115,28 @@ def _vocab_tiles(h: Tensor, weight: Tensor, bias: Optional[Tensor], temperature:
 
 
 def token_tile_stats(h: Tensor, row0: Union[int, Tensor], weight: Tensor, bias: Optional[Tensor],
-                      temperature: float, tv: int, tiles: Optional[Tensor] = None,
+                      temperature: float, pieces: Optional[Tensor] = None,
                       full: Optional[Tensor] = None) -> Merged:
     """The merged float64 statistics of these tokens over the vocabulary's
     pieces, in piece order (the one order every route uses, row_merge.fold
-    included: the same bits); with ``tiles`` (n, pieces, 3) also each
+    included: the same bits); with ``pieces`` (n, pieces, 3) also each
     piece's float64 (max, Z, D)."""
     merged = Merged(h.shape[0], h.device)
-    for j, (v0, _, x) in enumerate(_vocab_tiles(h, weight, bias, temperature, tv, full)):
+    for j, (v0, _, x) in enumerate(_vocab_tiles(h, weight, bias, temperature, full)):
         piece = sums(*piece_stats(x, row0, v0, NEVER_BUILT))
         merged.add_sums(*piece)
-        if tiles is not None:
+        if pieces is not None:
             for c in range(3):
-                tiles[:, j, c] = piece[c]
+                pieces[:, j, c] = piece[c]
         del x
     return merged
 
 
-def _row_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, tn: int, tv: int,
-               keep_tiles: bool = False, raw: bool = False, index: Optional[Tensor] = None):
+def _row_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, tn: int,
+               keep_pieces: bool = False, raw: bool = False, index: Optional[Tensor] = None):
     """(max, log Z, H) of every row of the logits, tile by tile, in the
     accumulation type, or with ``raw`` the float64 (max, Z, D) to merge
-    further; with ``keep_tiles`` also each (row, piece of the vocabulary)'s float64
+    further; with ``keep_pieces`` also each (row, piece of the vocabulary)'s float64
     (max, Z, D). ``index``: the caller's token index of each row of ``h2`` (a
     gather of the live tokens), for the errors."""
     N, V = h2.shape[0], weight.shape[0]
@@ -148,18 +147,18 @@ def _row_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: 
     LZ = torch.empty((N,), dtype=out_dtype, device=dev)
     H = torch.empty((N,), dtype=out_dtype, device=dev)
     nt = -(-V // PIECE)
-    tiles = torch.empty((N, nt, 3), dtype=torch.float64, device=dev) if keep_tiles else None
+    pieces = torch.empty((N, nt, 3), dtype=torch.float64, device=dev) if keep_pieces else None
     for n0 in range(0, N, tn):
         n1 = min(N, n0 + tn)
         rows = n0 if index is None else index[n0:n1]
-        merged = token_tile_stats(h2[n0:n1], rows, weight, bias, temperature, tv,
-                                   None if tiles is None else tiles[n0:n1])
+        merged = token_tile_stats(h2[n0:n1], rows, weight, bias, temperature,
+                                   None if pieces is None else pieces[n0:n1])
         M[n0:n1], LZ[n0:n1], H[n0:n1] = merged.raw() if raw else merged.result(acc, rows, NEVER_BUILT)
-    return M, LZ, H, tiles
+    return M, LZ, H, pieces
 
 
-def _sharded_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, tn: int, tv: int,
-                   shard, acc: torch.dtype, index: Optional[Tensor] = None):
+def _sharded_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, tn: int, shard,
+                   acc: torch.dtype, index: Optional[Tensor] = None):
     """(max, log Z, H) and the (rows, pieces, 3) table of every piece of the
     whole vocabulary, for a head split over ``shard``'s group: each rank's
     pieces gathered and folded by every rank in the order one process folds
@@ -167,7 +166,7 @@ def _sharded_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperatu
     shards split on the piece grid (uneven shards included)."""
     table, error = None, None
     try:
-        table = _row_stats(h2, weight, bias, temperature, tn, tv, keep_tiles=True, raw=True, index=index)[3]
+        table = _row_stats(h2, weight, bias, temperature, tn, keep_pieces=True, raw=True, index=index)[3]
     except ValueError as e:
         error = e
     table = shard.gather_pieces(table, PIECE, h2.shape[0], h2.device, error)
@@ -226,7 +225,7 @@ def live_rows(actions: Tensor, ignore_index: Optional[int]) -> Optional[Tensor]:
     return live.nonzero().squeeze(1)
 
 
-def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, tv, shard=None):
+def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, shard=None):
     """-> log_prob (N, S), entropy (N,), stats (3, N) = [max, log Z, H].
     ``shard`` (vocab_parallel.Shard): weight and bias are this rank's rows of
     the vocabulary; the statistics are merged over the group and each chosen
@@ -241,9 +240,9 @@ def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, tv, shard
     hl, al = (h2, actions) if live is None else (h2[live], actions[live])
     if hl.shape[0]:
         if shard is None:
-            M, LZ, H, _ = _row_stats(hl, weight, bias, temperature, tn, tv, index=live)
+            M, LZ, H, _ = _row_stats(hl, weight, bias, temperature, tn, index=live)
         else:
-            M, LZ, H, _ = _sharded_stats(hl, weight, bias, temperature, tn, tv, shard, acc, live)
+            M, LZ, H, _ = _sharded_stats(hl, weight, bias, temperature, tn, shard, acc, live)
         keep = al != ignore_index if ignore_index is not None else torch.ones_like(al, dtype=torch.bool)
         x = chosen_logits(hl, weight, bias, al, temperature, tn, keep, shard)
         lpl = torch.where(keep, (x - M[:, None]) - LZ[:, None], torch.zeros((), dtype=acc, device=h2.device))
@@ -255,7 +254,7 @@ def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, tv, shard
     return lp, stats[2].clone(), stats
 
 
-def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, temperature, tn, tv,
+def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, temperature, tn,
               need_h: bool, need_w: bool, need_b: bool, shard=None):
     """Gradients of sum(g_lp * log_prob) + sum(g_ent * entropy) with respect to
     hidden (N, H), weight (V, H) and bias (V,): each logits tile recomputed
@@ -287,7 +286,7 @@ def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, tempe
         upstream = {"grad_log_prob": None if g_lp is None else g_lp[rows],
                     "grad_entropy": None if g_ent is None else g_ent[rows]}
         gh = token_tile_grads(h2[rows], actions[rows], st[:2].contiguous(), st[2], upstream, weight, bias,
-                               ignore_index, temperature, tv, col0, total or V, need_h, grad_w, grad_b)
+                               ignore_index, temperature, col0, total or V, need_h, grad_w, grad_b)
         if need_h:
             grad_h[rows] = gh.to(grad_h.dtype)
     if need_b:
@@ -295,7 +294,7 @@ def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, tempe
     return grad_h, grad_w, grad_b
 
 
-def token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_index, temperature, tv, col0, total,
+def token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_index, temperature, col0, total,
                       need_h, grad_w, grad_b, full=None, grads16=None):
     """One token tile's share of the three gradients: each vocabulary tile's
     logits (recomputed, or views of ``full``) turned into their gradient by
@@ -315,7 +314,7 @@ def token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_in
     24.1 s in vocabulary tiles of 4096)."""
     if full is not None:
         scratch = None
-        for v0, v1, x in _vocab_tiles(h, weight, bias, temperature, tv, full):
+        for v0, v1, x in _vocab_tiles(h, weight, bias, temperature, full):
             if scratch is None:
                 scratch = torch.empty((x.shape[0] * min(PIECE, weight.shape[0]),), dtype=x.dtype, device=x.device)
             with checked_now():
@@ -340,7 +339,7 @@ def token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_in
             grad_b += full.sum(0, dtype=grad_b.dtype) / temperature
         return gh
     gh = torch.zeros((h.shape[0], weight.shape[1]), dtype=torch.float64, device=h.device) if need_h else None
-    for v0, v1, x in _vocab_tiles(h, weight, bias, temperature, tv):
+    for v0, v1, x in _vocab_tiles(h, weight, bias, temperature):
         with checked_now():
             g = backward_rows(x, a, ignore_index, row_stats, entropy, col_offset=col0 + v0, total_cols=total,
                               **upstream)
@@ -368,8 +367,9 @@ def linear_log_prob_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], a
     """(N, H) hidden, (V, H) weight, (N, S) actions -> (log_prob (N, S),
     entropy (N,), stats (3, N) = [max, log Z, H])."""
     check_head_rows(hidden, weight, bias, actions, temperature)
+    check_tile(vocab_tile, "vocab_tile", 1)  # checked; the vocabulary goes in fixed pieces (_vocab_tiles)
     return _forward(hidden, weight, bias, index_tensor(actions, weight.shape[0]), ignore_index, temperature,
-                    check_tile(token_tile, "token_tile", 1), check_tile(vocab_tile, "vocab_tile", 1))
+                    check_tile(token_tile, "token_tile", 1))
 
 
 @linear_log_prob_op.register_fake
@@ -402,8 +402,8 @@ def linear_log_prob_backward_op(grad_log_prob: Optional[Tensor], grad_entropy: O
     acts = index_tensor(actions, weight.shape[0])
     check_actions_range(acts, weight.shape[0], ignore_index)  # the saved actions may have changed since
     gh, gw, gb = _backward(grad_log_prob, grad_entropy, hidden, weight, bias, acts, stats, ignore_index,
-                           temperature, check_tile(token_tile, "token_tile", 1),
-                           check_tile(vocab_tile, "vocab_tile", 1), needs[0], needs[1], needs[2] and bias is not None)
+                           temperature, check_tile(token_tile, "token_tile", 1), needs[0], needs[1],
+                           needs[2] and bias is not None)
     empty = hidden.new_empty((0,))
     return (gh if gh is not None else empty, gw if gw is not None else empty.clone(),
             gb if gb is not None else empty.clone())
@@ -512,10 +512,10 @@ class _ShardedLinearLogProb(torch.autograd.Function):
     full gradient of its replicated hidden states."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, actions, ignore_index, temperature, tn, tv, shard, reduce_hidden):
-        lp, ent, stats = _forward(hidden, weight, bias, actions, ignore_index, temperature, tn, tv, shard)
+    def forward(ctx, hidden, weight, bias, actions, ignore_index, temperature, tn, shard, reduce_hidden):
+        lp, ent, stats = _forward(hidden, weight, bias, actions, ignore_index, temperature, tn, shard)
         ctx.save_for_backward(hidden, weight, bias, actions, stats)
-        ctx.args = (ignore_index, temperature, tn, tv, shard, reduce_hidden)
+        ctx.args = (ignore_index, temperature, tn, shard, reduce_hidden)
         ctx.has_bias = bias is not None
         ctx.set_materialize_grads(False)
         return lp, ent
@@ -523,18 +523,18 @@ class _ShardedLinearLogProb(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
         hidden, weight, bias, actions, stats = ctx.saved_tensors
-        ignore_index, temperature, tn, tv, shard, reduce_hidden = ctx.args
+        ignore_index, temperature, tn, shard, reduce_hidden = ctx.args
         refuse_double_backward("pgest.linear_log_prob")
         needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
                  bool(ctx.has_bias and ctx.needs_input_grad[2])]
         check_actions_range(actions, shard.total, ignore_index)
         gh, gw, gb = _backward(grad_lp, grad_ent, hidden, weight, bias, actions, stats, ignore_index, temperature,
-                               tn, tv, needs[0], needs[1], needs[2], shard)
+                               tn, needs[0], needs[1], needs[2], shard)
         if gh is not None:
             if reduce_hidden:
                 shard.sum_(gh)
             gh = gh.to(hidden.dtype)
-        return gh, gw, gb, None, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None
 
 
 # ---- the public functions ----------------------------------------------------------
@@ -615,7 +615,7 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
     try:
         if process_group is not None:
             shard = _shard(weight, process_group, hidden, error)
-            lp, ent = _ShardedLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, temperature, tn, tv, shard,
+            lp, ent = _ShardedLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, temperature, tn, shard,
                                                   bool(reduce_hidden_grad))
         elif functorch_active():
             lp, ent = _FuncLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, temperature, tn, tv)
@@ -763,7 +763,7 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
         shard = _shard(weight, process_group, hidden, error, seed)
         seed = shard.seed  # rank 0's: every rank draws the same uniforms
     actions, lp, H = _sample_tokens(token_rows(hidden.detach()), weight.detach(),
-                                    None if bias is None else bias.detach(), temperature, S, seed, tn, tv, shard)
+                                    None if bias is None else bias.detach(), temperature, S, seed, tn, shard)
     return LinearSample(actions.view(shape), lp.view(shape), H.view(lead))
 
 
@@ -792,7 +792,7 @@ def _truncated_sample(hidden, weight, bias, temperature, top_k, top_p, min_p, nu
 
 
 def _sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], temperature: float, S: int, seed: int, tn: int,
-                   tv: int, shard=None) -> Tuple[Tensor, Tensor, Tensor]:
+                   shard=None) -> Tuple[Tensor, Tensor, Tensor]:
     """(N, H) tokens -> actions (N, S), log_prob (N, S), entropy (N,) of
     linear_sample, for a Philox seed already taken (rank 0's with ``shard``)."""
     N, dev = h2.shape[0], h2.device
@@ -805,7 +805,7 @@ def _sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], temperature: floa
         rows, ss = torch.meshgrid(torch.arange(N, device=dev), torch.arange(S, device=dev), indexing="ij")
         rows, ss = rows.reshape(-1), ss.reshape(-1)
         if shard is None:
-            M, LZ, H, table = _row_stats(h2, w, b, temperature, tn, tv, keep_tiles=True)
+            M, LZ, H, table = _row_stats(h2, w, b, temperature, tn, keep_pieces=True)
             actions = torch.empty((N, S), dtype=torch.int64, device=dev)
             j, inner = _place(table, M, u.reshape(-1), rows)
             _draw_in_pieces(h2, w, b, temperature, tn, j, inner, rows, ss, actions)
@@ -813,7 +813,7 @@ def _sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], temperature: floa
         else:
             # every rank places every draw on the whole vocabulary's pieces; the
             # owner of the piece draws, the group sums (one nonzero each: exact)
-            M, LZ, H, table = _sharded_stats(h2, w, b, temperature, tn, tv, shard, acc)
+            M, LZ, H, table = _sharded_stats(h2, w, b, temperature, tn, shard, acc)
             j, inner = _place(table, M, u.reshape(-1), rows)
             first, count = shard.first_piece, -(-w.shape[0] // PIECE)
             mine = ((j >= first) & (j < first + count)).nonzero().squeeze(1)
@@ -838,8 +838,8 @@ def linear_sample_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tem
         raise ValueError(f"hidden must be 2-D (N, H) here, got shape {tuple(hidden.shape)}")
     S = check_num_samples(num_samples)
     check_seed(seed, hidden.device)
-    return _sample_tokens(hidden, weight, bias, temperature, S, int(seed[0]), check_tile(token_tile, "token_tile", 1),
-                          check_tile(vocab_tile, "vocab_tile", 1))
+    check_tile(vocab_tile, "vocab_tile", 1)  # checked; the vocabulary goes in fixed pieces (_vocab_tiles)
+    return _sample_tokens(hidden, weight, bias, temperature, S, int(seed[0]), check_tile(token_tile, "token_tile", 1))
 
 
 @linear_sample_op.register_fake

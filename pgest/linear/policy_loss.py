@@ -59,11 +59,11 @@ from .head import (
     token_tile_grads,
     token_tile_stats,
 )
-from .tiles import logits_dtype, logits_tile
+from .tiles import PIECE, logits_dtype, logits_tile
 
 # The fused route keeps one token tile's logits over the whole vocabulary,
 # a vocabulary tile's gradient and the tile's hidden gradient (all in the
-# inputs' dtype; ``tv`` columns for the second): at most FUSED_BYTES, and at
+# inputs' dtype; a vocabulary piece's columns for the second): at most FUSED_BYTES, and at
 # most 1/FUSED_FRACTION of the whole logits (so that the workspace stays a
 # small part of what is never built), but never fewer than FUSED_MIN_TOKENS
 # tokens (smaller products run the matmul library well below its rate:
@@ -78,20 +78,20 @@ FUSED_FRACTION = 22
 FUSED_MIN_TOKENS = 128
 
 
-def _fused_token_tile(n_tokens: int, V: int, H: int, tv: int, dtype: torch.dtype, device: torch.device) -> int:
+def _fused_token_tile(n_tokens: int, V: int, H: int, dtype: torch.dtype, device: torch.device) -> int:
     size = torch.empty((), dtype=dtype).element_size()
     lsize = torch.empty((), dtype=logits_dtype(dtype)).element_size()
     budget = min(FUSED_BYTES.get(device.type, FUSED_BYTES["cpu"]), n_tokens * V * size // FUSED_FRACTION)
     # per token: its logits (float32 for 16-bit inputs) and, for 16-bit
     # inputs, their gradient in the inputs' dtype; a vocabulary tile's
     # gradient; hidden's gradient
-    per_token = V * lsize + (V * size if lsize != size else 0) + min(V, tv) * lsize + H * size
+    per_token = V * lsize + (V * size if lsize != size else 0) + min(V, PIECE) * lsize + H * size
     tn = budget // per_token // 32 * 32
     return max(1, min(n_tokens, max(FUSED_MIN_TOKENS, tn)))
 
 
 def _fused(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, adv: Tensor, beta: float,
-           ignore_index: Optional[int], temperature: float, tn: int, tv: int, scale: Tensor,
+           ignore_index: Optional[int], temperature: float, tn: int, scale: Tensor,
            needs: List[bool]) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """-> (loss, grad_h, grad_w, grad_b) of loss = scale * sum over tokens of
     (-sum_s adv_s log p(a_s) - beta H), the gradients for an upstream 1
@@ -121,7 +121,7 @@ def _fused(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, 
         h, a, w = h2[rows], actions[rows], adv[rows]
         x = logits_tile(h, weight, bias, 0, V, temperature, out=full[:h.shape[0]])
         where = n0 if live is None else rows
-        M, LZ, H = token_tile_stats(h, where, weight, bias, temperature, tv, full=x).result(acc, where, NEVER_BUILT)
+        M, LZ, H = token_tile_stats(h, where, weight, bias, temperature, full=x).result(acc, where, NEVER_BUILT)
         keep = a != ignore_index if ignore_index is not None else torch.ones_like(a, dtype=torch.bool)
         lp = torch.where(keep, (chosen_logits(h, weight, bias, a, temperature, h.shape[0], keep) - M[:, None])
                          - LZ[:, None], zero)
@@ -130,7 +130,7 @@ def _fused(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, 
             upstream = {"grad_log_prob": w, "row_scale": scale.expand(h.shape[0]), "log_prob_scale": -1.0,
                         "entropy_scale": -beta}
             gh = token_tile_grads(h, a, torch.stack([M, LZ]), H, upstream, weight, bias, ignore_index, temperature,
-                                   tv, 0, V, need_h, grad_w, grad_b, full=x,
+                                   0, V, need_h, grad_w, grad_b, full=x,
                                    grads16=None if grads16 is None else grads16[:h.shape[0]])
             if need_h:
                 grad_h[rows] = gh.to(grad_h.dtype)
@@ -165,9 +165,10 @@ def linear_policy_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     check_needs(needs)
     a = index_tensor(actions, weight.shape[0])
     ii = check_ignore_index(ignore_index)
+    check_tile(vocab_tile, "vocab_tile", 1)  # checked; the vocabulary goes in fixed pieces
     loss, gh, gw, gb = _fused(hidden, weight, bias, a, advantages.contiguous(), check_entropy_weight(entropy_weight),
                               ii, temperature, check_tile(token_tile, "token_tile", 1),
-                              check_tile(vocab_tile, "vocab_tile", 1), _scale(a, ii, reduction, advantages.dtype),
+                              _scale(a, ii, reduction, advantages.dtype),
                               [bool(needs[0]), bool(needs[1]), bool(needs[2]) and bias is not None])
     empty = hidden.new_empty((0,))
     return (loss, gh if gh is not None else empty, gw if gw is not None else empty.clone(),
@@ -229,7 +230,7 @@ class _LinearPolicyLossFn(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if creating_graph():  # the forward's gradients are constants: recompute them differentiably
             ctx.grads = None
-            a2, w2, beta, ii, temperature, _, _, scale, _ = ctx.aux
+            a2, w2, beta, ii, temperature, _, scale, _ = ctx.aux
             return _grads_with_graph(ctx.needs_input_grad, grad_loss, *ctx.saved_tensors, a2, w2, beta, ii,
                                      temperature, scale) + (None,)
         grads, ctx.grads = ctx.grads, None
@@ -320,11 +321,11 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantag
         if reduction == "none":
             return per
         return per.sum() if reduction == "sum" else per.sum() / count_actions(actions, ii)
-    _, tv = tile_sizes(hidden, None, vocab_tile)
+    _, tv = tile_sizes(hidden, None, vocab_tile)  # checked; the vocabulary goes in fixed pieces
     h2 = token_rows(hidden)
     N = h2.shape[0]
     tn = (check_tile(token_tile, "token_tile", 1) if token_tile is not None
-          else _fused_token_tile(N, weight.shape[0], weight.shape[1], tv, hidden.dtype, hidden.device))
+          else _fused_token_tile(N, weight.shape[0], weight.shape[1], hidden.dtype, hidden.device))
     traced()  # under torch.func transforms: raises with what to do instead
     acc = _checks.stats_dtype(hidden.dtype)
     a2 = index_tensor(actions, weight.shape[0]).reshape(-1, S)
@@ -338,7 +339,7 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantag
         if torch.compiler.is_compiling() or not any(needs):
             return linear_policy_loss_op(h2, weight, bias, a2, w2, beta, ii, temperature, reduction, tn, tv,
                                            needs)[0]
-        return _apply_fused(h2, weight, bias, (a2, w2, beta, ii, temperature, tn, tv, _scale(a2, ii, reduction, acc),
+        return _apply_fused(h2, weight, bias, (a2, w2, beta, ii, temperature, tn, _scale(a2, ii, reduction, acc),
                                                needs))
     except (ValueError, IndexError) as e:
         raise type(e)(_status.unflatten_message(str(e), lead)) from None
