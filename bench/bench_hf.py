@@ -8,11 +8,10 @@ peak memory (each alone, torch.profiler's allocator events).
     python bench/bench_hf.py --out bench/results/cpu-hf-<date>.json
 """
 import argparse
-import json
 import warnings
 
 import torch
-from harness import interleaved_medians, machine_info
+from harness import interleaved_medians, write_results
 
 from pgest.examples.memory import peak_allocated_bytes
 from pgest.integrations import hf
@@ -66,12 +65,9 @@ def main(argv=None):
           f"tokens, {tokens} scored, fp32: pgest {med['pgest']:.3f} s, {peaks['pgest'] / 2**20:.0f} MiB peak; "
           f"materialised {med['materialised']:.3f} s, {peaks['materialised'] / 2**20:.0f} MiB peak; "
           f"max |log-prob difference| {err:.1e}")
-    out = dict(machine_info(), transformers=transformers.__version__, shape=vars(args), seconds=med, peak_bytes=peaks,
-               max_abs_log_prob_difference=err,
-               method=f"the two alternated, medians of {args.rounds} rounds of one step each; peaks each alone")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+    write_results(args.out, transformers=transformers.__version__, shape=vars(args), seconds=med, peak_bytes=peaks,
+                  max_abs_log_prob_difference=err,
+                  method=f"the two alternated, medians of {args.rounds} rounds of one step each; peaks each alone")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,9 @@ most of their mass in a few tokens: top-p 0.95 keeps about 15).
     python bench/bench_truncation.py --out bench/results/cpu-truncation-<date>.json
 """
 import argparse
-import json
 
 import torch
-from harness import compiled, interleaved_medians, machine_info
+from harness import compiled, interleaved_medians, write_results
 
 import pgest
 
@@ -118,12 +117,8 @@ def main(argv=None):
                 print(f"{kind} {R} x {K} {dname} {fname} (kept {kept:.0f}): pgest {p * 1e3:.1f} ms; unfiltered {p / med['pgest_unfiltered']:.2f}x"
                       + "".join(f"; {n} {med[n] / p:.1f}x slower" for n in med if n not in ("pgest", "pgest_unfiltered")),
                       flush=True)
-    info = dict(machine_info(), logits="flat: randn * 3; peaked: randn * 2, 64 tokens + U(4, 14)", rows=rows,
-                head=head_rows,
-                method=f"medians of {args.rounds} alternating rounds of one call each")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(info, f, indent=1)
+    write_results(args.out, logits="flat: randn * 3; peaked: randn * 2, 64 tokens + U(4, 14)", rows=rows,
+                  head=head_rows, method=f"medians of {args.rounds} alternating rounds of one call each")
 
 
 if __name__ == "__main__":

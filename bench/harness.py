@@ -13,6 +13,7 @@ Providers (the same ones the pytest-benchmark files in ``bench/`` record):
 from __future__ import annotations
 
 import functools
+import json
 import random
 import statistics
 import time
@@ -181,6 +182,16 @@ def machine_info() -> Dict[str, object]:
     except (OSError, StopIteration):
         pass
     return info
+
+
+def write_results(path: Optional[str], **fields) -> Dict[str, object]:
+    """The machine (machine_info) and ``fields`` as one JSON results file at
+    ``path`` (nothing written without one); returns the record."""
+    record = dict(machine_info(), **fields)
+    if path:
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+    return record
 
 
 def record_interleaved(benchmark, op: str, shape, dtype: str, fns: Dict[str, Callable[[], object]],

@@ -247,21 +247,28 @@ def _linear_head(rank: int, world: int) -> None:
     assert torch.equal(lp2, s.log_prob) and torch.equal(ent2, s.entropy)
 
 
-def _linear_head_bits(rank: int, world: int) -> None:
-    # shards split on the head's piece grid, unevenly, and groups of 1: the
-    # group's log-probs, entropies and draws are one process's bit for bit
-    # (the tensor-parallel degree of a sampler and a trainer may differ)
-    from pgest.linear.tiles import PIECE
+def _grid_shards(rank: int, world: int):
+    """A vocabulary of 4 pieces and a bit, split unevenly on the piece grid
+    (2 ranks: 1 + 4 pieces, 3 ranks: 2 + 1 + 2): (V, this rank's slice, a
+    group of this rank alone)."""
+    from pgest.distributed.row_merge import PIECE
 
     V = 4 * PIECE + 300
-    pieces = {1: [5], 2: [1, 4], 3: [2, 1, 2]}[world]
+    pieces = {2: [1, 4], 3: [2, 1, 2]}[world]
     sizes = [p * PIECE for p in pieces[:-1]] + [V - PIECE * sum(pieces[:-1])]
     offs = [sum(sizes[:i]) for i in range(world)]
-    mine = slice(offs[rank], offs[rank] + sizes[rank])
     alone = None
     for r in range(world):  # every rank takes part in creating every group
         g1 = dist.new_group([r])
         alone = g1 if r == rank else alone
+    return V, slice(offs[rank], offs[rank] + sizes[rank]), alone
+
+
+def _linear_head_bits(rank: int, world: int) -> None:
+    # shards split on the head's piece grid, unevenly, and groups of 1: the
+    # group's log-probs, entropies and draws are one process's bit for bit
+    # (the tensor-parallel degree of a sampler and a trainer may differ)
+    V, mine, alone = _grid_shards(rank, world)
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         g = torch.Generator().manual_seed(8)
         N, H = 13, 24
@@ -286,17 +293,7 @@ def _logits_bits(rank: int, world: int) -> None:
     # the logits-level ops under groups of 1, 2 and 3 ranks whose uneven shards
     # split on the piece grid: the same bits (a sampler and a trainer with
     # different tensor-parallel degrees agree)
-    from pgest.distributed.row_merge import PIECE
-
-    V = 4 * PIECE + 300
-    pieces = {2: [1, 4], 3: [2, 1, 2]}[world]
-    sizes = [p * PIECE for p in pieces[:-1]] + [V - PIECE * sum(pieces[:-1])]
-    offs = [sum(sizes[:i]) for i in range(world)]
-    mine = slice(offs[rank], offs[rank] + sizes[rank])
-    alone = None
-    for r in range(world):  # every rank takes part in creating every group
-        g1 = dist.new_group([r])
-        alone = g1 if r == rank else alone
+    V, mine, alone = _grid_shards(rank, world)
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         g = torch.Generator().manual_seed(12)
         x = (torch.randn(9, V, generator=g) * 3).to(dtype)

@@ -503,12 +503,24 @@ inline Acc top_p_threshold(const Acc* z, const Acc* e, int64_t K, Acc max, doubl
 
 namespace trunc_detail {
 
+// Row i's filter parameters, read once (disabled: top_k <= 0, top_p >= 1,
+// min_p <= 0).
+struct RowFilters {
+  int64_t top_k;
+  double top_p, min_p;
+};
+
+inline RowFilters row_filters(const TruncationParams& p, int64_t i) {
+  return RowFilters{p.top_k ? p.top_k[i * p.top_k_stride] : 0, p.top_p ? p.top_p[i * p.top_p_stride] : 1.0,
+                    p.min_p ? p.min_p[i * p.min_p_stride] : 0.0};
+}
+
 // The selected cut on a row whose statistics (max, total mass) are known.
 // *candidates: how many entries top-p gathered into sc.cz (every kept entry
 // among them), or -1 where it did not run.
 template <class Row, class Acc>
-inline Acc select_cut(Row z, int64_t K, const TruncationParams& p, int64_t i, Acc max, double total,
-                      TruncationScratch<Acc>& sc, int64_t* candidates) {
+inline Acc select_cut(Row z, int64_t K, const TruncationParams& p, const RowFilters& rf, int64_t i, Acc max,
+                      double total, TruncationScratch<Acc>& sc, int64_t* candidates) {
   *candidates = -1;
   const Acc inf = Acc(INFINITY);
   if (p.given_threshold) {
@@ -516,9 +528,8 @@ inline Acc select_cut(Row z, int64_t K, const TruncationParams& p, int64_t i, Ac
     // that moved by rounding) keeps the maximum, never an empty set
     return std::min(static_cast<const Acc*>(p.given_threshold)[i], max);
   }
-  const int64_t top_k = p.top_k ? p.top_k[i * p.top_k_stride] : 0;
-  const double top_p = p.top_p ? p.top_p[i * p.top_p_stride] : 1.0;
-  const double min_p = p.min_p ? p.min_p[i * p.min_p_stride] : 0.0;
+  const int64_t top_k = rf.top_k;
+  const double top_p = rf.top_p, min_p = rf.min_p;
   Acc cut = -inf;
   if (top_k > 0) cut = kth_largest(z, K, top_k, reinterpret_cast<Acc*>(sc.work));
   if (top_p < 1.0) {
@@ -582,9 +593,8 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
   }
   // Whether a filter may leave entries out; without one (temperature alone)
   // the whole row's statistics, entropy included, are the sampler's.
-  const bool filtered = p.given_threshold || (p.top_k && p.top_k[i * p.top_k_stride] > 0) ||
-                        (p.top_p && p.top_p[i * p.top_p_stride] < 1.0) ||
-                        (p.min_p && p.min_p[i * p.min_p_stride] > 0.0);
+  const trunc_detail::RowFilters rf = trunc_detail::row_filters(p, i);
+  const bool filtered = p.given_threshold || rf.top_k > 0 || rf.top_p < 1.0 || rf.min_p > 0.0;
   auto rest = [&](auto row) -> Status {
     // the whole row's statistics: its max, its mass, any NaN or +inf
     const RowStats<Acc> all = filtered ? row_stats<false>(row, K, rs.weights, rs.chunk_max, rs.e)
@@ -611,7 +621,7 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
       return kOk;
     }
     int64_t candidates = -1;
-    cut = trunc_detail::select_cut(row, K, p, i, max, all.z, sc, &candidates);
+    cut = trunc_detail::select_cut(row, K, p, rf, i, max, all.z, sc, &candidates);
     int64_t kept = 0;
     Acc smallest = inf, dropped = -inf;
     // Top-p's candidates hold every kept entry and lie above every other

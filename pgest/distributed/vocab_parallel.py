@@ -116,9 +116,14 @@ def _pieces_table(x: Tensor, group, layout: Layout, probe: Optional[Tensor],
             mine = _shard_pieces(x, layout.offset, probe)
         except ValueError as e:
             error = e
-    counts = [-(-size // PIECE) for size in layout.sizes]
+    counts = piece_counts(layout)
     table = gather_pieces(mine, counts, x.shape[0], x.device, group, layout, error)
     return table, sum(counts[:layout.rank])
+
+
+def piece_counts(layout: Layout):
+    """How many pieces of the grid (row_merge.PIECE) each rank's shard holds."""
+    return [-(-size // PIECE) for size in layout.sizes]
 
 
 def gather_pieces(mine: Optional[Tensor], counts, rows: int, device, group, layout: Layout,
@@ -154,14 +159,14 @@ class Shard:
         self.layout, table = exchange(probe, group, error, extra)
         self.offset, self.total = self.layout.offset, self.layout.total
         self.seed = int(table[0, 2])  # rank 0's ``extra``
+        self.piece_counts = piece_counts(self.layout)
+        self.first_piece = sum(self.piece_counts[:self.layout.rank])  # this shard's first piece's global index
 
-    def gather_pieces(self, mine: Optional[Tensor], piece: int, rows: int, device,
+    def gather_pieces(self, mine: Optional[Tensor], rows: int, device,
                       error: Optional[BaseException] = None) -> Tensor:
-        """Every rank's pieces of ``piece`` entries (the last of a shard may be
-        short): (rows, pieces of the whole vocabulary, 3) float64 (max, Z, D)."""
-        counts = [-(-size // piece) for size in self.layout.sizes]
-        self.first_piece = sum(counts[:self.layout.rank])
-        return gather_pieces(mine, counts, rows, device, self.group, self.layout, error)
+        """Every rank's pieces of the grid (the last of a shard may be short):
+        (rows, pieces of the whole vocabulary, 3) float64 (max, Z, D)."""
+        return gather_pieces(mine, self.piece_counts, rows, device, self.group, self.layout, error)
 
     def sum_(self, t: Tensor) -> Tensor:
         dist_module().all_reduce(t, group=self.group)

@@ -169,7 +169,7 @@ def _sharded_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperatu
         table = _row_stats(h2, weight, bias, temperature, tn, keep_pieces=True, raw=True, index=index)[3]
     except ValueError as e:
         error = e
-    table = shard.gather_pieces(table, PIECE, h2.shape[0], h2.device, error)
+    table = shard.gather_pieces(table, h2.shape[0], h2.device, error)
     return (*fold(table, acc, 0 if index is None else index, NEVER_BUILT), table)
 
 
@@ -815,7 +815,7 @@ def _sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], temperature: floa
             # owner of the piece draws, the group sums (one nonzero each: exact)
             M, LZ, H, table = _sharded_stats(h2, w, b, temperature, tn, shard, acc)
             j, inner = _place(table, M, u.reshape(-1), rows)
-            first, count = shard.first_piece, -(-w.shape[0] // PIECE)
+            first, count = shard.first_piece, shard.piece_counts[shard.layout.rank]
             mine = ((j >= first) & (j < first + count)).nonzero().squeeze(1)
             actions = torch.zeros((N, S), dtype=torch.float64, device=dev)
             if mine.numel():
