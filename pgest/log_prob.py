@@ -29,7 +29,7 @@ from ._checks import (
     index_tensor,
 )
 from .ops.log_prob import rows_of, rows_pair
-from .truncation import check_kept, filters, kept_logits, replayed_threshold
+from .truncation import check_kept, filters, kept_logits, kept_token_ids, replayed_threshold
 
 
 class LogProb(NamedTuple):
@@ -72,7 +72,8 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
             ``truncation.threshold`` (exact on the same logits only).
         kept_tokens: ``(token_ids, row_offsets)``, an outside sampler's kept
             set in the compressed layout of vLLM's mask replay: row i keeps
-            ``token_ids[row_offsets[i]:row_offsets[i + 1]]``.
+            ``token_ids[row_offsets[i]:row_offsets[i + 1]]`` (global ids
+            with ``process_group``).
 
         An action outside its row's kept set raises ``ValueError`` naming the row.
 
@@ -149,9 +150,7 @@ def _kept_shard(logits, actions, ignore_index, temperature, top_k, top_p, min_p,
     global kept set; an action outside it raises on every rank."""
     from .distributed.truncation import check_kept_shard, kept_shard
 
-    if kept_tokens is not None:
-        raise NotImplementedError("kept_tokens is not supported with process_group yet: pass threshold")
-    x, a, error = None, None, None
+    x, a, kept, error = None, None, None, None
     try:
         check_logits(logits, empty_ok=True)
         lead = logits.shape[:-1]
@@ -161,10 +160,14 @@ def _kept_shard(logits, actions, ignore_index, temperature, top_k, top_p, min_p,
             _checks.check_index_dtype(actions)
             a = actions.reshape(x.shape[0], actions_per_row(logits, actions))
         if threshold is not None:
+            if kept_tokens is not None:
+                raise ValueError("pass threshold or kept_tokens, not both")
             threshold = replayed_threshold(threshold, x.shape[0], _checks.stats_dtype(x.dtype), x.device)
+        if kept_tokens is not None:
+            kept = kept_token_ids(kept_tokens, x.shape[0], x.device)
     except (ValueError, TypeError, IndexError) as e:
         error, f = e, None
-    z, _, layout = kept_shard(x, f, group, threshold=threshold, error=error)
+    z, _, layout = kept_shard(x, f, group, threshold=threshold, kept_tokens=kept, error=error)
     if a is not None:
         check_kept_shard(z, a, check_ignore_index(ignore_index), layout, group)
     return z.view(logits.shape[:-1] + (z.shape[-1],))

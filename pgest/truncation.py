@@ -88,7 +88,9 @@ def filters(lead: torch.Size, temperature=None, top_k=None, top_p=None, min_p=No
                    _param(min_p, "min_p", lead, 0.0, torch.float64, 0.0, 1.0))
 
 
-def _kept_token_mask(kept_tokens, R: int, K: int, device) -> Tensor:
+def kept_token_ids(kept_tokens, R: int, device) -> Tuple[Tensor, Tensor]:
+    """An outside sampler's kept sets, checked except against the vocabulary
+    size: (row, token id) int64 of every kept token."""
     if not isinstance(kept_tokens, (tuple, list)) or len(kept_tokens) != 2:
         raise TypeError("kept_tokens must be a pair (token_ids, row_offsets): the kept ids of all rows, "
                         "concatenated, and the (rows + 1,) offsets where each row's ids begin")
@@ -104,14 +106,27 @@ def _kept_token_mask(kept_tokens, R: int, K: int, device) -> Tensor:
     counts = offsets[1:] - offsets[:-1]
     if int(offsets[0]) != 0 or int(offsets[-1]) != ids.numel() or bool((counts < 0).any()):
         raise ValueError(f"kept_tokens row_offsets must rise from 0 to the number of token ids ({ids.numel()})")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= K):
-        raise IndexError(f"kept_tokens token ids must be in [0, {K})")
-    mask = torch.zeros(R, K, dtype=torch.bool, device=device)
-    rows = torch.repeat_interleave(torch.arange(R, device=device), counts)
-    mask[rows, ids] = True
+    if ids.numel() and int(ids.min()) < 0:
+        raise IndexError(f"kept_tokens token ids must be >= 0, got {int(ids.min())}")
     if R and bool((counts == 0).any()):
         raise ValueError(f"kept_tokens keeps no token of row {int((counts == 0).nonzero()[0])}")
+    return torch.repeat_interleave(torch.arange(R, device=device), counts), ids
+
+
+def kept_token_mask(rows: Tensor, ids: Tensor, R: int, K: int, offset: int = 0) -> Tensor:
+    """(R, K) bool: the kept ids in [offset, offset + K) (a vocabulary shard's
+    columns), from kept_token_ids."""
+    mine = (ids >= offset) & (ids < offset + K)
+    mask = torch.zeros(R, K, dtype=torch.bool, device=ids.device)
+    mask[rows[mine], ids[mine] - offset] = True
     return mask
+
+
+def _kept_token_mask(kept_tokens, R: int, K: int, device) -> Tensor:
+    rows, ids = kept_token_ids(kept_tokens, R, device)
+    if ids.numel() and int(ids.max()) >= K:
+        raise IndexError(f"kept_tokens token ids must be in [0, {K}), got {int(ids.max())}")
+    return kept_token_mask(rows, ids, R, K)
 
 
 def inverse_temperature(f: Filters, rows: int, dtype: torch.dtype, device) -> Tensor:

@@ -392,7 +392,7 @@ def test_bad_scoring_inputs():
     nan[1, 3] = float("nan")
     with pytest.raises(ValueError, match=r"logits\[1, 3\] is nan"):
         pgest.sample(nan, top_p=0.9)
-    with pytest.raises(NotImplementedError, match="kept_tokens is not supported with process_group"):
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup"):
         pgest.log_prob(x, a, kept_tokens=(torch.arange(4), torch.arange(5)), process_group=object())
 
 
@@ -495,8 +495,10 @@ def test_linear_head_truncation_errors():
     a = (h @ w.T).argmin(-1)
     with pytest.raises(ValueError, match="outside the kept set"):
         pgest.linear_log_prob(h, w, a, top_k=2)
-    with pytest.raises(NotImplementedError, match="process_group"):
-        pgest.linear_sample(h, w, top_k=3, process_group=object())
+    for call in (lambda: pgest.linear_sample(h, w, top_k=3, process_group=object()),
+                 lambda: pgest.linear_log_prob(h, w, a, top_p=0.5, process_group=object())):
+        with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup"):
+            call()
 
 
 def test_a_replayed_threshold_above_the_maximum_keeps_the_maximum():

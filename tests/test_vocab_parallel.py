@@ -159,6 +159,7 @@ def _checks(rank: int, world: int) -> None:
     _empty_ranks(rank, world)
     _random_layouts(rank, world)
     _truncation(rank, world)
+    _truncated_head(rank, world)
 
 
 def _truncation(rank: int, world: int) -> None:
@@ -202,6 +203,21 @@ def _truncation(rank: int, world: int) -> None:
         # float32 (one process rounds the whole row once): a float32 ulp of
         # log Z at |log Z| ~ 20 is 2e-6
         torch.testing.assert_close(x.grad, xr.grad[:, mine], rtol=1e-5, atol=4e-6)
+    # an outside sampler's kept sets (global ids, vLLM's layout) replay the same set
+    keep = (full / torch.where(T == 0, 1.0, T)[:, None]) >= s.truncation.threshold[:, None]
+    keep[3] = False
+    keep[3, 10] = True  # the greedy row keeps its first maximum
+    ids = keep.nonzero()[:, 1]
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(1).cumsum(0)])
+    lp3, ent3 = pgest.log_prob(full[:, mine], s.actions, process_group=group, temperature=T,
+                               kept_tokens=(ids, offsets))
+    assert torch.equal(lp3, s.log_prob) and torch.equal(ent3, s.entropy)
+    try:
+        pgest.log_prob(full[:, mine], s.actions, process_group=group, kept_tokens=(ids.index_fill(0, torch.tensor([7]), V), offsets))
+    except (IndexError, RuntimeError) as e:
+        assert f"must be in [0, {V})" in str(e) or "rank(s)" in str(e), str(e)
+    else:
+        raise AssertionError("a kept token id past the vocabulary did not raise")
     outside = s.actions.clone()
     outside[4, 0] = int((full[4] / T[4]).argmin())
     try:
@@ -210,6 +226,68 @@ def _truncation(rank: int, world: int) -> None:
         assert "outside the kept set" in str(e) or "rank(s)" in str(e), str(e)
     else:
         raise AssertionError("an action outside the kept set did not raise")
+
+
+def _truncated_head(rank: int, world: int) -> None:
+    """The fused head with truncation over vocabulary shards: the kept sets
+    and draws of pgest.sample on the whole logits, the group's sampler and
+    trainer agreeing bit for bit, and the gradients of one process."""
+    g = torch.Generator().manual_seed(11)
+    N, H, V = 19, 6, 2500 + world  # two pieces of the grid, split unevenly
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64)
+    bias = torch.randn(V, generator=g, dtype=torch.float64)
+    sizes, offs = _shards(V, world)
+    mine = slice(offs[rank], offs[rank] + sizes[rank])
+    group = dist.group.WORLD
+    T = torch.rand(N, generator=g, dtype=torch.float64) + 0.5
+    logits = hidden @ weight.T + bias
+    for kw in (dict(top_p=0.8), dict(top_k=30, temperature=T), dict(min_p=0.05, top_p=0.95, temperature=0.7)):
+        s = pgest.linear_sample(hidden, weight[mine], bias=bias[mine], num_samples=2, vocab_tile=64,
+                                generator=torch.Generator().manual_seed(4), process_group=group, **kw)
+        ref = pgest.sample(logits, num_samples=2, generator=torch.Generator().manual_seed(4), **kw)
+        assert torch.equal(s.truncation.kept, ref.truncation.kept), kw
+        torch.testing.assert_close(s.truncation.threshold, ref.truncation.threshold, rtol=1e-12, atol=1e-12)
+        assert (s.actions != ref.actions).sum() <= 1, kw
+        torch.testing.assert_close(s.log_prob, ref.log_prob, rtol=1e-10, atol=1e-10)
+        gathered = [torch.empty_like(s.actions) for _ in range(world)]
+        dist.all_gather(gathered, s.actions)
+        assert all(torch.equal(a, s.actions) for a in gathered)
+        a = s.actions.clone()
+        a[2] = -100  # a padding token
+        h = hidden.clone().requires_grad_()
+        w, b = weight[mine].clone().requires_grad_(), bias[mine].clone().requires_grad_()
+        lp, ent = pgest.linear_log_prob(h, w, a, bias=b, process_group=group, **kw)
+        keep = a != -100
+        live = keep.any(1)
+        assert torch.equal(lp[keep], s.log_prob[keep]) and torch.equal(ent[live], s.entropy[live]), kw
+        assert not ent[2] and not lp[2].any()  # the padding token: no work, zeros
+        lp2, _ = pgest.linear_log_prob(hidden, weight[mine], s.actions, bias=bias[mine], process_group=group,
+                                       temperature=kw.get("temperature", 1.0), threshold=s.truncation.cut)
+        assert torch.equal(lp2, s.log_prob), kw
+        (lp.sum() * 0.6 + ent.sum()).backward()
+        one = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        rlp, rent = pgest.linear_log_prob(one[0], one[1], a, bias=one[2], **kw)
+        (rlp.sum() * 0.6 + rent.sum()).backward()
+        torch.testing.assert_close(lp, rlp.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(h.grad, one[0].grad, rtol=1e-10, atol=1e-12)  # summed over the group
+        torch.testing.assert_close(w.grad, one[1].grad[mine], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b.grad, one[2].grad[mine], rtol=1e-10, atol=1e-12)
+    outside = s.actions.clone()
+    outside[5, 0] = int(logits[5].argmin())
+    try:
+        pgest.linear_log_prob(hidden, weight[mine], outside, bias=bias[mine], process_group=group, top_k=3)
+    except (ValueError, RuntimeError) as e:
+        assert "outside the kept set" in str(e) or "rank(s)" in str(e), str(e)
+    else:
+        raise AssertionError("an action outside the kept set did not raise")
+    bad = hidden.float() if rank == world - 1 else hidden  # one rank's bad input stops every rank, no hang
+    try:
+        pgest.linear_sample(bad, weight[mine], top_p=0.5, process_group=group)
+    except (TypeError, RuntimeError) as e:
+        assert "dtype of hidden" in str(e) or "rank(s)" in str(e), str(e)
+    else:
+        raise AssertionError("a rank's bad input did not raise")
 
 
 def _linear_head(rank: int, world: int) -> None:

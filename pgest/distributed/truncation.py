@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .._checks import stats_dtype
 from ..ops.truncation import mass_strictly_above, midway_cut
-from ..truncation import Filters, Truncation
+from ..truncation import Filters, Truncation, kept_token_mask
 from .vocab_parallel import Layout, dist_module, exchange, raise_if_failed
 
 NEG = float("-inf")
@@ -84,13 +84,21 @@ def _top_p_cut(z: Tensor, M: Tensor, target: Tensor, rows: Tensor, layout: Layou
 
 
 def kept_shard(x: Tensor, f: Filters, group, *, threshold: Optional[Tensor] = None,
+               kept_tokens: Optional[Tuple[Tensor, Tensor]] = None,
                error: Optional[BaseException] = None) -> Tuple[Tensor, Optional[Truncation], Layout]:
     """This rank's (R, V_r) shard of logits -> its tempered values with -inf
     outside the global kept set (differentiable with respect to ``x``), the
-    record (None when ``threshold`` is replayed) and the layout. Raises on
-    every rank if any rank's input failed."""
+    record (None when the set is replayed: ``threshold``, or ``kept_tokens``
+    as (row, global id) pairs from truncation.kept_token_ids) and the layout.
+    Raises on every rank if any rank's input failed."""
     dist = dist_module()
     layout, _ = exchange(x, group, error)
+    if kept_tokens is not None:
+        ids = kept_tokens[1]
+        over = int(ids.max()) if ids.numel() and int(ids.max()) >= layout.total else -1
+        flags = _gather_cat(torch.tensor([over >= 0], dtype=torch.int64, device=x.device), group, layout.world, 0)
+        raise_if_failed(flags.cpu(), layout.rank, None if over < 0 else IndexError(
+            f"kept_tokens token ids must be in [0, {layout.total}), got {over}"))
     R, Vr = x.shape
     acc = stats_dtype(x.dtype)
     dev = x.device
@@ -116,7 +124,9 @@ def kept_shard(x: Tensor, f: Filters, group, *, threshold: Optional[Tensor] = No
     live = _reduce(finite.sum(-1), dist.ReduceOp.SUM, group)
     e_all = torch.where(finite, torch.exp(zd.double() - M.double()[:, None]), 0.0)
     Z = _sum_in_rank_order(e_all.sum(-1), group, world)
-    if threshold is not None:  # the row's maximum is always kept, whatever the replayed threshold
+    if kept_tokens is not None:
+        cut = None
+    elif threshold is not None:  # the row's maximum is always kept, whatever the replayed threshold
         cut = torch.minimum(threshold.to(dev, acc).reshape(R), M)
     else:
         cut = torch.full((R,), NEG, dtype=acc, device=dev)
@@ -143,7 +153,10 @@ def kept_shard(x: Tensor, f: Filters, group, *, threshold: Optional[Tensor] = No
         if bool(by_m.any()):
             cm = (M.double() + torch.log(torch.where(by_m, mp.double(), torch.ones_like(mp.double())))).to(acc)
             cut = torch.where(by_m, torch.maximum(cut, cm), cut)
-    keep = (zd >= cut[:, None]) & finite
+    if cut is None:
+        keep = kept_token_mask(*kept_tokens, R, Vr, layout.offset) & finite
+    else:
+        keep = (zd >= cut[:, None]) & finite
     if bool(greedy.any()):
         # the first maximum over the whole vocabulary: the lowest global id
         cols = torch.arange(Vr, device=dev) + layout.offset
@@ -153,7 +166,7 @@ def kept_shard(x: Tensor, f: Filters, group, *, threshold: Optional[Tensor] = No
         keep = torch.where(greedy[:, None], mine, keep)
         z = torch.where(greedy[:, None], torch.zeros_like(z), z)
     z = z.masked_fill(~keep, NEG)
-    if threshold is not None:
+    if threshold is not None or kept_tokens is not None:
         return z, None, layout
     kept = _reduce(keep.sum(-1), dist.ReduceOp.SUM, group)
     smallest = _reduce(torch.where(keep, zd, torch.full_like(zd, float("inf"))).amin(-1) if Vr else

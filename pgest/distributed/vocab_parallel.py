@@ -75,6 +75,9 @@ def exchange(x, group, error: Optional[BaseException], extra: int = 0) -> Tuple[
     rank if any rank failed (that rank re-raises its own error), so a bad
     input on one rank never leaves the others waiting in a later collective."""
     dist = dist_module()
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup (dist.group.WORLD, or one from "
+                        f"dist.new_group), got {type(group).__name__}")
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     mine = torch.tensor([0 if error is None else 1, x.shape[-1] if error is None else 0, extra], dtype=torch.int64,
@@ -293,7 +296,6 @@ def log_prob(logits: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
 def sample(logits: Tensor, num_samples: int, generator: Optional[torch.Generator], group):
     """pgest.sample with ``process_group`` -> (actions, log_prob, entropy),
     flat (R, S), (R, S), (R,); the same on every rank."""
-    dist = dist_module()
     x = error = None
     seed = 0
     try:
@@ -306,11 +308,17 @@ def sample(logits: Tensor, num_samples: int, generator: Optional[torch.Generator
         error = e
     layout, table = exchange(x, group, error, extra=seed)
     seed = int(table[0, 2])  # rank 0's: every rank draws the same uniforms
-    R, S = x.shape[0], num_samples
+    return draw_shard(x, philox_uniforms(x.shape[0], num_samples, seed).to(x.device), layout, group)
+
+
+def draw_shard(x: Tensor, u: Tensor, layout: Layout, group) -> Tuple[Tensor, Tensor, Tensor]:
+    """(R, V_r) shard of checked rows and (R, S) uniforms, the same on every
+    rank -> (actions, log_prob, entropy) of the draws, the same on every rank."""
+    dist = dist_module()
+    R, S = u.shape
     acc = _checks.stats_dtype(x.dtype)
     table, first = _pieces_table(x, group, layout, None)
     M, LZ, H = fold(table, acc)
-    u = philox_uniforms(R, S, seed).to(x.device)
     # every rank places every draw on the whole row's pieces; the owner draws
     j, inner = place_draws(piece_masses(table[..., 0], table[..., 1], M), u)
     actions = torch.zeros((R, S), dtype=torch.float64, device=x.device)

@@ -595,11 +595,12 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
     log-probabilities; the logits are then built one block of tokens at a
     time over the whole vocabulary, as many as the untruncated workspace of
     token_tile x vocab_tile logits holds or 1/40 of them, whichever is more
-    (pgest/linear/truncated.py). Not with ``process_group`` yet.
+    (pgest/linear/truncated.py); with ``process_group``, each rank's blocks
+    over its shard, the kept set found by collectives (every rank the same).
     """
     if _truncating(temperature, top_k, top_p, min_p, threshold):
         return _truncated_log_prob(hidden, weight, actions, bias, temperature, top_k, top_p, min_p, threshold,
-                                   ignore_index, token_tile, vocab_tile, process_group)
+                                   ignore_index, token_tile, vocab_tile, process_group, reduce_hidden_grad)
     error = None
     try:
         temperature = check_head(hidden, weight, bias, temperature, process_group is not None)
@@ -633,30 +634,36 @@ def _truncating(temperature, *given) -> bool:
 
 
 def _truncation_setup(hidden, weight, bias, process_group, what: str):
-    if process_group is not None:
-        raise NotImplementedError(f"{what} with temperature tensors, top_k, top_p, min_p or threshold is not "
-                                  "supported with process_group yet")
-    check_head(hidden, weight, bias, 1.0)
+    check_head(hidden, weight, bias, 1.0, process_group is not None)
     if traced():
         raise NotImplementedError(f"{what} with truncation runs eagerly only (not under torch.compile) for now")
 
 
 def _truncated_log_prob(hidden, weight, actions, bias, temperature, top_k, top_p, min_p, threshold, ignore_index,
-                        token_tile, vocab_tile, process_group) -> LinearLogProb:
+                        token_tile, vocab_tile, process_group, reduce_hidden_grad) -> LinearLogProb:
     from ..truncation import filters, replayed_threshold
     from .truncated import TruncatedLinearLogProb
 
-    _truncation_setup(hidden, weight, bias, process_group, "linear_log_prob")
-    lead, S = check_token_actions(hidden, actions)
-    ii = check_ignore_index(ignore_index)
-    tn, tv = tile_sizes(hidden, token_tile, vocab_tile)
-    a2 = index_tensor(actions, weight.shape[0]).reshape(-1, S)
-    f = filters(lead, temperature, top_k, top_p, min_p)
-    if threshold is not None:
-        threshold = replayed_threshold(threshold, lead.numel(), _checks.stats_dtype(hidden.dtype), hidden.device,
-                                       "token")
+    error, lead = None, ()
     try:
-        lp, ent = TruncatedLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, f, threshold, tn, tv)
+        _truncation_setup(hidden, weight, bias, process_group, "linear_log_prob")
+        lead, S = check_token_actions(hidden, actions)
+        ii = check_ignore_index(ignore_index)
+        tn, tv = tile_sizes(hidden, token_tile, vocab_tile)
+        # over a group the range is checked against the whole vocabulary, on every rank
+        a2 = index_tensor(actions, -1 if process_group is not None else weight.shape[0]).reshape(-1, S)
+        f = filters(lead, temperature, top_k, top_p, min_p)
+        if threshold is not None:
+            threshold = replayed_threshold(threshold, lead.numel(), _checks.stats_dtype(hidden.dtype),
+                                           hidden.device, "token")
+    except (ValueError, TypeError, IndexError, NotImplementedError, RuntimeError) as e:
+        if process_group is None:
+            raise
+        error = e  # raised on every rank by the first collective
+    shard = None if process_group is None else _shard(weight, process_group, hidden, error)
+    try:
+        lp, ent = TruncatedLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, f, threshold, tn, tv, shard,
+                                               bool(reduce_hidden_grad))
     except (ValueError, IndexError) as e:
         raise type(e)(_status.unflatten_message(str(e), lead)) from None
     return LinearLogProb(lp.view(actions.shape), ent.view(lead))
@@ -773,18 +780,28 @@ def _truncated_sample(hidden, weight, bias, temperature, top_k, top_p, min_p, nu
     from ..truncation import Truncation, filters
     from .truncated import sample_tokens
 
-    _truncation_setup(hidden, weight, bias, process_group, "linear_sample")
-    S = check_num_samples(num_samples)
-    tn, tv = tile_sizes(hidden, token_tile, vocab_tile)
-    check_generator(generator, hidden.device)
-    lead = hidden.shape[:-1]
-    shape = lead if S == 1 else lead + (S,)
-    f = filters(lead, temperature, top_k, top_p, min_p)
-    dev = hidden.device
-    seed = cpu_seed(generator) if dev.type == "cpu" else int(seed_tensor(generator, dev)[0])
+    error, seed = None, 0
+    try:
+        _truncation_setup(hidden, weight, bias, process_group, "linear_sample")
+        S = check_num_samples(num_samples)
+        tn, tv = tile_sizes(hidden, token_tile, vocab_tile)
+        check_generator(generator, hidden.device)
+        lead = hidden.shape[:-1]
+        shape = lead if S == 1 else lead + (S,)
+        f = filters(lead, temperature, top_k, top_p, min_p)
+        dev = hidden.device
+        seed = cpu_seed(generator) if dev.type == "cpu" else int(seed_tensor(generator, dev)[0])
+    except (ValueError, TypeError, IndexError, NotImplementedError, RuntimeError) as e:
+        if process_group is None:
+            raise
+        error = e  # raised on every rank by the first collective
+    shard = None
+    if process_group is not None:
+        shard = _shard(weight, process_group, hidden, error, seed)
+        seed = shard.seed  # rank 0's: every rank draws the same uniforms
     try:
         actions, lp, ent, rec = sample_tokens(token_rows(hidden.detach()), weight.detach(),
-                                              None if bias is None else bias.detach(), f, S, seed, tn, tv)
+                                              None if bias is None else bias.detach(), f, S, seed, tn, tv, shard)
     except ValueError as e:
         raise ValueError(_status.unflatten_message(str(e), lead)) from None
     record = Truncation(*(t.view(lead) for t in rec))

@@ -13,6 +13,12 @@ and ``pgest.log_prob`` (tempered, truncated and drawn from, or scored, in one
 read), so the head's sampler and trainer agree bit for bit, and the draws are
 those of ``pgest.sample`` on the block's logits for the same generator state
 (the same Philox uniforms of the same global rows).
+
+With a process group (a ``Shard`` of the vocabulary), each rank builds its
+shard's columns of a block; the kept set comes from
+pgest/distributed/truncation.py's collectives and the draws and scores from
+the untruncated group route's (vocab_parallel.py), so every rank holds the
+same numbers (one process's on the whole logits, to rounding).
 """
 from __future__ import annotations
 
@@ -55,10 +61,25 @@ def _buffer(h2: Tensor, w: Tensor, tb: int) -> Tensor:
     return torch.empty((min(tb, h2.shape[0]), w.shape[0]), dtype=logits_dtype(h2.dtype), device=h2.device)
 
 
+def _block_size(N: int, w: Tensor, token_tile: int, vocab_tile: int, shard) -> int:
+    """block_tokens; over a process group (``shard``) for the whole
+    vocabulary, and the smallest of the ranks' (every rank must run the same
+    blocks, whatever tiles each was given)."""
+    if shard is None:
+        return block_tokens(N, w.shape[0], token_tile, vocab_tile)
+    from ..distributed.vocab_parallel import dist_module
+
+    t = torch.tensor([block_tokens(N, shard.total, token_tile, vocab_tile)], dtype=torch.int64, device=w.device)
+    dist_module().all_reduce(t, op=dist_module().ReduceOp.MIN, group=shard.group)
+    return int(t)
+
+
 def sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], f: Filters, S: int, seed: int,
-                  token_tile: int, vocab_tile: int) -> Tuple[Tensor, Tensor, Tensor, Truncation]:
+                  token_tile: int, vocab_tile: int, shard=None) -> Tuple[Tensor, Tensor, Tensor, Truncation]:
     """(N, H) tokens -> actions (N, S), log_prob (N, S), entropy (N,) and the
-    truncation record (N,) of the tokens' kept sets."""
+    truncation record (N,) of the tokens' kept sets. ``shard``: ``w`` and
+    ``b`` are this rank's rows of a vocabulary split over ``shard.group``
+    (every rank gets the same numbers, those of the whole head)."""
     N, dev = h2.shape[0], h2.device
     acc = _checks.stats_dtype(h2.dtype)
     actions = torch.empty((N, S), dtype=torch.int64, device=dev)
@@ -66,14 +87,22 @@ def sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], f: Filters, S: int
     ent = torch.empty((N,), dtype=acc, device=dev)
     record = empty_record(N, acc, dev)
     u = philox_uniforms(N, S, seed).to(dev)
-    tb = block_tokens(N, w.shape[0], token_tile, vocab_tile)
+    tb = _block_size(N, w, token_tile, vocab_tile, shard)
     buffer = _buffer(h2, w, tb)
     with torch.no_grad():
         for r0 in range(0, N, tb):
             r1 = min(N, r0 + tb)
             x = _block_logits(h2[r0:r1], w, b, buffer)
             fb = _rows(f, r0, r1)
-            if x.device.type == "cpu":
+            if shard is not None:
+                from ..distributed.truncation import kept_shard
+                from ..distributed.vocab_parallel import draw_shard
+
+                z, rec, layout = kept_shard(x, fb, shard.group)
+                out = draw_shard(z, u[r0:r1], layout, shard.group)
+                for dst, src in zip(record, rec):
+                    dst[r0:r1] = src
+            elif x.device.type == "cpu":
                 rec = tuple(t[r0:r1] for t in record)
                 out = sample_native(x, S, 0, uniforms=u[r0:r1].contiguous(), truncation=(*fb, rec))
             else:
@@ -85,13 +114,25 @@ def sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], f: Filters, S: int
     return actions, lp, ent, Truncation(*record)
 
 
+def _kept(x: Tensor, f: Filters, threshold: Optional[Tensor], shard) -> Tuple[Tensor, Optional[Truncation]]:
+    """A block's kept logits (and record unless ``threshold`` is replayed),
+    over the whole vocabulary of a process group with ``shard``."""
+    if shard is None:
+        return kept_logits(x, f, threshold=threshold)
+    from ..distributed.truncation import kept_shard
+
+    z, rec, _ = kept_shard(x, f, shard.group, threshold=threshold)
+    return z, rec
+
+
 class TruncatedLinearLogProb(torch.autograd.Function):
     """log p and entropy of the truncated distribution per token, through
     blocks of tokens; the backward rebuilds each block's kept logits from the
     thresholds the forward found (the set is a constant of the step)."""
 
     @staticmethod
-    def forward(ctx, h2, w, b, actions, ignore_index, f: Filters, threshold, token_tile, vocab_tile):
+    def forward(ctx, h2, w, b, actions, ignore_index, f: Filters, threshold, token_tile, vocab_tile, shard=None,
+                reduce_hidden=True):
         N = h2.shape[0]
         acc = _checks.stats_dtype(h2.dtype)
         dev = h2.device
@@ -100,19 +141,27 @@ class TruncatedLinearLogProb(torch.autograd.Function):
         ent = torch.empty((N,), dtype=acc, device=dev)
         stats = torch.empty((2, N), dtype=acc, device=dev)
         found = torch.empty((N,), dtype=acc, device=dev)
-        tb = block_tokens(N, w.shape[0], token_tile, vocab_tile)
+        tb = _block_size(N, w, token_tile, vocab_tile, shard)
         buffer = _buffer(h2, w, tb)
         for r0 in range(0, N, tb):
             r1 = min(N, r0 + tb)
             x = _block_logits(h2[r0:r1].detach(), w.detach(), None if b is None else b.detach(), buffer)
             given = None if threshold is None else threshold[r0:r1]
-            z, rec = kept_logits(x, _rows(f, r0, r1), threshold=given)
+            z, rec = _kept(x, _rows(f, r0, r1), given, shard)
             a = actions[r0:r1]
-            check_kept(z, a, ignore_index, None)
-            lp[r0:r1], ent[r0:r1], stats[:, r0:r1], _ = forward_rows(z, a, ignore_index)
+            if shard is None:
+                check_kept(z, a, ignore_index, None)
+                lp[r0:r1], ent[r0:r1], stats[:, r0:r1], _ = forward_rows(z, a, ignore_index)
+            else:
+                from ..distributed.truncation import check_kept_shard
+                from ..distributed.vocab_parallel import forward as shard_forward
+
+                check_kept_shard(z, a, ignore_index, shard.layout, shard.group)
+                lp[r0:r1], ent[r0:r1], st, _ = shard_forward(z, a, ignore_index, shard.group)
+                stats[:, r0:r1] = st[:2]
             found[r0:r1] = rec.threshold if rec is not None else given
         ctx.save_for_backward(h2, w, b, actions, stats, ent, found)
-        ctx.f, ctx.ignore_index, ctx.tb = f, ignore_index, tb
+        ctx.f, ctx.ignore_index, ctx.tb, ctx.shard, ctx.reduce_hidden = f, ignore_index, tb, shard, reduce_hidden
         ctx.mark_non_differentiable(stats)
         return lp, ent
 
@@ -130,20 +179,24 @@ class TruncatedLinearLogProb(torch.autograd.Function):
                          device=w.device) if need_w else None
         gb = torch.zeros(w.shape[0], dtype=gw.dtype if gw is not None else torch.float32,
                          device=w.device) if need_b else None
+        shard = ctx.shard
+        cols = {} if shard is None else dict(col_offset=shard.offset, total_cols=shard.total)
         buffer = _buffer(h2, w, ctx.tb)
         for r0 in range(0, N, ctx.tb):
             r1 = min(N, r0 + ctx.tb)
             x = _block_logits(h2[r0:r1], w, b, buffer)
-            z, _ = kept_logits(x, _rows(ctx.f, r0, r1), threshold=found[r0:r1])
+            z, _ = _kept(x, _rows(ctx.f, r0, r1), found[r0:r1], shard)
             dz = backward_rows(z, actions[r0:r1], ctx.ignore_index, stats[:, r0:r1], ent[r0:r1],
                                grad_log_prob=None if grad_lp is None else grad_lp[r0:r1],
                                grad_entropy=None if grad_ent is None else grad_ent[r0:r1],
-                               row_scale=inverse_temperature(_rows(ctx.f, r0, r1), r1 - r0, acc, z.device))
+                               row_scale=inverse_temperature(_rows(ctx.f, r0, r1), r1 - r0, acc, z.device), **cols)
             if need_h:
                 gh[r0:r1] = mm_rows(dz.to(w.dtype), w).to(h2.dtype)  # a token's rows its own bits (tiles.py)
             if need_w:
                 gw += (dz.to(h2.dtype).T @ h2[r0:r1]).to(gw.dtype)
             if need_b:
                 gb += dz.sum(0).to(gb.dtype)
+        if gh is not None and shard is not None and ctx.reduce_hidden:
+            shard.sum_(gh)  # each rank's shard holds its share of hidden's gradient
         return (gh, None if gw is None else gw.to(w.dtype), None if gb is None else gb.to(b.dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
