@@ -13,7 +13,7 @@ most of their mass in a few tokens: top-p 0.95 keeps about 15).
 import argparse
 
 import torch
-from harness import compiled, interleaved_medians, write_results
+from harness import compiled, interleaved_medians, peak_allocated_bytes, write_results
 
 import pgest
 
@@ -73,10 +73,13 @@ def head(rounds, N=1024, H=1024, V=32000):
         fns["top_p=0.95,vocab_tile=16384"] = lambda: pgest.linear_sample(h, w, generator=gen, top_p=0.95,
                                                                           vocab_tile=16384)
         med = interleaved_medians(fns, rounds=rounds, round_seconds=0.0)
-        rows.append({"shape": [N, H, V], "dtype": dname, "seconds": med})
+        peaks = {n: peak_allocated_bytes(f) / 2**20 for n, f in fns.items()}
+        rows.append({"shape": [N, H, V], "dtype": dname, "seconds": med, "peak_mib": peaks,
+                     "logits_mib": N * V * 4 / 2**20})
         print(f"head {N} x {H} x {V} {dname}: unfiltered {med['unfiltered']:.3f} s"
               + "".join(f"; {n} {med[n]:.3f} s ({med[n] / med['unfiltered']:.2f}x)" for n in fns
-                        if n != "unfiltered"), flush=True)
+                        if n != "unfiltered")
+              + "; peaks " + ", ".join(f"{n} {v:.1f}" for n, v in peaks.items()) + " MiB", flush=True)
     return rows
 
 

@@ -467,23 +467,26 @@ def test_linear_head_gradients_in_float64():
 
 def test_linear_head_greedy_and_block_memory():
     from pgest.examples.memory import peak_allocated_bytes
-    from pgest.linear.truncated import BLOCK_SHARE, block_tokens
+    from pgest.linear.truncated import BLOCK_LOGITS, BLOCK_SHARE, block_tokens
 
     g = torch.Generator().manual_seed(24)
     N, H, V = 400, 32, 20000
     h, w = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
     greedy = pgest.linear_sample(h, w, temperature=0.0)
     assert torch.equal(greedy.actions, (h @ w.T).argmax(-1)) and (greedy.log_prob == 0).all()
-    assert block_tokens(N, V, 8, 256) * BLOCK_SHARE <= N + BLOCK_SHARE  # small tiles: 1/40 of the tokens
-    assert block_tokens(64, 32000, 1024, 2048) == 64  # a decode batch: one block
+    assert block_tokens(N, V, 8 * 256) * BLOCK_SHARE <= N + BLOCK_SHARE  # small tiles: 1/40 of the tokens
+    assert block_tokens(64, 32000, BLOCK_LOGITS) == 64  # a decode batch: one block
     logits_bytes = N * V * 4
     # tiles whose workspace is small against the logits: the 1/40 rule holds the peak
     small = peak_allocated_bytes(lambda: pgest.linear_sample(h, w, top_p=0.9, token_tile=8, vocab_tile=256))
     assert small < logits_bytes / 20, (small, logits_bytes)
-    # default tiles: no more than the untruncated sampler's own workspace allows
-    plain = peak_allocated_bytes(lambda: pgest.linear_sample(h, w))
-    default = peak_allocated_bytes(lambda: pgest.linear_sample(h, w, top_p=0.9))
-    assert default < 2 * plain + logits_bytes / 20, (default, plain, logits_bytes)
+    # default tiles: one block of BLOCK_LOGITS logits (416 tokens) over the sampler's own workspace
+    h3 = torch.randn(3 * N, H, generator=g)
+    tb = block_tokens(3 * N, V, BLOCK_LOGITS)
+    assert tb == 416
+    plain = peak_allocated_bytes(lambda: pgest.linear_sample(h3, w))
+    default = peak_allocated_bytes(lambda: pgest.linear_sample(h3, w, top_p=0.9))
+    assert default < plain + 1.25 * tb * V * 4 and default < 0.4 * 3 * logits_bytes, (default, plain, logits_bytes)
 
 
 def test_linear_head_truncation_errors():

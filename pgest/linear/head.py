@@ -593,8 +593,9 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
     distribution that :func:`linear_sample` draws from with the same
     parameters (definitions in :func:`pgest.truncation`), bit for bit its
     log-probabilities; the logits are then built one block of tokens at a
-    time over the whole vocabulary, as many as the untruncated workspace of
-    token_tile x vocab_tile logits holds or 1/40 of them, whichever is more
+    time over the whole vocabulary: 8 Mi logits at the default tiles (32 MiB
+    in float32: 260 tokens at V = 32000), else as many as token_tile x
+    vocab_tile logits, and at least 1/40 of the tokens
     (pgest/linear/truncated.py); with ``process_group``, each rank's blocks
     over its shard, the kept set found by collectives (every rank the same).
     """
@@ -642,7 +643,7 @@ def _truncation_setup(hidden, weight, bias, process_group, what: str):
 def _truncated_log_prob(hidden, weight, actions, bias, temperature, top_k, top_p, min_p, threshold, ignore_index,
                         token_tile, vocab_tile, process_group, reduce_hidden_grad) -> LinearLogProb:
     from ..truncation import filters, replayed_threshold
-    from .truncated import TruncatedLinearLogProb
+    from .truncated import TruncatedLinearLogProb, block_budget
 
     error, lead = None, ()
     try:
@@ -662,7 +663,8 @@ def _truncated_log_prob(hidden, weight, actions, bias, temperature, top_k, top_p
         error = e  # raised on every rank by the first collective
     shard = None if process_group is None else _shard(weight, process_group, hidden, error)
     try:
-        lp, ent = TruncatedLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, f, threshold, tn, tv, shard,
+        lp, ent = TruncatedLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, f, threshold,
+                                               block_budget(token_tile, vocab_tile, tn, tv), shard,
                                                bool(reduce_hidden_grad))
     except (ValueError, IndexError) as e:
         raise type(e)(_status.unflatten_message(str(e), lead)) from None
@@ -778,7 +780,7 @@ def _truncated_sample(hidden, weight, bias, temperature, top_k, top_p, min_p, nu
                       vocab_tile, process_group):
     from ..sample import TruncatedSample
     from ..truncation import Truncation, filters
-    from .truncated import sample_tokens
+    from .truncated import block_budget, sample_tokens
 
     error, seed = None, 0
     try:
@@ -801,7 +803,8 @@ def _truncated_sample(hidden, weight, bias, temperature, top_k, top_p, min_p, nu
         seed = shard.seed  # rank 0's: every rank draws the same uniforms
     try:
         actions, lp, ent, rec = sample_tokens(token_rows(hidden.detach()), weight.detach(),
-                                              None if bias is None else bias.detach(), f, S, seed, tn, tv, shard)
+                                              None if bias is None else bias.detach(), f, S, seed,
+                                              block_budget(token_tile, vocab_tile, tn, tv), shard)
     except ValueError as e:
         raise ValueError(_status.unflatten_message(str(e), lead)) from None
     record = Truncation(*(t.view(lead) for t in rec))

@@ -59,17 +59,28 @@ def logits_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in HALF else dtype
 
 
-def products(h: Tensor, w: Tensor, out: Optional[Tensor] = None) -> Tensor:
+def weight_scratch(w: Tensor) -> Optional[Tensor]:
+    """The float32 buffer products() converts a 16-bit CPU weight into, PIECE
+    rows at a time, for a caller making many products of one weight: allocated
+    once (fresh copies of 8192 rows per product cost as much as the product,
+    in page faults), and a PIECE of rows (32 MiB at H = 4096)."""
+    if w.dtype not in HALF or w.is_cuda:
+        return None
+    return torch.empty((min(PIECE, w.shape[0]), w.shape[1]), dtype=torch.float32, device=w.device)
+
+
+def products(h: Tensor, w: Tensor, out: Optional[Tensor] = None, scratch: Optional[Tensor] = None) -> Tensor:
     """h @ w.T in logits_dtype (into ``out`` when given). ``h`` may already
-    be the float32 copy of 16-bit hidden states (see _vocab_tiles)."""
+    be the float32 copy of 16-bit hidden states (see _vocab_tiles).
+    ``scratch``: weight_scratch(w), reused."""
     n = h.shape[0]
     tail = n % ROW_MULTIPLE
     if tail:  # the rows past a multiple of ROW_MULTIPLE in a padded product of their own
         if out is None:
             out = torch.empty((n, w.shape[0]), dtype=logits_dtype(w.dtype), device=h.device)
         if n > tail:
-            products(h[:n - tail], w, out[:n - tail])
-        out[n - tail:] = products(padded_rows(h[n - tail:]), w)[:tail]
+            products(h[:n - tail], w, out[:n - tail], scratch)
+        out[n - tail:] = products(padded_rows(h[n - tail:]), w, None, scratch)[:tail]
         return out
     if w.dtype not in HALF:
         return h @ w.T if out is None else torch.mm(h, w.T, out=out)
@@ -83,17 +94,21 @@ def products(h: Tensor, w: Tensor, out: Optional[Tensor] = None) -> Tensor:
         return hf @ w.float().T
     if out is None:
         out = torch.empty((n, w.shape[0]), dtype=torch.float32, device=h.device)
-    for c0 in range(0, w.shape[0], F32_ROWS):
-        out[:, c0:c0 + F32_ROWS] = hf @ w[c0:c0 + F32_ROWS].float().T
+    step = F32_ROWS if scratch is None else scratch.shape[0]
+    for c0 in range(0, w.shape[0], step):
+        part = w[c0:c0 + step]
+        wf = part.float() if scratch is None else scratch[:part.shape[0]].copy_(part)
+        out[:, c0:c0 + step] = hf @ wf.T
     return out
 
 
 def logits_tile(h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int, temperature: float,
-                 out: Optional[Tensor] = None) -> Tensor:
+                 out: Optional[Tensor] = None, scratch: Optional[Tensor] = None) -> Tensor:
     """(hidden @ weight[v0:v1].T + bias[v0:v1]) / temperature in
     logits_dtype, rounded as the materialised formula rounds it (product,
-    then the bias, then the scale); into ``out`` (a reused buffer) when given."""
-    x = products(h, weight[v0:v1], out)
+    then the bias, then the scale); into ``out`` (a reused buffer) when
+    given; ``scratch``: weight_scratch(weight), reused."""
+    x = products(h, weight[v0:v1], out, scratch)
     if bias is not None:
         x += bias[v0:v1]
     if temperature != 1.0:

@@ -4,15 +4,13 @@ min_p or a replayed threshold (pgest/truncation.py has the definitions).
 
 The kept set of a token needs its whole row of logits, so this route builds
 the logits one block of tokens at a time, over the whole vocabulary, in one
-reused buffer: a block holds as many logits as the untruncated head's
-token_tile x vocab_tile workspace, or 1/40 of the (tokens, V) logits it never
-builds when that is more (the trainer's kept logits of a block are a second
-block-sized tensor). Each block goes through the same native
-row pass as ``pgest.sample``
-and ``pgest.log_prob`` (tempered, truncated and drawn from, or scored, in one
-read), so the head's sampler and trainer agree bit for bit, and the draws are
-those of ``pgest.sample`` on the block's logits for the same generator state
-(the same Philox uniforms of the same global rows).
+reused buffer (block_tokens says how many tokens; the trainer's kept logits
+of a block are a second block-sized tensor). Each block goes through the same
+native row pass as ``pgest.sample`` and ``pgest.log_prob`` (tempered,
+truncated and drawn from, or scored, in one read), so the head's sampler and
+trainer agree bit for bit, and the draws are those of ``pgest.sample`` on the
+block's logits for the same generator state (the same Philox uniforms of the
+same global rows).
 
 With a process group (a ``Shard`` of the vocabulary), each rank builds its
 shard's columns of a block; the kept set comes from
@@ -33,49 +31,66 @@ from ..ops.log_prob import backward_rows, forward_rows, refuse_double_backward
 from ..ops.sample import sample_native
 from ..philox import uniforms as philox_uniforms
 from ..truncation import Filters, Truncation, check_kept, empty_record, inverse_temperature, kept_logits
-from .tiles import logits_dtype, logits_tile, mm_rows
+from .tiles import ROW_MULTIPLE, logits_dtype, logits_tile, mm_rows, weight_scratch
 
-BLOCK_SHARE = 40  # a block of tokens holds at most 1/40 of the logits
+BLOCK_SHARE = 40  # a block of tokens holds at least 1/40 of the tokens
+BLOCK_LOGITS = 2**23  # and, at the default tiles, at least 8 Mi logits (32 MiB in float32)
 
 
-def block_tokens(N: int, V: int, token_tile: int, vocab_tile: int) -> int:
-    """Tokens per block: as many as the untruncated head's own workspace of
-    token_tile x vocab_tile logits holds, or 1/BLOCK_SHARE of the tokens
-    when that is more (every block rereads the whole head weight, so a few
-    tokens a block would make a decode step of 64 sequences 10x slower)."""
-    return max(1, min(N, max(math.ceil(N / BLOCK_SHARE), (token_tile * vocab_tile) // max(V, 1))))
+def block_budget(token_tile: Optional[int], vocab_tile: Optional[int], tn: int, tv: int) -> int:
+    """Logits a block may hold: token_tile x vocab_tile as the caller gave
+    them, and at least BLOCK_LOGITS when both are the defaults. Every block
+    rereads the whole head weight (and converts a 16-bit one to float32), and
+    a product of a few rows runs far below the matmul's rate: blocks of 64
+    tokens made top-p in the head 2.5x (fp32) and 3.2x (bf16) the untruncated
+    head at 1024 tokens, H 1024, V 32000, blocks of 256 1.4x
+    (bench/bench_truncation.py)."""
+    return tn * tv if token_tile is not None or vocab_tile is not None else max(tn * tv, BLOCK_LOGITS)
+
+
+def block_tokens(N: int, V: int, budget: int) -> int:
+    """Tokens per block: as many as ``budget`` logits hold, or 1/BLOCK_SHARE
+    of the tokens when that is more (a decode step of 64 sequences in
+    blocks of a few tokens would reread the weight for each)."""
+    tb = max(1, min(N, max(math.ceil(N / BLOCK_SHARE), budget // max(V, 1))))
+    # a multiple of ROW_MULTIPLE: a block's last few rows would cost a padded
+    # product of the whole weight of their own (tiles.products)
+    return tb if tb == N or tb < ROW_MULTIPLE else tb - tb % ROW_MULTIPLE
 
 
 def _rows(f: Filters, r0: int, r1: int) -> Filters:
     return Filters(*(t if t.numel() == 1 else t[r0:r1] for t in f))
 
 
-def _block_logits(h: Tensor, w: Tensor, b: Optional[Tensor], buffer: Tensor) -> Tensor:
+def _block_logits(h: Tensor, w: Tensor, b: Optional[Tensor], buffer: Tuple[Tensor, Optional[Tensor]]) -> Tensor:
     """hidden @ weight.T + bias for a block of tokens, in the head's logits
     dtype (float32 for 16-bit inputs), not yet tempered, written into the
     one block buffer a call reuses."""
-    return logits_tile(h, w, b, 0, w.shape[0], 1.0, out=buffer[:h.shape[0]])
+    out, scratch = buffer
+    return logits_tile(h, w, b, 0, w.shape[0], 1.0, out=out[:h.shape[0]], scratch=scratch)
 
 
-def _buffer(h2: Tensor, w: Tensor, tb: int) -> Tensor:
-    return torch.empty((min(tb, h2.shape[0]), w.shape[0]), dtype=logits_dtype(h2.dtype), device=h2.device)
+def _buffer(h2: Tensor, w: Tensor, tb: int) -> Tuple[Tensor, Optional[Tensor]]:
+    """A call's block of logits and its 16-bit weight's conversion buffer."""
+    return (torch.empty((min(tb, h2.shape[0]), w.shape[0]), dtype=logits_dtype(h2.dtype), device=h2.device),
+            weight_scratch(w))
 
 
-def _block_size(N: int, w: Tensor, token_tile: int, vocab_tile: int, shard) -> int:
+def _block_size(N: int, w: Tensor, budget: int, shard) -> int:
     """block_tokens; over a process group (``shard``) for the whole
     vocabulary, and the smallest of the ranks' (every rank must run the same
     blocks, whatever tiles each was given)."""
     if shard is None:
-        return block_tokens(N, w.shape[0], token_tile, vocab_tile)
+        return block_tokens(N, w.shape[0], budget)
     from ..distributed.vocab_parallel import dist_module
 
-    t = torch.tensor([block_tokens(N, shard.total, token_tile, vocab_tile)], dtype=torch.int64, device=w.device)
+    t = torch.tensor([block_tokens(N, shard.total, budget)], dtype=torch.int64, device=w.device)
     dist_module().all_reduce(t, op=dist_module().ReduceOp.MIN, group=shard.group)
     return int(t)
 
 
 def sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], f: Filters, S: int, seed: int,
-                  token_tile: int, vocab_tile: int, shard=None) -> Tuple[Tensor, Tensor, Tensor, Truncation]:
+                  budget: int, shard=None) -> Tuple[Tensor, Tensor, Tensor, Truncation]:
     """(N, H) tokens -> actions (N, S), log_prob (N, S), entropy (N,) and the
     truncation record (N,) of the tokens' kept sets. ``shard``: ``w`` and
     ``b`` are this rank's rows of a vocabulary split over ``shard.group``
@@ -87,7 +102,7 @@ def sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], f: Filters, S: int
     ent = torch.empty((N,), dtype=acc, device=dev)
     record = empty_record(N, acc, dev)
     u = philox_uniforms(N, S, seed).to(dev)
-    tb = _block_size(N, w, token_tile, vocab_tile, shard)
+    tb = _block_size(N, w, budget, shard)
     buffer = _buffer(h2, w, tb)
     with torch.no_grad():
         for r0 in range(0, N, tb):
@@ -131,7 +146,7 @@ class TruncatedLinearLogProb(torch.autograd.Function):
     thresholds the forward found (the set is a constant of the step)."""
 
     @staticmethod
-    def forward(ctx, h2, w, b, actions, ignore_index, f: Filters, threshold, token_tile, vocab_tile, shard=None,
+    def forward(ctx, h2, w, b, actions, ignore_index, f: Filters, threshold, budget, shard=None,
                 reduce_hidden=True):
         N = h2.shape[0]
         acc = _checks.stats_dtype(h2.dtype)
@@ -141,7 +156,7 @@ class TruncatedLinearLogProb(torch.autograd.Function):
         ent = torch.empty((N,), dtype=acc, device=dev)
         stats = torch.empty((2, N), dtype=acc, device=dev)
         found = torch.empty((N,), dtype=acc, device=dev)
-        tb = _block_size(N, w, token_tile, vocab_tile, shard)
+        tb = _block_size(N, w, budget, shard)
         buffer = _buffer(h2, w, tb)
         for r0 in range(0, N, tb):
             r1 = min(N, r0 + tb)
@@ -199,4 +214,4 @@ class TruncatedLinearLogProb(torch.autograd.Function):
         if gh is not None and shard is not None and ctx.reduce_hidden:
             shard.sum_(gh)  # each rank's shard holds its share of hidden's gradient
         return (gh, None if gw is None else gw.to(w.dtype), None if gb is None else gb.to(b.dtype),
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
