@@ -586,3 +586,31 @@ def test_under_torch_compile_the_sampler_and_trainer_still_agree():
     assert torch.equal(lp, s.log_prob) and torch.equal(ent, s.entropy)
     keep = reference_keep(x, temperature=0.7, top_p=0.9)
     assert keep.gather(1, s.actions[:, None]).all()
+
+
+def test_truncated_head_inside_a_compiled_step_matches_eager():
+    # the head's truncated route is a graph break under torch.compile: a compiled
+    # step still takes it, and gives the eager step's numbers and gradients
+    import warnings
+
+    g = torch.Generator().manual_seed(41)
+    h, w = torch.randn(12, 16, generator=g), torch.randn(300, 16, generator=g)
+
+    def step(h, w, seed):
+        s = pgest.linear_sample(h, w, top_p=0.8, temperature=0.9, generator=torch.Generator().manual_seed(seed))
+        lp, ent = pgest.linear_log_prob(h, w, s.actions, top_p=0.8, temperature=0.9)
+        (lp.sum() + 0.1 * ent.sum()).backward()
+        return s.actions, s.log_prob, lp.detach(), ent.detach()
+
+    he, we = h.clone().requires_grad_(), w.clone().requires_grad_()
+    eager = step(he, we, 3)
+    hc, wc = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = torch.compile(step)(hc, wc, 3)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+    assert torch.equal(eager[1], eager[2])  # sampler and trainer, bit for bit
+    assert torch.equal(he.grad, hc.grad) and torch.equal(we.grad, wc.grad)
+    with pytest.raises(NotImplementedError, match="torch.func"):
+        torch.func.grad(lambda h: pgest.linear_log_prob(h, w, eager[0], top_p=0.8).log_prob.sum())(h)

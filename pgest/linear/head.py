@@ -636,10 +636,15 @@ def _truncating(temperature, *given) -> bool:
 
 def _truncation_setup(hidden, weight, bias, process_group, what: str):
     check_head(hidden, weight, bias, 1.0, process_group is not None)
-    if traced():
-        raise NotImplementedError(f"{what} with truncation runs eagerly only (not under torch.compile) for now")
+    if functorch_active():
+        raise NotImplementedError(f"{what} with truncation does not run under torch.func transforms (vmap, grad); "
+                                  "call it eagerly, or use pgest.log_prob / pgest.sample on the logits")
 
 
+# The truncated head runs eagerly: under torch.compile it is a graph break (its
+# blocks, data-dependent selections and collectives are not traceable), so a
+# compiled training step still takes it.
+@torch.compiler.disable
 def _truncated_log_prob(hidden, weight, actions, bias, temperature, top_k, top_p, min_p, threshold, ignore_index,
                         token_tile, vocab_tile, process_group, reduce_hidden_grad) -> LinearLogProb:
     from ..truncation import filters, replayed_threshold
@@ -776,6 +781,7 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
     return LinearSample(actions.view(shape), lp.view(shape), H.view(lead))
 
 
+@torch.compiler.disable
 def _truncated_sample(hidden, weight, bias, temperature, top_k, top_p, min_p, num_samples, generator, token_tile,
                       vocab_tile, process_group):
     from ..sample import TruncatedSample
