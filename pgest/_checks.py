@@ -308,6 +308,20 @@ def check_actions_range(actions: Tensor, V: int, ignore_index: Optional[int]) ->
         raise IndexError(f"actions[{at}] = {int(actions[r, s])} is out of range for {V} actions{also}")
 
 
+def check_softcap(softcap) -> float:
+    """Final logit soft-capping (softcap * tanh(logits / softcap), Gemma 2's
+    ``final_logit_softcapping``): None or 0 for none, else a positive finite
+    number; returned as a float (0.0 for none)."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if softcap != 0.0 and not (softcap > 0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be positive and finite (or None / 0 for no soft-capping), got {softcap}")
+    return softcap
+
+
 def check_head_rows(hidden, weight, bias, actions, temperature):
     check_head(hidden, weight, bias, temperature)
     if hidden.dim() != 2:

@@ -354,3 +354,98 @@ def test_16bit_inputs_keep_float32_logits(dtype):
     lp2, _ = pgest.linear_log_prob(hidden, weight, s.actions, vocab_tile=2048)
     assert torch.equal(s.log_prob, lp2)
     assert (s.log_prob.double() - ls.gather(1, s.actions[:, None]).squeeze(1)).abs().max() < 1e-3
+
+
+def _capped_reference(h, w, b, c, T):
+    x = h @ w.T + (0 if b is None else b)
+    return c * torch.tanh(x / c) / T
+
+
+@pytest.mark.parametrize("T", [1.0, 0.7])
+def test_softcap_matches_materialised_float64(T):
+    # Gemma 2's final soft-capping c * tanh(x / c) before the temperature, in the
+    # head's pass: values, entropies and gradients against autograd on the
+    # materialised capped logits (logits of std 12 against a cap of 5: the cap bites)
+    g = torch.Generator().manual_seed(50)
+    N, H, V, c = 13, 8, 2500, 5.0  # two vocabulary pieces
+    h = torch.randn(N, H, generator=g, dtype=torch.float64) * 2
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * 2
+    b = torch.randn(V, generator=g, dtype=torch.float64)
+    a = torch.randint(0, V, (N, 2), generator=g)
+    a[3] = -100
+    a[5, 1] = -100
+    ours = [t.clone().requires_grad_() for t in (h, w, b)]
+    lp, ent = pgest.linear_log_prob(ours[0], ours[1], a, bias=ours[2], temperature=T, softcap=c, token_tile=4)
+    ref = [t.clone().requires_grad_() for t in (h, w, b)]
+    ls = torch.log_softmax(_capped_reference(*ref, c, T), -1)
+    keep = a != -100
+    rlp = torch.where(keep, ls.gather(1, a.clamp(min=0)), 0.0)
+    rent = torch.where(keep.any(1), -(ls.exp() * ls).sum(-1), 0.0)
+    torch.testing.assert_close(lp, rlp, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, rent, rtol=1e-12, atol=1e-12)
+    (lp.sum() * 0.8 + ent.sum()).backward()
+    (rlp.sum() * 0.8 + rent.sum()).backward()
+    for x, y in zip(ours, ref):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-10, atol=1e-12)
+    # without the cap the numbers differ (the test sees the cap)
+    assert (pgest.linear_log_prob(h, w, a, bias=b, temperature=T).log_prob - lp).abs().max() > 1e-2
+    # the sampler: pgest.sample's draws on the capped logits, log-probs equal to the trainer's bit for bit
+    s = pgest.linear_sample(h, w, bias=b, temperature=T, softcap=c, num_samples=3,
+                            generator=torch.Generator().manual_seed(1))
+    want = pgest.sample(_capped_reference(h, w, b, c, T), num_samples=3, generator=torch.Generator().manual_seed(1))
+    assert (s.actions != want.actions).sum() <= 1
+    lp2, ent2 = pgest.linear_log_prob(h, w, s.actions, bias=b, temperature=T, softcap=c)
+    assert torch.equal(lp2, s.log_prob) and torch.equal(ent2, s.entropy)
+
+
+def test_softcap_with_truncation_second_derivatives_and_compile():
+    g = torch.Generator().manual_seed(51)
+    N, H, V, c = 9, 6, 700, 4.0
+    h = torch.randn(N, H, generator=g, dtype=torch.float64) * 2
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * 2
+    # truncated: the kept set and log-probs of pgest.log_prob on the capped logits
+    s = pgest.linear_sample(h, w, softcap=c, top_p=0.8, temperature=0.9, generator=torch.Generator().manual_seed(2))
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    lp, ent = pgest.linear_log_prob(hh, ww, s.actions, softcap=c, top_p=0.8, temperature=0.9)
+    assert torch.equal(lp, s.log_prob)
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    rlp, rent = pgest.log_prob(_capped_reference(hr, wr, None, c, 1.0), s.actions, top_p=0.8, temperature=0.9)
+    torch.testing.assert_close(lp, rlp, rtol=1e-12, atol=1e-12)
+    (lp.sum() + ent.sum()).backward()
+    (rlp.sum() + rent.sum()).backward()
+    torch.testing.assert_close(hh.grad, hr.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ww.grad, wr.grad, rtol=1e-10, atol=1e-12)
+    # second derivatives and gradcheck through the cap
+    hs, ws = h[:3, :4].clone().requires_grad_(), w[:20, :4].clone().requires_grad_()
+    a = torch.randint(0, 20, (3,), generator=g)
+    fn = lambda x, y: pgest.linear_log_prob(x, y, a, softcap=1.5, temperature=0.8)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (hs, ws))
+    assert torch.autograd.gradgradcheck(fn, (hs, ws))
+    # the registered op under torch.compile: the eager numbers
+    hf, wf = h.float(), w.float()
+    a = s.actions
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x, y):
+        lp, ent = pgest.linear_log_prob(x, y, a, softcap=c)
+        return lp, ent
+
+    got = f(hf, wf)
+    want = pgest.linear_log_prob(hf, wf, a, softcap=c)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    from pgest.linear.head import linear_log_prob_op
+
+    torch.library.opcheck(linear_log_prob_op, (hf[:4], wf[:50], None, a[:4, None] % 50, -100, 1.0, 4, 3, 2.5))
+
+
+def test_softcap_errors():
+    h, w = torch.randn(3, 4), torch.randn(10, 4)
+    a = torch.zeros(3, dtype=torch.int64)
+    for bad, err in ((-1.0, ValueError), (float("inf"), ValueError), (float("nan"), ValueError), (True, TypeError),
+                     ("5", TypeError)):
+        with pytest.raises(err, match="softcap must be"):
+            pgest.linear_log_prob(h, w, a, softcap=bad)
+        with pytest.raises(err, match="softcap must be"):
+            pgest.linear_sample(h, w, softcap=bad, top_k=2)
+    # 0 and None are no cap
+    assert torch.equal(pgest.linear_log_prob(h, w, a, softcap=0).log_prob, pgest.linear_log_prob(h, w, a).log_prob)

@@ -323,6 +323,22 @@ def _linear_head(rank: int, world: int) -> None:
     lp2, ent2 = pgest.linear_log_prob(hidden, weight[mine], s.actions, bias=bias[mine], vocab_tile=64,
                                       process_group=dist.group.WORLD)
     assert torch.equal(lp2, s.log_prob) and torch.equal(ent2, s.entropy)
+    # final soft-capping (Gemma 2) over the group: one process's numbers and gradients
+    h = hidden.clone().requires_grad_()
+    w = weight[mine].clone().requires_grad_()
+    lp, ent = pgest.linear_log_prob(h, w, actions, bias=bias[mine], softcap=2.0, process_group=dist.group.WORLD)
+    (lp.sum() + ent.sum()).backward()
+    one = [t.clone().requires_grad_() for t in (hidden, weight)]
+    rlp, rent = pgest.linear_log_prob(one[0], one[1], actions, bias=bias, softcap=2.0)
+    (rlp.sum() + rent.sum()).backward()
+    torch.testing.assert_close(lp, rlp.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h.grad, one[0].grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w.grad, one[1].grad[mine], rtol=1e-10, atol=1e-12)
+    s = pgest.linear_sample(hidden, weight[mine], bias=bias[mine], softcap=2.0, process_group=dist.group.WORLD,
+                            generator=torch.Generator().manual_seed(3))
+    lp3, _ = pgest.linear_log_prob(hidden, weight[mine], s.actions, bias=bias[mine], softcap=2.0,
+                                   process_group=dist.group.WORLD)
+    assert torch.equal(lp3, s.log_prob)
 
 
 def _grid_shards(rank: int, world: int):

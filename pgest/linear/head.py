@@ -39,6 +39,7 @@ from .._checks import (
     check_needs,
     check_num_samples,
     check_seed,
+    check_softcap,
     check_tile,
     check_token_actions,
     index_tensor,
@@ -58,7 +59,7 @@ from ..ops.log_prob import (
 from ..ops.sample import sample_native
 from ..philox import cpu_seed, seed_tensor
 from ..philox import uniforms as philox_uniforms
-from .tiles import HALF, MM_OUT_DTYPE, PIECE, logits_tile, mm_rows, padded_rows
+from .tiles import HALF, MM_OUT_DTYPE, PIECE, logits_tile, mm_rows, padded_rows, soft_cap_, soft_cap_grad_
 
 # Tile sizes (tokens, vocabulary); override per call with token_tile= /
 # vocab_tile=. CPU: measured at (2048 tokens, H 1024, V 32000) fp32 fwd+bwd on
@@ -97,7 +98,7 @@ def tile_sizes(hidden: Tensor, token_tile, vocab_tile) -> Tuple[int, int]:
 # ---- tiles -------------------------------------------------------------------
 
 def _vocab_tiles(h: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float,
-                 full: Optional[Tensor] = None):
+                 full: Optional[Tensor] = None, softcap: float = 0.0):
     """(v0, v1, logits) for each piece of the vocabulary grid (tiles.PIECE
     entries from column 0) of these tokens: a product per piece, or, with
     ``full`` (these tokens' logits over the whole vocabulary, computed once
@@ -111,18 +112,19 @@ def _vocab_tiles(h: Tensor, weight: Tensor, bias: Optional[Tensor], temperature:
         h = h.float()  # the CPU's float32 products: one copy of the tokens for all their vocabulary tiles
     for v0 in range(0, V, PIECE):
         v1 = min(V, v0 + PIECE)
-        yield v0, v1, full[:, v0:v1] if full is not None else logits_tile(h, weight, bias, v0, v1, temperature)
+        yield v0, v1, full[:, v0:v1] if full is not None else logits_tile(h, weight, bias, v0, v1, temperature,
+                                                                           softcap=softcap)
 
 
 def token_tile_stats(h: Tensor, row0: Union[int, Tensor], weight: Tensor, bias: Optional[Tensor],
                       temperature: float, pieces: Optional[Tensor] = None,
-                      full: Optional[Tensor] = None) -> Merged:
+                      full: Optional[Tensor] = None, softcap: float = 0.0) -> Merged:
     """The merged float64 statistics of these tokens over the vocabulary's
     pieces, in piece order (the one order every route uses, row_merge.fold
     included: the same bits); with ``pieces`` (n, pieces, 3) also each
     piece's float64 (max, Z, D)."""
     merged = Merged(h.shape[0], h.device)
-    for j, (v0, _, x) in enumerate(_vocab_tiles(h, weight, bias, temperature, full)):
+    for j, (v0, _, x) in enumerate(_vocab_tiles(h, weight, bias, temperature, full, softcap)):
         piece = sums(*piece_stats(x, row0, v0, NEVER_BUILT))
         merged.add_sums(*piece)
         if pieces is not None:
@@ -133,7 +135,8 @@ def token_tile_stats(h: Tensor, row0: Union[int, Tensor], weight: Tensor, bias: 
 
 
 def _row_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, tn: int,
-               keep_pieces: bool = False, raw: bool = False, index: Optional[Tensor] = None):
+               keep_pieces: bool = False, raw: bool = False, index: Optional[Tensor] = None,
+               softcap: float = 0.0):
     """(max, log Z, H) of every row of the logits, tile by tile, in the
     accumulation type, or with ``raw`` the float64 (max, Z, D) to merge
     further; with ``keep_pieces`` also each (row, piece of the vocabulary)'s float64
@@ -152,13 +155,13 @@ def _row_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: 
         n1 = min(N, n0 + tn)
         rows = n0 if index is None else index[n0:n1]
         merged = token_tile_stats(h2[n0:n1], rows, weight, bias, temperature,
-                                   None if pieces is None else pieces[n0:n1])
+                                   None if pieces is None else pieces[n0:n1], softcap=softcap)
         M[n0:n1], LZ[n0:n1], H[n0:n1] = merged.raw() if raw else merged.result(acc, rows, NEVER_BUILT)
     return M, LZ, H, pieces
 
 
 def _sharded_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, tn: int, shard,
-                   acc: torch.dtype, index: Optional[Tensor] = None):
+                   acc: torch.dtype, index: Optional[Tensor] = None, softcap: float = 0.0):
     """(max, log Z, H) and the (rows, pieces, 3) table of every piece of the
     whole vocabulary, for a head split over ``shard``'s group: each rank's
     pieces gathered and folded by every rank in the order one process folds
@@ -166,7 +169,8 @@ def _sharded_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperatu
     shards split on the piece grid (uneven shards included)."""
     table, error = None, None
     try:
-        table = _row_stats(h2, weight, bias, temperature, tn, keep_pieces=True, raw=True, index=index)[3]
+        table = _row_stats(h2, weight, bias, temperature, tn, keep_pieces=True, raw=True, index=index,
+                           softcap=softcap)[3]
     except ValueError as e:
         error = e
     table = shard.gather_pieces(table, h2.shape[0], h2.device, error)
@@ -174,7 +178,7 @@ def _sharded_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperatu
 
 
 def chosen_logits(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, temperature: float,
-                   tn: int, keep: Optional[Tensor] = None, shard=None) -> Tensor:
+                   tn: int, keep: Optional[Tensor] = None, shard=None, softcap: float = 0.0) -> Tensor:
     """x[i, s] = (hidden[i] . weight[a_is] + bias[a_is]) / temperature for (N, S)
     global int64 actions, in the accumulation type: one dot product per
     action, the single routine both linear_log_prob and linear_sample use.
@@ -188,7 +192,7 @@ def chosen_logits(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: T
         own = (actions >= lo) & (actions < lo + weight.shape[0])
         own = own if keep is None else own & keep
         x = chosen_logits(h2, weight, bias, torch.where(own, actions - lo, torch.zeros_like(actions)),
-                           temperature, tn)
+                           temperature, tn, softcap=softcap)
         x = torch.where(own, x, torch.zeros((), dtype=x.dtype, device=x.device))
         return x if shard is None else shard.sum_(x)
     N, S = actions.shape
@@ -206,6 +210,7 @@ def chosen_logits(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: T
         x = torch.bmm(wa, hn.unsqueeze(-1)).view(-1)[:(n1 - n0) * S].view(n1 - n0, S)
         if bias is not None:
             x += bias[a]
+        soft_cap_(x, softcap)
         if temperature != 1.0:
             x /= temperature
         out[n0:n1] = x
@@ -225,7 +230,7 @@ def live_rows(actions: Tensor, ignore_index: Optional[int]) -> Optional[Tensor]:
     return live.nonzero().squeeze(1)
 
 
-def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, shard=None):
+def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, shard=None, softcap: float = 0.0):
     """-> log_prob (N, S), entropy (N,), stats (3, N) = [max, log Z, H].
     ``shard`` (vocab_parallel.Shard): weight and bias are this rank's rows of
     the vocabulary; the statistics are merged over the group and each chosen
@@ -240,11 +245,11 @@ def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, shard=Non
     hl, al = (h2, actions) if live is None else (h2[live], actions[live])
     if hl.shape[0]:
         if shard is None:
-            M, LZ, H, _ = _row_stats(hl, weight, bias, temperature, tn, index=live)
+            M, LZ, H, _ = _row_stats(hl, weight, bias, temperature, tn, index=live, softcap=softcap)
         else:
-            M, LZ, H, _ = _sharded_stats(hl, weight, bias, temperature, tn, shard, acc, live)
+            M, LZ, H, _ = _sharded_stats(hl, weight, bias, temperature, tn, shard, acc, live, softcap)
         keep = al != ignore_index if ignore_index is not None else torch.ones_like(al, dtype=torch.bool)
-        x = chosen_logits(hl, weight, bias, al, temperature, tn, keep, shard)
+        x = chosen_logits(hl, weight, bias, al, temperature, tn, keep, shard, softcap)
         lpl = torch.where(keep, (x - M[:, None]) - LZ[:, None], torch.zeros((), dtype=acc, device=h2.device))
         if live is None:
             stats[0], stats[1], stats[2], lp = M, LZ, H, lpl
@@ -255,7 +260,7 @@ def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, shard=Non
 
 
 def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, temperature, tn,
-              need_h: bool, need_w: bool, need_b: bool, shard=None):
+              need_h: bool, need_w: bool, need_b: bool, shard=None, softcap: float = 0.0):
     """Gradients of sum(g_lp * log_prob) + sum(g_ent * entropy) with respect to
     hidden (N, H), weight (V, H) and bias (V,): each logits tile recomputed
     once, its gradient by the native backward, then two products. With
@@ -286,7 +291,8 @@ def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, tempe
         upstream = {"grad_log_prob": None if g_lp is None else g_lp[rows],
                     "grad_entropy": None if g_ent is None else g_ent[rows]}
         gh = token_tile_grads(h2[rows], actions[rows], st[:2].contiguous(), st[2], upstream, weight, bias,
-                               ignore_index, temperature, col0, total or V, need_h, grad_w, grad_b)
+                               ignore_index, temperature, col0, total or V, need_h, grad_w, grad_b,
+                               softcap=softcap)
         if need_h:
             grad_h[rows] = gh.to(grad_h.dtype)
     if need_b:
@@ -295,7 +301,7 @@ def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, tempe
 
 
 def token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_index, temperature, col0, total,
-                      need_h, grad_w, grad_b, full=None, grads16=None):
+                      need_h, grad_w, grad_b, full=None, grads16=None, softcap: float = 0.0):
     """One token tile's share of the three gradients: each vocabulary tile's
     logits (recomputed, or views of ``full``) turned into their gradient by
     the native backward (``upstream``: its weighting arguments), then the two
@@ -320,6 +326,7 @@ def token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_in
             with checked_now():
                 g = backward_rows(x, a, ignore_index, row_stats, entropy, col_offset=col0 + v0, total_cols=total,
                                   out=scratch[:x.numel()].view(x.shape), **upstream)
+            soft_cap_grad_(g, x, temperature, softcap)  # the 1 / temperature comes after the products
             if grads16 is None:
                 x.copy_(g)
             else:
@@ -339,10 +346,11 @@ def token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_in
             grad_b += full.sum(0, dtype=grad_b.dtype) / temperature
         return gh
     gh = torch.zeros((h.shape[0], weight.shape[1]), dtype=torch.float64, device=h.device) if need_h else None
-    for v0, v1, x in _vocab_tiles(h, weight, bias, temperature):
+    for v0, v1, x in _vocab_tiles(h, weight, bias, temperature, softcap=softcap):
         with checked_now():
             g = backward_rows(x, a, ignore_index, row_stats, entropy, col_offset=col0 + v0, total_cols=total,
                               **upstream)
+        soft_cap_grad_(g, x, temperature, softcap)
         del x
         if temperature != 1.0:
             g /= temperature
@@ -363,17 +371,18 @@ def token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_in
 @torch.library.custom_op("pgest::linear_log_prob", mutates_args=())
 def linear_log_prob_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor,
                          ignore_index: Optional[int], temperature: float, token_tile: int,
-                         vocab_tile: int) -> Tuple[Tensor, Tensor, Tensor]:
+                         vocab_tile: int, softcap: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
     """(N, H) hidden, (V, H) weight, (N, S) actions -> (log_prob (N, S),
-    entropy (N,), stats (3, N) = [max, log Z, H])."""
+    entropy (N,), stats (3, N) = [max, log Z, H]). ``softcap``: the logits'
+    final soft-capping before the temperature (0: none)."""
     check_head_rows(hidden, weight, bias, actions, temperature)
     check_tile(vocab_tile, "vocab_tile", 1)  # checked; the vocabulary goes in fixed pieces (_vocab_tiles)
     return _forward(hidden, weight, bias, index_tensor(actions, weight.shape[0]), ignore_index, temperature,
-                    check_tile(token_tile, "token_tile", 1))
+                    check_tile(token_tile, "token_tile", 1), softcap=check_softcap(softcap))
 
 
 @linear_log_prob_op.register_fake
-def _(hidden, weight, bias, actions, ignore_index, temperature, token_tile, vocab_tile):
+def _(hidden, weight, bias, actions, ignore_index, temperature, token_tile, vocab_tile, softcap=0.0):
     N, S = actions.shape
     acc = _checks.stats_dtype(hidden.dtype)
     return (hidden.new_empty((N, S), dtype=acc), hidden.new_empty((N,), dtype=acc),
@@ -384,7 +393,7 @@ def _(hidden, weight, bias, actions, ignore_index, temperature, token_tile, voca
 def linear_log_prob_backward_op(grad_log_prob: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor,
                              weight: Tensor, bias: Optional[Tensor], actions: Tensor, stats: Tensor,
                              ignore_index: Optional[int], temperature: float, token_tile: int, vocab_tile: int,
-                             needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+                             needs: List[bool], softcap: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients for hidden, weight and bias (an empty tensor where ``needs``
     says it is not wanted or there is no bias)."""
     check_head_rows(hidden, weight, bias, actions, temperature)
@@ -403,7 +412,7 @@ def linear_log_prob_backward_op(grad_log_prob: Optional[Tensor], grad_entropy: O
     check_actions_range(acts, weight.shape[0], ignore_index)  # the saved actions may have changed since
     gh, gw, gb = _backward(grad_log_prob, grad_entropy, hidden, weight, bias, acts, stats, ignore_index,
                            temperature, check_tile(token_tile, "token_tile", 1), needs[0], needs[1],
-                           needs[2] and bias is not None)
+                           needs[2] and bias is not None, softcap=check_softcap(softcap))
     empty = hidden.new_empty((0,))
     return (gh if gh is not None else empty, gw if gw is not None else empty.clone(),
             gb if gb is not None else empty.clone())
@@ -411,7 +420,7 @@ def linear_log_prob_backward_op(grad_log_prob: Optional[Tensor], grad_entropy: O
 
 @linear_log_prob_backward_op.register_fake
 def _(grad_log_prob, grad_entropy, hidden, weight, bias, actions, stats, ignore_index, temperature, token_tile,
-      vocab_tile, needs):
+      vocab_tile, needs, softcap=0.0):
     check_needs(needs)
     return (hidden.new_empty(hidden.shape) if needs[0] else hidden.new_empty((0,)),
             weight.new_empty(weight.shape) if needs[1] else hidden.new_empty((0,)),
@@ -419,41 +428,45 @@ def _(grad_log_prob, grad_entropy, hidden, weight, bias, actions, stats, ignore_
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, actions, ignore_index, temperature, token_tile, vocab_tile = inputs
+    hidden, weight, bias, actions, ignore_index, temperature, token_tile, vocab_tile, softcap = inputs
     ctx.save_for_backward(hidden, weight, bias, actions, output[2])
-    ctx.args = (ignore_index, temperature, token_tile, vocab_tile)
+    ctx.args = (ignore_index, temperature, token_tile, vocab_tile, softcap)
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(output[2])
 
 
 def head_grads_in_torch_ops(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor,
                            ignore_index: Optional[int], temperature: float, grad_log_prob: Optional[Tensor],
-                           grad_entropy: Optional[Tensor], needs) -> Tuple[Optional[Tensor], ...]:
+                           grad_entropy: Optional[Tensor], needs, softcap: float = 0.0) -> Tuple[Optional[Tensor], ...]:
     """The gradients of hidden, weight and bias (those ``needs`` asks for) in
     differentiable torch ops, through the materialised (N, V) logits: a
     second derivative or a torch.func transform (log_prob.grad_in_torch_ops)."""
     x = hidden @ weight.T
     if bias is not None:
         x = x + bias
-    g = grad_in_torch_ops(x / temperature, index_tensor(actions, weight.shape[0]), ignore_index, grad_log_prob,
+    t = torch.tanh(x / softcap) if softcap else None
+    z = x if t is None else t * softcap
+    g = grad_in_torch_ops(z / temperature, index_tensor(actions, weight.shape[0]), ignore_index, grad_log_prob,
                           grad_entropy) / temperature
+    if t is not None:
+        g = g * (1 - t * t)
     return (g @ weight if needs[0] else None, g.T @ hidden if needs[1] else None,
             g.sum(0) if needs[2] and bias is not None else None)
 
 
 def _backward_fn(ctx, grad_lp, grad_ent, _grad_stats):
     hidden, weight, bias, actions, stats = ctx.saved_tensors
-    ignore_index, temperature, token_tile, vocab_tile = ctx.args
+    ignore_index, temperature, token_tile, vocab_tile, softcap = ctx.args
     needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
              bool(ctx.has_bias and ctx.needs_input_grad[2])]
     if creating_graph():
         gh, gw, gb = head_grads_in_torch_ops(hidden, weight, bias, actions, ignore_index, temperature, grad_lp,
-                                             grad_ent, needs)
-        return gh, gw, gb, None, None, None, None, None
+                                             grad_ent, needs, softcap)
+        return gh, gw, gb, None, None, None, None, None, None
     gh, gw, gb = linear_log_prob_backward_op(grad_lp, grad_ent, hidden, weight, bias, actions, stats, ignore_index,
-                                          temperature, token_tile, vocab_tile, needs)
+                                          temperature, token_tile, vocab_tile, needs, softcap)
     return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 linear_log_prob_op.register_autograd(_backward_fn, setup_context=_setup_context)
@@ -469,9 +482,9 @@ class _FuncLinearLogProb(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(hidden, weight, bias, actions, ignore_index, temperature, token_tile, vocab_tile):
+    def forward(hidden, weight, bias, actions, ignore_index, temperature, token_tile, vocab_tile, softcap):
         lp, ent, _ = linear_log_prob_op(hidden, weight, bias, actions, ignore_index, temperature, token_tile,
-                                          vocab_tile)
+                                          vocab_tile, softcap)
         return lp, ent
 
     @staticmethod
@@ -480,13 +493,14 @@ class _FuncLinearLogProb(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, actions)
         ctx.save_for_forward(hidden, weight, bias, actions)
         ctx.args = (ignore_index, temperature)
+        ctx.softcap = inputs[8]
 
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
         hidden, weight, bias, actions = ctx.saved_tensors
         grads = head_grads_in_torch_ops(hidden, weight, bias, actions, *ctx.args, grad_lp, grad_ent,
-                                        ctx.needs_input_grad[:3])
-        return grads + (None,) * 5
+                                        ctx.needs_input_grad[:3], ctx.softcap)
+        return grads + (None,) * 6
 
     @staticmethod
     def jvp(ctx, t_hidden, t_weight, t_bias, *_):
@@ -500,6 +514,9 @@ class _FuncLinearLogProb(torch.autograd.Function):
             if term is not None:
                 t = t + term
         t = t if isinstance(t, Tensor) else torch.zeros_like(x)
+        if ctx.softcap:  # through the cap: its value and its derivative
+            c = torch.tanh(x / ctx.softcap)
+            x, t = c * ctx.softcap, t * (1 - c * c)
         return tangent_in_torch_ops(x / temperature, index_tensor(actions, weight.shape[0]), ignore_index,
                                     t.expand_as(x) / temperature)
 
@@ -512,10 +529,10 @@ class _ShardedLinearLogProb(torch.autograd.Function):
     full gradient of its replicated hidden states."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, actions, ignore_index, temperature, tn, shard, reduce_hidden):
-        lp, ent, stats = _forward(hidden, weight, bias, actions, ignore_index, temperature, tn, shard)
+    def forward(ctx, hidden, weight, bias, actions, ignore_index, temperature, tn, shard, reduce_hidden, softcap):
+        lp, ent, stats = _forward(hidden, weight, bias, actions, ignore_index, temperature, tn, shard, softcap)
         ctx.save_for_backward(hidden, weight, bias, actions, stats)
-        ctx.args = (ignore_index, temperature, tn, shard, reduce_hidden)
+        ctx.args = (ignore_index, temperature, tn, shard, reduce_hidden, softcap)
         ctx.has_bias = bias is not None
         ctx.set_materialize_grads(False)
         return lp, ent
@@ -523,18 +540,18 @@ class _ShardedLinearLogProb(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
         hidden, weight, bias, actions, stats = ctx.saved_tensors
-        ignore_index, temperature, tn, shard, reduce_hidden = ctx.args
+        ignore_index, temperature, tn, shard, reduce_hidden, softcap = ctx.args
         refuse_double_backward("pgest.linear_log_prob")
         needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
                  bool(ctx.has_bias and ctx.needs_input_grad[2])]
         check_actions_range(actions, shard.total, ignore_index)
         gh, gw, gb = _backward(grad_lp, grad_ent, hidden, weight, bias, actions, stats, ignore_index, temperature,
-                               tn, needs[0], needs[1], needs[2], shard)
+                               tn, needs[0], needs[1], needs[2], shard, softcap)
         if gh is not None:
             if reduce_hidden:
                 shard.sum_(gh)
             gh = gh.to(hidden.dtype)
-        return gh, gw, gb, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None
 
 
 # ---- the public functions ----------------------------------------------------------
@@ -547,7 +564,7 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
                     temperature: float = 1.0, ignore_index: Optional[int] = -100,
                     token_tile: Optional[int] = None, vocab_tile: Optional[int] = None,
                     process_group=None, reduce_hidden_grad: bool = True, top_k=None, top_p=None, min_p=None,
-                    threshold: Optional[Tensor] = None) -> LinearLogProb:
+                    threshold: Optional[Tensor] = None, softcap: Optional[float] = None) -> LinearLogProb:
     """Differentiable ``log softmax(logits)[actions]`` and the entropy per token
     for ``logits = (hidden @ weight.T + bias) / temperature``, without building
     the logits.
@@ -561,6 +578,10 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
             whose every action is ignored is skipped (entropy 0, no work).
         bias: optional (V,).
         temperature: positive; the logits are divided by it (as samplers do).
+        softcap: final logit soft-capping before the temperature, ``logits =
+            softcap * tanh((hidden @ weight.T + bias) / softcap)``, as Gemma 2
+            applies its ``final_logit_softcapping`` (forward and backward in
+            the head's pass); None for none.
         token_tile, vocab_tile: tile sizes (defaults DEFAULT_TILES of the
             device); the workspace is about 2 * token_tile * 2048
             logits-sized entries plus token_tile * H float32 (the vocabulary
@@ -601,10 +622,11 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
     """
     if _truncating(temperature, top_k, top_p, min_p, threshold):
         return _truncated_log_prob(hidden, weight, actions, bias, temperature, top_k, top_p, min_p, threshold,
-                                   ignore_index, token_tile, vocab_tile, process_group, reduce_hidden_grad)
+                                   ignore_index, token_tile, vocab_tile, process_group, reduce_hidden_grad, softcap)
     error = None
     try:
         temperature = check_head(hidden, weight, bias, temperature, process_group is not None)
+        softcap = check_softcap(softcap)
         lead, S = check_token_actions(hidden, actions)
         ii = check_ignore_index(ignore_index)
         tn, tv = tile_sizes(hidden, token_tile, vocab_tile)
@@ -618,11 +640,12 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
         if process_group is not None:
             shard = _shard(weight, process_group, hidden, error)
             lp, ent = _ShardedLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, temperature, tn, shard,
-                                                  bool(reduce_hidden_grad))
+                                                  bool(reduce_hidden_grad), softcap)
         elif functorch_active():
-            lp, ent = _FuncLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, temperature, tn, tv)
+            lp, ent = _FuncLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, temperature, tn, tv,
+                                               softcap)
         else:
-            lp, ent, _ = linear_log_prob_op(token_rows(hidden), weight, bias, a2, ii, temperature, tn, tv)
+            lp, ent, _ = linear_log_prob_op(token_rows(hidden), weight, bias, a2, ii, temperature, tn, tv, softcap)
     except (ValueError, IndexError) as e:
         raise type(e)(_status.unflatten_message(str(e), lead)) from None
     return LinearLogProb(lp.view(actions.shape), ent.view(lead))
@@ -646,13 +669,14 @@ def _truncation_setup(hidden, weight, bias, process_group, what: str):
 # compiled training step still takes it.
 @torch.compiler.disable
 def _truncated_log_prob(hidden, weight, actions, bias, temperature, top_k, top_p, min_p, threshold, ignore_index,
-                        token_tile, vocab_tile, process_group, reduce_hidden_grad) -> LinearLogProb:
+                        token_tile, vocab_tile, process_group, reduce_hidden_grad, softcap) -> LinearLogProb:
     from ..truncation import filters, replayed_threshold
     from .truncated import TruncatedLinearLogProb, block_budget
 
     error, lead = None, ()
     try:
         _truncation_setup(hidden, weight, bias, process_group, "linear_log_prob")
+        softcap = check_softcap(softcap)
         lead, S = check_token_actions(hidden, actions)
         ii = check_ignore_index(ignore_index)
         tn, tv = tile_sizes(hidden, token_tile, vocab_tile)
@@ -670,7 +694,7 @@ def _truncated_log_prob(hidden, weight, actions, bias, temperature, top_k, top_p
     try:
         lp, ent = TruncatedLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, f, threshold,
                                                block_budget(token_tile, vocab_tile, tn, tv), shard,
-                                               bool(reduce_hidden_grad))
+                                               bool(reduce_hidden_grad), softcap)
     except (ValueError, IndexError) as e:
         raise type(e)(_status.unflatten_message(str(e), lead)) from None
     return LinearLogProb(lp.view(actions.shape), ent.view(lead))
@@ -692,7 +716,8 @@ def _place(table: Tensor, row_max: Tensor, u: Tensor, rows: Tensor) -> Tuple[Ten
     return j.view(-1), inner.view(-1)
 
 
-def _draw_in_pieces(h2, w, b, temperature, tn, j, inner, rows, ss, out, offset: int = 0) -> None:
+def _draw_in_pieces(h2, w, b, temperature, tn, j, inner, rows, ss, out, offset: int = 0,
+                    softcap: float = 0.0) -> None:
     """Draws (rows[k], ss[k]) placed in this weight's piece j[k] with uniform
     inner[k] within it: that piece of that token recomputed and the draw
     placed by the native sampler. Writes global ids (``offset`` + column)
@@ -707,7 +732,7 @@ def _draw_in_pieces(h2, w, b, temperature, tn, j, inner, rows, ss, out, offset: 
             # Several draws of one token in one piece: its logits once, then copied
             # per draw (a copy is H times cheaper than the product).
             ur, inv = torch.unique(r, return_inverse=True)
-            x = logits_tile(h2[ur], w, b, v0, v1, temperature)
+            x = logits_tile(h2[ur], w, b, v0, v1, temperature, softcap=softcap)
             if ur.shape[0] != r.shape[0]:
                 x = x[inv]
             with checked_now():
@@ -718,7 +743,7 @@ def _draw_in_pieces(h2, w, b, temperature, tn, j, inner, rows, ss, out, offset: 
 def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = None, temperature: float = 1.0,
                   num_samples: int = 1, generator: Optional[torch.Generator] = None,
                   token_tile: Optional[int] = None, vocab_tile: Optional[int] = None,
-                  process_group=None, top_k=None, top_p=None, min_p=None):
+                  process_group=None, top_k=None, top_p=None, min_p=None, softcap: Optional[float] = None):
     """Draw ``num_samples`` tokens per row from softmax(logits),
     ``logits = (hidden @ weight.T + bias) / temperature``, without building the
     logits; no gradient.
@@ -742,15 +767,17 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
     :func:`linear_log_prob` with the same parameters (or the record's
     threshold) gives the same log-probabilities bit for bit. The logits are
     then built one block of tokens at a time (see linear_log_prob).
+    ``softcap``: the logits' final soft-capping, as linear_log_prob takes it.
     """
     if _truncating(temperature, top_k, top_p, min_p):
         return _truncated_sample(hidden, weight, bias, temperature, top_k, top_p, min_p, num_samples, generator,
-                                 token_tile, vocab_tile, process_group)
+                                 token_tile, vocab_tile, process_group, softcap)
     error = None
     seed = 0
     compiled = process_group is None and traced()
     try:
         temperature = check_head(hidden, weight, bias, temperature, process_group is not None)
+        softcap = check_softcap(softcap)
         S = check_num_samples(num_samples)
         tn, tv = tile_sizes(hidden, token_tile, vocab_tile)
         check_generator(generator, hidden.device)
@@ -770,20 +797,22 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
         error = e
     if compiled:
         actions, lp, H = linear_sample_op(token_rows(hidden.detach()), weight.detach(),
-                                            None if bias is None else bias.detach(), temperature, S, seed, tn, tv)
+                                            None if bias is None else bias.detach(), temperature, S, seed, tn, tv,
+                                            softcap)
         return LinearSample(actions.view(shape), lp.view(shape), H.view(lead))
     shard = None
     if process_group is not None:
         shard = _shard(weight, process_group, hidden, error, seed)
         seed = shard.seed  # rank 0's: every rank draws the same uniforms
     actions, lp, H = _sample_tokens(token_rows(hidden.detach()), weight.detach(),
-                                    None if bias is None else bias.detach(), temperature, S, seed, tn, shard)
+                                    None if bias is None else bias.detach(), temperature, S, seed, tn, shard,
+                                    softcap)
     return LinearSample(actions.view(shape), lp.view(shape), H.view(lead))
 
 
 @torch.compiler.disable
 def _truncated_sample(hidden, weight, bias, temperature, top_k, top_p, min_p, num_samples, generator, token_tile,
-                      vocab_tile, process_group):
+                      vocab_tile, process_group, softcap):
     from ..sample import TruncatedSample
     from ..truncation import Truncation, filters
     from .truncated import block_budget, sample_tokens
@@ -791,6 +820,7 @@ def _truncated_sample(hidden, weight, bias, temperature, top_k, top_p, min_p, nu
     error, seed = None, 0
     try:
         _truncation_setup(hidden, weight, bias, process_group, "linear_sample")
+        softcap = check_softcap(softcap)
         S = check_num_samples(num_samples)
         tn, tv = tile_sizes(hidden, token_tile, vocab_tile)
         check_generator(generator, hidden.device)
@@ -810,7 +840,7 @@ def _truncated_sample(hidden, weight, bias, temperature, top_k, top_p, min_p, nu
     try:
         actions, lp, ent, rec = sample_tokens(token_rows(hidden.detach()), weight.detach(),
                                               None if bias is None else bias.detach(), f, S, seed,
-                                              block_budget(token_tile, vocab_tile, tn, tv), shard)
+                                              block_budget(token_tile, vocab_tile, tn, tv), shard, softcap)
     except ValueError as e:
         raise ValueError(_status.unflatten_message(str(e), lead)) from None
     record = Truncation(*(t.view(lead) for t in rec))
@@ -818,7 +848,7 @@ def _truncated_sample(hidden, weight, bias, temperature, top_k, top_p, min_p, nu
 
 
 def _sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], temperature: float, S: int, seed: int, tn: int,
-                   shard=None) -> Tuple[Tensor, Tensor, Tensor]:
+                   shard=None, softcap: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
     """(N, H) tokens -> actions (N, S), log_prob (N, S), entropy (N,) of
     linear_sample, for a Philox seed already taken (rank 0's with ``shard``)."""
     N, dev = h2.shape[0], h2.device
@@ -831,31 +861,32 @@ def _sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], temperature: floa
         rows, ss = torch.meshgrid(torch.arange(N, device=dev), torch.arange(S, device=dev), indexing="ij")
         rows, ss = rows.reshape(-1), ss.reshape(-1)
         if shard is None:
-            M, LZ, H, table = _row_stats(h2, w, b, temperature, tn, keep_pieces=True)
+            M, LZ, H, table = _row_stats(h2, w, b, temperature, tn, keep_pieces=True, softcap=softcap)
             actions = torch.empty((N, S), dtype=torch.int64, device=dev)
             j, inner = _place(table, M, u.reshape(-1), rows)
-            _draw_in_pieces(h2, w, b, temperature, tn, j, inner, rows, ss, actions)
-            x = chosen_logits(h2, w, b, actions, temperature, tn)
+            _draw_in_pieces(h2, w, b, temperature, tn, j, inner, rows, ss, actions, softcap=softcap)
+            x = chosen_logits(h2, w, b, actions, temperature, tn, softcap=softcap)
         else:
             # every rank places every draw on the whole vocabulary's pieces; the
             # owner of the piece draws, the group sums (one nonzero each: exact)
-            M, LZ, H, table = _sharded_stats(h2, w, b, temperature, tn, shard, acc)
+            M, LZ, H, table = _sharded_stats(h2, w, b, temperature, tn, shard, acc, softcap=softcap)
             j, inner = _place(table, M, u.reshape(-1), rows)
             first, count = shard.first_piece, shard.piece_counts[shard.layout.rank]
             mine = ((j >= first) & (j < first + count)).nonzero().squeeze(1)
             actions = torch.zeros((N, S), dtype=torch.float64, device=dev)
             if mine.numel():
                 _draw_in_pieces(h2, w, b, temperature, tn, j[mine] - first, inner[mine], rows[mine], ss[mine],
-                                actions, shard.offset)
+                                actions, shard.offset, softcap)
             actions = shard.sum_(actions).to(torch.int64)
-            x = chosen_logits(h2, w, b, actions, temperature, tn, shard=shard)
+            x = chosen_logits(h2, w, b, actions, temperature, tn, shard=shard, softcap=softcap)
         lp = (x - M[:, None]) - LZ[:, None]
     return actions, lp, H
 
 
 @torch.library.custom_op("pgest::linear_sample", mutates_args=())
 def linear_sample_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, num_samples: int,
-                       seed: Tensor, token_tile: int, vocab_tile: int) -> Tuple[Tensor, Tensor, Tensor]:
+                       seed: Tensor, token_tile: int, vocab_tile: int,
+                       softcap: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
     """(N, H) hidden, (V, H) weight -> (actions (N, S), log_prob (N, S),
     entropy (N,)): linear_sample under torch.compile. ``seed`` is the (2,)
     int64 (seed, offset) of pgest.philox.seed_tensor (offset 0 on the CPU)."""
@@ -865,11 +896,12 @@ def linear_sample_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tem
     S = check_num_samples(num_samples)
     check_seed(seed, hidden.device)
     check_tile(vocab_tile, "vocab_tile", 1)  # checked; the vocabulary goes in fixed pieces (_vocab_tiles)
-    return _sample_tokens(hidden, weight, bias, temperature, S, int(seed[0]), check_tile(token_tile, "token_tile", 1))
+    return _sample_tokens(hidden, weight, bias, temperature, S, int(seed[0]), check_tile(token_tile, "token_tile", 1),
+                          softcap=check_softcap(softcap))
 
 
 @linear_sample_op.register_fake
-def _(hidden, weight, bias, temperature, num_samples, seed, token_tile, vocab_tile):
+def _(hidden, weight, bias, temperature, num_samples, seed, token_tile, vocab_tile, softcap=0.0):
     N = hidden.shape[0]
     acc = _checks.stats_dtype(hidden.dtype)
     return (hidden.new_empty((N, num_samples), dtype=torch.int64), hidden.new_empty((N, num_samples), dtype=acc),

@@ -102,15 +102,36 @@ def products(h: Tensor, w: Tensor, out: Optional[Tensor] = None, scratch: Option
     return out
 
 
+def soft_cap_(x: Tensor, softcap: float) -> Tensor:
+    """Final logit soft-capping (Gemma 2), softcap * tanh(x / softcap), in
+    place, in the order transformers computes it (divide, tanh, multiply);
+    softcap 0: none."""
+    if softcap:
+        x.div_(softcap).tanh_().mul_(softcap)
+    return x
+
+
+def soft_cap_grad_(g: Tensor, z: Tensor, temperature: float, softcap: float) -> Tensor:
+    """The gradient ``g`` with respect to the capped logits, times the cap's
+    derivative 1 - tanh^2, in place; tanh is read back from the finished
+    tile ``z`` (capped, then divided by temperature): z * temperature /
+    softcap. Nothing without a cap."""
+    if softcap:
+        t = z * (temperature / softcap)
+        g.mul_(1 - t * t)
+    return g
+
+
 def logits_tile(h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int, temperature: float,
-                 out: Optional[Tensor] = None, scratch: Optional[Tensor] = None) -> Tensor:
+                 out: Optional[Tensor] = None, scratch: Optional[Tensor] = None, softcap: float = 0.0) -> Tensor:
     """(hidden @ weight[v0:v1].T + bias[v0:v1]) / temperature in
     logits_dtype, rounded as the materialised formula rounds it (product,
-    then the bias, then the scale); into ``out`` (a reused buffer) when
+    then the bias, the soft cap, then the scale); into ``out`` (a reused buffer) when
     given; ``scratch``: weight_scratch(weight), reused."""
     x = products(h, weight[v0:v1], out, scratch)
     if bias is not None:
         x += bias[v0:v1]
+    soft_cap_(x, softcap)
     if temperature != 1.0:
         x /= temperature
     return x

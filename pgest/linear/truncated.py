@@ -31,7 +31,7 @@ from ..ops.log_prob import backward_rows, forward_rows, refuse_double_backward
 from ..ops.sample import sample_native
 from ..philox import uniforms as philox_uniforms
 from ..truncation import Filters, Truncation, check_kept, empty_record, inverse_temperature, kept_logits
-from .tiles import ROW_MULTIPLE, logits_dtype, logits_tile, mm_rows, weight_scratch
+from .tiles import ROW_MULTIPLE, logits_dtype, logits_tile, mm_rows, soft_cap_grad_, weight_scratch
 
 BLOCK_SHARE = 40  # a block of tokens holds at least 1/40 of the tokens
 BLOCK_LOGITS = 2**23  # and, at the default tiles, at least 8 Mi logits (32 MiB in float32)
@@ -62,12 +62,13 @@ def _rows(f: Filters, r0: int, r1: int) -> Filters:
     return Filters(*(t if t.numel() == 1 else t[r0:r1] for t in f))
 
 
-def _block_logits(h: Tensor, w: Tensor, b: Optional[Tensor], buffer: Tuple[Tensor, Optional[Tensor]]) -> Tensor:
-    """hidden @ weight.T + bias for a block of tokens, in the head's logits
-    dtype (float32 for 16-bit inputs), not yet tempered, written into the
-    one block buffer a call reuses."""
+def _block_logits(h: Tensor, w: Tensor, b: Optional[Tensor], buffer: Tuple[Tensor, Optional[Tensor]],
+                  softcap: float) -> Tensor:
+    """hidden @ weight.T + bias for a block of tokens, soft-capped, in the
+    head's logits dtype (float32 for 16-bit inputs), not yet tempered,
+    written into the one block buffer a call reuses."""
     out, scratch = buffer
-    return logits_tile(h, w, b, 0, w.shape[0], 1.0, out=out[:h.shape[0]], scratch=scratch)
+    return logits_tile(h, w, b, 0, w.shape[0], 1.0, out=out[:h.shape[0]], scratch=scratch, softcap=softcap)
 
 
 def _buffer(h2: Tensor, w: Tensor, tb: int) -> Tuple[Tensor, Optional[Tensor]]:
@@ -90,7 +91,7 @@ def _block_size(N: int, w: Tensor, budget: int, shard) -> int:
 
 
 def sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], f: Filters, S: int, seed: int,
-                  budget: int, shard=None) -> Tuple[Tensor, Tensor, Tensor, Truncation]:
+                  budget: int, shard=None, softcap: float = 0.0) -> Tuple[Tensor, Tensor, Tensor, Truncation]:
     """(N, H) tokens -> actions (N, S), log_prob (N, S), entropy (N,) and the
     truncation record (N,) of the tokens' kept sets. ``shard``: ``w`` and
     ``b`` are this rank's rows of a vocabulary split over ``shard.group``
@@ -107,7 +108,7 @@ def sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], f: Filters, S: int
     with torch.no_grad():
         for r0 in range(0, N, tb):
             r1 = min(N, r0 + tb)
-            x = _block_logits(h2[r0:r1], w, b, buffer)
+            x = _block_logits(h2[r0:r1], w, b, buffer, softcap)
             fb = _rows(f, r0, r1)
             if shard is not None:
                 from ..distributed.truncation import kept_shard
@@ -147,7 +148,7 @@ class TruncatedLinearLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h2, w, b, actions, ignore_index, f: Filters, threshold, budget, shard=None,
-                reduce_hidden=True):
+                reduce_hidden=True, softcap=0.0):
         N = h2.shape[0]
         acc = _checks.stats_dtype(h2.dtype)
         dev = h2.device
@@ -160,7 +161,7 @@ class TruncatedLinearLogProb(torch.autograd.Function):
         buffer = _buffer(h2, w, tb)
         for r0 in range(0, N, tb):
             r1 = min(N, r0 + tb)
-            x = _block_logits(h2[r0:r1].detach(), w.detach(), None if b is None else b.detach(), buffer)
+            x = _block_logits(h2[r0:r1].detach(), w.detach(), None if b is None else b.detach(), buffer, softcap)
             given = None if threshold is None else threshold[r0:r1]
             z, rec = _kept(x, _rows(f, r0, r1), given, shard)
             a = actions[r0:r1]
@@ -177,6 +178,7 @@ class TruncatedLinearLogProb(torch.autograd.Function):
             found[r0:r1] = rec.threshold if rec is not None else given
         ctx.save_for_backward(h2, w, b, actions, stats, ent, found)
         ctx.f, ctx.ignore_index, ctx.tb, ctx.shard, ctx.reduce_hidden = f, ignore_index, tb, shard, reduce_hidden
+        ctx.softcap = softcap
         ctx.mark_non_differentiable(stats)
         return lp, ent
 
@@ -199,12 +201,13 @@ class TruncatedLinearLogProb(torch.autograd.Function):
         buffer = _buffer(h2, w, ctx.tb)
         for r0 in range(0, N, ctx.tb):
             r1 = min(N, r0 + ctx.tb)
-            x = _block_logits(h2[r0:r1], w, b, buffer)
+            x = _block_logits(h2[r0:r1], w, b, buffer, ctx.softcap)
             z, _ = _kept(x, _rows(ctx.f, r0, r1), found[r0:r1], shard)
             dz = backward_rows(z, actions[r0:r1], ctx.ignore_index, stats[:, r0:r1], ent[r0:r1],
                                grad_log_prob=None if grad_lp is None else grad_lp[r0:r1],
                                grad_entropy=None if grad_ent is None else grad_ent[r0:r1],
                                row_scale=inverse_temperature(_rows(ctx.f, r0, r1), r1 - r0, acc, z.device), **cols)
+            soft_cap_grad_(dz, x, 1.0, ctx.softcap)  # x: the block's capped logits before the temperature
             if need_h:
                 gh[r0:r1] = mm_rows(dz.to(w.dtype), w).to(h2.dtype)  # a token's rows its own bits (tiles.py)
             if need_w:
@@ -214,4 +217,4 @@ class TruncatedLinearLogProb(torch.autograd.Function):
         if gh is not None and shard is not None and ctx.reduce_hidden:
             shard.sum_(gh)  # each rank's shard holds its share of hidden's gradient
         return (gh, None if gw is None else gw.to(w.dtype), None if gb is None else gb.to(b.dtype),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
