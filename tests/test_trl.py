@@ -87,17 +87,35 @@ def test_fused_head_agrees_with_trls_own():
     assert only_lp(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).entropy is None
 
 
+def test_gemma2_soft_capping_as_trls_head_applies_it():
+    torch.manual_seed(0)
+    cfg = tf.Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.1)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    theirs = tf.AutoModelForCausalLM.from_config(cfg)
+    theirs.load_state_dict(model.state_dict())
+    ptrl.add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    trl_fused_head(theirs, outputs=("log_probs", "entropy"))
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    a = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    b = theirs(input_ids=ids, labels=labels, fused_lm_head=True)
+    torch.testing.assert_close(a.log_probs, b.log_probs, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(a.entropy, b.entropy, rtol=2e-5, atol=2e-5)
+
+
 def test_fused_head_errors():
     model = _model()
     with pytest.raises(NotImplementedError, match="is_top1"):
         ptrl.add_fused_lm_head(model, outputs=("log_probs", "is_top1"))
     with pytest.raises(ValueError, match="temperature must be a positive number"):
         ptrl.add_fused_lm_head(model, temperature=0.0)
-    gemma = tf.AutoModelForCausalLM.from_config(tf.Gemma2Config(
+    cohere = tf.AutoModelForCausalLM.from_config(tf.CohereConfig(
         vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, final_logit_softcapping=30.0))
-    with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
-        ptrl.add_fused_lm_head(gemma)
+        num_key_value_heads=1, logit_scale=0.5))
+    with pytest.raises(NotImplementedError, match="logit_scale"):
+        ptrl.add_fused_lm_head(cohere)
     ptrl.add_fused_lm_head(model)
     ids, mask, _ = _batch()
     with pytest.raises(ValueError, match="needs labels"):

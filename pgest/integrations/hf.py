@@ -4,9 +4,10 @@ per-token log-probabilities and entropies of a sequence without the
 
 The model's decoder runs to its final hidden states; its output embedding's
 weight (and bias) then go through :func:`pgest.linear_log_prob`, which never
-builds the logits. Only models whose logits are exactly their output
-embedding applied to the last hidden state are accepted: a model that
-transforms them further (Gemma 2's final soft-capping, a logit scale) raises
+builds the logits. Only models whose logits are their output embedding
+applied to the last hidden state, then soft-capped where the config says so
+(Gemma 2's ``final_logit_softcapping``, applied in the head's pass), are
+accepted: a model that transforms them otherwise (a logit scale) raises
 ``NotImplementedError`` rather than giving other numbers, and the first call
 for each model class checks the identity on a two-token input.
 """
@@ -22,7 +23,7 @@ from ..linear.head import linear_log_prob
 
 _VERIFIED = set()  # model classes whose logits were checked to be head(last hidden state)
 # config attributes of transformers models that change the logits after the head
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logits_scale")
+_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_logits_scale")
 
 
 class TokenLogProbs(NamedTuple):
@@ -56,6 +57,15 @@ def decoder_and_head(model):
             raise NotImplementedError(f"{type(model).__name__} transforms its logits after the head ({name} = "
                                       f"{value}); pgest's fused head does not reproduce that yet")
     return decoder, head
+
+
+def logit_softcap(model) -> float:
+    """The model's final logit soft-capping (``final_logit_softcapping`` of
+    its text config: Gemma 2), 0.0 for none."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return float(getattr(config, "final_logit_softcapping", None) or 0.0)
 
 
 def cache_argument(module) -> str:
@@ -148,6 +158,9 @@ def _verify(model, decoder, head, input_ids: Tensor) -> None:
         model.train(training)
     tol = 1e-4 if y.dtype in (torch.float32, torch.float64) else 2e-2
     same = lambda a, b: a.shape == b.shape and torch.allclose(a, b, rtol=tol, atol=tol)  # noqa: E731
+    c = logit_softcap(model)
+    if c:
+        y = torch.tanh(y / c) * c
     if not (same(x, h) and same(out.logits, y)):
         raise NotImplementedError(f"{cls.__name__}'s logits are not its output embedding applied to its last hidden "
                                   "state (a transform pgest's fused head does not reproduce): use the model's logits")
@@ -204,6 +217,7 @@ def token_log_probs(model, input_ids: Tensor, attention_mask: Optional[Tensor] =
     if attention_mask is not None:  # a padding token is not scored (nor checked against a kept set)
         labels = torch.where(attention_mask[:, L - keep:] == 0, torch.full_like(labels, -100), labels)
     lp, ent = linear_log_prob(h, head.weight, labels, bias=head.bias, temperature=temperature, ignore_index=-100,
+                              softcap=logit_softcap(model),
                               top_k=top_k, top_p=top_p, min_p=min_p, threshold=threshold)
     return TokenLogProbs(lp, ent)
 
@@ -267,6 +281,7 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     B, dev = input_ids.shape[0], input_ids.device
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
     filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    softcap = logit_softcap(model)
     tn, tv = tile_sizes(head.weight, None, None)
     if all(v is None for v in (top_k, top_p, min_p)) and B * head.weight.shape[0] <= tn * tv:
         # a decode step whose logits fit the head's workspace: one product and
@@ -282,7 +297,8 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     with torch.no_grad():
         for _ in range(max_new_tokens):
             out, s = _decode_step(model, decoder, head,
-                                  lambda h, w, b: linear_sample(h, w, bias=b, generator=generator, **filters),
+                                  lambda h, w, b: linear_sample(h, w, bias=b, generator=generator,
+                                                                softcap=softcap, **filters),
                                   input_ids=step_ids, attention_mask=mask, use_cache=True, **{cache_name: past},
                                   **_positions(decoder, mask, mask.shape[1] - step_ids.shape[1]))
             past = getattr(out, cache_name)

@@ -23,7 +23,7 @@ from contextlib import nullcontext
 import torch
 
 from ..linear.head import linear_log_prob
-from .hf import decoder_and_head
+from .hf import decoder_and_head, logit_softcap
 
 OUTPUTS = ("log_probs", "entropy")  # the FusedCausalLMOutput fields pgest computes
 
@@ -60,8 +60,9 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
 
     Args:
         model: a ``transformers`` causal LM whose logits are its output
-            embedding applied to the last hidden state (a soft-capping or
-            logit-scaling model raises ``NotImplementedError``).
+            embedding applied to the last hidden state, soft-capped where its
+            config says so (Gemma 2; a logit-scaling model raises
+            ``NotImplementedError``).
         temperature: the logits are divided by it.
         cast_lm_head_to_fp32: the head in float32 (hidden states converted),
             as TRL's flag does; the trainer casts the head's weight itself.
@@ -108,7 +109,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             hidden = hidden.to(weight.dtype)
         with context:
             lp, ent = linear_log_prob(hidden, weight, labels, bias=None if bias is None else bias.to(weight.dtype),
-                                      temperature=float(temperature), ignore_index=-100)
+                                      temperature=float(temperature), ignore_index=-100, softcap=logit_softcap(self))
         mask = labels != -100
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return output_cls(loss=-lp.sum() / count, log_probs=lp, entropy=ent if "entropy" in outputs else None,
