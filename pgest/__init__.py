@@ -9,7 +9,7 @@ import torch as _torch
 from . import _native  # noqa: F401, I001  (first: a clear error if the native module is missing)
 
 # isort: split
-from . import _C, baselines, objectives, philox
+from . import _C, baselines, objectives, philox, rollout_corrections
 from .categorical import Categorical
 from .device_errors import check_errors, set_sync_errors, sync_errors
 from .linear.head import LinearLogProb, LinearSample, linear_log_prob, linear_sample
@@ -56,6 +56,7 @@ __all__ = [
     "reinforce",
     "reinforce_grad",
     "ReinforceGrad",
+    "rollout_corrections",
     "Sample",
     "sample",
     "set_sync_errors",
