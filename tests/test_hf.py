@@ -306,3 +306,99 @@ def test_fsdp2_sharded_model_gives_one_process_numbers_and_updates(kind, tmp_pat
     errors = [p.read_text() for p in sorted(tmp_path.glob("err*"))]
     assert not errors, "\n".join(errors)
     assert sorted(p.name for p in tmp_path.glob("ok*")) == ["ok0", "ok1"]
+
+
+def _zero3_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    try:
+        # torch's dynamo polyfills must load before DeepSpeed's zero.Init patches
+        # torch.Tensor.__new__ (deepspeed 0.19.8 against torch 2.13): imported first
+        import deepspeed
+        import torch._dynamo  # noqa: F401
+        import transformers.masking_utils  # noqa: F401
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        ds_cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                  "zero_allow_untested_optimizer": True}
+        data = [torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(r)) for r in range(world)]
+        for tied in (False, True):
+            cfg = tf.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+            torch.manual_seed(0)
+            plain = tf.Qwen2ForCausalLM(cfg)
+            state = {k: v.clone() for k, v in plain.state_dict().items()}
+
+            def trained(route):
+                with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+                    model = tf.Qwen2ForCausalLM(cfg)
+                with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+                    if rank == 0:
+                        model.load_state_dict(state)
+                engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg,
+                                                       optimizer=torch.optim.SGD(model.parameters(), lr=0.5))
+                assert engine.module.lm_head.weight.numel() == 0  # partitioned outside a forward
+                if route == "pgest":
+                    lp, ent = hf.token_log_probs(engine.module, data[rank], temperature=0.8)
+                    gen = hf.generate(engine.module, data[rank][:, :4], max_new_tokens=3, temperature=0.8,
+                                      generator=torch.Generator().manual_seed(5))
+                else:
+                    ls = (engine(input_ids=data[rank]).logits[:, :-1] / 0.8).log_softmax(-1)
+                    lp, ent, gen = ls.gather(-1, data[rank][:, 1:, None]).squeeze(-1), -(ls.exp() * ls).sum(-1), None
+                engine.backward(lp.mean() + 0.3 * ent.mean())
+                engine.step()
+                with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+                    return [p.detach().clone() for p in engine.module.parameters()], lp.detach(), gen
+
+            ours, lp, gen = trained("pgest")
+            theirs, lp_ref, _ = trained("logits")
+            want = hf.token_log_probs(plain, data[rank], temperature=0.8).log_prob
+            assert torch.equal(lp, want), (lp - want).abs().max()  # the plain model's numbers, bit for bit
+            torch.testing.assert_close(lp, lp_ref, rtol=1e-5, atol=2e-6)
+            for a, b, p in zip(ours, theirs, plain.parameters()):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # the logits route's update
+            assert max((a - p).abs().max().item() for a, p in zip(ours, plain.parameters())) > 1e-2  # it moved
+            g = hf.generate(plain, data[rank][:, :4], max_new_tokens=3, temperature=0.8,
+                            generator=torch.Generator().manual_seed(5))
+            assert torch.equal(gen.completion_ids, g.completion_ids)
+            torch.testing.assert_close(gen.log_probs, g.log_probs, rtol=1e-6, atol=1e-6)
+        dist.barrier()
+        with open(os.path.join(out_dir, f"ok{rank}"), "w") as f:
+            f.write("ok")
+    except BaseException:
+        with open(os.path.join(out_dir, f"err{rank}"), "w") as f:
+            f.write(traceback.format_exc())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    os._exit(0)  # as the FSDP2 ranks leave
+
+
+def test_deepspeed_zero3_partitioned_model_trains_as_its_own_logits(tmp_path):
+    # ZeRO-3 partitions every parameter, the head's included (an empty tensor
+    # outside a forward): pgest's head runs as the head module's forward, where
+    # DeepSpeed gathers it (and again before its backward). Two gloo ranks on the
+    # CPU, each with its own data, tied and untied Qwen2 in float32: log-probs
+    # those of the unpartitioned model bit for bit, one SGD step equal to the step
+    # through the model's own logits, generation the unpartitioned model's
+    import importlib.util
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if importlib.util.find_spec("deepspeed") is None or not dist.is_available():
+        pytest.skip("deepspeed is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_zero3_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    errors = [p.read_text() for p in sorted(tmp_path.glob("err*"))]
+    assert not errors, "\n".join(errors)
+    assert sorted(p.name for p in tmp_path.glob("ok*")) == ["ok0", "ok1"]

@@ -114,6 +114,23 @@ def _through_model(model, decoder, head, on_head=None, **kwargs):
     return out, seen["h"], seen["x"], seen["y"], seen["z"]
 
 
+def as_head_forward(head, fn, x: Tensor):
+    """fn(x, weight, bias) run as the head module's own forward: the hooks
+    that wrap the head's forward wrap pgest's computation instead. DeepSpeed
+    ZeRO-3 gathers the head's partitioned parameters in them, and again before
+    the backward of what the forward returned (its hooks wrap the outputs);
+    outside them the parameters are empty placeholders."""
+    own = head.__dict__.get("forward")
+    head.forward = lambda t: fn(t, head.weight, head.bias)
+    try:
+        return head(x)
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+
+
 def _last_hidden(model, decoder, head, input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
     """The decoder's final hidden states. Under FSDP2 through the model's own
     forward, with the head's logits for one position only: the root
@@ -134,7 +151,7 @@ def _decode_step(model, decoder, head, sample, **kwargs):
     forward (on the head's input, with the head's gathered parameters)."""
     if not _fsdp2(model):
         out = decoder(**kwargs)
-        return out, sample(out.last_hidden_state[:, -1], head.weight, head.bias)
+        return out, as_head_forward(head, sample, out.last_hidden_state[:, -1])
     run = lambda x, m: sample(x[:, -1], m.weight, m.bias)  # noqa: E731
     _, out, _, _, s = _through_model(model, decoder, head, run, logits_to_keep=1, **kwargs)
     return out, s
@@ -216,9 +233,13 @@ def token_log_probs(model, input_ids: Tensor, attention_mask: Optional[Tensor] =
     labels = input_ids[:, L - keep:]
     if attention_mask is not None:  # a padding token is not scored (nor checked against a kept set)
         labels = torch.where(attention_mask[:, L - keep:] == 0, torch.full_like(labels, -100), labels)
-    lp, ent = linear_log_prob(h, head.weight, labels, bias=head.bias, temperature=temperature, ignore_index=-100,
-                              softcap=logit_softcap(model),
-                              top_k=top_k, top_p=top_p, min_p=min_p, threshold=threshold)
+    softcap = logit_softcap(model)
+
+    def score(x, weight, bias):  # a plain tuple: hooks rebuild what a forward returns by its type
+        return tuple(linear_log_prob(x, weight, labels, bias=bias, temperature=temperature, ignore_index=-100,
+                                     softcap=softcap, top_k=top_k, top_p=top_p, min_p=min_p, threshold=threshold))
+
+    lp, ent = as_head_forward(head, score, h)
     return TokenLogProbs(lp, ent)
 
 

@@ -23,7 +23,7 @@ from contextlib import nullcontext
 import torch
 
 from ..linear.head import linear_log_prob
-from .hf import decoder_and_head, logit_softcap
+from .hf import as_head_forward, decoder_and_head, logit_softcap
 
 OUTPUTS = ("log_probs", "entropy")  # the FusedCausalLMOutput fields pgest computes
 
@@ -99,17 +99,24 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
             labels = shift_labels
-        weight, bias = _full(head.weight), _full(head.bias)
-        hidden, labels = hidden.to(weight.device), labels.to(weight.device)
-        context = nullcontext()
-        if cast_lm_head_to_fp32:
-            hidden = hidden.float()
-            context = torch.autocast(hidden.device.type, enabled=False)
-        if hidden.dtype != weight.dtype:  # autocast's activations against the head's own dtype
-            hidden = hidden.to(weight.dtype)
-        with context:
-            lp, ent = linear_log_prob(hidden, weight, labels, bias=None if bias is None else bias.to(weight.dtype),
-                                      temperature=float(temperature), ignore_index=-100, softcap=logit_softcap(self))
+        softcap = logit_softcap(self)
+
+        def score(x, weight, bias):  # as the head's forward: where ZeRO-3 has its parameters gathered
+            weight, bias = _full(weight), _full(bias)
+            x = x.to(weight.device)
+            context = nullcontext()
+            if cast_lm_head_to_fp32:
+                x = x.float()
+                context = torch.autocast(x.device.type, enabled=False)
+            if x.dtype != weight.dtype:  # autocast's activations against the head's own dtype
+                x = x.to(weight.dtype)
+            with context:
+                return tuple(linear_log_prob(x, weight, labels.to(weight.device), ignore_index=-100, softcap=softcap,
+                                             bias=None if bias is None else bias.to(weight.dtype),
+                                             temperature=float(temperature)))
+
+        lp, ent = as_head_forward(head, score, hidden)
+        labels = labels.to(lp.device)
         mask = labels != -100
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return output_cls(loss=-lp.sum() / count, log_probs=lp, entropy=ent if "entropy" in outputs else None,
