@@ -251,6 +251,22 @@ class Generation(NamedTuple):
     truncation: Optional[object]  # pgest.Truncation of (batch, new tokens) when a filter was given, else None
 
 
+def decode_filters(batch: int, head, temperature, top_k, top_p, min_p) -> dict:
+    """linear_sample's arguments for one decode step of ``batch`` sequences:
+    the given filters, and, when the step's logits fit the head's workspace,
+    the blocked route (top_k=0: no filter, one product and one native pass),
+    which beats the tiled one's many small operations at decode shapes
+    (bench/bench_decode.py). The head's sizes from the nn.Linear itself (a
+    partitioned weight is empty outside a forward)."""
+    from ..linear.head import tile_sizes
+
+    filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    tn, tv = tile_sizes(torch.empty((0, head.in_features), dtype=head.weight.dtype), None, None)
+    if all(v is None for v in (top_k, top_p, min_p)) and batch * head.out_features <= tn * tv:
+        filters["top_k"] = 0
+    return filters
+
+
 def _as_id_set(eos_token_id) -> Optional[Tensor]:
     if eos_token_id is None:
         return None
@@ -295,20 +311,14 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
         raise ValueError("input_ids must be a (batch, prompt_len) tensor with at least one token per sequence")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    from ..linear.head import linear_sample, tile_sizes
+    from ..linear.head import linear_sample
 
     _verify(model, decoder, head, input_ids)
     eos = _as_id_set(eos_token_id)
     B, dev = input_ids.shape[0], input_ids.device
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
-    filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    filters = decode_filters(B, head, temperature, top_k, top_p, min_p)
     softcap = logit_softcap(model)
-    tn, tv = tile_sizes(head.weight, None, None)
-    if all(v is None for v in (top_k, top_p, min_p)) and B * head.weight.shape[0] <= tn * tv:
-        # a decode step whose logits fit the head's workspace: one product and
-        # one native pass (the blocked route) beat the tiled one's many small
-        # operations (1 x 32000 at H 512 here: 6.7 against 9.6 ms)
-        filters["top_k"] = 0
     ids, lps, ents, records = [], [], [], []
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     alive = []
