@@ -13,6 +13,7 @@ from . import _C, baselines, objectives, philox, rollout_corrections
 from .categorical import Categorical
 from .device_errors import check_errors, set_sync_errors, sync_errors
 from .linear.head import LinearLogProb, LinearSample, linear_log_prob, linear_sample
+from .linear.kl_penalty import LinearKLPenalty, linear_kl_penalty
 from .linear.policy_loss import linear_policy_loss
 from .log_prob import LogProb, entropy, log_prob
 from .policy_loss import policy_loss
@@ -41,9 +42,11 @@ __all__ = [
     "discounted_returns",
     "entropy",
     "gae",
+    "linear_kl_penalty",
     "linear_log_prob",
     "linear_policy_loss",
     "linear_sample",
+    "LinearKLPenalty",
     "LinearLogProb",
     "LinearSample",
     "log_prob",

@@ -226,7 +226,6 @@ def test_bf16_model_keeps_float32_logits():
 def _fsdp2_worker(rank: int, world: int, port: int, out_dir: str, kind: str) -> None:
     import copy
     import datetime
-    import os
     import traceback
 
     import torch.distributed as dist
@@ -271,17 +270,32 @@ def _fsdp2_worker(rank: int, world: int, port: int, out_dir: str, kind: str) -> 
             for (name, p), q in zip(model.named_parameters(), plain.parameters()):
                 torch.testing.assert_close(p.full_tensor(), q, rtol=1e-12, atol=1e-12, msg=name)
         dist.barrier()  # no rank tears gloo down while another still talks to it
-        with open(os.path.join(out_dir, f"ok{rank}"), "w") as f:
-            f.write("ok")
+        _report(out_dir, rank, None)
     except BaseException:
-        with open(os.path.join(out_dir, f"err{rank}"), "w") as f:
-            f.write(traceback.format_exc())
+        _report(out_dir, rank, traceback.format_exc())
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    # Leave without the interpreter's teardown, as tests/test_vocab_parallel.py's
-    # ranks do: a gloo thread still joinable at static destruction aborted a rank
-    # ("terminate called without an active exception") after both had reported ok.
+        _leave()
+
+
+def _report(out_dir: str, rank: int, error) -> None:
+    """A rank's outcome, as a file the spawning test reads."""
+    import os
+
+    with open(os.path.join(out_dir, f"ok{rank}" if error is None else f"err{rank}"), "w") as f:
+        f.write("ok" if error is None else error)
+
+
+def _leave() -> None:
+    """Tear the group down and leave without the interpreter's teardown, as
+    tests/test_vocab_parallel.py's ranks do: a gloo thread still joinable at
+    static destruction aborted a rank ("terminate called without an active
+    exception") after both had reported ok."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
     os._exit(0)
 
 
@@ -369,15 +383,11 @@ def _zero3_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             assert torch.equal(gen.completion_ids, g.completion_ids)
             torch.testing.assert_close(gen.log_probs, g.log_probs, rtol=1e-6, atol=1e-6)
         dist.barrier()
-        with open(os.path.join(out_dir, f"ok{rank}"), "w") as f:
-            f.write("ok")
+        _report(out_dir, rank, None)
     except BaseException:
-        with open(os.path.join(out_dir, f"err{rank}"), "w") as f:
-            f.write(traceback.format_exc())
+        _report(out_dir, rank, traceback.format_exc())
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    os._exit(0)  # as the FSDP2 ranks leave
+        _leave()
 
 
 def test_deepspeed_zero3_partitioned_model_trains_as_its_own_logits(tmp_path):

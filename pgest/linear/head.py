@@ -740,6 +740,17 @@ def _draw_in_pieces(h2, w, b, temperature, tn, j, inner, rows, ss, out, offset: 
             out[r, ss[k]] = (got.view(-1) + (offset + v0)).to(out.dtype)
 
 
+def _sample_args(hidden, num_samples, generator, token_tile, vocab_tile, softcap):
+    """linear_sample's checked arguments (both routes): softcap, S, the
+    tiles, the tokens' shape and the draws' shape."""
+    softcap = check_softcap(softcap)
+    S = check_num_samples(num_samples)
+    tn, tv = tile_sizes(hidden, token_tile, vocab_tile)
+    check_generator(generator, hidden.device)
+    lead = hidden.shape[:-1]
+    return softcap, S, tn, tv, lead, lead if S == 1 else lead + (S,)
+
+
 def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = None, temperature: float = 1.0,
                   num_samples: int = 1, generator: Optional[torch.Generator] = None,
                   token_tile: Optional[int] = None, vocab_tile: Optional[int] = None,
@@ -777,12 +788,8 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
     compiled = process_group is None and traced()
     try:
         temperature = check_head(hidden, weight, bias, temperature, process_group is not None)
-        softcap = check_softcap(softcap)
-        S = check_num_samples(num_samples)
-        tn, tv = tile_sizes(hidden, token_tile, vocab_tile)
-        check_generator(generator, hidden.device)
-        lead = hidden.shape[:-1]
-        shape = lead if S == 1 else lead + (S,)
+        softcap, S, tn, tv, lead, shape = _sample_args(hidden, num_samples, generator, token_tile, vocab_tile,
+                                                       softcap)
         dev = hidden.device
         # The seed as pgest.sample takes it from the generator: one draw per
         # call, an empty batch included (every sampling op's rule); under
@@ -820,12 +827,8 @@ def _truncated_sample(hidden, weight, bias, temperature, top_k, top_p, min_p, nu
     error, seed = None, 0
     try:
         _truncation_setup(hidden, weight, bias, process_group, "linear_sample")
-        softcap = check_softcap(softcap)
-        S = check_num_samples(num_samples)
-        tn, tv = tile_sizes(hidden, token_tile, vocab_tile)
-        check_generator(generator, hidden.device)
-        lead = hidden.shape[:-1]
-        shape = lead if S == 1 else lead + (S,)
+        softcap, S, tn, tv, lead, shape = _sample_args(hidden, num_samples, generator, token_tile, vocab_tile,
+                                                       softcap)
         f = filters(lead, temperature, top_k, top_p, min_p)
         dev = hidden.device
         seed = cpu_seed(generator) if dev.type == "cpu" else int(seed_tensor(generator, dev)[0])
