@@ -361,17 +361,18 @@ def _capped_reference(h, w, b, c, T):
     return c * torch.tanh(x / c) / T
 
 
+@devices()
 @pytest.mark.parametrize("T", [1.0, 0.7])
-def test_softcap_matches_materialised_float64(T):
+def test_softcap_matches_materialised_float64(T, device):
     # Gemma 2's final soft-capping c * tanh(x / c) before the temperature, in the
     # head's pass: values, entropies and gradients against autograd on the
     # materialised capped logits (logits of std 12 against a cap of 5: the cap bites)
     g = torch.Generator().manual_seed(50)
     N, H, V, c = 13, 8, 2500, 5.0  # two vocabulary pieces
-    h = torch.randn(N, H, generator=g, dtype=torch.float64) * 2
-    w = torch.randn(V, H, generator=g, dtype=torch.float64) * 2
-    b = torch.randn(V, generator=g, dtype=torch.float64)
-    a = torch.randint(0, V, (N, 2), generator=g)
+    h = (torch.randn(N, H, generator=g, dtype=torch.float64) * 2).to(device)
+    w = (torch.randn(V, H, generator=g, dtype=torch.float64) * 2).to(device)
+    b = torch.randn(V, generator=g, dtype=torch.float64).to(device)
+    a = torch.randint(0, V, (N, 2), generator=g).to(device)
     a[3] = -100
     a[5, 1] = -100
     ours = [t.clone().requires_grad_() for t in (h, w, b)]
@@ -391,8 +392,9 @@ def test_softcap_matches_materialised_float64(T):
     assert (pgest.linear_log_prob(h, w, a, bias=b, temperature=T).log_prob - lp).abs().max() > 1e-2
     # the sampler: pgest.sample's draws on the capped logits, log-probs equal to the trainer's bit for bit
     s = pgest.linear_sample(h, w, bias=b, temperature=T, softcap=c, num_samples=3,
-                            generator=torch.Generator().manual_seed(1))
-    want = pgest.sample(_capped_reference(h, w, b, c, T), num_samples=3, generator=torch.Generator().manual_seed(1))
+                            generator=torch.Generator(device).manual_seed(1))
+    want = pgest.sample(_capped_reference(h, w, b, c, T), num_samples=3,
+                        generator=torch.Generator(device).manual_seed(1))
     assert (s.actions != want.actions).sum() <= 1
     lp2, ent2 = pgest.linear_log_prob(h, w, s.actions, bias=b, temperature=T, softcap=c)
     assert torch.equal(lp2, s.log_prob) and torch.equal(ent2, s.entropy)

@@ -12,7 +12,7 @@ trainer with it installed on the policy and the reference model.
 
 Only TRL's public names are used (the function's contract and its output
 class), never its private ones; ``pgest.integrations.trl`` imports TRL on
-first use (``pip install trl``).
+first use (``pip install ".[trl]"``).
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def _trl():
         import trl
         from trl.trainer.utils import FusedCausalLMOutput
     except ImportError as e:
-        raise ImportError("pgest.integrations.trl needs TRL: pip install trl") from e
+        raise ImportError('pgest.integrations.trl needs TRL: pip install ".[trl]" from a pgest checkout '
+                          "(or pip install trl)") from e
     return trl, FusedCausalLMOutput
 
 
