@@ -105,6 +105,24 @@ def test_gemma2_soft_capping_as_trls_head_applies_it():
     torch.testing.assert_close(a.entropy, b.entropy, rtol=2e-5, atol=2e-5)
 
 
+def test_cast_lm_head_to_fp32_scores_a_bf16_model_in_float32():
+    model = _model(dtype=torch.bfloat16)
+    ptrl.add_fused_lm_head(model, cast_lm_head_to_fp32=True, outputs=("log_probs", "entropy"))
+    ids, mask, labels = _batch(4)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    assert out.log_probs.dtype == torch.float32
+    # against float64 arithmetic on the same bf16 hidden states and weight: float32 rounding
+    decoder, head = ptrl.decoder_and_head(model)
+    with torch.no_grad():
+        h = decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1].double()
+        ls = (h @ head.weight.double().T).log_softmax(-1)
+    t = labels[:, 1:]
+    want = torch.where(t != -100, ls.gather(-1, t.clamp(min=0)[..., None])[..., 0], 0.0)
+    torch.testing.assert_close(out.log_probs.double(), want, rtol=0, atol=1e-5)
+    out.loss.backward()
+    assert head.weight.grad is not None and head.weight.grad.dtype == torch.bfloat16
+
+
 def test_fused_head_errors():
     model = _model()
     with pytest.raises(NotImplementedError, match="is_top1"):

@@ -106,8 +106,9 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             weight, bias = _full(weight), _full(bias)
             x = x.to(weight.device)
             context = nullcontext()
-            if cast_lm_head_to_fp32:
-                x = x.float()
+            if cast_lm_head_to_fp32:  # the head in float32 (the trainer casts its weight; a bare call too)
+                x, weight = x.float(), weight.float()
+                bias = None if bias is None else bias.float()
                 context = torch.autocast(x.device.type, enabled=False)
             if x.dtype != weight.dtype:  # autocast's activations against the head's own dtype
                 x = x.to(weight.dtype)

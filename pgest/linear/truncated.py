@@ -43,8 +43,8 @@ def block_budget(token_tile: Optional[int], vocab_tile: Optional[int], tn: int, 
     rereads the whole head weight (and converts a 16-bit one to float32), and
     a product of a few rows runs far below the matmul's rate: blocks of 64
     tokens made top-p in the head 2.5x (fp32) and 3.2x (bf16) the untruncated
-    head at 1024 tokens, H 1024, V 32000, blocks of 256 1.4x
-    (bench/bench_truncation.py)."""
+    head at 1024 tokens, H 1024, V 32000; blocks of 260 (this budget) 1.1x
+    (bench/bench_truncation.py, the AMD machine)."""
     return tn * tv if token_tile is not None or vocab_tile is not None else max(tn * tv, BLOCK_LOGITS)
 
 
