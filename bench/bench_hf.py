@@ -11,7 +11,7 @@ import argparse
 import warnings
 
 import torch
-from harness import interleaved_medians, write_results
+from harness import interleaved_medians, lm_args, tiny_qwen2, write_results
 
 from pgest.examples.memory import peak_allocated_bytes
 from pgest.integrations import hf
@@ -26,23 +26,11 @@ def materialised(model, ids, keep):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out")
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--vocab", type=int, default=151936)
-    ap.add_argument("--sequences", type=int, default=8)
-    ap.add_argument("--prompt", type=int, default=64)
-    ap.add_argument("--completion", type=int, default=512)
-    ap.add_argument("--rounds", type=int, default=5)
-    args = ap.parse_args(argv)
+    args = lm_args(argparse.ArgumentParser(), vocab=151936, sequences=8, completion=512).parse_args(argv)
     import transformers
 
     warnings.simplefilter("ignore")
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                                   num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-                                   tie_word_embeddings=True)
-    model = transformers.Qwen2ForCausalLM(cfg)
+    model = tiny_qwen2(args.hidden, args.vocab)
     ids = torch.randint(0, args.vocab, (args.sequences, args.prompt + args.completion))
     keep = args.completion
 

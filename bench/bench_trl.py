@@ -13,32 +13,20 @@ import copy
 import warnings
 
 import torch
-from harness import interleaved_medians, write_results
+from harness import interleaved_medians, lm_args, tiny_qwen2, write_results
 
 from pgest.examples.memory import peak_allocated_bytes
 from pgest.integrations import trl as ptrl
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out")
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--sequences", type=int, default=8)
-    ap.add_argument("--prompt", type=int, default=64)
-    ap.add_argument("--completion", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=5)
-    args = ap.parse_args(argv)
+    args = lm_args(argparse.ArgumentParser(), vocab=32000, sequences=8, completion=256).parse_args(argv)
     import transformers
     import trl
     from trl.trainer.utils import add_fused_lm_head
 
     warnings.simplefilter("ignore")
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                                   num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-                                   tie_word_embeddings=True)
-    theirs_model = transformers.Qwen2ForCausalLM(cfg)
+    theirs_model = tiny_qwen2(args.hidden, args.vocab)
     ours_model = copy.deepcopy(theirs_model)
     add_fused_lm_head(theirs_model, outputs=("log_probs", "entropy"))
     ptrl.add_fused_lm_head(ours_model, outputs=("log_probs", "entropy"))

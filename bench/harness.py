@@ -28,6 +28,28 @@ from pgest.reference import recipe_step
 
 # ---- providers ----------------------------------------------------------------
 
+def lm_args(ap, vocab: int, sequences: int, completion: int):
+    """The tiny language-model benchmarks' shape arguments (bench_hf, bench_trl)."""
+    ap.add_argument("--out")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=vocab)
+    ap.add_argument("--sequences", type=int, default=sequences)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--completion", type=int, default=completion)
+    ap.add_argument("--rounds", type=int, default=5)
+    return ap
+
+
+def tiny_qwen2(hidden: int, vocab: int):
+    """A randomly initialised 2-layer Qwen2 with tied embeddings (seed 0)."""
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True))
+
+
 def gumbel_formulation(log_probs, labels, baseline):
     u = torch.rand(log_probs.shape, dtype=torch.float32, device=log_probs.device)
     actions = torch.argmax(log_probs.float() - torch.log(-torch.log(u)), dim=-1)
