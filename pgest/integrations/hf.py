@@ -261,7 +261,8 @@ def decode_filters(batch: int, head, temperature, top_k, top_p, min_p) -> dict:
     from ..linear.head import tile_sizes
 
     filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    tn, tv = tile_sizes(torch.empty((0, head.in_features), dtype=head.weight.dtype), None, None)
+    tokens = torch.empty((0, head.in_features), dtype=head.weight.dtype, device=head.weight.device)
+    tn, tv = tile_sizes(tokens, None, None)  # the device's tiles
     if all(v is None for v in (top_k, top_p, min_p)) and batch * head.out_features <= tn * tv:
         filters["top_k"] = 0
     return filters
