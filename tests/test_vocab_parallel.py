@@ -3,6 +3,7 @@
 the single-process ops on the concatenated logits. Each group is bounded in
 time (a hang fails the test instead of stalling CI)."""
 import datetime
+import itertools
 import os
 import socket
 import traceback
@@ -383,12 +384,27 @@ def _linear_head_bits(rank: int, world: int) -> None:
             assert torch.equal(s.log_prob, single.log_prob) and torch.equal(s.entropy, single.entropy), dtype
 
 
+def _split_shards(rank: int, world: int):
+    """Shards that split pieces of the grid (Qwen's 151936 = 74.19 pieces split
+    in two does): 2 ranks: 1 piece + 700 columns and the rest; 3 ranks: 900
+    columns, a piece and 1000, the rest (the first rank inside one piece)."""
+    from pgest.distributed.row_merge import PIECE
+
+    V = 4 * PIECE + 300
+    sizes = {2: [PIECE + 700], 3: [900, PIECE + 1000]}[world]
+    sizes = sizes + [V - sum(sizes)]
+    offs = [sum(sizes[:i]) for i in range(world)]
+    return slice(offs[rank], offs[rank] + sizes[rank])
+
+
 def _logits_bits(rank: int, world: int) -> None:
-    # the logits-level ops under groups of 1, 2 and 3 ranks whose uneven shards
-    # split on the piece grid: the same bits (a sampler and a trainer with
-    # different tensor-parallel degrees agree)
+    # the logits-level ops under groups of 1, 2 and 3 ranks with uneven shards,
+    # on the piece grid or splitting its pieces: the same bits (a sampler and a
+    # trainer with different tensor-parallel degrees agree)
     V, mine, alone = _grid_shards(rank, world)
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for layout, dtype in itertools.product((mine, _split_shards(rank, world)),
+                                           (torch.float32, torch.bfloat16, torch.float64)):
+        mine = layout
         g = torch.Generator().manual_seed(12)
         x = (torch.randn(9, V, generator=g) * 3).to(dtype)
         actions = torch.randint(0, V, (9, 2), generator=g)

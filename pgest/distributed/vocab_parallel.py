@@ -29,7 +29,7 @@ Nothing here is imported on the path of a call without a process group.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -62,7 +62,8 @@ class Layout:
         self.sizes = sizes
         self.rank = rank
         self.world = len(sizes)
-        self.offset = sum(sizes[:rank])
+        self.offsets = [sum(sizes[:r]) for r in range(self.world)]
+        self.offset = self.offsets[rank]
         self.total = sum(sizes)
 
 
@@ -99,33 +100,86 @@ def raise_if_failed(flags: Tensor, rank: int, error: Optional[BaseException]) ->
                        "says why); this rank stopped with them")
 
 
-def _shard_pieces(x: Tensor, offset: int, probe: Optional[Tensor]) -> Tensor:
-    """(rows, pieces, 3) float64 (max, Z, D) of this shard's pieces of the
-    grid (row_merge.PIECE columns from the shard's first one)."""
-    pieces = [sums(*piece_stats(x[:, c0:c0 + PIECE], 0, offset + c0, " (this rank's vocabulary shard; the column "
-                                "is global)", probe=probe)) for c0 in range(0, x.shape[1], PIECE)]
+def _first_boundary(offset: int) -> int:
+    """The first column of the global piece grid at or after ``offset``."""
+    return -(-offset // PIECE) * PIECE
+
+
+def owned_piece_counts(layout: Layout) -> List[int]:
+    """How many pieces of the global grid (row_merge.PIECE columns from
+    column 0) each rank owns: those whose first column its shard holds."""
+    return [0 if size == 0 else -(-(off + size) // PIECE) - -(-off // PIECE)
+            for off, size in zip(layout.offsets, layout.sizes)]
+
+
+def _fragments(x: Tensor, layout: Layout, group) -> Optional[List[Tensor]]:
+    """Collective for shards that split a piece: every rank's leading
+    fragment (its columns before its first grid boundary, which belong to a
+    piece an earlier rank owns), (rows, length) each; None, and no
+    collective, when every shard starts on the grid."""
+    lens = [min(size, _first_boundary(off) - off) for off, size in zip(layout.offsets, layout.sizes)]
+    most = max(lens)
+    if most == 0:
+        return None
+    buf = torch.zeros((x.shape[0], most), dtype=x.dtype, device=x.device)
+    buf[:, :lens[layout.rank]] = x[:, :lens[layout.rank]]
+    got = [torch.empty_like(buf) for _ in range(layout.world)]
+    dist_module().all_gather(got, buf, group=group)
+    return [g[:, :n] for g, n in zip(got, lens)]
+
+
+def _owned_tiles(x: Tensor, layout: Layout, fragments: Optional[List[Tensor]]) -> List[Tuple[int, Tensor]]:
+    """(global index, (rows, <= PIECE) columns) of each piece this rank
+    owns; a piece that runs past the shard is completed from the later
+    ranks' fragments, so it holds exactly the columns one process's piece
+    holds, in order (the same bits of its statistics and draws)."""
+    off, end_r = layout.offset, layout.offset + x.shape[1]
+    tiles = []
+    for j in range(-(-off // PIECE), -(-end_r // PIECE) if x.shape[1] else 0):
+        lo, hi = j * PIECE, min((j + 1) * PIECE, layout.total)
+        if hi <= end_r:
+            tiles.append((j, x[:, lo - off:hi - off]))
+            continue
+        parts, have, r = [x[:, lo - off:]], end_r, layout.rank + 1
+        while have < hi:  # the later shards' leading columns, up to the piece's end
+            parts.append(fragments[r])
+            have += fragments[r].shape[1]
+            r += 1
+        tiles.append((j, torch.cat(parts, 1)))
+    return tiles
+
+
+def _shard_pieces(tiles: List[Tuple[int, Tensor]], rows: int, device, probe: Optional[Tensor]) -> Tensor:
+    """(rows, pieces, 3) float64 (max, Z, D) of this rank's pieces of the grid."""
+    pieces = [sums(*piece_stats(t, 0, j * PIECE, " (this rank's vocabulary shard; the column is global)",
+                                probe=probe)) for j, t in tiles]
     if not pieces:
-        return torch.zeros((x.shape[0], 0, 3), dtype=torch.float64, device=x.device)
+        return torch.zeros((rows, 0, 3), dtype=torch.float64, device=device)
     return torch.stack([torch.stack(p, -1) for p in pieces], 1)
 
 
 def _pieces_table(x: Tensor, group, layout: Layout, probe: Optional[Tensor],
-                  error: Optional[BaseException] = None) -> Tuple[Tensor, int]:
-    """Collective 2: every rank's pieces, (rows, all pieces, 3) in global
-    order, and this rank's first piece. A local error travels as a flag."""
+                  error: Optional[BaseException] = None) -> Tuple[Tensor, int, List[Tuple[int, Tensor]]]:
+    """Collectives 2 (and 2b where a shard splits a piece): every piece of the
+    global grid, (rows, all pieces, 3) in global order, this rank's first
+    piece and its owned pieces' columns. Each piece is computed whole by the
+    rank holding its first column, so any group gives one process's pieces
+    (and with them its bits). A local error travels as a flag."""
+    tiles = _owned_tiles(x, layout, _fragments(x, layout, group))
     mine = None
     if error is None:
         try:
-            mine = _shard_pieces(x, layout.offset, probe)
+            mine = _shard_pieces(tiles, x.shape[0], x.device, probe)
         except ValueError as e:
             error = e
-    counts = piece_counts(layout)
+    counts = owned_piece_counts(layout)
     table = gather_pieces(mine, counts, x.shape[0], x.device, group, layout, error)
-    return table, sum(counts[:layout.rank])
+    return table, sum(counts[:layout.rank]), tiles
 
 
 def piece_counts(layout: Layout):
-    """How many pieces of the grid (row_merge.PIECE) each rank's shard holds."""
+    """How many pieces of the grid (row_merge.PIECE) each rank's shard holds,
+    counted from its own first column (the fused head's pieces)."""
     return [-(-size // PIECE) for size in layout.sizes]
 
 
@@ -229,7 +283,7 @@ def forward(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], g
     probe = None if live is None or bool(live.all()) else live
     # every rank folds every piece in one order: the same bits for any group
     # whose shards split on the piece grid (a range error travels as the flag)
-    table, _ = _pieces_table(x, group, layout, probe, error)
+    table, _, _ = _pieces_table(x, group, layout, probe, error)
     M, LZ, H = fold(table, acc)
     stats = torch.stack([M, LZ, H])
     if live is not None:
@@ -317,21 +371,21 @@ def draw_shard(x: Tensor, u: Tensor, layout: Layout, group) -> Tuple[Tensor, Ten
     dist = dist_module()
     R, S = u.shape
     acc = _checks.stats_dtype(x.dtype)
-    table, first = _pieces_table(x, group, layout, None)
+    table, first, tiles = _pieces_table(x, group, layout, None)
     M, LZ, H = fold(table, acc)
     # every rank places every draw on the whole row's pieces; the owner draws
     j, inner = place_draws(piece_masses(table[..., 0], table[..., 1], M), u)
     actions = torch.zeros((R, S), dtype=torch.float64, device=x.device)
     local = j - first
-    for p in torch.unique(local[(local >= 0) & (local * PIECE < x.shape[1])]).tolist():
+    for p in torch.unique(local[(local >= 0) & (local < len(tiles))]).tolist():
         rows, ss = (local == p).nonzero(as_tuple=True)
         ur, inv = torch.unique(rows, return_inverse=True)
-        c0 = p * PIECE
-        xs = x[ur, c0:c0 + PIECE]
+        piece, tile = tiles[p]
+        xs = tile[ur]
         xs = xs if ur.shape[0] == rows.shape[0] else xs[inv]
         with checked_now():
             got, _, _, _ = sample_native(xs.contiguous(), 1, 0, uniforms=inner[rows, ss].contiguous().view(-1, 1))
-        actions[rows, ss] = (got.view(-1) + layout.offset + c0).double()
+        actions[rows, ss] = (got.view(-1) + piece * PIECE).double()
     dist.all_reduce(actions, group=group)  # one owner per draw: a sum of one value and zeros
     actions = actions.to(torch.int64)
     xa = _chosen(x, actions, layout, torch.ones_like(actions, dtype=torch.bool), group)
