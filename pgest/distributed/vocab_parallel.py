@@ -112,40 +112,66 @@ def owned_piece_counts(layout: Layout) -> List[int]:
             for off, size in zip(layout.offsets, layout.sizes)]
 
 
-def _fragments(x: Tensor, layout: Layout, group) -> Optional[List[Tensor]]:
-    """Collective for shards that split a piece: every rank's leading
-    fragment (its columns before its first grid boundary, which belong to a
-    piece an earlier rank owns), (rows, length) each; None, and no
+def fragment_lengths(layout: Layout) -> List[int]:
+    """Each rank's leading fragment: its columns before its first grid
+    boundary, which belong to a piece an earlier rank owns (all 0 when every
+    shard starts on the grid)."""
+    return [min(size, _first_boundary(off) - off) for off, size in zip(layout.offsets, layout.sizes)]
+
+
+def gather_fragments(mine: Tensor, layout: Layout, group) -> Optional[List[Tensor]]:
+    """Collective for shards that split a piece: this rank's (rows,
+    fragment length) leading fragment -> every rank's; None, and no
     collective, when every shard starts on the grid."""
-    lens = [min(size, _first_boundary(off) - off) for off, size in zip(layout.offsets, layout.sizes)]
+    lens = fragment_lengths(layout)
     most = max(lens)
     if most == 0:
         return None
-    buf = torch.zeros((x.shape[0], most), dtype=x.dtype, device=x.device)
-    buf[:, :lens[layout.rank]] = x[:, :lens[layout.rank]]
+    buf = torch.zeros((mine.shape[0], most), dtype=mine.dtype, device=mine.device)
+    buf[:, :lens[layout.rank]] = mine
     got = [torch.empty_like(buf) for _ in range(layout.world)]
     dist_module().all_gather(got, buf, group=group)
     return [g[:, :n] for g, n in zip(got, lens)]
 
 
-def _owned_tiles(x: Tensor, layout: Layout, fragments: Optional[List[Tensor]]) -> List[Tuple[int, Tensor]]:
-    """(global index, (rows, <= PIECE) columns) of each piece this rank
-    owns; a piece that runs past the shard is completed from the later
-    ranks' fragments, so it holds exactly the columns one process's piece
-    holds, in order (the same bits of its statistics and draws)."""
-    off, end_r = layout.offset, layout.offset + x.shape[1]
+def owned_pieces(layout: Layout) -> range:
+    """The global indices of the pieces this rank owns."""
+    off, size = layout.offset, layout.sizes[layout.rank]
+    return range(-(-off // PIECE), -(-(off + size) // PIECE) if size else -(-off // PIECE))
+
+
+def local_span(j: int, layout: Layout) -> Tuple[int, int]:
+    """The columns [lo, hi) of piece j (owned by this rank) in its shard."""
+    off = layout.offset
+    return j * PIECE - off, min((j + 1) * PIECE, layout.total, off + layout.sizes[layout.rank]) - off
+
+
+def whole_piece(local: Tensor, j: int, layout: Layout, fragments: Optional[List[Tensor]],
+                rows=slice(None)) -> Tensor:
+    """Piece j (owned by this rank) from ``local``, its columns in this
+    shard (local_span): one that runs past the shard is completed from the
+    later ranks' fragments (their rows ``rows``), so it holds exactly the
+    columns one process's piece holds, in order (the same bits of its
+    statistics and draws)."""
+    hi = min((j + 1) * PIECE, layout.total)
+    have, r = layout.offset + layout.sizes[layout.rank], layout.rank + 1
+    if have >= hi:
+        return local
+    parts = [local]
+    while have < hi:  # the later shards' leading columns, up to the piece's end
+        parts.append(fragments[r][rows])
+        have += fragments[r].shape[1]
+        r += 1
+    return torch.cat(parts, 1)
+
+
+def _owned_tiles(x: Tensor, layout: Layout, group) -> List[Tuple[int, Tensor]]:
+    """(global index, columns) of each piece this rank owns (whole_piece)."""
+    frags = gather_fragments(x[:, :fragment_lengths(layout)[layout.rank]], layout, group)
     tiles = []
-    for j in range(-(-off // PIECE), -(-end_r // PIECE) if x.shape[1] else 0):
-        lo, hi = j * PIECE, min((j + 1) * PIECE, layout.total)
-        if hi <= end_r:
-            tiles.append((j, x[:, lo - off:hi - off]))
-            continue
-        parts, have, r = [x[:, lo - off:]], end_r, layout.rank + 1
-        while have < hi:  # the later shards' leading columns, up to the piece's end
-            parts.append(fragments[r])
-            have += fragments[r].shape[1]
-            r += 1
-        tiles.append((j, torch.cat(parts, 1)))
+    for j in owned_pieces(layout):
+        lo, hi = local_span(j, layout)
+        tiles.append((j, whole_piece(x[:, lo:hi], j, layout, frags)))
     return tiles
 
 
@@ -165,7 +191,7 @@ def _pieces_table(x: Tensor, group, layout: Layout, probe: Optional[Tensor],
     piece and its owned pieces' columns. Each piece is computed whole by the
     rank holding its first column, so any group gives one process's pieces
     (and with them its bits). A local error travels as a flag."""
-    tiles = _owned_tiles(x, layout, _fragments(x, layout, group))
+    tiles = _owned_tiles(x, layout, group)
     mine = None
     if error is None:
         try:
@@ -218,6 +244,10 @@ class Shard:
         self.seed = int(table[0, 2])  # rank 0's ``extra``
         self.piece_counts = piece_counts(self.layout)
         self.first_piece = sum(self.piece_counts[:self.layout.rank])  # this shard's first piece's global index
+        # shards that split pieces of the grid: each piece is computed whole by
+        # the rank holding its first column (owned_pieces, piece_columns)
+        self.split = max(fragment_lengths(self.layout)) > 0
+        self.owned_counts = owned_piece_counts(self.layout)
 
     def gather_pieces(self, mine: Optional[Tensor], rows: int, device,
                       error: Optional[BaseException] = None) -> Tensor:

@@ -167,6 +167,8 @@ def _sharded_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperatu
     pieces gathered and folded by every rank in the order one process folds
     them, so the group's numbers are one process's bit for bit wherever the
     shards split on the piece grid (uneven shards included)."""
+    if shard.split:
+        return _split_stats(_SplitPieces(h2, weight, bias, temperature, softcap, shard), tn, acc, index)
     table, error = None, None
     try:
         table = _row_stats(h2, weight, bias, temperature, tn, keep_pieces=True, raw=True, index=index,
@@ -174,6 +176,54 @@ def _sharded_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperatu
     except ValueError as e:
         error = e
     table = shard.gather_pieces(table, h2.shape[0], h2.device, error)
+    return (*fold(table, acc, 0 if index is None else index, NEVER_BUILT), table)
+
+
+class _SplitPieces:
+    """The pieces of the global grid this rank owns where shards split them:
+    a piece running past this rank's shard is completed with the later
+    ranks' leading fragments of logits, every token's, computed and gathered
+    once per call (at most 2047 columns a rank). Products of a split piece
+    run narrower than one process's: the same bits in float32 and the 16-bit
+    types (whose products are float32), not in float64, whose matmul bits
+    depend on the product's width."""
+
+    def __init__(self, h2, weight, bias, temperature, softcap, shard):
+        from ..distributed.vocab_parallel import fragment_lengths, gather_fragments, owned_pieces
+
+        self.h2, self.w, self.b, self.t, self.c, self.shard = h2, weight, bias, temperature, softcap, shard
+        lay = shard.layout
+        mine = logits_tile(h2, weight, bias, 0, fragment_lengths(lay)[lay.rank], temperature, softcap=softcap)
+        self.fragments = gather_fragments(mine, lay, shard.group)
+        self.owned = owned_pieces(lay)
+
+    def logits(self, rows, j: int) -> Tensor:
+        """Piece j's logits for the tokens ``rows`` (a slice or an index)."""
+        from ..distributed.vocab_parallel import local_span, whole_piece
+
+        lo, hi = local_span(j, self.shard.layout)
+        x = logits_tile(self.h2[rows], self.w, self.b, lo, hi, self.t, softcap=self.c)
+        return whole_piece(x, j, self.shard.layout, self.fragments, rows)
+
+
+def _split_stats(sp: _SplitPieces, tn: int, acc, index: Optional[Tensor]):
+    """_sharded_stats where shards split pieces: this rank's owned pieces,
+    whole, gathered and folded in the global order."""
+    from ..distributed.vocab_parallel import gather_pieces
+
+    N, dev = sp.h2.shape[0], sp.h2.device
+    table, error = torch.zeros((N, len(sp.owned), 3), dtype=torch.float64, device=dev), None
+    try:
+        for n0 in range(0, N, tn):
+            n1 = min(N, n0 + tn)
+            rows = n0 if index is None else index[n0:n1]
+            for q, j in enumerate(sp.owned):
+                table[n0:n1, q] = torch.stack(sums(*piece_stats(sp.logits(slice(n0, n1), j), rows, j * PIECE,
+                                                                NEVER_BUILT)), -1)
+    except ValueError as e:
+        error = e
+    shard = sp.shard
+    table = gather_pieces(table, shard.owned_counts, N, dev, shard.group, shard.layout, error)
     return (*fold(table, acc, 0 if index is None else index, NEVER_BUILT), table)
 
 
@@ -717,22 +767,25 @@ def _place(table: Tensor, row_max: Tensor, u: Tensor, rows: Tensor) -> Tuple[Ten
 
 
 def _draw_in_pieces(h2, w, b, temperature, tn, j, inner, rows, ss, out, offset: int = 0,
-                    softcap: float = 0.0) -> None:
+                    softcap: float = 0.0, split: Optional[_SplitPieces] = None) -> None:
     """Draws (rows[k], ss[k]) placed in this weight's piece j[k] with uniform
     inner[k] within it: that piece of that token recomputed and the draw
     placed by the native sampler. Writes global ids (``offset`` + column)
-    to out[rows, ss]."""
+    to out[rows, ss]. With ``split``, j is the global piece, whole."""
     V = w.shape[0]
     for jj in torch.unique(j).tolist():
         sel = (j == jj).nonzero().squeeze(1)
         v0, v1 = jj * PIECE, min(V, (jj + 1) * PIECE)
+        if split is not None:
+            v0 -= offset  # the global piece's first column
         for n0 in range(0, sel.shape[0], tn):
             k = sel[n0:n0 + tn]
             r = rows[k]
             # Several draws of one token in one piece: its logits once, then copied
             # per draw (a copy is H times cheaper than the product).
             ur, inv = torch.unique(r, return_inverse=True)
-            x = logits_tile(h2[ur], w, b, v0, v1, temperature, softcap=softcap)
+            x = logits_tile(h2[ur], w, b, v0, v1, temperature, softcap=softcap) if split is None else \
+                split.logits(ur, jj)
             if ur.shape[0] != r.shape[0]:
                 x = x[inv]
             with checked_now():
@@ -872,14 +925,20 @@ def _sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], temperature: floa
         else:
             # every rank places every draw on the whole vocabulary's pieces; the
             # owner of the piece draws, the group sums (one nonzero each: exact)
-            M, LZ, H, table = _sharded_stats(h2, w, b, temperature, tn, shard, acc, softcap=softcap)
+            split = _SplitPieces(h2, w, b, temperature, softcap, shard) if shard.split else None
+            if split is None:
+                M, LZ, H, table = _sharded_stats(h2, w, b, temperature, tn, shard, acc, softcap=softcap)
+                first, count = shard.first_piece, shard.piece_counts[shard.layout.rank]
+            else:  # global pieces, whole, from their owners
+                M, LZ, H, table = _split_stats(split, tn, acc, None)
+                first, count = split.owned.start, len(split.owned)
             j, inner = _place(table, M, u.reshape(-1), rows)
-            first, count = shard.first_piece, shard.piece_counts[shard.layout.rank]
             mine = ((j >= first) & (j < first + count)).nonzero().squeeze(1)
             actions = torch.zeros((N, S), dtype=torch.float64, device=dev)
             if mine.numel():
-                _draw_in_pieces(h2, w, b, temperature, tn, j[mine] - first, inner[mine], rows[mine], ss[mine],
-                                actions, shard.offset, softcap)
+                local = j[mine] if split is not None else j[mine] - first
+                _draw_in_pieces(h2, w, b, temperature, tn, local, inner[mine], rows[mine], ss[mine],
+                                actions, shard.offset, softcap, split)
             actions = shard.sum_(actions).to(torch.int64)
             x = chosen_logits(h2, w, b, actions, temperature, tn, shard=shard, softcap=softcap)
         lp = (x - M[:, None]) - LZ[:, None]
