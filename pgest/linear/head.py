@@ -180,30 +180,49 @@ def _sharded_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperatu
 
 
 class _SplitPieces:
-    """The pieces of the global grid this rank owns where shards split them:
-    a piece running past this rank's shard is completed with the later
-    ranks' leading fragments of logits, every token's, computed and gathered
-    once per call (at most 2047 columns a rank). Products of a split piece
-    run narrower than one process's: the same bits in float32 and the 16-bit
-    types (whose products are float32), not in float64, whose matmul bits
-    depend on the product's width."""
+    """The pieces of the global grid this rank owns where shards split them.
+    The one that runs past this rank's shard is multiplied whole, as one
+    process multiplies it: the later ranks' leading weight rows (and bias)
+    are gathered once per call (under 2048 rows a rank, whatever the number
+    of tokens) and joined to this rank's, so its products, statistics and
+    draws are one process's bits in every dtype (float64's matmul bits
+    depend on the product's width: a product of the part alone would not
+    be)."""
 
     def __init__(self, h2, weight, bias, temperature, softcap, shard):
-        from ..distributed.vocab_parallel import fragment_lengths, gather_fragments, owned_pieces
+        from ..distributed.vocab_parallel import (
+            fragment_lengths,
+            gather_fragments,
+            local_span,
+            owned_pieces,
+            whole_piece,
+        )
 
         self.h2, self.w, self.b, self.t, self.c, self.shard = h2, weight, bias, temperature, softcap, shard
         lay = shard.layout
-        mine = logits_tile(h2, weight, bias, 0, fragment_lengths(lay)[lay.rank], temperature, softcap=softcap)
-        self.fragments = gather_fragments(mine, lay, shard.group)
+        f = fragment_lengths(lay)[lay.rank]
+        # gathered as (H, rows) columns: the fragments' collective joins columns
+        w_frags = gather_fragments(weight[:f].detach().T, lay, shard.group)
+        b_frags = None if bias is None else gather_fragments(bias[:f].detach()[None], lay, shard.group)
         self.owned = owned_pieces(lay)
+        self.whole = {}
+        for j in self.owned:
+            lo, hi = local_span(j, lay)
+            if j == self.owned[-1] and w_frags is not None and hi - lo < min(PIECE, lay.total - j * PIECE):
+                # contiguous (P, H) rows, the layout one process's weight[v0:v1] has
+                w = whole_piece(weight[lo:hi].detach().T, j, lay, w_frags).T.contiguous()
+                b = None if bias is None else whole_piece(bias[lo:hi].detach()[None], j, lay, b_frags)[0]
+                self.whole[j] = (w, b)
 
     def logits(self, rows, j: int) -> Tensor:
         """Piece j's logits for the tokens ``rows`` (a slice or an index)."""
-        from ..distributed.vocab_parallel import local_span, whole_piece
+        from ..distributed.vocab_parallel import local_span
 
+        if j in self.whole:
+            w, b = self.whole[j]
+            return logits_tile(self.h2[rows], w, b, 0, w.shape[0], self.t, softcap=self.c)
         lo, hi = local_span(j, self.shard.layout)
-        x = logits_tile(self.h2[rows], self.w, self.b, lo, hi, self.t, softcap=self.c)
-        return whole_piece(x, j, self.shard.layout, self.fragments, rows)
+        return logits_tile(self.h2[rows], self.w, self.b, lo, hi, self.t, softcap=self.c)
 
 
 def _split_stats(sp: _SplitPieces, tn: int, acc, index: Optional[Tensor]):
