@@ -165,8 +165,8 @@ def _sharded_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperatu
     """(max, log Z, H) and the (rows, pieces, 3) table of every piece of the
     whole vocabulary, for a head split over ``shard``'s group: each rank's
     pieces gathered and folded by every rank in the order one process folds
-    them, so the group's numbers are one process's bit for bit wherever the
-    shards split on the piece grid (uneven shards included)."""
+    them, so the group's numbers are one process's bit for bit, for uneven
+    shards on the piece grid and (_SplitPieces) off it."""
     if shard.split:
         return _split_stats(_SplitPieces(h2, weight, bias, temperature, softcap, shard), tn, acc, index)
     table, error = None, None
