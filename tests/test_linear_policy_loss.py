@@ -15,9 +15,12 @@ import pgest
 
 
 def reference(hidden, weight, actions, adv, bias=None, temperature=1.0, beta=0.0, ignore_index=-100,
-              reduction="mean"):
+              reduction="mean", softcap=None):
     """-sum_s A_s log p(a_s) - beta H per token, written from the definition."""
-    logits = (hidden @ weight.T + (bias if bias is not None else 0)) / temperature
+    logits = hidden @ weight.T + (bias if bias is not None else 0)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits / temperature
     ls = logits.log_softmax(-1)
     a = actions if actions.dim() == hidden.dim() else actions.unsqueeze(-1)
     A = adv if adv.dim() == a.dim() else adv.unsqueeze(-1)
@@ -273,3 +276,33 @@ def test_workspace_is_a_small_part_of_the_logits():
     # the check can fail: a token tile of a quarter of the tokens trips it
     big = lambda: pgest.linear_policy_loss(hidden, weight, actions, adv, token_tile=N // 4, vocab_tile=8192).backward()
     assert peak_allocated_bytes(big) - grads > logits_bytes / 20
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_softcap_matches_the_formula_in_float64(reduction):
+    # Gemma 2's final soft-capping in the fused loss: values and gradients, the
+    # second-derivative route, and the registered op under torch.compile
+    hidden, weight, bias = make(11, 6, 2500, scale=4.0)
+    g = torch.Generator().manual_seed(3)
+    actions = torch.randint(0, 2500, (11, 2), generator=g)
+    actions[4, 1] = -100
+    adv = torch.randn(11, 2, generator=g, dtype=torch.float64)
+    kw = dict(temperature=0.8, entropy_weight=0.05, reduction=reduction)
+    got, got_g = grads_of(lambda h, w, b: pgest.linear_policy_loss(h, w, actions, adv, bias=b, softcap=2.0, **kw),
+                          (hidden, weight, bias))
+    want, want_g = grads_of(lambda h, w, b: reference(h, w, actions, adv, b, 0.8, 0.05, reduction=reduction,
+                                                      softcap=2.0), (hidden, weight, bias))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    uncapped = pgest.linear_policy_loss(hidden, weight, actions, adv, bias=bias, **kw)
+    assert (uncapped - got).abs().max() > 1e-3  # the cap bites at these logits
+    if reduction == "mean":
+        h = hidden[:3, :4].clone().requires_grad_()
+        w = weight[:30, :4].clone().requires_grad_()
+        a3, adv3 = actions[:3] % 30, adv[:3]
+        fn = lambda x, y: pgest.linear_policy_loss(x, y, a3, adv3, softcap=1.5)  # noqa: E731
+        assert torch.autograd.gradgradcheck(fn, (h, w))
+        compiled = torch.compile(lambda x, y: pgest.linear_policy_loss(x, y, actions, adv, bias=bias, softcap=2.0,
+                                                                       **kw), fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(hidden, weight), got, rtol=1e-12, atol=1e-12)

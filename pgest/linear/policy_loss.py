@@ -40,6 +40,7 @@ from .._checks import (
     check_head_rows,
     check_ignore_index,
     check_needs,
+    check_softcap,
     check_tile,
     check_token_actions,
     check_weights,
@@ -92,7 +93,8 @@ def _fused_token_tile(n_tokens: int, V: int, H: int, dtype: torch.dtype, device:
 
 def _fused(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, adv: Tensor, beta: float,
            ignore_index: Optional[int], temperature: float, tn: int, scale: Tensor,
-           needs: List[bool]) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+           needs: List[bool], softcap: float = 0.0
+           ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """-> (loss, grad_h, grad_w, grad_b) of loss = scale * sum over tokens of
     (-sum_s adv_s log p(a_s) - beta H), the gradients for an upstream 1
     (None where ``needs`` says no)."""
@@ -119,11 +121,12 @@ def _fused(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, 
     for n0 in range(0, n_live, tn):
         rows = slice(n0, n0 + tn) if live is None else live[n0:n0 + tn]
         h, a, w = h2[rows], actions[rows], adv[rows]
-        x = logits_tile(h, weight, bias, 0, V, temperature, out=full[:h.shape[0]])
+        x = logits_tile(h, weight, bias, 0, V, temperature, out=full[:h.shape[0]], softcap=softcap)
         where = n0 if live is None else rows
         M, LZ, H = token_tile_stats(h, where, weight, bias, temperature, full=x).result(acc, where, NEVER_BUILT)
         keep = a != ignore_index if ignore_index is not None else torch.ones_like(a, dtype=torch.bool)
-        lp = torch.where(keep, (chosen_logits(h, weight, bias, a, temperature, h.shape[0], keep) - M[:, None])
+        lp = torch.where(keep, (chosen_logits(h, weight, bias, a, temperature, h.shape[0], keep, softcap=softcap)
+                                - M[:, None])
                          - LZ[:, None], zero)
         total += -weighted_log_probs(w, lp).sum() - beta * H.sum()
         if any(needs):
@@ -131,7 +134,7 @@ def _fused(h2: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor, 
                         "entropy_scale": -beta}
             gh = token_tile_grads(h, a, torch.stack([M, LZ]), H, upstream, weight, bias, ignore_index, temperature,
                                    0, V, need_h, grad_w, grad_b, full=x,
-                                   grads16=None if grads16 is None else grads16[:h.shape[0]])
+                                   grads16=None if grads16 is None else grads16[:h.shape[0]], softcap=softcap)
             if need_h:
                 grad_h[rows] = gh.to(grad_h.dtype)
         del x
@@ -154,7 +157,7 @@ def _scale(actions: Tensor, ignore_index: Optional[int], reduction: str, acc: to
 def linear_policy_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor,
                             advantages: Tensor, entropy_weight: float, ignore_index: Optional[int],
                             temperature: float, reduction: str, token_tile: int, vocab_tile: int,
-                            needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                            needs: List[bool], softcap: float = 0.0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(N, H) hidden, (V, H) weight, (N, S) actions and advantages (the
     accumulation dtype) -> (loss (), and the gradients of hidden, weight and
     bias for an upstream 1, an empty tensor where ``needs`` says no)."""
@@ -169,7 +172,8 @@ def linear_policy_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     loss, gh, gw, gb = _fused(hidden, weight, bias, a, advantages.contiguous(), check_entropy_weight(entropy_weight),
                               ii, temperature, check_tile(token_tile, "token_tile", 1),
                               _scale(a, ii, reduction, advantages.dtype),
-                              [bool(needs[0]), bool(needs[1]), bool(needs[2]) and bias is not None])
+                              [bool(needs[0]), bool(needs[1]), bool(needs[2]) and bias is not None],
+                              check_softcap(softcap))
     empty = hidden.new_empty((0,))
     return (loss, gh if gh is not None else empty, gw if gw is not None else empty.clone(),
             gb if gb is not None else empty.clone())
@@ -177,7 +181,7 @@ def linear_policy_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
 
 @linear_policy_loss_op.register_fake
 def _(hidden, weight, bias, actions, advantages, entropy_weight, ignore_index, temperature, reduction, token_tile,
-      vocab_tile, needs):
+      vocab_tile, needs, softcap=0.0):
     check_needs(needs)
     acc = _checks.stats_dtype(hidden.dtype)
     return (hidden.new_empty((), dtype=acc),
@@ -189,7 +193,7 @@ def _(hidden, weight, bias, actions, advantages, entropy_weight, ignore_index, t
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, actions, advantages, entropy_weight, ignore_index, temperature, reduction = inputs[:9]
     ctx.save_for_backward(*output[1:], hidden, weight, bias, actions, advantages)
-    ctx.args = (entropy_weight, ignore_index, temperature, reduction)
+    ctx.args = (entropy_weight, ignore_index, temperature, reduction, inputs[12])
     ctx.has_bias = inputs[2] is not None
     ctx.mark_non_differentiable(*output[1:])
 
@@ -197,15 +201,15 @@ def _setup_context(ctx, inputs, output):
 def _backward_op(ctx, grad_loss, _gh, _gw, _gb):
     gh, gw, gb, hidden, weight, bias, actions, advantages = ctx.saved_tensors
     if creating_graph():  # the saved gradients are constants: recompute them differentiably
-        entropy_weight, ignore_index, temperature, reduction = ctx.args
+        entropy_weight, ignore_index, temperature, reduction, softcap = ctx.args
         a = index_tensor(actions, weight.shape[0])
         scale = _scale(a, ignore_index, reduction, advantages.dtype)
         return _grads_with_graph(ctx.needs_input_grad, grad_loss, hidden, weight, bias, a, advantages, entropy_weight,
-                                 ignore_index, temperature, scale) + (None,) * 9
+                                 ignore_index, temperature, scale, softcap) + (None,) * 10
     def pick(g, i):
         return g * grad_loss.to(g.dtype) if ctx.needs_input_grad[i] and g.numel() else None
     return (pick(gh, 0), pick(gw, 1), pick(gb, 2) if ctx.has_bias else None,
-            None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None)
 
 
 linear_policy_loss_op.register_autograd(_backward_op, setup_context=_setup_context)
@@ -230,9 +234,9 @@ class _LinearPolicyLossFn(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if creating_graph():  # the forward's gradients are constants: recompute them differentiably
             ctx.grads = None
-            a2, w2, beta, ii, temperature, _, scale, _ = ctx.aux
+            a2, w2, beta, ii, temperature, _, scale, _, softcap = ctx.aux
             return _grads_with_graph(ctx.needs_input_grad, grad_loss, *ctx.saved_tensors, a2, w2, beta, ii,
-                                     temperature, scale) + (None,)
+                                     temperature, scale, softcap) + (None,)
         grads, ctx.grads = ctx.grads, None
         if grads is None:
             grads = _fused(*ctx.saved_tensors, *ctx.aux)[1:]
@@ -251,12 +255,12 @@ class _LinearPolicyLossFn(torch.autograd.Function):
 
 
 def _grads_with_graph(needs, grad_loss, hidden, weight, bias, actions, advantages, entropy_weight, ignore_index,
-                      temperature, scale) -> tuple:
+                      temperature, scale, softcap) -> tuple:
     """The loss's gradients in differentiable torch ops (a second derivative:
     see linear_head.head_grads_in_torch_ops)."""
     up = (grad_loss * scale).to(advantages.dtype)
     return head_grads_in_torch_ops(hidden, weight, bias, actions, ignore_index, temperature, -advantages * up,
-                                   (-entropy_weight * up).expand(actions.shape[0]), needs)
+                                   (-entropy_weight * up).expand(actions.shape[0]), needs, softcap)
 
 
 _apply_fused = fast_apply(_LinearPolicyLossFn)
@@ -267,7 +271,8 @@ _apply_fused = fast_apply(_LinearPolicyLossFn)
 def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantages: Tensor, *,
                        bias: Optional[Tensor] = None, temperature: float = 1.0, entropy_weight: float = 0.0,
                        ignore_index: Optional[int] = -100, reduction: str = "mean",
-                       token_tile: Optional[int] = None, vocab_tile: Optional[int] = None) -> Tensor:
+                       token_tile: Optional[int] = None, vocab_tile: Optional[int] = None,
+                       softcap: Optional[float] = None) -> Tensor:
     """``pgest.policy_loss`` of ``logits = (hidden @ weight.T + bias) / temperature``
     without building the logits: ``-advantage * log p(action)`` per action,
     ``- entropy_weight * H`` per token, reduced like ``cross_entropy``.
@@ -295,6 +300,8 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantag
             entries count for nothing (a token whose actions are all ignored
             is skipped: no loss, no entropy term, no work).
         advantages: floats of the shape of ``actions``, constants.
+        softcap: the logits' final soft-capping before the temperature, as
+            :func:`linear_log_prob` takes it (Gemma 2).
         token_tile, vocab_tile: tile sizes; the fused route keeps one token
             tile's logits over the whole vocabulary (default: the tile and
             its gradient buffers within 96 MiB on the CPU
@@ -303,6 +310,7 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantag
     Returns the loss, float32 for 16-bit inputs (float64 for float64).
     """
     temperature = check_head(hidden, weight, bias, temperature)
+    softcap = check_softcap(softcap)
     lead, S = check_token_actions(hidden, actions)
     _checks.check_float_tensor(advantages, "advantages")
     if advantages.shape != actions.shape:
@@ -315,7 +323,7 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantag
     ii = check_ignore_index(ignore_index)
     if reduction == "none" or functorch_active():  # torch.func: through linear_log_prob's route for it
         lp, ent = linear_log_prob(hidden, weight, actions, bias=bias, temperature=temperature, ignore_index=ii,
-                                  token_tile=token_tile, vocab_tile=vocab_tile)
+                                  token_tile=token_tile, vocab_tile=vocab_tile, softcap=softcap)
         wlp = weighted_log_probs(advantages.detach().to(lp.dtype), lp)
         per = -(wlp if S == 1 and actions.shape == lead else wlp.sum(-1)) - beta * ent
         if reduction == "none":
@@ -338,8 +346,8 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, actions: Tensor, advantag
     try:
         if torch.compiler.is_compiling() or not any(needs):
             return linear_policy_loss_op(h2, weight, bias, a2, w2, beta, ii, temperature, reduction, tn, tv,
-                                           needs)[0]
+                                           needs, softcap)[0]
         return _apply_fused(h2, weight, bias, (a2, w2, beta, ii, temperature, tn, _scale(a2, ii, reduction, acc),
-                                               needs))
+                                               needs, softcap))
     except (ValueError, IndexError) as e:
         raise type(e)(_status.unflatten_message(str(e), lead)) from None
