@@ -121,14 +121,16 @@ def kept_shard(x: Tensor, f: Filters, group, *, threshold: Optional[Tensor] = No
         raise ValueError(f"logits[{int((M == NEG).nonzero()[0])}] is all -inf over the vocabulary: no action has "
                          "positive probability")
     finite = zd > NEG
-    live = _reduce(finite.sum(-1), dist.ReduceOp.SUM, group)
-    e_all = torch.where(finite, torch.exp(zd.double() - M.double()[:, None]), 0.0)
-    Z = _sum_in_rank_order(e_all.sum(-1), group, world)
     if kept_tokens is not None:
         cut = None
     elif threshold is not None:  # the row's maximum is always kept, whatever the replayed threshold
         cut = torch.minimum(threshold.to(dev, acc).reshape(R), M)
     else:
+        # the masses and counts a selection and its record need (a replayed
+        # set needs neither: no exponential pass, no collective for them)
+        live = _reduce(finite.sum(-1), dist.ReduceOp.SUM, group)
+        e_all = torch.where(finite, torch.exp(zd.double() - M.double()[:, None]), 0.0)
+        Z = _sum_in_rank_order(e_all.sum(-1), group, world)
         cut = torch.full((R,), NEG, dtype=acc, device=dev)
         k = f.top_k.to(dev).expand(R)
         by_k = (k > 0) & (k < live)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..linear.head import linear_log_prob
+from ..linear.tiles import soft_cap_
 
 _VERIFIED = set()  # model classes whose logits were checked to be head(last hidden state)
 # config attributes of transformers models that change the logits after the head
@@ -175,9 +176,7 @@ def _verify(model, decoder, head, input_ids: Tensor) -> None:
         model.train(training)
     tol = 1e-4 if y.dtype in (torch.float32, torch.float64) else 2e-2
     same = lambda a, b: a.shape == b.shape and torch.allclose(a, b, rtol=tol, atol=tol)  # noqa: E731
-    c = logit_softcap(model)
-    if c:
-        y = torch.tanh(y / c) * c
+    y = soft_cap_(y.clone(), logit_softcap(model))  # the head's own step, in its order
     if not (same(x, h) and same(out.logits, y)):
         raise NotImplementedError(f"{cls.__name__}'s logits are not its output embedding applied to its last hidden "
                                   "state (a transform pgest's fused head does not reproduce): use the model's logits")

@@ -206,9 +206,10 @@ class _SplitPieces:
         b_frags = None if bias is None else gather_fragments(bias[:f].detach()[None], lay, shard.group)
         self.owned = owned_pieces(lay)
         self.whole = {}
-        for j in self.owned:
+        if len(self.owned) and w_frags is not None:  # only the last owned piece can run past the shard
+            j = self.owned[-1]
             lo, hi = local_span(j, lay)
-            if j == self.owned[-1] and w_frags is not None and hi - lo < min(PIECE, lay.total - j * PIECE):
+            if hi - lo < min(PIECE, lay.total - j * PIECE):
                 # contiguous (P, H) rows, the layout one process's weight[v0:v1] has
                 w = whole_piece(weight[lo:hi].detach().T, j, lay, w_frags).T.contiguous()
                 b = None if bias is None else whole_piece(bias[lo:hi].detach()[None], j, lay, b_frags)[0]
@@ -795,8 +796,7 @@ def _draw_in_pieces(h2, w, b, temperature, tn, j, inner, rows, ss, out, offset: 
     for jj in torch.unique(j).tolist():
         sel = (j == jj).nonzero().squeeze(1)
         v0, v1 = jj * PIECE, min(V, (jj + 1) * PIECE)
-        if split is not None:
-            v0 -= offset  # the global piece's first column
+        first_id = v0 if split is not None else offset + v0  # the piece's first column's global id
         for n0 in range(0, sel.shape[0], tn):
             k = sel[n0:n0 + tn]
             r = rows[k]
@@ -809,7 +809,7 @@ def _draw_in_pieces(h2, w, b, temperature, tn, j, inner, rows, ss, out, offset: 
                 x = x[inv]
             with checked_now():
                 got, _, _, _ = sample_native(x, 1, 0, uniforms=inner[k].contiguous().view(-1, 1))
-            out[r, ss[k]] = (got.view(-1) + (offset + v0)).to(out.dtype)
+            out[r, ss[k]] = (got.view(-1) + first_id).to(out.dtype)
 
 
 def _sample_args(hidden, num_samples, generator, token_tile, vocab_tile, softcap):
