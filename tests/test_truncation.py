@@ -154,6 +154,47 @@ def test_long_rows_in_adversarial_orders_and_ties(kw, dtype):
     assert torch.equal(lp, s.log_prob)
 
 
+def shortcut_rows(K, g):
+    """Rows for the sampler's two ways to the kept set's statistics without
+    a pass of exponentials over the masked row (a list of the kept entries;
+    the whole row's stored exponentials): the row's max early, late and in
+    the middle; a first chunk that is all left out, so the whole row's
+    running max is one the kept set never has; steps of 70 between chunks
+    (past the chunk pass's 64, so sums are taken at each chunk's own max);
+    a gentle ramp raising the max in every chunk; signed zeros and ties."""
+    x = torch.randn(8, K, generator=g) * 3
+    x[1] = x[1].sort().values
+    x[2] = x[2].sort(descending=True).values
+    x[3, :256] = -30 + torch.randn(min(256, K), generator=g)
+    x[4] = torch.randn(K, generator=g) * 0.1 + 70 * (torch.arange(K) // 256).clamp_max(2)
+    x[5] = torch.arange(K) * (4.0 / K) + torch.randn(K, generator=g) * 0.05
+    x[6] = torch.where(torch.rand(K, generator=g) < 0.5, 0.0, -0.0)
+    x[6, : min(40, K)] = torch.arange(min(40, K)) / 10
+    x[7] = torch.randint(-3, 4, (K,), generator=g).float()
+    return x
+
+
+@pytest.mark.parametrize("kw", [dict(top_p=0.95), dict(top_p=0.5, temperature=0.7), dict(top_p=0.9999),
+                                dict(top_k=5), dict(top_k=300, top_p=0.9), dict(min_p=1e-40), dict(min_p=0.05)],
+                         ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("K", [17, 300, 4099, 40000])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_sampler_statistics_without_the_masked_pass_are_the_trainers(kw, K, dtype):
+    x = shortcut_rows(K, torch.Generator().manual_seed(K)).to(dtype)
+    s = pgest.sample(x, generator=torch.Generator().manual_seed(1), num_samples=4, **kw)
+    # the trainer's: the chunk pass over the kept logits, bit for bit
+    lp, ent = pgest.log_prob(x, s.actions, **kw)
+    assert torch.equal(lp, s.log_prob) and torch.equal(ent, s.entropy)
+    # and both the truncated distribution's, against float64
+    z = x.double() / kw.get("temperature", 1.0)
+    z = z.masked_fill(~kept_of(x, **kw), MINUS_INF)
+    ref = torch.log_softmax(z, -1)
+    q = ref.exp()
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype in (torch.float16, torch.bfloat16) else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.log_prob.double(), ref.gather(1, s.actions), **tol)
+    torch.testing.assert_close(s.entropy.double(), -(q * ref.nan_to_num(neginf=0.0)).sum(-1), **tol)
+
+
 def test_each_filter_keeps_what_transformers_warpers_keep():
     tf = pytest.importorskip("transformers")
     g = torch.Generator().manual_seed(0)

@@ -24,11 +24,32 @@ PGEST_NS_BEGIN
 // stay far from overflow); the caller checks.
 constexpr float kOptimisticRange = 64.0f;
 
+// Whether a chunk entered at running_max, whose max (with running_max's)
+// is chunk_max, keeps its sums relative to running_max; else they are taken
+// relative to chunk_max.
+template <class Acc>
+PGEST_HD bool sums_at_running_max(Acc running_max, Acc chunk_max) {
+  return running_max != -Acc(INFINITY) && chunk_max - running_max <= Acc(kOptimisticRange);
+}
+
+// Moves a chunk's sums from the reference they were taken at to its max
+// (ref < max): e' = e * s with s = exp(ref - max);
+// sum e'(x - max) = s (dot + sum (ref - max)).
+template <bool kWithEntropy, class Acc>
+PGEST_HD void rebase_chunk(ChunkStats<Acc>& st, Acc ref) {
+  const Acc shift = ref - st.max;
+  const Acc s = exp_nonpos(shift);
+  if (kWithEntropy) st.ex_dot = s * (st.ex_dot + st.sum * shift);
+  st.sum = st.sum * s;
+}
+
 // One chunk of `len` entries, a multiple of kLanes (a short chunk is padded
 // with -inf to the next multiple, and the groups past it would add exactly
-// zero to every lane, so they are skipped).
-template <bool kWithEntropy, class Row, class Acc>
-PGEST_HD ChunkStats<Acc> chunk_stats(Row x, int len, Acc running_max) {
+// zero to every lane, so they are skipped). kStore: each exp(x - ref) the
+// chunk's sums hold goes to store[j] too (nothing where the chunk is all
+// -inf), for a later pass over the same row to sum again without them.
+template <bool kWithEntropy, bool kStore = false, class Row, class Acc>
+PGEST_HD ChunkStats<Acc> chunk_stats(Row x, int len, Acc running_max, Acc* store = nullptr) {
   using V = typename Vec<Acc>::type;
   constexpr int W = Vec<Acc>::width, Q = kLanes / W;
   const Acc kInf = Acc(INFINITY);
@@ -49,6 +70,7 @@ PGEST_HD ChunkStats<Acc> chunk_stats(Row x, int len, Acc running_max) {
         if (track_max) m[q] = select(v > m[q], v, m[q]);
         const V d = v - vr;
         const V e = exp_nonpos(d);
+        if constexpr (kStore) storev(store + j + q * W, e);
         acc[q] += e;
         // e = 0 where x = -inf: the product's limit is 0, not 0 * -inf = NaN.
         if (kWithEntropy) dot[q] += select(e > Acc(0), e * d, V{});
@@ -63,7 +85,7 @@ PGEST_HD ChunkStats<Acc> chunk_stats(Row x, int len, Acc running_max) {
     // this chunk's max, and redo the chunk only if it jumped far above.
     sum_pass(running_max, true);
     st.max = lanes_max(running_max);
-    summed = st.max - running_max <= Acc(kOptimisticRange);
+    summed = sums_at_running_max(running_max, st.max);
   } else {
     for (int j = 0; j < len; j += kLanes)
       for (int q = 0; q < Q; ++q) {
@@ -94,14 +116,7 @@ PGEST_HD ChunkStats<Acc> chunk_stats(Row x, int len, Acc running_max) {
   // len * e^64: a NaN (which makes its e NaN) or a +inf (which makes the max
   // +inf and inf - inf NaN) shows up here without a test per entry.
   st.bad = !(st.sum <= Acc(len) * Acc(6.3e27));
-  if (ref != st.max && !st.bad) {
-    // Move the sums from the old reference to the chunk's max (ref < max):
-    // e' = e * s with s = exp(ref - max); sum e'(x - max) = s (dot + sum (ref - max)).
-    const Acc shift = ref - st.max;
-    const Acc s = exp_nonpos(shift);
-    if (kWithEntropy) st.ex_dot = s * (st.ex_dot + st.sum * shift);
-    st.sum = st.sum * s;
-  }
+  if (ref != st.max && !st.bad) rebase_chunk<kWithEntropy>(st, ref);
   return st;
 }
 
@@ -162,13 +177,25 @@ inline bool chunk_all_neg_inf(Row x) {
   return true;
 }
 
+// row_stats takes every chunk by the chunk pass unless a shortcut supplies
+// its statistics (truncated_row.h's StoredChunks).
+struct NoShortcut {
+  template <class Acc>
+  bool operator()(int64_t, Acc, ChunkStats<Acc>&) const { return false; }
+};
+
 // The single pass over a row of `cols` entries. `weights` needs
 // 2 * num_chunks(cols) entries and `chunk_max` num_chunks(cols); `pad` is
 // scratch for one chunk. kSkipMasked (rows mostly -inf, as truncated rows
 // are): whole chunks of -inf are recognised by a comparison and skipped,
-// with the same bits as the full pass.
-template <bool kWithEntropy, bool kSkipMasked = false, class Row, class Acc>
-inline RowStats<Acc> row_stats(Row x, int64_t cols, Acc* weights, Acc* chunk_max, Acc* pad) {
+// with the same bits as the full pass. kStore: the exponentials of the
+// chunks' sums go to store (num_chunks(cols) * kChunk entries; rows of more
+// than kLanes entries). shortcut(c, running_max, st): true where it set
+// whole chunk c's statistics, as the chunk pass would have.
+template <bool kWithEntropy, bool kSkipMasked = false, bool kStore = false, class Row, class Acc,
+          class Shortcut = NoShortcut>
+inline RowStats<Acc> row_stats(Row x, int64_t cols, Acc* weights, Acc* chunk_max, Acc* pad, Acc* store = nullptr,
+                               const Shortcut& shortcut = Shortcut()) {
   if (cols <= kLanes) return small_row_stats<kWithEntropy>(x, cols, weights, chunk_max);
   const Acc kInf = Acc(INFINITY);
   const int64_t nc = num_chunks(cols);
@@ -185,13 +212,13 @@ inline RowStats<Acc> row_stats(Row x, int64_t cols, Acc* weights, Acc* chunk_max
       }
     }
     if (cols - k >= kChunk) {
-      st = chunk_stats<kWithEntropy>(x + k, kChunk, r.max);
+      if (!shortcut(c, r.max, st)) st = chunk_stats<kWithEntropy, kStore>(x + k, kChunk, r.max, kStore ? store + k : nullptr);
     } else {
       const int n = int(cols - k);
       const int len = (n + kLanes - 1) / kLanes * kLanes;
       for (int j = 0; j < n; ++j) pad[j] = load<Acc>(x[k + j]);
       for (int j = n; j < len; ++j) pad[j] = -kInf;
-      st = chunk_stats<kWithEntropy>(pad, len, r.max);
+      st = chunk_stats<kWithEntropy, kStore>(pad, len, r.max, kStore ? store + k : nullptr);
     }
     if (st.bad) {  // error path only: find the culprit for the message
       for (int64_t j = k; j < cols; ++j) {

@@ -31,18 +31,30 @@ struct TruncationScratch {
   Acc* cz = nullptr;    // top-p's candidates: their z
   Acc* ce = nullptr;    // and their mass exp(z - max)
   Entry<Acc>* work = nullptr;  // the selections' working set
+  int32_t* pos = nullptr;      // the candidates' columns (rows of < 2^31 entries)
+  // the whole row's pass: its exponentials, chunk weights and running maxima
+  Acc* e = nullptr;
+  Acc* weights = nullptr;
+  Acc* chunk_max = nullptr;
   bool ok = false;
   // cols = 0: nothing allocated (the sample kernel's untruncated calls).
   explicit TruncationScratch(int64_t cols) {
     if (cols <= 0) { ok = true; return; }
-    const size_t n = size_t(cols);
+    const size_t n = size_t(cols), nc = size_t(num_chunks(cols));
     z = static_cast<Acc*>(std::malloc(sizeof(Acc) * n));
     cz = static_cast<Acc*>(std::malloc(sizeof(Acc) * n));
     ce = static_cast<Acc*>(std::malloc(sizeof(Acc) * n));
     work = static_cast<Entry<Acc>*>(std::malloc(sizeof(Entry<Acc>) * n));
-    ok = z && cz && ce && work;
+    if (cols < (int64_t(1) << 31)) pos = static_cast<int32_t*>(std::malloc(sizeof(int32_t) * n));
+    e = static_cast<Acc*>(std::malloc(sizeof(Acc) * nc * kChunk));
+    weights = static_cast<Acc*>(std::malloc(sizeof(Acc) * 2 * nc));
+    chunk_max = static_cast<Acc*>(std::malloc(sizeof(Acc) * nc));
+    ok = z && cz && ce && work && (pos || cols >= (int64_t(1) << 31)) && e && weights && chunk_max;
   }
-  ~TruncationScratch() { std::free(z); std::free(cz); std::free(ce); std::free(work); }
+  ~TruncationScratch() {
+    std::free(z); std::free(cz); std::free(ce); std::free(work); std::free(pos);
+    std::free(e); std::free(weights); std::free(chunk_max);
+  }
   TruncationScratch(const TruncationScratch&) = delete;
   TruncationScratch& operator=(const TruncationScratch&) = delete;
 };
@@ -68,6 +80,51 @@ inline typename Vec<Acc>::type loadv(KeptView<T, Acc> r) {
   return select(v >= splat<V>(r.cut), v, splat<V>(-Acc(INFINITY)));
 }
 
+// The kept set's pass (row_stats over a KeptView) without the exponentials
+// the whole row's pass (row_stats with kStore) already took: where both
+// passes enter a chunk at the same running max and the chunk raises it
+// only with a kept entry, every kept entry's exp(x - ref) is the one
+// stored, and a left-out entry adds exactly +0 (its e is 0) to its lane, so
+// the chunk's sums are the stored e's masked, in the chunk pass's order.
+// Elsewhere (where the largest entries seen so far were left out) the chunk
+// pass runs.
+template <class Row, class Acc>
+struct StoredChunks {
+  Row x;                   // the row the view masks
+  Acc cut;                 // the view's: kept where x >= cut
+  const Acc* e;            // the whole row's pass: its stored exponentials
+  const Acc* chunk_max;    // and running maxima
+  bool operator()(int64_t c, Acc running_max, ChunkStats<Acc>& st) const {
+    using V = typename Vec<Acc>::type;
+    constexpr int W = Vec<Acc>::width, Q = kLanes / W;
+    const Acc kInf = Acc(INFINITY);
+    const Acc before = c ? chunk_max[c - 1] : -kInf, after = chunk_max[c];
+    if (!(running_max == before) || (after > before && after < cut)) return false;
+    // a raised max is a kept entry's (the same bits); else the view's lanes keep the running max's
+    st = ChunkStats<Acc>{after > before ? after : running_max, Acc(0), Acc(0), false};
+    if (st.max == -kInf) return true;  // all -inf so far: nothing stored, nothing to sum
+    const Acc ref = sums_at_running_max(running_max, st.max) ? running_max : st.max;
+    const int64_t k = c * kChunk;
+    const V vr = splat<V>(ref), vc = splat<V>(cut);
+    V acc[Q], dot[Q];
+    for (int q = 0; q < Q; ++q) { acc[q] = V{}; dot[q] = V{}; }
+    for (int j = 0; j < kChunk; j += kLanes)
+      for (int q = 0; q < Q; ++q) {
+        const V v = loadv(x + k + j + q * W), ev = loadv(e + k + j + q * W);
+        const auto keep = v >= vc;
+        acc[q] += select(keep, ev, V{});
+        dot[q] += select(keep & (ev > Acc(0)), ev * (v - vr), V{});
+      }
+    Acc lanes[kLanes], dots[kLanes];
+    for (int q = 0; q < Q; ++q)
+      for (int l = 0; l < W; ++l) { lanes[q * W + l] = acc[q][l]; dots[q * W + l] = dot[q][l]; }
+    st.sum = tree_sum(lanes);
+    st.ex_dot = tree_sum(dots);
+    if (ref != st.max) rebase_chunk<true>(st, ref);
+    return true;
+  }
+};
+
 // What truncate_row leaves for the sampler: the kept set as a cut on the row
 // it read (the input itself, or the row formed in scratch), and the kept
 // set's statistics, whose chunk weights are in the RowScratch it was given.
@@ -86,7 +143,10 @@ constexpr int64_t kDirect = 1024;      // top-p candidates few enough to select 
 constexpr double kNearOne = 1e-4;      // top-p this close to 1 takes every finite entry as a candidate
 constexpr int64_t kRankBuffer = 2048;  // top-k's buffer of candidates, at least
 constexpr int64_t kSmallSelect = 64;   // values few enough for a selection by partition
-constexpr int64_t kSparseKept = 256;   // kept sets under 1 / kSparseKept of the row skip empty chunks
+constexpr double kFirstProbes[4] = {1.3, 1.08, 0.92, 0.75};  // top-p's first probes: below-mass estimate scaled
+constexpr int kBoundSample = 512;      // entries in top-p's sample of the row for its candidate bound
+constexpr double kBoundSlack = 1e-5;   // the mass the sampled bound's candidates hold beyond p, at least
+constexpr int64_t kListedKept = 16;    // kept sets under 1 / kListedKept of the row are summed from a list
 
 template <class V, class Acc>
 inline Acc lane_max(V v) {
@@ -190,11 +250,12 @@ inline int64_t gather_between(const Acc* z, const Acc* e, int64_t K, Acc lo, Acc
   return n;
 }
 
-// The values of a row at or above v into out (how many: the return value).
+// The values of a row at or above v into out (how many: the return value),
+// and where pos is given their columns into it.
 // With AVX-512 a vector's hits go out compressed in one whole-vector store,
 // which ends before the entry being read, so K values of room suffice.
 template <class Row, class Acc>
-inline int64_t gather_at_least(Row z, int64_t K, Acc v, Acc* out) {
+inline int64_t gather_at_least(Row z, int64_t K, Acc v, Acc* out, int32_t* pos = nullptr) {
   using V = typename Vec<Acc>::type;
   constexpr int W = Vec<Acc>::width;
   const V vv = splat<V>(v);
@@ -208,11 +269,20 @@ inline int64_t gather_at_least(Row z, int64_t K, Acc v, Acc* out) {
       // memory is microcoded on Zen 4), with or without hits: a branch on
       // them mispredicts at the hit rates the selections run at
       _mm512_storeu_ps(out + n, _mm512_maskz_compress_ps(m, reinterpret_cast<__m512>(zv)));
+      if (pos) {
+        const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(int32_t(k)),
+                                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+        _mm512_storeu_si512(pos + n, _mm512_maskz_compress_epi32(m, at));
+      }
       n += __builtin_popcount(m);
       continue;
     } else {
       const __mmask8 m = _mm512_cmp_pd_mask(reinterpret_cast<__m512d>(zv), reinterpret_cast<__m512d>(vv), _CMP_GE_OQ);
       _mm512_storeu_pd(out + n, _mm512_maskz_compress_pd(m, reinterpret_cast<__m512d>(zv)));
+      if (pos) {
+        const __m256i at = _mm256_add_epi32(_mm256_set1_epi32(int32_t(k)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pos + n), _mm256_maskz_compress_epi32(m, at));
+      }
       n += __builtin_popcount(m);
       continue;
     }
@@ -220,12 +290,14 @@ inline int64_t gather_at_least(Row z, int64_t K, Acc v, Acc* out) {
     if (!any_lane(zv >= vv)) continue;
     for (int l = 0; l < W; ++l) {
       out[n] = zv[l];
+      if (pos) pos[n] = int32_t(k + l);
       n += zv[l] >= v;
     }
 #endif
   }
   for (; k < K; ++k) {
     out[n] = load<Acc>(z[k]);
+    if (pos) pos[n] = int32_t(k);
     n += out[n] >= v;
   }
   return n;
@@ -429,6 +501,179 @@ inline void kept_record(Row z, int64_t K, Acc cut, int64_t* kept, Acc* smallest,
   *dropped = hi;
 }
 
+// The kept entries in column order, for statistics taken from them alone
+// (kept_row_stats): the entries of z at or above cut (and finite) into
+// out_z, their columns into out_pos (pos[j] for entry j where pos is given,
+// else j) and, where e is given, e[j] into out_e; how many (the return
+// value), the smallest kept and the largest left out (-inf: none finite).
+// out may be z itself (a compaction in place: each vector is read whole
+// before its kept entries are stored, at or before where it was read).
+// kSparse: few entries are kept, so a vector without one skips the stores
+// (the running count they wait on is the pass's critical path).
+template <bool kSparse, class Row, class Acc>
+inline int64_t kept_entries(Row z, int64_t K, Acc cut, const Acc* e, const int32_t* pos, Acc* out_z, Acc* out_e,
+                            int32_t* out_pos, Acc* smallest, Acc* dropped) {
+  using V = typename Vec<Acc>::type;
+  constexpr int W = Vec<Acc>::width;
+  const Acc inf = Acc(INFINITY);
+  const V vc = splat<V>(std::max(cut, std::nextafter(-inf, inf))), ninf = splat<V>(-inf);
+  V vmin = splat<V>(inf), vdrop = ninf;
+  int64_t n = 0, k = 0;
+  for (; k + W <= K; k += W) {
+    const V zv = loadv(z + k);
+    const auto keep = zv >= vc;
+    vmin = select(keep & (zv < vmin), zv, vmin);
+    vdrop = select(keep, vdrop, select(zv > vdrop, zv, vdrop));
+#if defined(__AVX512F__)
+    if constexpr (sizeof(Acc) == 4) {
+      const __mmask16 m = _mm512_cmp_ps_mask(reinterpret_cast<__m512>(zv), reinterpret_cast<__m512>(vc), _CMP_GE_OQ);
+      if (kSparse && !m) continue;
+      const __m512i at = pos ? _mm512_loadu_si512(pos + k)
+                             : _mm512_add_epi32(_mm512_set1_epi32(int32_t(k)),
+                                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+      const __m512 ev = e ? _mm512_loadu_ps(e + k) : _mm512_setzero_ps();
+      _mm512_storeu_ps(out_z + n, _mm512_maskz_compress_ps(m, reinterpret_cast<__m512>(zv)));
+      _mm512_storeu_si512(out_pos + n, _mm512_maskz_compress_epi32(m, at));
+      if (e) _mm512_storeu_ps(out_e + n, _mm512_maskz_compress_ps(m, ev));
+      n += __builtin_popcount(m);
+      continue;
+    } else {
+      const __mmask8 m = _mm512_cmp_pd_mask(reinterpret_cast<__m512d>(zv), reinterpret_cast<__m512d>(vc), _CMP_GE_OQ);
+      if (kSparse && !m) continue;
+      const __m256i at = pos ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pos + k))
+                             : _mm256_add_epi32(_mm256_set1_epi32(int32_t(k)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      const __m512d ev = e ? _mm512_loadu_pd(e + k) : _mm512_setzero_pd();
+      _mm512_storeu_pd(out_z + n, _mm512_maskz_compress_pd(m, reinterpret_cast<__m512d>(zv)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_pos + n), _mm256_maskz_compress_epi32(m, at));
+      if (e) _mm512_storeu_pd(out_e + n, _mm512_maskz_compress_pd(m, ev));
+      n += __builtin_popcount(m);
+      continue;
+    }
+#else
+    if (!any_lane(keep)) continue;
+    for (int l = 0; l < W; ++l) {
+      const int64_t j = k + l;
+      const bool in = zv[l] >= vc[l];
+      out_pos[n] = pos ? pos[j] : int32_t(j);
+      if (e) out_e[n] = e[j];
+      out_z[n] = zv[l];
+      n += in;
+    }
+#endif
+  }
+  Acc lo = lane_min<V, Acc>(vmin), hi = lane_max<V, Acc>(vdrop);
+  for (; k < K; ++k) {
+    const Acc v = load<Acc>(z[k]);
+    const int32_t at = pos ? pos[k] : int32_t(k);
+    const Acc ek = e ? e[k] : Acc(0);
+    if (v >= cut && v > -inf) {
+      out_z[n] = v;
+      out_pos[n] = at;
+      if (e) out_e[n] = ek;
+      ++n;
+      lo = std::min(lo, v);
+    } else {
+      hi = std::max(hi, v);
+    }
+  }
+  *smallest = lo;
+  *dropped = hi;
+  return n;
+}
+
+// row_stats<true> of a row masked to its kept set (-inf elsewhere), bit for
+// bit, from the n kept entries alone (kept_entries: z in column order at
+// columns pos, e = exp_nonpos(z - max), max the row's and so the kept set's
+// max), so a kept set of a tenth of the row costs about a tenth of the
+// exponentials. In the full pass a masked entry adds exactly +0 to its lane
+// and never raises a lane's max, so each lane's sum is the sum of its kept
+// entries in column order, and each chunk's reference (sums_at_running_max)
+// and rebase are the full pass's. Chunks after the row's max sum at it,
+// where e is the full pass's exponential; the others take theirs again.
+// `scratch` holds kChunk + W values.
+template <class Acc>
+inline RowStats<Acc> kept_row_stats(const Acc* z, const Acc* e, const int32_t* pos, int64_t n, int64_t cols, Acc max,
+                                    Acc* weights, Acc* chunk_max, Acc* scratch) {
+  using V = typename Vec<Acc>::type;
+  constexpr int W = Vec<Acc>::width;
+  const Acc kInf = Acc(INFINITY);
+  const int64_t nc = num_chunks(cols);
+  RowStats<Acc> r{-kInf, 0.0, 0.0, -1};
+  int64_t j = 0;
+  for (int64_t c = 0; c < nc; ++c) {
+    const int64_t b = j, end = (c + 1) * kChunk;
+    while (j < n && pos[j] < end) ++j;
+    ChunkStats<Acc> st{r.max, Acc(0), Acc(0), false};
+    if (j > b) {
+      if (r.max != max) {  // the row's max not yet behind: the lanes' maxima, met in the full pass's order
+        Acc lane_max[kLanes];
+        for (int l = 0; l < kLanes; ++l) lane_max[l] = r.max;
+        for (int64_t q = b; q < j; ++q) {
+          Acc& m = lane_max[uint32_t(pos[q]) % kLanes];
+          m = z[q] > m ? z[q] : m;
+        }
+        for (int l = 0; l < kLanes; ++l) st.max = lane_max[l] > st.max ? lane_max[l] : st.max;
+      }
+      const Acc ref = sums_at_running_max(r.max, st.max) ? r.max : st.max;
+      const Acc* ev = e + b;
+      if (ref != max) {  // whole vectors (the last one padded): a scalar exponential costs a vector's
+        const V vr = splat<V>(ref);
+        for (int64_t q = b; q < j; q += W) {
+          Acc v[W] = {};
+          std::copy(z + q, z + std::min(j, q + W), v);
+          storev(scratch + (q - b), exp_nonpos(loadv(v) - vr));
+        }
+        ev = scratch;
+      }
+      Acc sums[kLanes] = {}, dots[kLanes] = {};
+      for (int64_t q = b; q < j; ++q) {
+        const uint32_t l = uint32_t(pos[q]) % kLanes;
+        const Acc eq = ev[q - b];
+        sums[l] += eq;
+        dots[l] += eq > Acc(0) ? eq * (z[q] - ref) : Acc(0);
+      }
+      st.sum = tree_sum(sums);
+      st.ex_dot = tree_sum(dots);
+      if (ref != st.max) rebase_chunk<true>(st, ref);
+    }
+    r.max = st.max;
+    chunk_max[c] = st.max;
+    weights[c] = st.sum;
+    weights[nc + c] = st.ex_dot;
+  }
+  if (r.max != -kInf) finish_row_stats<true>(nc, weights, chunk_max, r);
+  return r;
+}
+
+// A candidate bound for top-p from a strided sample of the row: the
+// largest value below which the sample's mass exp(z - max), scaled to the
+// row, is at most `below` (bisection over values, above `floor`, the
+// row-wide bound). An estimate: the caller checks what it keeps.
+template <class Row, class Acc>
+inline Acc sampled_bound(Row z, int64_t K, Acc max, double below, Acc floor) {
+  using V = typename Vec<Acc>::type;
+  constexpr int W = Vec<Acc>::width;
+  if (K < 8 * kBoundSample) return floor;
+  alignas(64) Acc zs[kBoundSample], es[kBoundSample];
+  const int64_t stride = K / kBoundSample;
+  for (int j = 0; j < kBoundSample; ++j) zs[j] = load<Acc>(z[j * stride]);
+  VectorChunkExps()(static_cast<const Acc*>(zs), kBoundSample, max, es);
+  const double budget = below * kBoundSample / double(K);
+  auto mass_below = [&](Acc v) {
+    const V vv = splat<V>(v);
+    V sum{};
+    for (int j = 0; j < kBoundSample; j += W) sum += select(loadv(zs + j) < vv, loadv(es + j), V{});
+    return lane_sum(sum, W);
+  };
+  Acc lo = floor, hi = max;  // mass_below(lo) within the budget, mass_below(hi) over it (or hi = max)
+  for (int step = 0; step < 24 && lo < hi; ++step) {
+    const Acc mid = lo + (hi - lo) / 2;
+    if (mid <= lo || mid >= hi) break;
+    (mass_below(mid) <= budget ? lo : hi) = mid;
+  }
+  return lo;
+}
+
 // The top-p threshold over the whole row (mass target = p * total). The
 // sorted strided sample gives candidate bounds; vector passes of mass_above
 // narrow a bracket of sample ranks (a, b), with the mass above sample value
@@ -459,6 +704,15 @@ inline Acc top_p_threshold(const Acc* z, const Acc* e, int64_t K, Acc max, doubl
       // the last probes all fell on one side: the interpolation is off (the
       // sample misses where the mass is), so split the bracket evenly
       for (int q = 0; q < kBounds; ++q) want[q] = a + int(int64_t(b - a) * (q + 1) / (kBounds + 1));
+    } else if (pass == 0 && n == kSample + 1) {
+      // First, from below: the mass under the boundary, total - target, is
+      // spread over many entries of similar mass, which the sample scaled
+      // by K / n estimates well (the mass above it, a sum over a few large
+      // entries, it does not). Probes where the estimate is off by -25% to +30%.
+      for (int q = 0; q < kBounds; ++q) {
+        const double under = (total - target) * kFirstProbes[q] * n / double(K);
+        want[q] = int(std::lower_bound(cum, cum + n, cum[n] - under) - cum);
+      }
     } else {
       // interpolation: where the sample's mass curve, scaled to the
       // bracket's measured ends, reaches the target; probes either side
@@ -538,14 +792,22 @@ inline Acc select_cut(Row z, int64_t K, const TruncationParams& p, const RowFilt
     // the larger ones hold more than p. Half that bound, for the rounding of
     // the sums, leaves the candidates (all finite entries where 1 - p is
     // near the sums' own rounding).
-    Acc lo = cut;
+    Acc lo = cut, row_wide = -inf;
     if (lo == -inf && top_p < 1.0 - kNearOne) {
       const double bound = 0.5 * (1.0 - top_p) * total / double(K);
-      lo = bound > 0.0 ? Acc(double(max) + std::log(bound)) : -inf;
+      lo = row_wide = bound > 0.0 ? Acc(double(max) + std::log(bound)) : -inf;
+      // Usually far fewer: below a bound whose entries a sample of the row
+      // says hold half of 1 - p. Where the entries above it do not hold p
+      // (a sample that missed), the row-wide bound is taken after all.
+      if (row_wide > -inf) lo = sampled_bound(z, K, max, 0.5 * (1.0 - top_p) * total, row_wide);
     }
-    const int64_t n = gather_at_least(z, K, std::max(lo, std::nextafter(-inf, inf)), sc.cz);
+    int64_t n = gather_at_least(z, K, std::max(lo, std::nextafter(-inf, inf)), sc.cz, sc.pos);
+    double mass = masses(sc.cz, n, max, sc.ce);
+    if (lo > row_wide && row_wide > -inf && !(mass >= top_p * total * (1.0 + kBoundSlack))) {
+      n = gather_at_least(z, K, row_wide, sc.cz, sc.pos);
+      mass = masses(sc.cz, n, max, sc.ce);
+    }
     *candidates = n;
-    const double mass = masses(sc.cz, n, max, sc.ce);
     // top-p over the top-k distribution when both are set (transformers' order)
     const double target = top_p * (cut > -inf ? mass : total);
     Acc t = max;
@@ -595,10 +857,15 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
   // the whole row's statistics, entropy included, are the sampler's.
   const trunc_detail::RowFilters rf = trunc_detail::row_filters(p, i);
   const bool filtered = p.given_threshold || rf.top_k > 0 || rf.top_p < 1.0 || rf.min_p > 0.0;
+  // A small top-k set is listed (below); a wide set's pass reuses the whole
+  // row's exponentials, kept for it.
+  const bool small_top_k = sc.pos && !p.given_threshold && rf.top_k > 0 && rf.top_k * trunc_detail::kListedKept <= K;
+  const bool stored = filtered && !small_top_k && K > kLanes;
   auto rest = [&](auto row) -> Status {
     // the whole row's statistics: its max, its mass, any NaN or +inf
-    const RowStats<Acc> all = filtered ? row_stats<false>(row, K, rs.weights, rs.chunk_max, rs.e)
-                                       : row_stats<true>(row, K, rs.weights, rs.chunk_max, rs.e);
+    const RowStats<Acc> all = stored     ? row_stats<false, false, true>(row, K, sc.weights, sc.chunk_max, rs.e, sc.e)
+                              : filtered ? row_stats<false>(row, K, sc.weights, sc.chunk_max, rs.e)
+                                         : row_stats<true>(row, K, rs.weights, rs.chunk_max, rs.e);
     if (all.bad_col >= 0) {
       err.col = all.bad_col;
       err.value = double(load<Acc>(x[all.bad_col * cs]));
@@ -624,11 +891,25 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
     cut = trunc_detail::select_cut(row, K, p, rf, i, max, all.z, sc, &candidates);
     int64_t kept = 0;
     Acc smallest = inf, dropped = -inf;
-    // Top-p's candidates hold every kept entry and lie above every other
-    // entry, so where one of them is left out their record is the row's.
-    if (candidates >= 0)
-      trunc_detail::kept_record(static_cast<const Acc*>(sc.cz), candidates, cut, &kept, &smallest, &dropped);
-    if (candidates < 0 || dropped == -inf) trunc_detail::kept_record(row, K, cut, &kept, &smallest, &dropped);
+    // The kept entries themselves, where few enough to cost less than a
+    // pass over the row (top-p's candidates, compacted in place: they hold
+    // every kept entry and lie above every other, so where one of them is
+    // left out their record is the row's; a small top-k set, gathered).
+    bool listed = false;
+    if (sc.pos && candidates >= 0) {
+      kept = trunc_detail::kept_entries<false>(static_cast<const Acc*>(sc.cz), candidates, cut, sc.ce, sc.pos, sc.cz, sc.ce,
+                                        sc.pos, &smallest, &dropped);
+      listed = kept * trunc_detail::kListedKept <= K;
+    } else if (small_top_k) {
+      kept = trunc_detail::kept_entries<true>(row, K, cut, static_cast<const Acc*>(nullptr), nullptr, sc.cz,
+                                        static_cast<Acc*>(nullptr), sc.pos, &smallest, &dropped);
+      trunc_detail::masses(sc.cz, kept, max, sc.ce);
+      listed = kept * trunc_detail::kListedKept <= K;  // not so where ties at the k-th value are many
+    } else {
+      trunc_detail::kept_record(row, K, cut, &kept, &smallest, &dropped);
+    }
+    // every candidate kept: the largest entry left out is among the rest
+    if (candidates >= 0 && dropped == -inf) trunc_detail::kept_record(row, K, cut, &kept, &smallest, &dropped);
     if (kept == 0) return kAllNegInf;
     out.cut = cut;
     const KeptView<std::remove_cv_t<std::remove_pointer_t<decltype(row)>>, Acc> view{row, cut};
@@ -636,12 +917,15 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
     if (dropped == -inf && !filtered) {
       out.stats = all;
     } else {
-      // Whole chunks of -inf are found and skipped where the kept set is
-      // small enough to leave many (the same bits either way); a check of
-      // every chunk of a wide set costs a fifth of the pass for nothing.
-      out.stats = kept * trunc_detail::kSparseKept < K
-                      ? row_stats<true, true>(view, K, rs.weights, rs.chunk_max, rs.e)
-                      : row_stats<true>(view, K, rs.weights, rs.chunk_max, rs.e);
+      // The kept set's statistics as the chunk pass over the masked row
+      // takes them (the trainer's, from the kept logits), bit for bit: from
+      // the listed kept entries, or from the whole row's exponentials.
+      using Row = std::remove_cv_t<std::remove_pointer_t<decltype(row)>>;
+      out.stats = listed   ? trunc_detail::kept_row_stats(static_cast<const Acc*>(sc.cz), static_cast<const Acc*>(sc.ce),
+                                                          sc.pos, kept, K, max, rs.weights, rs.chunk_max, rs.e)
+                  : stored ? row_stats<true>(view, K, rs.weights, rs.chunk_max, rs.e, static_cast<Acc*>(nullptr),
+                                             StoredChunks<const Row*, Acc>{row, cut, sc.e, sc.chunk_max})
+                           : row_stats<true>(view, K, rs.weights, rs.chunk_max, rs.e);
       kept_mass = dropped == -inf ? 1.0 : out.stats.z / all.z;
     }
     if (p.threshold) static_cast<Acc*>(p.threshold)[i] = smallest;
