@@ -105,7 +105,10 @@ struct StoredChunks {
     if (st.max == -kInf) return true;  // all -inf so far: nothing stored, nothing to sum
     const Acc ref = sums_at_running_max(running_max, st.max) ? running_max : st.max;
     const int64_t k = c * kChunk;
-    const V vr = splat<V>(ref), vc = splat<V>(cut);
+    // -inf entries are never "kept" here: the chunk pass adds 0 for them
+    // too, and their 0 * -inf would be NaN. A kept entry whose e underflowed
+    // adds 0 * d = -0, which changes no sum.
+    const V vr = splat<V>(ref), vc = splat<V>(std::max(cut, std::nextafter(-kInf, kInf)));
     V acc[Q], dot[Q];
     for (int q = 0; q < Q; ++q) { acc[q] = V{}; dot[q] = V{}; }
     for (int j = 0; j < kChunk; j += kLanes)
@@ -113,7 +116,7 @@ struct StoredChunks {
         const V v = loadv(x + k + j + q * W), ev = loadv(e + k + j + q * W);
         const auto keep = v >= vc;
         acc[q] += select(keep, ev, V{});
-        dot[q] += select(keep & (ev > Acc(0)), ev * (v - vr), V{});
+        dot[q] += select(keep, ev * (v - vr), V{});
       }
     Acc lanes[kLanes], dots[kLanes];
     for (int q = 0; q < Q; ++q)
@@ -333,6 +336,39 @@ template <> struct OrderKey<double> {
     return v;
   }
 };
+
+// n finite (value, mass) pairs sorted by value, descending, in a few
+// passes that do not branch on the values (a comparison sort mispredicts on
+// every other comparison: 25k cycles for top-p's 257 pairs): least
+// significant digit first over the order keys, a byte at a time; equal
+// values keep their order.
+template <class Acc>
+inline void sort_descending(std::pair<Acc, Acc>* s, int n) {
+  using Key = typename OrderKey<Acc>::type;
+  constexpr int kMax = 1024;
+  Key key[2][kMax];
+  uint16_t at[2][kMax];
+  for (int j = 0; j < n; ++j) {
+    key[0][j] = Key(~OrderKey<Acc>::of(s[j].first));
+    at[0][j] = uint16_t(j);
+  }
+  int cur = 0;
+  for (int shift = 0; shift < int(8 * sizeof(Key)); shift += 8) {
+    int count[257] = {};
+    for (int j = 0; j < n; ++j) ++count[((key[cur][j] >> shift) & 0xff) + 1];
+    if (count[((key[cur][0] >> shift) & 0xff) + 1] == n) continue;  // one digit throughout: nothing moves
+    for (int d = 0; d < 256; ++d) count[d + 1] += count[d];
+    for (int j = 0; j < n; ++j) {
+      const int to = count[(key[cur][j] >> shift) & 0xff]++;
+      key[1 - cur][to] = key[cur][j];
+      at[1 - cur][to] = at[cur][j];
+    }
+    cur = 1 - cur;
+  }
+  std::pair<Acc, Acc> sorted[kMax];
+  for (int j = 0; j < n; ++j) sorted[j] = s[at[cur][j]];
+  std::copy(sorted, sorted + n, s);
+}
 
 // How many of v[0, n) are >= t.
 template <class Acc>
@@ -648,11 +684,13 @@ inline RowStats<Acc> kept_row_stats(const Acc* z, const Acc* e, const int32_t* p
 // A candidate bound for top-p from a strided sample of the row: the
 // largest value below which the sample's mass exp(z - max), scaled to the
 // row, is at most `below` (bisection over values, above `floor`, the
-// row-wide bound). An estimate: the caller checks what it keeps.
+// row-wide bound), and the share of the sample at or above it. An
+// estimate: the caller checks what it keeps.
 template <class Row, class Acc>
-inline Acc sampled_bound(Row z, int64_t K, Acc max, double below, Acc floor) {
+inline Acc sampled_bound(Row z, int64_t K, Acc max, double below, Acc floor, double* share) {
   using V = typename Vec<Acc>::type;
   constexpr int W = Vec<Acc>::width;
+  *share = 1.0;
   if (K < 8 * kBoundSample) return floor;
   alignas(64) Acc zs[kBoundSample], es[kBoundSample];
   const int64_t stride = K / kBoundSample;
@@ -671,6 +709,7 @@ inline Acc sampled_bound(Row z, int64_t K, Acc max, double below, Acc floor) {
     if (mid <= lo || mid >= hi) break;
     (mass_below(mid) <= budget ? lo : hi) = mid;
   }
+  *share = double(std::count_if(zs, zs + kBoundSample, [&](Acc v) { return v >= lo; })) / kBoundSample;
   return lo;
 }
 
@@ -688,7 +727,8 @@ inline Acc top_p_threshold(const Acc* z, const Acc* e, int64_t K, Acc max, doubl
   int n = 0;
   for (int64_t j = 0; j < K && n <= kSample; j += stride)
     if (z[j] > -inf) s[n++] = {z[j], e[j]};
-  std::sort(s, s + n, [](const std::pair<Acc, Acc>& l, const std::pair<Acc, Acc>& r) { return l.first > r.first; });
+  static_assert(kSample + 1 <= 1024, "sort_descending's room");
+  sort_descending(s, n);
   // rank r stands for the sample value s[r] (-1: +inf, n: -inf); f(r), the
   // row's mass above value(r), rises with r. Bracket: f(a) < target <= f(b).
   auto value = [&](int r) { return r < 0 ? inf : (r >= n ? -inf : s[r].first); };
@@ -771,11 +811,13 @@ inline RowFilters row_filters(const TruncationParams& p, int64_t i) {
 
 // The selected cut on a row whose statistics (max, total mass) are known.
 // *candidates: how many entries top-p gathered into sc.cz (every kept entry
-// among them), or -1 where it did not run.
+// among them), or -1 where it did not run; *placed: their columns are in
+// sc.pos (where they are expected few enough to be listed).
 template <class Row, class Acc>
 inline Acc select_cut(Row z, int64_t K, const TruncationParams& p, const RowFilters& rf, int64_t i, Acc max,
-                      double total, TruncationScratch<Acc>& sc, int64_t* candidates) {
+                      double total, TruncationScratch<Acc>& sc, int64_t* candidates, bool* placed) {
   *candidates = -1;
+  *placed = false;
   const Acc inf = Acc(INFINITY);
   if (p.given_threshold) {
     // the row's maximum is always kept: a replayed value above it (logits
@@ -793,18 +835,22 @@ inline Acc select_cut(Row z, int64_t K, const TruncationParams& p, const RowFilt
     // the sums, leaves the candidates (all finite entries where 1 - p is
     // near the sums' own rounding).
     Acc lo = cut, row_wide = -inf;
+    double share = cut > -inf ? double(top_k) / double(K) : 1.0;  // of the row expected among the candidates
     if (lo == -inf && top_p < 1.0 - kNearOne) {
       const double bound = 0.5 * (1.0 - top_p) * total / double(K);
       lo = row_wide = bound > 0.0 ? Acc(double(max) + std::log(bound)) : -inf;
       // Usually far fewer: below a bound whose entries a sample of the row
       // says hold half of 1 - p. Where the entries above it do not hold p
       // (a sample that missed), the row-wide bound is taken after all.
-      if (row_wide > -inf) lo = sampled_bound(z, K, max, 0.5 * (1.0 - top_p) * total, row_wide);
+      if (row_wide > -inf) lo = sampled_bound(z, K, max, 0.5 * (1.0 - top_p) * total, row_wide, &share);
     }
-    int64_t n = gather_at_least(z, K, std::max(lo, std::nextafter(-inf, inf)), sc.cz, sc.pos);
+    // columns only for a set that may be listed: the compressions are the gather's cost
+    *placed = sc.pos && (share * kListedKept <= 1.0 || K < 8 * kBoundSample);
+    int32_t* pos = *placed ? sc.pos : nullptr;
+    int64_t n = gather_at_least(z, K, std::max(lo, std::nextafter(-inf, inf)), sc.cz, pos);
     double mass = masses(sc.cz, n, max, sc.ce);
     if (lo > row_wide && row_wide > -inf && !(mass >= top_p * total * (1.0 + kBoundSlack))) {
-      n = gather_at_least(z, K, row_wide, sc.cz, sc.pos);
+      n = gather_at_least(z, K, row_wide, sc.cz, pos);
       mass = masses(sc.cz, n, max, sc.ce);
     }
     *candidates = n;
@@ -888,7 +934,8 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
       return kOk;
     }
     int64_t candidates = -1;
-    cut = trunc_detail::select_cut(row, K, p, rf, i, max, all.z, sc, &candidates);
+    bool placed = false;
+    cut = trunc_detail::select_cut(row, K, p, rf, i, max, all.z, sc, &candidates, &placed);
     int64_t kept = 0;
     Acc smallest = inf, dropped = -inf;
     // The kept entries themselves, where few enough to cost less than a
@@ -896,10 +943,12 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
     // every kept entry and lie above every other, so where one of them is
     // left out their record is the row's; a small top-k set, gathered).
     bool listed = false;
-    if (sc.pos && candidates >= 0) {
-      kept = trunc_detail::kept_entries<false>(static_cast<const Acc*>(sc.cz), candidates, cut, sc.ce, sc.pos, sc.cz, sc.ce,
-                                        sc.pos, &smallest, &dropped);
+    if (placed) {
+      kept = trunc_detail::kept_entries<false>(static_cast<const Acc*>(sc.cz), candidates, cut, sc.ce, sc.pos, sc.cz,
+                                               sc.ce, sc.pos, &smallest, &dropped);
       listed = kept * trunc_detail::kListedKept <= K;
+    } else if (candidates >= 0) {
+      trunc_detail::kept_record(static_cast<const Acc*>(sc.cz), candidates, cut, &kept, &smallest, &dropped);
     } else if (small_top_k) {
       kept = trunc_detail::kept_entries<true>(row, K, cut, static_cast<const Acc*>(nullptr), nullptr, sc.cz,
                                         static_cast<Acc*>(nullptr), sc.pos, &smallest, &dropped);
