@@ -161,8 +161,10 @@ def shortcut_rows(K, g):
     the middle; a first chunk that is all left out, so the whole row's
     running max is one the kept set never has; steps of 70 between chunks
     (past the chunk pass's 64, so sums are taken at each chunk's own max);
-    a gentle ramp raising the max in every chunk; signed zeros and ties."""
-    x = torch.randn(8, K, generator=g) * 3
+    a gentle ramp raising the max in every chunk; signed zeros and ties;
+    the largest values exactly where a strided sample of the row looks (so a
+    bound from the sample keeps too few for top-k)."""
+    x = torch.randn(9, K, generator=g) * 3
     x[1] = x[1].sort().values
     x[2] = x[2].sort(descending=True).values
     x[3, :256] = -30 + torch.randn(min(256, K), generator=g)
@@ -171,6 +173,8 @@ def shortcut_rows(K, g):
     x[6] = torch.where(torch.rand(K, generator=g) < 0.5, 0.0, -0.0)
     x[6, : min(40, K)] = torch.arange(min(40, K)) / 10
     x[7] = torch.randint(-3, 4, (K,), generator=g).float()
+    x[8] = torch.randn(K, generator=g) * 0.1 - 10
+    x[8, :: max(1, K // 512)] = torch.rand(len(range(0, K, max(1, K // 512))), generator=g) * 10
     return x
 
 
@@ -181,6 +185,12 @@ def shortcut_rows(K, g):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_sampler_statistics_without_the_masked_pass_are_the_trainers(kw, K, dtype):
     x = shortcut_rows(K, torch.Generator().manual_seed(K)).to(dtype)
+    if dtype != torch.float64:  # the set itself, against the definition (float32 division, as the kernels)
+        full = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) | kw
+        rows = ~near_top_p_boundary(x, full["temperature"], full["top_k"], full["top_p"], tol=2e-6) \
+            if full["top_p"] < 1 else torch.ones(len(x), dtype=torch.bool)
+        assert rows.sum() >= 3
+        assert torch.equal(kept_of(x, **kw)[rows], reference_keep(x, **full)[rows])
     s = pgest.sample(x, generator=torch.Generator().manual_seed(1), num_samples=4, **kw)
     # the trainer's: the chunk pass over the kept logits, bit for bit
     lp, ent = pgest.log_prob(x, s.actions, **kw)

@@ -809,15 +809,44 @@ inline RowFilters row_filters(const TruncationParams& p, int64_t i) {
                     p.min_p ? p.min_p[i * p.min_p_stride] : 0.0};
 }
 
-// The selected cut on a row whose statistics (max, total mass) are known.
-// *candidates: how many entries top-p gathered into sc.cz (every kept entry
-// among them), or -1 where it did not run; *placed: their columns are in
-// sc.pos (where they are expected few enough to be listed).
+// The entries a selection gathered into sc.cz: every kept entry, and above
+// every entry left out of them.
+struct Candidates {
+  int64_t n = -1;       // how many (-1: none gathered)
+  bool placed = false;  // their columns are in sc.pos (a set that may be listed)
+  bool massed = false;  // their masses exp(z - max) are in sc.ce
+};
+
+// The top-k candidates of a long row with a small k, in one sparse pass:
+// the entries at or above a bound that a strided sample of the row puts
+// below about 2 (k + 1) + 8 K / kBoundSample of them, with their columns;
+// how many, or -1 where the row holds k or fewer (the sample's bound was too
+// high: the caller selects over the row).
+template <class Row, class Acc>
+inline int64_t top_k_candidates(Row z, int64_t K, int64_t k, TruncationScratch<Acc>& sc) {
+  const Acc inf = Acc(INFINITY);
+  alignas(64) Acc zs[2 * kBoundSample];  // kth_of's room
+  const int64_t stride = K / kBoundSample;
+  int m = 0;
+  for (int j = 0; j < kBoundSample; ++j) {
+    zs[m] = load<Acc>(z[j * stride]);
+    m += zs[m] > -inf;
+  }
+  const int64_t r = std::min<int64_t>(m, 2 * (k + 1) * kBoundSample / K + 8);
+  if (r == 0) return -1;
+  const Acc bound = kth_of(zs, m, r);
+  Acc smallest, dropped;
+  const int64_t n = kept_entries<true>(z, K, bound, static_cast<const Acc*>(nullptr), nullptr, sc.cz,
+                                       static_cast<Acc*>(nullptr), sc.pos, &smallest, &dropped);
+  return n > k ? n : -1;
+}
+
+// The selected cut on a row whose statistics (max, total mass) are known,
+// and the candidates the selection gathered.
 template <class Row, class Acc>
 inline Acc select_cut(Row z, int64_t K, const TruncationParams& p, const RowFilters& rf, int64_t i, Acc max,
-                      double total, TruncationScratch<Acc>& sc, int64_t* candidates, bool* placed) {
-  *candidates = -1;
-  *placed = false;
+                      double total, TruncationScratch<Acc>& sc, Candidates& cands) {
+  cands = Candidates{};
   const Acc inf = Acc(INFINITY);
   if (p.given_threshold) {
     // the row's maximum is always kept: a replayed value above it (logits
@@ -827,8 +856,35 @@ inline Acc select_cut(Row z, int64_t K, const TruncationParams& p, const RowFilt
   const int64_t top_k = rf.top_k;
   const double top_p = rf.top_p, min_p = rf.min_p;
   Acc cut = -inf;
-  if (top_k > 0) cut = kth_largest(z, K, top_k, reinterpret_cast<Acc*>(sc.work));
-  if (top_p < 1.0) {
+  if (top_k > 0) {
+    const int64_t n = sc.pos && top_k * kListedKept <= K && K >= 8 * kBoundSample
+                          ? top_k_candidates(z, K, top_k, sc) : -1;
+    if (n > 0) {
+      Acc* v = reinterpret_cast<Acc*>(sc.work);
+      std::copy(sc.cz, sc.cz + n, v);
+      cut = kth_of(v, n, top_k);
+      cands.n = n;
+      cands.placed = true;
+    } else {
+      cut = kth_largest(z, K, top_k, reinterpret_cast<Acc*>(sc.work));
+    }
+  }
+  if (top_p < 1.0 && cands.placed) {
+    // top-p over the top-k distribution (transformers' order): its
+    // candidates are the top-k candidates at or above the top-k cut
+    Acc smallest, dropped;
+    const int64_t n = kept_entries<false>(static_cast<const Acc*>(sc.cz), cands.n, cut, static_cast<const Acc*>(nullptr),
+                                          sc.pos, sc.cz, static_cast<Acc*>(nullptr), sc.pos, &smallest, &dropped);
+    const double mass = masses(sc.cz, n, max, sc.ce);
+    cands.n = n;
+    cands.massed = true;
+    Acc t = max;
+    if (mass > 0.0) {
+      for (int64_t j = 0; j < n; ++j) sc.work[j] = Entry<Acc>{sc.cz[j], sc.ce[j]};
+      t = detail::select_by_mass(sc.work, n, top_p * mass, 0.0, max);
+    }
+    cut = std::max(cut, t);
+  } else if (top_p < 1.0) {
     // Without top-k, an entry whose mass is under (1 - p) * total / K cannot
     // be kept: the entries at or below it hold less than 1 - p together, so
     // the larger ones hold more than p. Half that bound, for the rounding of
@@ -845,15 +901,16 @@ inline Acc select_cut(Row z, int64_t K, const TruncationParams& p, const RowFilt
       if (row_wide > -inf) lo = sampled_bound(z, K, max, 0.5 * (1.0 - top_p) * total, row_wide, &share);
     }
     // columns only for a set that may be listed: the compressions are the gather's cost
-    *placed = sc.pos && (share * kListedKept <= 1.0 || K < 8 * kBoundSample);
-    int32_t* pos = *placed ? sc.pos : nullptr;
+    cands.placed = sc.pos && (share * kListedKept <= 1.0 || K < 8 * kBoundSample);
+    int32_t* pos = cands.placed ? sc.pos : nullptr;
     int64_t n = gather_at_least(z, K, std::max(lo, std::nextafter(-inf, inf)), sc.cz, pos);
     double mass = masses(sc.cz, n, max, sc.ce);
     if (lo > row_wide && row_wide > -inf && !(mass >= top_p * total * (1.0 + kBoundSlack))) {
       n = gather_at_least(z, K, row_wide, sc.cz, pos);
       mass = masses(sc.cz, n, max, sc.ce);
     }
-    *candidates = n;
+    cands.n = n;
+    cands.massed = true;
     // top-p over the top-k distribution when both are set (transformers' order)
     const double target = top_p * (cut > -inf ? mass : total);
     Acc t = max;
@@ -933,9 +990,8 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
       if (p.kept_logits) std::copy(z, z + K, static_cast<Acc*>(p.kept_logits) + i * K);
       return kOk;
     }
-    int64_t candidates = -1;
-    bool placed = false;
-    cut = trunc_detail::select_cut(row, K, p, rf, i, max, all.z, sc, &candidates, &placed);
+    trunc_detail::Candidates cands;
+    cut = trunc_detail::select_cut(row, K, p, rf, i, max, all.z, sc, cands);
     int64_t kept = 0;
     Acc smallest = inf, dropped = -inf;
     // The kept entries themselves, where few enough to cost less than a
@@ -943,12 +999,14 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
     // every kept entry and lie above every other, so where one of them is
     // left out their record is the row's; a small top-k set, gathered).
     bool listed = false;
-    if (placed) {
-      kept = trunc_detail::kept_entries<false>(static_cast<const Acc*>(sc.cz), candidates, cut, sc.ce, sc.pos, sc.cz,
-                                               sc.ce, sc.pos, &smallest, &dropped);
+    if (cands.placed) {
+      Acc* ce = cands.massed ? sc.ce : nullptr;
+      kept = trunc_detail::kept_entries<false>(static_cast<const Acc*>(sc.cz), cands.n, cut, static_cast<const Acc*>(ce),
+                                               sc.pos, sc.cz, ce, sc.pos, &smallest, &dropped);
+      if (!cands.massed) trunc_detail::masses(sc.cz, kept, max, sc.ce);
       listed = kept * trunc_detail::kListedKept <= K;
-    } else if (candidates >= 0) {
-      trunc_detail::kept_record(static_cast<const Acc*>(sc.cz), candidates, cut, &kept, &smallest, &dropped);
+    } else if (cands.n >= 0) {
+      trunc_detail::kept_record(static_cast<const Acc*>(sc.cz), cands.n, cut, &kept, &smallest, &dropped);
     } else if (small_top_k) {
       kept = trunc_detail::kept_entries<true>(row, K, cut, static_cast<const Acc*>(nullptr), nullptr, sc.cz,
                                         static_cast<Acc*>(nullptr), sc.pos, &smallest, &dropped);
@@ -958,7 +1016,7 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
       trunc_detail::kept_record(row, K, cut, &kept, &smallest, &dropped);
     }
     // every candidate kept: the largest entry left out is among the rest
-    if (candidates >= 0 && dropped == -inf) trunc_detail::kept_record(row, K, cut, &kept, &smallest, &dropped);
+    if (cands.n >= 0 && dropped == -inf) trunc_detail::kept_record(row, K, cut, &kept, &smallest, &dropped);
     if (kept == 0) return kAllNegInf;
     out.cut = cut;
     const KeptView<std::remove_cv_t<std::remove_pointer_t<decltype(row)>>, Acc> view{row, cut};
