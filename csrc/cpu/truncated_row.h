@@ -253,12 +253,11 @@ inline int64_t gather_between(const Acc* z, const Acc* e, int64_t K, Acc lo, Acc
   return n;
 }
 
-// The values of a row at or above v into out (how many: the return value),
-// and where pos is given their columns into it.
+// The values of a row at or above v into out (how many: the return value).
 // With AVX-512 a vector's hits go out compressed in one whole-vector store,
 // which ends before the entry being read, so K values of room suffice.
 template <class Row, class Acc>
-inline int64_t gather_at_least(Row z, int64_t K, Acc v, Acc* out, int32_t* pos = nullptr) {
+inline int64_t gather_at_least(Row z, int64_t K, Acc v, Acc* out) {
   using V = typename Vec<Acc>::type;
   constexpr int W = Vec<Acc>::width;
   const V vv = splat<V>(v);
@@ -272,20 +271,11 @@ inline int64_t gather_at_least(Row z, int64_t K, Acc v, Acc* out, int32_t* pos =
       // memory is microcoded on Zen 4), with or without hits: a branch on
       // them mispredicts at the hit rates the selections run at
       _mm512_storeu_ps(out + n, _mm512_maskz_compress_ps(m, reinterpret_cast<__m512>(zv)));
-      if (pos) {
-        const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(int32_t(k)),
-                                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-        _mm512_storeu_si512(pos + n, _mm512_maskz_compress_epi32(m, at));
-      }
       n += __builtin_popcount(m);
       continue;
     } else {
       const __mmask8 m = _mm512_cmp_pd_mask(reinterpret_cast<__m512d>(zv), reinterpret_cast<__m512d>(vv), _CMP_GE_OQ);
       _mm512_storeu_pd(out + n, _mm512_maskz_compress_pd(m, reinterpret_cast<__m512d>(zv)));
-      if (pos) {
-        const __m256i at = _mm256_add_epi32(_mm256_set1_epi32(int32_t(k)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pos + n), _mm256_maskz_compress_epi32(m, at));
-      }
       n += __builtin_popcount(m);
       continue;
     }
@@ -293,14 +283,12 @@ inline int64_t gather_at_least(Row z, int64_t K, Acc v, Acc* out, int32_t* pos =
     if (!any_lane(zv >= vv)) continue;
     for (int l = 0; l < W; ++l) {
       out[n] = zv[l];
-      if (pos) pos[n] = int32_t(k + l);
       n += zv[l] >= v;
     }
 #endif
   }
   for (; k < K; ++k) {
     out[n] = load<Acc>(z[k]);
-    if (pos) pos[n] = int32_t(k);
     n += out[n] >= v;
   }
   return n;
@@ -703,7 +691,10 @@ inline Acc sampled_bound(Row z, int64_t K, Acc max, double below, Acc floor, dou
     for (int j = 0; j < kBoundSample; j += W) sum += select(loadv(zs + j) < vv, loadv(es + j), V{});
     return lane_sum(sum, W);
   };
-  Acc lo = floor, hi = max;  // mass_below(lo) within the budget, mass_below(hi) over it (or hi = max)
+  // mass_below(lo) within the budget, mass_below(hi) over it or hi the
+  // sample's largest value: above that the sample knows nothing (a peaked
+  // row's few large entries are rarely in it)
+  Acc lo = floor, hi = *std::max_element(zs, zs + kBoundSample);
   for (int step = 0; step < 24 && lo < hi; ++step) {
     const Acc mid = lo + (hi - lo) / 2;
     if (mid <= lo || mid >= hi) break;
@@ -902,11 +893,17 @@ inline Acc select_cut(Row z, int64_t K, const TruncationParams& p, const RowFilt
     }
     // columns only for a set that may be listed: the compressions are the gather's cost
     cands.placed = sc.pos && (share * kListedKept <= 1.0 || K < 8 * kBoundSample);
-    int32_t* pos = cands.placed ? sc.pos : nullptr;
-    int64_t n = gather_at_least(z, K, std::max(lo, std::nextafter(-inf, inf)), sc.cz, pos);
+    // (a sparse gather skips the vectors without one)
+    auto gather = [&](Acc bound) {
+      if (!cands.placed) return gather_at_least(z, K, bound, sc.cz);
+      Acc smallest, dropped;
+      return kept_entries<true>(z, K, bound, static_cast<const Acc*>(nullptr), nullptr, sc.cz,
+                                static_cast<Acc*>(nullptr), sc.pos, &smallest, &dropped);
+    };
+    int64_t n = gather(std::max(lo, std::nextafter(-inf, inf)));
     double mass = masses(sc.cz, n, max, sc.ce);
     if (lo > row_wide && row_wide > -inf && !(mass >= top_p * total * (1.0 + kBoundSlack))) {
-      n = gather_at_least(z, K, row_wide, sc.cz, pos);
+      n = gather(row_wide);
       mass = masses(sc.cz, n, max, sc.ce);
     }
     cands.n = n;
