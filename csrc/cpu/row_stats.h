@@ -212,7 +212,8 @@ inline RowStats<Acc> row_stats(Row x, int64_t cols, Acc* weights, Acc* chunk_max
       }
     }
     if (cols - k >= kChunk) {
-      if (!shortcut(c, r.max, st)) st = chunk_stats<kWithEntropy, kStore>(x + k, kChunk, r.max, kStore ? store + k : nullptr);
+      if (!shortcut(c, r.max, st))
+        st = chunk_stats<kWithEntropy, kStore>(x + k, kChunk, r.max, kStore ? store + k : nullptr);
     } else {
       const int n = int(cols - k);
       const int len = (n + kLanes - 1) / kLanes * kLanes;

@@ -1,13 +1,19 @@
 // The kept set of one row on the CPU (definitions in truncation.h), and the
-// row's statistics over it for the sampler. The row is never rewritten
-// masked: the kept set is a cut, and the passes after the selection read the
-// row through KeptView, which forms -inf outside the set on load. For the
-// vocabulary sizes of language models the row then stays in L2 after its
-// first read, which is the one from memory. No pass sorts the row: top-k
-// keeps the entries above a running bound in a buffer it cuts to the k
-// largest as it fills; top-p selects among the entries that can be kept at
-// all (a bound from the row's total mass), narrowing large candidate sets by
-// vector passes over them first.
+// row's statistics over it for the sampler. The row is read from memory
+// once, by the whole row's chunk pass (its max and mass); the passes after
+// it find the row in L2. The row is never rewritten masked: the kept set is
+// a cut, read through KeptView, which forms -inf outside the set on load.
+// No pass sorts the row. Top-k on a long row gathers the entries above a
+// bound a strided sample sets (a few times k of them) and selects the k-th
+// among those; elsewhere it keeps the entries above a running bound in a
+// buffer it cuts to the k largest as it fills. Top-p selects among the
+// entries that can be kept at all (a bound from a sample of the row, checked,
+// or from the row's total mass), narrowing large candidate sets by vector
+// passes over them first. The kept set's statistics must be the chunk pass
+// over the masked row bit for bit (the trainer takes them so from the kept
+// logits); a small set's are summed from its list of entries, a wide set's
+// from the exponentials the whole row's pass stored, so neither repeats the
+// row's exponentials.
 #pragma once
 
 #include <pgest/sampler.h>
@@ -142,6 +148,7 @@ struct KeptRow {
 namespace trunc_detail {
 
 constexpr int kSample = 256;           // entries in top-p's strided sample of its candidates
+constexpr int64_t kLargeCandidates = 16384;  // at least: the whole sample (else half)
 constexpr int64_t kDirect = 1024;      // top-p candidates few enough to select among at once
 constexpr double kNearOne = 1e-4;      // top-p this close to 1 takes every finite entry as a candidate
 constexpr int64_t kRankBuffer = 2048;  // top-k's buffer of candidates, at least
@@ -614,7 +621,7 @@ inline int64_t kept_entries(Row z, int64_t K, Acc cut, const Acc* e, const int32
 // entries in column order, and each chunk's reference (sums_at_running_max)
 // and rebase are the full pass's. Chunks after the row's max sum at it,
 // where e is the full pass's exponential; the others take theirs again.
-// `scratch` holds kChunk + W values.
+// `scratch` holds kChunk values.
 template <class Acc>
 inline RowStats<Acc> kept_row_stats(const Acc* z, const Acc* e, const int32_t* pos, int64_t n, int64_t cols, Acc max,
                                     Acc* weights, Acc* chunk_max, Acc* scratch) {
@@ -695,7 +702,7 @@ inline Acc sampled_bound(Row z, int64_t K, Acc max, double below, Acc floor, dou
   // sample's largest value: above that the sample knows nothing (a peaked
   // row's few large entries are rarely in it)
   Acc lo = floor, hi = *std::max_element(zs, zs + kBoundSample);
-  for (int step = 0; step < 24 && lo < hi; ++step) {
+  for (int step = 0; step < 12 && lo < hi; ++step) {  // to 1/4096 of the range: an estimate anyway
     const Acc mid = lo + (hi - lo) / 2;
     if (mid <= lo || mid >= hi) break;
     (mass_below(mid) <= budget ? lo : hi) = mid;
@@ -714,9 +721,11 @@ inline Acc top_p_threshold(const Acc* z, const Acc* e, int64_t K, Acc max, doubl
                            Entry<Acc>* work) {
   const Acc inf = Acc(INFINITY);
   std::pair<Acc, Acc> s[kSample + 1];
-  const int64_t stride = std::max<int64_t>(1, K / kSample);
+  // half the sample for fewer candidates: its sort is a fifth of the search there
+  const int size = K < kLargeCandidates ? kSample / 2 : kSample;
+  const int64_t stride = std::max<int64_t>(1, K / size);
   int n = 0;
-  for (int64_t j = 0; j < K && n <= kSample; j += stride)
+  for (int64_t j = 0; j < K && n <= size; j += stride)
     if (z[j] > -inf) s[n++] = {z[j], e[j]};
   static_assert(kSample + 1 <= 1024, "sort_descending's room");
   sort_descending(s, n);
@@ -735,7 +744,7 @@ inline Acc top_p_threshold(const Acc* z, const Acc* e, int64_t K, Acc max, doubl
       // the last probes all fell on one side: the interpolation is off (the
       // sample misses where the mass is), so split the bracket evenly
       for (int q = 0; q < kBounds; ++q) want[q] = a + int(int64_t(b - a) * (q + 1) / (kBounds + 1));
-    } else if (pass == 0 && n == kSample + 1) {
+    } else if (pass == 0 && n == size + 1) {
       // First, from below: the mass under the boundary, total - target, is
       // spread over many entries of similar mass, which the sample scaled
       // by K / n estimates well (the mass above it, a sum over a few large
