@@ -67,8 +67,19 @@ def _param(value, name: str, lead: torch.Size, default, dtype: torch.dtype, low:
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
     elif dtype == torch.int64 and not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {value!r}")
-    else:
-        t = torch.tensor([value], dtype=dtype)
+    else:  # a number is checked as one (no tensor to branch on under torch.compile)
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+        if not low <= value <= high:
+            raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+        return torch.tensor([value], dtype=dtype)
+    if traced():
+        # the values are data: asserted where the graph runs (RuntimeError, the same message)
+        ok = (t >= low) & (t <= high)
+        if dtype == torch.float64:
+            ok &= torch.isfinite(t)
+        torch._assert_async(ok.all(), f"{name} must be finite and in [{low}, {high}]")
+        return t
     if dtype == torch.float64 and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite, got {t[~torch.isfinite(t)][0].item()}")
     if bool((t < low).any()) or bool((t > high).any()):
@@ -202,16 +213,24 @@ def kept_logits(x: Tensor, f: Filters, *, threshold: Optional[Tensor] = None, ke
         rec = truncation_rows(x.detach(), *f)
         record = _record(*rec, shape)
         threshold = rec[0].to(dev)
+    # Where the parameters are data of a traced graph, both branches below
+    # are taken (x / 1 is x's bits; the greedy rows are selected by value);
+    # in eager mode they are read off the parameters, on the CPU: no sync
+    tempered = traced() or bool((f.temperature != 1).any())
+    any_greedy = traced() or bool(greedy.any())
     t = f.temperature.to(dev, acc)
-    z = x.to(acc) / torch.where(t == 0, torch.ones_like(t), t)[:, None] if (t != 1).any() else x.to(acc)
+    z = x.to(acc) / torch.where(t == 0, torch.ones_like(t), t)[:, None] if tempered else x.to(acc)
     if kept_tokens is not None:
         z = z.masked_fill(~_kept_token_mask(kept_tokens, R, K, dev), float("-inf"))
     else:  # the row's maximum is always kept, whatever the replayed threshold
         z = z.masked_fill(z < torch.minimum(threshold, z.detach().amax(-1))[:, None], float("-inf"))
-    if bool(greedy.any()):
+    if any_greedy:
         only = torch.full((R, K), float("-inf"), dtype=acc, device=dev)
         only.scatter_(1, x.detach().to(acc).argmax(-1).view(R, 1), 0.0)
         z = torch.where(greedy.to(dev).expand(R)[:, None], only, z)
+    if torch.compiler.is_compiling() and x.requires_grad and torch.is_grad_enabled():
+        # the eager route's gradient, bit for bit (grad * (1 / T), not grad / T)
+        z = _KeptLogits.apply(x, z.detach(), inverse_temperature(f, R, acc, dev))
     return z, record
 
 
@@ -223,6 +242,10 @@ def check_kept(z: Tensor, actions: Tensor, ignore_index: Optional[int], lead) ->
     valid &= (a >= 0) & (a < K)  # out-of-range ids are the kernel's to report
     at = z.detach().gather(1, torch.where(valid, a, torch.zeros_like(a)))
     bad = valid & (at == float("-inf"))
+    if traced():  # data of a traced graph: asserted where it runs (RuntimeError)
+        torch._assert_async(bad.any().logical_not(), "an action is outside the kept set of its row (truncated by "
+                            "temperature / top_k / top_p / min_p, or not among the kept tokens): it has no probability")
+        return
     if bool(bad.any()):
         row, col = bad.nonzero()[0].tolist()
         from ._status import row_index

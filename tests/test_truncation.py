@@ -619,10 +619,7 @@ def test_categorical_with_truncation_is_the_truncated_distribution():
 
 
 def test_under_torch_compile_the_sampler_and_trainer_still_agree():
-    # the traced route (registered pgest::truncation, kept logits by torch ops), with graph
-    # breaks at the parameter checks: not fullgraph, but the same numbers
-    import warnings
-
+    # the traced route (registered pgest::truncation, kept logits by torch ops), one graph
     x = torch.randn(8, 100, generator=torch.Generator().manual_seed(40))
 
     def step(x):
@@ -630,13 +627,42 @@ def test_under_torch_compile_the_sampler_and_trainer_still_agree():
         lp, ent = pgest.log_prob(x, s.actions, top_p=0.9, temperature=0.7)
         return s, lp, ent
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(0)
-        s, lp, ent = torch.compile(step)(x)
+    torch.manual_seed(0)
+    s, lp, ent = torch.compile(step, fullgraph=True)(x)
     assert torch.equal(lp, s.log_prob) and torch.equal(ent, s.entropy)
     keep = reference_keep(x, temperature=0.7, top_p=0.9)
     assert keep.gather(1, s.actions[:, None]).all()
+
+
+def test_truncated_scoring_compiles_to_one_graph_with_eagers_bits():
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(41)
+    x0 = torch.randn(6, 50, generator=g, dtype=torch.float64) * 2
+    a = x0.argmax(-1)
+    T = torch.tensor([0.0, 0.7, 1.0, 1.3, 0.0, 0.5], dtype=torch.float64)  # greedy rows among them
+    top_p = torch.full((6,), 0.9)
+
+    def loss(x):
+        lp, ent = pgest.log_prob(x, a, temperature=T, top_k=40, top_p=top_p, min_p=0.01)
+        ent2 = pgest.entropy(x, temperature=0.5, top_k=10)
+        return lp, ent, ent2, (1.5 * lp).sum() + 0.1 * ent.sum() + ent2.sum()
+
+    xe, xc = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    eager = loss(xe)
+    eager[3].backward()
+    compiled = torch.compile(loss, fullgraph=True)(xc)
+    compiled[3].backward()
+    for e, c in zip(eager[:3], compiled[:3]):  # (the loss's sums are inductor's to order)
+        assert torch.equal(e, c)
+    assert torch.equal(xe.grad, xc.grad)  # the eager route's gradient: grad * (1 / T)
+    # bad data inside the graph: asserted where it runs, with the eager message
+    outside = x0.argmin(-1)
+    with pytest.raises(RuntimeError, match="outside the kept set"):
+        torch.compile(lambda x: pgest.log_prob(x, outside, top_k=5), fullgraph=True)(x0)
+    with pytest.raises(RuntimeError, match="top_p must be finite and in"):
+        torch.compile(lambda x, p: pgest.entropy(x, top_p=p), fullgraph=True)(x0, torch.full((6,), 1.5))
+    with pytest.raises(ValueError, match="temperature must be in"):  # a number: checked while tracing
+        torch.compile(lambda x: pgest.entropy(x, temperature=-1.0))(x0)
 
 
 def test_truncated_head_inside_a_compiled_step_matches_eager():
