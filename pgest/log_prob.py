@@ -108,8 +108,10 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
         if truncated:
             f = filters(lead, temperature, top_k, top_p, min_p) or filters(lead, 1.0)
             x, _ = kept_logits(x, f, threshold=threshold, kept_tokens=kept_tokens)
-            check_kept(x, a, ii, lead)
+            ok = check_kept(x, a, ii, lead)
         lp, ent = rows_pair(x, a, ii, (actions.shape, lead))
+        if truncated and ok is not None:  # traced: the check's one, so the check stays in the graph
+            lp = lp * ok.to(lp.dtype)
     except (ValueError, IndexError) as e:
         raise type(e)(_status.unflatten_message(str(e), lead)) from None
     return LogProb(lp, ent)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ._checks import check_logits, check_tensor, stats_dtype
 from .ops.log_prob import rows_of, traced
-from .ops.truncation import truncation_native, truncation_rows
+from .ops.truncation import check_filters_op, check_kept_op, raise_outside_kept, truncation_native, truncation_rows
 
 
 class Truncation(NamedTuple):
@@ -73,12 +73,7 @@ def _param(value, name: str, lead: torch.Size, default, dtype: torch.dtype, low:
         if not low <= value <= high:
             raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
         return torch.tensor([value], dtype=dtype)
-    if traced():
-        # the values are data: asserted where the graph runs (RuntimeError, the same message)
-        ok = (t >= low) & (t <= high)
-        if dtype == torch.float64:
-            ok &= torch.isfinite(t)
-        torch._assert_async(ok.all(), f"{name} must be finite and in [{low}, {high}]")
+    if traced():  # data of the graph: checked where it runs (pgest::truncation, pgest::check_filters)
         return t
     if dtype == torch.float64 and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite, got {t[~torch.isfinite(t)][0].item()}")
@@ -213,6 +208,8 @@ def kept_logits(x: Tensor, f: Filters, *, threshold: Optional[Tensor] = None, ke
         rec = truncation_rows(x.detach(), *f)
         record = _record(*rec, shape)
         threshold = rec[0].to(dev)
+    elif traced():  # no pgest::truncation call checks the parameters: this one does, where the graph runs
+        f = f._replace(temperature=f.temperature * check_filters_op(*f))
     # Where the parameters are data of a traced graph, both branches below
     # are taken (x / 1 is x's bits; the greedy rows are selected by value);
     # in eager mode they are read off the parameters, on the CPU: no sync
@@ -234,26 +231,14 @@ def kept_logits(x: Tensor, f: Filters, *, threshold: Optional[Tensor] = None, ke
     return z, record
 
 
-def check_kept(z: Tensor, actions: Tensor, ignore_index: Optional[int], lead) -> None:
-    """An action outside the kept set has no probability: an error naming the row."""
-    R, K = z.shape
-    a = actions.reshape(R, -1)
-    valid = a != ignore_index if ignore_index is not None else torch.ones_like(a, dtype=torch.bool)
-    valid &= (a >= 0) & (a < K)  # out-of-range ids are the kernel's to report
-    at = z.detach().gather(1, torch.where(valid, a, torch.zeros_like(a)))
-    bad = valid & (at == float("-inf"))
-    if traced():  # data of a traced graph: asserted where it runs (RuntimeError)
-        torch._assert_async(bad.any().logical_not(), "an action is outside the kept set of its row (truncated by "
-                            "temperature / top_k / top_p / min_p, or not among the kept tokens): it has no probability")
-        return
-    if bool(bad.any()):
-        row, col = bad.nonzero()[0].tolist()
-        from ._status import row_index
-
-        where = row_index(row, lead) if lead is not None else str(row)
-        which = f"{where}, {col}" if a.shape[1] > 1 else where
-        raise ValueError(f"actions[{which}] = {int(a[row, col])} is outside the kept set of its row (truncated by "
-                         f"temperature / top_k / top_p / min_p, or not among the kept tokens): it has no probability")
+def check_kept(z: Tensor, actions: Tensor, ignore_index: Optional[int], lead) -> Optional[Tensor]:
+    """An action outside the kept set has no probability: an error naming the
+    row. Traced, the check is a registered op that runs with the graph: it
+    returns a one to multiply into the log-probabilities (else None)."""
+    if traced():
+        return check_kept_op(z.detach(), actions.reshape(z.shape[0], -1), ignore_index)
+    raise_outside_kept(z, actions, ignore_index, lead)
+    return None
 
 
 def truncation(logits: Tensor, *, temperature=None, top_k=None, top_p=None, min_p=None) -> Truncation:

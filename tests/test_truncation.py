@@ -11,7 +11,7 @@ from helpers import FLOAT_DTYPES
 from scipy import stats
 
 import pgest
-from pgest.ops.truncation import truncation_in_torch_ops, truncation_op
+from pgest.ops.truncation import check_filters_op, check_kept_op, truncation_in_torch_ops, truncation_op
 
 MINUS_INF = float("-inf")
 
@@ -404,6 +404,22 @@ def test_registered_op_opcheck():
         truncation_op(x, args[0], args[1], torch.tensor([1.5], dtype=torch.float64), args[3])
     with pytest.raises(ValueError, match="top_k must be >= 0"):
         truncation_op(x, args[0], torch.tensor([-1]), args[2], args[3])
+    # the checks a traced call runs with its graph
+    torch.library.opcheck(check_filters_op, args)
+    with pytest.raises(ValueError, match="temperature must be finite and in"):
+        check_filters_op(torch.tensor([-0.5], dtype=torch.float64), *args[1:])
+    with pytest.raises(ValueError, match="top_p must be a"):
+        check_filters_op(args[0], args[1], torch.full((5, 1), 0.9, dtype=torch.float64), args[3])
+    z = torch.where(x > 0, x, float("-inf"))
+    inside = (z > float("-inf")).int().argmax(-1, keepdim=True)
+    torch.library.opcheck(check_kept_op, (z, inside, None))
+    assert check_kept_op(z, torch.full((5, 1), -100), -100) == 1  # padding is not checked
+    with pytest.raises(ValueError, match=r"actions\[\d, 1\] = \d+ is outside the kept set"):
+        check_kept_op(z, torch.cat([inside, (z == float("-inf")).int().argmax(-1, keepdim=True)], 1), None)
+    with pytest.raises(ValueError, match="actions must be 2-D"):
+        check_kept_op(z, inside[:3], None)
+    with pytest.raises(TypeError, match="logits must be float32"):
+        check_kept_op(z.int(), inside, None)
 
 
 @pytest.mark.parametrize("kw,exc,match", [
@@ -655,12 +671,15 @@ def test_truncated_scoring_compiles_to_one_graph_with_eagers_bits():
     for e, c in zip(eager[:3], compiled[:3]):  # (the loss's sums are inductor's to order)
         assert torch.equal(e, c)
     assert torch.equal(xe.grad, xc.grad)  # the eager route's gradient: grad * (1 / T)
-    # bad data inside the graph: asserted where it runs, with the eager message
+    # bad data inside the graph: checked by registered ops where it runs, with eager's exceptions
     outside = x0.argmin(-1)
-    with pytest.raises(RuntimeError, match="outside the kept set"):
+    with pytest.raises(ValueError, match=r"actions\[0\] = \d+ is outside the kept set"):
         torch.compile(lambda x: pgest.log_prob(x, outside, top_k=5), fullgraph=True)(x0)
-    with pytest.raises(RuntimeError, match="top_p must be finite and in"):
+    with pytest.raises(ValueError, match="top_p must be finite and in"):
         torch.compile(lambda x, p: pgest.entropy(x, top_p=p), fullgraph=True)(x0, torch.full((6,), 1.5))
+    with pytest.raises(ValueError, match="temperature must be finite and in"):  # a replay: no selection op
+        torch.compile(lambda x, t: pgest.log_prob(x, a, temperature=t, threshold=x.amax(-1)),
+                      fullgraph=True)(x0, torch.full((6,), -0.5, dtype=torch.float64))
     with pytest.raises(ValueError, match="temperature must be in"):  # a number: checked while tracing
         torch.compile(lambda x: pgest.entropy(x, temperature=-1.0))(x0)
 

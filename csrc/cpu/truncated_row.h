@@ -559,9 +559,8 @@ inline int64_t kept_entries(Row z, int64_t K, Acc cut, const Acc* e, const int32
     if constexpr (sizeof(Acc) == 4) {
       const __mmask16 m = _mm512_cmp_ps_mask(reinterpret_cast<__m512>(zv), reinterpret_cast<__m512>(vc), _CMP_GE_OQ);
       if (kSparse && !m) continue;
-      const __m512i at = pos ? _mm512_loadu_si512(pos + k)
-                             : _mm512_add_epi32(_mm512_set1_epi32(int32_t(k)),
-                                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+      const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      const __m512i at = pos ? _mm512_loadu_si512(pos + k) : _mm512_add_epi32(_mm512_set1_epi32(int32_t(k)), iota);
       const __m512 ev = e ? _mm512_loadu_ps(e + k) : _mm512_setzero_ps();
       _mm512_storeu_ps(out_z + n, _mm512_maskz_compress_ps(m, reinterpret_cast<__m512>(zv)));
       _mm512_storeu_si512(out_pos + n, _mm512_maskz_compress_epi32(m, at));
@@ -571,8 +570,9 @@ inline int64_t kept_entries(Row z, int64_t K, Acc cut, const Acc* e, const int32
     } else {
       const __mmask8 m = _mm512_cmp_pd_mask(reinterpret_cast<__m512d>(zv), reinterpret_cast<__m512d>(vc), _CMP_GE_OQ);
       if (kSparse && !m) continue;
+      const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
       const __m256i at = pos ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pos + k))
-                             : _mm256_add_epi32(_mm256_set1_epi32(int32_t(k)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+                             : _mm256_add_epi32(_mm256_set1_epi32(int32_t(k)), iota);
       const __m512d ev = e ? _mm512_loadu_pd(e + k) : _mm512_setzero_pd();
       _mm512_storeu_pd(out_z + n, _mm512_maskz_compress_pd(m, reinterpret_cast<__m512d>(zv)));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_pos + n), _mm256_maskz_compress_epi32(m, at));
@@ -873,8 +873,9 @@ inline Acc select_cut(Row z, int64_t K, const TruncationParams& p, const RowFilt
     // top-p over the top-k distribution (transformers' order): its
     // candidates are the top-k candidates at or above the top-k cut
     Acc smallest, dropped;
-    const int64_t n = kept_entries<false>(static_cast<const Acc*>(sc.cz), cands.n, cut, static_cast<const Acc*>(nullptr),
-                                          sc.pos, sc.cz, static_cast<Acc*>(nullptr), sc.pos, &smallest, &dropped);
+    const Acc* none = nullptr;
+    const int64_t n = kept_entries<false>(static_cast<const Acc*>(sc.cz), cands.n, cut, none, sc.pos, sc.cz,
+                                          static_cast<Acc*>(nullptr), sc.pos, &smallest, &dropped);
     const double mass = masses(sc.cz, n, max, sc.ce);
     cands.n = n;
     cands.massed = true;
@@ -1007,8 +1008,9 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
     bool listed = false;
     if (cands.placed) {
       Acc* ce = cands.massed ? sc.ce : nullptr;
-      kept = trunc_detail::kept_entries<false>(static_cast<const Acc*>(sc.cz), cands.n, cut, static_cast<const Acc*>(ce),
-                                               sc.pos, sc.cz, ce, sc.pos, &smallest, &dropped);
+      const Acc* cz = sc.cz;
+      kept = trunc_detail::kept_entries<false>(cz, cands.n, cut, static_cast<const Acc*>(ce), sc.pos, sc.cz, ce, sc.pos,
+                                               &smallest, &dropped);
       if (!cands.massed) trunc_detail::masses(sc.cz, kept, max, sc.ce);
       listed = kept * trunc_detail::kListedKept <= K;
     } else if (cands.n >= 0) {
@@ -1034,8 +1036,8 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
       // takes them (the trainer's, from the kept logits), bit for bit: from
       // the listed kept entries, or from the whole row's exponentials.
       using Row = std::remove_cv_t<std::remove_pointer_t<decltype(row)>>;
-      out.stats = listed   ? trunc_detail::kept_row_stats(static_cast<const Acc*>(sc.cz), static_cast<const Acc*>(sc.ce),
-                                                          sc.pos, kept, K, max, rs.weights, rs.chunk_max, rs.e)
+      const Acc *cz = sc.cz, *ce = sc.ce;
+      out.stats = listed   ? trunc_detail::kept_row_stats(cz, ce, sc.pos, kept, K, max, rs.weights, rs.chunk_max, rs.e)
                   : stored ? row_stats<true>(view, K, rs.weights, rs.chunk_max, rs.e, static_cast<Acc*>(nullptr),
                                              StoredChunks<const Row*, Acc>{row, cut, sc.e, sc.chunk_max})
                            : row_stats<true>(view, K, rs.weights, rs.chunk_max, rs.e);

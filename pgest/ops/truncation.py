@@ -141,25 +141,80 @@ def truncation_in_torch_ops(x: Tensor, temperature: Tensor, top_k: Tensor, top_p
     return threshold, kept, kept_mass, cut
 
 
-@torch.library.custom_op("pgest::truncation", mutates_args=())
-def truncation_op(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
-                  min_p: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(R, K) logits, per-row (R,) or one-element parameters (temperature,
-    top_p, min_p float64; top_k int64) -> threshold, kept, kept_mass, cut."""
-    check_rows(logits, None)
-    R = logits.shape[0]
+def check_values(temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, rows: Optional[int]) -> None:
+    """The parameters as the registered ops take them ((rows,) or (1,);
+    float64, int64 for top_k) and their values, as pgest.truncation checks
+    them (a negative temperature would reverse the row's order)."""
     for t, name, dtype in ((temperature, "temperature", torch.float64), (top_k, "top_k", torch.int64),
                            (top_p, "top_p", torch.float64), (min_p, "min_p", torch.float64)):
         _checks.check_tensor(t, name)
-        if t.dtype != dtype or t.dim() != 1 or t.numel() not in (1, R):
+        if t.dtype != dtype or t.dim() != 1 or (rows is not None and t.numel() not in (1, rows)):
             raise ValueError(f"{name} must be a (rows,) or (1,) {dtype} tensor, got {tuple(t.shape)} {t.dtype}")
-    # the values, as pgest.truncation checks them (a negative temperature would reverse the row's order)
     for t, name, high in ((temperature, "temperature", math.inf), (top_p, "top_p", 1.0), (min_p, "min_p", 1.0)):
         ok = (t >= 0) & (t <= high) & torch.isfinite(t)
         if t.numel() and not bool(ok.all()):
             raise ValueError(f"{name} must be finite and in [0, {high}], got {t[~ok][:1].tolist()}")
     if top_k.numel() and bool((top_k < 0).any()):
         raise ValueError(f"top_k must be >= 0, got {int(top_k.min())}")
+
+
+def raise_outside_kept(z: Tensor, actions: Tensor, ignore_index: Optional[int], lead) -> None:
+    """ValueError naming the first action outside its row's kept set (-inf in
+    z, the (R, K) kept logits), with the row in ``lead``'s shape where given."""
+    R, K = z.shape
+    a = actions.reshape(R, -1)
+    valid = a != ignore_index if ignore_index is not None else torch.ones_like(a, dtype=torch.bool)
+    valid &= (a >= 0) & (a < K)  # out-of-range ids are the kernel's to report
+    at = z.detach().gather(1, torch.where(valid, a, torch.zeros_like(a)))
+    bad = valid & (at == float("-inf"))
+    if bool(bad.any()):
+        row, col = bad.nonzero()[0].tolist()
+        where = _status.row_index(row, lead) if lead is not None else str(row)
+        which = f"{where}, {col}" if a.shape[1] > 1 else where
+        raise ValueError(f"actions[{which}] = {int(a[row, col])} is outside the kept set of its row (truncated by "
+                         f"temperature / top_k / top_p / min_p, or not among the kept tokens): it has no probability")
+
+
+# Checks of a traced truncated call whose data the graph holds: run where the
+# graph runs, they raise the eager call's exceptions. Each returns a one for
+# the caller to multiply into a result (x * 1 is x's bits), so the check is
+# part of the graph's data flow and never dropped from it.
+
+@torch.library.custom_op("pgest::check_filters", mutates_args=())
+def check_filters_op(temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
+    """pgest.truncation's parameter checks, where no pgest::truncation call
+    makes them (a replayed threshold); a float64 one."""
+    check_values(temperature, top_k, top_p, min_p, None)
+    return torch.ones((), dtype=torch.float64, device=temperature.device)
+
+
+@check_filters_op.register_fake
+def _(temperature, top_k, top_p, min_p):
+    return temperature.new_empty((), dtype=torch.float64)
+
+
+@torch.library.custom_op("pgest::check_kept", mutates_args=())
+def check_kept_op(logits: Tensor, actions: Tensor, ignore_index: Optional[int]) -> Tensor:
+    """(R, K) kept logits (tempered, -inf outside the kept set) and (R, S)
+    actions: ValueError where an action is outside its row's kept set; a one
+    of the logits' dtype."""
+    check_rows(logits, actions)
+    raise_outside_kept(logits, actions, ignore_index, None)
+    return torch.ones((), dtype=logits.dtype, device=logits.device)
+
+
+@check_kept_op.register_fake
+def _(logits, actions, ignore_index):
+    return logits.new_empty(())
+
+
+@torch.library.custom_op("pgest::truncation", mutates_args=())
+def truncation_op(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+                  min_p: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(R, K) logits, per-row (R,) or one-element parameters (temperature,
+    top_p, min_p float64; top_k int64) -> threshold, kept, kept_mass, cut."""
+    check_rows(logits, None)
+    check_values(temperature, top_k, top_p, min_p, logits.shape[0])
     if logits.device.type == "cpu":
         return truncation_native(logits, *(t.cpu() for t in (temperature, top_k, top_p, min_p)))[:4]
     return truncation_in_torch_ops(logits, temperature, top_k, top_p, min_p)
