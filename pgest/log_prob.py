@@ -107,7 +107,7 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
         x = rows_of(logits)
         if truncated:
             f = filters(lead, temperature, top_k, top_p, min_p) or filters(lead, 1.0)
-            x, _ = kept_logits(x, f, threshold=threshold, kept_tokens=kept_tokens)
+            x, _ = kept_logits(x, f, threshold=threshold, kept_tokens=kept_tokens, with_mass=False)
             ok = check_kept(x, a, ii, lead)
         lp, ent = rows_pair(x, a, ii, (actions.shape, lead))
         if truncated and ok is not None:  # traced: the check's one, so the check stays in the graph
@@ -140,7 +140,7 @@ def entropy(logits: Tensor, *, temperature=None, top_k=None, top_p=None, min_p=N
         x = rows_of(logits)
         if truncated:
             f = filters(lead, temperature, top_k, top_p, min_p) or filters(lead, 1.0)
-            x, _ = kept_logits(x, f, threshold=threshold, kept_tokens=kept_tokens)
+            x, _ = kept_logits(x, f, threshold=threshold, kept_tokens=kept_tokens, with_mass=False)
         _, ent = rows_pair(x, None, None, ((lead.numel(), 0), lead))
     except (ValueError, IndexError) as e:
         raise type(e)(_status.unflatten_message(str(e), lead)) from None

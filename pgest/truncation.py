@@ -177,15 +177,18 @@ def replayed_threshold(threshold, rows: int, dtype: torch.dtype, device, what: s
 
 
 def _record(threshold, kept, kept_mass, cut, shape) -> Truncation:
-    return Truncation(threshold.view(shape), kept.view(shape), kept_mass.view(shape), cut.view(shape))
+    return Truncation(threshold.view(shape), kept.view(shape), None if kept_mass is None else kept_mass.view(shape),
+                      cut.view(shape))
 
 
 def kept_logits(x: Tensor, f: Filters, *, threshold: Optional[Tensor] = None, kept_tokens=None,
-                lead: Optional[torch.Size] = None) -> Tuple[Tensor, Optional[Truncation]]:
+                lead: Optional[torch.Size] = None, with_mass: bool = True) -> Tuple[Tensor, Optional[Truncation]]:
     """(R, K) logits -> (R, K) tempered logits with -inf outside the kept set,
     in the accumulation type and differentiable with respect to ``x`` (the set
     is a constant of the step), and the truncation record when the set was
-    computed here (None when replayed)."""
+    computed here (None when replayed). ``with_mass=False``: the record's
+    kept_mass is None, which spares the CPU kernel the kept set's statistics
+    (a trainer's call, which needs only the kept logits)."""
     R, K = x.shape
     acc = stats_dtype(x.dtype)
     dev = x.device
@@ -197,7 +200,7 @@ def kept_logits(x: Tensor, f: Filters, *, threshold: Optional[Tensor] = None, ke
         threshold = replayed_threshold(threshold, R, acc, dev)
     if dev.type == "cpu" and kept_tokens is None and not traced():
         # one native pass: the set, its record and z
-        *rec, z = truncation_native(x.detach(), *f, with_logits=True,
+        *rec, z = truncation_native(x.detach(), *f, with_logits=True, with_mass=with_mass and threshold is None,
                                     given_threshold=None if threshold is None else threshold.contiguous())
         record = None if threshold is not None else _record(*rec, shape)
         if x.requires_grad and torch.is_grad_enabled():

@@ -938,11 +938,14 @@ inline Acc select_cut(Row z, int64_t K, const TruncationParams& p, const RowFilt
 // Row i of x (K entries, element stride cs): its kept set under p, the
 // record p asks for (threshold, kept, kept mass, cut, kept logits), and in
 // `out` what the sampler draws from. rs is the sampler's row scratch: on
-// return it holds the kept set's chunk weights. kNonFiniteInput with a
-// finite err.value: x / T overflowed.
+// return it holds the kept set's chunk weights. need_stats false (no draw,
+// no kept mass asked for: the trainer's kept logits): out.stats is left
+// unset, and no pass takes them. kNonFiniteInput with a finite err.value:
+// x / T overflowed.
 template <class T, class Acc>
 inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationParams& p, int64_t i,
-                           TruncationScratch<Acc>& sc, RowScratch<Acc>& rs, KeptRow<T, Acc>& out, ErrorInfo& err) {
+                           TruncationScratch<Acc>& sc, RowScratch<Acc>& rs, KeptRow<T, Acc>& out, ErrorInfo& err,
+                           bool need_stats = true) {
   using V = typename Vec<Acc>::type;
   constexpr int W = Vec<Acc>::width;
   const Acc inf = Acc(INFINITY);
@@ -970,7 +973,7 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
   // A small top-k set is listed (below); a wide set's pass reuses the whole
   // row's exponentials, kept for it.
   const bool small_top_k = sc.pos && !p.given_threshold && rf.top_k > 0 && rf.top_k * trunc_detail::kListedKept <= K;
-  const bool stored = filtered && !small_top_k && K > kLanes;
+  const bool stored = need_stats && filtered && !small_top_k && K > kLanes;
   auto rest = [&](auto row) -> Status {
     // the whole row's statistics: its max, its mass, any NaN or +inf
     const RowStats<Acc> all = stored     ? row_stats<false, false, true>(row, K, sc.weights, sc.chunk_max, rs.e, sc.e)
@@ -989,7 +992,7 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
       const int64_t argmax = int64_t(std::find(z, z + K, max) - z);
       std::fill(z, z + K, -inf);
       z[argmax] = Acc(0);
-      out.stats = row_stats<true, true>(static_cast<const Acc*>(z), K, rs.weights, rs.chunk_max, rs.e);
+      if (need_stats) out.stats = row_stats<true, true>(static_cast<const Acc*>(z), K, rs.weights, rs.chunk_max, rs.e);
       if (p.threshold) static_cast<Acc*>(p.threshold)[i] = max;
       if (p.kept) p.kept[i] = 1;
       if (p.kept_mass) p.kept_mass[i] = 1.0;
@@ -1011,14 +1014,14 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
       const Acc* cz = sc.cz;
       kept = trunc_detail::kept_entries<false>(cz, cands.n, cut, static_cast<const Acc*>(ce), sc.pos, sc.cz, ce, sc.pos,
                                                &smallest, &dropped);
-      if (!cands.massed) trunc_detail::masses(sc.cz, kept, max, sc.ce);
+      if (!cands.massed && need_stats) trunc_detail::masses(sc.cz, kept, max, sc.ce);
       listed = kept * trunc_detail::kListedKept <= K;
     } else if (cands.n >= 0) {
       trunc_detail::kept_record(static_cast<const Acc*>(sc.cz), cands.n, cut, &kept, &smallest, &dropped);
     } else if (small_top_k) {
       kept = trunc_detail::kept_entries<true>(row, K, cut, static_cast<const Acc*>(nullptr), nullptr, sc.cz,
                                         static_cast<Acc*>(nullptr), sc.pos, &smallest, &dropped);
-      trunc_detail::masses(sc.cz, kept, max, sc.ce);
+      if (need_stats) trunc_detail::masses(sc.cz, kept, max, sc.ce);
       listed = kept * trunc_detail::kListedKept <= K;  // not so where ties at the k-th value are many
     } else {
       trunc_detail::kept_record(row, K, cut, &kept, &smallest, &dropped);
@@ -1031,7 +1034,7 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
     double kept_mass = 1.0;
     if (dropped == -inf && !filtered) {
       out.stats = all;
-    } else {
+    } else if (need_stats) {
       // The kept set's statistics as the chunk pass over the masked row
       // takes them (the trainer's, from the kept logits), bit for bit: from
       // the listed kept entries, or from the whole row's exponentials.

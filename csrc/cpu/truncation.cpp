@@ -1,6 +1,6 @@
 // CPU schedule of truncation: threads over rows, each row through
 // truncate_row (truncated_row.h) for its record alone (the kept set's
-// statistics it also takes give the kept mass).
+// statistics, taken only where the kept mass is asked for, give it).
 #include <pgest/truncation.h>
 
 #include "parallel.h"
@@ -23,7 +23,8 @@ Status run(const TruncationArgs& a, ErrorInfo* out_err) {
     if (!sc.ok || !rs.ok) { err.status = kOutOfMemory; err.row = begin; return err; }
     for (int64_t i = begin; i < end && i < lowest_failed.load(std::memory_order_relaxed); ++i) {
       KeptRow<T, Acc> kept;
-      const Status st = truncate_row<T, Acc>(base + i * a.row_stride, K, a.col_stride, a.params, i, sc, rs, kept, err);
+      const Status st = truncate_row<T, Acc>(base + i * a.row_stride, K, a.col_stride, a.params, i, sc, rs, kept, err,
+                                             a.params.kept_mass != nullptr);
       if (st != kOk) { err.status = st; err.row = i; return err; }
     }
     return err;

@@ -134,7 +134,7 @@ def _kept(x: Tensor, f: Filters, threshold: Optional[Tensor], shard) -> Tuple[Te
     """A block's kept logits (and record unless ``threshold`` is replayed),
     over the whole vocabulary of a process group with ``shard``."""
     if shard is None:
-        return kept_logits(x, f, threshold=threshold)
+        return kept_logits(x, f, threshold=threshold, with_mass=False)  # the record's threshold is what is kept
     from ..distributed.truncation import kept_shard
 
     z, rec, _ = kept_shard(x, f, shard.group, threshold=threshold)

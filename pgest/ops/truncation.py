@@ -46,17 +46,19 @@ def raise_for(res, temperature: Tensor, K: int) -> None:
 
 
 def truncation_native(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, *,
-                      with_logits: bool = False, given_threshold: Optional[Tensor] = None):
+                      with_logits: bool = False, given_threshold: Optional[Tensor] = None, with_mass: bool = True):
     """(R, K) CPU logits and per-row parameters -> threshold (R,) in the
     accumulation type, kept (R,) int64, kept_mass (R,) float64, cut (R,) in
     the accumulation type (truncation.h) and, with
     ``with_logits``, the (R, K) tempered logits with -inf outside the kept set
-    (else None). ``given_threshold``: replay it instead of selecting."""
+    (else None). ``given_threshold``: replay it instead of selecting.
+    ``with_mass=False``: kept_mass is None, and no pass over the kept set
+    takes the statistics it needs."""
     R, K = x.shape
     acc = _checks.stats_dtype(x.dtype)
     threshold = torch.empty(R, dtype=acc)
     kept = torch.empty(R, dtype=torch.int64)
-    kept_mass = torch.empty(R, dtype=torch.float64)
+    kept_mass = torch.empty(R, dtype=torch.float64) if with_mass else None
     cut = torch.empty(R, dtype=acc)
     z = torch.empty(R, K, dtype=acc) if with_logits else None
     if R:
