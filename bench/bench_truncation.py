@@ -9,8 +9,10 @@ tokens raised by 4 to 14, as a language model's next-token logits hold
 most of their mass in a few tokens: top-p 0.95 keeps about 15).
 
     python bench/bench_truncation.py --out bench/results/cpu-truncation-<date>.json
+    python bench/bench_truncation.py --scoring-only --out ...   # the trainer's side alone
 """
 import argparse
+import os
 
 import torch
 from harness import compiled, interleaved_medians, peak_allocated_bytes, write_results
@@ -83,6 +85,27 @@ def head(rounds, N=1024, H=1024, V=32000):
     return rows
 
 
+def scoring(rounds):
+    """The trainer's side: pgest.log_prob with top-p 0.95 (recomputing the
+    kept set), with the sampler's replayed cut, and with top-k 50, against
+    pgest.log_prob without truncation; flat logits, actions of a truncated draw."""
+    rows = []
+    for R, K in SHAPES:
+        x = logits("flat", R, K)
+        s_p = pgest.sample(x, top_p=0.95, generator=torch.Generator().manual_seed(1))
+        s_k = pgest.sample(x, top_k=50, generator=torch.Generator().manual_seed(2))
+        fns = {"log_prob": lambda: pgest.log_prob(x, s_p.actions),
+               "top_p=0.95": lambda: pgest.log_prob(x, s_p.actions, top_p=0.95),
+               "threshold=cut": lambda: pgest.log_prob(x, s_p.actions, threshold=s_p.truncation.cut),
+               "top_k=50": lambda: pgest.log_prob(x, s_k.actions, top_k=50)}
+        med = interleaved_medians(fns, rounds=rounds, round_seconds=0.0)
+        rows.append({"shape": [R, K], "dtype": "fp32", "seconds": med})
+        print(f"scoring {R} x {K} fp32: log_prob {med['log_prob'] * 1e3:.1f} ms"
+              + "".join(f"; {n} {med[n] * 1e3:.1f} ms ({med[n] / med['log_prob']:.2f}x)" for n in fns
+                        if n != "log_prob"), flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
@@ -92,7 +115,13 @@ def main(argv=None):
     ap.add_argument("--compile-logits", nargs="+", default=["flat"],
                     help="the kinds the compiled sort route runs on (10 s a call at 4096 x 32000)")
     ap.add_argument("--head-only", action="store_true", help="only the fused head's rows")
+    ap.add_argument("--scoring-only", action="store_true", help="only the trainer's side (pgest.log_prob)")
     args = ap.parse_args(argv)
+    if args.scoring_only:
+        write_results(args.out, logits="flat: randn * 3", scoring=scoring(args.rounds),
+                      method=f"medians of {args.rounds} alternating rounds of one call each",
+                      thp=os.environ.get("THP_MEM_ALLOC_ENABLE", "0"))
+        return
     import transformers as tf
 
     rows = []
