@@ -17,6 +17,7 @@ UNSUPPORTED_DTYPE = 6
 OUT_OF_MEMORY = 8
 CUDA_ERROR = 9
 ACTION_OUT_OF_RANGE = 11
+ACTION_OUTSIDE_KEPT = 12  # found by torch ops (pgest/truncation.py), not by a kernel
 
 
 def row_index(row: int, lead_shape) -> str:
@@ -60,6 +61,11 @@ def raise_for_status(result, *, input_name: str, num_actions: int, table_is_vect
         also = f" and is not ignore_index ({ignore_index})" if ignore_index is not None else ""
         value_of = "" if index is None else f" = {index}"
         raise IndexError(f"actions[{at}]{value_of} is out of range for {num_actions} actions{also}")
+    if status == ACTION_OUTSIDE_KEPT:
+        at = f"{where}, {col}" if samples_per_row > 1 else where
+        value_of = "" if index is None else f" = {index}"
+        raise ValueError(f"actions[{at}]{value_of} is outside the kept set of its row (truncated by temperature / "
+                         "top_k / top_p / min_p, or not among the kept tokens): it has no probability")
     if status == LABEL_OUT_OF_RANGE:
         # the kernels report the label itself in the column word
         label = col if index is None else index

@@ -29,7 +29,7 @@ from ._checks import (
     index_tensor,
 )
 from .ops.log_prob import rows_of, rows_pair
-from .truncation import check_kept, filters, kept_logits, kept_token_ids, replayed_threshold
+from .truncation import check_kept, filters, kept_logits, kept_token_ids, replayed_threshold, scaled
 
 
 class LogProb(NamedTuple):
@@ -108,10 +108,10 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
         if truncated:
             f = filters(lead, temperature, top_k, top_p, min_p) or filters(lead, 1.0)
             x, _ = kept_logits(x, f, threshold=threshold, kept_tokens=kept_tokens, with_mass=False)
-            ok = check_kept(x, a, ii, lead)
+            scale = check_kept(x, a, ii, lead)
         lp, ent = rows_pair(x, a, ii, (actions.shape, lead))
-        if truncated and ok is not None:  # traced: the check's one, so the check stays in the graph
-            lp = lp * ok.to(lp.dtype)
+        if truncated:  # deferred or traced: poisoned rows, and the check kept in the graph
+            lp, ent = scaled(lp, scale, lead), scaled(ent, scale, lead)
     except (ValueError, IndexError) as e:
         raise type(e)(_status.unflatten_message(str(e), lead)) from None
     return LogProb(lp, ent)

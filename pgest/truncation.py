@@ -29,7 +29,14 @@ from torch import Tensor
 
 from ._checks import check_logits, check_tensor, stats_dtype
 from .ops.log_prob import rows_of, traced
-from .ops.truncation import check_filters_op, check_kept_op, raise_outside_kept, truncation_native, truncation_rows
+from .ops.truncation import (
+    check_filters_op,
+    check_kept_op,
+    poison_scale,
+    raise_outside_kept,
+    truncation_native,
+    truncation_rows,
+)
 
 
 class Truncation(NamedTuple):
@@ -236,12 +243,20 @@ def kept_logits(x: Tensor, f: Filters, *, threshold: Optional[Tensor] = None, ke
 
 def check_kept(z: Tensor, actions: Tensor, ignore_index: Optional[int], lead) -> Optional[Tensor]:
     """An action outside the kept set has no probability: an error naming the
-    row. Traced, the check is a registered op that runs with the graph: it
-    returns a one to multiply into the log-probabilities (else None)."""
+    row. Where the check is deferred (CUDA) or traced (a registered op that
+    runs with the graph), an (R,) scale for the row's outputs: 1, NaN on a
+    row to poison; None where the check ran here."""
     if traced():
         return check_kept_op(z.detach(), actions.reshape(z.shape[0], -1), ignore_index)
-    raise_outside_kept(z, actions, ignore_index, lead)
-    return None
+    bad = raise_outside_kept(z, actions, ignore_index, lead)
+    return None if bad is None else poison_scale(bad, z.shape[0], z)
+
+
+def scaled(t: Tensor, scale: Optional[Tensor], lead) -> Tensor:
+    """t (the leading shape, then per-row dimensions) times check_kept's scale."""
+    if scale is None:
+        return t
+    return t * scale.to(t.dtype).reshape(tuple(lead) + (1,) * (t.dim() - len(lead)))
 
 
 def truncation(logits: Tensor, *, temperature=None, top_k=None, top_p=None, min_p=None) -> Truncation:

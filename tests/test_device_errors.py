@@ -197,3 +197,19 @@ def test_leaving_a_deferred_block_for_synchronous_checks_raises_what_it_left():
             with pgest.sync_errors(False):
                 device_errors.defer(word(4, ALL_NEG_INF, -1), None, "pgest sample", LOGITS)
         assert device_errors.synchronous() and device_errors.pending() == 0
+
+
+def test_truncated_scoring_defers_an_action_outside_the_kept_set(checks_on_device):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 10, generator=g, requires_grad=True)
+    actions = x.detach().argmax(-1)
+    actions[1, 2] = x.detach()[1, 2].argmin()  # outside top-3
+    lp, ent = pgest.log_prob(x, actions, top_k=3, temperature=0.7)
+    bad = torch.zeros(2, 3, dtype=torch.bool)
+    bad[1, 2] = True
+    assert lp[bad].isnan().all() and ent[bad].isnan().all()  # poisoned, nothing read back
+    assert torch.isfinite(lp[~bad]).all() and torch.isfinite(ent[~bad]).all()
+    (lp.sum() + ent.sum()).backward()
+    assert x.grad[1, 2].isnan().any() and torch.isfinite(x.grad[0]).all()  # NaN on the kept entries
+    with pytest.raises(ValueError, match=r"actions\[1, 2\] is outside the kept set.*earlier pgest log_prob call"):
+        pgest.check_errors()

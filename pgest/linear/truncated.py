@@ -166,8 +166,11 @@ class TruncatedLinearLogProb(torch.autograd.Function):
             z, rec = _kept(x, _rows(f, r0, r1), given, shard)
             a = actions[r0:r1]
             if shard is None:
-                check_kept(z, a, ignore_index, None)
+                scale = check_kept(z, a, ignore_index, None)  # deferred on CUDA: the rows poisoned
                 lp[r0:r1], ent[r0:r1], stats[:, r0:r1], _ = forward_rows(z, a, ignore_index)
+                if scale is not None:
+                    lp[r0:r1] *= scale[:, None].to(lp.dtype)
+                    ent[r0:r1] *= scale.to(ent.dtype)
             else:
                 from ..distributed.truncation import check_kept_shard
                 from ..distributed.vocab_parallel import forward as shard_forward

@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _C, _checks, _native, _status
+from .. import _C, _checks, _native, _status, device_errors
 from .._checks import check_rows
 
 
@@ -160,27 +160,35 @@ def check_values(temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tenso
         raise ValueError(f"top_k must be >= 0, got {int(top_k.min())}")
 
 
-def raise_outside_kept(z: Tensor, actions: Tensor, ignore_index: Optional[int], lead) -> None:
-    """ValueError naming the first action outside its row's kept set (-inf in
-    z, the (R, K) kept logits), with the row in ``lead``'s shape where given."""
+def raise_outside_kept(z: Tensor, actions: Tensor, ignore_index: Optional[int], lead) -> Optional[Tensor]:
+    """The first action outside its row's kept set (-inf in z, the (R, K)
+    kept logits) raises ValueError, with the row in ``lead``'s shape where
+    given. Where checks on z's device are deferred (CUDA): nothing is read
+    back; the first such action's error word is deferred and the rows holding
+    one are returned, (R,) bool, for the caller to poison."""
     R, K = z.shape
     a = actions.reshape(R, -1)
+    S = a.shape[1]
     valid = a != ignore_index if ignore_index is not None else torch.ones_like(a, dtype=torch.bool)
     valid &= (a >= 0) & (a < K)  # out-of-range ids are the kernel's to report
     at = z.detach().gather(1, torch.where(valid, a, torch.zeros_like(a)))
     bad = valid & (at == float("-inf"))
+    report = dict(input_name="logits", num_actions=K, samples_per_row=S, lead_shape=lead)
+    if device_errors.defers(z):
+        cols = torch.arange(S, device=z.device).expand(R, S)
+        device_errors.defer_first([device_errors.first_error(bad, _status.ACTION_OUTSIDE_KEPT, cols)],
+                                  "pgest log_prob", report)
+        return bad.any(1)
     if bool(bad.any()):
         row, col = bad.nonzero()[0].tolist()
-        where = _status.row_index(row, lead) if lead is not None else str(row)
-        which = f"{where}, {col}" if a.shape[1] > 1 else where
-        raise ValueError(f"actions[{which}] = {int(a[row, col])} is outside the kept set of its row (truncated by "
-                         f"temperature / top_k / top_p / min_p, or not among the kept tokens): it has no probability")
+        _status.raise_for_status((_status.ACTION_OUTSIDE_KEPT, row, col, int(a[row, col]), None), **report)
+    return None
 
 
 # Checks of a traced truncated call whose data the graph holds: run where the
-# graph runs, they raise the eager call's exceptions. Each returns a one for
-# the caller to multiply into a result (x * 1 is x's bits), so the check is
-# part of the graph's data flow and never dropped from it.
+# graph runs, they raise the eager call's exceptions. Each returns ones (NaN
+# on a row to poison) for the caller to multiply into a result (x * 1 is x's
+# bits), so the check is part of the graph's data flow and never dropped.
 
 @torch.library.custom_op("pgest::check_filters", mutates_args=())
 def check_filters_op(temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
@@ -195,19 +203,25 @@ def _(temperature, top_k, top_p, min_p):
     return temperature.new_empty((), dtype=torch.float64)
 
 
+def poison_scale(bad: Optional[Tensor], rows: int, like: Tensor) -> Tensor:
+    """(rows,) of like's dtype: 1, NaN on the rows to poison."""
+    one = torch.ones((rows,), dtype=like.dtype, device=like.device)
+    return one if bad is None else one.masked_fill(bad, math.nan)
+
+
 @torch.library.custom_op("pgest::check_kept", mutates_args=())
 def check_kept_op(logits: Tensor, actions: Tensor, ignore_index: Optional[int]) -> Tensor:
     """(R, K) kept logits (tempered, -inf outside the kept set) and (R, S)
-    actions: ValueError where an action is outside its row's kept set; a one
-    of the logits' dtype."""
+    actions: ValueError where an action is outside its row's kept set (on
+    CUDA deferred, the row poisoned); (R,) of the logits' dtype, 1 or NaN on
+    a poisoned row."""
     check_rows(logits, actions)
-    raise_outside_kept(logits, actions, ignore_index, None)
-    return torch.ones((), dtype=logits.dtype, device=logits.device)
+    return poison_scale(raise_outside_kept(logits, actions, ignore_index, None), logits.shape[0], logits)
 
 
 @check_kept_op.register_fake
 def _(logits, actions, ignore_index):
-    return logits.new_empty(())
+    return logits.new_empty((logits.shape[0],))
 
 
 @torch.library.custom_op("pgest::truncation", mutates_args=())
