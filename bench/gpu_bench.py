@@ -138,6 +138,7 @@ def main():
         adv = torch.randn(Bsz, device=dev, generator=g)
         nbytes = x.numel() * x.element_size()
         lp = x.float().log_softmax(-1).to(dt)
+        drawn = pgest.sample(x, top_p=0.95).actions  # inside every row's kept set
         cases = {
             ("reinforce_grad", "pgest"): (lambda: pgest.reinforce_grad(lp, labels, baseline=base), 2 * nbytes),
             ("reinforce_grad", "recipe"): (lambda: recipe_step(lp, labels, base), 2 * nbytes),
@@ -145,6 +146,9 @@ def main():
             ("sample", "pgest"): (lambda: pgest.sample(x), nbytes),
             ("sample top_p 0.95", "pgest"): (lambda: pgest.sample(x, top_p=0.95), nbytes),
             ("sample top_k 50", "pgest"): (lambda: pgest.sample(x, top_k=50), nbytes),
+            # the trainer's side: on the GPU the sort route builds the kept logits
+            ("log_prob top_p 0.95", "pgest"): (lambda: pgest.log_prob(x, drawn, top_p=0.95), nbytes),
+            ("log_prob", "pgest"): (lambda: pgest.log_prob(x, drawn), nbytes),
             ("policy_loss fwd", "pgest"): (lambda: pgest.policy_loss(x, labels, adv), nbytes),
         }
         xr = x.clone().requires_grad_()
