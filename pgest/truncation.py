@@ -32,6 +32,8 @@ from .ops.log_prob import rows_of, traced
 from .ops.truncation import (
     check_filters_op,
     check_kept_op,
+    check_kept_token_values,
+    check_kept_tokens_op,
     poison_scale,
     raise_outside_kept,
     truncation_native,
@@ -101,9 +103,9 @@ def filters(lead: torch.Size, temperature=None, top_k=None, top_p=None, min_p=No
                    _param(min_p, "min_p", lead, 0.0, torch.float64, 0.0, 1.0))
 
 
-def kept_token_ids(kept_tokens, R: int, device) -> Tuple[Tensor, Tensor]:
-    """An outside sampler's kept sets, checked except against the vocabulary
-    size: (row, token id) int64 of every kept token."""
+def _token_lists(kept_tokens, R: int, device) -> Tuple[Tensor, Tensor]:
+    """kept_tokens as (ids, offsets), int64 on the device, their types and
+    sizes checked (not their values)."""
     if not isinstance(kept_tokens, (tuple, list)) or len(kept_tokens) != 2:
         raise TypeError("kept_tokens must be a pair (token_ids, row_offsets): the kept ids of all rows, "
                         "concatenated, and the (rows + 1,) offsets where each row's ids begin")
@@ -116,14 +118,23 @@ def kept_token_ids(kept_tokens, R: int, device) -> Tuple[Tensor, Tensor]:
     ids, offsets = ids.reshape(-1).to(device, torch.int64), offsets.reshape(-1).to(device, torch.int64)
     if offsets.numel() != R + 1:
         raise ValueError(f"kept_tokens row_offsets must have rows + 1 = {R + 1} entries, got {offsets.numel()}")
-    counts = offsets[1:] - offsets[:-1]
-    if int(offsets[0]) != 0 or int(offsets[-1]) != ids.numel() or bool((counts < 0).any()):
-        raise ValueError(f"kept_tokens row_offsets must rise from 0 to the number of token ids ({ids.numel()})")
-    if ids.numel() and int(ids.min()) < 0:
-        raise IndexError(f"kept_tokens token ids must be >= 0, got {int(ids.min())}")
-    if R and bool((counts == 0).any()):
-        raise ValueError(f"kept_tokens keeps no token of row {int((counts == 0).nonzero()[0])}")
-    return torch.repeat_interleave(torch.arange(R, device=device), counts), ids
+    return ids, offsets
+
+
+def _rows_of(ids: Tensor, offsets: Tensor, R: int) -> Tensor:
+    """The row of each id: how many row ends lie at or before its position
+    (in range whatever the offsets hold, so a traced graph indexes safely
+    before its check of them runs)."""
+    at = torch.arange(ids.numel(), device=ids.device)
+    return torch.searchsorted(offsets[1:].contiguous(), at, right=True).clamp_(max=max(R - 1, 0))
+
+
+def kept_token_ids(kept_tokens, R: int, device) -> Tuple[Tensor, Tensor]:
+    """An outside sampler's kept sets, checked except against the vocabulary
+    size: (row, token id) int64 of every kept token."""
+    ids, offsets = _token_lists(kept_tokens, R, device)
+    check_kept_token_values(ids, offsets, None)
+    return _rows_of(ids, offsets, R), ids
 
 
 def kept_token_mask(rows: Tensor, ids: Tensor, R: int, K: int, offset: int = 0) -> Tensor:
@@ -136,10 +147,19 @@ def kept_token_mask(rows: Tensor, ids: Tensor, R: int, K: int, offset: int = 0) 
 
 
 def _kept_token_mask(kept_tokens, R: int, K: int, device) -> Tensor:
-    rows, ids = kept_token_ids(kept_tokens, R, device)
-    if ids.numel() and int(ids.max()) >= K:
-        raise IndexError(f"kept_tokens token ids must be in [0, {K}), got {int(ids.max())}")
-    return kept_token_mask(rows, ids, R, K)
+    """(R, K) bool: the kept token lists checked (ids in [0, K)) and placed.
+    Traced, the values are checked by a registered op where the graph runs,
+    its result in the mask itself (every logit is masked by it; an empty
+    list would leave the op's result unused elsewhere)."""
+    ids, offsets = _token_lists(kept_tokens, R, device)
+    if not traced():
+        check_kept_token_values(ids, offsets, K)
+    mask = torch.zeros(R, K, dtype=torch.bool, device=device)
+    mask.index_put_((_rows_of(ids, offsets, R), ids.clamp(0, max(K - 1, 0))), torch.ones((), dtype=torch.bool,
+                                                                                         device=device))
+    if traced():
+        mask &= check_kept_tokens_op(ids, offsets, K) == 1
+    return mask
 
 
 def inverse_temperature(f: Filters, rows: int, dtype: torch.dtype, device) -> Tensor:

@@ -11,7 +11,13 @@ from helpers import FLOAT_DTYPES
 from scipy import stats
 
 import pgest
-from pgest.ops.truncation import check_filters_op, check_kept_op, truncation_in_torch_ops, truncation_op
+from pgest.ops.truncation import (
+    check_filters_op,
+    check_kept_op,
+    check_kept_tokens_op,
+    truncation_in_torch_ops,
+    truncation_op,
+)
 
 MINUS_INF = float("-inf")
 
@@ -414,6 +420,14 @@ def test_registered_op_opcheck():
     inside = (z > float("-inf")).int().argmax(-1, keepdim=True)
     torch.library.opcheck(check_kept_op, (z, inside, None))
     assert (check_kept_op(z, torch.full((5, 1), -100), -100) == 1).all()  # padding is not checked
+    ids, offsets = torch.tensor([3, 1, 4]), torch.tensor([0, 2, 3])
+    torch.library.opcheck(check_kept_tokens_op, (ids, offsets, 5))
+    with pytest.raises(IndexError, match=r"ids must be in \[0, 4\), got 4"):
+        check_kept_tokens_op(ids, offsets, 4)
+    with pytest.raises(ValueError, match="must rise from 0"):
+        check_kept_tokens_op(ids, torch.tensor([0, 3, 2]), 5)
+    with pytest.raises(ValueError, match="ids must be a 1-D int64"):
+        check_kept_tokens_op(ids.int(), offsets, 5)
     with pytest.raises(ValueError, match=r"actions\[\d, 1\] = \d+ is outside the kept set"):
         check_kept_op(z, torch.cat([inside, (z == float("-inf")).int().argmax(-1, keepdim=True)], 1), None)
     with pytest.raises(ValueError, match="actions must be 2-D"):
@@ -680,6 +694,21 @@ def test_truncated_scoring_compiles_to_one_graph_with_eagers_bits():
     with pytest.raises(ValueError, match="temperature must be finite and in"):  # a replay: no selection op
         torch.compile(lambda x, t: pgest.log_prob(x, a, temperature=t, threshold=x.amax(-1)),
                       fullgraph=True)(x0, torch.full((6,), -0.5, dtype=torch.float64))
+    # an outside sampler's kept token lists (vLLM's mask replay layout)
+    keep = x0 > 0
+    keep[torch.arange(6), a] = True
+    ids = torch.cat([r.nonzero().flatten() for r in keep])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), keep.sum(-1).cumsum(0)])
+
+    def replayed(x, ids, offsets):
+        return pgest.log_prob(x, a, kept_tokens=(ids, offsets), temperature=0.8)
+
+    for e, c in zip(replayed(x0, ids, offsets), torch.compile(replayed, fullgraph=True)(x0, ids, offsets)):
+        assert torch.equal(e, c)
+    with pytest.raises(IndexError, match=r"kept_tokens token ids must be in \[0, 50\), got 50"):
+        torch.compile(replayed, fullgraph=True)(x0, torch.where(ids == ids.max(), 50, ids), offsets)
+    with pytest.raises(ValueError, match="kept_tokens keeps no token of row 0"):
+        torch.compile(replayed, fullgraph=True)(x0, ids[:0], torch.zeros(7, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature must be in"):  # a number: checked while tracing
         torch.compile(lambda x: pgest.entropy(x, temperature=-1.0))(x0)
 

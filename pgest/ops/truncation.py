@@ -209,6 +209,39 @@ def poison_scale(bad: Optional[Tensor], rows: int, like: Tensor) -> Tensor:
     return one if bad is None else one.masked_fill(bad, math.nan)
 
 
+def check_kept_token_values(ids: Tensor, offsets: Tensor, K: Optional[int]) -> None:
+    """An outside sampler's kept token lists (int64 ids, (rows + 1,) offsets):
+    offsets rising from 0 to the number of ids, every row keeping one, ids in
+    [0, K) (>= 0 where K is None)."""
+    counts = offsets[1:] - offsets[:-1]
+    if int(offsets[0]) != 0 or int(offsets[-1]) != ids.numel() or bool((counts < 0).any()):
+        raise ValueError(f"kept_tokens row_offsets must rise from 0 to the number of token ids ({ids.numel()})")
+    if ids.numel() and int(ids.min()) < 0:
+        raise IndexError(f"kept_tokens token ids must be >= 0, got {int(ids.min())}")
+    if counts.numel() and bool((counts == 0).any()):
+        raise ValueError(f"kept_tokens keeps no token of row {int((counts == 0).nonzero()[0])}")
+    if K is not None and ids.numel() and int(ids.max()) >= K:
+        raise IndexError(f"kept_tokens token ids must be in [0, {K}), got {int(ids.max())}")
+
+
+@torch.library.custom_op("pgest::check_kept_tokens", mutates_args=())
+def check_kept_tokens_op(ids: Tensor, offsets: Tensor, cols: int) -> Tensor:
+    """check_kept_token_values (cols < 0: no vocabulary bound); an int64 one."""
+    for t, name in ((ids, "ids"), (offsets, "offsets")):
+        _checks.check_tensor(t, name)
+        if t.dtype != torch.int64 or t.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D int64 tensor, got {tuple(t.shape)} {t.dtype}")
+    if offsets.numel() == 0:
+        raise ValueError("offsets must have rows + 1 >= 1 entries")
+    check_kept_token_values(ids, offsets, None if cols < 0 else cols)
+    return torch.ones((), dtype=torch.int64, device=ids.device)
+
+
+@check_kept_tokens_op.register_fake
+def _(ids, offsets, cols):
+    return ids.new_empty((), dtype=torch.int64)
+
+
 @torch.library.custom_op("pgest::check_kept", mutates_args=())
 def check_kept_op(logits: Tensor, actions: Tensor, ignore_index: Optional[int]) -> Tensor:
     """(R, K) kept logits (tempered, -inf outside the kept set) and (R, S)
