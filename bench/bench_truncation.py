@@ -116,6 +116,8 @@ def main(argv=None):
                     help="the kinds the compiled sort route runs on (10 s a call at 4096 x 32000)")
     ap.add_argument("--head-only", action="store_true", help="only the fused head's rows")
     ap.add_argument("--scoring-only", action="store_true", help="only the trainer's side (pgest.log_prob)")
+    ap.add_argument("--pgest-only", action="store_true",
+                    help="the sampler against itself unfiltered only (no transformers, no compile, no head)")
     args = ap.parse_args(argv)
     if args.scoring_only:
         write_results(args.out, logits="flat: randn * 3", scoring=scoring(args.rounds),
@@ -125,7 +127,7 @@ def main(argv=None):
     import transformers as tf
 
     rows = []
-    head_rows = head(args.rounds)
+    head_rows = [] if args.pgest_only else head(args.rounds)
     if args.head_only:
         args.logits = []
     for kind, (R, K) in ((kind, shape) for kind in args.logits for shape in SHAPES):
@@ -135,9 +137,10 @@ def main(argv=None):
             for fname, kw in FILTERS.items():
                 ws = [tf.TopPLogitsWarper(kw["top_p"])] if "top_p" in kw else [tf.TopKLogitsWarper(kw["top_k"])]
                 fns = {"pgest": lambda: pgest.sample(x, generator=g, **kw),
-                       "pgest_unfiltered": lambda: pgest.sample(x, generator=g),
-                       "transformers_warpers": lambda: warpers_route(ws, x)}
-                if not args.no_compile and kind in args.compile_logits:
+                       "pgest_unfiltered": lambda: pgest.sample(x, generator=g)}
+                if not args.pgest_only:
+                    fns["transformers_warpers"] = lambda: warpers_route(ws, x)
+                if not args.no_compile and not args.pgest_only and kind in args.compile_logits:
                     c = compiled(sorted_route)
                     fns["sorted_compiled"] = lambda: c(x, **kw)
                 med = interleaved_medians(fns, rounds=args.rounds, round_seconds=0.0)

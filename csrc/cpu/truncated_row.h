@@ -897,9 +897,9 @@ inline Acc select_cut(Row z, int64_t K, const TruncationParams& p, const RowFilt
       const double bound = 0.5 * (1.0 - top_p) * total / double(K);
       lo = row_wide = bound > 0.0 ? Acc(double(max) + std::log(bound)) : -inf;
       // Usually far fewer: below a bound whose entries a sample of the row
-      // says hold half of 1 - p. Where the entries above it do not hold p
-      // (a sample that missed), the row-wide bound is taken after all.
-      if (row_wide > -inf) lo = sampled_bound(z, K, max, 0.5 * (1.0 - top_p) * total, row_wide, &share);
+      // says hold three quarters of 1 - p. Where the entries above it do not
+      // hold p (a sample that missed), the row-wide bound is taken after all.
+      if (row_wide > -inf) lo = sampled_bound(z, K, max, 0.75 * (1.0 - top_p) * total, row_wide, &share);
     }
     // columns only for a set that may be listed: the compressions are the gather's cost
     cands.placed = sc.pos && (share * kListedKept <= 1.0 || K < 8 * kBoundSample);
