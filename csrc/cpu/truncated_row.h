@@ -148,7 +148,7 @@ struct KeptRow {
 namespace trunc_detail {
 
 constexpr int kSample = 256;           // entries in top-p's strided sample of its candidates
-constexpr int64_t kLargeCandidates = 16384;  // at least: the whole sample (else half)
+constexpr int64_t kLargeCandidates = 16384;  // candidate sets this large take the whole sample, smaller half
 constexpr int64_t kDirect = 1024;      // top-p candidates few enough to select among at once
 constexpr double kNearOne = 1e-4;      // top-p this close to 1 takes every finite entry as a candidate
 constexpr int64_t kRankBuffer = 2048;  // top-k's buffer of candidates, at least
