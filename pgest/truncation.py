@@ -30,12 +30,12 @@ from torch import Tensor
 from ._checks import check_logits, check_tensor, stats_dtype
 from .ops.log_prob import rows_of, traced
 from .ops.truncation import (
+    check_actions_kept,
     check_filters_op,
     check_kept_op,
     check_kept_token_values,
     check_kept_tokens_op,
     poison_scale,
-    raise_outside_kept,
     truncation_native,
     truncation_rows,
 )
@@ -268,7 +268,7 @@ def check_kept(z: Tensor, actions: Tensor, ignore_index: Optional[int], lead) ->
     row to poison; None where the check ran here."""
     if traced():
         return check_kept_op(z.detach(), actions.reshape(z.shape[0], -1), ignore_index)
-    bad = raise_outside_kept(z, actions, ignore_index, lead)
+    bad = check_actions_kept(z, actions, ignore_index, lead)
     return None if bad is None else poison_scale(bad, z.shape[0], z)
 
 

@@ -869,52 +869,48 @@ inline Acc select_cut(Row z, int64_t K, const TruncationParams& p, const RowFilt
       cut = kth_largest(z, K, top_k, reinterpret_cast<Acc*>(sc.work));
     }
   }
-  if (top_p < 1.0 && cands.placed) {
-    // top-p over the top-k distribution (transformers' order): its
-    // candidates are the top-k candidates at or above the top-k cut
-    Acc smallest, dropped;
-    const Acc* none = nullptr;
-    const int64_t n = kept_entries<false>(static_cast<const Acc*>(sc.cz), cands.n, cut, none, sc.pos, sc.cz,
-                                          static_cast<Acc*>(nullptr), sc.pos, &smallest, &dropped);
-    const double mass = masses(sc.cz, n, max, sc.ce);
-    cands.n = n;
-    cands.massed = true;
-    Acc t = max;
-    if (mass > 0.0) {
-      for (int64_t j = 0; j < n; ++j) sc.work[j] = Entry<Acc>{sc.cz[j], sc.ce[j]};
-      t = detail::select_by_mass(sc.work, n, top_p * mass, 0.0, max);
-    }
-    cut = std::max(cut, t);
-  } else if (top_p < 1.0) {
-    // Without top-k, an entry whose mass is under (1 - p) * total / K cannot
-    // be kept: the entries at or below it hold less than 1 - p together, so
-    // the larger ones hold more than p. Half that bound, for the rounding of
-    // the sums, leaves the candidates (all finite entries where 1 - p is
-    // near the sums' own rounding).
-    Acc lo = cut, row_wide = -inf;
-    double share = cut > -inf ? double(top_k) / double(K) : 1.0;  // of the row expected among the candidates
-    if (lo == -inf && top_p < 1.0 - kNearOne) {
-      const double bound = 0.5 * (1.0 - top_p) * total / double(K);
-      lo = row_wide = bound > 0.0 ? Acc(double(max) + std::log(bound)) : -inf;
-      // Usually far fewer: below a bound whose entries a sample of the row
-      // says hold three quarters of 1 - p. Where the entries above it do not
-      // hold p (a sample that missed), the row-wide bound is taken after all.
-      if (row_wide > -inf) lo = sampled_bound(z, K, max, 0.75 * (1.0 - top_p) * total, row_wide, &share);
-    }
-    // columns only for a set that may be listed: the compressions are the gather's cost
-    cands.placed = sc.pos && (share * kListedKept <= 1.0 || K < 8 * kBoundSample);
-    // (a sparse gather skips the vectors without one)
-    auto gather = [&](Acc bound) {
-      if (!cands.placed) return gather_at_least(z, K, bound, sc.cz);
+  if (top_p < 1.0) {
+    int64_t n;
+    double mass;
+    if (cands.placed) {
+      // top-p over the top-k distribution (transformers' order): its
+      // candidates are the top-k candidates at or above the top-k cut
       Acc smallest, dropped;
-      return kept_entries<true>(z, K, bound, static_cast<const Acc*>(nullptr), nullptr, sc.cz,
-                                static_cast<Acc*>(nullptr), sc.pos, &smallest, &dropped);
-    };
-    int64_t n = gather(std::max(lo, std::nextafter(-inf, inf)));
-    double mass = masses(sc.cz, n, max, sc.ce);
-    if (lo > row_wide && row_wide > -inf && !(mass >= top_p * total * (1.0 + kBoundSlack))) {
-      n = gather(row_wide);
+      const Acc* none = nullptr;
+      n = kept_entries<false>(static_cast<const Acc*>(sc.cz), cands.n, cut, none, sc.pos, sc.cz,
+                              static_cast<Acc*>(nullptr), sc.pos, &smallest, &dropped);
       mass = masses(sc.cz, n, max, sc.ce);
+    } else {
+      // Without top-k, an entry whose mass is under (1 - p) * total / K cannot
+      // be kept: the entries at or below it hold less than 1 - p together, so
+      // the larger ones hold more than p. Half that bound, for the rounding of
+      // the sums, leaves the candidates (all finite entries where 1 - p is
+      // near the sums' own rounding).
+      Acc lo = cut, row_wide = -inf;
+      double share = cut > -inf ? double(top_k) / double(K) : 1.0;  // of the row expected among the candidates
+      if (lo == -inf && top_p < 1.0 - kNearOne) {
+        const double bound = 0.5 * (1.0 - top_p) * total / double(K);
+        lo = row_wide = bound > 0.0 ? Acc(double(max) + std::log(bound)) : -inf;
+        // Usually far fewer: below a bound whose entries a sample of the row
+        // says hold three quarters of 1 - p. Where the entries above it do not
+        // hold p (a sample that missed), the row-wide bound is taken after all.
+        if (row_wide > -inf) lo = sampled_bound(z, K, max, 0.75 * (1.0 - top_p) * total, row_wide, &share);
+      }
+      // columns only for a set that may be listed: the compressions are the gather's cost
+      cands.placed = sc.pos && (share * kListedKept <= 1.0 || K < 8 * kBoundSample);
+      // (a sparse gather skips the vectors without one)
+      auto gather = [&](Acc bound) {
+        if (!cands.placed) return gather_at_least(z, K, bound, sc.cz);
+        Acc smallest, dropped;
+        return kept_entries<true>(z, K, bound, static_cast<const Acc*>(nullptr), nullptr, sc.cz,
+                                  static_cast<Acc*>(nullptr), sc.pos, &smallest, &dropped);
+      };
+      n = gather(std::max(lo, std::nextafter(-inf, inf)));
+      mass = masses(sc.cz, n, max, sc.ce);
+      if (lo > row_wide && row_wide > -inf && !(mass >= top_p * total * (1.0 + kBoundSlack))) {
+        n = gather(row_wide);
+        mass = masses(sc.cz, n, max, sc.ce);
+      }
     }
     cands.n = n;
     cands.massed = true;

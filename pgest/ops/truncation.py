@@ -160,7 +160,7 @@ def check_values(temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tenso
         raise ValueError(f"top_k must be >= 0, got {int(top_k.min())}")
 
 
-def raise_outside_kept(z: Tensor, actions: Tensor, ignore_index: Optional[int], lead) -> Optional[Tensor]:
+def check_actions_kept(z: Tensor, actions: Tensor, ignore_index: Optional[int], lead) -> Optional[Tensor]:
     """The first action outside its row's kept set (-inf in z, the (R, K)
     kept logits) raises ValueError, with the row in ``lead``'s shape where
     given. Where checks on z's device are deferred (CUDA): nothing is read
@@ -249,7 +249,7 @@ def check_kept_op(logits: Tensor, actions: Tensor, ignore_index: Optional[int]) 
     CUDA deferred, the row poisoned); (R,) of the logits' dtype, 1 or NaN on
     a poisoned row."""
     check_rows(logits, actions)
-    return poison_scale(raise_outside_kept(logits, actions, ignore_index, None), logits.shape[0], logits)
+    return poison_scale(check_actions_kept(logits, actions, ignore_index, None), logits.shape[0], logits)
 
 
 @check_kept_op.register_fake
