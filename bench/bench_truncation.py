@@ -86,23 +86,47 @@ def head(rounds, N=1024, H=1024, V=32000):
 
 
 def scoring(rounds):
-    """The trainer's side: pgest.log_prob with top-p 0.95 (recomputing the
-    kept set), with the sampler's replayed cut, and with top-k 50, against
-    pgest.log_prob without truncation; flat logits, actions of a truncated draw."""
+    """The trainer's side, flat logits, actions of a truncated draw: forward
+    (pgest.log_prob with top-p 0.95 recomputing the kept set, with the
+    sampler's replayed cut, with top-k 50) and forward + backward (top-p),
+    against pgest.log_prob without truncation and against the kept logits'
+    route (the set's logits formed, then scored: the route torch.compile and
+    CUDA take, and the CPU's before the kernels took kept sets); peak memory
+    of forward + backward."""
+    from pgest.ops.log_prob import rows_pair
+    from pgest.truncation import filters, kept_logits
+
+    def formed(x, a, **kw):
+        z, _ = kept_logits(x, filters(x.shape[:-1], **kw), with_mass=False)
+        return rows_pair(z, a.view(-1, 1), -100, (a.shape, x.shape[:-1]))
+
+    def step(score):
+        lp, ent = score()
+        (lp.sum() + 0.01 * ent.sum()).backward()
+
     rows = []
     for R, K in SHAPES:
-        x = logits("flat", R, K)
-        s_p = pgest.sample(x, top_p=0.95, generator=torch.Generator().manual_seed(1))
-        s_k = pgest.sample(x, top_k=50, generator=torch.Generator().manual_seed(2))
-        fns = {"log_prob": lambda: pgest.log_prob(x, s_p.actions),
-               "top_p=0.95": lambda: pgest.log_prob(x, s_p.actions, top_p=0.95),
-               "threshold=cut": lambda: pgest.log_prob(x, s_p.actions, threshold=s_p.truncation.cut),
-               "top_k=50": lambda: pgest.log_prob(x, s_k.actions, top_k=50)}
-        med = interleaved_medians(fns, rounds=rounds, round_seconds=0.0)
-        rows.append({"shape": [R, K], "dtype": "fp32", "seconds": med})
-        print(f"scoring {R} x {K} fp32: log_prob {med['log_prob'] * 1e3:.1f} ms"
-              + "".join(f"; {n} {med[n] * 1e3:.1f} ms ({med[n] / med['log_prob']:.2f}x)" for n in fns
-                        if n != "log_prob"), flush=True)
+        for dname, dtype in DTYPES.items():
+            x = logits("flat", R, K).to(dtype)
+            s_p = pgest.sample(x, top_p=0.95, generator=torch.Generator().manual_seed(1))
+            s_k = pgest.sample(x, top_k=50, generator=torch.Generator().manual_seed(2))
+            a = s_p.actions
+            xg = x.clone().requires_grad_()
+            fwd = {"log_prob": lambda: pgest.log_prob(x, a),
+                   "top_p=0.95": lambda: pgest.log_prob(x, a, top_p=0.95),
+                   "top_p=0.95 formed": lambda: formed(x, a, top_p=0.95),
+                   "threshold=cut": lambda: pgest.log_prob(x, a, threshold=s_p.truncation.cut),
+                   "top_k=50": lambda: pgest.log_prob(x, s_k.actions, top_k=50)}
+            bwd = {"log_prob fwd+bwd": lambda: step(lambda: pgest.log_prob(xg, a)),
+                   "top_p=0.95 fwd+bwd": lambda: step(lambda: pgest.log_prob(xg, a, top_p=0.95)),
+                   "top_p=0.95 formed fwd+bwd": lambda: step(lambda: formed(xg, a, top_p=0.95))}
+            med = interleaved_medians(fwd | bwd, rounds=rounds, round_seconds=0.0)
+            peak = {n: peak_allocated_bytes(fn) for n, fn in bwd.items()}
+            rows.append({"shape": [R, K], "dtype": dname, "seconds": med, "peak_bytes": peak})
+            ratio = {n: med[n] / med["log_prob" + (" fwd+bwd" if "bwd" in n else "")] for n in med}
+            print(f"scoring {R} x {K} {dname}: " + "; ".join(
+                f"{n} {med[n] * 1e3:.1f} ms ({ratio[n]:.2f}x)" for n in med), flush=True)
+            print("  peak MiB fwd+bwd: " + "; ".join(f"{n} {v / 2**20:.0f}" for n, v in peak.items()), flush=True)
     return rows
 
 

@@ -203,6 +203,7 @@ PYBIND11_MODULE(_C, m) {
       .PTR_PROPERTY(LogProbArgs, order, int64_t*)
       .def_readwrite("col_offset", &LogProbArgs::col_offset)
       .def_readwrite("total_cols", &LogProbArgs::total_cols)
+      .def_readwrite("truncation", &LogProbArgs::truncation)
       .def_readwrite("num_threads", &LogProbArgs::num_threads);
 
   py::class_<ReturnsArgs>(m, "ReturnsArgs")

@@ -81,5 +81,18 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device=device) if shape else torch.empty((), dtype=dtype, device=device)
 
 
+def functorch_active() -> bool:
+    """Under torch.func transforms (grad, vmap, jacrev), including the
+    batched gradients of gradcheck(check_batched_grad=True)."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def traced() -> bool:
+    """Whether the registered ops must be used: under torch.compile, and under
+    torch.func transforms (their autograd formulas and vmap rules are what
+    those transforms run)."""
+    return torch.compiler.is_compiling() or functorch_active()
+
+
 def num_threads() -> int:
     return max(1, torch.get_num_threads())

@@ -21,15 +21,23 @@ from typing import NamedTuple, Optional
 
 from torch import Tensor
 
-from . import _checks, _status
+from . import _checks, _status, device_errors
 from ._checks import (
     actions_per_row,
     check_ignore_index,
     check_logits,
     index_tensor,
 )
-from .ops.log_prob import rows_of, rows_pair
-from .truncation import check_kept, filters, kept_logits, kept_token_ids, replayed_threshold, scaled
+from .ops.log_prob import rows_of, rows_pair, traced
+from .truncation import (
+    check_kept,
+    filters,
+    kept_logits,
+    kept_scores,
+    kept_token_ids,
+    replayed_threshold,
+    scaled,
+)
 
 
 class LogProb(NamedTuple):
@@ -107,6 +115,8 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
         x = rows_of(logits)
         if truncated:
             f = filters(lead, temperature, top_k, top_p, min_p) or filters(lead, 1.0)
+            if _native_kept(x, kept_tokens):
+                return LogProb(*kept_scores(x, a, ii, f, threshold, (actions.shape, lead)))
             x, _ = kept_logits(x, f, threshold=threshold, kept_tokens=kept_tokens, with_mass=False)
             scale = check_kept(x, a, ii, lead)
         lp, ent = rows_pair(x, a, ii, (actions.shape, lead))
@@ -140,11 +150,20 @@ def entropy(logits: Tensor, *, temperature=None, top_k=None, top_p=None, min_p=N
         x = rows_of(logits)
         if truncated:
             f = filters(lead, temperature, top_k, top_p, min_p) or filters(lead, 1.0)
+            if _native_kept(x, kept_tokens):
+                return kept_scores(x, None, None, f, threshold, ((lead.numel(), 0), lead))[1]
             x, _ = kept_logits(x, f, threshold=threshold, kept_tokens=kept_tokens, with_mass=False)
         _, ent = rows_pair(x, None, None, ((lead.numel(), 0), lead))
     except (ValueError, IndexError) as e:
         raise type(e)(_status.unflatten_message(str(e), lead)) from None
     return ent
+
+
+def _native_kept(x: Tensor, kept_tokens) -> bool:
+    """Whether the CPU kernels score the kept sets themselves (eager, CPU,
+    a set selected or replayed by threshold, checks not deferred); elsewhere
+    the kept logits are formed and scored."""
+    return x.device.type == "cpu" and kept_tokens is None and not traced() and not device_errors.defers(x)
 
 
 def _kept_shard(logits, actions, ignore_index, temperature, top_k, top_p, min_p, threshold, kept_tokens, group):

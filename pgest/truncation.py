@@ -27,8 +27,17 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._apply import fast_apply
 from ._checks import check_logits, check_tensor, stats_dtype
-from .ops.log_prob import rows_of, traced
+from .ops.log_prob import (
+    backward_rows,
+    batched_upstream,
+    creating_graph,
+    forward_rows,
+    grad_in_torch_ops,
+    rows_of,
+    traced,
+)
 from .ops.truncation import (
     check_actions_kept,
     check_filters_op,
@@ -185,6 +194,65 @@ class _KeptLogits(torch.autograd.Function):
     def backward(ctx, grad_z):
         (inv_t,) = ctx.saved_tensors
         return (grad_z * inv_t[:, None]).to(ctx.dtype), None, None
+
+
+class _KeptScores(torch.autograd.Function):
+    """log_prob and entropy of each row's kept set by the CPU kernels, which
+    never form the kept logits: the forward selects (or replays) the set and
+    takes its statistics as the sampler does, the backward reads the row
+    through the set's view. The bits of the kept logits' route (kept_logits,
+    then the log_prob kernels on them); second derivatives and vmapped
+    upstream gradients take that route. ``aux`` as in _LogProbFn: (actions,
+    ignore_index, filters, replayed threshold, shapes)."""
+
+    @staticmethod
+    def forward(ctx, x, aux):
+        actions, ignore_index, f, given, shapes = aux
+        threshold = torch.empty(x.shape[0], dtype=stats_dtype(x.dtype))
+        lp, ent, st, _ = forward_rows(x, actions, ignore_index, shapes=shapes, fresh_stats=False,
+                                      truncation=(f, given, threshold))
+        ctx.save_for_backward(x, actions, st, ent, threshold)
+        ctx.filters, ctx.ignore_index = f, ignore_index
+        ctx.set_materialize_grads(False)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_ent):
+        x, actions, st, ent, threshold = ctx.saved_tensors
+        if grad_lp is None and grad_ent is None:
+            return None, None
+        f = ctx.filters
+        if creating_graph() or batched_upstream(grad_lp, grad_ent):
+            # differentiable in x through the kept logits (the forward's set, replayed)
+            z, _ = kept_logits(x, f, threshold=threshold, with_mass=False)
+            R = x.shape[0]
+            g = grad_in_torch_ops(z, actions, ctx.ignore_index,
+                                  None if grad_lp is None else grad_lp.reshape(R, -1),
+                                  None if grad_ent is None else grad_ent.reshape(R))
+            return (g * inverse_temperature(f, R, z.dtype, z.device)[:, None]).to(x.dtype), None
+        return backward_rows(x, actions, ctx.ignore_index, st, ent, grad_log_prob=grad_lp, grad_entropy=grad_ent,
+                             truncation=(f, threshold, None)), None
+
+
+_apply_kept_scores = fast_apply(_KeptScores)
+
+
+def kept_scores(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], f: Filters,
+                threshold: Optional[Tensor], shapes) -> Tuple[Tensor, Tensor]:
+    """(R, K) CPU logits -> differentiable (log_prob, entropy) of ``shapes``
+    under each row's kept set (selected by ``f``, or ``threshold`` replayed),
+    in eager mode; an action outside its set raises ValueError naming the
+    row. No (R, K) tensor but the gradient."""
+    R = x.shape[0]
+    given = None if threshold is None else replayed_threshold(threshold, R, stats_dtype(x.dtype), x.device)
+    if actions is None:
+        actions = torch.empty(R, 0, dtype=torch.int64)
+    aux = (actions, ignore_index, f, None if given is None else given.contiguous(), shapes)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _apply_kept_scores(x, aux)
+    lp, ent, _, _ = forward_rows(x, actions, ignore_index, shapes=shapes,
+                                 truncation=(f, aux[3], torch.empty(R, dtype=stats_dtype(x.dtype))))
+    return lp, ent
 
 
 def empty_record(rows: int, dtype: torch.dtype, device=None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:

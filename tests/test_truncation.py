@@ -264,6 +264,83 @@ def test_sampler_and_trainer_agree_bit_for_bit(dtype, S):
     assert torch.equal(pgest.entropy(x, temperature=T, top_k=64, top_p=top_p, min_p=0.01), s.entropy)
 
 
+def _bits(t):
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+SCORED = [dict(temperature=0.7, top_p=0.9), dict(top_k=5), dict(temperature=1.3, top_k=50, top_p=0.95, min_p=0.01),
+          dict(min_p=0.1), dict(temperature=0.5), dict(temperature=0.0)]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("K", [17, 300, 4099, 40000])
+@pytest.mark.parametrize("kw", SCORED, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_scoring_without_the_kept_logits_has_their_bits(kw, K, dtype):
+    # The CPU kernels score the kept set through a view of the row; the kept
+    # logits' route (kept_logits, then the log_prob kernels on them: what
+    # torch.compile and CUDA run) is the reference, values and gradients,
+    # signed zeros included. Rows: strided, one of padding (NaN, never read),
+    # per-row temperatures, repeated actions, an action's gradient sharing
+    # its entry with the entropy's.
+    from pgest.ops.log_prob import rows_pair
+    from pgest.truncation import filters, kept_logits
+
+    g = torch.Generator().manual_seed(K)
+    R = 7
+    x = (torch.randn(K, R, generator=g) * 3).to(dtype).T  # column stride R
+    if "temperature" in kw and kw["temperature"] == 0.5:
+        kw = dict(kw, temperature=torch.rand(R, dtype=torch.float64, generator=g) + 0.3)
+    s = pgest.sample(x, num_samples=3, generator=torch.Generator().manual_seed(1), **kw)
+    a = s.actions.clone()
+    a[:, 2] = a[:, 0]
+    a[4] = -100
+    x = x.clone().T.contiguous().T  # the same strides, NaN in the padding row
+    x[4, 1] = float("nan")
+    x.requires_grad_()
+    lp, ent = pgest.log_prob(x, a, **kw)
+    w = torch.randn(R, 3, generator=g)
+    (gx,) = torch.autograd.grad((w * lp).sum() + 0.3 * ent.sum(), x)
+    live = torch.arange(R) != 4
+    xr = x.detach()[live].clone().requires_grad_()
+    f = filters(xr.shape[:-1], **{k: (v[live] if torch.is_tensor(v) else v) for k, v in kw.items()})
+    z, _ = kept_logits(xr, f, with_mass=False)
+    lp2, ent2 = rows_pair(z, a[live].contiguous(), -100, (a[live].shape, (R - 1,)))
+    (gr,) = torch.autograd.grad((w[live] * lp2).sum() + 0.3 * ent2.sum(), xr)
+    assert torch.equal(_bits(lp[live]), _bits(lp2)) and torch.equal(_bits(ent[live]), _bits(ent2))
+    assert torch.equal(_bits(gx[live]), _bits(gr))
+    assert (lp[4] == 0).all() and ent[4] == 0 and (gx[4] == 0).all()
+    assert torch.equal(lp[live, :2], s.log_prob[live, :2]) and torch.equal(ent[live], s.entropy[live])
+    # entropy alone, and a replayed threshold
+    e = pgest.entropy(x.detach()[live], **{k: (v[live] if torch.is_tensor(v) else v) for k, v in kw.items()})
+    assert torch.equal(_bits(e), _bits(ent2.detach()))
+    lp3, _ = pgest.log_prob(x.detach(), a, temperature=kw.get("temperature"), threshold=s.truncation.threshold)
+    assert torch.equal(lp3[live, :2], s.log_prob[live, :2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_truncated_scoring_holds_no_more_memory_than_untruncated(dtype):
+    # forward + backward of the trainer's truncated log_prob: its peak is the
+    # gradient's, as without truncation; the kept logits (and their
+    # gradient), R x K of float32 each, are never formed
+    from pgest.examples.memory import peak_allocated_bytes
+
+    g = torch.Generator().manual_seed(40)
+    x = (torch.randn(64, 6000, generator=g) * 3).to(dtype).requires_grad_()
+    a = pgest.sample(x.detach(), temperature=0.8, top_p=0.9, generator=g).actions
+
+    def step(**kw):
+        def run():
+            lp, ent = pgest.log_prob(x, a, **kw)
+            (lp.sum() + ent.sum()).backward()
+            x.grad = None
+        return run
+
+    plain, truncated = peak_allocated_bytes(step()), peak_allocated_bytes(step(temperature=0.8, top_p=0.9))
+    grad_bytes = x.numel() * x.element_size()
+    assert grad_bytes <= plain <= grad_bytes * 1.05
+    assert truncated <= plain * 1.05  # the formed route's peak: 2 float32 R x K tensors more
+
+
 def test_log_prob_is_the_renormalised_distribution_in_float64():
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(30, 200, generator=g) * 2).double()

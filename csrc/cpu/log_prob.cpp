@@ -4,17 +4,76 @@
 #include <pgest/log_prob.h>
 
 #include <cmath>
+#include <type_traits>
+#include <vector>
 
 #include "narrow_rows.h"
 #include "parallel.h"
 #include "row_scratch.h"
+#include "truncated_row.h"
 #include "zero_fill.h"
 
 PGEST_NS_BEGIN
 namespace {
 
+// The forward over kept sets: each row through truncate_row, whose kept
+// statistics are the sampler's (and the chunk pass's over the kept logits),
+// the actions read through the row's kept view. An action outside the set
+// has no probability: an error, after the range check.
+template <class T>
+Status truncated_forward(const LogProbArgs& a, ErrorInfo* out_err) {
+  using Acc = typename AccOf<T>::type;
+  const int64_t K = a.cols, S = a.num_samples;
+  const T* base = static_cast<const T*>(a.logits);
+  Acc* row_max = static_cast<Acc*>(a.row_max);
+  Acc* log_z = static_cast<Acc*>(a.log_z);
+  Acc* entropy = static_cast<Acc*>(a.entropy);
+  const int threads = threads_for(double(a.rows) * double(K + 16), a.num_threads);
+  const ErrorInfo first = parallel_rows(a.rows, threads, [&](int64_t begin, int64_t end,
+                                                            const std::atomic<int64_t>& lowest_failed) {
+    ErrorInfo err;
+    TruncationScratch<Acc> tsc(K);
+    RowScratch<Acc> sc(K, 1, false);
+    if (!tsc.ok || !sc.ok) { err.status = kOutOfMemory; err.row = begin; return err; }
+    auto scored = [&](int64_t i, auto view, const RowStats<Acc>& rs) {
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t act = a.actions[i * S + s];
+        if (!is_ignored(a, act) && !(view[act] > -Acc(INFINITY))) {
+          err.col = s; err.index = act;
+          return kActionOutsideKept;
+        }
+      }
+      store_row_stats(rs, a.want_entropy, i, row_max, log_z, entropy);
+      write_log_probs(a, i, view, 1, row_max[i], log_z[i], entropy[i]);
+      return kOk;
+    };
+    for (int64_t i = begin; i < end && i < lowest_failed.load(std::memory_order_relaxed); ++i) {
+      int64_t live;
+      Status st = check_row_actions(a, i, live, err);
+      if (st == kOk && S > 0 && live == 0) {  // a row of padding: not read, nothing selected on it
+        row_max[i] = Acc(0); log_z[i] = Acc(0); entropy[i] = Acc(0);
+        if (a.truncation.threshold) static_cast<Acc*>(a.truncation.threshold)[i] = Acc(0);
+        write_log_probs<T, Acc>(a, i, base + i * a.row_stride, Acc(0), Acc(0), Acc(0));
+        continue;
+      }
+      if (st == kOk) {
+        KeptRow<T, Acc> kr;
+        st = truncate_row<T, Acc>(base + i * a.row_stride, K, a.col_stride, a.truncation, i, tsc, sc, kr, err);
+        if (st == kOk)
+          st = kr.z ? scored(i, KeptView<Acc, Acc>{kr.z, kr.cut}, kr.stats)
+                    : scored(i, KeptView<T, Acc>{kr.x, kr.cut}, kr.stats);
+      }
+      if (st != kOk) { err.status = st; err.row = i; return err; }
+    }
+    return err;
+  });
+  if (first.status != kOk) { *out_err = first; return Status(first.status); }
+  return kOk;
+}
+
 template <class T>
 Status forward(const LogProbArgs& a, ErrorInfo* out_err) {
+  if (a.truncation.temperature) return truncated_forward<T>(a, out_err);
   using Acc = typename AccOf<T>::type;
   const int64_t K = a.cols, S = a.num_samples;
   const T* base = static_cast<const T*>(a.logits);
@@ -88,18 +147,20 @@ inline V grad_dense_vec(V x, V row_max, V log_z, V entropy, V alpha, V gamma) {
 // One row of the gradient: the dense part for every entry, then the sampled
 // entries rewritten with their one-hot terms added before the single
 // rounding to T.
+// x: a pointer, or a truncated row's kept view (then `scale` is d z / d x).
 template <class T, class Acc, class X>
-void backward_row(const LogProbArgs& a, int64_t i, const X* x, T* g, bool streaming, int64_t* order) {
+void backward_row(const LogProbArgs& a, int64_t i, X x, T* g, bool streaming, int64_t* order, Acc scale = Acc(1)) {
   using V = typename Vec<Acc>::type;
   constexpr int W = Vec<Acc>::width;
   const int64_t K = a.cols;
-  const GradRow<Acc> r = grad_row<Acc>(a, i);
+  GradRow<Acc> r = grad_row<Acc>(a, i);
+  r.scale = scale;
   int64_t k = 0;
   const V vm = splat<V>(r.row_max), vz = splat<V>(r.log_z), va = splat<V>(r.alpha), vg = splat<V>(r.gamma),
-          vh = splat<V>(r.entropy);
-  auto dense_of = [&](V xv) { return grad_dense_vec(xv, vm, vz, vh, va, vg); };
+          vh = splat<V>(r.entropy), vs = splat<V>(scale);
+  auto dense_of = [&](V xv) { return grad_dense_vec(xv, vm, vz, vh, va, vg) * vs; };
   auto dense = [&](int64_t at) { return dense_of(loadv(x + at)); };
-  auto scalar = [&](int64_t at) { g[at] = store<T>(grad_dense(load<Acc>(x[at]), r)); };
+  auto scalar = [&](int64_t at) { g[at] = store<T>(grad_dense(load<Acc>(x[at]), r) * scale); };
   bool streamed = false;
   if constexpr (kStreamable<T>) {  // fp16 has no streaming store
     if (streaming) {
@@ -132,6 +193,8 @@ Status backward(const LogProbArgs& a, ErrorInfo* out_err) {
   const int64_t K = a.cols, S = a.num_samples;
   const T* base = static_cast<const T*>(a.logits);
   T* grad = static_cast<T*>(a.grad);
+  const TruncationParams& tp = a.truncation;
+  const bool truncated = tp.temperature != nullptr;
   const int threads = threads_for(double(a.rows) * double(K + 16), a.num_threads);
   const bool streaming = double(a.rows) * double(K) * sizeof(T) > double(kStreamingBytes);
   const ErrorInfo first = parallel_rows(a.rows, threads, [&](int64_t begin, int64_t end,
@@ -139,6 +202,7 @@ Status backward(const LogProbArgs& a, ErrorInfo* out_err) {
     ErrorInfo err;
     RowScratch<Acc> sc(K, S, a.col_stride != 1);
     if (!sc.ok) { err.status = kOutOfMemory; err.row = begin; return err; }
+    std::vector<Acc> greedy(truncated ? size_t(K) : 0);  // a greedy row's kept logits
     NarrowGroup<Acc> ng;
     auto group = [&](int64_t i0) {
       constexpr int W = NarrowGroup<Acc>::W;
@@ -180,12 +244,36 @@ Status backward(const LogProbArgs& a, ErrorInfo* out_err) {
         return kOk;
       }
       with_row(base, i, a.row_stride, a.col_stride, K, sc, [&](const auto* x) {
-        backward_row<T, Acc>(a, i, x, g, streaming, sc.order);
+        if (!truncated) {
+          backward_row<T, Acc>(a, i, x, g, streaming, sc.order);
+          return 0;
+        }
+        // The kept logits read through a view (the forward's threshold:
+        // its smallest kept z), and the gradient times d z / d x = Acc(1 / T),
+        // as autograd takes it through the stored kept logits, bit for bit.
+        const double temperature = tp.temperature[i * tp.temperature_stride];
+        const Acc cut = static_cast<const Acc*>(tp.given_threshold)[i];
+        if (temperature == 0.0) {
+          // greedy: z is 0 at the first maximum, -inf elsewhere, and does not depend on x
+          int64_t at = 0;
+          while (at + 1 < K && !(load<Acc>(x[at]) == cut)) ++at;
+          std::fill(greedy.begin(), greedy.end(), -Acc(INFINITY));
+          greedy[size_t(at)] = Acc(0);
+          backward_row<T, Acc>(a, i, static_cast<const Acc*>(greedy.data()), g, streaming, sc.order, Acc(0));
+        } else if (temperature == 1.0) {
+          backward_row<T, Acc>(a, i, KeptView<std::remove_cv_t<std::remove_pointer_t<decltype(x)>>, Acc>{x, cut}, g,
+                               streaming, sc.order, Acc(1));
+        } else {
+          backward_row<T, Acc>(a, i,
+                               TemperedKeptView<std::remove_cv_t<std::remove_pointer_t<decltype(x)>>, Acc>{
+                                   x, Acc(temperature), cut},
+                               g, streaming, sc.order, Acc(1.0 / temperature));
+        }
         return 0;
       });
       return kOk;
     };
-    narrow_or_rows<NarrowGroup<Acc>::W>(a.total_cols == 0 && narrow_rows(K, a.col_stride), begin, end,
+    narrow_or_rows<NarrowGroup<Acc>::W>(!truncated && a.total_cols == 0 && narrow_rows(K, a.col_stride), begin, end,
                                         lowest_failed, group, row);
     return err;
   });

@@ -86,6 +86,28 @@ inline typename Vec<Acc>::type loadv(KeptView<T, Acc> r) {
   return select(v >= splat<V>(r.cut), v, splat<V>(-Acc(INFINITY)));
 }
 
+// The kept logits of a tempered row, formed on load: z = x / T by the one
+// division every op forms z by, -inf below the cut. The trainer's backward
+// reads the row through it, so the kept logits are never stored.
+template <class T, class Acc>
+struct TemperedKeptView {
+  const T* x;
+  Acc t;
+  Acc cut;
+  TemperedKeptView operator+(int64_t k) const { return TemperedKeptView{x + k, t, cut}; }
+  Acc operator[](int64_t k) const {
+    const Acc v = tempered(load<Acc>(x[k]), t);
+    return v >= cut ? v : -Acc(INFINITY);
+  }
+};
+
+template <class T, class Acc>
+inline typename Vec<Acc>::type loadv(TemperedKeptView<T, Acc> r) {
+  using V = typename Vec<Acc>::type;
+  const V v = loadv(r.x) / splat<V>(r.t);
+  return select(v >= splat<V>(r.cut), v, splat<V>(-Acc(INFINITY)));
+}
+
 // The kept set's pass (row_stats over a KeptView) without the exponentials
 // the whole row's pass (row_stats with kStore) already took: where both
 // passes enter a chunk at the same running max and the chunk raises it

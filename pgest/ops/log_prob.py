@@ -16,7 +16,9 @@ from .._checks import (
     check_upstream,
     index_tensor,
 )
+from .._native import functorch_active, traced  # noqa: F401  (the ops' route choice, imported from here)
 from .._vmap import ROWS, STATS, register_rows
+from .truncation import fill_params, raise_for
 
 
 def _args(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int]) -> "_C.LogProbArgs":
@@ -58,9 +60,19 @@ def _report(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], n
                 samples_per_row=0 if actions is None else actions.shape[1], ignore_index=ignore_index)
 
 
+def _truncate(a, x: Tensor, truncation) -> None:
+    """Point a CPU call's truncation block (log_prob.h) at ``truncation``:
+    (filters (pgest.truncation.Filters), the threshold to replay or None,
+    the (R,) threshold to write or None)."""
+    if x.is_cuda:
+        raise NotImplementedError("the log_prob kernels take kept sets on the CPU only")
+    f, given, out = truncation
+    fill_params(a.truncation, *f, given_threshold=given, threshold=out)
+
+
 def forward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], *, weights: Optional[Tensor] = None,
                  entropy_weight: float = 0.0, want_entropy: bool = True, stats: Optional[Tensor] = None,
-                 entropy: Optional[Tensor] = None, shapes=None, fresh_stats: bool = True):
+                 entropy: Optional[Tensor] = None, shapes=None, fresh_stats: bool = True, truncation=None):
     """(R, K) logits and (R, S) int64 contiguous actions (or None) ->
     (log_prob (R, S), entropy (R,), stats (2, R) = [row max, log Z], loss (R,)
     or None). ``weights`` (R, S) adds the fused surrogate
@@ -68,7 +80,9 @@ def forward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[in
     ``entropy`` from ``pgest::sample`` the logits' rows are not read again.
     ``shapes``: (log_prob shape, entropy shape) to allocate the outputs in
     (same element counts): the caller's shapes, so that no view (and no
-    view node in the autograd graph) is needed afterwards."""
+    view node in the autograd graph) is needed afterwards. ``truncation``:
+    score each row's kept set (_truncate; CPU), as the same call on the
+    kept logits would, without forming them."""
     R = x.shape[0]
     S = 0 if actions is None else actions.shape[1]
     acc = _checks.stats_dtype(x.dtype)
@@ -95,7 +109,15 @@ def forward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[in
         a.stats_given = stats is not None
         if weights is not None:
             a.weights, a.loss, a.entropy_weight = weights.data_ptr(), loss.data_ptr(), entropy_weight
-        _run("log_prob_forward", a, x, actions, ignore_index, values=True)
+        if truncation is not None:
+            _truncate(a, x, truncation)
+            res = _C.log_prob_forward_cpu(a)
+            if res[0]:
+                if res[0] == _status.NONFINITE_INPUT:  # x / T overflowed, or a NaN
+                    raise_for(res, truncation[0].temperature, x.shape[1])
+                _status.raise_for_status(res, **_report(x, actions, ignore_index, -1))
+        else:
+            _run("log_prob_forward", a, x, actions, ignore_index, values=True)
     return lp, ent, st, loss
 
 
@@ -116,7 +138,7 @@ def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
                   grad_log_prob: Optional[Tensor] = None, grad_entropy: Optional[Tensor] = None,
                   row_scale: Optional[Tensor] = None, log_prob_scale: float = 1.0,
                   entropy_scale: float = 0.0, col_offset: int = 0, total_cols: int = 0,
-                  out: Optional[Tensor] = None) -> Tensor:
+                  out: Optional[Tensor] = None, truncation=None) -> Tensor:
     """d L / d logits (R, K), contiguous, dtype of the logits, from the
     upstream gradients g_s = row_scale * log_prob_scale * grad_log_prob and
     g_H = row_scale * (grad_entropy or entropy_scale) (log_prob.h). Every
@@ -124,7 +146,9 @@ def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
     ``total_cols``, ``x`` is the vocabulary tile [col_offset, col_offset + K)
     of rows of ``total_cols`` entries whose statistics ``stats`` hold.
     ``out``: a contiguous (R, K) buffer of x's dtype to write into (not
-    ``x`` itself: an action's entry rereads x after the dense pass)."""
+    ``x`` itself: an action's entry rereads x after the dense pass).
+    ``truncation``: (filters, the forward's threshold, None) of a truncated
+    forward (_truncate): the gradient of its kept set's scores."""
     R, K = x.shape
     grad = torch.empty(R, K, dtype=x.dtype, device=_native.device_of(x)) if out is None else out
     if not R or not K:  # K = 0: an empty vocabulary shard or tile has no gradient to write
@@ -162,6 +186,8 @@ def backward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[i
     if total_cols:
         a.col_offset, a.total_cols = col_offset, total_cols
     a.grad = grad.data_ptr()
+    if truncation is not None:
+        _truncate(a, x, truncation)
     if x.is_cuda and actions is not None and actions.shape[1] > _native.PAIRWISE_SAMPLES:
         keep.append(torch.empty(actions.shape, dtype=torch.int64, device=x.device))  # for_each_action scratch
         a.order = keep[-1].data_ptr()
@@ -381,12 +407,6 @@ class _LogProbFn(torch.autograd.Function):
 _apply_log_prob = fast_apply(_LogProbFn)
 
 
-def functorch_active() -> bool:
-    """Under torch.func transforms (grad, vmap, jacrev), including the
-    batched gradients of gradcheck(check_batched_grad=True)."""
-    return torch._C._are_functorch_transforms_active()
-
-
 _transforms_active = torch._C._are_functorch_transforms_active
 _legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
@@ -398,13 +418,6 @@ def batched_upstream(g1: Optional[Tensor], g2: Optional[Tensor] = None) -> bool:
     eager backward: bound C functions, no generator."""
     return (_transforms_active() or (g1 is not None and _legacy_batched(g1))
             or (g2 is not None and _legacy_batched(g2)))
-
-
-def traced() -> bool:
-    """Whether the registered ops must be used: under torch.compile, and under
-    torch.func transforms (their autograd formulas and vmap rules are what
-    those transforms run)."""
-    return torch.compiler.is_compiling() or functorch_active()
 
 
 def rows_pair(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], shapes,

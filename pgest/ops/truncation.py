@@ -280,8 +280,6 @@ def _(logits, temperature, top_k, top_p, min_p):
 def truncation_rows(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor):
     """threshold, kept, kept_mass, cut by the cheapest route: a direct call on the
     CPU in eager mode, the registered op otherwise."""
-    from .log_prob import traced
-
-    if x.device.type == "cpu" and not traced():
+    if x.device.type == "cpu" and not _native.traced():
         return truncation_native(x, temperature, top_k, top_p, min_p)[:4]
     return truncation_op(x, temperature, top_k, top_p, min_p)

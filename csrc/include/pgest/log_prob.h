@@ -21,6 +21,7 @@
 #include "dtype.h"
 #include "math.h"
 #include "status.h"
+#include "truncation.h"
 
 namespace pgest {
 
@@ -71,6 +72,16 @@ struct LogProbArgs {
   // tile get their one-hot term here.
   int64_t col_offset = 0, total_cols = 0;
   int64_t* order = nullptr;  // CUDA backward, S > kPairwiseSamples: (R, S) scratch of for_each_action
+  // With truncation.temperature set (CPU): the scores of each row's kept set
+  // (truncation.h) on z = x / T, without forming the kept logits. Forward:
+  // the set selected (or replayed from truncation.given_threshold), its
+  // statistics the sampler's, an action outside it kActionOutsideKept, each
+  // row's smallest kept z written to truncation.threshold. Backward: the
+  // forward's threshold comes back as truncation.given_threshold, the set is
+  // z >= it (greedy rows: the first maximum), and the gradient with respect
+  // to x is the one with respect to z times Acc(1 / T) (0 on greedy rows).
+  // A row of padding is not read (nothing is selected on it).
+  TruncationParams truncation;
   int32_t num_threads = 1;
 };
 
@@ -133,9 +144,12 @@ PGEST_HD Acc grad_of_entropy(const LogProbArgs& a, int64_t i) {
 }
 
 // The per-row constants of the dense part of the gradient.
+// scale: d z / d x, applied to each entry's gradient in Acc before its
+// rounding to T (1 but on truncated rows: z = x / T).
 template <class Acc>
 struct GradRow {
   Acc row_max, log_z, entropy, alpha, gamma;
+  Acc scale = Acc(1);
 };
 
 template <class Acc>
@@ -161,7 +175,7 @@ PGEST_HD Acc grad_dense(Acc x, const GradRow<Acc>& r) {
 // the single rounding to T. x is the row (column stride cs). The actions were
 // checked by check_row_actions. `order`: S entries of scratch (for_each_action).
 template <class T, class Acc, class X>
-PGEST_HD void grad_one_hot(const LogProbArgs& a, int64_t i, const X* x, int64_t cs, const GradRow<Acc>& r, T* g,
+PGEST_HD void grad_one_hot(const LogProbArgs& a, int64_t i, X x, int64_t cs, const GradRow<Acc>& r, T* g,
                            int64_t* order) {
   const int64_t S = a.num_samples, lo = a.col_offset, hi = a.col_offset + a.cols;
   for_each_action(a.actions + i * S, S, order,
@@ -170,28 +184,35 @@ PGEST_HD void grad_one_hot(const LogProbArgs& a, int64_t i, const X* x, int64_t 
                     const int64_t k = action - lo;
                     Acc v = grad_dense(load<Acc>(x[k * cs]), r);
                     for (int64_t j = 0; j < m; ++j) v += grad_of_sample<Acc>(a, i, idx[j]);
-                    g[k] = store<T>(v);
+                    g[k] = store<T>(v * r.scale);
                   });
 }
 
 // The bound actions are checked against in the backward (the whole row's K).
 PGEST_HD int64_t backward_bound(const LogProbArgs& a) { return a.total_cols > 0 ? a.total_cols : a.cols; }
 
-// The forward's per-row outputs once (max, log Z, H) are known.
-template <class T, class Acc>
-PGEST_HD void write_log_probs(const LogProbArgs& a, int64_t i, const T* row, Acc row_max, Acc log_z, Acc entropy) {
+// The forward's per-row outputs once (max, log Z, H) are known; the row is
+// read with element stride cs (a truncated row: through its kept view).
+template <class Acc, class Row>
+PGEST_HD void write_log_probs(const LogProbArgs& a, int64_t i, Row row, int64_t cs, Acc row_max, Acc log_z,
+                              Acc entropy) {
   const int64_t S = a.num_samples;
   Acc* lp = static_cast<Acc*>(a.log_prob) + i * S;
   const Acc* w = a.weights ? static_cast<const Acc*>(a.weights) + i * S : nullptr;
   Acc loss = -Acc(a.entropy_weight) * entropy;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t act = a.actions[i * S + s];
-    const Acc v = is_ignored(a, act) ? Acc(0) : log_prob_of(load<Acc>(row[act * a.col_stride]), row_max, log_z);
+    const Acc v = is_ignored(a, act) ? Acc(0) : log_prob_of(load<Acc>(row[act * cs]), row_max, log_z);
     lp[s] = v;
     // w * log p with w = 0 and log p = -inf (an impossible action) is 0.
     if (w && w[s] != Acc(0)) loss -= w[s] * v;
   }
   if (a.loss) static_cast<Acc*>(a.loss)[i] = loss;
+}
+
+template <class T, class Acc>
+PGEST_HD void write_log_probs(const LogProbArgs& a, int64_t i, const T* row, Acc row_max, Acc log_z, Acc entropy) {
+  write_log_probs(a, i, row, a.col_stride, row_max, log_z, entropy);
 }
 
 PGEST_NS_END
