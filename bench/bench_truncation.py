@@ -130,6 +130,44 @@ def scoring(rounds):
     return rows
 
 
+def head_scoring(rounds, N=1024, H=1024, V=32000):
+    """The head's trainer: linear_log_prob forward + backward (hidden and
+    weight) with top-p 0.95 against itself untruncated, and the same with
+    each block's kept logits formed (the GPU's and the process groups'
+    route, the CPU's before the kernels took kept sets); peak memory."""
+    import importlib
+
+    truncated = importlib.import_module("pgest.linear.truncated")
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for dname, dtype in DTYPES.items():
+        h = torch.randn(N, H, generator=g).to(dtype).requires_grad_()
+        w = (torch.randn(V, H, generator=g) * (3 / H ** 0.5)).to(dtype).requires_grad_()
+        a = pgest.linear_sample(h.detach(), w.detach(), top_p=0.95, generator=torch.Generator().manual_seed(1)).actions
+
+        def step(**kw):
+            lp, ent = pgest.linear_log_prob(h, w, a, **kw)
+            (lp.sum() + 0.01 * ent.sum()).backward()
+            h.grad = w.grad = None
+
+        def formed():
+            native = truncated._scored_natively
+            truncated._scored_natively = lambda x, shard: False
+            try:
+                step(top_p=0.95)
+            finally:
+                truncated._scored_natively = native
+
+        fns = {"untruncated": step, "top_p=0.95": lambda: step(top_p=0.95), "top_p=0.95 formed": formed}
+        med = interleaved_medians(fns, rounds=rounds, round_seconds=0.0)
+        peaks = {n: peak_allocated_bytes(f) / 2**20 for n, f in fns.items()}
+        rows.append({"shape": [N, H, V], "dtype": dname, "seconds": med, "peak_mib": peaks})
+        print(f"head trainer {N} x {H} x {V} {dname} fwd+bwd: " + "; ".join(
+            f"{n} {med[n]:.3f} s ({med[n] / med['untruncated']:.2f}x, peak {peaks[n]:.0f} MiB)" for n in fns),
+            flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
@@ -145,6 +183,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.scoring_only:
         write_results(args.out, logits="flat: randn * 3", scoring=scoring(args.rounds),
+                      head_scoring=head_scoring(args.rounds),
                       method=f"medians of {args.rounds} alternating rounds of one call each",
                       thp=os.environ.get("THP_MEM_ALLOC_ENABLE", "0"))
         return

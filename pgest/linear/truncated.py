@@ -4,8 +4,9 @@ min_p or a replayed threshold (pgest/truncation.py has the definitions).
 
 The kept set of a token needs its whole row of logits, so this route builds
 the logits one block of tokens at a time, over the whole vocabulary, in one
-reused buffer (block_tokens says how many tokens; the trainer's kept logits
-of a block are a second block-sized tensor). Each block goes through the same
+reused buffer (block_tokens says how many tokens; on the GPU and over a
+process group the trainer's kept logits of a block are a second block-sized
+tensor, on the CPU the kernels take the kept set without them). Each block goes through the same
 native row pass as ``pgest.sample`` and ``pgest.log_prob`` (tempered,
 truncated and drawn from, or scored, in one read), so the head's sampler and
 trainer agree bit for bit, and the draws are those of ``pgest.sample`` on the
@@ -26,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, device_errors
 from ..ops.log_prob import backward_rows, forward_rows, refuse_double_backward
 from ..ops.sample import sample_native
 from ..philox import uniforms as philox_uniforms
@@ -130,6 +131,12 @@ def sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], f: Filters, S: int
     return actions, lp, ent, Truncation(*record)
 
 
+def _scored_natively(x: Tensor, shard) -> bool:
+    """Whether a block's kept sets are taken by the log_prob kernels
+    themselves (CPU, one process, checks not deferred): no kept logits formed."""
+    return shard is None and x.device.type == "cpu" and not device_errors.defers(x)
+
+
 def _kept(x: Tensor, f: Filters, threshold: Optional[Tensor], shard) -> Tuple[Tensor, Optional[Truncation]]:
     """A block's kept logits (and record unless ``threshold`` is replayed),
     over the whole vocabulary of a process group with ``shard``."""
@@ -163,8 +170,12 @@ class TruncatedLinearLogProb(torch.autograd.Function):
             r1 = min(N, r0 + tb)
             x = _block_logits(h2[r0:r1].detach(), w.detach(), None if b is None else b.detach(), buffer, softcap)
             given = None if threshold is None else threshold[r0:r1]
-            z, rec = _kept(x, _rows(f, r0, r1), given, shard)
             a = actions[r0:r1]
+            if _scored_natively(x, shard):  # the kept set taken by the kernels: no kept logits
+                lp[r0:r1], ent[r0:r1], stats[:, r0:r1], _ = forward_rows(
+                    x, a, ignore_index, truncation=(_rows(f, r0, r1), given, found[r0:r1]))
+                continue
+            z, rec = _kept(x, _rows(f, r0, r1), given, shard)
             if shard is None:
                 scale = check_kept(z, a, ignore_index, None)  # deferred on CUDA: the rows poisoned
                 lp[r0:r1], ent[r0:r1], stats[:, r0:r1], _ = forward_rows(z, a, ignore_index)
@@ -205,11 +216,16 @@ class TruncatedLinearLogProb(torch.autograd.Function):
         for r0 in range(0, N, ctx.tb):
             r1 = min(N, r0 + ctx.tb)
             x = _block_logits(h2[r0:r1], w, b, buffer, ctx.softcap)
-            z, _ = _kept(x, _rows(ctx.f, r0, r1), found[r0:r1], shard)
-            dz = backward_rows(z, actions[r0:r1], ctx.ignore_index, stats[:, r0:r1], ent[r0:r1],
-                               grad_log_prob=None if grad_lp is None else grad_lp[r0:r1],
-                               grad_entropy=None if grad_ent is None else grad_ent[r0:r1],
-                               row_scale=inverse_temperature(_rows(ctx.f, r0, r1), r1 - r0, acc, z.device), **cols)
+            fb = _rows(ctx.f, r0, r1)
+            upstream = dict(grad_log_prob=None if grad_lp is None else grad_lp[r0:r1],
+                            grad_entropy=None if grad_ent is None else grad_ent[r0:r1])
+            if _scored_natively(x, shard):
+                dz = backward_rows(x, actions[r0:r1], ctx.ignore_index, stats[:, r0:r1], ent[r0:r1], **upstream,
+                                   truncation=(fb, found[r0:r1], None))
+            else:
+                z, _ = _kept(x, fb, found[r0:r1], shard)
+                dz = backward_rows(z, actions[r0:r1], ctx.ignore_index, stats[:, r0:r1], ent[r0:r1], **upstream,
+                                   row_scale=inverse_temperature(fb, r1 - r0, acc, z.device), **cols)
             soft_cap_grad_(dz, x, 1.0, ctx.softcap)  # x: the block's capped logits before the temperature
             if need_h:
                 gh[r0:r1] = mm_rows(dz.to(w.dtype), w).to(h2.dtype)  # a token's rows its own bits (tiles.py)
