@@ -21,6 +21,7 @@ import harness as B
 import torch
 
 import pgest
+from pgest.ops.truncation import truncation_in_torch_ops
 from pgest.reference import recipe_step
 
 SHAPES = [((256, 32000), "fp32"), ((8192, 128256), "bf16"), ((4096, 10), "fp32")]
@@ -139,6 +140,8 @@ def main():
         nbytes = x.numel() * x.element_size()
         lp = x.float().log_softmax(-1).to(dt)
         drawn = pgest.sample(x, top_p=0.95).actions  # inside every row's kept set
+        one_p = tuple(torch.tensor([v], dtype=d) for v, d in ((1.0, torch.float64), (0, torch.int64),
+                                                                (0.95, torch.float64), (0.0, torch.float64)))
         cases = {
             ("reinforce_grad", "pgest"): (lambda: pgest.reinforce_grad(lp, labels, baseline=base), 2 * nbytes),
             ("reinforce_grad", "recipe"): (lambda: recipe_step(lp, labels, base), 2 * nbytes),
@@ -146,7 +149,10 @@ def main():
             ("sample", "pgest"): (lambda: pgest.sample(x), nbytes),
             ("sample top_p 0.95", "pgest"): (lambda: pgest.sample(x, top_p=0.95), nbytes),
             ("sample top_k 50", "pgest"): (lambda: pgest.sample(x, top_k=50), nbytes),
-            # the trainer's side: on the GPU the sort route builds the kept logits
+            # the kept set alone: the radix-descent kernel against the sort route it replaced
+            ("truncation top_p 0.95", "pgest"): (lambda: pgest.truncation(x, top_p=0.95), nbytes),
+            ("truncation top_p 0.95", "sort"): (lambda: truncation_in_torch_ops(x, *one_p), nbytes),
+            # the trainer's side: on the GPU the kept logits are formed from the kernel's threshold
             ("log_prob top_p 0.95", "pgest"): (lambda: pgest.log_prob(x, drawn, top_p=0.95), nbytes),
             ("log_prob", "pgest"): (lambda: pgest.log_prob(x, drawn), nbytes),
             ("policy_loss fwd", "pgest"): (lambda: pgest.policy_loss(x, labels, adv), nbytes),

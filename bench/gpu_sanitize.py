@@ -39,6 +39,14 @@ def row_ops(x: torch.Tensor, S: int) -> None:
     pgest.reinforce_grad(lsm, labels, num_samples=S, baseline="mean")
     table = torch.randn(x.shape[0], K, device=x.device)
     pgest.reinforce_grad(lsm, reward_table=table, num_samples=max(S, 2), baseline="rloo")
+    # the truncation kernel (shared-memory histograms, atomics): each filter, greedy, per-row settings
+    temps = torch.rand(x.shape[0], device=x.device) + 0.3
+    temps[0] = 0.0
+    t = pgest.sample(x, num_samples=S, temperature=temps, top_k=7, top_p=0.9, min_p=0.01)
+    y = leaf(x)
+    lp, ent = pgest.log_prob(y, t.actions, temperature=temps, top_k=7, top_p=0.9, min_p=0.01)
+    (lp.sum() + ent.sum()).backward()
+    pgest.log_prob(leaf(x), t.actions, temperature=temps, threshold=t.truncation.cut)
 
 
 def refused_rows(x: torch.Tensor) -> None:

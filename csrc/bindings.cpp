@@ -251,6 +251,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("params", &TruncationArgs::params)
       .def_readwrite("num_threads", &TruncationArgs::num_threads);
   m.def("truncation_cpu", [](const TruncationArgs& args) { return run_kernel(cpu::truncation, args); });
+  m.def("truncation_radix_cpu", [](const TruncationArgs& args) { return run_kernel(cpu::truncation_radix, args); });
 
   m.def("sample_cpu", [](const SampleArgs& args) { return run_kernel(cpu::sample, args); });
   m.def("log_prob_forward_cpu", [](const LogProbArgs& args) { return run_kernel(cpu::log_prob_forward, args); });
@@ -266,6 +267,7 @@ PYBIND11_MODULE(_C, m) {
   def_cuda(m, "log_prob_backward_cuda", cuda::log_prob_backward);
   def_cuda(m, "discounted_returns_cuda", cuda::discounted_returns);
   def_cuda(m, "gae_cuda", cuda::gae);
+  def_cuda(m, "truncation_cuda", cuda::truncation);
   m.def("cuda_device_count", &cuda::device_count);
   m.def("cuda_error_string", [](int code) { return std::string(cuda::error_string(code)); });
 #endif

@@ -17,7 +17,7 @@ UNSUPPORTED_DTYPE = 6
 OUT_OF_MEMORY = 8
 CUDA_ERROR = 9
 ACTION_OUT_OF_RANGE = 11
-ACTION_OUTSIDE_KEPT = 12  # found by torch ops (pgest/truncation.py), not by a kernel
+ACTION_OUTSIDE_KEPT = 12
 
 
 def row_index(row: int, lead_shape) -> str:

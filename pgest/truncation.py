@@ -176,7 +176,7 @@ def inverse_temperature(f: Filters, rows: int, dtype: torch.dtype, device) -> Te
     does not depend on the logits)."""
     t = f.temperature.to(torch.float64)
     inv = torch.where(t == 0, torch.zeros_like(t), 1.0 / torch.where(t == 0, torch.ones_like(t), t))
-    return inv.to(device, dtype).expand(rows)
+    return inv.to(device, dtype, non_blocking=True).expand(rows)
 
 
 class _KeptLogits(torch.autograd.Function):
@@ -313,7 +313,7 @@ def kept_logits(x: Tensor, f: Filters, *, threshold: Optional[Tensor] = None, ke
     # in eager mode they are read off the parameters, on the CPU: no sync
     tempered = traced() or bool((f.temperature != 1).any())
     any_greedy = traced() or bool(greedy.any())
-    t = f.temperature.to(dev, acc)
+    t = f.temperature.to(dev, acc, non_blocking=True)  # a host parameter: copied, not waited for
     z = x.to(acc) / torch.where(t == 0, torch.ones_like(t), t)[:, None] if tempered else x.to(acc)
     if kept_tokens is not None:
         z = z.masked_fill(~_kept_token_mask(kept_tokens, R, K, dev), float("-inf"))
@@ -322,7 +322,7 @@ def kept_logits(x: Tensor, f: Filters, *, threshold: Optional[Tensor] = None, ke
     if any_greedy:
         only = torch.full((R, K), float("-inf"), dtype=acc, device=dev)
         only.scatter_(1, x.detach().to(acc).argmax(-1).view(R, 1), 0.0)
-        z = torch.where(greedy.to(dev).expand(R)[:, None], only, z)
+        z = torch.where(greedy.to(dev, non_blocking=True).expand(R)[:, None], only, z)
     if torch.compiler.is_compiling() and x.requires_grad and torch.is_grad_enabled():
         # the eager route's gradient, bit for bit (grad * (1 / T), not grad / T)
         z = _KeptLogits.apply(x, z.detach(), inverse_temperature(f, R, acc, dev))

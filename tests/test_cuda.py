@@ -328,3 +328,53 @@ def test_linear_policy_loss_on_gpu(dtype):
     torch.testing.assert_close(loss, ref, rtol=tol, atol=tol)
     torch.testing.assert_close(hidden.grad.float(), h2.grad.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(weight.grad.float(), w2.grad.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_truncation_kernel_keeps_the_cpu_set(dtype):
+    # the CUDA kernel (radix descent) against the CPU kernel: threshold, kept
+    # and cut bit for bit wherever no cumulative mass is within rounding of
+    # top_p, the kept mass to rounding; greedy rows, ties, -inf tails
+    from pgest.ops.truncation import truncation_op
+
+    g = torch.Generator().manual_seed(5)
+    R, K = 64, 50000
+    x = (torch.randn(R, K, generator=g) * 3).to(dtype)
+    x[0, K // 2:] = -math.inf
+    x[1] = torch.randint(-3, 4, (K,), generator=g).to(dtype)
+    params = (torch.rand(R, dtype=torch.float64, generator=g) + 0.3, torch.randint(0, 300, (R,), generator=g),
+              torch.rand(R, dtype=torch.float64, generator=g) * 0.5 + 0.5,
+              torch.rand(R, dtype=torch.float64, generator=g) * 0.02)
+    params[0][2] = 0.0  # greedy
+    cpu = truncation_op(x, *params)
+    gpu = [t.cpu() for t in truncation_op(x.cuda(), *(p.cuda() for p in params))]
+    same = (cpu[0] == gpu[0]) & (cpu[1] == gpu[1]) & (cpu[3] == gpu[3])
+    assert same.sum() >= R - 2, f"{R - int(same.sum())} rows kept another set (top_p within rounding)"
+    torch.testing.assert_close(gpu[2][same], cpu[2][same], rtol=1e-5, atol=1e-9)
+
+
+def test_truncated_sampling_and_scoring_agree_and_never_synchronise():
+    from pgest import device_errors
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(512, 32000, device="cuda", generator=g, requires_grad=True)
+    kw = dict(temperature=0.7, top_k=50, top_p=0.95)
+
+    def step():
+        s = pgest.sample(x.detach(), generator=g, **kw)
+        lp, ent = pgest.log_prob(x, s.actions, **kw)
+        (lp.sum() + 0.01 * ent.sum()).backward()
+        x.grad = None
+        return s, lp
+
+    with pgest.sync_errors(False):
+        s, lp = step()
+        assert torch.equal(s.log_prob, lp.detach())  # sampler and trainer, bit for bit
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(2 * device_errors.FLUSH_EVERY):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        pgest.check_errors()

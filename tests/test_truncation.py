@@ -211,6 +211,59 @@ def test_sampler_statistics_without_the_masked_pass_are_the_trainers(kw, K, dtyp
     torch.testing.assert_close(s.entropy.double(), -(q * ref.nan_to_num(neginf=0.0)).sum(-1), **tol)
 
 
+@pytest.mark.parametrize("kw", [dict(top_k=1), dict(top_k=50), dict(top_k=9999), dict(top_p=0.5), dict(top_p=0.95),
+                                dict(top_p=0.99995), dict(top_k=3000, top_p=0.9), dict(top_p=0.9, min_p=0.01),
+                                dict(temperature=0.6, top_k=40, top_p=0.8), dict(temperature=0.0)],
+                         ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_the_gpu_selection_keeps_the_cpu_set(kw, dtype):
+    # The CUDA kernel's selection (radix descent over order keys, exact
+    # fixed-point masses; truncation.h) run here by a team of one thread:
+    # its record is the CPU kernel's (threshold, kept and cut bit for bit,
+    # kept mass to rounding) on the adversarial rows, wherever no cumulative
+    # mass is within rounding of top_p, and its set is the definition's.
+    from pgest.ops.truncation import truncation_radix
+    from pgest.truncation import filters
+
+    x = long_rows(5000, seed=3).to(dtype)
+    f = filters(x.shape[:-1], **kw)
+    full = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) | kw
+    rows = torch.ones(10, dtype=torch.bool)
+    if full["top_p"] < 1:
+        rows = ~near_top_p_boundary(x, full["temperature"], full["top_k"], full["top_p"], tol=2e-6)
+    assert rows.sum() >= 3
+    ours = truncation_radix(x, *f)
+    cpu = truncation_op(x, *f)
+    for j in (0, 1, 3):
+        assert torch.equal(ours[j][rows], cpu[j][rows]), j
+    torch.testing.assert_close(ours[2][rows], cpu[2][rows], rtol=1e-5, atol=1e-9)
+    if full["temperature"] > 0 and dtype != torch.float64:  # the definition's z: x / T in float32
+        z = x.float() / torch.tensor(full["temperature"], dtype=torch.float32)
+        kept = (z >= ours[0][:, None]) & (z > MINUS_INF)
+        assert torch.equal(kept[rows], reference_keep(x, **full)[rows])
+
+
+def test_the_gpu_selection_on_signed_zeros_and_bad_rows():
+    from pgest.ops.truncation import truncation_radix
+
+    one = torch.ones(1, dtype=torch.float64)
+    # +0 and -0 are one value: a tie, kept or left out together (their order
+    # keys differ; 0.5 of the mass falls between them if they are told apart)
+    x = torch.tensor([[2.0] + [0.0] * 3 + [-0.0] * 7])
+    for f in (truncation_radix, truncation_op):
+        assert int(f(x, one, torch.zeros(1, dtype=torch.int64), one * 0.5, one * 0)[1]) == 11
+    x = torch.randn(3, 50)
+    x[1, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"logits\[1, 7\]"):
+        truncation_radix(x, one, torch.zeros(1, dtype=torch.int64), one * 0.9, one * 0)
+    x[1, 7] = 1e30
+    with pytest.raises(ValueError, match="overflows"):
+        truncation_radix(x, one * 1e-10, torch.zeros(1, dtype=torch.int64), one * 0.9, one * 0)
+    x[1] = MINUS_INF
+    with pytest.raises(ValueError, match="-inf"):
+        truncation_radix(x, one, torch.zeros(1, dtype=torch.int64), one * 0.9, one * 0)
+
+
 def test_each_filter_keeps_what_transformers_warpers_keep():
     tf = pytest.importorskip("transformers")
     g = torch.Generator().manual_seed(0)

@@ -25,6 +25,7 @@
   Status discounted_returns_cpu(const ReturnsArgs& args, ErrorInfo* err);        \
   Status gae_cpu(const ReturnsArgs& args, ErrorInfo* err);                       \
   Status truncation_cpu(const TruncationArgs& args, ErrorInfo* err);             \
+  Status truncation_radix_cpu(const TruncationArgs& args, ErrorInfo* err);       \
   }                                                                              \
   }
 
@@ -144,6 +145,7 @@ PGEST_DISPATCH(log_prob_backward, LogProbArgs, log_prob_backward_cpu)
 PGEST_DISPATCH(discounted_returns, ReturnsArgs, discounted_returns_cpu)
 PGEST_DISPATCH(gae, ReturnsArgs, gae_cpu)
 PGEST_DISPATCH(truncation, TruncationArgs, truncation_cpu)
+PGEST_DISPATCH(truncation_radix, TruncationArgs, truncation_radix_cpu)
 
 }  // namespace cpu
 }  // namespace pgest

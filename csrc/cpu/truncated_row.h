@@ -323,37 +323,6 @@ inline int64_t gather_at_least(Row z, int64_t K, Acc v, Acc* out) {
   return n;
 }
 
-// Order-preserving integer keys of finite floats (a bisection over values).
-template <class Acc> struct OrderKey;
-template <> struct OrderKey<float> {
-  using type = uint32_t;
-  static type of(float v) {
-    uint32_t b;
-    std::memcpy(&b, &v, 4);
-    return b & 0x80000000u ? ~b : b | 0x80000000u;
-  }
-  static float value(type k) {
-    const uint32_t b = k & 0x80000000u ? k & 0x7fffffffu : ~k;
-    float v;
-    std::memcpy(&v, &b, 4);
-    return v;
-  }
-};
-template <> struct OrderKey<double> {
-  using type = uint64_t;
-  static type of(double v) {
-    uint64_t b;
-    std::memcpy(&b, &v, 8);
-    return b & (1ull << 63) ? ~b : b | (1ull << 63);
-  }
-  static double value(type k) {
-    const uint64_t b = k & (1ull << 63) ? k & ~(1ull << 63) : ~k;
-    double v;
-    std::memcpy(&v, &b, 8);
-    return v;
-  }
-};
-
 // n finite (value, mass) pairs sorted by value, descending, in a few
 // passes that do not branch on the values (a comparison sort mispredicts on
 // every other comparison: 25k cycles for top-p's 257 pairs): least
@@ -819,18 +788,6 @@ inline Acc top_p_threshold(const Acc* z, const Acc* e, int64_t K, Acc max, doubl
 
 namespace trunc_detail {
 
-// Row i's filter parameters, read once (disabled: top_k <= 0, top_p >= 1,
-// min_p <= 0).
-struct RowFilters {
-  int64_t top_k;
-  double top_p, min_p;
-};
-
-inline RowFilters row_filters(const TruncationParams& p, int64_t i) {
-  return RowFilters{p.top_k ? p.top_k[i * p.top_k_stride] : 0, p.top_p ? p.top_p[i * p.top_p_stride] : 1.0,
-                    p.min_p ? p.min_p[i * p.min_p_stride] : 0.0};
-}
-
 // The entries a selection gathered into sc.cz: every kept entry, and above
 // every entry left out of them.
 struct Candidates {
@@ -986,7 +943,7 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
   }
   // Whether a filter may leave entries out; without one (temperature alone)
   // the whole row's statistics, entropy included, are the sampler's.
-  const trunc_detail::RowFilters rf = trunc_detail::row_filters(p, i);
+  const RowFilters rf = row_filters(p, i);
   const bool filtered = p.given_threshold || rf.top_k > 0 || rf.top_p < 1.0 || rf.min_p > 0.0;
   // A small top-k set is listed (below); a wide set's pass reuses the whole
   // row's exponentials, kept for it.
@@ -1067,10 +1024,7 @@ inline Status truncate_row(const T* x, int64_t K, int64_t cs, const TruncationPa
     if (p.threshold) static_cast<Acc*>(p.threshold)[i] = smallest;
     if (p.kept) p.kept[i] = kept;
     if (p.kept_mass) p.kept_mass[i] = kept_mass;
-    if (p.cut) {  // midway, or the smallest kept value where the two are neighbouring floats
-      const Acc mid = smallest / 2 + dropped / 2;
-      static_cast<Acc*>(p.cut)[i] = dropped == -inf ? -inf : (mid > dropped ? mid : smallest);
-    }
+    if (p.cut) static_cast<Acc*>(p.cut)[i] = replay_cut(smallest, dropped);
     if (p.kept_logits) {
       Acc* kl = static_cast<Acc*>(p.kept_logits) + i * K;
       int64_t k = 0;

@@ -3,6 +3,8 @@
 // statistics, taken only where the kept mass is asked for, give it).
 #include <pgest/truncation.h>
 
+#include <algorithm>
+
 #include "parallel.h"
 #include "truncated_row.h"
 
@@ -33,11 +35,53 @@ Status run(const TruncationArgs& a, ErrorInfo* out_err) {
   return kOk;
 }
 
+// A team of one thread for radix_truncate_row (truncation.h): the CUDA
+// schedule's selection, serially.
+struct SerialTeam {
+  uint64_t counts[kRadixBins];
+  uint64_t masses[kRadixBins];
+  int rank() const { return 0; }
+  int size() const { return 1; }
+  void sync() {}
+  void clear() {
+    std::fill(counts, counts + kRadixBins, uint64_t(0));
+    std::fill(masses, masses + kRadixBins, uint64_t(0));
+  }
+  void count(int bin) { ++counts[bin]; }
+  void add_mass(int bin, uint64_t m) { masses[bin] += m; }
+  template <class V> V sum(V v) const { return v; }
+  template <class V> V max(V v) const { return v; }
+  template <class V> V min(V v) const { return v; }
+};
+
+template <class T>
+Status run_radix(const TruncationArgs& a, ErrorInfo* err) {
+  using Acc = typename AccOf<T>::type;
+  const T* base = static_cast<const T*>(a.logits);
+  SerialTeam team;
+  for (int64_t i = 0; i < a.rows; ++i) {
+    int64_t bad_col = -1;
+    const Status st = radix_truncate_row<T, Acc>(team, base + i * a.row_stride, a.cols, a.col_stride, a.params, i,
+                                                 bad_col);
+    if (st != kOk) {
+      err->status = st; err->row = i; err->col = bad_col;
+      if (bad_col >= 0) err->value = double(load<Acc>(base[i * a.row_stride + bad_col * a.col_stride]));
+      return st;
+    }
+  }
+  return kOk;
+}
+
 }  // namespace
 
 Status truncation_cpu(const TruncationArgs& a, ErrorInfo* err) {
   if (a.rows == 0) return kOk;
   return dispatch_float(a.dtype, [&](auto t) { return run<typename decltype(t)::type>(a, err); });
+}
+
+Status truncation_radix_cpu(const TruncationArgs& a, ErrorInfo* err) {
+  if (a.rows == 0) return kOk;
+  return dispatch_float(a.dtype, [&](auto t) { return run_radix<typename decltype(t)::type>(a, err); });
 }
 
 PGEST_NS_END

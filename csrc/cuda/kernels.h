@@ -12,6 +12,7 @@
 #include <pgest/reinforce_grad.h>
 #include <pgest/returns.h>
 #include <pgest/sample.h>
+#include <pgest/truncation.h>
 
 namespace pgest {
 namespace cuda {
@@ -30,6 +31,7 @@ Status log_prob_forward(const LogProbArgs& args, const Launch& l, ErrorInfo* err
 Status log_prob_backward(const LogProbArgs& args, const Launch& l, ErrorInfo* err);
 Status discounted_returns(const ReturnsArgs& args, const Launch& l, ErrorInfo* err);
 Status gae(const ReturnsArgs& args, const Launch& l, ErrorInfo* err);
+Status truncation(const TruncationArgs& args, const Launch& l, ErrorInfo* err);
 
 int device_count();
 const char* error_string(int code);

@@ -74,6 +74,50 @@ def truncation_native(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tens
     return threshold, kept, kept_mass, cut, z
 
 
+def _record_args(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor):
+    """A TruncationArgs for x's rows and the record tensors it points at
+    (threshold, kept, kept_mass, cut), on x's device; the parameters must be
+    there too."""
+    R, K = x.shape
+    acc = _checks.stats_dtype(x.dtype)
+    rec = (torch.empty(R, dtype=acc, device=x.device), torch.empty(R, dtype=torch.int64, device=x.device),
+           torch.empty(R, dtype=torch.float64, device=x.device), torch.empty(R, dtype=acc, device=x.device))
+    a = _C.TruncationArgs()
+    a.logits = x.data_ptr()
+    a.dtype = _checks.DTYPE_CODES[x.dtype]
+    a.rows, a.cols = R, K
+    a.row_stride, a.col_stride = x.stride()
+    fill_params(a.params, temperature, top_k, top_p, min_p, threshold=rec[0], kept=rec[1], kept_mass=rec[2],
+                cut=rec[3])
+    a.num_threads = _native.num_threads()
+    return a, rec
+
+
+def truncation_radix(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor):
+    """threshold, kept, kept_mass, cut by the CUDA schedule's selection
+    (radix descent, truncation.h): the CUDA kernel for CUDA logits, without
+    a host synchronisation (a refused row's error word is deferred, its
+    record NaN); for CPU logits the same row program with a team of one
+    thread, which is how the tests check the GPU's algorithm."""
+    # host parameters copied without waiting (a pageable source is staged before the call returns)
+    params = tuple(t.to(x.device, non_blocking=True) for t in (temperature, top_k, top_p, min_p))
+    a, rec = _record_args(x, *params)
+    if x.shape[0]:
+        if x.is_cuda:
+            res = _native.cuda_call("truncation", a, x.device, report=dict(input_name="logits", num_actions=x.shape[1]),
+                                    values=x)
+        else:
+            res = _C.truncation_radix_cpu(a)
+        if res[0]:
+            raise_for(res, temperature, x.shape[1])
+    return rec
+
+
+def cuda_kernel_built() -> bool:
+    """Whether this build has the CUDA truncation kernel."""
+    return hasattr(_C, "truncation_cuda")
+
+
 def mass_strictly_above(values: Tensor, masses: Tensor) -> Tensor:
     """Per entry of rows sorted in descending order, the mass of the entries
     strictly larger: the cumulative sum before the entry's tie group (ties
@@ -266,6 +310,8 @@ def truncation_op(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Ten
     check_values(temperature, top_k, top_p, min_p, logits.shape[0])
     if logits.device.type == "cpu":
         return truncation_native(logits, *(t.cpu() for t in (temperature, top_k, top_p, min_p)))[:4]
+    if logits.is_cuda and cuda_kernel_built():
+        return truncation_radix(logits, temperature, top_k, top_p, min_p)
     return truncation_in_torch_ops(logits, temperature, top_k, top_p, min_p)
 
 

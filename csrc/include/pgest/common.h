@@ -43,4 +43,24 @@ PGEST_HD float bits_float(uint32_t u) {
 #endif
 }
 
+PGEST_HD uint64_t double_bits(double f) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(f));
+#else
+  uint64_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+PGEST_HD double bits_double(uint64_t u) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(u));
+#else
+  double f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
 PGEST_NS_END

@@ -17,7 +17,7 @@ enum Status : int32_t {
   kOutOfMemory = 8,
   kCudaError = 9,         // `index` holds the cudaError_t
   kActionOutOfRange = 11, // actions[row, col] = `index` is not in [0, K) nor ignore_index
-  kActionOutsideKept = 12, // actions[row, col] lies outside a truncated row's kept set (found by torch ops)
+  kActionOutsideKept = 12, // actions[row, col] = `index` lies outside a truncated row's kept set
 };
 
 // Where the first failure happened. With several threads the lowest failing
