@@ -15,6 +15,8 @@ ST = torch.stack([X.amax(-1), torch.logsumexp(X, -1) - X.amax(-1)])
 ENT = torch.rand(R)
 HID, WT, B = torch.randn(R, H), torch.randn(K, H), torch.randn(K)
 ST3 = torch.zeros(3, R)
+TF = (torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.int64), torch.full((1,), 0.9, dtype=torch.float64),
+      torch.zeros(1, dtype=torch.float64))  # temperature, top_k, top_p, min_p
 
 CASES = [
     ("policy_loss stats without entropy", lambda: ops.policy_loss(X, A, W, 0.1, -100, ST, None), ValueError,
@@ -48,6 +50,20 @@ CASES = [
     ("linear_policy_loss no advantages",
      lambda: ops.linear_policy_loss(HID, WT, B, A, None, 0.0, -100, 1.0, "mean", 2, 2, [True] * 3), TypeError,
      "advantages"),
+    ("linear_truncated_log_prob int temperature",
+     lambda: ops.linear_truncated_log_prob(HID, WT, B, A, -100, *TF[1:2], *TF[1:], None, 4096), ValueError,
+     "temperature must be a"),
+    ("linear_truncated_log_prob short threshold",
+     lambda: ops.linear_truncated_log_prob(HID, WT, B, A, -100, *TF, torch.zeros(R - 1), 4096), ValueError,
+     "threshold must be"),
+    ("linear_truncated_log_prob no hidden",
+     lambda: ops.linear_truncated_log_prob(None, WT, B, A, -100, *TF, None, 4096), TypeError, "hidden"),
+    ("linear_truncated_log_prob_backward no stats",
+     lambda: ops.linear_truncated_log_prob_backward(None, ENT, HID, WT, B, A, None, ENT, ENT, -100, *TF, 4096,
+                                                    [True] * 3), TypeError, "stats"),
+    ("linear_truncated_log_prob_backward short needs",
+     lambda: ops.linear_truncated_log_prob_backward(None, ENT, HID, WT, B, A, ST, ENT, ENT, -100, *TF, 4096,
+                                                    [True]), ValueError, "needs must hold 3 flags"),
     ("gae no values", lambda: ops.gae(torch.randn(5, 2), None, torch.zeros(5, 2), 0.9, 0.9, None), TypeError,
      "values"),
 ]

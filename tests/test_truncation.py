@@ -566,6 +566,31 @@ def test_registered_op_opcheck():
         check_kept_op(z.int(), inside, None)
 
 
+def test_truncated_head_ops_opcheck():
+    from pgest.linear.truncated import truncated_log_prob_backward_op, truncated_log_prob_op
+
+    g = torch.Generator().manual_seed(42)
+    h, w, b = torch.randn(6, 8, generator=g), torch.randn(40, 8, generator=g), torch.randn(40, generator=g)
+    f = (torch.full((6,), 0.8, dtype=torch.float64), torch.tensor([10]), torch.tensor([0.9], dtype=torch.float64),
+         torch.tensor([0.0], dtype=torch.float64))
+    a = (h @ w.T + b).argmax(-1, keepdim=True)
+    for args in ((h, w, b, a, None, *f, None, 4096, 0.0), (h, w, None, a, -100, *f, None, 64, 30.0)):
+        torch.library.opcheck(truncated_log_prob_op, args)
+    lp, ent, st, found = truncated_log_prob_op(h, w, b, a, None, *f, None, 4096, 0.0)
+    torch.library.opcheck(truncated_log_prob_backward_op,
+                          (torch.ones_like(lp), torch.ones_like(ent), h, w, b, a, st, ent, found, None, *f, 4096,
+                           [True, True, True], 0.0))
+    with pytest.raises(ValueError, match="temperature must be finite and in"):
+        truncated_log_prob_op(h, w, b, a, None, -f[0], *f[1:], None, 4096, 0.0)
+    with pytest.raises(ValueError, match="found must be"):
+        truncated_log_prob_backward_op(None, torch.ones_like(ent), h, w, b, a, st, ent, found[:3], None, *f, 4096,
+                                       [True, True, True], 0.0)
+    with pytest.raises(ValueError, match="budget must be a positive"):
+        truncated_log_prob_op(h, w, b, a, None, *f, None, 0, 0.0)
+    with pytest.raises(ValueError, match=r"actions\[\d\] = \d+ is outside the kept set"):
+        truncated_log_prob_op(h, w, b, (h @ w.T + b).argmin(-1, keepdim=True), None, *f, None, 4096, 0.0)
+
+
 @pytest.mark.parametrize("kw,exc,match", [
     (dict(temperature=-1.0), ValueError, r"temperature must be in \[0"),
     (dict(temperature=float("nan")), ValueError, "temperature must be finite"),
@@ -843,29 +868,39 @@ def test_truncated_scoring_compiles_to_one_graph_with_eagers_bits():
         torch.compile(lambda x: pgest.entropy(x, temperature=-1.0))(x0)
 
 
-def test_truncated_head_inside_a_compiled_step_matches_eager():
-    # the head's truncated route is a graph break under torch.compile: a compiled
-    # step still takes it, and gives the eager step's numbers and gradients
+def test_truncated_head_compiles_to_one_graph_with_eagers_bits():
+    # the head's truncated scoring is a registered op: a compiled training
+    # step with it is one graph (fullgraph), and gives the eager step's
+    # log-probs, entropies and gradients bit for bit; the sampler (a
+    # generator) runs eagerly and agrees with the trainer
     import warnings
 
     g = torch.Generator().manual_seed(41)
     h, w = torch.randn(12, 16, generator=g), torch.randn(300, 16, generator=g)
+    temps = torch.rand(12, generator=g, dtype=torch.float64) + 0.5
+    s = pgest.linear_sample(h, w, top_p=0.8, temperature=temps, generator=torch.Generator().manual_seed(3))
 
-    def step(h, w, seed):
-        s = pgest.linear_sample(h, w, top_p=0.8, temperature=0.9, generator=torch.Generator().manual_seed(seed))
-        lp, ent = pgest.linear_log_prob(h, w, s.actions, top_p=0.8, temperature=0.9)
-        (lp.sum() + 0.1 * ent.sum()).backward()
-        return s.actions, s.log_prob, lp.detach(), ent.detach()
+    def loss(h, w, a, temps):
+        lp, ent = pgest.linear_log_prob(h, w, a, top_p=0.8, top_k=40, temperature=temps)
+        return lp.sum() + 0.1 * ent.sum(), lp, ent
 
+    def step(fn, h, w, a, temps):
+        total, lp, ent = fn(h, w, a, temps)
+        total.backward()
+        return lp.detach(), ent.detach()
+
+    s2 = pgest.linear_sample(h, w, top_p=0.8, top_k=40, temperature=temps, generator=torch.Generator().manual_seed(3))
     he, we = h.clone().requires_grad_(), w.clone().requires_grad_()
-    eager = step(he, we, 3)
+    eager = step(loss, he, we, s2.actions, temps)
+    assert torch.equal(eager[0], s2.log_prob)  # sampler and trainer, bit for bit
     hc, wc = h.clone().requires_grad_(), w.clone().requires_grad_()
+    torch._dynamo.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled = torch.compile(step)(hc, wc, 3)
+        compiled = step(torch.compile(loss, fullgraph=True), hc, wc, s2.actions, temps)
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
-    assert torch.equal(eager[1], eager[2])  # sampler and trainer, bit for bit
     assert torch.equal(he.grad, hc.grad) and torch.equal(we.grad, wc.grad)
+    assert s.actions.shape == (12,)
     with pytest.raises(NotImplementedError, match="torch.func"):
-        torch.func.grad(lambda h: pgest.linear_log_prob(h, w, eager[0], top_p=0.8).log_prob.sum())(h)
+        torch.func.grad(lambda h: pgest.linear_log_prob(h, w, s2.actions, top_p=0.8).log_prob.sum())(h)

@@ -59,7 +59,9 @@ from ..ops.log_prob import (
 from ..ops.sample import sample_native
 from ..philox import cpu_seed, seed_tensor
 from ..philox import uniforms as philox_uniforms
+from ..truncation import Truncation, filters, replayed_threshold
 from .tiles import HALF, MM_OUT_DTYPE, PIECE, logits_tile, mm_rows, padded_rows, soft_cap_, soft_cap_grad_
+from .truncated import ShardedTruncatedLinearLogProb, block_budget, sample_tokens, truncated_log_prob_op
 
 # Tile sizes (tokens, vocabulary); override per call with token_tile= /
 # vocab_tile=. CPU: measured at (2048 tokens, H 1024, V 32000) fp32 fwd+bwd on
@@ -734,15 +736,37 @@ def _truncation_setup(hidden, weight, bias, process_group, what: str):
                                   "call it eagerly, or use pgest.log_prob / pgest.sample on the logits")
 
 
-# The truncated head runs eagerly: under torch.compile it is a graph break (its
-# blocks, data-dependent selections and collectives are not traceable), so a
-# compiled training step still takes it.
-@torch.compiler.disable
+# One process: the registered op (its blocks run inside it), so a compiled
+# step traces through. Over a process group the collectives run eagerly:
+# under torch.compile that call is a graph break.
 def _truncated_log_prob(hidden, weight, actions, bias, temperature, top_k, top_p, min_p, threshold, ignore_index,
                         token_tile, vocab_tile, process_group, reduce_hidden_grad, softcap) -> LinearLogProb:
-    from ..truncation import filters, replayed_threshold
-    from .truncated import TruncatedLinearLogProb, block_budget
+    if process_group is not None:
+        return _sharded_truncated_log_prob(hidden, weight, actions, bias, temperature, top_k, top_p, min_p, threshold,
+                                           ignore_index, token_tile, vocab_tile, process_group, reduce_hidden_grad,
+                                           softcap)
+    _truncation_setup(hidden, weight, bias, None, "linear_log_prob")
+    softcap = check_softcap(softcap)
+    lead, S = check_token_actions(hidden, actions)
+    ii = check_ignore_index(ignore_index)
+    tn, tv = tile_sizes(hidden, token_tile, vocab_tile)
+    a2 = index_tensor(actions, weight.shape[0]).reshape(-1, S)
+    f = filters(lead, temperature, top_k, top_p, min_p)
+    if threshold is not None:
+        threshold = replayed_threshold(threshold, lead.numel(), _checks.stats_dtype(hidden.dtype), hidden.device,
+                                       "token")
+    try:
+        lp, ent, _, _ = truncated_log_prob_op(token_rows(hidden), weight, bias, a2, ii, *f, threshold,
+                                              block_budget(token_tile, vocab_tile, tn, tv), softcap)
+    except (ValueError, IndexError) as e:
+        raise type(e)(_status.unflatten_message(str(e), lead)) from None
+    return LinearLogProb(lp.view(actions.shape), ent.view(lead))
 
+
+@torch.compiler.disable
+def _sharded_truncated_log_prob(hidden, weight, actions, bias, temperature, top_k, top_p, min_p, threshold,
+                                ignore_index, token_tile, vocab_tile, process_group, reduce_hidden_grad,
+                                softcap) -> LinearLogProb:
     error, lead = None, ()
     try:
         _truncation_setup(hidden, weight, bias, process_group, "linear_log_prob")
@@ -751,20 +775,18 @@ def _truncated_log_prob(hidden, weight, actions, bias, temperature, top_k, top_p
         ii = check_ignore_index(ignore_index)
         tn, tv = tile_sizes(hidden, token_tile, vocab_tile)
         # over a group the range is checked against the whole vocabulary, on every rank
-        a2 = index_tensor(actions, -1 if process_group is not None else weight.shape[0]).reshape(-1, S)
+        a2 = index_tensor(actions, -1).reshape(-1, S)
         f = filters(lead, temperature, top_k, top_p, min_p)
         if threshold is not None:
             threshold = replayed_threshold(threshold, lead.numel(), _checks.stats_dtype(hidden.dtype),
                                            hidden.device, "token")
     except (ValueError, TypeError, IndexError, NotImplementedError, RuntimeError) as e:
-        if process_group is None:
-            raise
         error = e  # raised on every rank by the first collective
-    shard = None if process_group is None else _shard(weight, process_group, hidden, error)
+    shard = _shard(weight, process_group, hidden, error)
     try:
-        lp, ent = TruncatedLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, f, threshold,
-                                               block_budget(token_tile, vocab_tile, tn, tv), shard,
-                                               bool(reduce_hidden_grad), softcap)
+        lp, ent = ShardedTruncatedLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, f, threshold,
+                                                      block_budget(token_tile, vocab_tile, tn, tv), shard,
+                                                      bool(reduce_hidden_grad), softcap)
     except (ValueError, IndexError) as e:
         raise type(e)(_status.unflatten_message(str(e), lead)) from None
     return LinearLogProb(lp.view(actions.shape), ent.view(lead))
@@ -893,8 +915,6 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
 def _truncated_sample(hidden, weight, bias, temperature, top_k, top_p, min_p, num_samples, generator, token_tile,
                       vocab_tile, process_group, softcap):
     from ..sample import TruncatedSample
-    from ..truncation import Truncation, filters
-    from .truncated import block_budget, sample_tokens
 
     error, seed = None, 0
     try:

@@ -22,7 +22,7 @@ same numbers (one process's on the whole logits, to rounding).
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -148,92 +148,217 @@ def _kept(x: Tensor, f: Filters, threshold: Optional[Tensor], shard) -> Tuple[Te
     return z, rec
 
 
-class TruncatedLinearLogProb(torch.autograd.Function):
-    """log p and entropy of the truncated distribution per token, through
-    blocks of tokens; the backward rebuilds each block's kept logits from the
-    thresholds the forward found (the set is a constant of the step)."""
+def truncated_forward(h2: Tensor, w: Tensor, b: Optional[Tensor], actions: Tensor, ignore_index: Optional[int],
+                      f: Filters, threshold: Optional[Tensor], budget: int, shard=None, softcap: float = 0.0):
+    """(N, H) tokens -> log_prob (N, S), entropy (N,), stats (2, N) = [max,
+    log Z] of the kept sets, and found (N,): each token's smallest kept z
+    (the set the backward takes again)."""
+    N = h2.shape[0]
+    acc = _checks.stats_dtype(h2.dtype)
+    dev = h2.device
+    S = actions.shape[1]
+    lp = torch.empty((N, S), dtype=acc, device=dev)
+    ent = torch.empty((N,), dtype=acc, device=dev)
+    stats = torch.empty((2, N), dtype=acc, device=dev)
+    found = torch.empty((N,), dtype=acc, device=dev)
+    tb = _block_size(N, w, budget, shard)
+    buffer = _buffer(h2, w, tb)
+    for r0 in range(0, N, tb):
+        r1 = min(N, r0 + tb)
+        x = _block_logits(h2[r0:r1].detach(), w.detach(), None if b is None else b.detach(), buffer, softcap)
+        given = None if threshold is None else threshold[r0:r1]
+        a = actions[r0:r1]
+        if _scored_natively(x, shard):  # the kept set taken by the kernels: no kept logits
+            lp[r0:r1], ent[r0:r1], stats[:, r0:r1], _ = forward_rows(
+                x, a, ignore_index, truncation=(_rows(f, r0, r1), given, found[r0:r1]))
+            continue
+        z, rec = _kept(x, _rows(f, r0, r1), given, shard)
+        if shard is None:
+            scale = check_kept(z, a, ignore_index, None)  # deferred on CUDA: the rows poisoned
+            lp[r0:r1], ent[r0:r1], stats[:, r0:r1], _ = forward_rows(z, a, ignore_index)
+            if scale is not None:
+                lp[r0:r1] *= scale[:, None].to(lp.dtype)
+                ent[r0:r1] *= scale.to(ent.dtype)
+        else:
+            from ..distributed.truncation import check_kept_shard
+            from ..distributed.vocab_parallel import forward as shard_forward
+
+            check_kept_shard(z, a, ignore_index, shard.layout, shard.group)
+            lp[r0:r1], ent[r0:r1], st, _ = shard_forward(z, a, ignore_index, shard.group)
+            stats[:, r0:r1] = st[:2]
+        found[r0:r1] = rec.threshold if rec is not None else given
+    return lp, ent, stats, found
+
+
+def truncated_backward(grad_lp: Optional[Tensor], grad_ent: Optional[Tensor], h2: Tensor, w: Tensor,
+                       b: Optional[Tensor], actions: Tensor, stats: Tensor, ent: Tensor, found: Tensor,
+                       ignore_index: Optional[int], f: Filters, budget: int, needs, shard=None,
+                       reduce_hidden: bool = True, softcap: float = 0.0):
+    """The gradients of hidden, weight and bias (None where ``needs`` says
+    no): each block's logits again, their gradient through the kept sets
+    the forward found, then the products (no differentiable form: the
+    autograd formulas refuse create_graph=True before calling it)."""
+    N = h2.shape[0]
+    acc = _checks.stats_dtype(h2.dtype)
+    need_h, need_w, need_b = needs[0], needs[1], b is not None and needs[2]
+    gh = torch.zeros_like(h2) if need_h else None
+    gw = torch.zeros(w.shape, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32,
+                     device=w.device) if need_w else None
+    gb = torch.zeros(w.shape[0], dtype=gw.dtype if gw is not None else torch.float32,
+                     device=w.device) if need_b else None
+    cols = {} if shard is None else dict(col_offset=shard.offset, total_cols=shard.total)
+    tb = _block_size(N, w, budget, shard)
+    buffer = _buffer(h2, w, tb)
+    for r0 in range(0, N, tb):
+        r1 = min(N, r0 + tb)
+        x = _block_logits(h2[r0:r1], w, b, buffer, softcap)
+        fb = _rows(f, r0, r1)
+        upstream = dict(grad_log_prob=None if grad_lp is None else grad_lp[r0:r1],
+                        grad_entropy=None if grad_ent is None else grad_ent[r0:r1])
+        if _scored_natively(x, shard):
+            dz = backward_rows(x, actions[r0:r1], ignore_index, stats[:, r0:r1], ent[r0:r1], **upstream,
+                               truncation=(fb, found[r0:r1], None))
+        else:
+            z, _ = _kept(x, fb, found[r0:r1], shard)
+            dz = backward_rows(z, actions[r0:r1], ignore_index, stats[:, r0:r1], ent[r0:r1], **upstream,
+                               row_scale=inverse_temperature(fb, r1 - r0, acc, z.device), **cols)
+        soft_cap_grad_(dz, x, 1.0, softcap)  # x: the block's capped logits before the temperature
+        if need_h:
+            gh[r0:r1] = mm_rows(dz.to(w.dtype), w).to(h2.dtype)  # a token's rows its own bits (tiles.py)
+        if need_w:
+            gw += (dz.to(h2.dtype).T @ h2[r0:r1]).to(gw.dtype)
+        if need_b:
+            gb += dz.sum(0).to(gb.dtype)
+    if gh is not None and shard is not None and reduce_hidden:
+        shard.sum_(gh)  # each rank's shard holds its share of hidden's gradient
+    return gh, None if gw is None else gw.to(w.dtype), None if gb is None else gb.to(b.dtype)
+
+
+class ShardedTruncatedLinearLogProb(torch.autograd.Function):
+    """The truncated head over a process group (eager: collectives)."""
 
     @staticmethod
-    def forward(ctx, h2, w, b, actions, ignore_index, f: Filters, threshold, budget, shard=None,
-                reduce_hidden=True, softcap=0.0):
-        N = h2.shape[0]
-        acc = _checks.stats_dtype(h2.dtype)
-        dev = h2.device
-        S = actions.shape[1]
-        lp = torch.empty((N, S), dtype=acc, device=dev)
-        ent = torch.empty((N,), dtype=acc, device=dev)
-        stats = torch.empty((2, N), dtype=acc, device=dev)
-        found = torch.empty((N,), dtype=acc, device=dev)
-        tb = _block_size(N, w, budget, shard)
-        buffer = _buffer(h2, w, tb)
-        for r0 in range(0, N, tb):
-            r1 = min(N, r0 + tb)
-            x = _block_logits(h2[r0:r1].detach(), w.detach(), None if b is None else b.detach(), buffer, softcap)
-            given = None if threshold is None else threshold[r0:r1]
-            a = actions[r0:r1]
-            if _scored_natively(x, shard):  # the kept set taken by the kernels: no kept logits
-                lp[r0:r1], ent[r0:r1], stats[:, r0:r1], _ = forward_rows(
-                    x, a, ignore_index, truncation=(_rows(f, r0, r1), given, found[r0:r1]))
-                continue
-            z, rec = _kept(x, _rows(f, r0, r1), given, shard)
-            if shard is None:
-                scale = check_kept(z, a, ignore_index, None)  # deferred on CUDA: the rows poisoned
-                lp[r0:r1], ent[r0:r1], stats[:, r0:r1], _ = forward_rows(z, a, ignore_index)
-                if scale is not None:
-                    lp[r0:r1] *= scale[:, None].to(lp.dtype)
-                    ent[r0:r1] *= scale.to(ent.dtype)
-            else:
-                from ..distributed.truncation import check_kept_shard
-                from ..distributed.vocab_parallel import forward as shard_forward
-
-                check_kept_shard(z, a, ignore_index, shard.layout, shard.group)
-                lp[r0:r1], ent[r0:r1], st, _ = shard_forward(z, a, ignore_index, shard.group)
-                stats[:, r0:r1] = st[:2]
-            found[r0:r1] = rec.threshold if rec is not None else given
+    def forward(ctx, h2, w, b, actions, ignore_index, f: Filters, threshold, budget, shard, reduce_hidden=True,
+                softcap=0.0):
+        lp, ent, stats, found = truncated_forward(h2, w, b, actions, ignore_index, f, threshold, budget, shard,
+                                                  softcap)
         ctx.save_for_backward(h2, w, b, actions, stats, ent, found)
-        ctx.f, ctx.ignore_index, ctx.tb, ctx.shard, ctx.reduce_hidden = f, ignore_index, tb, shard, reduce_hidden
-        ctx.softcap = softcap
-        ctx.mark_non_differentiable(stats)
+        ctx.args = (ignore_index, f, budget, shard, reduce_hidden, softcap)
         return lp, ent
 
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
-        refuse_double_backward("linear_log_prob with truncation (top_k, top_p, min_p, threshold or a temperature "
-                               "tensor)", "yet; use pgest.log_prob on the logits for them")
+        _refuse_double_backward()
         h2, w, b, actions, stats, ent, found = ctx.saved_tensors
-        N = h2.shape[0]
-        acc = _checks.stats_dtype(h2.dtype)
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and \
-            ctx.needs_input_grad[2]
-        gh = torch.zeros_like(h2) if need_h else None
-        gw = torch.zeros(w.shape, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32,
-                         device=w.device) if need_w else None
-        gb = torch.zeros(w.shape[0], dtype=gw.dtype if gw is not None else torch.float32,
-                         device=w.device) if need_b else None
-        shard = ctx.shard
-        cols = {} if shard is None else dict(col_offset=shard.offset, total_cols=shard.total)
-        buffer = _buffer(h2, w, ctx.tb)
-        for r0 in range(0, N, ctx.tb):
-            r1 = min(N, r0 + ctx.tb)
-            x = _block_logits(h2[r0:r1], w, b, buffer, ctx.softcap)
-            fb = _rows(ctx.f, r0, r1)
-            upstream = dict(grad_log_prob=None if grad_lp is None else grad_lp[r0:r1],
-                            grad_entropy=None if grad_ent is None else grad_ent[r0:r1])
-            if _scored_natively(x, shard):
-                dz = backward_rows(x, actions[r0:r1], ctx.ignore_index, stats[:, r0:r1], ent[r0:r1], **upstream,
-                                   truncation=(fb, found[r0:r1], None))
-            else:
-                z, _ = _kept(x, fb, found[r0:r1], shard)
-                dz = backward_rows(z, actions[r0:r1], ctx.ignore_index, stats[:, r0:r1], ent[r0:r1], **upstream,
-                                   row_scale=inverse_temperature(fb, r1 - r0, acc, z.device), **cols)
-            soft_cap_grad_(dz, x, 1.0, ctx.softcap)  # x: the block's capped logits before the temperature
-            if need_h:
-                gh[r0:r1] = mm_rows(dz.to(w.dtype), w).to(h2.dtype)  # a token's rows its own bits (tiles.py)
-            if need_w:
-                gw += (dz.to(h2.dtype).T @ h2[r0:r1]).to(gw.dtype)
-            if need_b:
-                gb += dz.sum(0).to(gb.dtype)
-        if gh is not None and shard is not None and ctx.reduce_hidden:
-            shard.sum_(gh)  # each rank's shard holds its share of hidden's gradient
-        return (gh, None if gw is None else gw.to(w.dtype), None if gb is None else gb.to(b.dtype),
-                None, None, None, None, None, None, None, None)
+        ignore_index, f, budget, shard, reduce_hidden, softcap = ctx.args
+        gh, gw, gb = truncated_backward(grad_lp, grad_ent, h2, w, b, actions, stats, ent, found, ignore_index, f,
+                                        budget, ctx.needs_input_grad[:3], shard, reduce_hidden, softcap)
+        return (gh, gw, gb) + (None,) * 8
+
+
+# One process: registered ops, so that torch.compile traces a step through
+# the truncated head as one graph (the blocks run inside the op).
+
+@torch.library.custom_op("pgest::linear_truncated_log_prob", mutates_args=())
+def truncated_log_prob_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], actions: Tensor,
+                          ignore_index: Optional[int], temperature: Tensor, top_k: Tensor, top_p: Tensor,
+                          min_p: Tensor, threshold: Optional[Tensor], budget: int,
+                          softcap: float = 0.0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(N, H) hidden, (V, H) weight, (N, S) int64 actions and the filters
+    (pgest.truncation.Filters: (N,) or (1,) float64, top_k int64; CPU) ->
+    log_prob (N, S), entropy (N,), stats (2, N), found (N,) of the kept
+    sets; ``threshold`` (N,) of the accumulation type replays a set."""
+    _check_op_args(hidden, weight, bias, actions, temperature, top_k, top_p, min_p, threshold, budget)
+    f = Filters(temperature, top_k, top_p, min_p)
+    return truncated_forward(hidden, weight, bias, actions, ignore_index, f, threshold, budget, None, softcap)
+
+
+@truncated_log_prob_op.register_fake
+def _(hidden, weight, bias, actions, ignore_index, temperature, top_k, top_p, min_p, threshold, budget, softcap=0.0):
+    N, S = actions.shape
+    acc = _checks.stats_dtype(hidden.dtype)
+    return (hidden.new_empty((N, S), dtype=acc), hidden.new_empty((N,), dtype=acc),
+            hidden.new_empty((2, N), dtype=acc), hidden.new_empty((N,), dtype=acc))
+
+
+@torch.library.custom_op("pgest::linear_truncated_log_prob_backward", mutates_args=())
+def truncated_log_prob_backward_op(grad_log_prob: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor,
+                                   weight: Tensor, bias: Optional[Tensor], actions: Tensor, stats: Tensor,
+                                   entropy: Tensor, found: Tensor, ignore_index: Optional[int], temperature: Tensor,
+                                   top_k: Tensor, top_p: Tensor, min_p: Tensor, budget: int, needs: List[bool],
+                                   softcap: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients for hidden, weight and bias (an empty tensor where ``needs``
+    says it is not wanted or there is no bias)."""
+    _check_op_args(hidden, weight, bias, actions, temperature, top_k, top_p, min_p, None, budget)
+    _checks.check_needs(needs)
+    N, S = actions.shape
+    acc = _checks.stats_dtype(hidden.dtype)
+    for t, name, shape in ((stats, "stats", (2, N)), (entropy, "entropy", (N,)), (found, "found", (N,))):
+        _checks.check_tensor(t, name)
+        if tuple(t.shape) != shape or t.dtype != acc:
+            raise ValueError(f"{name} must be {shape} {acc} from pgest::linear_truncated_log_prob, got "
+                             f"{tuple(t.shape)} {t.dtype}")
+    if grad_log_prob is not None and tuple(grad_log_prob.shape) != (N, S):
+        raise ValueError(f"grad_log_prob must have shape ({N}, {S}), got {tuple(grad_log_prob.shape)}")
+    if grad_entropy is not None and tuple(grad_entropy.shape) != (N,):
+        raise ValueError(f"grad_entropy must have shape ({N},), got {tuple(grad_entropy.shape)}")
+    gh, gw, gb = truncated_backward(grad_log_prob, grad_entropy, hidden, weight, bias, actions, stats, entropy, found,
+                                    ignore_index, Filters(temperature, top_k, top_p, min_p), budget, needs,
+                                    softcap=softcap)
+    empty = hidden.new_empty((0,))
+    return (gh if gh is not None else empty, gw if gw is not None else empty.clone(),
+            gb if gb is not None else empty.clone())
+
+
+@truncated_log_prob_backward_op.register_fake
+def _(grad_log_prob, grad_entropy, hidden, weight, bias, actions, stats, entropy, found, ignore_index, temperature,
+      top_k, top_p, min_p, budget, needs, softcap=0.0):
+    _checks.check_needs(needs)
+    return (hidden.new_empty(hidden.shape) if needs[0] else hidden.new_empty((0,)),
+            weight.new_empty(weight.shape) if needs[1] else hidden.new_empty((0,)),
+            bias.new_empty(bias.shape) if needs[2] and bias is not None else hidden.new_empty((0,)))
+
+
+def _check_op_args(hidden, weight, bias, actions, temperature, top_k, top_p, min_p, threshold, budget) -> None:
+    """The registered ops' arguments, checked as the public call checks them."""
+    from ..ops.truncation import check_values
+
+    _checks.check_head_rows(hidden, weight, bias, actions, 1.0)
+    check_values(temperature, top_k, top_p, min_p, hidden.shape[0])
+    if threshold is not None:
+        _checks.check_tensor(threshold, "threshold")
+        acc = _checks.stats_dtype(hidden.dtype)
+        if tuple(threshold.shape) != (hidden.shape[0],) or threshold.dtype != acc:
+            raise ValueError(f"threshold must be ({hidden.shape[0]},) {acc}, got {tuple(threshold.shape)} "
+                             f"{threshold.dtype}")
+    if not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a positive number of logits, got {budget}")
+
+
+def _refuse_double_backward() -> None:
+    refuse_double_backward("linear_log_prob with truncation (top_k, top_p, min_p, threshold or a temperature "
+                           "tensor)", "yet; use pgest.log_prob on the logits for them")
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, actions, ignore_index, temperature, top_k, top_p, min_p, _, budget, softcap = inputs
+    _, ent, stats, found = output
+    ctx.save_for_backward(hidden, weight, bias, actions, stats, ent, found, temperature, top_k, top_p, min_p)
+    ctx.args = (ignore_index, budget, softcap)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(stats, found)
+
+
+def _backward(ctx, grad_lp, grad_ent, _grad_stats, _grad_found):
+    hidden, weight, bias, actions, stats, ent, found, temperature, top_k, top_p, min_p = ctx.saved_tensors
+    ignore_index, budget, softcap = ctx.args
+    needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
+             bool(ctx.has_bias and ctx.needs_input_grad[2])]
+    _refuse_double_backward()
+    gh, gw, gb = truncated_log_prob_backward_op(grad_lp, grad_ent, hidden, weight, bias, actions, stats, ent, found,
+                                                ignore_index, temperature, top_k, top_p, min_p, budget, needs,
+                                                softcap)
+    return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None) + (None,) * 9
+
+
+truncated_log_prob_op.register_autograd(_backward, setup_context=_setup_context)

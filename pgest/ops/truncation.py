@@ -139,10 +139,11 @@ def midway_cut(threshold: Tensor, dropped: Tensor) -> Tensor:
 
 
 def truncation_in_torch_ops(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor):
-    """The same definitions on devices without a truncation kernel (CUDA, for
-    now): a sort of each row, so O(K log K) and a (R, K) workspace. The kept
-    set equals the kernel's except where a cumulative mass is within rounding
-    of top_p (the sums run in another order)."""
+    """The same definitions on devices without a truncation kernel (a build
+    without CUDA kernels, other devices): a sort of each row, so O(K log K)
+    and a (R, K) workspace. The kept set equals the kernel's except where a
+    cumulative mass is within rounding of top_p (the sums run in another
+    order)."""
     R, K = x.shape
     acc = _checks.stats_dtype(x.dtype)
     dev = x.device
