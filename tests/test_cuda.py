@@ -194,7 +194,6 @@ def test_deferred_errors_surface_without_check_errors():
 def test_a_training_step_never_synchronises():
     # sample, log_prob / policy_loss forward and backward, reinforce_grad, gae
     # and returns under torch's sync debug mode "error", past several flushes
-    from pgest import device_errors
 
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(256, 18, device="cuda", generator=g, requires_grad=True)
@@ -214,8 +213,16 @@ def test_a_training_step_never_synchronises():
         pgest.discounted_returns(rewards, dones, 0.99)
         x.grad = None
 
+    never_synchronises(step)
+
+
+def never_synchronises(step):
+    """Runs step once, then past several flushes of the deferred error words
+    under torch's sync debug mode "error"; step's first result."""
+    from pgest import device_errors
+
     with pgest.sync_errors(False):
-        step()  # first calls: allocator pools, pinned buffers, kernel loading
+        first = step()  # first calls: allocator pools, pinned buffers, kernel loading
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -224,6 +231,7 @@ def test_a_training_step_never_synchronises():
         finally:
             torch.cuda.set_sync_debug_mode(0)
         pgest.check_errors()
+    return first
 
 
 def test_cuda_graph_capture_of_a_step_with_a_bad_row():
@@ -354,8 +362,6 @@ def test_truncation_kernel_keeps_the_cpu_set(dtype):
 
 
 def test_truncated_sampling_and_scoring_agree_and_never_synchronise():
-    from pgest import device_errors
-
     g = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(512, 32000, device="cuda", generator=g, requires_grad=True)
     kw = dict(temperature=0.7, top_k=50, top_p=0.95)
@@ -367,14 +373,5 @@ def test_truncated_sampling_and_scoring_agree_and_never_synchronise():
         x.grad = None
         return s, lp
 
-    with pgest.sync_errors(False):
-        s, lp = step()
-        assert torch.equal(s.log_prob, lp.detach())  # sampler and trainer, bit for bit
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(2 * device_errors.FLUSH_EVERY):
-                step()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        pgest.check_errors()
+    s, lp = never_synchronises(step)
+    assert torch.equal(s.log_prob, lp.detach())  # sampler and trainer, bit for bit

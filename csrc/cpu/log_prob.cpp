@@ -4,8 +4,10 @@
 #include <pgest/log_prob.h>
 
 #include <cmath>
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
 #include <type_traits>
-#include <vector>
 
 #include "narrow_rows.h"
 #include "parallel.h"
@@ -202,7 +204,10 @@ Status backward(const LogProbArgs& a, ErrorInfo* out_err) {
     ErrorInfo err;
     RowScratch<Acc> sc(K, S, a.col_stride != 1);
     if (!sc.ok) { err.status = kOutOfMemory; err.row = begin; return err; }
-    std::vector<Acc> greedy(truncated ? size_t(K) : 0);  // a greedy row's kept logits
+    // a greedy row's kept logits
+    const std::unique_ptr<Acc, decltype(&std::free)> greedy(
+        truncated ? static_cast<Acc*>(std::malloc(sizeof(Acc) * size_t(K))) : nullptr, &std::free);
+    if (truncated && !greedy) { err.status = kOutOfMemory; err.row = begin; return err; }
     NarrowGroup<Acc> ng;
     auto group = [&](int64_t i0) {
       constexpr int W = NarrowGroup<Acc>::W;
@@ -257,9 +262,9 @@ Status backward(const LogProbArgs& a, ErrorInfo* out_err) {
           // greedy: z is 0 at the first maximum, -inf elsewhere, and does not depend on x
           int64_t at = 0;
           while (at + 1 < K && !(load<Acc>(x[at]) == cut)) ++at;
-          std::fill(greedy.begin(), greedy.end(), -Acc(INFINITY));
-          greedy[size_t(at)] = Acc(0);
-          backward_row<T, Acc>(a, i, static_cast<const Acc*>(greedy.data()), g, streaming, sc.order, Acc(0));
+          std::fill(greedy.get(), greedy.get() + K, -Acc(INFINITY));
+          greedy.get()[at] = Acc(0);
+          backward_row<T, Acc>(a, i, static_cast<const Acc*>(greedy.get()), g, streaming, sc.order, Acc(0));
         } else if (temperature == 1.0) {
           backward_row<T, Acc>(a, i, KeptView<std::remove_cv_t<std::remove_pointer_t<decltype(x)>>, Acc>{x, cut}, g,
                                streaming, sc.order, Acc(1));
