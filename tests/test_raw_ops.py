@@ -64,6 +64,11 @@ CASES = [
     ("linear_truncated_log_prob_backward short needs",
      lambda: ops.linear_truncated_log_prob_backward(None, ENT, HID, WT, B, A, ST, ENT, ENT, -100, *TF, 4096,
                                                     [True]), ValueError, "needs must hold 3 flags"),
+    ("linear_truncated_sample float seed",
+     lambda: ops.linear_truncated_sample(HID, WT, B, *TF, 1, torch.zeros(2), 4096), (TypeError, ValueError), "seed"),
+    ("linear_truncated_sample zero budget",
+     lambda: ops.linear_truncated_sample(HID, WT, B, *TF, 1, torch.zeros(2, dtype=torch.int64), 0), ValueError,
+     "budget"),
     ("gae no values", lambda: ops.gae(torch.randn(5, 2), None, torch.zeros(5, 2), 0.9, 0.9, None), TypeError,
      "values"),
 ]

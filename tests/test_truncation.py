@@ -567,7 +567,7 @@ def test_registered_op_opcheck():
 
 
 def test_truncated_head_ops_opcheck():
-    from pgest.linear.truncated import truncated_log_prob_backward_op, truncated_log_prob_op
+    from pgest.linear.truncated import truncated_log_prob_backward_op, truncated_log_prob_op, truncated_sample_op
 
     g = torch.Generator().manual_seed(42)
     h, w, b = torch.randn(6, 8, generator=g), torch.randn(40, 8, generator=g), torch.randn(40, generator=g)
@@ -587,6 +587,15 @@ def test_truncated_head_ops_opcheck():
                                        [True, True, True], 0.0)
     with pytest.raises(ValueError, match="budget must be a positive"):
         truncated_log_prob_op(h, w, b, a, None, *f, None, 0, 0.0)
+    seed = torch.tensor([7, 0])
+    torch.library.opcheck(truncated_sample_op, (h, w, b, *f, 3, seed, 4096, 0.0))
+    draws = truncated_sample_op(h, w, b, *f, 3, seed, 4096, 0.0)
+    lp2, _, _, _ = truncated_log_prob_op(h, w, b, draws[0], None, *f, None, 4096, 0.0)
+    assert torch.equal(lp2, draws[1])  # sampler and trainer, bit for bit
+    with pytest.raises(ValueError, match="num_samples"):
+        truncated_sample_op(h, w, b, *f, 0, seed, 4096, 0.0)
+    with pytest.raises(NotImplementedError, match="does not run under torch.func.vmap"):
+        torch.func.vmap(lambda hh: truncated_sample_op(hh, w, b, *f, 1, seed, 4096, 0.0)[0])(h[None])
     with pytest.raises(ValueError, match=r"actions\[\d\] = \d+ is outside the kept set"):
         truncated_log_prob_op(h, w, b, (h @ w.T + b).argmin(-1, keepdim=True), None, *f, None, 4096, 0.0)
 
@@ -902,5 +911,20 @@ def test_truncated_head_compiles_to_one_graph_with_eagers_bits():
         assert torch.equal(a, b)
     assert torch.equal(he.grad, hc.grad) and torch.equal(we.grad, wc.grad)
     assert s.actions.shape == (12,)
+
+    # the sampler too (no generator: the global one): the eager draws, bit for bit
+    def draw(h, w, temps):
+        t = pgest.linear_sample(h, w, top_p=0.8, top_k=40, temperature=temps, num_samples=2)
+        return t.actions, t.log_prob, t.entropy, *t.truncation
+
+    torch.manual_seed(5)
+    eager = draw(h, w, temps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled_draw = torch.compile(draw, fullgraph=True)
+        torch.manual_seed(5)
+        compiled = compiled_draw(h, w, temps)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
     with pytest.raises(NotImplementedError, match="torch.func"):
         torch.func.grad(lambda h: pgest.linear_log_prob(h, w, s2.actions, top_p=0.8).log_prob.sum())(h)

@@ -61,7 +61,13 @@ from ..philox import cpu_seed, seed_tensor
 from ..philox import uniforms as philox_uniforms
 from ..truncation import Truncation, filters, replayed_threshold
 from .tiles import HALF, MM_OUT_DTYPE, PIECE, logits_tile, mm_rows, padded_rows, soft_cap_, soft_cap_grad_
-from .truncated import ShardedTruncatedLinearLogProb, block_budget, sample_tokens, truncated_log_prob_op
+from .truncated import (
+    ShardedTruncatedLinearLogProb,
+    block_budget,
+    sample_tokens,
+    truncated_log_prob_op,
+    truncated_sample_op,
+)
 
 # Tile sizes (tokens, vocabulary); override per call with token_tile= /
 # vocab_tile=. CPU: measured at (2048 tokens, H 1024, V 32000) fp32 fwd+bwd on
@@ -911,9 +917,27 @@ def linear_sample(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = No
     return LinearSample(actions.view(shape), lp.view(shape), H.view(lead))
 
 
-@torch.compiler.disable
 def _truncated_sample(hidden, weight, bias, temperature, top_k, top_p, min_p, num_samples, generator, token_tile,
                       vocab_tile, process_group, softcap):
+    from ..sample import TruncatedSample
+
+    if process_group is None and traced():  # under torch.compile: the registered op, its seed a tensor
+        _truncation_setup(hidden, weight, bias, None, "linear_sample")
+        softcap, S, tn, tv, lead, shape = _sample_args(hidden, num_samples, generator, token_tile, vocab_tile,
+                                                       softcap)
+        f = filters(lead, temperature, top_k, top_p, min_p)
+        out = truncated_sample_op(token_rows(hidden.detach()), weight.detach(),
+                                  None if bias is None else bias.detach(), *f, S, seed_tensor(generator, hidden.device),
+                                  block_budget(token_tile, vocab_tile, tn, tv), softcap)
+        return TruncatedSample(out[0].view(shape), out[1].view(shape), out[2].view(lead),
+                               Truncation(*(t.view(lead) for t in out[3:])))
+    return _eager_truncated_sample(hidden, weight, bias, temperature, top_k, top_p, min_p, num_samples, generator,
+                                   token_tile, vocab_tile, process_group, softcap)
+
+
+@torch.compiler.disable
+def _eager_truncated_sample(hidden, weight, bias, temperature, top_k, top_p, min_p, num_samples, generator,
+                            token_tile, vocab_tile, process_group, softcap):
     from ..sample import TruncatedSample
 
     error, seed = None, 0

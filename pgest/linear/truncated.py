@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, device_errors
+from .._vmap import register_per_element, register_refusal
 from ..ops.log_prob import backward_rows, forward_rows, refuse_double_backward
 from ..ops.sample import sample_native
 from ..philox import uniforms as philox_uniforms
@@ -319,6 +320,49 @@ def _(grad_log_prob, grad_entropy, hidden, weight, bias, actions, stats, entropy
             bias.new_empty(bias.shape) if needs[2] and bias is not None else hidden.new_empty((0,)))
 
 
+@torch.library.custom_op("pgest::linear_truncated_sample", mutates_args=())
+def truncated_sample_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: Tensor, top_k: Tensor,
+                        top_p: Tensor, min_p: Tensor, num_samples: int, seed: Tensor, budget: int,
+                        softcap: float = 0.0) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(N, H) hidden, (V, H) weight and the filters -> actions (N, S),
+    log_prob (N, S), entropy (N,) and the record (threshold, kept,
+    kept_mass, cut) of each token's kept set: linear_sample with truncation
+    under torch.compile. ``seed``: the (2,) int64 of pgest.philox.seed_tensor."""
+    from ..ops.truncation import check_values
+
+    _checks.check_head(hidden, weight, bias, 1.0)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D (N, H) here, got shape {tuple(hidden.shape)}")
+    check_values(temperature, top_k, top_p, min_p, hidden.shape[0])
+    S = _checks.check_num_samples(num_samples)
+    _checks.check_seed(seed, hidden.device)
+    _check_budget(budget)
+    actions, lp, ent, rec = sample_tokens(hidden, weight, bias, Filters(temperature, top_k, top_p, min_p), S,
+                                          int(seed[0]), budget, None, softcap)
+    return (actions, lp, ent, *rec)
+
+
+@truncated_sample_op.register_fake
+def _(hidden, weight, bias, temperature, top_k, top_p, min_p, num_samples, seed, budget, softcap=0.0):
+    N = hidden.shape[0]
+    acc = _checks.stats_dtype(hidden.dtype)
+    return (hidden.new_empty((N, num_samples), dtype=torch.int64), hidden.new_empty((N, num_samples), dtype=acc),
+            hidden.new_empty((N,), dtype=acc), hidden.new_empty((N,), dtype=acc),
+            hidden.new_empty((N,), dtype=torch.int64), hidden.new_empty((N,), dtype=torch.float64),
+            hidden.new_empty((N,), dtype=acc))
+
+
+register_refusal(truncated_sample_op, "pgest.linear_sample")
+# per element: a vmapped weight needs its own gradient per batch element
+register_per_element(truncated_log_prob_op)
+register_per_element(truncated_log_prob_backward_op)
+
+
+def _check_budget(budget) -> None:
+    if not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a positive number of logits, got {budget}")
+
+
 def _check_op_args(hidden, weight, bias, actions, temperature, top_k, top_p, min_p, threshold, budget) -> None:
     """The registered ops' arguments, checked as the public call checks them."""
     from ..ops.truncation import check_values
@@ -331,8 +375,7 @@ def _check_op_args(hidden, weight, bias, actions, temperature, top_k, top_p, min
         if tuple(threshold.shape) != (hidden.shape[0],) or threshold.dtype != acc:
             raise ValueError(f"threshold must be ({hidden.shape[0]},) {acc}, got {tuple(threshold.shape)} "
                              f"{threshold.dtype}")
-    if not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget must be a positive number of logits, got {budget}")
+    _check_budget(budget)
 
 
 def _refuse_double_backward() -> None:
