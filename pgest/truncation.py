@@ -268,6 +268,10 @@ def replayed_threshold(threshold, rows: int, dtype: torch.dtype, device, what: s
     check_tensor(threshold, "threshold")
     if threshold.numel() != rows:
         raise ValueError(f"threshold must have one value per {what} ({rows}), got shape {tuple(threshold.shape)}")
+    if threshold.device.type == "cpu" and not traced() and bool(torch.isnan(threshold).any()):
+        # (elsewhere a NaN keeps nothing: the row's error is that it has no kept entry)
+        at = int(torch.isnan(threshold.reshape(-1)).nonzero()[0])
+        raise ValueError(f"threshold[{at}] is NaN: a replayed threshold must be a number (-inf keeps every entry)")
     return threshold.detach().reshape(rows).to(device, dtype)
 
 

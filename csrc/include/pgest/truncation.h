@@ -321,7 +321,7 @@ PGEST_HD Status radix_truncate_row(Team& team, const T* x, int64_t K, int64_t cs
   Acc cut = -inf;
   if (p.given_threshold) {  // the row's maximum is always kept
     const Acc g = static_cast<const Acc*>(p.given_threshold)[i];
-    cut = g < max ? g : max;
+    cut = max < g ? max : g;  // std::min's order, as the CPU takes it: a NaN keeps nothing (an error)
   } else {
     const RowFilters rf = row_filters(p, i);
     if (rf.top_k > 0 && rf.top_k < finite) cut = radix_kth<Acc>(team, z_at, K, rf.top_k);
