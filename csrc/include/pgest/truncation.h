@@ -188,8 +188,11 @@ inline Acc select_by_mass(Entry<Acc>* v, int64_t n, double target, double above,
 // A team of threads (a CUDA block; on the CPU, in the tests, one thread)
 // walks the order keys of the row's z a digit at a time from the most
 // significant, histogramming the entries still in play: by count for top-k,
-// by mass for top-p. A fixed number of passes over the row (4 per selection
-// in float32, 8 in float64), no sort, no workspace but two histograms.
+// by mass for top-p. A fixed number of passes over the row, no sort, no
+// workspace but two histograms: in float32 the max pass (which also takes
+// top-k's first histogram: counts need no max), 3 more for top-k, 4 for
+// top-p (whose first histogram gives the mass its fraction is of), and the
+// record's; each selection's 4 digits are 8 in float64.
 // Masses are fixed-point integers, exp(z - max) * 2^s truncated, with s such
 // that a whole row's sum fits in 62 bits: integer sums are exact in any
 // order, so the kept set depends on the row alone, never on how the team's
@@ -218,17 +221,27 @@ PGEST_HD uint64_t fixed_mass(Acc z, Acc max, int shift) {
   return uint64_t(double(exp_nonpos(z - max)) * double(uint64_t(1) << shift));
 }
 
+// The most significant digit of z's order key: the first round of radix_kth.
+template <class Acc>
+PGEST_HD int top_digit(Acc z) {
+  return int(OrderKey<Acc>::of(z) >> (8 * sizeof(typename OrderKey<Acc>::type) - kRadixBits));
+}
+
 // The k-th largest z (1 <= k <= the row's finite entries), by count.
+// first_counted: the team's counts already hold the first round's
+// histogram (top_digit of every entry, taken in the caller's pass).
 template <class Acc, class Team, class ZAt>
-PGEST_HD Acc radix_kth(Team& team, const ZAt& z_at, int64_t K, int64_t k) {
+PGEST_HD Acc radix_kth(Team& team, const ZAt& z_at, int64_t K, int64_t k, bool first_counted) {
   using Key = typename OrderKey<Acc>::type;
   Key prefix = 0, mask = 0;
   int64_t remaining = k;
   for (int shift = int(8 * sizeof(Key)) - kRadixBits; shift >= 0; shift -= kRadixBits) {
-    team.clear();
-    for (int64_t j = team.rank(); j < K; j += team.size()) {
-      const Key key = OrderKey<Acc>::of(z_at(j));
-      if ((key & mask) == prefix) team.count(int(key >> shift) & (kRadixBins - 1));
+    if (!(first_counted && mask == 0)) {
+      team.clear();
+      for (int64_t j = team.rank(); j < K; j += team.size()) {
+        const Key key = OrderKey<Acc>::of(z_at(j));
+        if ((key & mask) == prefix) team.count(int(key >> shift) & (kRadixBins - 1));
+      }
     }
     team.sync();
     int d = kRadixBins - 1;  // every thread scans the same histogram to the same digit
@@ -244,13 +257,16 @@ PGEST_HD Acc radix_kth(Team& team, const ZAt& z_at, int64_t K, int64_t k) {
 }
 
 // The smallest z >= floor whose strictly larger entries (>= floor) hold
-// less than `target` (> 0) of the fixed-point mass. Invariant: the largest
-// entry in play has `above` < target (the row's max has 0).
+// less than top_p of the fixed-point mass of the entries >= floor. The
+// first round's histogram holds every entry in play, so the target comes
+// from its masses (no pass of its own). Invariant: the largest entry in
+// play has `above` < target (the row's max has 0); top_p 0 keeps the max.
 template <class Acc, class Team, class ZAt>
-PGEST_HD Acc radix_top_p(Team& team, const ZAt& z_at, int64_t K, Acc max, int shift, Acc floor, double target) {
+PGEST_HD Acc radix_top_p(Team& team, const ZAt& z_at, int64_t K, Acc max, int shift, Acc floor, double top_p) {
   using Key = typename OrderKey<Acc>::type;
   Key prefix = 0, mask = 0;
   uint64_t above = 0;
+  double target = 0.0;
   for (int at = int(8 * sizeof(Key)) - kRadixBits; at >= 0; at -= kRadixBits) {
     team.clear();
     for (int64_t j = team.rank(); j < K; j += team.size()) {
@@ -263,6 +279,12 @@ PGEST_HD Acc radix_top_p(Team& team, const ZAt& z_at, int64_t K, Acc max, int sh
       team.add_mass(d, fixed_mass(z, max, shift));
     }
     team.sync();
+    if (prefix == 0 && mask == 0) {  // the first round: every entry in play (each thread sums the same bins)
+      uint64_t in_play = 0;
+      for (int d = 0; d < kRadixBins; ++d) in_play += team.masses[d];
+      target = top_p * double(in_play);
+      if (!(target > 0.0)) return max;
+    }
     // the lowest digit in play whose larger entries hold less than the target
     uint64_t run = above;
     int chosen = kRadixBins - 1;
@@ -292,6 +314,10 @@ PGEST_HD Status radix_truncate_row(Team& team, const T* x, int64_t K, int64_t cs
   const Acc t = greedy ? Acc(1) : Acc(temperature);
   auto z_at = [&](int64_t k) { return tempered(load<Acc>(x[k * cs]), t); };
   const int64_t none = INT64_MAX;
+  const RowFilters rf = row_filters(p, i);
+  // top-k's first histogram needs no max: taken in this pass
+  const bool count_top = !greedy && !p.given_threshold && rf.top_k > 0;
+  if (count_top) team.clear();
   Acc max = -inf;
   int64_t bad = none, finite = 0;
   for (int64_t k = team.rank(); k < K; k += team.size()) {
@@ -301,6 +327,7 @@ PGEST_HD Status radix_truncate_row(Team& team, const T* x, int64_t K, int64_t cs
     } else {
       max = z > max ? z : max;
       finite += z > -inf;
+      if (count_top) team.count(top_digit(z));
     }
   }
   bad = team.min(bad);
@@ -323,17 +350,9 @@ PGEST_HD Status radix_truncate_row(Team& team, const T* x, int64_t K, int64_t cs
     const Acc g = static_cast<const Acc*>(p.given_threshold)[i];
     cut = max < g ? max : g;  // std::min's order, as the CPU takes it: a NaN keeps nothing (an error)
   } else {
-    const RowFilters rf = row_filters(p, i);
-    if (rf.top_k > 0 && rf.top_k < finite) cut = radix_kth<Acc>(team, z_at, K, rf.top_k);
-    if (rf.top_p < 1.0) {
-      const int shift = mass_shift(K);
-      uint64_t in_play = 0;  // the mass the top-p fraction is of: the top-k set's (transformers' order)
-      for (int64_t k = team.rank(); k < K; k += team.size()) {
-        const Acc z = z_at(k);
-        if (z >= cut && z > -inf) in_play += fixed_mass(z, max, shift);
-      }
-      const double target = rf.top_p * double(team.sum(in_play));
-      const Acc tp = target > 0.0 ? radix_top_p<Acc>(team, z_at, K, max, shift, cut, target) : max;
+    if (rf.top_k > 0 && rf.top_k < finite) cut = radix_kth<Acc>(team, z_at, K, rf.top_k, true);
+    if (rf.top_p < 1.0) {  // of the top-k set's mass (transformers' order)
+      const Acc tp = radix_top_p<Acc>(team, z_at, K, max, mass_shift(K), cut, rf.top_p);
       cut = tp > cut ? tp : cut;
     }
     if (rf.min_p > 0.0) {
