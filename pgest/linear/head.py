@@ -751,22 +751,34 @@ def _truncated_log_prob(hidden, weight, actions, bias, temperature, top_k, top_p
         return _sharded_truncated_log_prob(hidden, weight, actions, bias, temperature, top_k, top_p, min_p, threshold,
                                            ignore_index, token_tile, vocab_tile, process_group, reduce_hidden_grad,
                                            softcap)
-    _truncation_setup(hidden, weight, bias, None, "linear_log_prob")
+    softcap, lead, a2, ii, f, threshold, budget = _truncated_log_prob_args(
+        hidden, weight, bias, actions, temperature, top_k, top_p, min_p, threshold, ignore_index, token_tile,
+        vocab_tile, None, softcap)
+    try:
+        lp, ent, _, _ = truncated_log_prob_op(token_rows(hidden), weight, bias, a2, ii, *f, threshold, budget,
+                                              softcap)
+    except (ValueError, IndexError) as e:
+        raise type(e)(_status.unflatten_message(str(e), lead)) from None
+    return LinearLogProb(lp.view(actions.shape), ent.view(lead))
+
+
+def _truncated_log_prob_args(hidden, weight, bias, actions, temperature, top_k, top_p, min_p, threshold, ignore_index,
+                             token_tile, vocab_tile, process_group, softcap):
+    """The truncated linear_log_prob's checked arguments: softcap, the tokens'
+    shape, (N, S) int64 actions, ignore_index, the filters, the replayed
+    threshold and the block budget. Over a group the actions' range is
+    checked against the whole vocabulary, on every rank (later)."""
+    _truncation_setup(hidden, weight, bias, process_group, "linear_log_prob")
     softcap = check_softcap(softcap)
     lead, S = check_token_actions(hidden, actions)
     ii = check_ignore_index(ignore_index)
     tn, tv = tile_sizes(hidden, token_tile, vocab_tile)
-    a2 = index_tensor(actions, weight.shape[0]).reshape(-1, S)
+    a2 = index_tensor(actions, -1 if process_group is not None else weight.shape[0]).reshape(-1, S)
     f = filters(lead, temperature, top_k, top_p, min_p)
     if threshold is not None:
         threshold = replayed_threshold(threshold, lead.numel(), _checks.stats_dtype(hidden.dtype), hidden.device,
                                        "token")
-    try:
-        lp, ent, _, _ = truncated_log_prob_op(token_rows(hidden), weight, bias, a2, ii, *f, threshold,
-                                              block_budget(token_tile, vocab_tile, tn, tv), softcap)
-    except (ValueError, IndexError) as e:
-        raise type(e)(_status.unflatten_message(str(e), lead)) from None
-    return LinearLogProb(lp.view(actions.shape), ent.view(lead))
+    return softcap, lead, a2, ii, f, threshold, block_budget(token_tile, vocab_tile, tn, tv)
 
 
 @torch.compiler.disable
@@ -775,24 +787,15 @@ def _sharded_truncated_log_prob(hidden, weight, actions, bias, temperature, top_
                                 softcap) -> LinearLogProb:
     error, lead = None, ()
     try:
-        _truncation_setup(hidden, weight, bias, process_group, "linear_log_prob")
-        softcap = check_softcap(softcap)
-        lead, S = check_token_actions(hidden, actions)
-        ii = check_ignore_index(ignore_index)
-        tn, tv = tile_sizes(hidden, token_tile, vocab_tile)
-        # over a group the range is checked against the whole vocabulary, on every rank
-        a2 = index_tensor(actions, -1).reshape(-1, S)
-        f = filters(lead, temperature, top_k, top_p, min_p)
-        if threshold is not None:
-            threshold = replayed_threshold(threshold, lead.numel(), _checks.stats_dtype(hidden.dtype),
-                                           hidden.device, "token")
+        softcap, lead, a2, ii, f, threshold, budget = _truncated_log_prob_args(
+            hidden, weight, bias, actions, temperature, top_k, top_p, min_p, threshold, ignore_index, token_tile,
+            vocab_tile, process_group, softcap)
     except (ValueError, TypeError, IndexError, NotImplementedError, RuntimeError) as e:
         error = e  # raised on every rank by the first collective
     shard = _shard(weight, process_group, hidden, error)
     try:
-        lp, ent = ShardedTruncatedLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, f, threshold,
-                                                      block_budget(token_tile, vocab_tile, tn, tv), shard,
-                                                      bool(reduce_hidden_grad), softcap)
+        lp, ent = ShardedTruncatedLinearLogProb.apply(token_rows(hidden), weight, bias, a2, ii, f, threshold, budget,
+                                                      shard, bool(reduce_hidden_grad), softcap)
     except (ValueError, IndexError) as e:
         raise type(e)(_status.unflatten_message(str(e), lead)) from None
     return LinearLogProb(lp.view(actions.shape), ent.view(lead))
