@@ -15,7 +15,7 @@ from ._checks import check_generator, check_logits, check_num_samples, stats_dty
 from .ops.log_prob import rows_of, traced
 from .ops.sample import draw_rows, sample_native
 from .philox import cpu_seed
-from .truncation import Truncation, empty_record, filters, kept_logits
+from .truncation import Truncation, empty_record, filters, kept_logits, record_of
 
 
 class Sample(NamedTuple):
@@ -106,7 +106,7 @@ def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Gener
                 check_generator(generator, x.device)
             record = empty_record(x.shape[0], stats_dtype(x.dtype))
             out = sample_native(x, S, cpu_seed(generator), shapes=(shape, lead), truncation=(*f, record))
-            return TruncatedSample(*out[:3], Truncation(*(t.view(lead) for t in record)))
+            return TruncatedSample(*out[:3], record_of(*record, lead))
         z, record = kept_logits(x, f, lead=lead)
         return TruncatedSample(*draw_rows(z, S, generator, (shape, lead))[:3], record)
     except ValueError as e:

@@ -65,10 +65,28 @@ class Filters(NamedTuple):
     min_p: Tensor        # float64
 
 
+# One-element parameter tensors by (value, dtype), shared between eager calls:
+# the kernels and the routes only read them, and making four fresh ones cost
+# about as much as the native pass on a 64 x 100 batch.
+_NUMBERS: dict = {}
+
+
+def _number(value, dtype: torch.dtype) -> Tensor:
+    if traced():  # a constant of the graph being traced
+        return torch.tensor([value], dtype=dtype)
+    key = (value, dtype)
+    t = _NUMBERS.get(key)
+    if t is None:
+        if len(_NUMBERS) >= 256:
+            _NUMBERS.clear()
+        t = _NUMBERS[key] = torch.tensor([value], dtype=dtype)
+    return t
+
+
 def _param(value, name: str, lead: torch.Size, default, dtype: torch.dtype, low: float, high: float) -> Tensor:
     R = lead.numel()
     if value is None:
-        return torch.tensor([default], dtype=dtype)
+        return _number(default, dtype)
     if isinstance(value, Tensor):
         if value.dtype == torch.bool or value.is_complex() or (dtype == torch.int64 and value.is_floating_point()):
             raise TypeError(f"{name} must be {'an integer' if dtype == torch.int64 else 'a real'} tensor, "
@@ -90,7 +108,7 @@ def _param(value, name: str, lead: torch.Size, default, dtype: torch.dtype, low:
             raise ValueError(f"{name} must be finite, got {value}")
         if not low <= value <= high:
             raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-        return torch.tensor([value], dtype=dtype)
+        return _number(value, dtype)
     if traced():  # data of the graph: checked where it runs (pgest::truncation, pgest::check_filters)
         return t
     if dtype == torch.float64 and not bool(torch.isfinite(t).all()):
@@ -275,7 +293,10 @@ def replayed_threshold(threshold, rows: int, dtype: torch.dtype, device, what: s
     return threshold.detach().reshape(rows).to(device, dtype)
 
 
-def _record(threshold, kept, kept_mass, cut, shape) -> Truncation:
+def record_of(threshold, kept, kept_mass, cut, shape) -> Truncation:
+    """The record tensors, (rows,) each, as a Truncation of the leading shape."""
+    if threshold.shape == shape:  # (rows,) already: four views cost as much as a small batch's draw
+        return Truncation(threshold, kept, kept_mass, cut)
     return Truncation(threshold.view(shape), kept.view(shape), None if kept_mass is None else kept_mass.view(shape),
                       cut.view(shape))
 
@@ -301,14 +322,14 @@ def kept_logits(x: Tensor, f: Filters, *, threshold: Optional[Tensor] = None, ke
         # one native pass: the set, its record and z
         *rec, z = truncation_native(x.detach(), *f, with_logits=True, with_mass=with_mass and threshold is None,
                                     given_threshold=None if threshold is None else threshold.contiguous())
-        record = None if threshold is not None else _record(*rec, shape)
+        record = None if threshold is not None else record_of(*rec, shape)
         if x.requires_grad and torch.is_grad_enabled():
             z = _KeptLogits.apply(x, z, inverse_temperature(f, R, acc, dev))
         return z, record
     record = None
     if threshold is None and kept_tokens is None:
         rec = truncation_rows(x.detach(), *f)
-        record = _record(*rec, shape)
+        record = record_of(*rec, shape)
         threshold = rec[0].to(dev)
     elif traced():  # no pgest::truncation call checks the parameters: this one does, where the graph runs
         f = f._replace(temperature=f.temperature * check_filters_op(*f))
@@ -381,4 +402,4 @@ def truncation(logits: Tensor, *, temperature=None, top_k=None, top_p=None, min_
     check_logits(logits)
     lead = logits.shape[:-1]
     f = filters(lead, temperature, top_k, top_p, min_p) or filters(lead, 1.0)
-    return _record(*truncation_rows(rows_of(logits.detach()), *f), lead)
+    return record_of(*truncation_rows(rows_of(logits.detach()), *f), lead)
