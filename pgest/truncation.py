@@ -284,6 +284,8 @@ def replayed_threshold(threshold, rows: int, dtype: torch.dtype, device, what: s
     """A ``threshold=`` argument checked (one value per row) and as the
     kernels take it: (rows,) of the accumulation type on the logits' device."""
     check_tensor(threshold, "threshold")
+    if threshold.is_complex() or threshold.dtype == torch.bool:
+        raise TypeError(f"threshold must be a real tensor, got {threshold.dtype}")
     if threshold.numel() != rows:
         raise ValueError(f"threshold must have one value per {what} ({rows}), got shape {tuple(threshold.shape)}")
     if threshold.device.type == "cpu" and not traced() and bool(torch.isnan(threshold).any()):

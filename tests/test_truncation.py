@@ -633,6 +633,8 @@ def test_bad_scoring_inputs():
         pgest.log_prob(x, a, threshold=torch.zeros(4), kept_tokens=(torch.tensor([0] * 4), torch.arange(5)))
     with pytest.raises(ValueError, match="one value per row"):
         pgest.log_prob(x, a, threshold=torch.zeros(3))
+    with pytest.raises(TypeError, match="threshold must be a real tensor"):
+        pgest.log_prob(x, a, threshold=torch.zeros(4, dtype=torch.complex64))
     with pytest.raises(ValueError, match=r"threshold\[2\] is NaN"):
         pgest.log_prob(x, a, threshold=torch.tensor([0.0, 1.0, float("nan"), 0.0]))
     nan = torch.randn(4, 10)
