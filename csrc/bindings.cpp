@@ -235,6 +235,8 @@ PYBIND11_MODULE(_C, m) {
       .PTR_PROPERTY(TruncationParams, min_p, const double*)
       .def_readwrite("min_p_stride", &TruncationParams::min_p_stride)
       .PTR_PROPERTY(TruncationParams, given_threshold, const void*)
+      .PTR_PROPERTY(TruncationParams, kept_ids, const int64_t*)
+      .PTR_PROPERTY(TruncationParams, kept_offsets, const int64_t*)
       .PTR_PROPERTY(TruncationParams, threshold, void*)
       .PTR_PROPERTY(TruncationParams, kept, int64_t*)
       .PTR_PROPERTY(TruncationParams, kept_mass, double*)

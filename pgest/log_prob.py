@@ -115,8 +115,8 @@ def log_prob(logits: Tensor, actions: Tensor, *, ignore_index: Optional[int] = -
         x = rows_of(logits)
         if truncated:
             f = filters(lead, temperature, top_k, top_p, min_p) or filters(lead, 1.0)
-            if _native_kept(x, kept_tokens):
-                return LogProb(*kept_scores(x, a, ii, f, threshold, (actions.shape, lead)))
+            if _native_kept(x):
+                return LogProb(*kept_scores(x, a, ii, f, threshold, (actions.shape, lead), kept_tokens))
             x, _ = kept_logits(x, f, threshold=threshold, kept_tokens=kept_tokens, with_mass=False)
             scale = check_kept(x, a, ii, lead)
         lp, ent = rows_pair(x, a, ii, (actions.shape, lead))
@@ -150,8 +150,8 @@ def entropy(logits: Tensor, *, temperature=None, top_k=None, top_p=None, min_p=N
         x = rows_of(logits)
         if truncated:
             f = filters(lead, temperature, top_k, top_p, min_p) or filters(lead, 1.0)
-            if _native_kept(x, kept_tokens):
-                return kept_scores(x, None, None, f, threshold, ((lead.numel(), 0), lead))[1]
+            if _native_kept(x):
+                return kept_scores(x, None, None, f, threshold, ((lead.numel(), 0), lead), kept_tokens)[1]
             x, _ = kept_logits(x, f, threshold=threshold, kept_tokens=kept_tokens, with_mass=False)
         _, ent = rows_pair(x, None, None, ((lead.numel(), 0), lead))
     except (ValueError, IndexError) as e:
@@ -159,11 +159,10 @@ def entropy(logits: Tensor, *, temperature=None, top_k=None, top_p=None, min_p=N
     return ent
 
 
-def _native_kept(x: Tensor, kept_tokens) -> bool:
+def _native_kept(x: Tensor) -> bool:
     """Whether the CPU kernels score the kept sets themselves (eager, CPU,
-    a set selected or replayed by threshold, checks not deferred); elsewhere
-    the kept logits are formed and scored."""
-    return x.device.type == "cpu" and kept_tokens is None and not traced() and not device_errors.defers(x)
+    checks not deferred); elsewhere the kept logits are formed and scored."""
+    return x.device.type == "cpu" and not traced() and not device_errors.defers(x)
 
 
 def _kept_shard(logits, actions, ignore_index, temperature, top_k, top_p, min_p, threshold, kept_tokens, group):

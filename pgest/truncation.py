@@ -34,6 +34,7 @@ from .ops.log_prob import (
     batched_upstream,
     creating_graph,
     forward_rows,
+    functorch_active,
     grad_in_torch_ops,
     rows_of,
     traced,
@@ -225,51 +226,60 @@ class _KeptScores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, aux):
-        actions, ignore_index, f, given, shapes = aux
+        actions, ignore_index, f, given, shapes, lists = aux
         threshold = torch.empty(x.shape[0], dtype=stats_dtype(x.dtype))
         lp, ent, st, _ = forward_rows(x, actions, ignore_index, shapes=shapes, fresh_stats=False,
-                                      truncation=(f, given, threshold))
-        ctx.save_for_backward(x, actions, st, ent, threshold)
+                                      truncation=(f, given, threshold, lists))
+        ctx.save_for_backward(x, actions, st, ent, threshold, *(() if lists is None else lists))
         ctx.filters, ctx.ignore_index = f, ignore_index
         ctx.set_materialize_grads(False)
         return lp, ent
 
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
-        x, actions, st, ent, threshold = ctx.saved_tensors
+        x, actions, st, ent, threshold, *lists = ctx.saved_tensors
         if grad_lp is None and grad_ent is None:
             return None, None
         f = ctx.filters
+        lists = tuple(lists) if lists else None
         if creating_graph() or batched_upstream(grad_lp, grad_ent):
             # differentiable in x through the kept logits (the forward's set, replayed)
-            z, _ = kept_logits(x, f, threshold=threshold, with_mass=False)
+            z, _ = kept_logits(x, f, threshold=None if lists else threshold, kept_tokens=lists, with_mass=False)
             R = x.shape[0]
             g = grad_in_torch_ops(z, actions, ctx.ignore_index,
                                   None if grad_lp is None else grad_lp.reshape(R, -1),
                                   None if grad_ent is None else grad_ent.reshape(R))
             return (g * inverse_temperature(f, R, z.dtype, z.device)[:, None]).to(x.dtype), None
         return backward_rows(x, actions, ctx.ignore_index, st, ent, grad_log_prob=grad_lp, grad_entropy=grad_ent,
-                             truncation=(f, threshold, None)), None
+                             truncation=(f, threshold, None, lists)), None
 
 
 _apply_kept_scores = fast_apply(_KeptScores)
 
 
 def kept_scores(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], f: Filters,
-                threshold: Optional[Tensor], shapes) -> Tuple[Tensor, Tensor]:
+                threshold: Optional[Tensor], shapes, kept_tokens=None) -> Tuple[Tensor, Tensor]:
     """(R, K) CPU logits -> differentiable (log_prob, entropy) of ``shapes``
-    under each row's kept set (selected by ``f``, or ``threshold`` replayed),
-    in eager mode; an action outside its set raises ValueError naming the
-    row. No (R, K) tensor but the gradient."""
-    R = x.shape[0]
+    under each row's kept set (selected by ``f``, ``threshold`` replayed, or
+    an outside sampler's ``kept_tokens``), in eager mode; an action outside
+    its set raises ValueError naming the row. No (R, K) tensor but the
+    gradient."""
+    R, K = x.shape
+    if threshold is not None and kept_tokens is not None:
+        raise ValueError("pass threshold or kept_tokens, not both")
     given = None if threshold is None else replayed_threshold(threshold, R, stats_dtype(x.dtype), x.device)
+    lists = None
+    if kept_tokens is not None:
+        ids, offsets = _token_lists(kept_tokens, R, x.device)
+        check_kept_token_values(ids, offsets, K)
+        lists = (ids.contiguous(), offsets.contiguous())
     if actions is None:
         actions = torch.empty(R, 0, dtype=torch.int64)
-    aux = (actions, ignore_index, f, None if given is None else given.contiguous(), shapes)
+    aux = (actions, ignore_index, f, None if given is None else given.contiguous(), shapes, lists)
     if x.requires_grad and torch.is_grad_enabled():
         return _apply_kept_scores(x, aux)
     lp, ent, _, _ = forward_rows(x, actions, ignore_index, shapes=shapes,
-                                 truncation=(f, aux[3], torch.empty(R, dtype=stats_dtype(x.dtype))))
+                                 truncation=(f, aux[3], torch.empty(R, dtype=stats_dtype(x.dtype)), lists))
     return lp, ent
 
 
@@ -350,8 +360,9 @@ def kept_logits(x: Tensor, f: Filters, *, threshold: Optional[Tensor] = None, ke
         only = torch.full((R, K), float("-inf"), dtype=acc, device=dev)
         only.scatter_(1, x.detach().to(acc).argmax(-1).view(R, 1), 0.0)
         z = torch.where(greedy.to(dev, non_blocking=True).expand(R)[:, None], only, z)
-    if torch.compiler.is_compiling() and x.requires_grad and torch.is_grad_enabled():
-        # the eager route's gradient, bit for bit (grad * (1 / T), not grad / T)
+    if x.requires_grad and torch.is_grad_enabled() and not functorch_active():
+        # the native route's gradient, bit for bit (grad * (1 / T), not grad / T),
+        # on every device and under torch.compile (torch.func takes the torch ops)
         z = _KeptLogits.apply(x, z.detach(), inverse_temperature(f, R, acc, dev))
     return z, record
 

@@ -370,6 +370,47 @@ def test_scoring_without_the_kept_logits_has_their_bits(kw, K, dtype):
     assert torch.equal(lp3[live, :2], s.log_prob[live, :2])
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("K", [17, 300, 4099])
+def test_outside_sampler_sets_scored_without_the_kept_logits(K, dtype, monkeypatch):
+    # kept_tokens (vLLM's layout) on the CPU: each row's set formed in scratch
+    # from its list, forward and backward; the formed route (the (R, K) kept
+    # logits, what compile and CUDA run) is the reference, bit for bit
+    import sys
+
+    g = torch.Generator().manual_seed(K + 7)
+    R = 6
+    x = (torch.randn(R, K, generator=g) * 3).to(dtype)
+    temps = torch.rand(R, dtype=torch.float64, generator=g) + 0.3
+    temps[2] = 0.0  # greedy: the first maximum whatever the list
+    keep = x.float() >= x.float().quantile(0.8, dim=-1, keepdim=True)
+    keep[torch.arange(R), torch.randint(0, K, (R,), generator=g)] = True  # not a threshold's set
+    ids = keep.nonzero()[:, 1]
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(-1).cumsum(0)])
+    z = torch.where(keep, x.float(), float("-inf"))
+    a = torch.stack([z.argmax(-1), torch.multinomial(keep.float(), 1, generator=g).squeeze(1)], 1)
+    a[2] = x[2].float().argmax()
+    a[4, 1] = -100
+
+    def run():
+        xx = x.clone().requires_grad_()
+        lp, ent = pgest.log_prob(xx, a, temperature=temps, kept_tokens=(ids, offsets))
+        (lp.sum() * 0.7 + ent.sum()).backward()
+        e = pgest.entropy(x, temperature=temps, kept_tokens=(ids, offsets))
+        return lp.detach(), ent.detach(), xx.grad, e
+
+    native = run()
+    monkeypatch.setattr(sys.modules["pgest.log_prob"], "_native_kept", lambda x: False)
+    formed = run()
+    for u, v in zip(native, formed):
+        assert torch.equal(_bits(u), _bits(v))
+    outside = a.clone()
+    outside[3, 0] = int((~keep[3]).float().argmax())
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"actions\[3, 0\] = \d+ is outside the kept set"):
+        pgest.log_prob(x, outside, temperature=temps, kept_tokens=(ids, offsets))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_truncated_scoring_holds_no_more_memory_than_untruncated(dtype):
     # forward + backward of the trainer's truncated log_prob: its peak is the

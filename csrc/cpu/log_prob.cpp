@@ -18,6 +18,18 @@
 PGEST_NS_BEGIN
 namespace {
 
+// A row of an outside sampler's kept set formed in z (K entries): x / T at
+// the listed ids, -inf elsewhere, the values the torch route's kept logits
+// hold, so a pass over it gives that route's bits.
+template <class Acc, class X>
+void listed_row(X x, int64_t K, int64_t cs, const TruncationParams& p, int64_t i, Acc t, Acc* z) {
+  std::fill(z, z + K, -Acc(INFINITY));
+  for (int64_t j = p.kept_offsets[i]; j < p.kept_offsets[i + 1]; ++j) {
+    const int64_t id = p.kept_ids[j];
+    z[id] = tempered(load<Acc>(x[id * cs]), t);
+  }
+}
+
 // The forward over kept sets: each row through truncate_row, whose kept
 // statistics are the sampler's (and the chunk pass's over the kept logits),
 // the actions read through the row's kept view. An action outside the set
@@ -58,9 +70,18 @@ Status truncated_forward(const LogProbArgs& a, ErrorInfo* out_err) {
         write_log_probs<T, Acc>(a, i, base + i * a.row_stride, Acc(0), Acc(0), Acc(0));
         continue;
       }
-      if (st == kOk) {
+      const TruncationParams& tp = a.truncation;
+      const double temperature = tp.temperature[i * tp.temperature_stride];
+      if (st == kOk && tp.kept_ids && temperature != 0.0) {  // an outside sampler's set, formed in scratch
+        listed_row(base + i * a.row_stride, K, a.col_stride, tp, i, Acc(temperature), tsc.z);
+        const Acc* z = tsc.z;
+        const RowStats<Acc> rs = row_stats<true>(z, K, sc.weights, sc.chunk_max, sc.e);
+        st = row_status(rs, z, err);
+        if (st == kOk) st = scored(i, z, rs);
+        if (tp.threshold) static_cast<Acc*>(tp.threshold)[i] = -Acc(INFINITY);  // not read again
+      } else if (st == kOk) {
         KeptRow<T, Acc> kr;
-        st = truncate_row<T, Acc>(base + i * a.row_stride, K, a.col_stride, a.truncation, i, tsc, sc, kr, err);
+        st = truncate_row<T, Acc>(base + i * a.row_stride, K, a.col_stride, tp, i, tsc, sc, kr, err);
         if (st == kOk)
           st = kr.z ? scored(i, KeptView<Acc, Acc>{kr.z, kr.cut}, kr.stats)
                     : scored(i, KeptView<T, Acc>{kr.x, kr.cut}, kr.stats);
@@ -204,10 +225,10 @@ Status backward(const LogProbArgs& a, ErrorInfo* out_err) {
     ErrorInfo err;
     RowScratch<Acc> sc(K, S, a.col_stride != 1);
     if (!sc.ok) { err.status = kOutOfMemory; err.row = begin; return err; }
-    // a greedy row's kept logits
-    const std::unique_ptr<Acc, decltype(&std::free)> greedy(
+    // a row's kept logits formed in scratch: a greedy row's, or an outside sampler's set
+    const std::unique_ptr<Acc, decltype(&std::free)> formed(
         truncated ? static_cast<Acc*>(std::malloc(sizeof(Acc) * size_t(K))) : nullptr, &std::free);
-    if (truncated && !greedy) { err.status = kOutOfMemory; err.row = begin; return err; }
+    if (truncated && !formed) { err.status = kOutOfMemory; err.row = begin; return err; }
     NarrowGroup<Acc> ng;
     auto group = [&](int64_t i0) {
       constexpr int W = NarrowGroup<Acc>::W;
@@ -262,9 +283,13 @@ Status backward(const LogProbArgs& a, ErrorInfo* out_err) {
           // greedy: z is 0 at the first maximum, -inf elsewhere, and does not depend on x
           int64_t at = 0;
           while (at + 1 < K && !(load<Acc>(x[at]) == cut)) ++at;
-          std::fill(greedy.get(), greedy.get() + K, -Acc(INFINITY));
-          greedy.get()[at] = Acc(0);
-          backward_row<T, Acc>(a, i, static_cast<const Acc*>(greedy.get()), g, streaming, sc.order, Acc(0));
+          std::fill(formed.get(), formed.get() + K, -Acc(INFINITY));
+          formed.get()[at] = Acc(0);
+          backward_row<T, Acc>(a, i, static_cast<const Acc*>(formed.get()), g, streaming, sc.order, Acc(0));
+        } else if (tp.kept_ids) {
+          listed_row(x, K, 1, tp, i, Acc(temperature), formed.get());
+          backward_row<T, Acc>(a, i, static_cast<const Acc*>(formed.get()), g, streaming, sc.order,
+                               Acc(1.0 / temperature));
         } else if (temperature == 1.0) {
           backward_row<T, Acc>(a, i, KeptView<std::remove_cv_t<std::remove_pointer_t<decltype(x)>>, Acc>{x, cut}, g,
                                streaming, sc.order, Acc(1));

@@ -63,11 +63,14 @@ def _report(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], n
 def _truncate(a, x: Tensor, truncation) -> None:
     """Point a CPU call's truncation block (log_prob.h) at ``truncation``:
     (filters (pgest.truncation.Filters), the threshold to replay or None,
-    the (R,) threshold to write or None)."""
+    the (R,) threshold to write or None[, an outside sampler's checked
+    (ids, offsets) int64 lists or None])."""
     if x.is_cuda:
         raise NotImplementedError("the log_prob kernels take kept sets on the CPU only")
-    f, given, out = truncation
+    f, given, out, *kept = truncation
     fill_params(a.truncation, *f, given_threshold=given, threshold=out)
+    if kept and kept[0] is not None:
+        a.truncation.kept_ids, a.truncation.kept_offsets = kept[0][0].data_ptr(), kept[0][1].data_ptr()
 
 
 def forward_rows(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], *, weights: Optional[Tensor] = None,

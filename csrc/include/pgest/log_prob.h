@@ -80,7 +80,9 @@ struct LogProbArgs {
   // forward's threshold comes back as truncation.given_threshold, the set is
   // z >= it (greedy rows: the first maximum), and the gradient with respect
   // to x is the one with respect to z times Acc(1 / T) (0 on greedy rows).
-  // A row of padding is not read (nothing is selected on it).
+  // With truncation.kept_ids (an outside sampler's sets) each row's set is
+  // formed in scratch from its list, in the forward and again in the
+  // backward. A row of padding is not read (nothing is selected on it).
   TruncationParams truncation;
   int32_t num_threads = 1;
 };

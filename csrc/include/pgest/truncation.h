@@ -43,6 +43,12 @@ struct TruncationParams {
   const double* min_p = nullptr;
   int64_t min_p_stride = 0;
   const void* given_threshold = nullptr;  // (R,) accumulation type: keep z >= it instead of selecting
+  // An outside sampler's kept sets instead (the CPU log_prob kernels only):
+  // row i keeps the ids kept_ids[kept_offsets[i], kept_offsets[i + 1]),
+  // checked by the caller (in [0, K), at least one a row). Greedy rows keep
+  // their first maximum whatever the list.
+  const int64_t* kept_ids = nullptr;
+  const int64_t* kept_offsets = nullptr;
   // Outputs, each optional: the record of every row.
   void* threshold = nullptr;    // (R,) accumulation type: the smallest kept z (greedy: the max logit)
   int64_t* kept = nullptr;      // (R,) entries kept
