@@ -100,6 +100,10 @@ def scoring(rounds):
         z, _ = kept_logits(x, filters(x.shape[:-1], **kw), with_mass=False)
         return rows_pair(z, a.view(-1, 1), -100, (a.shape, x.shape[:-1]))
 
+    def listed_formed(x, a, lists):
+        z, _ = kept_logits(x, filters(x.shape[:-1], 1.0), kept_tokens=lists, with_mass=False)
+        return rows_pair(z, a.view(-1, 1), -100, (a.shape, x.shape[:-1]))
+
     def step(score):
         lp, ent = score()
         (lp.sum() + 0.01 * ent.sum()).backward()
@@ -117,9 +121,14 @@ def scoring(rounds):
                    "top_p=0.95 formed": lambda: formed(x, a, top_p=0.95),
                    "threshold=cut": lambda: pgest.log_prob(x, a, threshold=s_p.truncation.cut),
                    "top_k=50": lambda: pgest.log_prob(x, s_k.actions, top_k=50)}
+            # the sampler's sets as an outside sampler's token lists (vLLM's mask replay)
+            keep = x.float() >= s_p.truncation.threshold[:, None]
+            lists = (keep.nonzero()[:, 1], torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(-1).cumsum(0)]))
             bwd = {"log_prob fwd+bwd": lambda: step(lambda: pgest.log_prob(xg, a)),
                    "top_p=0.95 fwd+bwd": lambda: step(lambda: pgest.log_prob(xg, a, top_p=0.95)),
-                   "top_p=0.95 formed fwd+bwd": lambda: step(lambda: formed(xg, a, top_p=0.95))}
+                   "top_p=0.95 formed fwd+bwd": lambda: step(lambda: formed(xg, a, top_p=0.95)),
+                   "kept_tokens fwd+bwd": lambda: step(lambda: pgest.log_prob(xg, a, kept_tokens=lists)),
+                   "kept_tokens formed fwd+bwd": lambda: step(lambda: listed_formed(xg, a, lists))}
             med = interleaved_medians(fwd | bwd, rounds=rounds, round_seconds=0.0)
             peak = {n: peak_allocated_bytes(fn) for n, fn in bwd.items()}
             rows.append({"shape": [R, K], "dtype": dname, "seconds": med, "peak_bytes": peak})
