@@ -14,8 +14,9 @@ from . import _status
 from ._checks import check_generator, check_logits, check_num_samples, stats_dtype
 from .ops.log_prob import rows_of, traced
 from .ops.sample import draw_rows, sample_native
+from .ops.truncation import empty_record
 from .philox import cpu_seed
-from .truncation import Truncation, empty_record, filters, kept_logits, record_of
+from .truncation import Truncation, filters, kept_logits, record_of
 
 
 class Sample(NamedTuple):

@@ -222,7 +222,8 @@ class _KeptScores(torch.autograd.Function):
     through the set's view. The bits of the kept logits' route (kept_logits,
     then the log_prob kernels on them); second derivatives and vmapped
     upstream gradients take that route. ``aux`` as in _LogProbFn: (actions,
-    ignore_index, filters, replayed threshold, shapes)."""
+    ignore_index, filters, replayed threshold, shapes, an outside sampler's
+    (ids, offsets) lists)."""
 
     @staticmethod
     def forward(ctx, x, aux):
@@ -281,13 +282,6 @@ def kept_scores(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int
     lp, ent, _, _ = forward_rows(x, actions, ignore_index, shapes=shapes,
                                  truncation=(f, aux[3], torch.empty(R, dtype=stats_dtype(x.dtype)), lists))
     return lp, ent
-
-
-def empty_record(rows: int, dtype: torch.dtype, device=None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The (threshold, kept, kept_mass, cut) tensors a kernel fills, for rows
-    of the accumulation type ``dtype``."""
-    return (torch.empty(rows, dtype=dtype, device=device), torch.empty(rows, dtype=torch.int64, device=device),
-            torch.empty(rows, dtype=torch.float64, device=device), torch.empty(rows, dtype=dtype, device=device))
 
 
 def replayed_threshold(threshold, rows: int, dtype: torch.dtype, device, what: str = "row") -> Tensor:

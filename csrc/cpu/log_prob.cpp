@@ -3,8 +3,8 @@
 // backward writes each row once with native vectors (vec.h).
 #include <pgest/log_prob.h>
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <memory>
 #include <type_traits>
@@ -30,25 +30,28 @@ void listed_row(X x, int64_t K, int64_t cs, const TruncationParams& p, int64_t i
   }
 }
 
-// The forward over kept sets: each row through truncate_row, whose kept
-// statistics are the sampler's (and the chunk pass's over the kept logits),
-// the actions read through the row's kept view. An action outside the set
-// has no probability: an error, after the range check.
 template <class T>
-Status truncated_forward(const LogProbArgs& a, ErrorInfo* out_err) {
+Status forward(const LogProbArgs& a, ErrorInfo* out_err) {
   using Acc = typename AccOf<T>::type;
   const int64_t K = a.cols, S = a.num_samples;
   const T* base = static_cast<const T*>(a.logits);
   Acc* row_max = static_cast<Acc*>(a.row_max);
   Acc* log_z = static_cast<Acc*>(a.log_z);
   Acc* entropy = static_cast<Acc*>(a.entropy);
-  const int threads = threads_for(double(a.rows) * double(K + 16), a.num_threads);
+  const bool with_entropy = a.want_entropy;
+  const TruncationParams& tp = a.truncation;
+  const bool truncated = tp.temperature != nullptr;
+  const int threads = a.stats_given ? 1 : threads_for(double(a.rows) * double(K + 16), a.num_threads);
   const ErrorInfo first = parallel_rows(a.rows, threads, [&](int64_t begin, int64_t end,
                                                             const std::atomic<int64_t>& lowest_failed) {
     ErrorInfo err;
-    TruncationScratch<Acc> tsc(K);
-    RowScratch<Acc> sc(K, 1, false);
-    if (!tsc.ok || !sc.ok) { err.status = kOutOfMemory; err.row = begin; return err; }
+    RowScratch<Acc> sc(a.stats_given ? 1 : K, 1, !a.stats_given && a.col_stride != 1 && !truncated);
+    TruncationScratch<Acc> tsc(truncated ? K : 0);
+    if (!sc.ok || !tsc.ok) { err.status = kOutOfMemory; err.row = begin; return err; }
+    // A row's kept set (truncation): its statistics the sampler's (and the
+    // chunk pass's over the kept logits), its actions read through the set's
+    // view; an action outside the set has no probability, an error after the
+    // range check.
     auto scored = [&](int64_t i, auto view, const RowStats<Acc>& rs) {
       for (int64_t s = 0; s < S; ++s) {
         const int64_t act = a.actions[i * S + s];
@@ -57,59 +60,27 @@ Status truncated_forward(const LogProbArgs& a, ErrorInfo* out_err) {
           return kActionOutsideKept;
         }
       }
-      store_row_stats(rs, a.want_entropy, i, row_max, log_z, entropy);
+      store_row_stats(rs, with_entropy, i, row_max, log_z, entropy);
       write_log_probs(a, i, view, 1, row_max[i], log_z[i], entropy[i]);
       return kOk;
     };
-    for (int64_t i = begin; i < end && i < lowest_failed.load(std::memory_order_relaxed); ++i) {
-      int64_t live;
-      Status st = check_row_actions(a, i, live, err);
-      if (st == kOk && S > 0 && live == 0) {  // a row of padding: not read, nothing selected on it
-        row_max[i] = Acc(0); log_z[i] = Acc(0); entropy[i] = Acc(0);
-        if (a.truncation.threshold) static_cast<Acc*>(a.truncation.threshold)[i] = Acc(0);
-        write_log_probs<T, Acc>(a, i, base + i * a.row_stride, Acc(0), Acc(0), Acc(0));
-        continue;
-      }
-      const TruncationParams& tp = a.truncation;
+    auto kept_row = [&](int64_t i) {
+      const T* x = base + i * a.row_stride;
       const double temperature = tp.temperature[i * tp.temperature_stride];
-      if (st == kOk && tp.kept_ids && temperature != 0.0) {  // an outside sampler's set, formed in scratch
-        listed_row(base + i * a.row_stride, K, a.col_stride, tp, i, Acc(temperature), tsc.z);
+      if (tp.kept_ids && temperature != 0.0) {  // an outside sampler's set, formed in scratch
+        listed_row(x, K, a.col_stride, tp, i, Acc(temperature), tsc.z);
         const Acc* z = tsc.z;
         const RowStats<Acc> rs = row_stats<true>(z, K, sc.weights, sc.chunk_max, sc.e);
-        st = row_status(rs, z, err);
-        if (st == kOk) st = scored(i, z, rs);
         if (tp.threshold) static_cast<Acc*>(tp.threshold)[i] = -Acc(INFINITY);  // not read again
-      } else if (st == kOk) {
-        KeptRow<T, Acc> kr;
-        st = truncate_row<T, Acc>(base + i * a.row_stride, K, a.col_stride, tp, i, tsc, sc, kr, err);
-        if (st == kOk)
-          st = kr.z ? scored(i, KeptView<Acc, Acc>{kr.z, kr.cut}, kr.stats)
-                    : scored(i, KeptView<T, Acc>{kr.x, kr.cut}, kr.stats);
+        const Status bad = row_status(rs, z, err);
+        return bad ? bad : scored(i, z, rs);
       }
-      if (st != kOk) { err.status = st; err.row = i; return err; }
-    }
-    return err;
-  });
-  if (first.status != kOk) { *out_err = first; return Status(first.status); }
-  return kOk;
-}
-
-template <class T>
-Status forward(const LogProbArgs& a, ErrorInfo* out_err) {
-  if (a.truncation.temperature) return truncated_forward<T>(a, out_err);
-  using Acc = typename AccOf<T>::type;
-  const int64_t K = a.cols, S = a.num_samples;
-  const T* base = static_cast<const T*>(a.logits);
-  Acc* row_max = static_cast<Acc*>(a.row_max);
-  Acc* log_z = static_cast<Acc*>(a.log_z);
-  Acc* entropy = static_cast<Acc*>(a.entropy);
-  const bool with_entropy = a.want_entropy;
-  const int threads = a.stats_given ? 1 : threads_for(double(a.rows) * double(K + 16), a.num_threads);
-  const ErrorInfo first = parallel_rows(a.rows, threads, [&](int64_t begin, int64_t end,
-                                                            const std::atomic<int64_t>& lowest_failed) {
-    ErrorInfo err;
-    RowScratch<Acc> sc(a.stats_given ? 1 : K, 1, !a.stats_given && a.col_stride != 1);
-    if (!sc.ok) { err.status = kOutOfMemory; err.row = begin; return err; }
+      KeptRow<T, Acc> kr;
+      const Status st = truncate_row<T, Acc>(x, K, a.col_stride, tp, i, tsc, sc, kr, err);
+      if (st != kOk) return st;
+      return kr.z ? scored(i, KeptView<Acc, Acc>{kr.z, kr.cut}, kr.stats)
+                  : scored(i, KeptView<T, Acc>{kr.x, kr.cut}, kr.stats);
+    };
     NarrowGroup<Acc> g;
     // Rows of <= kLanes entries W at a time; a group with a padding row or a
     // bad action goes row by row (which handles and reports them).
@@ -132,8 +103,13 @@ Status forward(const LogProbArgs& a, ErrorInfo* out_err) {
       Status st = check_row_actions(a, i, live, err);
       if (st == kOk && S > 0 && live == 0) {  // a row of padding: not read, contributes nothing
         if (!a.stats_given) { row_max[i] = Acc(0); log_z[i] = Acc(0); entropy[i] = Acc(0); }
+        if (tp.threshold) static_cast<Acc*>(tp.threshold)[i] = Acc(0);
         write_log_probs<T, Acc>(a, i, base + i * a.row_stride, Acc(0), Acc(0), Acc(0));
         return kOk;
+      }
+      if (st == kOk && truncated) {
+        if ((st = kept_row(i)) != kOk) { err.status = st; err.row = i; }
+        return st;
       }
       if (st == kOk && !a.stats_given) {
         st = with_row(base, i, a.row_stride, a.col_stride, K, sc, [&](const auto* x) {
@@ -149,8 +125,8 @@ Status forward(const LogProbArgs& a, ErrorInfo* out_err) {
       write_log_probs<T, Acc>(a, i, base + i * a.row_stride, row_max[i], log_z[i], entropy[i]);
       return kOk;
     };
-    narrow_or_rows<NarrowGroup<Acc>::W>(!a.stats_given && narrow_rows(K, a.col_stride), begin, end, lowest_failed,
-                                        group, row);
+    narrow_or_rows<NarrowGroup<Acc>::W>(!a.stats_given && !truncated && narrow_rows(K, a.col_stride), begin, end,
+                                        lowest_failed, group, row);
     return err;
   });
   if (first.status != kOk) { *out_err = first; return Status(first.status); }
@@ -290,14 +266,13 @@ Status backward(const LogProbArgs& a, ErrorInfo* out_err) {
           listed_row(x, K, 1, tp, i, Acc(temperature), formed.get());
           backward_row<T, Acc>(a, i, static_cast<const Acc*>(formed.get()), g, streaming, sc.order,
                                Acc(1.0 / temperature));
-        } else if (temperature == 1.0) {
-          backward_row<T, Acc>(a, i, KeptView<std::remove_cv_t<std::remove_pointer_t<decltype(x)>>, Acc>{x, cut}, g,
-                               streaming, sc.order, Acc(1));
         } else {
-          backward_row<T, Acc>(a, i,
-                               TemperedKeptView<std::remove_cv_t<std::remove_pointer_t<decltype(x)>>, Acc>{
-                                   x, Acc(temperature), cut},
-                               g, streaming, sc.order, Acc(1.0 / temperature));
+          using X = std::remove_cv_t<std::remove_pointer_t<decltype(x)>>;
+          if (temperature == 1.0)  // x / 1 is x: no division
+            backward_row<T, Acc>(a, i, KeptView<X, Acc>{x, cut}, g, streaming, sc.order, Acc(1));
+          else
+            backward_row<T, Acc>(a, i, KeptView<X, Acc, true>{x, cut, Acc(temperature)}, g, streaming, sc.order,
+                                 Acc(1.0 / temperature));
         }
         return 0;
       });

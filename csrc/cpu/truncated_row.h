@@ -67,44 +67,27 @@ struct TruncationScratch {
 
 // A row's entries at or above `cut`, -inf elsewhere, formed on load: the
 // values the record's kept_logits hold, so a pass over the view gives the
-// bits of the same pass over the masked row.
-template <class T, class Acc>
+// bits of the same pass over the masked row. kTempered: the row is read as
+// z = x / t, by the one division every op forms z by (the trainer's
+// backward reads it so, and the kept logits are never stored).
+template <class T, class Acc, bool kTempered = false>
 struct KeptView {
   const T* x;
   Acc cut;
-  KeptView operator+(int64_t k) const { return KeptView{x + k, cut}; }
+  Acc t = Acc(1);  // kTempered only
+  KeptView operator+(int64_t k) const { return KeptView{x + k, cut, t}; }
   Acc operator[](int64_t k) const {
-    const Acc v = load<Acc>(x[k]);
+    Acc v = load<Acc>(x[k]);
+    if constexpr (kTempered) v = tempered(v, t);
     return v >= cut ? v : -Acc(INFINITY);
   }
 };
 
-template <class T, class Acc>
-inline typename Vec<Acc>::type loadv(KeptView<T, Acc> r) {
+template <class T, class Acc, bool kTempered>
+inline typename Vec<Acc>::type loadv(KeptView<T, Acc, kTempered> r) {
   using V = typename Vec<Acc>::type;
-  const V v = loadv(r.x);
-  return select(v >= splat<V>(r.cut), v, splat<V>(-Acc(INFINITY)));
-}
-
-// The kept logits of a tempered row, formed on load: z = x / T by the one
-// division every op forms z by, -inf below the cut. The trainer's backward
-// reads the row through it, so the kept logits are never stored.
-template <class T, class Acc>
-struct TemperedKeptView {
-  const T* x;
-  Acc t;
-  Acc cut;
-  TemperedKeptView operator+(int64_t k) const { return TemperedKeptView{x + k, t, cut}; }
-  Acc operator[](int64_t k) const {
-    const Acc v = tempered(load<Acc>(x[k]), t);
-    return v >= cut ? v : -Acc(INFINITY);
-  }
-};
-
-template <class T, class Acc>
-inline typename Vec<Acc>::type loadv(TemperedKeptView<T, Acc> r) {
-  using V = typename Vec<Acc>::type;
-  const V v = loadv(r.x) / splat<V>(r.t);
+  V v = loadv(r.x);
+  if constexpr (kTempered) v = v / splat<V>(r.t);
   return select(v >= splat<V>(r.cut), v, splat<V>(-Acc(INFINITY)));
 }
 
@@ -783,10 +766,6 @@ inline Acc top_p_threshold(const Acc* z, const Acc* e, int64_t K, Acc max, doubl
   const int64_t c = gather_between(z, e, K, value(b), value(a), work, &min_above);
   return detail::select_by_mass(work, c, target, mass_a, min_above < inf ? min_above : max);
 }
-
-}  // namespace trunc_detail
-
-namespace trunc_detail {
 
 // The entries a selection gathered into sc.cz: every kept entry, and above
 // every entry left out of them.

@@ -31,8 +31,9 @@ from .. import _checks, device_errors
 from .._vmap import register_per_element, register_refusal
 from ..ops.log_prob import backward_rows, forward_rows, refuse_double_backward
 from ..ops.sample import sample_native
+from ..ops.truncation import empty_record
 from ..philox import uniforms as philox_uniforms
-from ..truncation import Filters, Truncation, check_kept, empty_record, inverse_temperature, kept_logits
+from ..truncation import Filters, Truncation, check_kept, inverse_temperature, kept_logits
 from .tiles import ROW_MULTIPLE, logits_dtype, logits_tile, mm_rows, soft_cap_grad_, weight_scratch
 
 BLOCK_SHARE = 40  # a block of tokens holds at least 1/40 of the tokens
@@ -150,10 +151,10 @@ def _kept(x: Tensor, f: Filters, threshold: Optional[Tensor], shard) -> Tuple[Te
 
 
 def truncated_forward(h2: Tensor, w: Tensor, b: Optional[Tensor], actions: Tensor, ignore_index: Optional[int],
-                      f: Filters, threshold: Optional[Tensor], budget: int, shard=None, softcap: float = 0.0):
-    """(N, H) tokens -> log_prob (N, S), entropy (N,), stats (2, N) = [max,
-    log Z] of the kept sets, and found (N,): each token's smallest kept z
-    (the set the backward takes again)."""
+                      f: Filters, threshold: Optional[Tensor], tb: int, shard=None, softcap: float = 0.0):
+    """(N, H) tokens, in blocks of ``tb`` (_block_size) -> log_prob (N, S),
+    entropy (N,), stats (2, N) = [max, log Z] of the kept sets, and found
+    (N,): each token's smallest kept z (the set the backward takes again)."""
     N = h2.shape[0]
     acc = _checks.stats_dtype(h2.dtype)
     dev = h2.device
@@ -162,7 +163,6 @@ def truncated_forward(h2: Tensor, w: Tensor, b: Optional[Tensor], actions: Tenso
     ent = torch.empty((N,), dtype=acc, device=dev)
     stats = torch.empty((2, N), dtype=acc, device=dev)
     found = torch.empty((N,), dtype=acc, device=dev)
-    tb = _block_size(N, w, budget, shard)
     buffer = _buffer(h2, w, tb)
     for r0 in range(0, N, tb):
         r1 = min(N, r0 + tb)
@@ -193,7 +193,7 @@ def truncated_forward(h2: Tensor, w: Tensor, b: Optional[Tensor], actions: Tenso
 
 def truncated_backward(grad_lp: Optional[Tensor], grad_ent: Optional[Tensor], h2: Tensor, w: Tensor,
                        b: Optional[Tensor], actions: Tensor, stats: Tensor, ent: Tensor, found: Tensor,
-                       ignore_index: Optional[int], f: Filters, budget: int, needs, shard=None,
+                       ignore_index: Optional[int], f: Filters, tb: int, needs, shard=None,
                        reduce_hidden: bool = True, softcap: float = 0.0):
     """The gradients of hidden, weight and bias (None where ``needs`` says
     no): each block's logits again, their gradient through the kept sets
@@ -208,7 +208,6 @@ def truncated_backward(grad_lp: Optional[Tensor], grad_ent: Optional[Tensor], h2
     gb = torch.zeros(w.shape[0], dtype=gw.dtype if gw is not None else torch.float32,
                      device=w.device) if need_b else None
     cols = {} if shard is None else dict(col_offset=shard.offset, total_cols=shard.total)
-    tb = _block_size(N, w, budget, shard)
     buffer = _buffer(h2, w, tb)
     for r0 in range(0, N, tb):
         r1 = min(N, r0 + tb)
@@ -241,19 +240,19 @@ class ShardedTruncatedLinearLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h2, w, b, actions, ignore_index, f: Filters, threshold, budget, shard, reduce_hidden=True,
                 softcap=0.0):
-        lp, ent, stats, found = truncated_forward(h2, w, b, actions, ignore_index, f, threshold, budget, shard,
-                                                  softcap)
+        tb = _block_size(h2.shape[0], w, budget, shard)  # a collective: once, for both passes
+        lp, ent, stats, found = truncated_forward(h2, w, b, actions, ignore_index, f, threshold, tb, shard, softcap)
         ctx.save_for_backward(h2, w, b, actions, stats, ent, found)
-        ctx.args = (ignore_index, f, budget, shard, reduce_hidden, softcap)
+        ctx.args = (ignore_index, f, tb, shard, reduce_hidden, softcap)
         return lp, ent
 
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
         _refuse_double_backward()
         h2, w, b, actions, stats, ent, found = ctx.saved_tensors
-        ignore_index, f, budget, shard, reduce_hidden, softcap = ctx.args
+        ignore_index, f, tb, shard, reduce_hidden, softcap = ctx.args
         gh, gw, gb = truncated_backward(grad_lp, grad_ent, h2, w, b, actions, stats, ent, found, ignore_index, f,
-                                        budget, ctx.needs_input_grad[:3], shard, reduce_hidden, softcap)
+                                        tb, ctx.needs_input_grad[:3], shard, reduce_hidden, softcap)
         return (gh, gw, gb) + (None,) * 8
 
 
@@ -271,7 +270,8 @@ def truncated_log_prob_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     sets; ``threshold`` (N,) of the accumulation type replays a set."""
     _check_op_args(hidden, weight, bias, actions, temperature, top_k, top_p, min_p, threshold, budget)
     f = Filters(temperature, top_k, top_p, min_p)
-    return truncated_forward(hidden, weight, bias, actions, ignore_index, f, threshold, budget, None, softcap)
+    return truncated_forward(hidden, weight, bias, actions, ignore_index, f, threshold,
+                             _block_size(hidden.shape[0], weight, budget, None), None, softcap)
 
 
 @truncated_log_prob_op.register_fake
@@ -304,7 +304,8 @@ def truncated_log_prob_backward_op(grad_log_prob: Optional[Tensor], grad_entropy
     if grad_entropy is not None and tuple(grad_entropy.shape) != (N,):
         raise ValueError(f"grad_entropy must have shape ({N},), got {tuple(grad_entropy.shape)}")
     gh, gw, gb = truncated_backward(grad_log_prob, grad_entropy, hidden, weight, bias, actions, stats, entropy, found,
-                                    ignore_index, Filters(temperature, top_k, top_p, min_p), budget, needs,
+                                    ignore_index, Filters(temperature, top_k, top_p, min_p),
+                                    _block_size(hidden.shape[0], weight, budget, None), needs,
                                     softcap=softcap)
     empty = hidden.new_empty((0,))
     return (gh if gh is not None else empty, gw if gw is not None else empty.clone(),

@@ -45,6 +45,26 @@ def raise_for(res, temperature: Tensor, K: int) -> None:
         _status.raise_for_status(res, input_name="logits", num_actions=K)
 
 
+def empty_record(rows: int, dtype: torch.dtype, device=None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The (threshold, kept, kept_mass, cut) tensors a kernel fills, for rows
+    of the accumulation type ``dtype``."""
+    return (torch.empty(rows, dtype=dtype, device=device), torch.empty(rows, dtype=torch.int64, device=device),
+            torch.empty(rows, dtype=torch.float64, device=device), torch.empty(rows, dtype=dtype, device=device))
+
+
+def _args(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, **outputs):
+    """A TruncationArgs for x's rows, pointed at the parameters and at the
+    ``outputs`` (fill_params' keywords)."""
+    a = _C.TruncationArgs()
+    a.logits = x.data_ptr()
+    a.dtype = _checks.DTYPE_CODES[x.dtype]
+    a.rows, a.cols = x.shape
+    a.row_stride, a.col_stride = x.stride()
+    fill_params(a.params, temperature, top_k, top_p, min_p, **outputs)
+    a.num_threads = _native.num_threads()
+    return a
+
+
 def truncation_native(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, *,
                       with_logits: bool = False, given_threshold: Optional[Tensor] = None, with_mass: bool = True):
     """(R, K) CPU logits and per-row parameters -> threshold (R,) in the
@@ -55,42 +75,14 @@ def truncation_native(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tens
     ``with_mass=False``: kept_mass is None, and no pass over the kept set
     takes the statistics it needs."""
     R, K = x.shape
-    acc = _checks.stats_dtype(x.dtype)
-    threshold = torch.empty(R, dtype=acc)
-    kept = torch.empty(R, dtype=torch.int64)
-    kept_mass = torch.empty(R, dtype=torch.float64) if with_mass else None
-    cut = torch.empty(R, dtype=acc)
-    z = torch.empty(R, K, dtype=acc) if with_logits else None
+    threshold, kept, kept_mass, cut = empty_record(R, _checks.stats_dtype(x.dtype))
+    kept_mass = kept_mass if with_mass else None
+    z = torch.empty(R, K, dtype=threshold.dtype) if with_logits else None
     if R:
-        a = _C.TruncationArgs()
-        a.logits = x.data_ptr()
-        a.dtype = _checks.DTYPE_CODES[x.dtype]
-        a.rows, a.cols = R, K
-        a.row_stride, a.col_stride = x.stride()
-        fill_params(a.params, temperature, top_k, top_p, min_p, given_threshold=given_threshold,
-                    threshold=threshold, kept=kept, kept_mass=kept_mass, cut=cut, kept_logits=z)
-        a.num_threads = _native.num_threads()
+        a = _args(x, temperature, top_k, top_p, min_p, given_threshold=given_threshold, threshold=threshold,
+                  kept=kept, kept_mass=kept_mass, cut=cut, kept_logits=z)
         raise_for(_C.truncation_cpu(a), temperature, K)
     return threshold, kept, kept_mass, cut, z
-
-
-def _record_args(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor):
-    """A TruncationArgs for x's rows and the record tensors it points at
-    (threshold, kept, kept_mass, cut), on x's device; the parameters must be
-    there too."""
-    R, K = x.shape
-    acc = _checks.stats_dtype(x.dtype)
-    rec = (torch.empty(R, dtype=acc, device=x.device), torch.empty(R, dtype=torch.int64, device=x.device),
-           torch.empty(R, dtype=torch.float64, device=x.device), torch.empty(R, dtype=acc, device=x.device))
-    a = _C.TruncationArgs()
-    a.logits = x.data_ptr()
-    a.dtype = _checks.DTYPE_CODES[x.dtype]
-    a.rows, a.cols = R, K
-    a.row_stride, a.col_stride = x.stride()
-    fill_params(a.params, temperature, top_k, top_p, min_p, threshold=rec[0], kept=rec[1], kept_mass=rec[2],
-                cut=rec[3])
-    a.num_threads = _native.num_threads()
-    return a, rec
 
 
 def truncation_radix(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor):
@@ -101,8 +93,9 @@ def truncation_radix(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tenso
     thread, which is how the tests check the GPU's algorithm."""
     # host parameters copied without waiting (a pageable source is staged before the call returns)
     params = tuple(t.to(x.device, non_blocking=True) for t in (temperature, top_k, top_p, min_p))
-    a, rec = _record_args(x, *params)
+    rec = empty_record(x.shape[0], _checks.stats_dtype(x.dtype), x.device)
     if x.shape[0]:
+        a = _args(x, *params, threshold=rec[0], kept=rec[1], kept_mass=rec[2], cut=rec[3])
         if x.is_cuda:
             res = _native.cuda_call("truncation", a, x.device, report=dict(input_name="logits", num_actions=x.shape[1]),
                                     values=x)
