@@ -384,16 +384,69 @@ def _linear_head_bits(rank: int, world: int) -> None:
                                          generator=torch.Generator().manual_seed(9))
             assert torch.equal(s.actions, single.actions), dtype
             assert torch.equal(s.log_prob, single.log_prob) and torch.equal(s.entropy, single.entropy), dtype
+    _hidden_grad_bits(rank, world, alone)
 
 
-def _split_shards(rank: int, world: int):
+def _hidden_grad_bits(rank: int, world: int, alone) -> None:
+    # hidden's gradient sums over the whole vocabulary: under a group (any
+    # degree, shards on the piece grid or splitting its pieces) it is one
+    # process's bit for bit, plain and truncated, in every dtype (a float64
+    # all-reduce of the ranks' shares was not: its association depends on
+    # the degree)
+    from pgest.distributed.row_merge import PIECE
+
+    # sixteen pieces and a bit: a tree of several levels, blocks that cross ranks
+    V = 16 * PIECE + 300
+    sizes = {2: [3 * PIECE], 3: [6 * PIECE, 4 * PIECE]}[world]  # on the grid
+    grid = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]) if rank < world - 1 else V)
+    for dtype, kw in itertools.product((torch.float32, torch.bfloat16, torch.float64),
+                                       ({}, dict(top_p=0.9, temperature=0.8))):
+        g = torch.Generator().manual_seed(21)
+        N, H = 7, 16
+        # a peaked row (its far tail's products many binades below the head's)
+        # and ordinary ones
+        hidden = (torch.randn(N, H, generator=g) * torch.tensor([6.0] + [1.0] * (N - 1))[:, None]).to(dtype)
+        weight = (torch.randn(V, H, generator=g) * 0.5).to(dtype)
+        bias = (torch.randn(V, generator=g) * 0.1).to(dtype)
+        s = pgest.linear_sample(hidden, weight, bias=bias, generator=torch.Generator().manual_seed(2), **kw)
+        actions = s.actions.clone()
+        actions[3] = -100
+        up = torch.randn(N, generator=g).to(torch.float32 if dtype != torch.float64 else dtype)
+        grads = []
+        for group, part in ((None, slice(0, V)), (alone, slice(0, V)), (dist.group.WORLD, grid),
+                            (dist.group.WORLD, _split_shards(rank, world, V)),
+                            (dist.group.WORLD, _thin_shards(rank, world, V))):
+            h = hidden.clone().requires_grad_()
+            lp, ent = pgest.linear_log_prob(h, weight[part], actions, bias=bias[part], process_group=group, **kw)
+            ((lp * up).sum() + 0.3 * ent.sum()).backward()
+            grads.append(h.grad)
+        # truncated: the groups' kept sets and statistics are the group
+        # route's (distributed/truncation.py: float64 masses), one process's to
+        # rounding; every group agrees with the group of one
+        ref = grads[1] if kw else grads[0]
+        for i, got in enumerate(grads[1:]):
+            assert torch.equal(got, ref), (dtype, kw, i, (got.double() - ref.double()).abs().max().item())
+
+
+def _split_shards(rank: int, world: int, V=None):
     """Shards that split pieces of the grid (Qwen's 151936 = 74.19 pieces split
     in two does): 2 ranks: 1 piece + 700 columns and the rest; 3 ranks: 900
     columns, a piece and 1000, the rest (the first rank inside one piece)."""
     from pgest.distributed.row_merge import PIECE
 
-    V = 4 * PIECE + 300
+    V = 4 * PIECE + 300 if V is None else V
     sizes = {2: [PIECE + 700], 3: [900, PIECE + 1000]}[world]
+    sizes = sizes + [V - sum(sizes)]
+    offs = [sum(sizes[:i]) for i in range(world)]
+    return slice(offs[rank], offs[rank] + sizes[rank])
+
+
+def _thin_shards(rank: int, world: int, V: int):
+    """Shards of 5, 3 and 7 pieces and some columns from an odd piece: the
+    ranks' dyadic blocks of the piece tree end at odd places."""
+    from pgest.distributed.row_merge import PIECE
+
+    sizes = {2: [5 * PIECE + 11], 3: [3 * PIECE + 900, 7 * PIECE + 5]}[world]
     sizes = sizes + [V - sum(sizes)]
     offs = [sum(sizes[:i]) for i in range(world)]
     return slice(offs[rank], offs[rank] + sizes[rank])

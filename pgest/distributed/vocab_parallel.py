@@ -134,9 +134,10 @@ def gather_fragments(mine: Tensor, layout: Layout, group) -> Optional[List[Tenso
     return [g[:, :n] for g, n in zip(got, lens)]
 
 
-def owned_pieces(layout: Layout) -> range:
-    """The global indices of the pieces this rank owns."""
-    off, size = layout.offset, layout.sizes[layout.rank]
+def owned_pieces(layout: Layout, rank: Optional[int] = None) -> range:
+    """The global indices of the pieces this rank (or ``rank``) owns."""
+    rank = layout.rank if rank is None else rank
+    off, size = layout.offsets[rank], layout.sizes[rank]
     return range(-(-off // PIECE), -(-(off + size) // PIECE) if size else -(-off // PIECE))
 
 

@@ -46,6 +46,7 @@ from .._checks import (
 )
 from .._vmap import register_per_element, register_refusal
 from ..device_errors import checked_now
+from ..distributed.piece_tree import PieceTree, group_total, tree_total
 from ..distributed.row_merge import Merged, fold, piece_masses, piece_stats, place_draws, sums
 from ..ops.log_prob import (
     backward_rows,
@@ -60,6 +61,7 @@ from ..ops.sample import sample_native
 from ..philox import cpu_seed, seed_tensor
 from ..philox import uniforms as philox_uniforms
 from ..truncation import Truncation, filters, replayed_threshold
+from .split_pieces import SplitPieces
 from .tiles import HALF, MM_OUT_DTYPE, PIECE, logits_tile, mm_rows, padded_rows, soft_cap_, soft_cap_grad_
 from .truncated import (
     ShardedTruncatedLinearLogProb,
@@ -174,9 +176,9 @@ def _sharded_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperatu
     whole vocabulary, for a head split over ``shard``'s group: each rank's
     pieces gathered and folded by every rank in the order one process folds
     them, so the group's numbers are one process's bit for bit, for uneven
-    shards on the piece grid and (_SplitPieces) off it."""
+    shards on the piece grid and (SplitPieces) off it."""
     if shard.split:
-        return _split_stats(_SplitPieces(h2, weight, bias, temperature, softcap, shard), tn, acc, index)
+        return _split_stats(SplitPieces(h2, weight, bias, temperature, softcap, shard), tn, acc, index)
     table, error = None, None
     try:
         table = _row_stats(h2, weight, bias, temperature, tn, keep_pieces=True, raw=True, index=index,
@@ -187,54 +189,19 @@ def _sharded_stats(h2: Tensor, weight: Tensor, bias: Optional[Tensor], temperatu
     return (*fold(table, acc, 0 if index is None else index, NEVER_BUILT), table)
 
 
-class _SplitPieces:
-    """The pieces of the global grid this rank owns where shards split them.
-    The one that runs past this rank's shard is multiplied whole, as one
-    process multiplies it: the later ranks' leading weight rows (and bias)
-    are gathered once per call (under 2048 rows a rank, whatever the number
-    of tokens) and joined to this rank's, so its products, statistics and
-    draws are one process's bits in every dtype (float64's matmul bits
-    depend on the product's width: a product of the part alone would not
-    be)."""
-
-    def __init__(self, h2, weight, bias, temperature, softcap, shard):
-        from ..distributed.vocab_parallel import (
-            fragment_lengths,
-            gather_fragments,
-            local_span,
-            owned_pieces,
-            whole_piece,
-        )
-
-        self.h2, self.w, self.b, self.t, self.c, self.shard = h2, weight, bias, temperature, softcap, shard
-        lay = shard.layout
-        f = fragment_lengths(lay)[lay.rank]
-        # gathered as (H, rows) columns: the fragments' collective joins columns
-        w_frags = gather_fragments(weight[:f].detach().T, lay, shard.group)
-        b_frags = None if bias is None else gather_fragments(bias[:f].detach()[None], lay, shard.group)
-        self.owned = owned_pieces(lay)
-        self.whole = {}
-        if len(self.owned) and w_frags is not None:  # only the last owned piece can run past the shard
-            j = self.owned[-1]
-            lo, hi = local_span(j, lay)
-            if hi - lo < min(PIECE, lay.total - j * PIECE):
-                # contiguous (P, H) rows, the layout one process's weight[v0:v1] has
-                w = whole_piece(weight[lo:hi].detach().T, j, lay, w_frags).T.contiguous()
-                b = None if bias is None else whole_piece(bias[lo:hi].detach()[None], j, lay, b_frags)[0]
-                self.whole[j] = (w, b)
-
-    def logits(self, rows, j: int) -> Tensor:
-        """Piece j's logits for the tokens ``rows`` (a slice or an index)."""
-        from ..distributed.vocab_parallel import local_span
-
-        if j in self.whole:
-            w, b = self.whole[j]
-            return logits_tile(self.h2[rows], w, b, 0, w.shape[0], self.t, softcap=self.c)
-        lo, hi = local_span(j, self.shard.layout)
-        return logits_tile(self.h2[rows], self.w, self.b, lo, hi, self.t, softcap=self.c)
+def _grad_pieces(h: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, softcap: float,
+                 split: Optional[SplitPieces]):
+    """(piece j of the global grid or None, local columns [lo, hi) of weight
+    that x's first columns are, logits x, weight rows of x's columns for
+    hidden's product, x's first global column) for the backward."""
+    if split is not None:
+        yield from split.grad_pieces(h)
+        return
+    for v0, v1, x in _vocab_tiles(h, weight, bias, temperature, softcap=softcap):
+        yield v0 // PIECE, v0, v1, x, weight[v0:v1], v0
 
 
-def _split_stats(sp: _SplitPieces, tn: int, acc, index: Optional[Tensor]):
+def _split_stats(sp: SplitPieces, tn: int, acc, index: Optional[Tensor]):
     """_sharded_stats where shards split pieces: this rank's owned pieces,
     whole, gathered and folded in the global order."""
     from ..distributed.vocab_parallel import gather_pieces
@@ -338,27 +305,31 @@ def _forward(h2, weight, bias, actions, ignore_index, temperature, tn, shard=Non
 
 
 def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, temperature, tn,
-              need_h: bool, need_w: bool, need_b: bool, shard=None, softcap: float = 0.0):
+              need_h: bool, need_w: bool, need_b: bool, shard=None, softcap: float = 0.0,
+              reduce_hidden: bool = True):
     """Gradients of sum(g_lp * log_prob) + sum(g_ent * entropy) with respect to
     hidden (N, H), weight (V, H) and bias (V,): each logits tile recomputed
     once, its gradient by the native backward, then two products. With
     ``shard``, weight's rows are the vocabulary [offset, offset + V) of a
-    group: hidden's gradient is then this shard's share, in float64 (the
-    caller sums the shares and rounds once)."""
+    group: hidden's gradient is then the group's (one process's bits), or
+    without ``reduce_hidden`` this shard's share in float64."""
     N, S = actions.shape
     V = weight.shape[0]
-    col0, total = (0, 0) if shard is None else (shard.offset, shard.total)
     dev = h2.device
     acc = _checks.stats_dtype(h2.dtype)
     # contiguous whatever the inputs' strides (zeros_like would copy a
     # transposed layout): what the fake kernels report under torch.compile
-    grad_h = torch.zeros(h2.shape, dtype=torch.float64 if shard is not None else h2.dtype,
-                         device=h2.device) if need_h else None
+    share = shard is not None and not reduce_hidden
+    grad_h = torch.zeros(h2.shape, dtype=torch.float64 if share else h2.dtype, device=h2.device) if need_h else None
     # Token tiles outer: weight's gradient accumulates over N / tn tiles (few
-    # roundings in 16-bit), hidden's over all vocabulary tiles in a float64
-    # tile accumulator: rounded once, so a sum split into tiles or over ranks
-    # in another order gives the same bits (a (token tile, H) conversion per
-    # vocabulary tile, against a (token tile, vocabulary tile, H) product).
+    # roundings in 16-bit), hidden's over the vocabulary's pieces in float64,
+    # in a fixed tree over the global pieces (piece_tree.py), rounded once:
+    # a token's bits whatever the tiles and the tensor-parallel degree (a
+    # (token tile, H) conversion or addition per piece, against a (token
+    # tile, piece, H) product).
+    split = None if shard is None else SplitPieces(h2, weight, bias, temperature, softcap, shard)
+    count = -(-(V if shard is None else shard.total) // PIECE)
+    pool: List[Tensor] = []  # the trees' float64 buffers, reused over the token tiles
     grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
     grad_b = torch.zeros((V,), dtype=acc, device=dev) if need_b else None  # bias has hidden's dtype
     live = live_rows(actions, ignore_index)
@@ -368,23 +339,37 @@ def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, tempe
         st = stats[:, rows]
         upstream = {"grad_log_prob": None if g_lp is None else g_lp[rows],
                     "grad_entropy": None if g_ent is None else g_ent[rows]}
-        gh = token_tile_grads(h2[rows], actions[rows], st[:2].contiguous(), st[2], upstream, weight, bias,
-                               ignore_index, temperature, col0, total or V, need_h, grad_w, grad_b,
-                               softcap=softcap)
-        if need_h:
-            grad_h[rows] = gh.to(grad_h.dtype)
+        tree = token_tile_grads(h2[rows], actions[rows], st[:2].contiguous(), st[2], upstream, weight, bias,
+                                 ignore_index, temperature, 0, V if shard is None else shard.total,
+                                 need_h, grad_w, grad_b, softcap=softcap, split=split, pool=pool)
+        if not need_h:
+            continue
+        if shard is None:
+            grad_h[rows] = tree_total(tree.nodes(), count).to(grad_h.dtype)
+        elif share:
+            if tree.stack:
+                grad_h[rows] = tree.share()
+        else:
+            from ..distributed.vocab_parallel import owned_pieces
+
+            lay = shard.layout
+            grad_h[rows] = group_total(tree, (st.shape[1], h2.shape[1]), dev,
+                                       [owned_pieces(lay, r) for r in range(lay.world)], count, h2.dtype, shard.group)
     if need_b:
         grad_b = grad_b.to(bias.dtype)
     return grad_h, grad_w, grad_b
 
 
 def token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_index, temperature, col0, total,
-                      need_h, grad_w, grad_b, full=None, grads16=None, softcap: float = 0.0):
+                      need_h, grad_w, grad_b, full=None, grads16=None, softcap: float = 0.0,
+                      split: Optional[SplitPieces] = None, pool: Optional[List[Tensor]] = None):
     """One token tile's share of the three gradients: each vocabulary tile's
     logits (recomputed, or views of ``full``) turned into their gradient by
     the native backward (``upstream``: its weighting arguments), then the two
-    products; weight's and bias's gradients accumulate in place, hidden's
-    tile is returned (or None): in float64, or with ``full`` in h's dtype.
+    products; weight's and bias's gradients accumulate in place. Hidden's
+    is returned (or None): the pieces' products in a PieceTree (``split``:
+    this rank's pieces of a process group's vocabulary), or with ``full``
+    the tile's gradient in h's dtype.
 
     With ``full`` (the tile's logits over the whole vocabulary, which are
     not needed again) each vocabulary tile's gradient replaces its logits
@@ -423,25 +408,26 @@ def token_tile_grads(h, a, row_stats, entropy, upstream, weight, bias, ignore_in
         if grad_b is not None and grads16 is None:
             grad_b += full.sum(0, dtype=grad_b.dtype) / temperature
         return gh
-    gh = torch.zeros((h.shape[0], weight.shape[1]), dtype=torch.float64, device=h.device) if need_h else None
-    for v0, v1, x in _vocab_tiles(h, weight, bias, temperature, softcap=softcap):
+    tree = PieceTree(0 if split is None else split.owned.start, pool) if need_h else None
+    for j, lo, hi, x, w, c0 in _grad_pieces(h, weight, bias, temperature, softcap, split):
         with checked_now():
-            g = backward_rows(x, a, ignore_index, row_stats, entropy, col_offset=col0 + v0, total_cols=total,
-                              **upstream)
+            g = backward_rows(x, a, ignore_index, row_stats, entropy, col_offset=c0, total_cols=total, **upstream)
         soft_cap_grad_(g, x, temperature, softcap)
         del x
         if temperature != 1.0:
             g /= temperature
+        mine = g[:, :hi - lo]  # the columns of this rank's rows (a whole piece may run past them)
         if grad_b is not None:
-            grad_b[v0:v1] += g.sum(0, dtype=grad_b.dtype)
+            grad_b[lo:hi] += mine.sum(0, dtype=grad_b.dtype)
         if g.dtype != h.dtype:  # float32 logits of 16-bit inputs: the products in the inputs' dtype
             g = g.to(h.dtype)
-        if need_h:
-            gh += mm_rows(g, weight[v0:v1])  # promoted in place: no float64 copy of the product
+            mine = g[:, :hi - lo]
+        if tree is not None and j is not None:
+            tree.add(mm_rows(g, w))
         if grad_w is not None:
-            grad_w[v0:v1].addmm_(g.T, h)
-        del g
-    return gh
+            grad_w[lo:hi].addmm_(mine.T, h)
+        del g, mine
+    return tree
 
 
 # ---- registered ops (torch.compile) and autograd ---------------------------------
@@ -624,10 +610,8 @@ class _ShardedLinearLogProb(torch.autograd.Function):
                  bool(ctx.has_bias and ctx.needs_input_grad[2])]
         check_actions_range(actions, shard.total, ignore_index)
         gh, gw, gb = _backward(grad_lp, grad_ent, hidden, weight, bias, actions, stats, ignore_index, temperature,
-                               tn, needs[0], needs[1], needs[2], shard, softcap)
+                               tn, needs[0], needs[1], needs[2], shard, softcap, reduce_hidden)
         if gh is not None:
-            if reduce_hidden:
-                shard.sum_(gh)
             gh = gh.to(hidden.dtype)
         return gh, gw, gb, None, None, None, None, None, None, None
 
@@ -670,9 +654,11 @@ def linear_log_prob(hidden: Tensor, weight: Tensor, actions: Tensor, *, bias: Op
             contiguous rows of ``weight`` (V_r, H) and ``bias`` (V_r,) in rank
             order, and the same ``hidden`` and global ``actions``. Every rank
             gets the same log_prob and entropy; weight and bias get their
-            shard's gradient; hidden's gradient is summed over the group
-            (``reduce_hidden_grad=False`` leaves each rank its shard's share,
-            for stacks whose own layer does that all-reduce).
+            shard's gradient; hidden's gradient is summed over the group,
+            one process's bits for any group (a fixed tree over the
+            vocabulary's pieces; ``reduce_hidden_grad=False`` leaves each
+            rank its shard's share, for stacks whose own layer does that
+            reduction, without that guarantee).
 
     Returns:
         ``LinearLogProb(log_prob, entropy)``, float32 (float64 for float64
@@ -818,7 +804,7 @@ def _place(table: Tensor, row_max: Tensor, u: Tensor, rows: Tensor) -> Tuple[Ten
 
 
 def _draw_in_pieces(h2, w, b, temperature, tn, j, inner, rows, ss, out, offset: int = 0,
-                    softcap: float = 0.0, split: Optional[_SplitPieces] = None) -> None:
+                    softcap: float = 0.0, split: Optional[SplitPieces] = None) -> None:
     """Draws (rows[k], ss[k]) placed in this weight's piece j[k] with uniform
     inner[k] within it: that piece of that token recomputed and the draw
     placed by the native sampler. Writes global ids (``offset`` + column)
@@ -991,7 +977,7 @@ def _sample_tokens(h2: Tensor, w: Tensor, b: Optional[Tensor], temperature: floa
         else:
             # every rank places every draw on the whole vocabulary's pieces; the
             # owner of the piece draws, the group sums (one nonzero each: exact)
-            split = _SplitPieces(h2, w, b, temperature, softcap, shard) if shard.split else None
+            split = SplitPieces(h2, w, b, temperature, softcap, shard) if shard.split else None
             if split is None:
                 M, LZ, H, table = _sharded_stats(h2, w, b, temperature, tn, shard, acc, softcap=softcap)
                 first, count = shard.first_piece, shard.piece_counts[shard.layout.rank]

@@ -29,12 +29,14 @@ from torch import Tensor
 
 from .. import _checks, device_errors
 from .._vmap import register_per_element, register_refusal
+from ..distributed.piece_tree import PieceTree, group_total, tree_total
 from ..ops.log_prob import backward_rows, forward_rows, refuse_double_backward
 from ..ops.sample import sample_native
 from ..ops.truncation import empty_record
 from ..philox import uniforms as philox_uniforms
 from ..truncation import Filters, Truncation, check_kept, inverse_temperature, kept_logits
-from .tiles import ROW_MULTIPLE, logits_dtype, logits_tile, mm_rows, soft_cap_grad_, weight_scratch
+from .split_pieces import SplitPieces
+from .tiles import PIECE, ROW_MULTIPLE, logits_dtype, logits_tile, mm_rows, soft_cap_grad_, weight_scratch
 
 BLOCK_SHARE = 40  # a block of tokens holds at least 1/40 of the tokens
 BLOCK_LOGITS = 2**23  # and, at the default tiles, at least 8 Mi logits (32 MiB in float32)
@@ -191,6 +193,28 @@ def truncated_forward(h2: Tensor, w: Tensor, b: Optional[Tensor], actions: Tenso
     return lp, ent, stats, found
 
 
+def _hidden_grad(g: Tensor, w: Tensor, split: Optional[SplitPieces], reduce_hidden: bool, dtype,
+                 pool: List[Tensor]) -> Tensor:
+    """A block's hidden gradient from its logits' gradient ``g`` (in the
+    weight's dtype): the products of the vocabulary's pieces, summed in the
+    piece tree (the bits of one process whatever the group: piece_tree.py),
+    a token's rows their own bits (tiles.mm_rows). ``split``: this rank's
+    pieces of a group's vocabulary; without ``reduce_hidden`` its share."""
+    if split is None:
+        tree = PieceTree(0, pool)
+        for v0 in range(0, w.shape[0], PIECE):
+            tree.add(mm_rows(g[:, v0:v0 + PIECE].contiguous(), w[v0:v0 + PIECE]))
+        return tree_total(tree.nodes(), tree.next).to(dtype)
+    tree = split.hidden_tree(g, pool)
+    if not reduce_hidden:
+        return tree.share().to(dtype) if tree.stack else g.new_zeros((g.shape[0], w.shape[1]), dtype=dtype)
+    from ..distributed.vocab_parallel import owned_pieces
+
+    lay = split.shard.layout
+    return group_total(tree, (g.shape[0], w.shape[1]), g.device, [owned_pieces(lay, r) for r in range(lay.world)],
+                       -(-lay.total // PIECE), dtype, split.shard.group)
+
+
 def truncated_backward(grad_lp: Optional[Tensor], grad_ent: Optional[Tensor], h2: Tensor, w: Tensor,
                        b: Optional[Tensor], actions: Tensor, stats: Tensor, ent: Tensor, found: Tensor,
                        ignore_index: Optional[int], f: Filters, tb: int, needs, shard=None,
@@ -203,6 +227,8 @@ def truncated_backward(grad_lp: Optional[Tensor], grad_ent: Optional[Tensor], h2
     acc = _checks.stats_dtype(h2.dtype)
     need_h, need_w, need_b = needs[0], needs[1], b is not None and needs[2]
     gh = torch.zeros_like(h2) if need_h else None
+    split = None if shard is None or not need_h else SplitPieces(h2, w, b, 1.0, softcap, shard)
+    pool: List[Tensor] = []  # the piece trees' float64 buffers, reused over the blocks
     gw = torch.zeros(w.shape, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32,
                      device=w.device) if need_w else None
     gb = torch.zeros(w.shape[0], dtype=gw.dtype if gw is not None else torch.float32,
@@ -224,13 +250,11 @@ def truncated_backward(grad_lp: Optional[Tensor], grad_ent: Optional[Tensor], h2
                                row_scale=inverse_temperature(fb, r1 - r0, acc, z.device), **cols)
         soft_cap_grad_(dz, x, 1.0, softcap)  # x: the block's capped logits before the temperature
         if need_h:
-            gh[r0:r1] = mm_rows(dz.to(w.dtype), w).to(h2.dtype)  # a token's rows its own bits (tiles.py)
+            gh[r0:r1] = _hidden_grad(dz.to(w.dtype), w, split, reduce_hidden, h2.dtype, pool)
         if need_w:
             gw += (dz.to(h2.dtype).T @ h2[r0:r1]).to(gw.dtype)
         if need_b:
             gb += dz.sum(0).to(gb.dtype)
-    if gh is not None and shard is not None and reduce_hidden:
-        shard.sum_(gh)  # each rank's shard holds its share of hidden's gradient
     return gh, None if gw is None else gw.to(w.dtype), None if gb is None else gb.to(b.dtype)
 
 
