@@ -366,7 +366,7 @@ def _linear_head_bits(rank: int, world: int) -> None:
     # shards that split pieces too (a split piece multiplied whole by its owner)
     V, grid, alone = _grid_shards(rank, world)
     for mine, dtype in itertools.product((grid, _split_shards(rank, world)),
-                                         (torch.float32, torch.bfloat16, torch.float64)):
+                                         (torch.float32, torch.bfloat16, torch.float16, torch.float64)):
         g = torch.Generator().manual_seed(8)
         N, H = 13, 24
         hidden = torch.randn(N, H, generator=g).to(dtype)
@@ -399,7 +399,7 @@ def _hidden_grad_bits(rank: int, world: int, alone) -> None:
     V = 16 * PIECE + 300
     sizes = {2: [3 * PIECE], 3: [6 * PIECE, 4 * PIECE]}[world]  # on the grid
     grid = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]) if rank < world - 1 else V)
-    for dtype, kw in itertools.product((torch.float32, torch.bfloat16, torch.float64),
+    for dtype, kw in itertools.product((torch.float32, torch.bfloat16, torch.float16, torch.float64),
                                        ({}, dict(top_p=0.9, temperature=0.8))):
         g = torch.Generator().manual_seed(21)
         N, H = 7, 16
@@ -457,24 +457,27 @@ def _logits_bits(rank: int, world: int) -> None:
     # on the piece grid or splitting its pieces: the same bits (a sampler and a
     # trainer with different tensor-parallel degrees agree)
     V, mine, alone = _grid_shards(rank, world)
-    for layout, dtype in itertools.product((mine, _split_shards(rank, world)),
-                                           (torch.float32, torch.bfloat16, torch.float64)):
+    for layout, dtype, kw in itertools.product((mine, _split_shards(rank, world)),
+                                               (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+                                               ({}, dict(temperature=0.8, top_p=0.9), dict(top_k=40, min_p=0.02))):
         mine = layout
         g = torch.Generator().manual_seed(12)
         x = (torch.randn(9, V, generator=g) * 3).to(dtype)
         actions = torch.randint(0, V, (9, 2), generator=g)
+        if kw:  # actions inside the kept sets
+            actions = pgest.sample(x, num_samples=2, generator=torch.Generator().manual_seed(3), **kw).actions
         actions[4] = -100
         outs = []
         for group, part in ((alone, slice(0, V)), (dist.group.WORLD, mine)):
             xs = x[:, part].clone().requires_grad_()
-            lp, ent = pgest.log_prob(xs, actions, process_group=group)
+            lp, ent = pgest.log_prob(xs, actions, process_group=group, **kw)
             (lp.sum() + 0.5 * ent.sum()).backward()
             s = pgest.sample(x[:, part], num_samples=3, generator=torch.Generator().manual_seed(5),
-                             process_group=group)
+                             process_group=group, **kw)
             outs.append((lp, ent, xs.grad[:, mine] if group is alone else xs.grad, s.actions, s.log_prob,
                          s.entropy))
         for i, (a, b) in enumerate(zip(*outs)):
-            assert torch.equal(a, b), (dtype, i, (a.double() - b.double()).abs().max().item())
+            assert torch.equal(a, b), (dtype, kw, i, (a.double() - b.double()).abs().max().item())
 
 
 def _data_parallel(rank: int, world: int) -> None:
