@@ -46,7 +46,7 @@ from .._checks import (
 )
 from .._vmap import register_per_element, register_refusal
 from ..device_errors import checked_now
-from ..distributed.piece_tree import PieceTree, group_total, tree_total
+from ..distributed.piece_tree import PieceTree, tree_total
 from ..distributed.row_merge import Merged, fold, piece_masses, piece_stats, place_draws, sums
 from ..ops.log_prob import (
     backward_rows,
@@ -328,7 +328,6 @@ def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, tempe
     # (token tile, H) conversion or addition per piece, against a (token
     # tile, piece, H) product).
     split = None if shard is None else SplitPieces(h2, weight, bias, temperature, softcap, shard)
-    count = -(-(V if shard is None else shard.total) // PIECE)
     pool: List[Tensor] = []  # the trees' float64 buffers, reused over the token tiles
     grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
     grad_b = torch.zeros((V,), dtype=acc, device=dev) if need_b else None  # bias has hidden's dtype
@@ -345,16 +344,12 @@ def _backward(g_lp, g_ent, h2, weight, bias, actions, stats, ignore_index, tempe
         if not need_h:
             continue
         if shard is None:
-            grad_h[rows] = tree_total(tree.nodes(), count).to(grad_h.dtype)
+            grad_h[rows] = tree_total(tree.nodes(), tree.next).to(grad_h.dtype)
         elif share:
             if tree.stack:
                 grad_h[rows] = tree.share()
         else:
-            from ..distributed.vocab_parallel import owned_pieces
-
-            lay = shard.layout
-            grad_h[rows] = group_total(tree, (st.shape[1], h2.shape[1]), dev,
-                                       [owned_pieces(lay, r) for r in range(lay.world)], count, h2.dtype, shard.group)
+            grad_h[rows] = split.group_total(tree, st.shape[1], h2.dtype)
     if need_b:
         grad_b = grad_b.to(bias.dtype)
     return grad_h, grad_w, grad_b

@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple
 
 from torch import Tensor
 
-from ..distributed.piece_tree import PieceTree
+from ..distributed.piece_tree import PieceTree, group_total
 from .tiles import PIECE, logits_tile, mm_rows
 
 
@@ -62,6 +62,16 @@ class SplitPieces:
             return logits_tile(h, w, b, 0, w.shape[0], self.t, softcap=self.c), w
         lo, hi = local_span(j, self.shard.layout)
         return logits_tile(h, self.w, self.b, lo, hi, self.t, softcap=self.c), self.w[lo:hi]
+
+    def group_total(self, tree: PieceTree, rows: int, dtype) -> Tensor:
+        """Hidden's gradient for ``rows`` tokens from every rank's tree (a
+        collective), rounded to ``dtype``: one process's bits."""
+        from ..distributed.vocab_parallel import owned_pieces
+
+        lay = self.shard.layout
+        return group_total(tree, (rows, self.w.shape[1]), self.h2.device,
+                           [owned_pieces(lay, r) for r in range(lay.world)], -(-lay.total // PIECE), dtype,
+                           self.shard.group)
 
     def hidden_tree(self, g: Tensor, pool: Optional[List[Tensor]] = None) -> PieceTree:
         """Hidden's gradient from ``g``, the gradient of this rank's columns

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import _checks, device_errors
 from .._vmap import register_per_element, register_refusal
-from ..distributed.piece_tree import PieceTree, group_total, tree_total
+from ..distributed.piece_tree import PieceTree, tree_total
 from ..ops.log_prob import backward_rows, forward_rows, refuse_double_backward
 from ..ops.sample import sample_native
 from ..ops.truncation import empty_record
@@ -208,11 +208,7 @@ def _hidden_grad(g: Tensor, w: Tensor, split: Optional[SplitPieces], reduce_hidd
     tree = split.hidden_tree(g, pool)
     if not reduce_hidden:
         return tree.share().to(dtype) if tree.stack else g.new_zeros((g.shape[0], w.shape[1]), dtype=dtype)
-    from ..distributed.vocab_parallel import owned_pieces
-
-    lay = split.shard.layout
-    return group_total(tree, (g.shape[0], w.shape[1]), g.device, [owned_pieces(lay, r) for r in range(lay.world)],
-                       -(-lay.total // PIECE), dtype, split.shard.group)
+    return split.group_total(tree, g.shape[0], dtype)
 
 
 def truncated_backward(grad_lp: Optional[Tensor], grad_ent: Optional[Tensor], h2: Tensor, w: Tensor,
