@@ -419,13 +419,14 @@ def _hidden_grad_bits(rank: int, world: int, alone) -> None:
             h = hidden.clone().requires_grad_()
             lp, ent = pgest.linear_log_prob(h, weight[part], actions, bias=bias[part], process_group=group, **kw)
             ((lp * up).sum() + 0.3 * ent.sum()).backward()
-            grads.append(h.grad)
+            grads.append((h.grad, lp.detach(), ent.detach()))
         # truncated: the groups' kept sets and statistics are the group
         # route's (distributed/truncation.py: float64 masses), one process's to
         # rounding; every group agrees with the group of one
         ref = grads[1] if kw else grads[0]
         for i, got in enumerate(grads[1:]):
-            assert torch.equal(got, ref), (dtype, kw, i, (got.double() - ref.double()).abs().max().item())
+            for a, b in zip(got, ref):  # hidden's gradient, log-probs, entropies
+                assert torch.equal(a, b), (dtype, kw, i, (a.double() - b.double()).abs().max().item())
 
 
 def _split_shards(rank: int, world: int, V=None):
