@@ -19,8 +19,9 @@ trainer and the sampler, so ``linear_sample``'s log-probabilities equal
 ``linear_log_prob``'s bit for bit.
 
 Workspace: two (token tile, vocabulary tile) buffers (logits and their
-gradient), a (token tile, H) float32 accumulator and O(tokens) statistics,
-whatever the vocabulary and the number of tokens.
+gradient), hidden's gradient's float64 partial sums (token tile, H; at most
+log2 of the vocabulary's 2048-entry pieces, and one more) and O(tokens)
+statistics, whatever the number of tokens.
 """
 from __future__ import annotations
 
@@ -99,8 +100,8 @@ class LinearSample(NamedTuple):
 def tile_sizes(hidden: Tensor, token_tile, vocab_tile) -> Tuple[int, int]:
     tn, tv = DEFAULT_TILES.get(hidden.device.type, DEFAULT_TILES["cpu"])
     if token_tile is None and hidden.dim() >= 1 and hidden.shape[-1] > 0:
-        # hidden's float64 gradient accumulator (token tile x H) and its
-        # conversion buffer stay within 8 MiB: large H, fewer tokens a tile
+        # each of hidden's float64 partial sums (token tile x H) stays within
+        # 4 MiB: large H, fewer tokens a tile
         tn = max(128, min(tn, 2**19 // hidden.shape[-1]))
     return check_tile(token_tile, "token_tile", tn), check_tile(vocab_tile, "vocab_tile", tv)
 
