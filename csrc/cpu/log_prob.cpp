@@ -146,8 +146,9 @@ inline V grad_dense_vec(V x, V row_max, V log_z, V entropy, V alpha, V gamma) {
 // One row of the gradient: the dense part for every entry, then the sampled
 // entries rewritten with their one-hot terms added before the single
 // rounding to T.
-// x: a pointer, or a truncated row's kept view (then `scale` is d z / d x).
-template <class T, class Acc, class X>
+// x: a pointer, or a truncated row's kept view (then kScaled, and `scale` is
+// d z / d x: a compile-time choice, so the untruncated pass has no multiply).
+template <class T, class Acc, bool kScaled = false, class X>
 void backward_row(const LogProbArgs& a, int64_t i, X x, T* g, bool streaming, int64_t* order, Acc scale = Acc(1)) {
   using V = typename Vec<Acc>::type;
   constexpr int W = Vec<Acc>::width;
@@ -157,9 +158,15 @@ void backward_row(const LogProbArgs& a, int64_t i, X x, T* g, bool streaming, in
   int64_t k = 0;
   const V vm = splat<V>(r.row_max), vz = splat<V>(r.log_z), va = splat<V>(r.alpha), vg = splat<V>(r.gamma),
           vh = splat<V>(r.entropy), vs = splat<V>(scale);
-  auto dense_of = [&](V xv) { return grad_dense_vec(xv, vm, vz, vh, va, vg) * vs; };
+  auto dense_of = [&](V xv) {
+    if constexpr (kScaled) return grad_dense_vec(xv, vm, vz, vh, va, vg) * vs;
+    else return grad_dense_vec(xv, vm, vz, vh, va, vg);
+  };
   auto dense = [&](int64_t at) { return dense_of(loadv(x + at)); };
-  auto scalar = [&](int64_t at) { g[at] = store<T>(grad_dense(load<Acc>(x[at]), r) * scale); };
+  auto scalar = [&](int64_t at) {
+    if constexpr (kScaled) g[at] = store<T>(grad_dense(load<Acc>(x[at]), r) * scale);
+    else g[at] = store<T>(grad_dense(load<Acc>(x[at]), r));
+  };
   bool streamed = false;
   if constexpr (kStreamable<T>) {  // fp16 has no streaming store
     if (streaming) {
@@ -261,18 +268,18 @@ Status backward(const LogProbArgs& a, ErrorInfo* out_err) {
           while (at + 1 < K && !(load<Acc>(x[at]) == cut)) ++at;
           std::fill(formed.get(), formed.get() + K, -Acc(INFINITY));
           formed.get()[at] = Acc(0);
-          backward_row<T, Acc>(a, i, static_cast<const Acc*>(formed.get()), g, streaming, sc.order, Acc(0));
+          backward_row<T, Acc, true>(a, i, static_cast<const Acc*>(formed.get()), g, streaming, sc.order, Acc(0));
         } else if (tp.kept_ids) {
           listed_row(x, K, 1, tp, i, Acc(temperature), formed.get());
-          backward_row<T, Acc>(a, i, static_cast<const Acc*>(formed.get()), g, streaming, sc.order,
-                               Acc(1.0 / temperature));
+          backward_row<T, Acc, true>(a, i, static_cast<const Acc*>(formed.get()), g, streaming, sc.order,
+                                     Acc(1.0 / temperature));
         } else {
           using X = std::remove_cv_t<std::remove_pointer_t<decltype(x)>>;
           if (temperature == 1.0)  // x / 1 is x: no division
-            backward_row<T, Acc>(a, i, KeptView<X, Acc>{x, cut}, g, streaming, sc.order, Acc(1));
+            backward_row<T, Acc>(a, i, KeptView<X, Acc>{x, cut}, g, streaming, sc.order);
           else
-            backward_row<T, Acc>(a, i, KeptView<X, Acc, true>{x, cut, Acc(temperature)}, g, streaming, sc.order,
-                                 Acc(1.0 / temperature));
+            backward_row<T, Acc, true>(a, i, KeptView<X, Acc, true>{x, cut, Acc(temperature)}, g, streaming,
+                                       sc.order, Acc(1.0 / temperature));
         }
         return 0;
       });

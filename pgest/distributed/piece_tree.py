@@ -122,7 +122,6 @@ def group_total(tree: PieceTree, shape: Tuple[int, int], device, ranges: Sequenc
     dist = dist_module()
     world, rank = len(ranges), dist.get_rank(group)
     rows, cols = shape
-    dev = device
     widths = [len(c) for c in torch.arange(cols).tensor_split(world)]
     starts = [sum(widths[:d]) for d in range(world)]
     counts = [len(dyadic_blocks(r.start, r.stop)) for r in ranges]
@@ -132,8 +131,8 @@ def group_total(tree: PieceTree, shape: Tuple[int, int], device, ranges: Sequenc
         blocks = torch.stack([t.to(torch.float64) for t in mine])  # (blocks, rows, cols)
         send = torch.cat([blocks[:, :, s:s + w].reshape(-1) for s, w in zip(starts, widths)])
     else:
-        send = torch.empty((0,), dtype=torch.float64, device=dev)
-    recv = torch.empty((sum(counts) * rows * widths[rank],), dtype=torch.float64, device=dev)
+        send = torch.empty((0,), dtype=torch.float64, device=device)
+    recv = torch.empty((sum(counts) * rows * widths[rank],), dtype=torch.float64, device=device)
     dist.all_to_all_single(recv, send, [c * rows * widths[rank] for c in counts],
                            [counts[rank] * rows * w for w in widths], group=group)
     nodes, at = {}, 0
@@ -142,8 +141,8 @@ def group_total(tree: PieceTree, shape: Tuple[int, int], device, ranges: Sequenc
             nodes[node] = recv[at:at + rows * widths[rank]].view(rows, widths[rank])
             at += rows * widths[rank]
     part = tree_total(nodes, count).to(out_dtype) if count else torch.zeros((rows, widths[rank]), dtype=out_dtype,
-                                                                            device=dev)
-    buf = torch.zeros((rows, max(widths)), dtype=out_dtype, device=dev)
+                                                                            device=device)
+    buf = torch.zeros((rows, max(widths)), dtype=out_dtype, device=device)
     buf[:, :widths[rank]] = part
     got = [torch.empty_like(buf) for _ in range(world)]
     dist.all_gather(got, buf, group=group)

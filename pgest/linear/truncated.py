@@ -245,10 +245,12 @@ def truncated_backward(grad_lp: Optional[Tensor], grad_ent: Optional[Tensor], h2
             dz = backward_rows(z, actions[r0:r1], ignore_index, stats[:, r0:r1], ent[r0:r1], **upstream,
                                row_scale=inverse_temperature(fb, r1 - r0, acc, z.device), **cols)
         soft_cap_grad_(dz, x, 1.0, softcap)  # x: the block's capped logits before the temperature
+        # the products in the inputs' dtype (hidden's is weight's): one conversion of a 16-bit block's gradient
+        dzw = dz.to(w.dtype) if need_h or need_w else None
         if need_h:
-            gh[r0:r1] = _hidden_grad(dz.to(w.dtype), w, split, reduce_hidden, h2.dtype, pool)
+            gh[r0:r1] = _hidden_grad(dzw, w, split, reduce_hidden, h2.dtype, pool)
         if need_w:
-            gw += (dz.to(h2.dtype).T @ h2[r0:r1]).to(gw.dtype)
+            gw += (dzw.T @ h2[r0:r1]).to(gw.dtype)
         if need_b:
             gb += dz.sum(0).to(gb.dtype)
     return gh, None if gw is None else gw.to(w.dtype), None if gb is None else gb.to(b.dtype)
