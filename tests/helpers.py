@@ -48,3 +48,20 @@ def head_case(N: int, H: int, V: int, pad: int):
     a = torch.randint(0, V, (N,))
     a[pad] = -100
     return h, w, b, a, torch.randn(N, dtype=torch.float64)
+
+
+def each_isa(fn):
+    """fn() under every instruction set this CPU runs, by name (the CPU
+    kernels' vector width differs: 4, 8 or 16 float lanes)."""
+    from pgest import _C
+
+    isa = _C.cpu_isa()
+    out = {}
+    try:
+        for name in ["generic", "avx2", "avx512"]:
+            if _C.set_cpu_isa(name):
+                out[name] = fn()
+    finally:
+        _C.set_cpu_isa(isa)
+    return out
+

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from helpers import FLOAT_DTYPES
+from helpers import FLOAT_DTYPES, each_isa
 
 import pgest
-from pgest import _C, reference
+from pgest import reference
 from pgest.ops.sample import sample_native
 
 ROWS = 16 * 3 + 5  # whole groups for W = 4, 8, 16, and a tail
@@ -38,20 +38,6 @@ def logits_of(K, dtype, seed=0):
 def bits(*ts):
     return [t.view(torch.int64) if t.dtype == torch.float64 else t.view(torch.int32) if t.dtype == torch.float32
             else t for t in ts]
-
-
-def each_isa(fn):
-    """fn() under every instruction set this CPU runs (the group width W
-    differs: 4, 8 or 16 lanes)."""
-    isa = _C.cpu_isa()
-    out = {}
-    try:
-        for name in ["generic", "avx2", "avx512"]:
-            if _C.set_cpu_isa(name):
-                out[name] = fn()
-    finally:
-        _C.set_cpu_isa(isa)
-    return out
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

@@ -67,10 +67,10 @@ inline bool narrow_stats(const T* base, int64_t i0, int64_t row_stride, int cols
   V e[kLanes], dot[kLanes];
   for (int l = 0; l < kLanes; ++l) e[l] = dot[l] = V{};
   for (int j = 0; j < cols; ++j) {  // lane j % 16 adds entry j after entry j - 16, as the chunk pass does
-    const V d = loadv(g.x[j]) - m;
-    const V ej = exp_nonpos(d);
+    V dc;  // as in chunk_stats: d where ej > 0, finite elsewhere
+    const V ej = exp_nonpos(loadv(g.x[j]) - m, &dc);
     e[j % kLanes] += ej;
-    dot[j % kLanes] += select(ej > Acc(0), ej * d, V{});
+    dot[j % kLanes] += ej * dc;
     storev(g.e[j], ej);
   }
   const V sum = tree_sum(e), dsum = tree_sum(dot);

@@ -19,6 +19,58 @@
 
 PGEST_NS_BEGIN
 
+// The 16 logical lanes held in kLanes / W native vectors (lane l in
+// v[l / W][l % W]) as one 16-lane vector, by shuffles: through memory the
+// accumulators would be stored at every step of the chunk loop.
+template <class Acc, class V, int Q>
+PGEST_HD auto lanes16(const V (&v)[Q]) {
+  typedef Acc L16 __attribute__((vector_size(16 * sizeof(Acc))));
+  if constexpr (Q == 1) {
+    return L16(v[0]);
+  } else if constexpr (Q == 2) {
+    return L16(__builtin_shufflevector(v[0], v[1], 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  } else if constexpr (Q == 4) {
+    const auto a = __builtin_shufflevector(v[0], v[1], 0, 1, 2, 3, 4, 5, 6, 7);
+    const auto b = __builtin_shufflevector(v[2], v[3], 0, 1, 2, 3, 4, 5, 6, 7);
+    return L16(__builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  } else {
+    static_assert(Q == 8, "16 lanes of 2");
+    const auto a = __builtin_shufflevector(v[0], v[1], 0, 1, 2, 3);
+    const auto b = __builtin_shufflevector(v[2], v[3], 0, 1, 2, 3);
+    const auto c = __builtin_shufflevector(v[4], v[5], 0, 1, 2, 3);
+    const auto d = __builtin_shufflevector(v[6], v[7], 0, 1, 2, 3);
+    const auto ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7);
+    const auto cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7);
+    return L16(__builtin_shufflevector(ab, cd, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  }
+}
+
+// Folds 16 lanes in halves, combine(lo, hi) lane-wise at each level: for an
+// addition, sampler.h's tree_sum's additions in its order (s[l] = v[l] +
+// v[l + 8], ...), without taking the lanes apart one by one.
+template <class L16, class Combine>
+PGEST_HD auto fold_halves(L16 v, Combine combine) {
+  const auto s8 = combine(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+                          __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+  const auto s4 = combine(__builtin_shufflevector(s8, s8, 0, 1, 2, 3), __builtin_shufflevector(s8, s8, 4, 5, 6, 7));
+  const auto s2 = combine(__builtin_shufflevector(s4, s4, 0, 1), __builtin_shufflevector(s4, s4, 2, 3));
+  return combine(s2[0], s2[1]);
+}
+
+template <class Acc, class V, int Q>
+PGEST_HD Acc lanes_tree_sum(const V (&v)[Q]) {
+  return fold_halves(lanes16<Acc>(v), [](auto a, auto b) { return a + b; });
+}
+
+// The largest of start and the lanes (start on a tie). Lanes hold no NaN.
+// Equal values differ at most in the sign of a zero, which no sum, draw or
+// output tells apart: x - max and exp of it are the same either way.
+template <class Acc, class V, int Q>
+PGEST_HD Acc lanes_max(const V (&v)[Q], Acc start) {
+  const Acc m = fold_halves(lanes16<Acc>(v), [](auto a, auto b) { return a > b ? a : b; });
+  return m > start ? m : start;
+}
+
 // exp(x - ref) summed over a chunk with the chunk's max tracked alongside:
 // one visit per entry. Valid while max - ref <= kOptimisticRange (the sums
 // stay far from overflow); the caller checks.
@@ -55,12 +107,6 @@ PGEST_HD ChunkStats<Acc> chunk_stats(Row x, int len, Acc running_max, Acc* store
   const Acc kInf = Acc(INFINITY);
   V m[Q], acc[Q], dot[Q];
   for (int q = 0; q < Q; ++q) { m[q] = splat<V>(running_max); acc[q] = V{}; dot[q] = V{}; }
-  auto lanes_max = [&](Acc start) {
-    Acc r = start;
-    for (int q = 0; q < Q; ++q)
-      for (int i = 0; i < W; ++i) r = m[q][i] > r ? Acc(m[q][i]) : r;
-    return r;
-  };
   auto sum_pass = [&](Acc ref, bool track_max) {
     const V vr = splat<V>(ref);
     for (int q = 0; q < Q; ++q) { acc[q] = V{}; dot[q] = V{}; }
@@ -68,12 +114,11 @@ PGEST_HD ChunkStats<Acc> chunk_stats(Row x, int len, Acc running_max, Acc* store
       for (int q = 0; q < Q; ++q) {
         const V v = loadv(x + j + q * W);
         if (track_max) m[q] = select(v > m[q], v, m[q]);
-        const V d = v - vr;
-        const V e = exp_nonpos(d);
+        V dc;  // d where e > 0; finite where e = 0, whose product's limit is 0, not 0 * -inf = NaN
+        const V e = exp_nonpos(v - vr, &dc);
         if constexpr (kStore) storev(store + j + q * W, e);
         acc[q] += e;
-        // e = 0 where x = -inf: the product's limit is 0, not 0 * -inf = NaN.
-        if (kWithEntropy) dot[q] += select(e > Acc(0), e * d, V{});
+        if (kWithEntropy) dot[q] += e * dc;
       }
     }
   };
@@ -84,7 +129,7 @@ PGEST_HD ChunkStats<Acc> chunk_stats(Row x, int len, Acc running_max, Acc* store
     // Usually the row's max is behind us: sum relative to it while finding
     // this chunk's max, and redo the chunk only if it jumped far above.
     sum_pass(running_max, true);
-    st.max = lanes_max(running_max);
+    st.max = lanes_max<Acc>(m, running_max);
     summed = sums_at_running_max(running_max, st.max);
   } else {
     for (int j = 0; j < len; j += kLanes)
@@ -92,7 +137,7 @@ PGEST_HD ChunkStats<Acc> chunk_stats(Row x, int len, Acc running_max, Acc* store
         const V v = loadv(x + j + q * W);
         m[q] = select(v > m[q], v, m[q]);  // NaN never wins: caught by the sum below
       }
-    st.max = lanes_max(running_max);
+    st.max = lanes_max<Acc>(m, running_max);
   }
   if (st.max == -kInf) {
     // Nothing but -inf and NaN so far: rare, so look for NaN directly.
@@ -103,15 +148,8 @@ PGEST_HD ChunkStats<Acc> chunk_stats(Row x, int len, Acc running_max, Acc* store
     sum_pass(st.max, false);
     ref = st.max;
   }
-  Acc lanes[kLanes];
-  for (int q = 0; q < Q; ++q)
-    for (int i = 0; i < W; ++i) lanes[q * W + i] = acc[q][i];
-  st.sum = tree_sum(lanes);
-  if (kWithEntropy) {
-    for (int q = 0; q < Q; ++q)
-      for (int i = 0; i < W; ++i) lanes[q * W + i] = dot[q][i];
-    st.ex_dot = tree_sum(lanes);
-  }
+  st.sum = lanes_tree_sum<Acc>(acc);
+  if (kWithEntropy) st.ex_dot = lanes_tree_sum<Acc>(dot);
   // Each e <= exp(kOptimisticRange), so a finite chunk sums to at most
   // len * e^64: a NaN (which makes its e NaN) or a +inf (which makes the max
   // +inf and inf - inf NaN) shows up here without a test per entry.

@@ -129,11 +129,8 @@ struct StoredChunks {
         acc[q] += select(keep, ev, V{});
         dot[q] += select(keep, ev * (v - vr), V{});
       }
-    Acc lanes[kLanes], dots[kLanes];
-    for (int q = 0; q < Q; ++q)
-      for (int l = 0; l < W; ++l) { lanes[q * W + l] = acc[q][l]; dots[q * W + l] = dot[q][l]; }
-    st.sum = tree_sum(lanes);
-    st.ex_dot = tree_sum(dots);
+    st.sum = lanes_tree_sum<Acc>(acc);
+    st.ex_dot = lanes_tree_sum<Acc>(dot);
     if (ref != st.max) rebase_chunk<true>(st, ref);
     return true;
   }

@@ -47,9 +47,37 @@ template <class V, class S> PGEST_HD V splat(S s) { return V{} + s; }
 // mask ? a : b lane-wise (a blend, or a masked move on AVX-512).
 template <class M, class V> PGEST_HD V select(M mask, V a, V b) { return mask ? a : b; }
 
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
+// GCC 12 warns from inside its own intrinsic headers (an undefined passthrough).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 template <> struct ExpOps<vf32> {
   static PGEST_HD vf32 splat(float v) { return vf32{} + v; }
-  static PGEST_HD vf32 sel(vi32 c, vf32 a, vf32 b) { return select(c, a, b); }
+#if defined(__AVX512F__)
+  using Live = __mmask16;
+  // vmaxps(lo, x) is lo > x ? lo : x: a NaN x stays, as in the scalar clamp
+  static PGEST_HD vf32 clamp_low(vf32 x, vf32 lo) {
+    return reinterpret_cast<vf32>(_mm512_max_ps(reinterpret_cast<__m512>(lo), reinterpret_cast<__m512>(x)));
+  }
+  static PGEST_HD Live live(vf32 x, vf32 lo) {
+    return _mm512_cmp_ps_mask(reinterpret_cast<__m512>(x), reinterpret_cast<__m512>(lo), _CMP_NLT_UQ);
+  }
+  // y * 2^n, exact as the scalar product (normal results only), 0 off the mask
+  static PGEST_HD vf32 scale_live(vf32 y, vf32 n, Live live) {
+    return reinterpret_cast<vf32>(
+        _mm512_maskz_scalef_ps(live, reinterpret_cast<__m512>(y), reinterpret_cast<__m512>(n)));
+  }
+#else
+  using Live = vi32;
+  static PGEST_HD vf32 clamp_low(vf32 x, vf32 lo) { return select(x < lo, lo, x); }
+  static PGEST_HD Live live(vf32 x, vf32 lo) { return ~(x < lo); }
+  static PGEST_HD vf32 scale_live(vf32 y, vf32 n, Live live) {
+    const vi32 e = __builtin_convertvector(n, vi32) + 127;
+    return select(live, y * reinterpret_cast<vf32>(e << 23), vf32{});
+  }
+#endif
   static PGEST_HD vf32 fma(vf32 a, vf32 b, vf32 c) {
 #if defined(__AVX512F__)
     return reinterpret_cast<vf32>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b),
@@ -61,28 +89,22 @@ template <> struct ExpOps<vf32> {
     return a * b + c;
 #endif
   }
-  static PGEST_HD vf32 pow2(vf32 n) {
-    const vi32 e = __builtin_convertvector(n, vi32) + 127;
-    return reinterpret_cast<vf32>(e << 23);
-  }
 };
 
-PGEST_HD vf32 exp_nonpos(vf32 x) { return exp_nonpos_poly(x); }
+PGEST_HD vf32 exp_nonpos(vf32 x, vf32* clamped = nullptr) { return exp_nonpos_poly(x, clamped); }
 
-PGEST_HD vf64 exp_nonpos(vf64 x) {
+// *clamped: x where the result is positive, else 0 (the float version's
+// contract: result * clamped is the entropy term with its limit at -inf).
+PGEST_HD vf64 exp_nonpos(vf64 x, vf64* clamped = nullptr) {
   vf64 r{};
   for (int l = 0; l < Vec<double>::width; ++l) r[l] = exp_nonpos(double(x[l]));
+  if (clamped) *clamped = select(r > 0.0, x, vf64{});
   return r;
 }
 
 PGEST_HD vf32 loadv(const float* p) { vf32 v; std::memcpy(&v, p, sizeof v); return v; }
 PGEST_HD vf64 loadv(const double* p) { vf64 v; std::memcpy(&v, p, sizeof v); return v; }
 
-#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
-// GCC 12 warns from inside its own intrinsic header (an undefined passthrough).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 PGEST_HD vf32 loadv(const bf16_t* p) {
   vu16 h;
   std::memcpy(&h, p, sizeof h);

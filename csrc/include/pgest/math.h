@@ -17,12 +17,22 @@ PGEST_NS_BEGIN
 // (which also makes exp(-inf) = 0 without a special case).
 constexpr float kExpFloor = -87.0f;
 
-// What differs between a scalar and a vector F: broadcasting a constant,
-// choosing by a comparison, and building 2^n from an integral-valued n.
+// What differs between a scalar and a vector F: broadcasting a constant, the
+// clamp to the floor and the lanes above it, fused multiply-add, and scaling
+// by 2^n for an integral-valued n (exact: every result is a normal float).
+// AVX-512 does the clamp, the mask and the scaling in one instruction each
+// (vec.h), which is a quarter of the exponential's instructions.
 template <class F> struct ExpOps;
 template <> struct ExpOps<float> {
+  using Live = bool;
   static PGEST_HD float splat(float v) { return v; }
-  static PGEST_HD float sel(bool c, float a, float b) { return c ? a : b; }
+  // x < lo ? lo : x (a NaN stays NaN)
+  static PGEST_HD float clamp_low(float x, float lo) { return x < lo ? lo : x; }
+  // !(x < lo): NaN is live, so it reaches the sums
+  static PGEST_HD bool live(float x, float lo) { return !(x < lo); }
+  static PGEST_HD float scale_live(float y, float n, bool live) {
+    return live ? y * bits_float(uint32_t(int32_t(n) + 127) << 23) : 0.0f;
+  }
   // a * b + c, rounded once where the hardware has FMA (AVX2, AVX-512, every
   // GPU: the same IEEE result everywhere), twice on plain x86-64.
   static PGEST_HD float fma(float a, float b, float c) {
@@ -34,14 +44,18 @@ template <> struct ExpOps<float> {
     return a * b + c;
 #endif
   }
-  static PGEST_HD float pow2(float n) { return bits_float(uint32_t(int32_t(n) + 127) << 23); }
 };
 
+// exp(x), and in *clamped max(x, kExpFloor): where the result is 0 that is
+// finite, so result * clamped is the entropy term e * x with the limit 0 at
+// x = -inf, without a comparison of its own.
 template <class F>
-PGEST_HD F exp_nonpos_poly(F x) {
+PGEST_HD F exp_nonpos_poly(F x, F* clamped = nullptr) {
   using O = ExpOps<F>;
   const F lo = O::splat(kExpFloor);
-  const F xc = O::sel(x < lo, lo, x);
+  const typename O::Live live = O::live(x, lo);
+  const F xc = O::clamp_low(x, lo);
+  if (clamped) *clamped = xc;
   // n = round(x / ln2) by the 1.5 * 2^23 trick: exact for |n| < 2^22.
   const F shift = O::splat(12582912.0f);
   const F n = O::fma(xc, O::splat(1.44269504088896341f), shift) - shift;
@@ -54,11 +68,10 @@ PGEST_HD F exp_nonpos_poly(F x) {
   p = O::fma(p, r, O::splat(1.6666665459e-1f));
   p = O::fma(p, r, O::splat(5.0000001201e-1f));
   const F y = O::fma(p, r * r, r) + 1.0f;
-  const F v = y * O::pow2(n);
-  return O::sel(x < lo, O::splat(0.0f), v);
+  return O::scale_live(y, n, live);
 }
 
-PGEST_HD float exp_nonpos(float x) { return exp_nonpos_poly(x); }
+PGEST_HD float exp_nonpos(float x, float* clamped = nullptr) { return exp_nonpos_poly(x, clamped); }
 
 PGEST_HD double exp_nonpos(double x) {
 #if defined(__CUDA_ARCH__)
