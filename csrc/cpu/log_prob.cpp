@@ -136,11 +136,15 @@ Status forward(const LogProbArgs& a, ErrorInfo* out_err) {
 // grad_dense (log_prob.h) on a vector of entries: row constants splatted
 // for one row, or lane-wise for W rows (narrow_rows.h). The same operations
 // in the same order as the scalar form, so either gives the same bits.
-template <class V>
+// kEntropyTerm false, for a row with gamma = 0 and alpha != 0: there
+// alpha + 0 * (d + H) is alpha exactly, so its two operations (a multiply
+// among them: the exponential already keeps the multipliers busy) drop out.
+template <bool kEntropyTerm = true, class V>
 inline V grad_dense_vec(V x, V row_max, V log_z, V entropy, V alpha, V gamma) {
   const V d = (x - row_max) - log_z;
   const V p = exp_nonpos(d);
-  return select(p > V{}, p * (alpha + gamma * (d + entropy)), V{});
+  if constexpr (kEntropyTerm) return select(p > V{}, p * (alpha + gamma * (d + entropy)), V{});
+  else return select(p > V{}, p * alpha, V{});
 }
 
 // One row of the gradient: the dense part for every entry, then the sampled
@@ -158,27 +162,30 @@ void backward_row(const LogProbArgs& a, int64_t i, X x, T* g, bool streaming, in
   int64_t k = 0;
   const V vm = splat<V>(r.row_max), vz = splat<V>(r.log_z), va = splat<V>(r.alpha), vg = splat<V>(r.gamma),
           vh = splat<V>(r.entropy), vs = splat<V>(scale);
-  auto dense_of = [&](V xv) {
-    if constexpr (kScaled) return grad_dense_vec(xv, vm, vz, vh, va, vg) * vs;
-    else return grad_dense_vec(xv, vm, vz, vh, va, vg);
+  auto dense_of = [&](V xv, auto entropy_term) {
+    const V v = grad_dense_vec<decltype(entropy_term)::value>(xv, vm, vz, vh, va, vg);
+    if constexpr (kScaled) return v * vs;
+    else return v;
   };
-  auto dense = [&](int64_t at) { return dense_of(loadv(x + at)); };
   auto scalar = [&](int64_t at) {
     if constexpr (kScaled) g[at] = store<T>(grad_dense(load<Acc>(x[at]), r) * scale);
     else g[at] = store<T>(grad_dense(load<Acc>(x[at]), r));
   };
-  bool streamed = false;
-  if constexpr (kStreamable<T>) {  // fp16 has no streaming store
-    if (streaming) {
-      // Scalar up to the first vector-aligned entry, then whole aligned vectors.
-      for (; k < K && reinterpret_cast<uintptr_t>(g + k) % (W * sizeof(T)) != 0; ++k) scalar(k);
-      for (; k + W <= K; k += W) stream_storev(g + k, dense(k));
-      stream_fence();
-      streamed = true;
+  auto vectors = [&](auto entropy_term) {
+    auto dense = [&](int64_t at) { return dense_of(loadv(x + at), entropy_term); };
+    if constexpr (kStreamable<T>) {  // fp16 has no streaming store
+      if (streaming) {
+        // Scalar up to the first vector-aligned entry, then whole aligned vectors.
+        for (; k < K && reinterpret_cast<uintptr_t>(g + k) % (W * sizeof(T)) != 0; ++k) scalar(k);
+        for (; k + W <= K; k += W) stream_storev(g + k, dense(k));
+        stream_fence();
+        return;
+      }
     }
-  }
-  if (!streamed)
     for (; k + W <= K; k += W) storev(g + k, dense(k));
+  };
+  if (r.gamma == Acc(0) && r.alpha != Acc(0)) vectors(std::false_type{});
+  else vectors(std::true_type{});
   if (k < K) {
     // The last K - k < W entries as one vector padded with -inf (p = 0
     // there), not a scalar exp each: the same numbers, a fraction of the
@@ -186,7 +193,7 @@ void backward_row(const LogProbArgs& a, int64_t i, X x, T* g, bool streaming, in
     Acc in[W], out[W];
     const int n = int(K - k);
     for (int j = 0; j < W; ++j) in[j] = j < n ? load<Acc>(x[k + j]) : -Acc(INFINITY);
-    storev(out, dense_of(loadv(in)));
+    storev(out, dense_of(loadv(in), std::true_type{}));
     for (int j = 0; j < n; ++j) g[k + j] = store<T>(out[j]);
   }
 
