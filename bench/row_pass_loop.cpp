@@ -3,9 +3,10 @@
 // two builds of the row mathematics compare within a few percent where the
 // Python benchmark's read floor drifts by 2x. Built against a source tree:
 //
-//   g++ -std=c++17 -O3 -ffp-contract=off -fno-trapping-math -fno-math-errno -Wno-psabi \
-//       -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c -mprefer-vector-width=512 \
+//   g++ -std=c++17 -O3 -ffp-contract=off -fno-trapping-math -fno-math-errno -Wno-psabi
+//       -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c -mprefer-vector-width=512
 //       -DPGEST_KERNEL_NS=avx512 -I<tree>/csrc/include -I<tree>/csrc/cpu bench/row_pass_loop.cpp -o /tmp/loop
+//   (one command)
 //   /tmp/loop [rows] [cols] [entropy 0|1]
 //
 // (-mavx2 -mfma -mf16c -DPGEST_KERNEL_NS=avx2 for AVX2; the CMake flags of

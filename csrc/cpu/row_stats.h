@@ -19,6 +19,18 @@
 
 PGEST_NS_BEGIN
 
+// The lanes of a chunk meet in vector halves where the compiler has
+// __builtin_shufflevector (GCC 12, Clang) and the vectors are AVX's or wider:
+// the accumulators stay in registers. Elsewhere (older GCC; 16-byte vectors,
+// where the 16-lane shuffles measured slower) they are taken apart one by
+// one: the same additions in the same order, so the same bits.
+#if defined(__has_builtin) && !defined(PGEST_NO_SHUFFLEVECTOR) && PGEST_VEC_BYTES >= 32
+#if __has_builtin(__builtin_shufflevector)
+#define PGEST_LANE_SHUFFLES 1
+#endif
+#endif
+
+#ifdef PGEST_LANE_SHUFFLES
 // The 16 logical lanes held in kLanes / W native vectors (lane l in
 // v[l / W][l % W]) as one 16-lane vector, by shuffles: through memory the
 // accumulators would be stored at every step of the chunk loop.
@@ -47,7 +59,7 @@ PGEST_HD auto lanes16(const V (&v)[Q]) {
 
 // Folds 16 lanes in halves, combine(lo, hi) lane-wise at each level: for an
 // addition, sampler.h's tree_sum's additions in its order (s[l] = v[l] +
-// v[l + 8], ...), without taking the lanes apart one by one.
+// v[l + 8], ...).
 template <class L16, class Combine>
 PGEST_HD auto fold_halves(L16 v, Combine combine) {
   const auto s8 = combine(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
@@ -57,6 +69,7 @@ PGEST_HD auto fold_halves(L16 v, Combine combine) {
   return combine(s2[0], s2[1]);
 }
 
+// tree_sum of the lanes.
 template <class Acc, class V, int Q>
 PGEST_HD Acc lanes_tree_sum(const V (&v)[Q]) {
   return fold_halves(lanes16<Acc>(v), [](auto a, auto b) { return a + b; });
@@ -70,6 +83,23 @@ PGEST_HD Acc lanes_max(const V (&v)[Q], Acc start) {
   const Acc m = fold_halves(lanes16<Acc>(v), [](auto a, auto b) { return a > b ? a : b; });
   return m > start ? m : start;
 }
+#else
+template <class Acc, class V, int Q>
+inline Acc lanes_tree_sum(const V (&v)[Q]) {
+  Acc lanes[kLanes];
+  for (int q = 0; q < Q; ++q)
+    for (int i = 0; i < int(sizeof(V) / sizeof(Acc)); ++i) lanes[q * (kLanes / Q) + i] = v[q][i];
+  return tree_sum(lanes);
+}
+
+template <class Acc, class V, int Q>
+inline Acc lanes_max(const V (&v)[Q], Acc start) {
+  Acc r = start;
+  for (int q = 0; q < Q; ++q)
+    for (int i = 0; i < int(sizeof(V) / sizeof(Acc)); ++i) r = v[q][i] > r ? Acc(v[q][i]) : r;
+  return r;
+}
+#endif
 
 // exp(x - ref) summed over a chunk with the chunk's max tracked alongside:
 // one visit per entry. Valid while max - ref <= kOptimisticRange (the sums
