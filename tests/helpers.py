@@ -64,4 +64,3 @@ def each_isa(fn):
     finally:
         _C.set_cpu_isa(isa)
     return out
-
