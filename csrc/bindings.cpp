@@ -7,6 +7,7 @@
 #include <initializer_list>
 #include <string>
 
+#include <pgest/chunk_pass.h>
 #include <pgest/philox.h>
 #include <pgest/log_prob.h>
 #include <pgest/reinforce_grad.h>
@@ -169,6 +170,27 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("truncation", &SampleArgs::truncation)
       .def_readwrite("num_threads", &SampleArgs::num_threads);
 
+  py::class_<ChunkPassArgs>(m, "ChunkPassArgs")
+      .def(py::init<>())
+      .def_readwrite("mode", &ChunkPassArgs::mode)
+      .PTR_PROPERTY(ChunkPassArgs, logits, const void*)
+      .def_readwrite("dtype", &ChunkPassArgs::dtype)
+      .def_readwrite("rows", &ChunkPassArgs::rows)
+      .def_readwrite("cols", &ChunkPassArgs::cols)
+      .def_readwrite("row_stride", &ChunkPassArgs::row_stride)
+      .PTR_PROPERTY(ChunkPassArgs, entering, const void*)
+      .PTR_PROPERTY(ChunkPassArgs, table, void*)
+      .def_readwrite("chunks", &ChunkPassArgs::chunks)
+      .PTR_PROPERTY(ChunkPassArgs, row_max, void*)
+      .PTR_PROPERTY(ChunkPassArgs, log_z, void*)
+      .PTR_PROPERTY(ChunkPassArgs, entropy, void*)
+      .PTR_PROPERTY(ChunkPassArgs, weights, void*)
+      .PTR_PROPERTY(ChunkPassArgs, cum, double*)
+      .PTR_PROPERTY(ChunkPassArgs, thresholds, const double*)
+      .def_readwrite("num_samples", &ChunkPassArgs::num_samples)
+      .PTR_PROPERTY(ChunkPassArgs, actions, int64_t*)
+      .def_readwrite("num_threads", &ChunkPassArgs::num_threads);
+
   py::class_<LogProbArgs>(m, "LogProbArgs")
       .def(py::init<>())
       .PTR_PROPERTY(LogProbArgs, logits, const void*)
@@ -256,6 +278,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("truncation_radix_cpu", [](const TruncationArgs& args) { return run_kernel(cpu::truncation_radix, args); });
 
   m.def("sample_cpu", [](const SampleArgs& args) { return run_kernel(cpu::sample, args); });
+  m.def("chunk_pass_cpu", [](const ChunkPassArgs& args) { return run_kernel(cpu::chunk_pass, args); });
   m.def("log_prob_forward_cpu", [](const LogProbArgs& args) { return run_kernel(cpu::log_prob_forward, args); });
   m.def("log_prob_backward_cpu", [](const LogProbArgs& args) { return run_kernel(cpu::log_prob_backward, args); });
 

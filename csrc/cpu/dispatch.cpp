@@ -5,6 +5,7 @@
 // avx2|avx512 in the environment, or set_isa(), forces a narrower one.
 #include "dispatch.h"
 
+#include <pgest/chunk_pass.h>
 #include <pgest/log_prob.h>
 #include <pgest/reinforce_grad.h>
 #include <pgest/returns.h>
@@ -26,6 +27,7 @@
   Status gae_cpu(const ReturnsArgs& args, ErrorInfo* err);                       \
   Status truncation_cpu(const TruncationArgs& args, ErrorInfo* err);             \
   Status truncation_radix_cpu(const TruncationArgs& args, ErrorInfo* err);       \
+  Status chunk_pass_cpu(const ChunkPassArgs& args, ErrorInfo* err);              \
   }                                                                              \
   }
 
@@ -146,6 +148,7 @@ PGEST_DISPATCH(discounted_returns, ReturnsArgs, discounted_returns_cpu)
 PGEST_DISPATCH(gae, ReturnsArgs, gae_cpu)
 PGEST_DISPATCH(truncation, TruncationArgs, truncation_cpu)
 PGEST_DISPATCH(truncation_radix, TruncationArgs, truncation_radix_cpu)
+PGEST_DISPATCH(chunk_pass, ChunkPassArgs, chunk_pass_cpu)
 
 }  // namespace cpu
 }  // namespace pgest

@@ -252,22 +252,23 @@ struct NoShortcut {
   bool operator()(int64_t, Acc, ChunkStats<Acc>&) const { return false; }
 };
 
-// The single pass over a row of `cols` entries. `weights` needs
-// 2 * num_chunks(cols) entries and `chunk_max` num_chunks(cols); `pad` is
-// scratch for one chunk. kSkipMasked (rows mostly -inf, as truncated rows
-// are): whole chunks of -inf are recognised by a comparison and skipped,
-// with the same bits as the full pass. kStore: the exponentials of the
-// chunks' sums go to store (num_chunks(cols) * kChunk entries; rows of more
-// than kLanes entries). shortcut(c, running_max, st): true where it set
-// whole chunk c's statistics, as the chunk pass would have.
+// The chunk pass over `cols` entries entering at running max `entering`
+// (-inf for a whole row; a split row's chunks take the max of the columns
+// before them, chunk_pass.cpp): each chunk's running max after it into
+// chunk_max[c], its sums into weights[c] and weights[nc + c]; the running max
+// after the last chunk (or the first bad column) in the result. No finish.
+// kSkipMasked (rows mostly -inf, as truncated rows are): whole chunks of -inf
+// are recognised by a comparison and skipped, with the same bits as the full
+// pass. kStore: the exponentials of the chunks' sums go to store
+// (num_chunks(cols) * kChunk entries). shortcut(c, running_max, st): true
+// where it set whole chunk c's statistics, as the chunk pass would have.
 template <bool kWithEntropy, bool kSkipMasked = false, bool kStore = false, class Row, class Acc,
           class Shortcut = NoShortcut>
-inline RowStats<Acc> row_stats(Row x, int64_t cols, Acc* weights, Acc* chunk_max, Acc* pad, Acc* store = nullptr,
-                               const Shortcut& shortcut = Shortcut()) {
-  if (cols <= kLanes) return small_row_stats<kWithEntropy>(x, cols, weights, chunk_max);
+inline RowStats<Acc> chunk_pass(Row x, int64_t cols, Acc entering, Acc* weights, Acc* chunk_max, Acc* pad,
+                                Acc* store = nullptr, const Shortcut& shortcut = Shortcut()) {
   const Acc kInf = Acc(INFINITY);
   const int64_t nc = num_chunks(cols);
-  RowStats<Acc> r{-kInf, 0.0, 0.0, -1};
+  RowStats<Acc> r{entering, 0.0, 0.0, -1};
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t k = c * kChunk;
     ChunkStats<Acc> st;
@@ -300,7 +301,21 @@ inline RowStats<Acc> row_stats(Row x, int64_t cols, Acc* weights, Acc* chunk_max
     weights[c] = st.sum;
     if (kWithEntropy) weights[nc + c] = st.ex_dot;
   }
-  if (r.max != -kInf) finish_row_stats<kWithEntropy>(nc, weights, chunk_max, r);
+  return r;
+}
+
+// The single pass over a row of `cols` entries. `weights` needs
+// 2 * num_chunks(cols) entries and `chunk_max` num_chunks(cols); `pad` is
+// scratch for one chunk; the rest as chunk_pass (kStore: rows of more than
+// kLanes entries).
+template <bool kWithEntropy, bool kSkipMasked = false, bool kStore = false, class Row, class Acc,
+          class Shortcut = NoShortcut>
+inline RowStats<Acc> row_stats(Row x, int64_t cols, Acc* weights, Acc* chunk_max, Acc* pad, Acc* store = nullptr,
+                               const Shortcut& shortcut = Shortcut()) {
+  if (cols <= kLanes) return small_row_stats<kWithEntropy>(x, cols, weights, chunk_max);
+  RowStats<Acc> r = chunk_pass<kWithEntropy, kSkipMasked, kStore>(x, cols, -Acc(INFINITY), weights, chunk_max, pad,
+                                                                   store, shortcut);
+  if (r.bad_col < 0 && r.max != -Acc(INFINITY)) finish_row_stats<kWithEntropy>(num_chunks(cols), weights, chunk_max, r);
   return r;
 }
 

@@ -6,11 +6,13 @@ vocabulary:
 
 1. an all_gather of (shard size, ok) per rank: the layout, and an error on
    any rank raises on every rank instead of leaving the others waiting;
-2. an all_gather of each rank's per-row statistics of the pieces of its
-   shard (row_merge.PIECE columns from the shard's first, pgest's native
+2. on the CPU, one process's pass over the whole rows (chunk_pass.py: two
+   all_gathers, of the pieces' maxima and of every 256-column chunk's three
+   sums), so every rank holds the bits of the call without a group; on
+   CUDA, an all_gather of each rank's per-row statistics of the pieces of
+   its shard (row_merge.PIECE columns of the global grid, pgest's native
    row kernel), folded on every rank in the global order of the pieces
-   (row_merge.fold), so every rank holds the same bits, and so do groups of
-   any size whose shards split on the piece grid;
+   (row_merge.fold): the same bits for groups of any size;
 3. one all_reduce (sum) of the chosen tokens' logits, nonzero only on the
    rank that owns each token (a sum of one value and zeros: exact).
 
@@ -21,14 +23,15 @@ statistics (the vocabulary-tile form of log_prob.h).
 Sampling draws the same actions as pgest.sample on the concatenated logits
 for the same generator state: the Philox uniforms are keyed by a seed taken
 from rank 0's generator (every rank's generator still advances by one draw,
-so ranks seeded alike stay alike), the piece a draw falls in is found from
-the gathered pieces' masses, its owner places the draw inside that piece with
-the native sampler, and one all_reduce shares the actions.
+so ranks seeded alike stay alike), the chunk (CUDA: the piece) a draw falls
+in is found from the gathered masses, its owner places the draw inside it
+with the native walk, and one all_reduce shares the actions.
 
 Nothing here is imported on the path of a call without a process group.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -48,6 +51,7 @@ from ..ops.log_prob import backward_rows, refuse_double_backward, rows_of
 from ..ops.sample import sample_native
 from ..philox import cpu_seed, seed_tensor
 from ..philox import uniforms as philox_uniforms
+from . import chunk_pass
 from .row_merge import PIECE, fold, piece_masses, piece_stats, place_draws, sums
 
 
@@ -204,6 +208,92 @@ def _pieces_table(x: Tensor, group, layout: Layout, probe: Optional[Tensor],
     return table, sum(counts[:layout.rank]), tiles
 
 
+def _piece_chunks(j: int, layout: Layout) -> int:
+    """How many 256-column chunks of the single pass piece j holds."""
+    return -(-(min((j + 1) * PIECE, layout.total) - j * PIECE) // chunk_pass.CHUNK)
+
+
+class ExactPass:
+    """The single pass over rows split across the group (CPU; chunk_pass.py):
+    ``stats`` (3, R) [max, log Z, H], each chunk's mass ``weights`` (R, C)
+    and running totals ``cum`` (R, C + 1), the same bits on every rank and
+    as one process's pass over the whole rows. Rows outside ``probe`` are
+    not read (zeros). ``tiles``: this rank's owned pieces, whole."""
+
+    def __init__(self, x: Tensor, group, layout: Layout, probe: Optional[Tensor],
+                 error: Optional[BaseException] = None):
+        R = x.shape[0]
+        acc = _checks.stats_dtype(x.dtype)
+        self.tiles = _owned_tiles(x, layout, group)
+        rows = torch.arange(R) if probe is None else probe.nonzero().squeeze(1)
+        n = rows.shape[0]
+        tiles = self.tiles if probe is None else [(j, t[rows]) for j, t in self.tiles]
+        # 1. the running max entering each piece: the largest of the pieces before it
+        mine = chunk_pass.piece_maxima(tiles, n, acc) if error is None else None
+        maxima = gather_pieces(mine, owned_piece_counts(layout), n, x.device, group, layout, error)[..., 0]
+        entering = torch.cat([torch.full((n, 1), -math.inf, dtype=torch.float64),
+                              maxima.cummax(1).values[:, :-1]], 1) if maxima.shape[1] else maxima
+        # 2. every chunk's statistics from its owner
+        counts = [sum(_piece_chunks(j, layout) for j in owned_pieces(layout, r)) for r in range(layout.world)]
+        mine = None
+        try:
+            parts = [chunk_pass.chunk_stats(t, entering[:, j], j * PIECE, rows) for j, t in tiles]
+            mine = torch.cat(parts, 1).double() if parts else torch.zeros((n, 0, 3), dtype=torch.float64)
+        except ValueError as e:
+            error = e
+        table = gather_pieces(mine, counts, n, x.device, group, layout, error)
+        # 3. the row, finished alike on every rank
+        stats, weights, cum = chunk_pass.finish(table.to(acc), rows)
+        if probe is not None:
+            full = torch.zeros((3, R), dtype=acc)
+            full[:, rows] = stats
+            stats = full
+        self.stats, self.weights, self.cum = stats, weights, cum
+
+    def draw(self, u: Tensor, layout: Layout) -> Tensor:
+        """(R, S) uniforms -> (R, S) float64 actions of the draws that fall in
+        this rank's chunks (0 elsewhere: a sum over the ranks places them all)."""
+        R, S = u.shape
+        CH = chunk_pass.CHUNK
+        actions = torch.zeros((R, S), dtype=torch.float64)
+        if not self.tiles:
+            return actions
+        t = u * self.cum[:, -1:]  # u Z, as the kernel forms each threshold
+        chunk, ts, order = chunk_pass.draws_by_chunk(t, self.cum)
+        # this rank's chunks are contiguous: those of its whole pieces
+        lo = self.tiles[0][0] * PIECE
+        hi = min((self.tiles[-1][0] + 1) * PIECE, layout.total)
+        mine = (chunk >= lo // CH) & (chunk < -(-hi // CH))
+        r, s = mine.nonzero(as_tuple=True)  # row-major: each (row, chunk)'s draws together, ascending
+        if r.numel() == 0:
+            return actions
+        # one walk per (row, chunk), with all the row's draws in that chunk
+        key = r * self.cum.shape[1] + chunk[r, s]
+        _, pair, counts = torch.unique_consecutive(key, return_inverse=True, return_counts=True)
+        pos = torch.arange(r.numel()) - (counts.cumsum(0) - counts)[pair]
+        P = counts.numel()
+        th = torch.full((P, S), math.inf, dtype=torch.float64)
+        th[pair, pos] = ts[r, s]
+        first = torch.zeros(P, dtype=torch.int64)
+        first[pair] = torch.arange(r.numel())  # any entry of the pair: they share row and chunk
+        pr, pc = r[first], chunk[r[first], s[first]]
+        local = torch.full((P, S), -1, dtype=torch.int64)
+        piece = pc * CH // PIECE
+        for j, tile in self.tiles:  # each piece's pairs: its whole chunks in one call, a short last one in another
+            width = tile.shape[1] - (pc * CH - j * PIECE)
+            for short in (False, True):
+                sel = ((piece == j) & ((width < CH) if short else (width >= CH))).nonzero().squeeze(1)
+                if sel.numel() == 0:
+                    continue
+                m = int(width[sel[0]]) if short else CH
+                cols = (pc[sel] * CH - j * PIECE)[:, None] + torch.arange(m)
+                local[sel] = chunk_pass.walk(tile[pr[sel, None], cols], self.stats[0][pr[sel]],
+                                             self.cum[pr[sel], pc[sel]], self.weights[pr[sel], pc[sel]], th[sel])
+        got = local[pair, pos]
+        actions[r, order[r, s]] = (got + chunk[r, s] * CH).double()
+        return actions
+
+
 def piece_counts(layout: Layout):
     """How many pieces of the grid (row_merge.PIECE) each rank's shard holds,
     counted from its own first column (the fused head's pieces)."""
@@ -312,11 +402,15 @@ def forward(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int], g
                                + (f" and is not ignore_index ({ignore_index})" if ignore_index is not None else ""))
     # padding rows (every action ignored) are not read, as in pgest.log_prob
     probe = None if live is None or bool(live.all()) else live
-    # every rank folds every piece in one order: the same bits for any group
-    # whose shards split on the piece grid (a range error travels as the flag)
-    table, _, _ = _pieces_table(x, group, layout, probe, error)
-    M, LZ, H = fold(table, acc)
-    stats = torch.stack([M, LZ, H])
+    if x.device.type == "cpu":
+        # one process's pass: the bits of the call without a group (a range error travels as the flag)
+        stats = ExactPass(x, group, layout, probe, error).stats
+    else:
+        # every rank folds every piece in one order: the same bits for any group
+        # whose shards split on the piece grid (a range error travels as the flag)
+        table, _, _ = _pieces_table(x, group, layout, probe, error)
+        M, LZ, H = fold(table, acc)
+        stats = torch.stack([M, LZ, H])
     if live is not None:
         stats = torch.where(live[None, :], stats, torch.zeros((), dtype=acc, device=x.device))
     ent = stats[2].clone()
@@ -402,6 +496,14 @@ def draw_shard(x: Tensor, u: Tensor, layout: Layout, group) -> Tuple[Tensor, Ten
     dist = dist_module()
     R, S = u.shape
     acc = _checks.stats_dtype(x.dtype)
+    if x.device.type == "cpu":  # one process's pass and walk: the draws of the call without a group
+        exact = ExactPass(x, group, layout, None)
+        actions = exact.draw(u, layout)
+        dist.all_reduce(actions, group=group)  # one owner per draw: a sum of one value and zeros
+        actions = actions.to(torch.int64)
+        M, LZ, H = exact.stats
+        xa = _chosen(x, actions, layout, torch.ones_like(actions, dtype=torch.bool), group)
+        return actions, (xa.to(acc) - M[:, None]) - LZ[:, None], H
     table, first, tiles = _pieces_table(x, group, layout, None)
     M, LZ, H = fold(table, acc)
     # every rank places every draw on the whole row's pieces; the owner draws

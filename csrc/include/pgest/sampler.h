@@ -118,10 +118,13 @@ PGEST_HD void place_in_gap(const Acc* e, int m, double cum, double walked, doubl
 
 // `th` holds n thresholds sorted ascending, each < Z. Writes the column each
 // one falls on to actions[th[i].sample]. `e` is scratch for kChunk values.
+// `before`: the running total entering the first chunk (a split row's chunk
+// walked alone: the total of the chunks before it, as the whole row's walk
+// would have added them).
 template <class Row, class Acc, class Exps = ScalarChunkExps>
-inline void row_inverse_cdf(Row x, int64_t cols, Acc max, const Acc* weights,
-                            const Threshold* th, int64_t n, int64_t* actions, Acc* e, const Exps& exps = Exps()) {
-  double cum = 0;
+inline void row_inverse_cdf(Row x, int64_t cols, Acc max, const Acc* weights, const Threshold* th, int64_t n,
+                            int64_t* actions, Acc* e, const Exps& exps = Exps(), double before = 0.0) {
+  double cum = before;
   int64_t i = 0;
   const int64_t nc = num_chunks(cols);
   for (int64_t c = 0; c < nc && i < n; ++c) {

@@ -1,0 +1,133 @@
+"""One process's row pass over a vocabulary split across a process group
+(CPU): the same bits as ``pgest.log_prob`` / ``entropy`` / ``sample`` on the
+whole rows, with no group at all.
+
+The single pass (csrc/cpu/row_stats.h) cuts a row into chunks of 256
+columns and sums each chunk's exponentials relative to the running max
+entering it, which is the max of every column before the chunk. So:
+
+1. each rank takes the max of each piece of the grid it owns (whole pieces,
+   vocab_parallel.whole_piece) and the group gathers them: the running max
+   entering each piece is the largest of those before it;
+2. each rank runs the native chunk pass over its pieces from that max, and
+   the group gathers every chunk's (running max, sum, entropy sum): 3 numbers
+   a chunk, about 1/85 of the logits' size in float32;
+3. every rank finishes the row natively from all the chunks, in chunk order
+   (finish_row_stats): max, log Z, entropy, each chunk's mass and the running
+   totals the draws are placed on;
+4. a draw t = u Z falls in the chunk whose running total first exceeds it;
+   that chunk's owner walks it natively from the total before it, with every
+   other draw of the row in the same chunk, as the whole row's walk would.
+
+The CUDA kernels tile rows their own way: a CUDA shard keeps the piece fold
+(row_merge.fold), whose bits equal those of any other group on the GPU.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _C, _checks, _status
+
+CHUNK = 256  # sampler.h: kChunk
+STATS, FINISH, WALK = 0, 1, 2  # chunk_pass.h: ChunkPassMode
+GLOBAL_COLUMN = " (this rank's vocabulary shard; the column is global)"
+
+
+def _args(mode: int, x: Optional[Tensor], rows: int, dtype: torch.dtype):
+    a = _C.ChunkPassArgs()
+    a.mode = mode
+    a.rows = rows
+    a.dtype = _checks.DTYPE_CODES[dtype]
+    if x is not None:
+        a.logits = x.data_ptr()
+        a.cols, a.row_stride = x.shape[1], x.stride(0)
+    a.num_threads = torch.get_num_threads()
+    return a
+
+
+def chunk_stats(tile: Tensor, entering: Tensor, col0: int, rows: Tensor) -> Tensor:
+    """(n, L) columns [col0, col0 + L) of the rows ``rows`` (global indices,
+    for errors; any row stride) and the running max entering them (n,) ->
+    (n, ceil(L / 256), 3) per chunk: running max after it, sum, entropy sum."""
+    acc = _checks.stats_dtype(tile.dtype)
+    n = tile.shape[0]
+    if tile.stride(1) != 1 and tile.shape[1] > 1:
+        tile = tile.contiguous()
+    table = torch.empty((n, -(-tile.shape[1] // CHUNK), 3), dtype=acc)
+    if n:
+        entering = entering.to(acc).contiguous()
+        a = _args(STATS, tile, n, tile.dtype)
+        a.entering, a.table = entering.data_ptr(), table.data_ptr()
+        status, r, c, index, value = _C.chunk_pass_cpu(a)
+        if status:
+            try:
+                _status.raise_for_status((status, int(rows[r]), col0 + c, index, value), input_name="logits",
+                                         num_actions=0)
+            except ValueError as e:  # "logits[r, c] is ...": the column is the whole row's
+                at = str(e).index("]") + 1
+                raise ValueError(str(e)[:at] + GLOBAL_COLUMN + str(e)[at:]) from None
+    return table
+
+
+def finish(table: Tensor, rows: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(n, C, 3) every chunk's statistics in chunk order -> stats (3, n) =
+    [max, log Z, H], weights (n, C) each chunk's mass at the row max, cum
+    (n, C + 1) float64 their running totals (cum[:, -1] is Z). An all -inf
+    row raises, named by ``rows``."""
+    n, C, _ = table.shape
+    acc = table.dtype
+    stats = torch.empty((3, n), dtype=acc)
+    weights = torch.empty((n, C), dtype=acc)
+    cum = torch.empty((n, C + 1), dtype=torch.float64)
+    if n:
+        table = table.contiguous()
+        a = _args(FINISH, None, n, torch.float64 if acc == torch.float64 else torch.float32)
+        a.table, a.chunks = table.data_ptr(), C
+        a.row_max = stats.data_ptr()
+        a.log_z = a.row_max + n * stats.element_size()
+        a.entropy = a.log_z + n * stats.element_size()
+        a.weights, a.cum = weights.data_ptr(), cum.data_ptr()
+        status, r, c, index, value = _C.chunk_pass_cpu(a)
+        if status:
+            _status.raise_for_status((status, int(rows[r]), c, index, value), input_name="logits", num_actions=0)
+    return stats, weights, cum
+
+
+def walk(chunk: Tensor, row_max: Tensor, before: Tensor, weight: Tensor, thresholds: Tensor) -> Tensor:
+    """One chunk of each of n rows (n, m <= 256), the row max, the running
+    total before the chunk and the chunk's mass (n,), and the row's draws
+    that fall in it, ascending, +inf past them (n, S) -> (n, S) the column
+    of each in the chunk, -1 for +inf."""
+    n, S = thresholds.shape
+    actions = torch.empty((n, S), dtype=torch.int64)
+    if n:
+        if chunk.stride(1) != 1 and chunk.shape[1] > 1:
+            chunk = chunk.contiguous()
+        row_max, weight = row_max.contiguous(), weight.contiguous()
+        before, thresholds = before.double().contiguous(), thresholds.double().contiguous()
+        a = _args(WALK, chunk, n, chunk.dtype)
+        a.row_max, a.weights, a.cum = row_max.data_ptr(), weight.data_ptr(), before.data_ptr()
+        a.thresholds, a.num_samples, a.actions = thresholds.data_ptr(), S, actions.data_ptr()
+        _C.chunk_pass_cpu(a)  # valid rows, in-range thresholds: no failure to report
+    return actions
+
+
+def draws_by_chunk(t: Tensor, cum: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Thresholds t (R, S) on running totals cum (R, C + 1) -> the chunk each
+    falls in (R, S), and t and the sample index sorted ascending per row."""
+    ts, order = t.sort(dim=1, stable=True)
+    chunk = torch.searchsorted(cum[:, 1:].contiguous(), ts.contiguous(), right=True)
+    return chunk.clamp_max(cum.shape[1] - 2), ts, order
+
+
+def piece_maxima(tiles: List[Tuple[int, Tensor]], rows: int, acc: torch.dtype) -> Tensor:
+    """(rows, owned pieces, 3) float64, the max of each owned piece in the
+    first slot (the shape vocab_parallel.gather_pieces carries)."""
+    out = torch.zeros((rows, len(tiles), 3), dtype=torch.float64)
+    for p, (_, tile) in enumerate(tiles):
+        out[:, p, 0] = tile.to(acc).amax(1).double() if tile.shape[1] else -math.inf
+    return out
