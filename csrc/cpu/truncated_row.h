@@ -525,12 +525,10 @@ inline int64_t kept_entries(Row z, int64_t K, Acc cut, const Acc* e, const int32
     const V zv = loadv(z + k);
 #if defined(__AVX512F__)
     if constexpr (sizeof(Acc) == 4) {
-      // The mask once, the running min and max by masked vminps / vmaxps
-      // (a < b ? a : b and a > b ? a : b: the selects below, lane for lane),
-      // and the stores without a branch: at a few kept entries per hundred a
-      // test per vector mispredicted often enough to make this pass cost
-      // what the row's exponentials cost (4.9 against 3.2 ns per 16 entries
-      // for 600 of 32000 kept, bench/results/cpu-kept-entries-2026-12-07.txt).
+      // The mask once, and the running min and max by masked vminps / vmaxps
+      // (a < b ? a : b and a > b ? a : b: the selects of the other paths,
+      // lane for lane), so that a dense pass (gather_kept) is the mask, two
+      // compressions and their stores per vector.
       const __m512 zf = reinterpret_cast<__m512>(zv);
       const __mmask16 m = _mm512_cmp_ps_mask(zf, reinterpret_cast<__m512>(vc), _CMP_GE_OQ);
       vmin = reinterpret_cast<V>(_mm512_mask_min_ps(reinterpret_cast<__m512>(vmin), m, zf, reinterpret_cast<__m512>(vmin)));
@@ -882,7 +880,7 @@ inline Acc select_cut(Row z, int64_t K, const TruncationParams& p, const RowFilt
       }
       // columns only for a set that may be listed: the compressions are the gather's cost
       cands.placed = sc.pos && (share * kListedKept <= 1.0 || K < 8 * kBoundSample);
-      // (a sparse gather skips the vectors without one)
+      // (sparse, skipping the vectors without one, where few are expected: gather_kept)
       auto gather = [&](Acc bound, double expected) {
         if (!cands.placed) return gather_at_least(z, K, bound, sc.cz);
         return gather_kept(expected, z, K, bound, sc.cz, sc.pos);
