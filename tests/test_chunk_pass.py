@@ -32,8 +32,7 @@ def by_parts(x, u):
     R, K = x.shape
     rows = torch.arange(R)
     pieces = [(j, x[:, j * PIECE:(j + 1) * PIECE]) for j in range(-(-K // PIECE))]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    maxima = chunk_pass.piece_maxima(pieces, R, acc)[..., 0]
+    maxima = chunk_pass.piece_maxima(pieces, R)[..., 0]
     entering = torch.cat([torch.full((R, 1), -math.inf, dtype=torch.float64), maxima.cummax(1).values[:, :-1]], 1)
     table = torch.cat([chunk_pass.chunk_stats(t.contiguous(), entering[:, j], j * PIECE, rows) for j, t in pieces], 1)
     stats, weights, cum = chunk_pass.finish(table, rows)

@@ -112,7 +112,12 @@ def walk(chunk: Tensor, row_max: Tensor, before: Tensor, weight: Tensor, thresho
         a = _args(WALK, chunk, n, chunk.dtype)
         a.row_max, a.weights, a.cum = row_max.data_ptr(), weight.data_ptr(), before.data_ptr()
         a.thresholds, a.num_samples, a.actions = thresholds.data_ptr(), S, actions.data_ptr()
-        _C.chunk_pass_cpu(a)  # valid rows, in-range thresholds: no failure to report
+        res = _C.chunk_pass_cpu(a)  # valid rows and thresholds: only memory can fail
+        if res[0]:
+            _status.raise_for_status(res, input_name="logits", num_actions=0)
+        if bool((actions[thresholds < math.inf] < 0).any()):
+            raise RuntimeError("pgest: a draw fell outside the chunk its running totals placed it in (a bug: "
+                               "please report it)")
     return actions
 
 
@@ -124,10 +129,10 @@ def draws_by_chunk(t: Tensor, cum: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return chunk.clamp_max(cum.shape[1] - 2), ts, order
 
 
-def piece_maxima(tiles: List[Tuple[int, Tensor]], rows: int, acc: torch.dtype) -> Tensor:
+def piece_maxima(tiles: List[Tuple[int, Tensor]], rows: int) -> Tensor:
     """(rows, owned pieces, 3) float64, the max of each owned piece in the
     first slot (the shape vocab_parallel.gather_pieces carries)."""
     out = torch.zeros((rows, len(tiles), 3), dtype=torch.float64)
     for p, (_, tile) in enumerate(tiles):
-        out[:, p, 0] = tile.to(acc).amax(1).double() if tile.shape[1] else -math.inf
+        out[:, p, 0] = tile.amax(1).double() if tile.shape[1] else -math.inf  # exact in float64 for every dtype
     return out

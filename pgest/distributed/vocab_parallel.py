@@ -229,7 +229,7 @@ class ExactPass:
         n = rows.shape[0]
         tiles = self.tiles if probe is None else [(j, t[rows]) for j, t in self.tiles]
         # 1. the running max entering each piece: the largest of the pieces before it
-        mine = chunk_pass.piece_maxima(tiles, n, acc) if error is None else None
+        mine = chunk_pass.piece_maxima(tiles, n) if error is None else None
         maxima = gather_pieces(mine, owned_piece_counts(layout), n, x.device, group, layout, error)[..., 0]
         entering = torch.cat([torch.full((n, 1), -math.inf, dtype=torch.float64),
                               maxima.cummax(1).values[:, :-1]], 1) if maxima.shape[1] else maxima
