@@ -32,19 +32,11 @@ def by_parts(x, u):
     R, K = x.shape
     rows = torch.arange(R)
     pieces = [(j, x[:, j * PIECE:(j + 1) * PIECE]) for j in range(-(-K // PIECE))]
-    maxima = chunk_pass.piece_maxima(pieces, R)[..., 0]
-    entering = torch.cat([torch.full((R, 1), -math.inf, dtype=torch.float64), maxima.cummax(1).values[:, :-1]], 1)
+    entering = chunk_pass.entering_maxima(chunk_pass.piece_maxima(pieces, R)[..., 0])
     table = torch.cat([chunk_pass.chunk_stats(t.contiguous(), entering[:, j], j * PIECE, rows) for j, t in pieces], 1)
     stats, weights, cum = chunk_pass.finish(table, rows)
-    chunk, ts, order = chunk_pass.draws_by_chunk(u * cum[:, -1:], cum)
-    actions = torch.full(u.shape, -1, dtype=torch.int64)
-    for c in torch.unique(chunk).tolist():
-        r = (chunk == c).any(1).nonzero().squeeze(1)
-        th, perm = torch.where(chunk[r] == c, ts[r], torch.full_like(ts[r], math.inf)).sort(dim=1, stable=True)
-        cols = chunk_pass.walk(x[r, c * 256:(c + 1) * 256], stats[0][r], cum[r, c], weights[r, c], th)
-        got = cols >= 0
-        actions[r[:, None].expand(-1, u.shape[1])[got], order[r].gather(1, perm)[got]] = cols[got] + c * 256
-    return stats, actions
+    actions = chunk_pass.walk_draws(pieces, K, stats[0], weights, cum, u)
+    return stats, actions.to(torch.int64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])

@@ -114,33 +114,31 @@ def _checks(rank: int, world: int) -> None:
         assert rank == world - 1 and "integer" in str(e)
     except RuntimeError as e:
         assert rank != world - 1 and "failed" in str(e)
-    nan_x = full[:, mine].clone()
-    if rank == 0:
-        nan_x[3, 0] = float("nan")
-    try:
-        pgest.log_prob(nan_x, actions, process_group=dist.group.WORLD)
-        raise AssertionError("expected an error")
-    except ValueError as e:
-        assert rank == 0 and "logits[3, 0]" in str(e) and "nan" in str(e)
-    except RuntimeError as e:
-        assert rank != 0 and "failed" in str(e)
-    # a NaN on the last rank, inside a piece an earlier rank owns (and passes
-    # whole): that rank raises with the whole row's column, the others stop
-    col = offs[-1] + 3
-    owner = max(r for r in range(world) if offs[r] <= col // 2048 * 2048 and sizes[r])
-    nan_x = full[:, mine].clone()
-    if rank == world - 1:
-        nan_x[6, 3] = float("nan")
-    for call in (lambda: pgest.log_prob(nan_x, actions, process_group=dist.group.WORLD),
-                 lambda: pgest.sample(nan_x, generator=torch.Generator().manual_seed(1),
-                                      process_group=dist.group.WORLD)):
+    def nan_raises_on(owner, call, where):
+        """call() raises the NaN's ValueError on the rank that passes its piece
+        (naming the whole row's column), RuntimeError ("failed") elsewhere."""
         try:
             call()
             raise AssertionError("expected an error")
         except ValueError as e:
-            assert rank == owner and f"logits[6, {col}]" in str(e) and "nan" in str(e), str(e)
+            assert rank == owner and where in str(e) and "nan" in str(e), str(e)
         except RuntimeError as e:
             assert rank != owner and "failed" in str(e)
+
+    nan_x = full[:, mine].clone()
+    if rank == 0:
+        nan_x[3, 0] = float("nan")
+    nan_raises_on(0, lambda: pgest.log_prob(nan_x, actions, process_group=dist.group.WORLD), "logits[3, 0]")
+    # a NaN on the last rank, inside a piece an earlier rank owns (and passes
+    # whole): that rank raises with the whole row's column, the others stop
+    col = offs[-1] + 3
+    owner = max(r for r in range(world) if offs[r] <= col // 2048 * 2048 and sizes[r])
+    nan_y = full[:, mine].clone()
+    if rank == world - 1:
+        nan_y[6, 3] = float("nan")
+    nan_raises_on(owner, lambda: pgest.log_prob(nan_y, actions, process_group=dist.group.WORLD), f"logits[6, {col}]")
+    nan_raises_on(owner, lambda: pgest.sample(nan_y, generator=torch.Generator().manual_seed(1),
+                                              process_group=dist.group.WORLD), f"logits[6, {col}]")
     out_of_range = actions.clone()
     out_of_range[2, 0] = V
     with_error = False

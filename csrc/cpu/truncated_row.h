@@ -526,8 +526,7 @@ inline int64_t kept_entries(Row z, int64_t K, Acc cut, const Acc* e, const int32
 #if defined(__AVX512F__)
     if constexpr (sizeof(Acc) == 4) {
       // The mask once, and the running min and max by masked vminps / vmaxps
-      // (a < b ? a : b and a > b ? a : b: the selects of the other paths,
-      // lane for lane), so that a dense pass (gather_kept) is the mask, two
+      // (a < b ? a : b and a > b ? a : b: the selects below, lane for lane), so that a dense pass (gather_kept) is the mask, two
       // compressions and their stores per vector.
       const __m512 zf = reinterpret_cast<__m512>(zv);
       const __mmask16 m = _mm512_cmp_ps_mask(zf, reinterpret_cast<__m512>(vc), _CMP_GE_OQ);
@@ -543,10 +542,13 @@ inline int64_t kept_entries(Row z, int64_t K, Acc cut, const Acc* e, const int32
       if (e) _mm512_storeu_ps(out_e + n, _mm512_maskz_compress_ps(m, ev));
       n += __builtin_popcount(m);
       continue;
-    } else {
-      const auto keep = zv >= vc;
-      vmin = select(keep & (zv < vmin), zv, vmin);
-      vdrop = select(keep, vdrop, select(zv > vdrop, zv, vdrop));
+    }
+#endif
+    const auto keep = zv >= vc;
+    vmin = select(keep & (zv < vmin), zv, vmin);
+    vdrop = select(keep, vdrop, select(zv > vdrop, zv, vdrop));
+#if defined(__AVX512F__)
+    if constexpr (sizeof(Acc) == 8) {
       const __mmask8 m = _mm512_cmp_pd_mask(reinterpret_cast<__m512d>(zv), reinterpret_cast<__m512d>(vc), _CMP_GE_OQ);
       if (kSparse && !m) continue;
       const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -560,9 +562,6 @@ inline int64_t kept_entries(Row z, int64_t K, Acc cut, const Acc* e, const int32
       continue;
     }
 #else
-    const auto keep = zv >= vc;
-    vmin = select(keep & (zv < vmin), zv, vmin);
-    vdrop = select(keep, vdrop, select(zv > vdrop, zv, vdrop));
     if (!any_lane(keep)) continue;
     for (int l = 0; l < W; ++l) {
       const int64_t j = k + l;

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import _C, _checks, _status
+from .row_merge import PIECE
 
 CHUNK = 256  # sampler.h: kChunk
 STATS, FINISH, WALK = 0, 1, 2  # chunk_pass.h: ChunkPassMode
@@ -130,9 +131,58 @@ def draws_by_chunk(t: Tensor, cum: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
 
 
 def piece_maxima(tiles: List[Tuple[int, Tensor]], rows: int) -> Tensor:
-    """(rows, owned pieces, 3) float64, the max of each owned piece in the
-    first slot (the shape vocab_parallel.gather_pieces carries)."""
-    out = torch.zeros((rows, len(tiles), 3), dtype=torch.float64)
+    """(rows, owned pieces, 1) float64: each owned piece's max (exact in
+    float64 for every dtype), as vocab_parallel.gather_pieces carries it."""
+    out = torch.zeros((rows, len(tiles), 1), dtype=torch.float64)
     for p, (_, tile) in enumerate(tiles):
-        out[:, p, 0] = tile.amax(1).double() if tile.shape[1] else -math.inf  # exact in float64 for every dtype
+        out[:, p, 0] = tile.amax(1).double() if tile.shape[1] else -math.inf
     return out
+
+
+def entering_maxima(maxima: Tensor) -> Tensor:
+    """(rows, P) every piece's max in order -> the running max entering each:
+    the largest of the pieces before it (-inf before the first)."""
+    if maxima.shape[1] == 0:
+        return maxima
+    first = torch.full((maxima.shape[0], 1), -math.inf, dtype=maxima.dtype)
+    return torch.cat([first, maxima.cummax(1).values[:, :-1]], 1)
+
+
+def walk_draws(tiles: List[Tuple[int, Tensor]], total: int, row_max: Tensor, weights: Tensor, cum: Tensor,
+               u: Tensor) -> Tensor:
+    """The draws u (R, S) of the rows finished by ``finish`` that fall in the
+    chunks of ``tiles`` ((global piece index, its whole columns), contiguous
+    pieces of rows of ``total`` columns) -> (R, S) float64 their columns, 0
+    for the others. One walk per (row, chunk), with all the row's draws in
+    that chunk, as the whole row's walk takes them."""
+    R, S = u.shape
+    actions = torch.zeros((R, S), dtype=torch.float64)
+    if not tiles:
+        return actions
+    chunk, ts, order = draws_by_chunk(u * cum[:, -1:], cum)  # u Z, as the kernel forms each threshold
+    lo, hi = tiles[0][0] * PIECE, min((tiles[-1][0] + 1) * PIECE, total)
+    r, s = ((chunk >= lo // CHUNK) & (chunk < -(-hi // CHUNK))).nonzero(as_tuple=True)
+    if r.numel() == 0:
+        return actions
+    # row-major, so each (row, chunk)'s draws are consecutive and ascending
+    _, pair, counts = torch.unique_consecutive(r * cum.shape[1] + chunk[r, s], return_inverse=True,
+                                               return_counts=True)
+    start = counts.cumsum(0) - counts
+    pos = torch.arange(r.numel()) - start[pair]
+    th = torch.full((counts.numel(), S), math.inf, dtype=torch.float64)
+    th[pair, pos] = ts[r, s]
+    pr, pc = r[start], chunk[r[start], s[start]]
+    local = torch.full(th.shape, -1, dtype=torch.int64)
+    piece = pc * CHUNK // PIECE
+    for j, tile in tiles:  # each piece's pairs: its whole chunks in one call, a short last one in another
+        width = tile.shape[1] - (pc * CHUNK - j * PIECE)
+        for short in (False, True):
+            sel = ((piece == j) & ((width < CHUNK) if short else (width >= CHUNK))).nonzero().squeeze(1)
+            if sel.numel() == 0:
+                continue
+            m = int(width[sel[0]]) if short else CHUNK
+            cols = (pc[sel] * CHUNK - j * PIECE)[:, None] + torch.arange(m)
+            local[sel] = walk(tile[pr[sel, None], cols], row_max[pr[sel]], cum[pr[sel], pc[sel]],
+                              weights[pr[sel], pc[sel]], th[sel])
+    actions[r, order[r, s]] = (local[pair, pos] + chunk[r, s] * CHUNK).double()
+    return actions

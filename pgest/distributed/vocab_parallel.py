@@ -31,7 +31,6 @@ Nothing here is imported on the path of a call without a process group.
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -230,9 +229,8 @@ class ExactPass:
         tiles = self.tiles if probe is None else [(j, t[rows]) for j, t in self.tiles]
         # 1. the running max entering each piece: the largest of the pieces before it
         mine = chunk_pass.piece_maxima(tiles, n) if error is None else None
-        maxima = gather_pieces(mine, owned_piece_counts(layout), n, x.device, group, layout, error)[..., 0]
-        entering = torch.cat([torch.full((n, 1), -math.inf, dtype=torch.float64),
-                              maxima.cummax(1).values[:, :-1]], 1) if maxima.shape[1] else maxima
+        maxima = gather_pieces(mine, owned_piece_counts(layout), n, x.device, group, layout, error, width=1)
+        entering = chunk_pass.entering_maxima(maxima[..., 0])
         # 2. every chunk's statistics from its owner
         counts = [sum(_piece_chunks(j, layout) for j in owned_pieces(layout, r)) for r in range(layout.world)]
         mine = None
@@ -253,45 +251,7 @@ class ExactPass:
     def draw(self, u: Tensor, layout: Layout) -> Tensor:
         """(R, S) uniforms -> (R, S) float64 actions of the draws that fall in
         this rank's chunks (0 elsewhere: a sum over the ranks places them all)."""
-        R, S = u.shape
-        CH = chunk_pass.CHUNK
-        actions = torch.zeros((R, S), dtype=torch.float64)
-        if not self.tiles:
-            return actions
-        t = u * self.cum[:, -1:]  # u Z, as the kernel forms each threshold
-        chunk, ts, order = chunk_pass.draws_by_chunk(t, self.cum)
-        # this rank's chunks are contiguous: those of its whole pieces
-        lo = self.tiles[0][0] * PIECE
-        hi = min((self.tiles[-1][0] + 1) * PIECE, layout.total)
-        mine = (chunk >= lo // CH) & (chunk < -(-hi // CH))
-        r, s = mine.nonzero(as_tuple=True)  # row-major: each (row, chunk)'s draws together, ascending
-        if r.numel() == 0:
-            return actions
-        # one walk per (row, chunk), with all the row's draws in that chunk
-        key = r * self.cum.shape[1] + chunk[r, s]
-        _, pair, counts = torch.unique_consecutive(key, return_inverse=True, return_counts=True)
-        pos = torch.arange(r.numel()) - (counts.cumsum(0) - counts)[pair]
-        P = counts.numel()
-        th = torch.full((P, S), math.inf, dtype=torch.float64)
-        th[pair, pos] = ts[r, s]
-        first = torch.zeros(P, dtype=torch.int64)
-        first[pair] = torch.arange(r.numel())  # any entry of the pair: they share row and chunk
-        pr, pc = r[first], chunk[r[first], s[first]]
-        local = torch.full((P, S), -1, dtype=torch.int64)
-        piece = pc * CH // PIECE
-        for j, tile in self.tiles:  # each piece's pairs: its whole chunks in one call, a short last one in another
-            width = tile.shape[1] - (pc * CH - j * PIECE)
-            for short in (False, True):
-                sel = ((piece == j) & ((width < CH) if short else (width >= CH))).nonzero().squeeze(1)
-                if sel.numel() == 0:
-                    continue
-                m = int(width[sel[0]]) if short else CH
-                cols = (pc[sel] * CH - j * PIECE)[:, None] + torch.arange(m)
-                local[sel] = chunk_pass.walk(tile[pr[sel, None], cols], self.stats[0][pr[sel]],
-                                             self.cum[pr[sel], pc[sel]], self.weights[pr[sel], pc[sel]], th[sel])
-        got = local[pair, pos]
-        actions[r, order[r, s]] = (got + chunk[r, s] * CH).double()
-        return actions
+        return chunk_pass.walk_draws(self.tiles, layout.total, self.stats[0], self.weights, self.cum, u)
 
 
 def piece_counts(layout: Layout):
@@ -301,20 +261,20 @@ def piece_counts(layout: Layout):
 
 
 def gather_pieces(mine: Optional[Tensor], counts, rows: int, device, group, layout: Layout,
-                  error: Optional[BaseException]) -> Tensor:
-    """(rows, counts[rank], 3) float64 (max, Z, D) of this rank's pieces
-    (None after ``error``) -> (rows, sum(counts), 3) of every rank's, in rank
-    order (the global order of the pieces when each rank holds contiguous
-    ones); raises on every rank if any rank failed."""
+                  error: Optional[BaseException], width: int = 3) -> Tensor:
+    """(rows, counts[rank], width) float64 per piece of this rank, (max, Z, D)
+    unless said (None after ``error``) -> (rows, sum(counts), width) of every
+    rank's, in rank order (the global order of the pieces when each rank
+    holds contiguous ones); raises on every rank if any rank failed."""
     dist = dist_module()
     most = max(counts) if counts else 0
-    buf = torch.zeros((most, 3, rows + 1), dtype=torch.float64, device=device)
+    buf = torch.zeros((most, width, rows + 1), dtype=torch.float64, device=device)
     if error is None:
         buf[:counts[layout.rank], :, :rows] = mine.permute(1, 2, 0)
     else:
         buf[:, :, rows] = 1.0
     if most == 0:  # no rank has a piece: only the flags travel
-        buf = torch.full((1, 3, rows + 1), 0.0 if error is None else 1.0, dtype=torch.float64, device=device)
+        buf = torch.full((1, width, rows + 1), 0.0 if error is None else 1.0, dtype=torch.float64, device=device)
     got = [torch.empty_like(buf) for _ in range(layout.world)]
     dist.all_gather(got, buf, group=group)
     raise_if_failed(torch.stack([g[0, 0, rows] for g in got]).cpu(), layout.rank, error)

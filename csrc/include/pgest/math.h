@@ -21,7 +21,7 @@ constexpr float kExpFloor = -87.0f;
 // clamp to the floor and the lanes above it, fused multiply-add, and scaling
 // by 2^n for an integral-valued n (exact: every result is a normal float).
 // AVX-512 does the clamp, the mask and the scaling in one instruction each
-// (vec.h), which is a quarter of the exponential's instructions.
+// (vec.h), where the generic vector forms take two or three.
 template <class F> struct ExpOps;
 template <> struct ExpOps<float> {
   using Live = bool;
