@@ -547,8 +547,8 @@ def mismatch(sampler_log_prob: Tensor, trainer_log_prob: Tensor, mask: Optional[
         "kl_k3": mean(torch.expm1(d) - d),
         "ratio_mean": ratio_mean,
         "ratio_std": mean((r - ratio_mean) ** 2).sqrt(),
-        "ratio_min": torch.where(keep, r, torch.inf).amin() if r.numel() else torch.ones((), dtype=torch.float64),
-        "ratio_max": torch.where(keep, r, -torch.inf).amax() if r.numel() else torch.ones((), dtype=torch.float64),
+        "ratio_min": torch.where(keep, r, torch.inf).amin() if r.numel() else r.new_ones((), dtype=torch.float64),
+        "ratio_max": torch.where(keep, r, -torch.inf).amax() if r.numel() else r.new_ones((), dtype=torch.float64),
         "outside_band": mean(((r < band[0]) | (r > band[1])).double()),
         "tokens": n,
     }

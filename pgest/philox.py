@@ -35,7 +35,7 @@ def cpu_seed(generator: Optional[torch.Generator]) -> int:
     fresh tensor: half the cost, which is felt at RL sizes."""
     buf = getattr(_SEED_BUFFER, "t", None)
     if buf is None:
-        buf = _SEED_BUFFER.t = torch.empty((), dtype=torch.int64)
+        buf = _SEED_BUFFER.t = torch.empty((), dtype=torch.int64, device="cpu")
     return buf.random_(0, 2**63 - 1, generator=generator).item()
 
 
@@ -76,7 +76,7 @@ def uniforms(rows: int, num_samples: int, seed: int, offset: int = 0) -> torch.T
     num_samples = _check_int(num_samples, "num_samples", 0, 2**63)
     seed = _check_int(seed, "seed", -2**63, 2**64) & (2**64 - 1)
     offset = _check_int(offset, "offset", 0, 2**64)
-    out = torch.empty((rows, num_samples), dtype=torch.float64)
+    out = torch.empty((rows, num_samples), dtype=torch.float64, device="cpu")
     if out.numel():
         _C.philox_uniform(seed, offset, rows, num_samples, out.data_ptr())
     return out

@@ -75,7 +75,8 @@ def reinforce_grad(
     # The reference recipe's step 3: (baseline - reward) / batch_size at the sampled action,
     # summed over samples (scatter_add: two samples may pick the same action).
     coef = (b - rewards) / (B * num_samples)
-    grad = torch.zeros((B, K), dtype=torch.float64).scatter_add_(1, actions, coef).to(log_probs.dtype)
+    grad = torch.zeros((B, K), dtype=torch.float64, device=log_probs.device).scatter_add_(1, actions, coef)
+    grad = grad.to(log_probs.dtype)
     if num_samples == 1:
         actions, rewards = actions.view(B), rewards.view(B)
     return ReinforceGrad(actions, rewards.float(), grad)

@@ -213,8 +213,9 @@ def _is_weights(log_ratio: Tensor, m: Tensor, level: str, threshold, normalize: 
         mt["rollout_is_max"] = torch.exp(for_metrics.max().clamp(max=BOUND)).item()
         mt["rollout_is_min"] = torch.exp(for_metrics.min()).item()
         # the log bounds in float32, as verl takes them
-        mt["rollout_is_ratio_fraction_high"] = (for_metrics > torch.tensor(upper).log()).float().mean().item()
-        mt["rollout_is_ratio_fraction_low"] = (for_metrics < torch.tensor(low).log()).float().mean().item()
+        log_upper, log_low = (torch.tensor(v, device=for_metrics.device).log() for v in (upper, low))
+        mt["rollout_is_ratio_fraction_high"] = (for_metrics > log_upper).float().mean().item()
+        mt["rollout_is_ratio_fraction_low"] = (for_metrics < log_low).float().mean().item()
     else:
         mt["rollout_is_ratio_fraction_high"] = _mmean((raw > upper).float(), m).item()
         mt["rollout_is_ratio_fraction_low"] = _mmean((raw < low).float(), m).item()

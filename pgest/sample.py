@@ -105,7 +105,7 @@ def sample(logits: Tensor, num_samples: int = 1, generator: Optional[torch.Gener
         if not x.is_cuda and not traced():  # the kept set found and drawn from in one read of each row
             if generator is not None:
                 check_generator(generator, x.device)
-            record = empty_record(x.shape[0], stats_dtype(x.dtype))
+            record = empty_record(x.shape[0], stats_dtype(x.dtype), x.device)
             out = sample_native(x, S, cpu_seed(generator), shapes=(shape, lead), truncation=(*f, record))
             return TruncatedSample(*out[:3], record_of(*record, lead))
         z, record = kept_logits(x, f, lead=lead)

@@ -74,13 +74,13 @@ _NUMBERS: dict = {}
 
 def _number(value, dtype: torch.dtype) -> Tensor:
     if traced():  # a constant of the graph being traced
-        return torch.tensor([value], dtype=dtype)
+        return torch.tensor([value], dtype=dtype, device="cpu")
     key = (value, dtype)
     t = _NUMBERS.get(key)
     if t is None:
         if len(_NUMBERS) >= 256:
             _NUMBERS.clear()
-        t = _NUMBERS[key] = torch.tensor([value], dtype=dtype)
+        t = _NUMBERS[key] = torch.tensor([value], dtype=dtype, device="cpu")
     return t
 
 
@@ -228,7 +228,7 @@ class _KeptScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, aux):
         actions, ignore_index, f, given, shapes, lists = aux
-        threshold = torch.empty(x.shape[0], dtype=stats_dtype(x.dtype))
+        threshold = torch.empty(x.shape[0], dtype=stats_dtype(x.dtype), device=x.device)
         lp, ent, st, _ = forward_rows(x, actions, ignore_index, shapes=shapes, fresh_stats=False,
                                       truncation=(f, given, threshold, lists))
         ctx.save_for_backward(x, actions, st, ent, threshold, *(() if lists is None else lists))
@@ -275,12 +275,13 @@ def kept_scores(x: Tensor, actions: Optional[Tensor], ignore_index: Optional[int
         check_kept_token_values(ids, offsets, K)
         lists = (ids.contiguous(), offsets.contiguous())
     if actions is None:
-        actions = torch.empty(R, 0, dtype=torch.int64)
+        actions = torch.empty(R, 0, dtype=torch.int64, device=x.device)
     aux = (actions, ignore_index, f, None if given is None else given.contiguous(), shapes, lists)
     if x.requires_grad and torch.is_grad_enabled():
         return _apply_kept_scores(x, aux)
     lp, ent, _, _ = forward_rows(x, actions, ignore_index, shapes=shapes,
-                                 truncation=(f, aux[3], torch.empty(R, dtype=stats_dtype(x.dtype)), lists))
+                                 truncation=(f, aux[3], torch.empty(R, dtype=stats_dtype(x.dtype), device=x.device),
+                                             lists))
     return lp, ent
 
 

@@ -58,7 +58,7 @@ def chunk_stats(tile: Tensor, entering: Tensor, col0: int, rows: Tensor) -> Tens
     n = tile.shape[0]
     if tile.stride(1) != 1 and tile.shape[1] > 1:
         tile = tile.contiguous()
-    table = torch.empty((n, -(-tile.shape[1] // CHUNK), 3), dtype=acc)
+    table = torch.empty((n, -(-tile.shape[1] // CHUNK), 3), dtype=acc, device="cpu")
     if n:
         entering = entering.to(acc).contiguous()
         a = _args(STATS, tile, n, tile.dtype)
@@ -81,9 +81,9 @@ def finish(table: Tensor, rows: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     row raises, named by ``rows``."""
     n, C, _ = table.shape
     acc = table.dtype
-    stats = torch.empty((3, n), dtype=acc)
-    weights = torch.empty((n, C), dtype=acc)
-    cum = torch.empty((n, C + 1), dtype=torch.float64)
+    stats = torch.empty((3, n), dtype=acc, device="cpu")
+    weights = torch.empty((n, C), dtype=acc, device="cpu")
+    cum = torch.empty((n, C + 1), dtype=torch.float64, device="cpu")
     if n:
         table = table.contiguous()
         a = _args(FINISH, None, n, torch.float64 if acc == torch.float64 else torch.float32)
@@ -104,7 +104,7 @@ def walk(chunk: Tensor, row_max: Tensor, before: Tensor, weight: Tensor, thresho
     that fall in it, ascending, +inf past them (n, S) -> (n, S) the column
     of each in the chunk, -1 for +inf."""
     n, S = thresholds.shape
-    actions = torch.empty((n, S), dtype=torch.int64)
+    actions = torch.empty((n, S), dtype=torch.int64, device="cpu")
     if n:
         if chunk.stride(1) != 1 and chunk.shape[1] > 1:
             chunk = chunk.contiguous()
@@ -133,7 +133,7 @@ def draws_by_chunk(t: Tensor, cum: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
 def piece_maxima(tiles: List[Tuple[int, Tensor]], rows: int) -> Tensor:
     """(rows, owned pieces, 1) float64: each owned piece's max (exact in
     float64 for every dtype), as vocab_parallel.gather_pieces carries it."""
-    out = torch.zeros((rows, len(tiles), 1), dtype=torch.float64)
+    out = torch.zeros((rows, len(tiles), 1), dtype=torch.float64, device="cpu")
     for p, (_, tile) in enumerate(tiles):
         out[:, p, 0] = tile.amax(1).double() if tile.shape[1] else -math.inf
     return out
@@ -144,7 +144,7 @@ def entering_maxima(maxima: Tensor) -> Tensor:
     the largest of the pieces before it (-inf before the first)."""
     if maxima.shape[1] == 0:
         return maxima
-    first = torch.full((maxima.shape[0], 1), -math.inf, dtype=maxima.dtype)
+    first = torch.full((maxima.shape[0], 1), -math.inf, dtype=maxima.dtype, device="cpu")
     return torch.cat([first, maxima.cummax(1).values[:, :-1]], 1)
 
 
@@ -156,7 +156,7 @@ def walk_draws(tiles: List[Tuple[int, Tensor]], total: int, row_max: Tensor, wei
     for the others. One walk per (row, chunk), with all the row's draws in
     that chunk, as the whole row's walk takes them."""
     R, S = u.shape
-    actions = torch.zeros((R, S), dtype=torch.float64)
+    actions = torch.zeros((R, S), dtype=torch.float64, device="cpu")
     if not tiles:
         return actions
     chunk, ts, order = draws_by_chunk(u * cum[:, -1:], cum)  # u Z, as the kernel forms each threshold
@@ -168,11 +168,11 @@ def walk_draws(tiles: List[Tuple[int, Tensor]], total: int, row_max: Tensor, wei
     _, pair, counts = torch.unique_consecutive(r * cum.shape[1] + chunk[r, s], return_inverse=True,
                                                return_counts=True)
     start = counts.cumsum(0) - counts
-    pos = torch.arange(r.numel()) - start[pair]
-    th = torch.full((counts.numel(), S), math.inf, dtype=torch.float64)
+    pos = torch.arange(r.numel(), device="cpu") - start[pair]
+    th = torch.full((counts.numel(), S), math.inf, dtype=torch.float64, device="cpu")
     th[pair, pos] = ts[r, s]
     pr, pc = r[start], chunk[r[start], s[start]]
-    local = torch.full(th.shape, -1, dtype=torch.int64)
+    local = torch.full(th.shape, -1, dtype=torch.int64, device="cpu")
     piece = pc * CHUNK // PIECE
     for j, tile in tiles:  # each piece's pairs: its whole chunks in one call, a short last one in another
         width = tile.shape[1] - (pc * CHUNK - j * PIECE)
@@ -181,7 +181,7 @@ def walk_draws(tiles: List[Tuple[int, Tensor]], total: int, row_max: Tensor, wei
             if sel.numel() == 0:
                 continue
             m = int(width[sel[0]]) if short else CHUNK
-            cols = (pc[sel] * CHUNK - j * PIECE)[:, None] + torch.arange(m)
+            cols = (pc[sel] * CHUNK - j * PIECE)[:, None] + torch.arange(m, device="cpu")
             local[sel] = walk(tile[pr[sel, None], cols], row_max[pr[sel]], cum[pr[sel], pc[sel]],
                               weights[pr[sel], pc[sel]], th[sel])
     actions[r, order[r, s]] = (local[pair, pos] + chunk[r, s] * CHUNK).double()

@@ -224,7 +224,7 @@ class ExactPass:
         R = x.shape[0]
         acc = _checks.stats_dtype(x.dtype)
         self.tiles = _owned_tiles(x, layout, group)
-        rows = torch.arange(R) if probe is None else probe.nonzero().squeeze(1)
+        rows = torch.arange(R, device=x.device) if probe is None else probe.nonzero().squeeze(1)
         n = rows.shape[0]
         tiles = self.tiles if probe is None else [(j, t[rows]) for j, t in self.tiles]
         # 1. the running max entering each piece: the largest of the pieces before it
@@ -236,14 +236,15 @@ class ExactPass:
         mine = None
         try:
             parts = [chunk_pass.chunk_stats(t, entering[:, j], j * PIECE, rows) for j, t in tiles]
-            mine = torch.cat(parts, 1).double() if parts else torch.zeros((n, 0, 3), dtype=torch.float64)
+            mine = torch.cat(parts, 1).double() if parts else torch.zeros((n, 0, 3), dtype=torch.float64,
+                                                                                        device=x.device)
         except ValueError as e:
             error = e
         table = gather_pieces(mine, counts, n, x.device, group, layout, error)
         # 3. the row, finished alike on every rank
         stats, weights, cum = chunk_pass.finish(table.to(acc), rows)
         if probe is not None:
-            full = torch.zeros((3, R), dtype=acc)
+            full = torch.zeros((3, R), dtype=acc, device=x.device)
             full[:, rows] = stats
             stats = full
         self.stats, self.weights, self.cum = stats, weights, cum

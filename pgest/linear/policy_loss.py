@@ -80,8 +80,7 @@ FUSED_MIN_TOKENS = 128
 
 
 def _fused_token_tile(n_tokens: int, V: int, H: int, dtype: torch.dtype, device: torch.device) -> int:
-    size = torch.empty((), dtype=dtype).element_size()
-    lsize = torch.empty((), dtype=logits_dtype(dtype)).element_size()
+    size, lsize = dtype.itemsize, logits_dtype(dtype).itemsize
     budget = min(FUSED_BYTES.get(device.type, FUSED_BYTES["cpu"]), n_tokens * V * size // FUSED_FRACTION)
     # per token: its logits (float32 for 16-bit inputs) and, for 16-bit
     # inputs, their gradient in the inputs' dtype; a vocabulary tile's

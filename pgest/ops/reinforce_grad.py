@@ -26,7 +26,7 @@ _warned_unnormalised = False
 # Set to 1 by the kernel when a row is not normalised. Never reset: it only
 # has to make the first warning happen, and the kernel only ever writes 1,
 # so one buffer serves every call (no allocation on the hot path).
-_UNNORMALISED = torch.zeros((1,), dtype=torch.int32)
+_UNNORMALISED = torch.zeros((1,), dtype=torch.int32, device="cpu")
 
 
 def check_call(log_probs, labels, reward_table, kind: int, constant: float, baseline, num_samples):

@@ -45,7 +45,7 @@ def raise_for(res, temperature: Tensor, K: int) -> None:
         _status.raise_for_status(res, input_name="logits", num_actions=K)
 
 
-def empty_record(rows: int, dtype: torch.dtype, device=None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def empty_record(rows: int, dtype: torch.dtype, device: torch.device) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The (threshold, kept, kept_mass, cut) tensors a kernel fills, for rows
     of the accumulation type ``dtype``."""
     return (torch.empty(rows, dtype=dtype, device=device), torch.empty(rows, dtype=torch.int64, device=device),
@@ -75,9 +75,9 @@ def truncation_native(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tens
     ``with_mass=False``: kept_mass is None, and no pass over the kept set
     takes the statistics it needs."""
     R, K = x.shape
-    threshold, kept, kept_mass, cut = empty_record(R, _checks.stats_dtype(x.dtype))
+    threshold, kept, kept_mass, cut = empty_record(R, _checks.stats_dtype(x.dtype), x.device)
     kept_mass = kept_mass if with_mass else None
-    z = torch.empty(R, K, dtype=threshold.dtype) if with_logits else None
+    z = torch.empty(R, K, dtype=threshold.dtype, device=x.device) if with_logits else None
     if R:
         a = _args(x, temperature, top_k, top_p, min_p, given_threshold=given_threshold, threshold=threshold,
                   kept=kept, kept_mass=kept_mass, cut=cut, kept_logits=z)
