@@ -2,6 +2,7 @@
 (bench/gpu_run.sh runs it under memcheck, racecheck and synccheck):
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python bench/gpu_sanitize.py [--small]
+    python bench/gpu_sanitize.py --small --device cpu    # its dry run, no GPU
 
 K = 1, K not a multiple of the 2048-entry tile, K = 262144 (longer tiles),
 more rows than a grid dimension, S > 1 and S above the pairwise limit (the
@@ -75,29 +76,32 @@ def refused_rows(x: torch.Tensor) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="shapes for racecheck")
-    small = p.parse_args().small
+    p.add_argument("--device", default="cuda", help="cpu: a dry run of this script where no GPU is")
+    args = p.parse_args()
+    small, dev = args.small, torch.device(args.device)
     shapes = [(7, 1), (33, 2049), (300, 12), (2, 40000)] if small else \
         [(7, 1), (33, 2049), (70000, 12), (3, 262144), (257, 32000)]
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for R, K in shapes:
-            x = (torch.randn(R, K, device="cuda") * 3).to(dtype)
+            x = (torch.randn(R, K, device=dev) * 3).to(dtype)
             for logits in (x, x.T.contiguous().T):  # contiguous and column-major
                 for S in (1, 3) if small else (1, 3, 20):
                     row_ops(logits, S)
             refused_rows(x)
     T, B = (16, 300) if small else (64, 70000)
-    rewards, values = torch.randn(T, B, device="cuda"), torch.randn(T, B, device="cuda")
-    dones = torch.rand(T, B, device="cuda") < 0.05
-    pgest.gae(rewards, values, dones, 0.99, 0.95, last_value=torch.randn(B, device="cuda"))
+    rewards, values = torch.randn(T, B, device=dev), torch.randn(T, B, device=dev)
+    dones = torch.rand(T, B, device=dev) < 0.05
+    pgest.gae(rewards, values, dones, 0.99, 0.95, last_value=torch.randn(B, device=dev))
     pgest.discounted_returns(rewards, dones.float(), 0.99)
-    h = torch.randn(50, 64, device="cuda", requires_grad=True)
-    w = (torch.randn(5000, 64, device="cuda") / 8).requires_grad_()
-    acts = torch.randint(0, 5000, (50,), device="cuda")
+    h = torch.randn(50, 64, device=dev, requires_grad=True)
+    w = (torch.randn(5000, 64, device=dev) / 8).requires_grad_()
+    acts = torch.randint(0, 5000, (50,), device=dev)
     lp, ent = pgest.linear_log_prob(h, w, acts, token_tile=16, vocab_tile=1024)
     (lp.sum() + ent.sum()).backward()
-    pgest.linear_policy_loss(h, w, acts, torch.randn(50, device="cuda"), token_tile=16, vocab_tile=1024).backward()
+    pgest.linear_policy_loss(h, w, acts, torch.randn(50, device=dev), token_tile=16, vocab_tile=1024).backward()
     pgest.linear_sample(h.detach(), w.detach(), num_samples=2, token_tile=16, vocab_tile=1024)
-    torch.cuda.synchronize()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     pgest.check_errors()
     print("gpu_sanitize: every op ran")
 

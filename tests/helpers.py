@@ -28,6 +28,24 @@ def devices():
     return pytest.mark.parametrize("device", DEVICES, ids=[f"on-{d}" for d in DEVICES])
 
 
+def gen(seed: int, device="cpu") -> torch.Generator:
+    """A generator on ``device`` (pgest draws from the input's device's
+    generator), seeded."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def on_cpu(out):
+    """``out`` with every tensor in it moved to the CPU, NamedTuples (nested
+    records such as TruncatedSample) rebuilt as their own type: a test
+    parametrised over DEVICES compares with its CPU reference through it."""
+    if isinstance(out, torch.Tensor):
+        return out.cpu()
+    if isinstance(out, tuple):
+        items = [on_cpu(o) for o in out]
+        return type(out)(*items) if hasattr(out, "_fields") else tuple(items)
+    return out
+
+
 def run_with_noise(fn, *args, generator_seed=0, num_samples=1, **kwargs):
     """Run a pgest op with a fresh generator and return (output, uniforms):
     the uniforms the kernel drew, recovered from the same generator state."""

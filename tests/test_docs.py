@@ -61,4 +61,13 @@ def test_guide_code_blocks_run(page, code):
         return
     namespace = {}
     exec(_SETUP.get(page, "import torch, pgest"), namespace)
-    exec(compile(code, page, "exec"), namespace)
+    try:
+        exec(compile(code, page, "exec"), namespace)
+    except ImportError as e:
+        # an optional library the block shows (TRL, transformers) that this
+        # machine lacks (the GPU machine has no TRL): skipped, not passed;
+        # a missing pgest module is still a failure
+        missing = e if isinstance(e, ModuleNotFoundError) else e.__cause__
+        if not isinstance(missing, ModuleNotFoundError) or (missing.name or "pgest").startswith("pgest"):
+            raise
+        pytest.skip(f"{page} needs {missing.name}, not installed here")

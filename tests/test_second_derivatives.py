@@ -4,7 +4,7 @@ torch ops: Hessians, gradgradcheck, and a gradient penalty through a network.
 Before they were supported the eager route returned zeros silently."""
 import pytest
 import torch
-from helpers import head_case
+from helpers import devices, gen, head_case
 
 import pgest
 
@@ -21,41 +21,45 @@ def _ref_rows(x, a=A):
     return ls.gather(-1, a[..., None]).squeeze(-1), ent
 
 
+# each case: (pgest's loss, the same loss in torch ops), as functions of (logits, actions, advantages)
 CASES = {
-    "log_prob": (lambda x: (lambda o: (o.log_prob * ADV).sum() + (o.entropy ** 2).sum())(pgest.log_prob(x, A)),
-                 lambda x: (lambda o: (o[0] * ADV).sum() + (o[1] ** 2).sum())(_ref_rows(x))),
-    "entropy": (lambda x: pgest.entropy(x).sum(), lambda x: _ref_rows(x)[1].sum()),
-    "policy_loss": (lambda x: pgest.policy_loss(x, A, ADV, entropy_weight=0.3),
-                    lambda x: (lambda o: (-ADV * o[0] - 0.3 * o[1]).mean())(_ref_rows(x))),
-    "policy_loss none": (lambda x: (pgest.policy_loss(x, A, ADV, reduction="none") ** 2).sum(),
-                         lambda x: ((-ADV * _ref_rows(x)[0]) ** 2).sum()),
-    "Categorical": (lambda x: (lambda d: d.log_prob(A).sum() + d.entropy().sum())(pgest.Categorical(logits=x)),
-                    lambda x: (lambda d: d.log_prob(A).sum() + d.entropy().sum())(
+    "log_prob": (lambda x, a, adv: (lambda o: (o.log_prob * adv).sum() + (o.entropy ** 2).sum())(pgest.log_prob(x, a)),
+                 lambda x, a, adv: (lambda o: (o[0] * adv).sum() + (o[1] ** 2).sum())(_ref_rows(x, a))),
+    "entropy": (lambda x, a, adv: pgest.entropy(x).sum(), lambda x, a, adv: _ref_rows(x, a)[1].sum()),
+    "policy_loss": (lambda x, a, adv: pgest.policy_loss(x, a, adv, entropy_weight=0.3),
+                    lambda x, a, adv: (lambda o: (-adv * o[0] - 0.3 * o[1]).mean())(_ref_rows(x, a))),
+    "policy_loss none": (lambda x, a, adv: (pgest.policy_loss(x, a, adv, reduction="none") ** 2).sum(),
+                         lambda x, a, adv: ((-adv * _ref_rows(x, a)[0]) ** 2).sum()),
+    "Categorical": (lambda x, a, adv: (lambda d: d.log_prob(a).sum() + d.entropy().sum())(pgest.Categorical(logits=x)),
+                    lambda x, a, adv: (lambda d: d.log_prob(a).sum() + d.entropy().sum())(
                         torch.distributions.Categorical(logits=x))),
     "Categorical after sample": (
-        lambda x: (lambda d: (lambda a: d.log_prob(a).sum() + d.entropy().sum())(
-            d.sample(generator=torch.Generator().manual_seed(1))))(pgest.Categorical(logits=x)),
-        lambda x: (lambda a: (lambda o: o[0].sum() + o[1].sum())(_ref_rows(x, a)))(
-            pgest.sample(x.detach(), generator=torch.Generator().manual_seed(1)).actions)),
+        lambda x, a, adv: (lambda d: (lambda s: d.log_prob(s).sum() + d.entropy().sum())(
+            d.sample(generator=gen(1, x.device))))(pgest.Categorical(logits=x)),
+        lambda x, a, adv: (lambda s: (lambda o: o[0].sum() + o[1].sum())(_ref_rows(x, s)))(
+            pgest.sample(x.detach(), generator=gen(1, x.device)).actions)),
 }
 
 
+@devices()
 @pytest.mark.parametrize("name", list(CASES))
-def test_hessian_matches_torch(name):
+def test_hessian_matches_torch(name, device):
     mine, ref = CASES[name]
-    want = torch.autograd.functional.hessian(ref, X)
-    got = torch.autograd.functional.hessian(mine, X)
+    x, a, adv = X.to(device), A.to(device), ADV.to(device)
+    want = torch.autograd.functional.hessian(lambda t: ref(t, a, adv), x)
+    got = torch.autograd.functional.hessian(lambda t: mine(t, a, adv), x)
     assert want.abs().max() > 0.05  # a real second derivative, not a zero one
     finite = torch.isfinite(want)
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-10, atol=1e-12)
 
 
-def test_registered_ops_differentiate_twice():
-    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-    a = torch.randint(0, 6, (4, 2))
+@devices()
+def test_registered_ops_differentiate_twice(device):
+    x = torch.randn(4, 6, dtype=torch.float64, device=device, requires_grad=True)
+    a = torch.randint(0, 6, (4, 2), device=device)
     a[1, 0] = -100
     assert torch.autograd.gradgradcheck(lambda t: torch.ops.pgest.log_prob(t, a, -100)[:2], (x,))
-    w = torch.randn(4, 2, dtype=torch.float64)
+    w = torch.randn(4, 2, dtype=torch.float64, device=device)
     assert torch.autograd.gradgradcheck(lambda t: torch.ops.pgest.policy_loss(t, a, w, 0.2, -100, None, None)[0],
                                         (x,))
     assert torch.autograd.gradgradcheck(lambda t: pgest.log_prob(t, a), (x,))

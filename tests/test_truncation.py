@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import FLOAT_DTYPES
+from helpers import FLOAT_DTYPES, devices, gen, on_cpu
 from scipy import stats
 
 import pgest
@@ -71,9 +71,10 @@ CASES = [dict(top_k=5), dict(top_k=1), dict(top_p=0.9), dict(top_p=0.3), dict(mi
          dict(temperature=0.5, top_k=20, min_p=0.2), dict(top_k=10**6), dict(top_p=1.0), dict(min_p=0.0)]
 
 
+@devices()
 @pytest.mark.parametrize("kw", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 @pytest.mark.parametrize("K", [7, 300, 5000])
-def test_kept_set_matches_the_definition(kw, K):
+def test_kept_set_matches_the_definition(kw, K, device):
     g = torch.Generator().manual_seed(K)
     x = torch.randn(40, K, generator=g) * 2
     x[3, : K // 2] = x[3, 0]  # a tie across half the row
@@ -81,12 +82,12 @@ def test_kept_set_matches_the_definition(kw, K):
     x[5, K // 3:] = MINUS_INF
     full = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) | kw
     expected = reference_keep(x, **full)
-    got = kept_of(x, **kw)
+    got = kept_of(x.to(device), **kw).cpu()
     rows = ~near_top_p_boundary(x, full["temperature"], full["top_k"], full["top_p"]) \
         if full["top_p"] < 1 else torch.ones(40, dtype=torch.bool)
     assert rows.sum() >= 36
     assert torch.equal(got[rows], expected[rows])
-    rec = pgest.truncation(x, **kw)
+    rec = on_cpu(pgest.truncation(x.to(device), **kw))
     assert torch.equal(rec.kept[rows], expected.sum(-1)[rows])
     z = x.float() / full["temperature"]
     smallest = torch.where(expected, z, float("inf")).min(-1).values
@@ -123,16 +124,18 @@ def long_rows(K, seed=0):
                                 dict(top_k=3000, top_p=0.9), dict(top_p=0.9, min_p=0.01)],
                          ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_long_rows_in_adversarial_orders_and_ties(kw, dtype):
+@devices()
+def test_long_rows_in_adversarial_orders_and_ties(kw, dtype, device):
     x = long_rows(40000).to(dtype)
+    xd = x.to(device)
     full = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) | kw
     expected = reference_keep(x, **full)
     rows = ~near_top_p_boundary(x, 1.0, full["top_k"], full["top_p"], tol=2e-6) if full["top_p"] < 1 \
         else torch.ones(10, dtype=torch.bool)
     assert rows.sum() >= 3
-    got = kept_of(x, **kw)
+    got = kept_of(xd, **kw).cpu()
     assert torch.equal(got[rows], expected[rows])
-    rec = pgest.truncation(x, **kw)
+    rec = on_cpu(pgest.truncation(xd, **kw))
     if full["top_p"] < 1 and full["top_k"] == 0 and full["min_p"] == 0:
         # rows within rounding of p: still a set of the largest entries that
         # holds p of the mass to float rounding, and no more than it needs
@@ -154,9 +157,9 @@ def test_long_rows_in_adversarial_orders_and_ties(kw, dtype):
     torch.testing.assert_close(rec.kept_mass[rows], torch.where(expected, torch.softmax(z.double(), -1), 0.0)
                                .sum(-1)[rows], rtol=1e-6, atol=1e-9)
     # the draws stay in the kept set, and the sampler's log-probs are the trainer's
-    s = pgest.sample(x, generator=torch.Generator().manual_seed(3), num_samples=8, **kw)
-    assert bool(expected.gather(1, s.actions).all())
-    lp, _ = pgest.log_prob(x, s.actions, **kw)
+    s = pgest.sample(xd, generator=gen(3, device), num_samples=8, **kw)
+    assert bool(expected.gather(1, s.actions.cpu()).all())
+    lp, _ = pgest.log_prob(xd, s.actions, **kw)
     assert torch.equal(lp, s.log_prob)
 
 
@@ -302,13 +305,14 @@ def test_min_p_order_differs_from_vllm_where_min_p_removes_mass():
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("S", [1, 4])
-def test_sampler_and_trainer_agree_bit_for_bit(dtype, S):
+@devices()
+def test_sampler_and_trainer_agree_bit_for_bit(dtype, S, device):
     g = torch.Generator().manual_seed(1)
-    x = (torch.randn(3, 5, 700, generator=g) * 2).to(dtype)
-    T = torch.rand(3, 5, generator=g) + 0.3  # per-token temperature
-    top_p = torch.tensor([0.5, 0.9, 1.0, 0.95, 0.7]).repeat(3, 1)
+    x = (torch.randn(3, 5, 700, generator=g) * 2).to(dtype).to(device)
+    T = (torch.rand(3, 5, generator=g) + 0.3).to(device)  # per-token temperature
+    top_p = torch.tensor([0.5, 0.9, 1.0, 0.95, 0.7]).repeat(3, 1).to(device)
     s = pgest.sample(x, num_samples=S, temperature=T, top_k=64, top_p=top_p, min_p=0.01,
-                     generator=torch.Generator().manual_seed(2))
+                     generator=gen(2, device))
     assert isinstance(s, pgest.TruncatedSample) and s.truncation.kept.shape == (3, 5)
     lp, ent = pgest.log_prob(x, s.actions, temperature=T, top_k=64, top_p=top_p, min_p=0.01)
     assert torch.equal(lp, s.log_prob) and torch.equal(ent, s.entropy)
@@ -435,13 +439,14 @@ def test_truncated_scoring_holds_no_more_memory_than_untruncated(dtype):
     assert truncated <= plain * 1.05  # the formed route's peak: 2 float32 R x K tensors more
 
 
-def test_log_prob_is_the_renormalised_distribution_in_float64():
+@devices()
+def test_log_prob_is_the_renormalised_distribution_in_float64(device):
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(30, 200, generator=g) * 2).double()
     kw = dict(temperature=0.6, top_k=30, top_p=0.85, min_p=0.02)
     keep = reference_keep(x, **kw)
     z = torch.where(keep, x / 0.6, MINUS_INF)
-    s = pgest.sample(x, num_samples=3, generator=torch.Generator().manual_seed(4), **kw)
+    s = on_cpu(pgest.sample(x.to(device), num_samples=3, generator=gen(4, device), **kw))
     ls = torch.log_softmax(z, -1)
     torch.testing.assert_close(s.log_prob, ls.gather(1, s.actions), rtol=1e-12, atol=1e-12)
     ent = -(torch.where(keep, ls.exp() * ls, 0.0)).sum(-1)
@@ -449,16 +454,19 @@ def test_log_prob_is_the_renormalised_distribution_in_float64():
     assert keep.gather(1, s.actions).all()
 
 
-def test_gradient_treats_the_kept_set_as_a_constant():
+@devices()
+def test_gradient_treats_the_kept_set_as_a_constant(device):
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(6, 40, generator=g) * 2).double().requires_grad_()
     a = torch.randint(0, 40, (6,), generator=g)
     kw = dict(temperature=0.8, top_k=25, min_p=0.01)
     keep = reference_keep(x.detach(), **kw)
     a = torch.where(keep.gather(1, a[:, None]).squeeze(1), a, keep.float().argmax(-1))
-    lp, ent = pgest.log_prob(x, a, **kw)
+    xd, ad = x.detach().to(device).requires_grad_(), a.to(device)
+    lp, ent = pgest.log_prob(xd, ad, **kw)
     w = torch.randn(6, dtype=torch.float64, generator=g)
-    (gx,) = torch.autograd.grad((w * lp).sum() + 0.3 * ent.sum(), x)
+    (gx,) = torch.autograd.grad((w.to(device) * lp).sum() + 0.3 * ent.sum(), xd)
+    gx = gx.cpu()
     xr = x.detach().clone().requires_grad_()
     ls = torch.log_softmax(torch.where(keep, xr / 0.8, MINUS_INF), -1)
     ls_kept = torch.where(keep, ls, 0.0)  # no 0 * -inf, in value or in gradient
@@ -466,10 +474,11 @@ def test_gradient_treats_the_kept_set_as_a_constant():
     (gr,) = torch.autograd.grad(ref, xr)
     torch.testing.assert_close(gx, gr, rtol=1e-10, atol=1e-12)
     assert (gx[~keep] == 0).all()
-    assert torch.autograd.gradcheck(lambda t: pgest.log_prob(t, a, **kw), (x,), eps=1e-7)
+    assert torch.autograd.gradcheck(lambda t: pgest.log_prob(t, ad, **kw), (xd,), eps=1e-7)
 
 
-def test_chi_square_on_adversarial_rows():
+@devices()
+def test_chi_square_on_adversarial_rows(device):
     # ties at the top-k boundary (all kept), a long tail under top-p at 128k entries
     K = 128_000
     g = torch.Generator().manual_seed(6)
@@ -480,7 +489,7 @@ def test_chi_square_on_adversarial_rows():
     x = torch.stack([tail, ties])
     N = 40_000
     for row, kw in ((0, dict(top_p=0.95, temperature=1.3)), (1, dict(top_k=3))):
-        s = pgest.sample(x[row:row + 1], num_samples=N, generator=torch.Generator().manual_seed(7), **kw)
+        s = on_cpu(pgest.sample(x[row:row + 1].to(device), num_samples=N, generator=gen(7, device), **kw))
         full = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) | kw
         keep = reference_keep(x[row:row + 1], **full)[0]
         assert keep.gather(0, s.actions[0]).all()
@@ -496,55 +505,59 @@ def test_chi_square_on_adversarial_rows():
         assert p > 1e-4, (row, p)  # fails by chance once in 10^4 runs
 
 
-def test_one_token_with_all_the_mass_and_greedy():
-    x = torch.tensor([[0.0, 50.0, 0.0, 49.99], [1.0, 3.0, 3.0, 2.0], [5.0, -1.0, 5.0, 5.0]])
-    s = pgest.sample(x, num_samples=8, top_p=0.5, generator=torch.Generator().manual_seed(0))
+@devices()
+def test_one_token_with_all_the_mass_and_greedy(device):
+    x = torch.tensor([[0.0, 50.0, 0.0, 49.99], [1.0, 3.0, 3.0, 2.0], [5.0, -1.0, 5.0, 5.0]], device=device)
+    s = on_cpu(pgest.sample(x, num_samples=8, top_p=0.5, generator=gen(0, device)))
     assert (s.actions[0] == 1).all() and (s.truncation.kept[0] == 1)
-    g = pgest.sample(x, num_samples=3, temperature=0.0, generator=torch.Generator().manual_seed(0))
+    g = on_cpu(pgest.sample(x, num_samples=3, temperature=0.0, generator=gen(0, device)))
     assert torch.equal(g.actions, torch.tensor([[1] * 3, [1] * 3, [0] * 3]))  # ties: the lowest index
     assert (g.log_prob == 0).all() and (g.entropy == 0).all()
     assert torch.equal(g.truncation.kept, torch.ones(3, dtype=torch.int64))
     assert torch.equal(g.truncation.threshold, torch.tensor([50.0, 3.0, 5.0]))
     xr = x.clone().requires_grad_()
-    lp, ent = pgest.log_prob(xr, g.actions, temperature=0.0)
+    lp, ent = pgest.log_prob(xr, g.actions.to(device), temperature=0.0)
     assert (lp == 0).all()
     (lp.sum() + ent.sum()).backward()
     assert (xr.grad == 0).all()
     with pytest.raises(ValueError, match=r"actions\[2(, 0)?\] = 2 is outside the kept set"):
-        pgest.log_prob(x, torch.tensor([[1], [1], [2]]), temperature=0.0)
+        pgest.log_prob(x, torch.tensor([[1], [1], [2]], device=device), temperature=0.0)
     # a batch that mixes greedy and sampled rows
-    m = pgest.sample(x, temperature=torch.tensor([0.0, 1.0, 0.0]), generator=torch.Generator().manual_seed(0))
+    m = on_cpu(pgest.sample(x, temperature=torch.tensor([0.0, 1.0, 0.0], device=device), generator=gen(0, device)))
     assert m.actions[0] == 1 and m.actions[2] == 0 and m.log_prob[0] == 0 and m.log_prob[1] < 0
 
 
-def test_no_filter_draws_are_todays_bit_for_bit():
+@devices()
+def test_no_filter_draws_are_todays_bit_for_bit(device):
     g = torch.Generator().manual_seed(8)
     for dtype in FLOAT_DTYPES:
-        x = (torch.randn(50, 3001, generator=g) * 3).to(dtype)
-        plain = pgest.sample(x, num_samples=3, generator=torch.Generator().manual_seed(9))
+        x = (torch.randn(50, 3001, generator=g) * 3).to(dtype).to(device)
+        plain = on_cpu(pgest.sample(x, num_samples=3, generator=gen(9, device)))
         for kw in (dict(temperature=1.0), dict(top_k=0, top_p=1.0, min_p=0.0), dict(top_k=5000)):
-            t = pgest.sample(x, num_samples=3, generator=torch.Generator().manual_seed(9), **kw)
+            t = on_cpu(pgest.sample(x, num_samples=3, generator=gen(9, device), **kw))
             assert torch.equal(t.actions, plain.actions), (dtype, kw)
             assert torch.equal(t.log_prob, plain.log_prob) and torch.equal(t.entropy, plain.entropy)
             assert (t.truncation.kept == 3001).all() and torch.allclose(t.truncation.kept_mass,
                                                                         torch.ones(50, dtype=torch.float64))
 
 
-def test_replay_by_threshold_and_by_token_lists():
+@devices()
+def test_replay_by_threshold_and_by_token_lists(device):
     g = torch.Generator().manual_seed(10)
     x = torch.randn(9, 400, generator=g) * 2
     kw = dict(temperature=0.9, top_p=0.8)
-    s = pgest.sample(x, num_samples=2, generator=torch.Generator().manual_seed(11), **kw)
-    keep = kept_of(x, **kw)
+    sd = pgest.sample(x.to(device), num_samples=2, generator=gen(11, device), **kw)
+    keep = kept_of(x.to(device), **kw)
     ids = keep.nonzero()[:, 1]
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(-1).cumsum(0)])
-    lp, ent = pgest.log_prob(x, s.actions, temperature=0.9, kept_tokens=(ids, offsets))
-    assert torch.equal(lp, s.log_prob) and torch.equal(ent, s.entropy)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), keep.sum(-1).cumsum(0)])
+    lp, ent = pgest.log_prob(x.to(device), sd.actions, temperature=0.9, kept_tokens=(ids, offsets))
+    assert torch.equal(lp, sd.log_prob) and torch.equal(ent, sd.entropy)
+    s, keep = on_cpu(sd), keep.cpu()
     # the trainer's logits differ by rounding: replayed with the record's cut
     # (midway to the largest value left out) the set is the sampler's, while
     # the smallest kept value itself, at the boundary, may fall out
     y = x + torch.randn(x.shape, generator=g) * 1e-6
-    lp_y, _ = pgest.log_prob(y, s.actions, temperature=0.9, threshold=s.truncation.cut)
+    lp_y, _ = on_cpu(pgest.log_prob(y.to(device), sd.actions, temperature=0.9, threshold=sd.truncation.cut))
     assert (s.truncation.cut < s.truncation.threshold).all()
     dropped = torch.where(keep, float("-inf"), x / 0.9).amax(-1)
     assert (s.truncation.cut > dropped).all()
@@ -653,37 +666,42 @@ def test_truncated_head_ops_opcheck():
     (dict(temperature="hot"), TypeError, "temperature must be a number or a tensor"),
     (dict(temperature=1e-40), ValueError, "temperature overflows|too small"),
 ])
-def test_bad_parameters_name_the_argument(kw, exc, match):
-    x = torch.randn(4, 10) * 10
+@devices()
+def test_bad_parameters_name_the_argument(kw, exc, match, device):
+    x = torch.randn(4, 10, device=device) * 10
+    kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
     with pytest.raises(exc, match=match):
         pgest.sample(x, **kw)
 
 
-def test_bad_scoring_inputs():
-    x = torch.randn(4, 10)
-    a = torch.zeros(4, dtype=torch.int64)
+@devices()
+def test_bad_scoring_inputs(device):
+    t = lambda v, **kw: torch.tensor(v, device=device, **kw)
+    x = torch.randn(4, 10, device=device)
+    a = torch.zeros(4, dtype=torch.int64, device=device)
     x[:, 0] = 10.0
     x[2, 0] = -5.0
     with pytest.raises(ValueError, match=r"actions\[2\] = 0 is outside the kept set"):
         pgest.log_prob(x, a, top_k=3)
     with pytest.raises(ValueError, match="rows \\+ 1 = 5"):
-        pgest.log_prob(x, a, kept_tokens=(torch.tensor([0]), torch.tensor([0, 1])))
+        pgest.log_prob(x, a, kept_tokens=(t([0]), t([0, 1])))
     with pytest.raises(IndexError, match=r"kept_tokens token ids must be in \[0, 10\)"):
-        pgest.log_prob(x, a, kept_tokens=(torch.tensor([0, 1, 2, 10]), torch.tensor([0, 1, 2, 3, 4])))
+        pgest.log_prob(x, a, kept_tokens=(t([0, 1, 2, 10]), t([0, 1, 2, 3, 4])))
     with pytest.raises(ValueError, match="threshold or kept_tokens, not both"):
-        pgest.log_prob(x, a, threshold=torch.zeros(4), kept_tokens=(torch.tensor([0] * 4), torch.arange(5)))
+        pgest.log_prob(x, a, threshold=torch.zeros(4, device=device), kept_tokens=(t([0] * 4), torch.arange(5, device=device)))
     with pytest.raises(ValueError, match="one value per row"):
-        pgest.log_prob(x, a, threshold=torch.zeros(3))
+        pgest.log_prob(x, a, threshold=torch.zeros(3, device=device))
     with pytest.raises(TypeError, match="threshold must be a real tensor"):
-        pgest.log_prob(x, a, threshold=torch.zeros(4, dtype=torch.complex64))
+        pgest.log_prob(x, a, threshold=torch.zeros(4, dtype=torch.complex64, device=device))
     with pytest.raises(ValueError, match=r"threshold\[2\] is NaN"):
-        pgest.log_prob(x, a, threshold=torch.tensor([0.0, 1.0, float("nan"), 0.0]))
-    nan = torch.randn(4, 10)
+        pgest.log_prob(x, a, threshold=t([0.0, 1.0, float("nan"), 0.0]))
+    nan = torch.randn(4, 10, device=device)
     nan[1, 3] = float("nan")
     with pytest.raises(ValueError, match=r"logits\[1, 3\] is nan"):
         pgest.sample(nan, top_p=0.9)
     with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup"):
-        pgest.log_prob(x, a, kept_tokens=(torch.arange(4), torch.arange(5)), process_group=object())
+        pgest.log_prob(x, a, kept_tokens=(torch.arange(4, device=device), torch.arange(5, device=device)),
+                       process_group=object())
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -834,17 +852,18 @@ def test_second_derivatives_on_logits_and_their_refusal_in_the_head():
         torch.autograd.grad(lp.sum(), h, create_graph=True)
 
 
-def test_categorical_with_truncation_is_the_truncated_distribution():
+@devices()
+def test_categorical_with_truncation_is_the_truncated_distribution(device):
     g = torch.Generator().manual_seed(31)
-    x = (torch.randn(3, 4, 60, generator=g) * 2).requires_grad_()
+    x = (torch.randn(3, 4, 60, generator=g) * 2).to(device).requires_grad_()
     kw = dict(temperature=0.7, top_k=30, top_p=0.9)
     d = pgest.Categorical(logits=x, **kw)
-    s = pgest.sample(x.detach(), num_samples=1, generator=torch.Generator().manual_seed(5), **kw)
-    a = d.sample(generator=torch.Generator().manual_seed(5))
+    s = pgest.sample(x.detach(), num_samples=1, generator=gen(5, device), **kw)
+    a = d.sample(generator=gen(5, device))
     assert torch.equal(a, s.actions)  # the same draws as pgest.sample with the parameters
     assert torch.equal(d.log_prob(a), s.log_prob) and torch.equal(d.entropy(), s.entropy)
     assert torch.equal(d.truncation.kept, s.truncation.kept)
-    keep = reference_keep(x.detach().reshape(12, 60), **(dict(min_p=0.0) | kw)).view(3, 4, 60)
+    keep = reference_keep(x.detach().reshape(12, 60).cpu(), **(dict(min_p=0.0) | kw)).view(3, 4, 60).to(device)
     torch.testing.assert_close(d.probs, torch.softmax(torch.where(keep, x.detach() / 0.7, MINUS_INF), -1))
     outside = torch.where(keep, 0, 1).argmax(-1)  # an action left out: probability 0
     assert (d.log_prob(outside) == MINUS_INF).all()
@@ -852,7 +871,8 @@ def test_categorical_with_truncation_is_the_truncated_distribution():
     (d.log_prob(a).sum() + d.entropy().sum()).backward()
     assert (x.grad[~keep] == 0).all() and x.grad.abs().sum() > 0
     ref = torch.distributions.Categorical(logits=torch.where(keep, x.detach() / 0.7, MINUS_INF))
-    torch.testing.assert_close(torch.distributions.kl_divergence(d, ref), torch.zeros(3, 4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.distributions.kl_divergence(d, ref), torch.zeros(3, 4, device=device),
+                               atol=1e-6, rtol=0)
     e = d.expand((2, 3, 4))
     assert e.truncation.kept.shape == (2, 3, 4)
 
