@@ -28,6 +28,25 @@ def devices():
     return pytest.mark.parametrize("device", DEVICES, ids=[f"on-{d}" for d in DEVICES])
 
 
+def on_each_device(test):
+    """Parametrise ``test`` over DEVICES and run its body with torch's default
+    device set to the one of the case (``with torch.device(...)``): every
+    tensor it makes without naming a device is made there, its literals too.
+    Generators are not: a body that seeds its own takes them from gen()."""
+    import functools
+    import inspect
+
+    @functools.wraps(test)
+    def run(*args, device, **kwargs):
+        with torch.device(device):
+            return test(*args, **kwargs)
+
+    sig = inspect.signature(test)
+    run.__signature__ = sig.replace(parameters=[*sig.parameters.values(),
+                                                inspect.Parameter("device", inspect.Parameter.KEYWORD_ONLY)])
+    return devices()(run)
+
+
 def gen(seed: int, device="cpu") -> torch.Generator:
     """A generator on ``device`` (pgest draws from the input's device's
     generator), seeded."""

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from helpers import devices
+from helpers import devices, on_each_device
 from scipy import stats
 from torch.distributions import Categorical as TorchCategorical
 
@@ -30,6 +30,7 @@ def test_same_log_prob_entropy_and_gradients_as_torch(device):
     assert ours.batch_shape == theirs.batch_shape and ours.event_shape == theirs.event_shape
 
 
+@on_each_device
 def test_log_prob_then_entropy_share_one_backward_node():
     x = torch.randn(8, 5, requires_grad=True)
     d = pgest.Categorical(logits=x)
@@ -38,6 +39,7 @@ def test_log_prob_then_entropy_share_one_backward_node():
     assert lp.grad_fn.next_functions[0][0] is ent.grad_fn.next_functions[0][0]
 
 
+@on_each_device
 def test_construction_materialises_nothing():
     x = torch.randn(64, 1000)
     d = pgest.Categorical(logits=x)
@@ -73,6 +75,7 @@ def test_sample_frequencies_chi_square():
     assert pvalue > 1e-4
 
 
+@on_each_device
 def test_probs_constructor_matches_torch():
     p = torch.tensor([[0.2, 0.0, 0.8], [1.0, 1.0, 2.0]])
     d, t = pgest.Categorical(probs=p), TorchCategorical(probs=p)
@@ -86,6 +89,7 @@ def test_probs_constructor_matches_torch():
         pgest.Categorical()
 
 
+@on_each_device
 def test_out_of_range_action_raises():
     d = pgest.Categorical(logits=torch.randn(3, 4))
     with pytest.raises(IndexError, match="out of range"):
@@ -120,6 +124,7 @@ def test_agent_update_is_the_same_as_with_torchs_class():
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
+@on_each_device
 def test_log_prob_after_sample_reuses_the_draw_and_agrees():
     # sample() keeps (max, log Z, H) of the rows; log_prob then reads only the
     # chosen entries. Same values and gradients as a fresh object's, and a
@@ -151,6 +156,7 @@ def test_log_prob_after_sample_reuses_the_draw_and_agrees():
         d.log_prob(torch.full((50,), 7))
 
 
+@on_each_device
 def test_log_prob_of_the_drawn_actions_twice_and_after_in_place_changes():
     # log_prob(a) of the very tensor sample() returned takes the draw's own
     # log-probs (no forward pass) once; a second call, or other actions, go
@@ -215,6 +221,7 @@ def test_a_step_compiles_with_fullgraph_and_matches_eager():
     torch.testing.assert_close(g_c, g, rtol=1e-12, atol=1e-12)
 
 
+@on_each_device
 def test_log_prob_errors_name_value_and_the_callers_indices():
     d = pgest.Categorical(logits=torch.randn(2, 3, 7))
     bad = torch.zeros(2, 3, dtype=torch.int64)
@@ -255,6 +262,7 @@ def test_is_a_torch_categorical_with_torchs_attributes():
         d.log_prob(torch.zeros(3, dtype=torch.long))  # (3,) does not broadcast against (2,)
 
 
+@on_each_device
 def test_float_actions_as_stable_baselines3_hands_them():
     x = torch.randn(5, 4, requires_grad=True)
     a = torch.tensor([0.0, 3.0, 1.0, 2.0, 2.0])  # a float buffer of whole numbers
@@ -267,6 +275,7 @@ def test_float_actions_as_stable_baselines3_hands_them():
         d.log_prob(torch.tensor([0, 1, 7, 1, 1]))
 
 
+@on_each_device
 def test_probs_with_exact_zeros_give_finite_gradients():
     # action masking by a zero probability: torch's gradients are finite, and
     # so are pgest's (they were NaN for the whole row); live entries agree
@@ -284,6 +293,7 @@ def test_probs_with_exact_zeros_give_finite_gradients():
     assert not (s == torch.tensor([1, 2])).any()  # never drawn
 
 
+@on_each_device
 def test_kl_divergence_registered_both_ways_and_with_masks():
     from torch.distributions import kl_divergence
 
@@ -301,6 +311,7 @@ def test_kl_divergence_registered_both_ways_and_with_masks():
     assert kl_divergence(q, p).item() == math.inf
 
 
+@on_each_device
 def test_mixture_same_family_takes_it():
     from torch.distributions import MixtureSameFamily, Normal
 
@@ -314,6 +325,7 @@ def test_mixture_same_family_takes_it():
     assert mix.sample((7,)).shape == (7, 3)
 
 
+@on_each_device
 def test_validate_args_checks_parameters_at_construction():
     with pytest.raises(ValueError):
         pgest.Categorical(logits=torch.tensor([0.0, float("nan")]), validate_args=True)
@@ -394,6 +406,7 @@ EXAMPLES = [
 
 
 @pytest.mark.parametrize("params", EXAMPLES, ids=["probs", "one-hot probs", "logits", "1-d probs"])
+@on_each_device
 def test_conformance_with_torch_on_its_examples(params):
     d, t = pgest.Categorical(**params), TorchCategorical(**params)
     assert d.batch_shape == t.batch_shape and d.event_shape == t.event_shape and d.param_shape == t.param_shape
@@ -429,6 +442,7 @@ def test_conformance_with_torch_on_its_examples(params):
                                         (x,), check_batched_grad=True)
 
 
+@on_each_device
 def test_invalid_examples_raise_value_errors_with_validation():
     # torch's bad Categorical examples: negative probabilities; a row of zeros
     for bad in (torch.tensor([[-1.0, 10.0], [0.0, -1.0]]), torch.tensor([[0.0, 0.0], [1.0, 1.0]])):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FLOAT_DTYPES, devices
+from helpers import FLOAT_DTYPES, devices, on_each_device
 
 import pgest
 from pgest.ops.log_prob import log_prob_backward_op, log_prob_op
@@ -65,6 +65,7 @@ def test_values_and_weighted_gradients_match_log_softmax(dtype, shape, S, device
         torch.testing.assert_close(x.grad.double().cpu(), xr.grad, **GRAD_TOL[dtype])
 
 
+@on_each_device
 def test_gradcheck_float64_both_outputs():
     torch.manual_seed(1)
     x = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
@@ -74,6 +75,7 @@ def test_gradcheck_float64_both_outputs():
     assert torch.autograd.gradcheck(lambda t: pgest.entropy(t), (x,))
 
 
+@on_each_device
 def test_ignore_index_like_cross_entropy():
     torch.manual_seed(2)
     x = torch.randn(8, 11, dtype=torch.float64, requires_grad=True)
@@ -88,6 +90,7 @@ def test_ignore_index_like_cross_entropy():
     assert (x.grad[1] == 0).all()
 
 
+@on_each_device
 def test_padding_row_is_not_read_and_gets_no_gradient():
     x = torch.randn(3, 5, dtype=torch.float64)
     x[1] = float("nan")  # a padded position: never read
@@ -100,6 +103,7 @@ def test_padding_row_is_not_read_and_gets_no_gradient():
 
 
 @pytest.mark.parametrize("offset", [1e3, 1e5, 1e6, 1e7])
+@on_each_device
 def test_large_common_offset_keeps_precision(offset):
     """(x - max) - log Z, never x - (max + log Z): compare with float64
     log_softmax of the same fp32 values."""
@@ -112,6 +116,7 @@ def test_large_common_offset_keeps_precision(offset):
     torch.testing.assert_close(ent.double(), ent_ref, rtol=0, atol=2e-6)
 
 
+@on_each_device
 def test_uniform_row_at_1e30():
     x = torch.full((1, 5), 1e30, requires_grad=True)
     lp, ent = pgest.log_prob(x, torch.tensor([2]))
@@ -120,6 +125,7 @@ def test_uniform_row_at_1e30():
     torch.testing.assert_close(x.grad, torch.tensor([[0.2, 0.2, -0.8, 0.2, 0.2]]), rtol=0, atol=1e-6)
 
 
+@on_each_device
 def test_non_contiguous_and_strided():
     torch.manual_seed(4)
     base = torch.randn(40, 30, dtype=torch.float64)
@@ -135,6 +141,7 @@ def test_non_contiguous_and_strided():
     torch.testing.assert_close(xs.grad, xg.grad, rtol=1e-10, atol=1e-12)
 
 
+@on_each_device
 def test_minus_inf_entries_and_empty():
     x = torch.tensor([[0.0, -math.inf, 1.0]], dtype=torch.float64, requires_grad=True)
     lp, ent = pgest.log_prob(x, torch.tensor([0]))
@@ -147,6 +154,7 @@ def test_minus_inf_entries_and_empty():
     assert e.grad.shape == (0, 4)
 
 
+@on_each_device
 def test_k_equals_one():
     x = torch.randn(4, 1, requires_grad=True)
     lp, ent = pgest.log_prob(x, torch.zeros(4, dtype=torch.long))
@@ -168,6 +176,7 @@ def test_k_equals_one():
          "out of range"),
     ],
 )
+@on_each_device
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
@@ -237,6 +246,7 @@ def test_registered_op_rejects_what_it_cannot_index():
         torch.ops.pgest.log_prob_backward(None, torch.ones(4), x, None, stats[:, :2], ent, -100)
 
 
+@on_each_device
 def test_policy_loss_is_minus_weighted_log_prob():
     """policy_loss runs on the same kernels: its value and gradient equal
     -adv * log_prob - beta * H written with log_prob."""
@@ -253,6 +263,7 @@ def test_policy_loss_is_minus_weighted_log_prob():
     torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-14)
 
 
+@on_each_device
 def test_many_actions_per_row_group_like_a_bincount():
     # S above the pairwise limit of action_groups.h: the one-hot part of the
     # gradient is grouped by sorting; it must equal a bincount of g_s.
@@ -283,6 +294,7 @@ def test_sparse_and_uint64_inputs_get_a_message():
     torch.testing.assert_close(lp, x.log_softmax(-1).gather(1, torch.tensor([[0], [3], [1]])).squeeze(1))
 
 
+@on_each_device
 def test_backward_op_checks_upstream_shapes():
     from pgest.ops.log_prob import log_prob_backward_op, log_prob_op
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import FLOAT_DTYPES, each_isa
+from helpers import FLOAT_DTYPES, each_isa, on_each_device
 
 import pgest
 from pgest import reference
@@ -114,6 +114,7 @@ def test_against_log_softmax_in_float64():
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
+@on_each_device
 def test_bad_row_inside_a_group_is_reported(bad):
     x = torch.randn(ROWS, 4)
     x[21, 2] = bad
@@ -126,6 +127,7 @@ def test_bad_row_inside_a_group_is_reported(bad):
         pgest.sample(x)
 
 
+@on_each_device
 def test_bad_action_inside_a_group_is_reported():
     x = torch.randn(ROWS, 4, requires_grad=True)
     actions = torch.zeros(ROWS, dtype=torch.int64)
@@ -165,6 +167,7 @@ def test_reinforce_grad_same_bits_as_row_path(dtype, K, baseline):
             assert torch.equal(a, b), (name, K, dtype)
 
 
+@on_each_device
 def test_reinforce_grad_errors_inside_a_group():
     x = torch.randn(ROWS, 4).log_softmax(-1)
     labels = torch.zeros(ROWS, dtype=torch.int64)

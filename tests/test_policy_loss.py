@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import devices
+from helpers import devices, on_each_device
 
 import pgest
 from pgest.ops.policy_loss import policy_loss_backward_op, policy_loss_op
@@ -44,6 +44,7 @@ def test_equals_cross_entropy_with_unit_advantages(dtype, reduction, shape, devi
     torch.testing.assert_close(g_ours, logits.grad, rtol=rtol, atol=atol)
 
 
+@on_each_device
 def test_gradcheck_float64_with_entropy_and_samples():
     logits = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     logits.data[1, 3] = -math.inf  # an impossible action: zero gradient there
@@ -63,6 +64,7 @@ def test_gradcheck_float64_with_entropy_and_samples():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@on_each_device
 def test_entropy_term_matches_the_seed(dtype):
     """entropy_weight adds the seed's entropy_weight * sum(log_probs * exp(log_probs)) / batch_size."""
     B, K, beta = 32, 50, 0.01
@@ -79,6 +81,7 @@ def test_entropy_term_matches_the_seed(dtype):
     torch.testing.assert_close(g_ours, logits.grad, rtol=rtol, atol=atol)
 
 
+@on_each_device
 def test_advantage_weighted_loss_is_weighted_cross_entropy():
     logits, actions, adv = _inputs((4, 3, 200))
     ours = pgest.policy_loss(logits, actions, adv, reduction="none")
@@ -86,6 +89,7 @@ def test_advantage_weighted_loss_is_weighted_cross_entropy():
     torch.testing.assert_close(ours, ce, rtol=1e-5, atol=1e-6)
 
 
+@on_each_device
 def test_all_rows_ignored_mean_is_nan_like_cross_entropy():
     logits, _, adv = _inputs((4, 5))
     actions = torch.full((4,), -100)
@@ -96,6 +100,7 @@ def test_all_rows_ignored_mean_is_nan_like_cross_entropy():
     assert (logits.grad == 0).all() or torch.isnan(logits.grad).all()
 
 
+@on_each_device
 def test_non_contiguous_logits():
     base = torch.randn(300, 40, dtype=torch.float64)
     logits = base.t().requires_grad_()  # (40, 300), column stride 40
@@ -163,6 +168,7 @@ def test_opcheck():
         (lambda x, a, w: pgest.policy_loss(x.numpy(), a, w), TypeError, "logits must be a torch.Tensor"),
     ],
 )
+@on_each_device
 def test_bad_arguments(call, exc, match):
     x = torch.randn(4, 5)
     a = torch.tensor([0, 1, 2, 3])
@@ -171,6 +177,7 @@ def test_bad_arguments(call, exc, match):
         call(x, a, w)
 
 
+@on_each_device
 def test_nan_row_is_reported_with_its_index():
     x = torch.randn(2, 3, 50)
     x[1, 0, 7] = math.nan
@@ -193,6 +200,7 @@ def test_large_gradient_written_with_streaming_stores(dtype, R):
     torch.testing.assert_close(g, logits.grad, rtol=rtol, atol=atol)
 
 
+@on_each_device
 def test_several_samples_per_row():
     """actions (..., S): the loss sums -w log p over samples; mean divides by
     the number of actions not ignored."""

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import devices
+from helpers import devices, on_each_device
 
 import pgest
 
@@ -99,6 +99,7 @@ def test_baselines_lower_the_variance():
         assert var[name] < 0.1 * var["none"], var
 
 
+@on_each_device
 def test_token_level_shapes():
     B, T, K, S = 3, 4, 50, 2
     logits = torch.randn(B, T, K, requires_grad=True)
@@ -148,6 +149,7 @@ def test_compile_fullgraph():
         (dict(labels=torch.tensor([0, 1, 2]), entropy_weight=math.inf), ValueError, "entropy_weight must be finite"),
     ],
 )
+@on_each_device
 def test_bad_arguments(kw, exc, match):
     logits = torch.zeros(3, 5, requires_grad=True)
     with pytest.raises(exc, match=match):
@@ -164,6 +166,7 @@ def test_opcheck_reinforce_weights():
     torch.library.opcheck(reinforce_weights_op, (actions, None, torch.randn(6), 1, 0.5, None, 6, [5], torch.float64))
 
 
+@on_each_device
 def test_registered_reinforce_weights_rejects_bad_arguments():
     # a public op: every argument is checked, as pgest::reinforce_grad checks
     # its own (it once raised AttributeError for no labels and no table, and

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FLOAT_DTYPES, TOL, devices, run_with_noise
+from helpers import FLOAT_DTYPES, TOL, devices, on_each_device, run_with_noise
 
 import pgest
 from pgest import _C, reference
@@ -102,6 +102,7 @@ def test_shapes_match_reference(shape):
     assert_matches_reference(out, ref, torch.float32)
 
 
+@on_each_device
 def test_seed_formula_one_hot_gradient():
     """With S = 1 the gradient is the seed's (baseline - reward) / B times the
     one-hot of the action, computed here from the kernel's own actions."""
@@ -117,6 +118,7 @@ def test_seed_formula_one_hot_gradient():
     torch.testing.assert_close(out.grad, expected.float(), rtol=1e-6, atol=0)
 
 
+@on_each_device
 def test_seed_training_step_gradients():
     """The seed's step 3 through a model: log_probs.backward(out.grad) gives
     the parameter gradients the seed's listing gives for the same actions, and
@@ -248,6 +250,7 @@ def test_non_contiguous_inputs():
         assert torch.equal(strided.grad, dense.grad)
 
 
+@on_each_device
 def test_empty_batch_and_single_action():
     out = pgest.reinforce_grad(torch.empty(0, 5), torch.empty(0, dtype=torch.long))
     assert out.actions.shape == (0,) and out.grad.shape == (0, 5)
@@ -271,6 +274,7 @@ def test_rows_of_very_different_scales():
     assert (out.actions[5] == x[5].argmax()).all()
 
 
+@on_each_device
 def test_subnormal_and_tiny_probabilities():
     x = torch.full((1000, 4), -math.inf)
     x[:, 0], x[:, 1] = 0.0, -80.0  # exp(-80) ~ 1.8e-35: never drawn by a 53-bit uniform
@@ -344,6 +348,7 @@ def _ok():
         (lambda x, l: pgest.reinforce_grad(x, l, num_samples=2.0), TypeError, "num_samples must be an int"),
     ],
 )
+@on_each_device
 def test_bad_arguments(call, exc, match):
     x, l = _ok()
     with pytest.raises(exc, match=match):
@@ -353,6 +358,7 @@ def test_bad_arguments(call, exc, match):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 @pytest.mark.parametrize("K", [5, 300, 1000])
+@on_each_device
 def test_nonfinite_rows_are_reported(dtype, bad, K):
     x = torch.randn(40, K).to(dtype)
     x[17, K - 2] = bad
@@ -361,6 +367,7 @@ def test_nonfinite_rows_are_reported(dtype, bad, K):
         pgest.reinforce_grad(x, torch.zeros(40, dtype=torch.long))
 
 
+@on_each_device
 def test_nan_among_neg_inf_is_reported():
     x = torch.full((3, 600), -math.inf)
     x[:, 0] = 0.0
@@ -369,6 +376,7 @@ def test_nan_among_neg_inf_is_reported():
         pgest.reinforce_grad(x, torch.zeros(3, dtype=torch.long))
 
 
+@on_each_device
 def test_all_neg_inf_row_is_reported():
     x = torch.randn(6, 700)
     x[4] = -math.inf
@@ -376,6 +384,7 @@ def test_all_neg_inf_row_is_reported():
         pgest.reinforce_grad(x, torch.zeros(6, dtype=torch.long))
 
 
+@on_each_device
 def test_nonfinite_reward_and_baseline_are_reported():
     x = torch.zeros(3, 1)
     with pytest.raises(ValueError, match=r"reward_table\[0\] is nan"):
@@ -479,6 +488,7 @@ def test_unnormalised_input_warns_once(monkeypatch):
         pgest.reinforce_grad(logits, labels)
 
 
+@on_each_device
 def test_many_samples_of_a_row_group_like_a_bincount():
     # S above the pairwise limit: samples are grouped by sorting. The gradient
     # must be the per-action sum of (b - r) / (B * S), as a bincount gives.
@@ -494,6 +504,7 @@ def test_many_samples_of_a_row_group_like_a_bincount():
         torch.testing.assert_close(out.grad[i], expect, rtol=1e-12, atol=1e-15)
 
 
+@on_each_device
 def test_registered_op_checks_its_arguments():
     x, l = _ok()
     seed = torch.tensor([1, 0])

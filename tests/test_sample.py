@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from helpers import FLOAT_DTYPES, devices
+from helpers import FLOAT_DTYPES, devices, on_each_device
 
 import pgest
 from pgest import reference
@@ -45,6 +45,7 @@ def test_draws_match_reference_and_reinforce_grad(dtype):
     assert torch.equal(rg.actions, s.actions)
 
 
+@on_each_device
 def test_single_sample_shapes_and_no_grad():
     x = torch.randn(2, 3, 5, requires_grad=True)
     s = pgest.sample(x)
@@ -54,6 +55,7 @@ def test_single_sample_shapes_and_no_grad():
     assert empty.actions.shape == (0,)
 
 
+@on_each_device
 def test_errors_name_the_row():
     x = torch.randn(2, 3, 8)
     x[1, 2, 5] = math.nan
@@ -80,6 +82,7 @@ def test_opcheck():
 
 
 @pytest.mark.parametrize("profile", ["rising", "late_jump"])
+@on_each_device
 def test_entropy_when_the_max_moves_between_chunks(profile):
     K = 3000
     base = torch.linspace(-40.0, 8.0, K) if profile == "rising" else \
@@ -91,6 +94,7 @@ def test_entropy_when_the_max_moves_between_chunks(profile):
     torch.testing.assert_close(s.log_prob.double(), d.log_prob(s.actions), rtol=2e-5, atol=2e-5)
 
 
+@on_each_device
 def test_zero_rows_and_zero_actions():
     # (0, 0) logits: nothing to draw and nothing wrong (was "cannot reshape tensor of 0 elements")
     s = pgest.sample(torch.empty(0, 0))
