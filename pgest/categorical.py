@@ -275,9 +275,10 @@ class Categorical(td.Categorical):
                 actions, lp, ent, stats = draw_rows(rows_of(self._x.detach()), 1, generator, (batch, batch))
             except ValueError as e:
                 raise ValueError(_status.unflatten_message(str(e), batch)) from None
-            if not torch.compiler.is_compiling():
+            if not (torch.compiler.is_compiling() or self._x.is_inference() or actions.is_inference()):
                 # Reuse is keyed on tensor versions, which a traced graph has no
-                # value for: under torch.compile log_prob takes the registered op.
+                # value for (under torch.compile log_prob takes the registered
+                # op), nor inference tensors (a rollout under inference_mode).
                 self._drawn = (stats, ent, self._x._version)
                 self._drawn_out = (actions, lp, ent, actions._version)
             return actions

@@ -35,7 +35,10 @@ def cpu_seed(generator: Optional[torch.Generator]) -> int:
     fresh tensor: half the cost, which is felt at RL sizes."""
     buf = getattr(_SEED_BUFFER, "t", None)
     if buf is None:
-        buf = _SEED_BUFFER.t = torch.empty((), dtype=torch.int64, device="cpu")
+        # a normal tensor even when the first call is in inference mode: an
+        # inference tensor could never be updated outside it again
+        with torch.inference_mode(False):
+            buf = _SEED_BUFFER.t = torch.empty((), dtype=torch.int64, device="cpu")
     return buf.random_(0, 2**63 - 1, generator=generator).item()
 
 

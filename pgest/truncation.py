@@ -80,7 +80,8 @@ def _number(value, dtype: torch.dtype) -> Tensor:
     if t is None:
         if len(_NUMBERS) >= 256:
             _NUMBERS.clear()
-        t = _NUMBERS[key] = torch.tensor([value], dtype=dtype, device="cpu")
+        with torch.inference_mode(False):  # a cached inference tensor could not be saved for backward later
+            t = _NUMBERS[key] = torch.tensor([value], dtype=dtype, device="cpu")
     return t
 
 

@@ -125,6 +125,26 @@ def test_agent_update_is_the_same_as_with_torchs_class():
 
 
 @on_each_device
+def test_a_rollout_under_inference_mode():
+    # inference tensors have no version counter, which the reuse of a draw's
+    # statistics is keyed on: inside inference mode, or on logits made there,
+    # the draw is not reused, and nothing fails
+    x = torch.randn(5, 7)
+    ref = TorchCategorical(logits=x)
+    with torch.inference_mode():
+        d = pgest.Categorical(logits=x * 1)
+        a = d.sample()
+        lp, ent = d.log_prob(a), d.entropy()
+    torch.testing.assert_close(lp, ref.log_prob(a))
+    torch.testing.assert_close(ent, ref.entropy())
+    with torch.inference_mode():
+        xi = x * 1
+    d = pgest.Categorical(logits=xi)
+    a = d.sample()
+    torch.testing.assert_close(d.log_prob(a), ref.log_prob(a))
+
+
+@on_each_device
 def test_log_prob_after_sample_reuses_the_draw_and_agrees():
     # sample() keeps (max, log Z, H) of the rows; log_prob then reads only the
     # chosen entries. Same values and gradients as a fresh object's, and a
