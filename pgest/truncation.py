@@ -356,11 +356,17 @@ def kept_logits(x: Tensor, f: Filters, *, threshold: Optional[Tensor] = None, ke
         only = torch.full((R, K), float("-inf"), dtype=acc, device=dev)
         only.scatter_(1, x.detach().to(acc).argmax(-1).view(R, 1), 0.0)
         z = torch.where(greedy.to(dev, non_blocking=True).expand(R)[:, None], only, z)
+    return native_gradient(x, z, f), record
+
+
+def native_gradient(x: Tensor, z: Tensor, f: Filters) -> Tensor:
+    """z, kept logits formed from x by torch ops, with the native route's
+    gradient bit for bit (grad * (1 / T), not autograd's grad / T), on every
+    device, over vocabulary shards and under torch.compile (torch.func keeps
+    the torch ops)."""
     if x.requires_grad and torch.is_grad_enabled() and not functorch_active():
-        # the native route's gradient, bit for bit (grad * (1 / T), not grad / T),
-        # on every device and under torch.compile (torch.func takes the torch ops)
-        z = _KeptLogits.apply(x, z.detach(), inverse_temperature(f, R, acc, dev))
-    return z, record
+        return _KeptLogits.apply(x, z.detach(), inverse_temperature(f, x.shape[0], z.dtype, z.device))
+    return z
 
 
 def check_kept(z: Tensor, actions: Tensor, ignore_index: Optional[int], lead) -> Optional[Tensor]:

@@ -12,11 +12,15 @@ keeps (seeds, parameter buffers, records, scratch):
 
 Each is a fresh process whose every op must give the bits of a process that
 set neither."""
+import os
+import pathlib
 import pickle
 import subprocess
 import sys
 
 import pytest
+
+import pgest
 
 SCRIPT = r"""
 import pickle, sys
@@ -87,15 +91,18 @@ sys.stdout.buffer.write(pickle.dumps({k: plain(v) for k, v in out.items()}))
 """
 
 
-def _run(setting: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", SCRIPT, setting], capture_output=True)
+def _run(setting: str, cwd) -> dict:
+    # the pgest this test imported (installed, or a checkout's build), not
+    # whatever a working directory holds
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(pgest.__file__).resolve().parents[1]))
+    r = subprocess.run([sys.executable, "-c", SCRIPT, setting], capture_output=True, cwd=cwd, env=env)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     return pickle.loads(r.stdout)
 
 
 @pytest.mark.parametrize("setting", ["meta", "inference"])
-def test_torchs_ambient_settings_leave_pgests_tensors_alone(setting):
-    want, got = _run("none"), _run(setting)
+def test_torchs_ambient_settings_leave_pgests_tensors_alone(setting, tmp_path):
+    want, got = _run("none", tmp_path), _run(setting, tmp_path)
     assert want.keys() == got.keys()
     for name in want:
         assert got[name] == want[name], name

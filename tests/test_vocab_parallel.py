@@ -435,9 +435,9 @@ def _hidden_grad_bits(rank: int, world: int, alone) -> None:
             lp, ent = pgest.linear_log_prob(h, weight[part], actions, bias=bias[part], process_group=group, **kw)
             ((lp * up).sum() + 0.3 * ent.sum()).backward()
             grads.append((h.grad, lp.detach(), ent.detach()))
-        # truncated: the groups' kept sets and statistics are the group
-        # route's (distributed/truncation.py: float64 masses), one process's to
-        # rounding; every group agrees with the group of one
+        # truncated too: the group route finds its kept sets from float64
+        # masses (distributed/truncation.py), the kernel's on these rows, and
+        # then every group gives the bits of the call without one
         if dtype == torch.float64:
             # reduce_hidden_grad=False: each rank's share, which the caller sums
             for part in (grid, _split_shards(rank, world, V)):
@@ -449,7 +449,7 @@ def _hidden_grad_bits(rank: int, world: int, alone) -> None:
                 dist.all_reduce(total)
                 assert not torch.equal(h.grad, total)  # a share, not the sum
                 torch.testing.assert_close(total, grads[0][0], rtol=1e-10, atol=1e-12)
-        ref = grads[1] if kw else grads[0]
+        ref = grads[0]
         for i, got in enumerate(grads[1:]):
             for a, b in zip(got, ref):  # hidden's gradient, log-probs, entropies
                 assert torch.equal(a, b), (dtype, kw, i, (a.double() - b.double()).abs().max().item())

@@ -16,7 +16,10 @@ values plus the candidates near each boundary, never the vocabulary:
 Float sums cross ranks as all-gathers added in rank order, so every rank holds
 the same bits. The masses are float64 exponentials here (the single-process
 kernel uses its float32 ones), so a kept set can differ from a single
-process's only where a cumulative mass is within rounding of top_p.
+process's only where a cumulative mass is within rounding of top_p. With the
+same set, the scores are a single process's bits: the kept logits go through
+vocab_parallel's exact pass, and their gradient is scaled by 1 / T as the
+kernel scales it (truncation.native_gradient).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from torch import Tensor
 
 from .._checks import stats_dtype
 from ..ops.truncation import mass_strictly_above, midway_cut
-from ..truncation import Filters, Truncation, kept_token_mask
+from ..truncation import Filters, Truncation, kept_token_mask, native_gradient
 from .vocab_parallel import Layout, dist_module, exchange, raise_if_failed
 
 NEG = float("-inf")
@@ -167,7 +170,7 @@ def kept_shard(x: Tensor, f: Filters, group, *, threshold: Optional[Tensor] = No
         mine = cols.expand(R, Vr) == winner[:, None]
         keep = torch.where(greedy[:, None], mine, keep)
         z = torch.where(greedy[:, None], torch.zeros_like(z), z)
-    z = z.masked_fill(~keep, NEG)
+    z = native_gradient(x, z.masked_fill(~keep, NEG), f)
     if threshold is not None or kept_tokens is not None:
         return z, None, layout
     kept = _reduce(keep.sum(-1), dist.ReduceOp.SUM, group)

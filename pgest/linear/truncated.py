@@ -242,8 +242,10 @@ def truncated_backward(grad_lp: Optional[Tensor], grad_ent: Optional[Tensor], h2
                                truncation=(fb, found[r0:r1], None))
         else:
             z, _ = _kept(x, fb, found[r0:r1], shard)
-            dz = backward_rows(z, actions[r0:r1], ignore_index, stats[:, r0:r1], ent[r0:r1], **upstream,
-                               row_scale=inverse_temperature(fb, r1 - r0, acc, z.device), **cols)
+            # d/dz, then times 1 / T as the native route scales it (not the
+            # upstream gradients by 1 / T: other bits)
+            dz = backward_rows(z, actions[r0:r1], ignore_index, stats[:, r0:r1], ent[r0:r1], **upstream, **cols)
+            dz.mul_(inverse_temperature(fb, r1 - r0, acc, z.device)[:, None])
         soft_cap_grad_(dz, x, 1.0, softcap)  # x: the block's capped logits before the temperature
         # the products in the inputs' dtype (hidden's is weight's): one conversion of a 16-bit block's gradient
         dzw = dz.to(w.dtype) if need_h or need_w else None
