@@ -340,7 +340,8 @@ def kept_logits(x: Tensor, f: Filters, *, threshold: Optional[Tensor] = None, ke
         record = record_of(*rec, shape)
         threshold = rec[0].to(dev)
     elif traced():  # no pgest::truncation call checks the parameters: this one does, where the graph runs
-        f = f._replace(temperature=f.temperature * check_filters_op(*f))
+        # built field by field: torch 2.8's dynamo refuses namedtuple's _replace (and fails on *f[1:])
+        f = Filters(f.temperature * check_filters_op(*f), f.top_k, f.top_p, f.min_p)
     # Where the parameters are data of a traced graph, both branches below
     # are taken (x / 1 is x's bits; the greedy rows are selected by value);
     # in eager mode they are read off the parameters, on the CPU: no sync

@@ -26,6 +26,7 @@ SCRIPT = r"""
 import pickle, sys
 import torch
 if sys.argv[1] == "meta":
+    import torch._dynamo  # torch 2.8's own import of it fails under a default device (pgest's import triggers it)
     torch.set_default_device("meta")
 import pgest
 

@@ -88,3 +88,16 @@ def test_every_registered_handle_is_named_op():
                     "custom_op" in ast.unparse(node.value):
                 handles[ast.unparse(node.targets[0])] = path.name
     assert handles and all(h.endswith("_op") for h in handles), handles
+
+
+def test_modules_registering_ops_keep_their_annotations_objects():
+    # torch.library.custom_op reads the annotations of the function it
+    # registers, and postponed annotations (from __future__ import
+    # annotations) are strings, which some torch releases cannot read (2.4.1
+    # failed at pgest's import): objects read alike everywhere
+    for path in sorted(PKG.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        registers = any(isinstance(n, ast.Attribute) and n.attr == "custom_op" for n in ast.walk(tree))
+        postponed = any(isinstance(n, ast.ImportFrom) and n.module == "__future__"
+                        and any(a.name == "annotations" for a in n.names) for n in tree.body)
+        assert not (registers and postponed), f"{path.relative_to(PKG.parent)} registers ops with postponed annotations"

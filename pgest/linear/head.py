@@ -23,8 +23,6 @@ gradient), hidden's gradient's float64 partial sums (token tile, H; at most
 log2 of the vocabulary's 2048-entry pieces, and one more) and O(tokens)
 statistics, whatever the number of tokens.
 """
-from __future__ import annotations
-
 from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch

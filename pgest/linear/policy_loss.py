@@ -24,8 +24,6 @@ the token tile is sized so that the buffer stays a small fraction of the
 logits (see _fused_token_tile). The gradients themselves exist from the
 forward on: they are the gradients the caller asked for, only earlier.
 """
-from __future__ import annotations
-
 from typing import List, Optional, Tuple
 
 import torch

@@ -19,8 +19,6 @@ pgest/distributed/truncation.py's collectives and the draws and scores from
 the untruncated group route's (vocab_parallel.py), so every rank holds the
 same numbers (one process's on the whole logits, to rounding).
 """
-from __future__ import annotations
-
 import math
 from typing import List, Optional, Tuple
 

@@ -1,8 +1,6 @@
 """The log_prob kernels' launch, their registration as torch ops (fake
 kernels, autograd, vmap) and the eager fast path; the public functions are
 in pgest/log_prob.py."""
-from __future__ import annotations
-
 from typing import Optional, Tuple
 
 import torch

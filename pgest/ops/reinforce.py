@@ -3,8 +3,6 @@ draws into rewards and weights (reward checks, baselines) in torch ops, so
 that the checks also run under torch.compile; the public function is in
 pgest/reinforce.py (its sampling and loss run on the sample and policy_loss
 kernels)."""
-from __future__ import annotations
-
 import math
 from typing import List, Optional, Tuple
 

@@ -1,8 +1,6 @@
 """The reinforce_grad kernels' launch, their registration as torch ops (fake
 kernels, autograd, vmap) and the eager fast path; the public functions are
 in pgest/reinforce_grad.py."""
-from __future__ import annotations
-
 import warnings
 from typing import Optional, Tuple
 

@@ -1,8 +1,6 @@
 """The returns kernels' launch, their registration as torch ops (fake
 kernels, autograd, vmap) and the eager fast path; the public functions are
 in pgest/returns.py."""
-from __future__ import annotations
-
 import numbers
 from typing import Optional, Tuple
 

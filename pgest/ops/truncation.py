@@ -2,8 +2,6 @@
 registration as the torch op ``pgest::truncation`` with a fake kernel, and the
 route for devices without a kernel; the public functions are in
 pgest/truncation.py."""
-from __future__ import annotations
-
 import math
 from typing import Optional, Tuple
 
