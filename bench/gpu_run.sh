@@ -9,7 +9,7 @@
 #   build       PGEST_CUDA_ARCHS=90 (sm_90 only: the H100/H200), no build isolation
 #   cuda-tests  tests/test_cuda.py (same draws as the CPU, sync-free step under
 #               set_sync_debug_mode("error"), CUDA-graph capture and replay)
-#   tests       the whole suite with the GPU present (tests parametrised over
+#   tests       the rest of the suite with the GPU present (tests parametrised over
 #               helpers.DEVICES run on "cuda" too); junit XML + tracebacks
 #   sanitize    compute-sanitizer memcheck over bench/gpu_sanitize.py --small,
 #               then racecheck and synccheck --small, then memcheck at full shapes
@@ -79,7 +79,7 @@ pytest_args=(-q -p no:cacheprovider -rfE --tb=long)
 has cuda-tests && run cuda-tests 180 30 bash -c \
   "cd tests && python -m pytest test_cuda.py ${pytest_args[*]} --junitxml=$OUT/junit-cuda.xml"
 has tests && run tests 300 60 env OMP_NUM_THREADS=2 bash -c \
-  "cd tests && python -m pytest . ${workers[*]} ${pytest_args[*]} --junitxml=$OUT/junit-suite.xml"
+  "cd tests && python -m pytest . --ignore=test_cuda.py ${workers[*]} ${pytest_args[*]} --junitxml=$OUT/junit-suite.xml"
 if has sanitize; then
   san=(compute-sanitizer --error-exitcode 1 --print-limit 20)
   run memcheck-small 150 40 "${san[@]}" --tool memcheck python bench/gpu_sanitize.py --small
