@@ -14,6 +14,10 @@
 #   sanitize    compute-sanitizer memcheck over bench/gpu_sanitize.py --small,
 #               then racecheck and synccheck --small, then memcheck at full shapes
 #   bench       bench/gpu_bench.py (its tables into $OUT)
+# Liger-Kernel (the bench's comparison) is not on the GPU image: where the call
+# carries .whl/ (the device README: `echo /.whl/ >> .git/info/exclude`, then
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl
+# liger-kernel==VERSION` here, and carry=[".whl"]), its wheels go to /tmp/site.
 # GPU_RUN_BUDGET (seconds, default 500) is the whole run's deadline: a stage
 # gets the time left (capped), and one that cannot get its minimum is skipped
 # and said so. The summary table is printed last (the device tool returns the
@@ -62,6 +66,11 @@ else
     nvcc --version | tail -n 2
   } >"$OUT/machine.txt" 2>&1
   cat "$OUT/machine.txt"
+fi
+
+if [[ -d .whl ]] && compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" && echo "carried wheels: $(ls .whl)"
 fi
 
 if has build; then
