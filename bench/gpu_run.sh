@@ -33,6 +33,8 @@ t0=$SECONDS
 summary=()
 status=0
 has() { [[ " $stages " == *" $1 "* ]]; }
+# CMake needs nvcc on PATH (or CUDACXX): the image's toolkit may sit outside it
+if ! command -v nvcc >/dev/null && [[ -x /usr/local/cuda/bin/nvcc ]]; then export PATH="/usr/local/cuda/bin:$PATH"; fi
 
 # run NAME CAP MIN CMD...: CMD under timeout min(CAP, time left), output to
 # $OUT/NAME.log (its last lines echoed), its rc and seconds into the summary.
