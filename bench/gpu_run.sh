@@ -101,6 +101,8 @@ has bench && run bench 240 90 python bench/gpu_bench.py --out "$OUT"
 has sanitize && run memcheck-full 240 90 compute-sanitizer --error-exitcode 1 --print-limit 20 \
   --tool memcheck python bench/gpu_sanitize.py
 
-echo "=== summary (budget ${budget}s, used $((SECONDS - t0))s; logs in $OUT)"
-printf '%s\n' "${summary[@]}"
+{
+  echo "=== summary (budget ${budget}s, used $((SECONDS - t0))s; logs in $OUT)"
+  printf '%s\n' "${summary[@]}"
+} | tee "$OUT/summary.txt"
 exit $status
