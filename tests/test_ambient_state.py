@@ -8,7 +8,9 @@ keeps (seeds, parameter buffers, records, scratch):
   fails loudly) before pgest is imported;
 - inference mode: a rollout under ``torch.inference_mode()`` first, training
   after it; a buffer pgest first made inside inference mode could never be
-  updated, or saved for backward, outside it.
+  updated, or saved for backward, outside it;
+- a default dtype (``torch.set_default_dtype(torch.float64)``): pgest's
+  buffers keep the dtypes the kernels read.
 
 Each is a fresh process whose every op must give the bits of a process that
 set neither."""
@@ -25,17 +27,20 @@ import pgest
 SCRIPT = r"""
 import pickle, sys
 import torch
+if sys.argv[1] == "float64":
+    torch.set_default_dtype(torch.float64)
 if sys.argv[1] == "meta":
     import torch._dynamo  # torch 2.8's own import of it fails under a default device (pgest's import triggers it)
     torch.set_default_device("meta")
 import pgest
 
 cpu = dict(device="cpu")
+f32 = dict(device="cpu", dtype=torch.float32)
 g = lambda s: torch.Generator().manual_seed(s)
-x = torch.randn(6, 50, generator=g(0), **cpu) * 2
+x = torch.randn(6, 50, generator=g(0), **f32) * 2
 a = torch.randint(0, 50, (6,), generator=g(1), **cpu)
-adv = torch.randn(6, generator=g(2), **cpu)
-h, w = torch.randn(4, 8, generator=g(3), **cpu), torch.randn(30, 8, generator=g(4), **cpu)
+adv = torch.randn(6, generator=g(2), **f32)
+h, w = torch.randn(4, 8, generator=g(3), **f32), torch.randn(30, 8, generator=g(4), **f32)
 ha = torch.randint(0, 30, (4,), generator=g(5), **cpu)
 
 
@@ -101,7 +106,7 @@ def _run(setting: str, cwd) -> dict:
     return pickle.loads(r.stdout)
 
 
-@pytest.mark.parametrize("setting", ["meta", "inference"])
+@pytest.mark.parametrize("setting", ["meta", "inference", "float64"])
 def test_torchs_ambient_settings_leave_pgests_tensors_alone(setting, tmp_path):
     want, got = _run("none", tmp_path), _run(setting, tmp_path)
     assert want.keys() == got.keys()
