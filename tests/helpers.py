@@ -1,5 +1,8 @@
 """What the tests share: dtypes, tolerances, the devices present, and the
 uniforms an op drew. (Fixtures and options are in conftest.py.)"""
+import functools
+import inspect
+
 import pytest
 import torch
 
@@ -33,8 +36,6 @@ def on_each_device(test):
     device set to the one of the case (``with torch.device(...)``): every
     tensor it makes without naming a device is made there, its literals too.
     Generators are not: a body that seeds its own takes them from gen()."""
-    import functools
-    import inspect
 
     @functools.wraps(test)
     def run(*args, device, **kwargs):

@@ -17,7 +17,8 @@ With a process group (a ``Shard`` of the vocabulary), each rank builds its
 shard's columns of a block; the kept set comes from
 pgest/distributed/truncation.py's collectives and the draws and scores from
 the untruncated group route's (vocab_parallel.py), so every rank holds the
-same numbers (one process's on the whole logits, to rounding).
+same numbers: on the CPU one process's bits wherever the group's float64
+masses find one process's kept sets (distributed/truncation.py).
 """
 import math
 from typing import List, Optional, Tuple
@@ -241,9 +242,11 @@ def truncated_backward(grad_lp: Optional[Tensor], grad_ent: Optional[Tensor], h2
         else:
             z, _ = _kept(x, fb, found[r0:r1], shard)
             # d/dz, then times 1 / T as the native route scales it (not the
-            # upstream gradients by 1 / T: other bits)
+            # upstream gradients by 1 / T: other bits); the filters are on the
+            # CPU, so the untempered block's extra pass is skipped without a sync
             dz = backward_rows(z, actions[r0:r1], ignore_index, stats[:, r0:r1], ent[r0:r1], **upstream, **cols)
-            dz.mul_(inverse_temperature(fb, r1 - r0, acc, z.device)[:, None])
+            if bool((fb.temperature != 1).any()):
+                dz.mul_(inverse_temperature(fb, r1 - r0, acc, z.device)[:, None])
         soft_cap_grad_(dz, x, 1.0, softcap)  # x: the block's capped logits before the temperature
         # the products in the inputs' dtype (hidden's is weight's): one conversion of a 16-bit block's gradient
         dzw = dz.to(w.dtype) if need_h or need_w else None
